@@ -1,0 +1,29 @@
+"""fastcd: circuit distillation for Hugging Face causal LMs.
+
+Find the teacher's circuit, match functionally corresponding student heads, and train only those heads
+with task CE + lambda * sum over pairs (1 - CKA(student head, teacher head)) (Wadhwa, Amir, Wallace 2025).
+Nothing here touches CUDA at import time.
+"""
+
+__version__ = "0.1.0"
+
+from fastcd import _ext  # noqa: E402, F401  (warns once when the C++ extension is missing)
+from fastcd._ext import HAS_CPP  # noqa: E402
+from fastcd.hooks import ZCache, ablate, capture_z, intervene, mean_z, patch, run_with_z  # noqa: E402
+from fastcd.models import (  # noqa: E402
+    SUPPORTED_ARCHITECTURES,
+    Head,
+    ModelSpec,
+    get_adapter,
+    load_model,
+    load_tokenizer,
+    model_spec,
+)
+from fastcd.tasks import EntityTracking, TheoryOfMind, get_task  # noqa: E402
+from fastcd.tokenizer import build_word_tokenizer  # noqa: E402
+
+__all__ = [
+    "HAS_CPP", "SUPPORTED_ARCHITECTURES", "EntityTracking", "Head", "ModelSpec", "TheoryOfMind", "ZCache",
+    "__version__", "ablate", "build_word_tokenizer", "capture_z", "get_adapter", "get_task", "intervene",
+    "load_model", "load_tokenizer", "mean_z", "model_spec", "patch", "run_with_z",
+]

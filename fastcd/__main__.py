@@ -1,0 +1,5 @@
+import sys
+
+from fastcd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,305 @@
+"""Per-head capture and interventions on z, the input of the attention output projection.
+
+z at layer l is ``[batch, pos, n_heads * d_head]`` as ``o_proj`` sees it; viewed as
+``[batch, pos, n_heads, d_head]`` it is exactly each head's ``softmax(QK^T/sqrt(d)) V`` (TransformerLens'
+``hook_z``). Hooks are forward *pre*-hooks on ``o_proj`` (or GPT-2's ``c_proj``), always removed on exit,
+also when the body raises.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from fastcd.models import Head, ModelSpec, get_adapter
+
+
+def _normalize_heads(spec: ModelSpec, heads: Iterable[Head] | None, name: str = "heads") -> list[Head]:
+    if heads is None:
+        return spec.all_heads()
+    out = [spec.check_head(h, name) for h in heads]
+    if len(set(out)) != len(out):
+        raise ValueError(f"{name} must not repeat a head, got {[str(h) for h in out]}")
+    return out
+
+
+def _position_index(positions, batch: int, seq: int) -> torch.Tensor | None:
+    """``None`` (all positions), a 1-D index shared by the batch, or a ``[batch, k]`` per-example index.
+
+    Negative positions count from the end. Returns a non-negative LongTensor (1-D or 2-D) or None.
+    """
+    if positions is None:
+        return None
+    p = torch.as_tensor(positions, dtype=torch.long)
+    if p.dim() == 0:
+        p = p.reshape(1)
+    if p.dim() > 2:
+        raise ValueError(f"positions must be an int, a 1-D sequence or a [batch, k] tensor, got {p.dim()} dims")
+    if p.dim() == 2 and p.shape[0] != batch:
+        raise ValueError(f"positions has {p.shape[0]} rows but the batch has {batch} examples")
+    if p.numel() and (int(p.min()) < -seq or int(p.max()) >= seq):
+        raise ValueError(f"positions must lie in [-{seq}, {seq - 1}] for sequences of length {seq}, got {p.tolist()}")
+    return p % seq
+
+
+class ZCache:
+    """What :func:`capture_z` recorded: z for the chosen heads at the chosen positions.
+
+    ``cache[Head(l, h)]`` is ``[batch, pos, d_head]``; ``cache.stack()`` is ``[batch, pos, n_heads, d_head]``
+    in the order the heads were given; ``cache.layer(l)`` is ``[batch, pos, heads_of_l, d_head]``.
+    """
+
+    def __init__(self, spec: ModelSpec, heads: list[Head]):
+        self.spec = spec
+        self.heads = heads
+        self.by_layer: dict[int, list[int]] = defaultdict(list)
+        for h in heads:
+            self.by_layer[h.layer].append(h.head)
+        self._z: dict[int, torch.Tensor] = {}
+
+    def _store(self, layer: int, z: torch.Tensor) -> None:
+        self._z[layer] = z
+
+    def layer(self, layer: int) -> torch.Tensor:
+        if layer not in self._z:
+            raise KeyError(f"layer {layer} was not captured (captured layers: {sorted(self._z)}); did a forward run?")
+        return self._z[layer]
+
+    def __getitem__(self, head) -> torch.Tensor:
+        head = Head(*head)
+        if head.head not in self.by_layer.get(head.layer, []):
+            raise KeyError(f"{head} was not captured; captured heads: {[str(h) for h in self.heads]}")
+        return self.layer(head.layer)[:, :, self.by_layer[head.layer].index(head.head)]
+
+    def stack(self) -> torch.Tensor:
+        return torch.stack([self[h] for h in self.heads], dim=2)  # [batch, pos, n_heads, d_head]
+
+    def __len__(self) -> int:
+        return len(self.heads)
+
+
+@contextmanager
+def capture_z(model: nn.Module, heads: Iterable[Head] | None = None, positions=None, *, detach: bool = False):
+    """Record per-head z during the forwards run inside the block (the last forward wins).
+
+    Args:
+        model: a supported HF causal LM.
+        heads: heads to keep (default: all).
+        positions: None (all), an int / 1-D sequence shared by the batch, or a ``[batch, k]`` LongTensor.
+        detach: drop the autograd graph. The default keeps it, so a loss on captured z trains the model.
+
+    Yields:
+        A :class:`ZCache`.
+    """
+    adapter = get_adapter(model)
+    spec = adapter.spec
+    heads = _normalize_heads(spec, heads)
+    cache = ZCache(spec, heads)
+    handles = []
+
+    def make_hook(layer: int, head_idx: list[int]):
+        idx = torch.tensor(head_idx, dtype=torch.long)
+
+        def hook(module, args):
+            z = args[0]
+            b, t, _ = z.shape
+            z4 = z.view(b, t, spec.n_heads, spec.d_head)  # [batch, pos, n_heads, d_head]
+            p = _position_index(positions, b, t)
+            if p is not None:
+                p = p.to(z.device)
+                if p.dim() == 1:
+                    z4 = z4[:, p]  # [batch, k, n_heads, d_head]
+                else:
+                    z4 = z4[torch.arange(b, device=z.device)[:, None], p]  # [batch, k, n_heads, d_head]
+            z4 = z4[:, :, idx.to(z.device)]  # [batch, k, heads_of_layer, d_head]
+            cache._store(layer, z4.detach() if detach else z4)
+            return None
+
+        return hook
+
+    try:
+        for layer, head_idx in cache.by_layer.items():
+            handles.append(adapter.o_proj(layer).register_forward_pre_hook(make_hook(layer, head_idx)))
+        yield cache
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# ------------------------------------------------------------------------------------------------
+# Interventions
+# ------------------------------------------------------------------------------------------------
+@contextmanager
+def intervene(model: nn.Module, plan: dict[int, tuple[torch.Tensor, torch.Tensor]]):
+    """Low-level edit of z: at layer l, ``z = where(mask, value, z)``.
+
+    Args:
+        plan: ``{layer: (mask, value)}`` with mask ``[batch or 1, pos, n_heads]`` (bool) and value
+            ``[batch or 1, pos, n_heads, d_head]``. Batch-1 entries broadcast over the batch.
+
+    The higher-level :func:`ablate` and :func:`patch` build plans; batched patching builds one plan with a
+    different head per example.
+    """
+    adapter = get_adapter(model)
+    spec = adapter.spec
+    handles = []
+
+    def make_hook(layer: int, mask: torch.Tensor, value: torch.Tensor):
+        def hook(module, args):
+            z = args[0]
+            b, t, _ = z.shape
+            if mask.shape[-2] != t or value.shape[1] != t:
+                raise ValueError(
+                    f"intervention at layer {layer} was built for sequences of length {mask.shape[-2]}, "
+                    f"but the forward has length {t}; prompts must share one length where positions align"
+                )
+            if mask.shape[0] not in (1, b) or value.shape[0] not in (1, b):
+                raise ValueError(
+                    f"intervention at layer {layer} has batch {mask.shape[0]}/{value.shape[0]}, forward has {b}"
+                )
+            z4 = z.view(b, t, spec.n_heads, spec.d_head)  # [batch, pos, n_heads, d_head]
+            m = mask.to(z.device)[..., None]  # [batch|1, pos, n_heads, 1]
+            new = torch.where(m, value.to(device=z.device, dtype=z.dtype), z4)
+            return (new.reshape(b, t, spec.n_heads * spec.d_head),) + tuple(args[1:])
+
+        return hook
+
+    try:
+        for layer, (mask, value) in plan.items():
+            if not 0 <= layer < spec.n_layers:
+                raise ValueError(f"plan names layer {layer}, but the model has {spec.n_layers} layers")
+            if mask.dim() != 3 or mask.shape[-1] != spec.n_heads:
+                raise ValueError(f"plan[{layer}] mask must be [batch, pos, {spec.n_heads}], got {tuple(mask.shape)}")
+            if value.dim() != 4 or tuple(value.shape[-2:]) != (spec.n_heads, spec.d_head):
+                raise ValueError(
+                    f"plan[{layer}] value must be [batch, pos, {spec.n_heads}, {spec.d_head}], got {tuple(value.shape)}"
+                )
+            handles.append(adapter.o_proj(layer).register_forward_pre_hook(make_hook(layer, mask.bool(), value)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _head_mask(spec: ModelSpec, heads: Sequence[Head], positions, batch: int, seq: int) -> dict[int, torch.Tensor]:
+    """``{layer: bool [batch|1, seq, n_heads]}`` true at the chosen heads and positions."""
+    p = _position_index(positions, batch, seq)
+    rows = batch if (p is not None and p.dim() == 2) else 1
+    pos_mask = torch.zeros(rows, seq, dtype=torch.bool)
+    if p is None:
+        pos_mask[:] = True
+    elif p.dim() == 1:
+        pos_mask[:, p] = True
+    else:
+        pos_mask[torch.arange(batch)[:, None], p] = True
+    out: dict[int, torch.Tensor] = {}
+    for h in heads:
+        m = out.setdefault(h.layer, torch.zeros(rows, seq, spec.n_heads, dtype=torch.bool))
+        m[:, :, h.head] |= pos_mask
+    return out
+
+
+@torch.no_grad()
+def run_with_z(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+    """One forward with every head's z recorded.
+
+    Returns:
+        ``(logits [batch, pos, vocab], z [n_layers, batch, pos, n_heads, d_head])``.
+    """
+    spec = get_adapter(model).spec
+    with capture_z(model, None, detach=True) as cache:
+        out = model(input_ids=input_ids, attention_mask=attention_mask)
+    z = torch.stack([cache.layer(l) for l in range(spec.n_layers)])  # [n_layers, batch, pos, n_heads, d_head]
+    return out.logits, z
+
+
+@torch.no_grad()
+def mean_z(model: nn.Module, input_ids: torch.Tensor, *, batch_size: int = 64) -> torch.Tensor:
+    """Per-position mean of every head's z over a reference set of equal-length prompts.
+
+    Returns:
+        ``[n_layers, pos, n_heads, d_head]`` (float32).
+    """
+    if input_ids.dim() != 2 or input_ids.shape[0] == 0:
+        raise ValueError(f"input_ids must be a non-empty [batch, pos] tensor, got shape {tuple(input_ids.shape)}")
+    total = None
+    device = next(model.parameters()).device
+    for i in range(0, input_ids.shape[0], batch_size):
+        _, z = run_with_z(model, input_ids[i : i + batch_size].to(device))
+        s = z.float().sum(dim=1)  # [n_layers, pos, n_heads, d_head]
+        total = s if total is None else total + s
+    return total / input_ids.shape[0]
+
+
+@contextmanager
+def ablate(model: nn.Module, heads: Iterable[Head], *, means: torch.Tensor | None = None, positions=None):
+    """Mean-ablate (``means`` from :func:`mean_z`) or zero-ablate (``means=None``) heads at positions.
+
+    Args:
+        heads: the heads to ablate.
+        means: ``[n_layers, pos, n_heads, d_head]`` per-position means, or None for zero ablation.
+        positions: None (all), shared 1-D positions, or ``[batch, k]`` per-example positions.
+    """
+    spec = get_adapter(model).spec
+    heads = _normalize_heads(spec, heads)
+    if means is not None and (means.dim() != 4 or tuple(means.shape[2:]) != (spec.n_heads, spec.d_head)
+                              or means.shape[0] != spec.n_layers):
+        raise ValueError(
+            f"means must be [n_layers={spec.n_layers}, pos, n_heads={spec.n_heads}, d_head={spec.d_head}] "
+            f"from mean_z, got {tuple(means.shape)}"
+        )
+    # The sequence length is only known at forward time, so the plan is built lazily per forward.
+    adapter = get_adapter(model)
+    handles = []
+
+    def make_hook(layer: int):
+        def hook(module, args):
+            z = args[0]
+            b, t, _ = z.shape
+            if means is not None and means.shape[1] != t:
+                raise ValueError(
+                    f"means were computed for sequences of length {means.shape[1]}, the forward has length {t}"
+                )
+            mask = _head_mask(spec, [h for h in heads if h.layer == layer], positions, b, t)[layer]
+            value = (means[layer][None] if means is not None
+                     else torch.zeros(1, t, spec.n_heads, spec.d_head))  # [1, pos, n_heads, d_head]
+            z4 = z.view(b, t, spec.n_heads, spec.d_head)
+            new = torch.where(mask.to(z.device)[..., None], value.to(device=z.device, dtype=z.dtype), z4)
+            return (new.reshape(b, t, -1),) + tuple(args[1:])
+
+        return hook
+
+    try:
+        for layer in sorted({h.layer for h in heads}):
+            handles.append(adapter.o_proj(layer).register_forward_pre_hook(make_hook(layer)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def patch(model: nn.Module, heads: Iterable[Head], source_z: torch.Tensor, *, positions=None):
+    """Patch heads' z from another run (``source_z`` from :func:`run_with_z`) at the given positions.
+
+    Args:
+        source_z: ``[n_layers, batch, pos, n_heads, d_head]``; its batch and length must match the forward.
+    """
+    spec = get_adapter(model).spec
+    heads = _normalize_heads(spec, heads)
+    if source_z.dim() != 5 or source_z.shape[0] != spec.n_layers or tuple(source_z.shape[3:]) != (
+        spec.n_heads, spec.d_head
+    ):
+        raise ValueError(
+            f"source_z must be [n_layers={spec.n_layers}, batch, pos, n_heads={spec.n_heads}, "
+            f"d_head={spec.d_head}] from run_with_z, got {tuple(source_z.shape)}"
+        )
+    b, t = source_z.shape[1], source_z.shape[2]
+    masks = _head_mask(spec, heads, positions, b, t)
+    plan = {layer: (mask, source_z[layer]) for layer, mask in masks.items()}
+    with intervene(model, plan):
+        yield

@@ -1,0 +1,323 @@
+"""Model adapters: where the heads live in a Hugging Face causal LM, and offline loading.
+
+An adapter answers, for one architecture family: the decoder layers, the attention output projection
+whose *input* is the per-head output z (``[batch, pos, n_heads * d_head]``), the head counts (GQA
+included) and the parameter slices that belong to one head.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+logger = logging.getLogger("fastcd")
+
+# model_type -> adapter family. Llama-like families share module names (self_attn.{q,k,v,o}_proj).
+_LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")  # each tested on a tiny random config
+_GPT2_LIKE = ("gpt2",)
+SUPPORTED_ARCHITECTURES = tuple(sorted(_LLAMA_LIKE + _GPT2_LIKE))
+
+
+class Head(NamedTuple):
+    """One attention head: ``Head(layer, head)``, printed ``L{layer}H{head}``."""
+
+    layer: int
+    head: int
+
+    def __str__(self) -> str:
+        return f"L{self.layer}H{self.head}"
+
+    @classmethod
+    def parse(cls, name: str) -> Head:
+        """``Head.parse("L3H8") == Head(3, 8)``."""
+        import re
+
+        m = re.fullmatch(r"L(\d+)H(\d+)", name.strip())
+        if m is None:
+            raise ValueError(f"head name must look like 'L3H8', got {name!r}")
+        return cls(int(m.group(1)), int(m.group(2)))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Shape facts of a causal LM."""
+
+    model_type: str
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+    d_model: int
+    vocab_size: int
+
+    @property
+    def n_total_heads(self) -> int:
+        return self.n_layers * self.n_heads
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head (1 without GQA)."""
+        return self.n_heads // self.n_kv_heads
+
+    def check_head(self, head: Head, name: str = "head") -> Head:
+        if not isinstance(head, tuple) or len(head) != 2:
+            raise TypeError(f"{name} must be a Head(layer, head), got {head!r}")
+        head = Head(int(head[0]), int(head[1]))
+        if not (0 <= head.layer < self.n_layers and 0 <= head.head < self.n_heads):
+            raise ValueError(
+                f"{name} {head} is out of range for this model: {self.n_layers} layers x {self.n_heads} heads "
+                f"(layers 0..{self.n_layers - 1}, heads 0..{self.n_heads - 1})"
+            )
+        return head
+
+    def all_heads(self) -> list[Head]:
+        return [Head(l, h) for l in range(self.n_layers) for h in range(self.n_heads)]
+
+
+class ParamSlice(NamedTuple):
+    """``param`` restricted to ``index`` along ``dim``: the part of a weight that belongs to one head."""
+
+    name: str
+    param: nn.Parameter
+    dim: int
+    index: slice
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    # DDP / compiled wrappers
+    while hasattr(model, "module") and isinstance(model.module, nn.Module) and not hasattr(model, "config"):
+        model = model.module
+    return getattr(model, "_orig_mod", model)
+
+
+class ModelAdapter:
+    """Finds layers, projections and head slices in one architecture family."""
+
+    def __init__(self, model: nn.Module):
+        self.model = _unwrap(model)
+        cfg = getattr(self.model, "config", None)
+        if cfg is None:
+            raise TypeError(
+                f"model must be a Hugging Face PreTrainedModel with a .config, got {type(model).__name__}"
+            )
+        self.config = cfg
+        self.spec = self._spec()
+
+    # --- per family --------------------------------------------------------------------------------
+    def layers(self) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def o_proj(self, layer: int) -> nn.Module:
+        raise NotImplementedError
+
+    def head_slices(self, head: Head, *, kv: bool = False) -> list[ParamSlice]:
+        raise NotImplementedError
+
+    def head_write(self, head: Head, z: torch.Tensor) -> torch.Tensor:
+        """The head's write into the residual stream, ``W_O[:, h] z_h`` (no bias).
+
+        ``[..., d_head] -> [..., d_model]``.
+        """
+        s = self.spec
+        head = s.check_head(head)
+        w = self.o_proj(head.layer).weight
+        cols = slice(head.head * s.d_head, (head.head + 1) * s.d_head)
+        if isinstance(self, GPT2Adapter):  # Conv1D weight is [in, out]
+            return z @ w[cols, :]
+        return z @ w[:, cols].T
+
+    def _spec(self) -> ModelSpec:
+        raise NotImplementedError
+
+
+class LlamaLikeAdapter(ModelAdapter):
+    """Llama, Mistral, Qwen2, Qwen3: ``model.model.layers[i].self_attn.{q,k,v,o}_proj``."""
+
+    def _spec(self) -> ModelSpec:
+        c = self.config
+        n_heads = c.num_attention_heads
+        n_kv = getattr(c, "num_key_value_heads", None) or n_heads
+        d_head = getattr(c, "head_dim", None) or c.hidden_size // n_heads
+        return ModelSpec(c.model_type, c.num_hidden_layers, n_heads, n_kv, d_head, c.hidden_size, c.vocab_size)
+
+    def layers(self) -> list[nn.Module]:
+        return list(self.model.model.layers)
+
+    def attn(self, layer: int) -> nn.Module:
+        return self.layers()[layer].self_attn
+
+    def o_proj(self, layer: int) -> nn.Module:
+        return self.attn(layer).o_proj
+
+    def head_slices(self, head: Head, *, kv: bool = False) -> list[ParamSlice]:
+        s = self.spec
+        head = s.check_head(head)
+        attn = self.attn(head.layer)
+        q = slice(head.head * s.d_head, (head.head + 1) * s.d_head)
+        out = [
+            ParamSlice(f"{head}.q_proj.weight", attn.q_proj.weight, 0, q),
+            ParamSlice(f"{head}.o_proj.weight", attn.o_proj.weight, 1, q),
+        ]
+        if getattr(attn.q_proj, "bias", None) is not None:
+            out.append(ParamSlice(f"{head}.q_proj.bias", attn.q_proj.bias, 0, q))
+        if kv:
+            g = head.head // s.group_size
+            kvs = slice(g * s.d_head, (g + 1) * s.d_head)
+            for name in ("k_proj", "v_proj"):
+                mod = getattr(attn, name)
+                out.append(ParamSlice(f"{head}.{name}.weight", mod.weight, 0, kvs))
+                if getattr(mod, "bias", None) is not None:
+                    out.append(ParamSlice(f"{head}.{name}.bias", mod.bias, 0, kvs))
+        return out
+
+
+class GPT2Adapter(ModelAdapter):
+    """GPT-2: ``transformer.h[i].attn.c_attn`` (fused qkv, Conv1D ``[d_model, 3*d_model]``) and ``c_proj``."""
+
+    def _spec(self) -> ModelSpec:
+        c = self.config
+        return ModelSpec(c.model_type, c.n_layer, c.n_head, c.n_head, c.n_embd // c.n_head, c.n_embd, c.vocab_size)
+
+    def layers(self) -> list[nn.Module]:
+        return list(self.model.transformer.h)
+
+    def o_proj(self, layer: int) -> nn.Module:
+        return self.layers()[layer].attn.c_proj
+
+    def head_slices(self, head: Head, *, kv: bool = False) -> list[ParamSlice]:
+        s = self.spec
+        head = s.check_head(head)
+        attn = self.layers()[head.layer].attn
+        q = slice(head.head * s.d_head, (head.head + 1) * s.d_head)
+        # Conv1D stores weight as [in, out]: q columns are the head's outputs; c_proj rows are its inputs.
+        out = [
+            ParamSlice(f"{head}.c_attn.weight[q]", attn.c_attn.weight, 1, q),
+            ParamSlice(f"{head}.c_attn.bias[q]", attn.c_attn.bias, 0, q),
+            ParamSlice(f"{head}.c_proj.weight", attn.c_proj.weight, 0, q),
+        ]
+        if kv:
+            for i, name in ((1, "k"), (2, "v")):
+                sl = slice(i * s.d_model + q.start, i * s.d_model + q.stop)
+                out.append(ParamSlice(f"{head}.c_attn.weight[{name}]", attn.c_attn.weight, 1, sl))
+                out.append(ParamSlice(f"{head}.c_attn.bias[{name}]", attn.c_attn.bias, 0, sl))
+        return out
+
+
+def get_adapter(model: nn.Module) -> ModelAdapter:
+    """The adapter for ``model``'s architecture; a clear error for an unsupported one."""
+    inner = _unwrap(model)
+    cfg = getattr(inner, "config", None)
+    if cfg is None:
+        raise TypeError(
+            f"model must be a Hugging Face PreTrainedModel with a .config, got {type(model).__name__}"
+        )
+    model_type = getattr(cfg, "model_type", None)
+    if model_type in _LLAMA_LIKE:
+        return LlamaLikeAdapter(inner)
+    if model_type in _GPT2_LIKE:
+        return GPT2Adapter(inner)
+    raise ValueError(
+        f"model: unsupported architecture {model_type!r} ({type(inner).__name__}); "
+        f"supported model_type values: {', '.join(SUPPORTED_ARCHITECTURES)}"
+    )
+
+
+def model_spec(model: nn.Module) -> ModelSpec:
+    return get_adapter(model).spec
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading
+# ------------------------------------------------------------------------------------------------
+_ANNOUNCED: set[str] = set()
+
+
+def _announce(msg: str) -> None:
+    if msg not in _ANNOUNCED:
+        _ANNOUNCED.add(msg)
+        logger.info(msg)
+
+
+def has_flash_attn() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def pick_attn_implementation(device: str | torch.device | None) -> str:
+    """``flash_attention_2`` when flash-attn is installed and the device is CUDA, ``sdpa`` otherwise."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dev.type == "cuda" and has_flash_attn():
+        return "flash_attention_2"
+    return "sdpa"
+
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64,
+}
+
+
+def parse_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and dtype in _DTYPES:
+        return _DTYPES[dtype]
+    raise ValueError(f"dtype must be a torch.dtype or one of {sorted(_DTYPES)}, got {dtype!r}")
+
+
+def load_model(path_or_module, *, dtype=None, device=None, attn_implementation: str | None = None):
+    """Load a causal LM from a local Hugging Face directory (never the network), or take a module as is.
+
+    Args:
+        path_or_module: a directory with ``config.json`` and weights, or an ``nn.Module``.
+        dtype: ``torch.dtype`` or a name (``"bf16"``, ``"float32"`` ...); None keeps the stored dtype.
+        device: where to put the model (default: CPU).
+        attn_implementation: override; by default flash-attn when installed and on CUDA, sdpa otherwise.
+
+    Returns:
+        The model in eval mode.
+    """
+    dtype = parse_dtype(dtype)
+    if isinstance(path_or_module, nn.Module):
+        model = path_or_module
+        if dtype is not None or device is not None:
+            model = model.to(device=device, dtype=dtype)
+        get_adapter(model)  # validate the architecture early
+        return model
+    if not isinstance(path_or_module, (str, os.PathLike)):
+        raise TypeError(f"path_or_module must be a local directory path or an nn.Module, got {type(path_or_module)}")
+    path = os.fspath(path_or_module)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(
+            f"path_or_module: {path!r} is not a local directory; fastcd loads only local Hugging Face "
+            "model directories (download the weights first)"
+        )
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"path_or_module: {path!r} has no config.json; is it a Hugging Face model directory?")
+    from transformers import AutoModelForCausalLM
+
+    impl = attn_implementation or pick_attn_implementation(device)
+    _announce(f"fastcd: attention implementation {impl}")
+    model = AutoModelForCausalLM.from_pretrained(
+        path, local_files_only=True, dtype=dtype if dtype is not None else "auto", attn_implementation=impl
+    )
+    if device is not None:
+        model = model.to(device)
+    model.eval()
+    get_adapter(model)
+    return model
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The tokenizer stored in a local model directory (never the network)."""
+    from transformers import AutoTokenizer
+
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"path: {path!r} is not a local directory")
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)

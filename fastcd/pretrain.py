@@ -1,0 +1,286 @@
+"""Pretraining recipe: tiny Llama teachers and student bases trained from scratch on the task data.
+
+The run is seeded and resumable: a checkpoint (model, optimizer, RNG states, curriculum, log) is written
+atomically every ``save_every`` steps to ``OUT/ckpt``; running the same command again resumes from it.
+The final model is saved with ``save_pretrained`` (plus the word-level tokenizer) to ``OUT/final``.
+
+Training sequences carry several queries per context (every box, or every question), each answer token
+supervised, and entity tracking uses a curriculum over the number of boxes (see docs/PRETRAINING.md).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from fastcd.tasks import EntityTracking, TheoryOfMind, split_of
+from fastcd.tokenizer import build_word_tokenizer
+
+
+@dataclass
+class PretrainConfig:
+    task: str = "entity-tracking"
+    role: str = "teacher"
+    out: str = "runs/pretrain"
+    seed: int = 0
+    # model
+    n_layers: int = 4
+    d_model: int = 128
+    n_heads: int = 4
+    n_kv_heads: int | None = None
+    d_ff: int = 512
+    # optimisation
+    steps: int = 20_000
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup: int = 300
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    # data
+    queries: int = 0  # queries per training sequence; 0 = every box / every question
+    min_boxes: int = 2
+    max_boxes: int = 7
+    start_boxes: int = 2  # curriculum: the largest box count sampled at the start
+    curriculum_threshold: float = 0.9  # advance when train accuracy at the current top box count exceeds it
+    # bookkeeping
+    eval_every: int = 250
+    eval_n: int = 512
+    save_every: int = 500
+    stop_at_accuracy: float | None = None  # stop early once val accuracy at max_boxes reaches this
+    threads: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> PretrainConfig:
+        if self.task not in ("entity-tracking", "tom"):
+            raise ValueError(f"task must be 'entity-tracking' or 'tom', got {self.task!r}")
+        if self.role not in ("teacher", "student"):
+            raise ValueError(f"role must be 'teacher' or 'student', got {self.role!r}")
+        for name in ("n_layers", "d_model", "n_heads", "d_ff", "steps", "batch_size", "eval_every", "save_every"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+        if not (2 <= self.min_boxes <= self.start_boxes <= self.max_boxes):
+            raise ValueError(
+                f"boxes must satisfy 2 <= min_boxes <= start_boxes <= max_boxes, got "
+                f"{self.min_boxes}, {self.start_boxes}, {self.max_boxes}"
+            )
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        return self
+
+
+def make_model(cfg: PretrainConfig, tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    mc = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
+        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_kv_heads or cfg.n_heads, max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False, attn_implementation="sdpa",
+    )
+    return LlamaForCausalLM(mc)
+
+
+class SequenceMaker:
+    """Training sequences with several supervised queries after one context."""
+
+    def __init__(self, cfg: PretrainConfig, tokenizer):
+        self.cfg, self.tok = cfg, tokenizer
+        vocab = tokenizer.get_vocab()
+        self.tom = TheoryOfMind()
+        self.et = {n: EntityTracking(n_boxes=n) for n in range(cfg.min_boxes, cfg.max_boxes + 1)}
+        if cfg.task == "entity-tracking":
+            self.cue = (vocab["contains"], vocab["the"])
+        else:
+            self.cue = (vocab["Answer"], vocab[":"])
+
+    def _et_text(self, rng: random.Random, level: int) -> tuple[str, int]:
+        n = rng.randint(self.cfg.min_boxes, level)
+        while True:
+            ex = self.et[n]._sample(rng)
+            if split_of(ex.prompt) == "train":
+                break
+        m = ex.meta
+        # Follow-up queries are drawn with replacement, so "answer the object not asked yet" (elimination)
+        # is no shortcut: only the label-to-object binding answers them.
+        k = n if self.cfg.queries <= 0 else self.cfg.queries
+        text = ex.prompt + f" {ex.answer} ."
+        for qi in [rng.randrange(n) for _ in range(k - 1)]:
+            text += f" Box {m['labels'][qi]} contains the {m['objects'][qi]} ."
+        return text, n
+
+    def _tom_text(self, rng: random.Random) -> tuple[str, int]:
+        while True:
+            ex = self.tom._sample(rng)
+            if split_of(ex.prompt) == "train":
+                break
+        m = ex.meta
+        asked = (m["question_character"], m["question_container"])
+        combos = [(c, k) for c in range(2) for k in range(2) if (c, k) != asked]
+        rng.shuffle(combos)
+        k = 4 if self.cfg.queries <= 0 else min(self.cfg.queries, 4)
+        text = ex.prompt + f" {ex.answer}"
+        for c, kk in combos[: k - 1]:
+            ans, _ = TheoryOfMind.answer_for(c, kk, tuple(m["sees"]), m["drinks"])
+            text += (f" Question: What does {m['characters'][c]} believe the {m['containers'][kk]} contains?"
+                     f" Answer: {ans}")
+        return text, 0
+
+    def batch(self, rng: random.Random, level: int):
+        texts, sizes = [], []
+        for _ in range(self.cfg.batch_size):
+            t, n = self._et_text(rng, level) if self.cfg.task == "entity-tracking" else self._tom_text(rng)
+            texts.append(t)
+            sizes.append(n)
+        enc = self.tok(texts, padding=True, return_tensors="pt")
+        ids = enc["input_ids"]
+        labels = torch.full_like(ids, -100)
+        a, b = self.cue
+        cue = (ids[:, :-2] == a) & (ids[:, 1:-1] == b)  # [batch, T-2]: token t is a, t+1 is b
+        labels[:, 1:-1][cue] = ids[:, 2:][cue]  # predict the answer at the cue's second token
+        return ids, enc["attention_mask"], labels, torch.tensor(sizes)
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, task, n: int, split: str = "val", batch_size: int = 256) -> dict:
+    """Accuracy (argmax at the last position) on ``n`` held-out examples, split by question type for ToM."""
+    examples = task.generate(n, seed=1234, split=split)
+    model.eval()
+    correct = []
+    for i in range(0, n, batch_size):
+        b = task.encode(examples[i : i + batch_size], tokenizer)
+        logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+        last = logits[torch.arange(len(b)), b.positions["last"]]
+        correct += (last.argmax(-1) == b.answer_ids).tolist()
+    out = {"accuracy": sum(correct) / len(correct), "n": len(correct)}
+    if isinstance(task, TheoryOfMind):
+        for qt in ("own", "observed", "unobserved"):
+            c = [ok for ok, ex in zip(correct, examples) if ex.meta["question_type"] == qt]
+            out[f"accuracy_{qt}"] = sum(c) / max(1, len(c))
+        # the "answer the true content" heuristic: right on own/observed, wrong on unobserved
+        out["heuristic_accuracy"] = sum(ex.meta["question_type"] != "unobserved" for ex in examples) / len(examples)
+    model.train()
+    return out
+
+
+def _lr_at(cfg: PretrainConfig, step: int) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+def _save_atomic(model, tokenizer, state: dict, path: str) -> None:
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    torch.save(state, os.path.join(tmp, "state.pt"))
+    old = path + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(path):
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
+    """Train (or resume) a tiny model; returns the final evaluation."""
+    from tqdm import tqdm
+    from transformers import LlamaForCausalLM
+
+    cfg.validate()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    os.makedirs(cfg.out, exist_ok=True)
+    ckpt = os.path.join(cfg.out, "ckpt")
+    tokenizer = build_word_tokenizer()
+    task = EntityTracking(n_boxes=cfg.max_boxes) if cfg.task == "entity-tracking" else TheoryOfMind()
+    maker = SequenceMaker(cfg, tokenizer)
+
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    if os.path.isdir(ckpt):
+        model = LlamaForCausalLM.from_pretrained(ckpt, local_files_only=True)
+        state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=False)
+        if state["config"] != asdict(cfg):
+            diff = {k: (state["config"].get(k), v) for k, v in asdict(cfg).items() if state["config"].get(k) != v}
+            raise ValueError(f"{ckpt} was written by a run with a different configuration: {diff}")
+    else:
+        model = make_model(cfg, tokenizer)
+        state = None
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(0.9, 0.98),
+    )
+    step, level, ema, log = 0, cfg.start_boxes, 0.0, []
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        step, level, ema, log = state["step"], state["level"], state["ema"], state["log"]
+        rng.setstate(state["py_rng"])
+        torch.set_rng_state(state["torch_rng"])
+    log_path = os.path.join(cfg.out, "log.jsonl")
+    bar = tqdm(total=cfg.steps, initial=step, disable=not progress, desc=f"pretrain {cfg.task}/{cfg.role}")
+    t0 = time.time()
+    done_early = False
+    while step < cfg.steps and not done_early:
+        ids, attn, labels, sizes = maker.batch(rng, level)
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(cfg, step)
+        logits = model(input_ids=ids, attention_mask=attn).logits
+        sel = labels != -100
+        loss = torch.nn.functional.cross_entropy(logits[sel], labels[sel])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        step += 1
+        with torch.no_grad():
+            hit = (logits.argmax(-1) == labels) & sel  # [batch, T]
+            if cfg.task == "entity-tracking":
+                top = sizes == level
+                acc = (hit[top].sum() / sel[top].sum().clamp(min=1)).item() if top.any() else ema
+            else:
+                acc = (hit.sum() / sel.sum()).item()
+        ema = 0.95 * ema + 0.05 * acc
+        if cfg.task == "entity-tracking" and level < cfg.max_boxes and ema > cfg.curriculum_threshold:
+            level += 1
+            ema = 0.0
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{ema:.2f}", boxes=level)
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            ev = evaluate(model, tokenizer, task, cfg.eval_n)
+            rec = {"step": step, "loss": loss.item(), "train_acc_ema": ema, "level": level,
+                   "lr": _lr_at(cfg, step - 1), "elapsed_s": round(time.time() - t0, 1),
+                   **{f"val_{k}": v for k, v in ev.items()}}
+            log.append(rec)
+            with open(log_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            if cfg.stop_at_accuracy is not None and level == cfg.max_boxes and ev["accuracy"] >= cfg.stop_at_accuracy:
+                done_early = True
+        if step % cfg.save_every == 0 or step == cfg.steps or done_early:
+            _save_atomic(model, tokenizer, {
+                "optimizer": opt.state_dict(), "step": step, "level": level, "ema": ema, "log": log,
+                "py_rng": rng.getstate(), "torch_rng": torch.get_rng_state(), "config": asdict(cfg),
+            }, ckpt)
+    bar.close()
+    final = os.path.join(cfg.out, "final")
+    model.eval()
+    test = evaluate(model, tokenizer, task, max(cfg.eval_n, 1000), split="test")
+    _save_atomic(model, tokenizer, {"config": asdict(cfg), "test": test, "steps": step}, final)
+    with open(os.path.join(cfg.out, "result.json"), "w") as f:
+        json.dump({"config": asdict(cfg), "test": test, "steps": step}, f, indent=2)
+    return test

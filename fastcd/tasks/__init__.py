@@ -1,0 +1,29 @@
+"""Tasks: entity tracking and theory of mind, with clean/corrupt pairs, splits and JSONL I/O."""
+
+from fastcd.tasks.base import (
+    SPLITS,
+    EncodedBatch,
+    Example,
+    Pair,
+    load_jsonl,
+    save_jsonl,
+    split_of,
+    word_token_id,
+)
+from fastcd.tasks.entity_tracking import EntityTracking
+from fastcd.tasks.tom import TheoryOfMind
+
+TASKS = {"entity-tracking": EntityTracking, "tom": TheoryOfMind}
+
+
+def get_task(name: str, **kwargs):
+    """``get_task("entity-tracking", n_boxes=7)`` or ``get_task("tom")``."""
+    if name not in TASKS:
+        raise ValueError(f"task must be one of {sorted(TASKS)}, got {name!r}")
+    return TASKS[name](**kwargs)
+
+
+__all__ = [
+    "SPLITS", "TASKS", "EncodedBatch", "EntityTracking", "Example", "Pair", "TheoryOfMind", "get_task",
+    "load_jsonl", "save_jsonl", "split_of", "word_token_id",
+]

@@ -1,0 +1,233 @@
+"""Task examples, clean/corrupt pairs, deterministic splits, JSONL I/O and encoding to token ids.
+
+JSONL schema (one object per line)::
+
+    {"task": "entity-tracking", "prompt": "The apple is in Box F, ... Box F contains the",
+     "answer": "apple", "meta": {...}}
+
+``answer`` is the word the model should produce next (scored as the single token of ``" " + answer``).
+``meta`` is task-specific; ``meta["spans"]`` maps a position role to ``[start, end)`` character offsets in
+``prompt`` (the token covering ``start`` is that role's position). Entity-tracking prompts in the standard
+format may omit ``meta``: it is recovered by parsing. A pair file holds ``{"clean": {...}, "corrupt": {...}}``
+per line; a corrupt example's ``answer`` may be null (the answer is not recoverable from it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+SPLITS = ("train", "val", "test")
+# Share of the hash space per split: a prompt's split depends on the prompt alone, so the splits never
+# share a prompt, whatever the seed or the sizes asked for.
+_SPLIT_BOUNDS = {"train": (0, 80), "val": (80, 90), "test": (90, 100)}
+
+
+def split_of(prompt: str) -> str:
+    """The split a prompt belongs to, from a stable hash of its text."""
+    bucket = int(hashlib.sha1(prompt.encode("utf-8")).hexdigest()[:8], 16) % 100
+    for name, (lo, hi) in _SPLIT_BOUNDS.items():
+        if lo <= bucket < hi:
+            return name
+    raise AssertionError("unreachable")
+
+
+def check_split(split: str) -> str:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    return split
+
+
+@dataclass
+class Example:
+    task: str
+    prompt: str
+    answer: str | None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"task": self.task, "prompt": self.prompt, "answer": self.answer, "meta": self.meta}
+
+    @classmethod
+    def from_json(cls, d: dict, where: str = "example") -> Example:
+        if not isinstance(d, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(d).__name__}")
+        for key in ("task", "prompt", "answer"):
+            if key not in d:
+                raise ValueError(f"{where}: missing key {key!r} (expected task, prompt, answer, optional meta)")
+        if not isinstance(d["prompt"], str) or not d["prompt"]:
+            raise ValueError(f"{where}: 'prompt' must be a non-empty string")
+        if d["answer"] is not None and not isinstance(d["answer"], str):
+            raise ValueError(f"{where}: 'answer' must be a string or null")
+        meta = d.get("meta") or {}
+        if not isinstance(meta, dict):
+            raise ValueError(f"{where}: 'meta' must be an object")
+        return cls(str(d["task"]), d["prompt"], d["answer"], dict(meta))
+
+
+@dataclass
+class Pair:
+    """A clean example and its corrupted counterpart (same token length, answer not recoverable)."""
+
+    clean: Example
+    corrupt: Example
+
+    def to_json(self) -> dict:
+        return {"clean": self.clean.to_json(), "corrupt": self.corrupt.to_json()}
+
+    @classmethod
+    def from_json(cls, d: dict, where: str = "pair") -> Pair:
+        if not isinstance(d, dict) or "clean" not in d or "corrupt" not in d:
+            raise ValueError(f"{where}: expected an object with keys 'clean' and 'corrupt'")
+        return cls(Example.from_json(d["clean"], f"{where}.clean"), Example.from_json(d["corrupt"], f"{where}.corrupt"))
+
+
+def save_jsonl(items, path: str | os.PathLike) -> None:
+    """Write examples or pairs, one JSON object per line."""
+    path = os.fspath(path)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for it in items:
+            f.write(json.dumps(it.to_json(), ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def load_jsonl(path: str | os.PathLike) -> list[Example] | list[Pair]:
+    """Read a file written by :func:`save_jsonl` (or by hand, following the module's schema)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"path: no such file {path!r}")
+    out = []
+    kind = None
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                d = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+            this = "pair" if isinstance(d, dict) and "clean" in d else "example"
+            if kind is None:
+                kind = this
+            elif kind != this:
+                raise ValueError(f"{path}:{i}: mixes examples and pairs; a file holds one kind")
+            where = f"{path}:{i}"
+            out.append(Pair.from_json(d, where) if this == "pair" else Example.from_json(d, where))
+    if not out:
+        raise ValueError(f"path: {path!r} holds no examples")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Tokens
+# ------------------------------------------------------------------------------------------------
+def word_token_id(tokenizer, word: str, what: str = "answer") -> int:
+    """The single token id of ``" " + word``; a clear error when the tokenizer splits it or lacks it."""
+    ids = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        pieces = tokenizer.convert_ids_to_tokens(ids)
+        raise ValueError(
+            f"{what} {word!r} is not a single token for this tokenizer (it splits into {pieces}); "
+            "choose single-token words for this model"
+        )
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is not None and ids[0] == unk:
+        raise ValueError(f"{what} {word!r} is not in this tokenizer's vocabulary (it maps to the unknown token)")
+    return ids[0]
+
+
+def check_single_tokens(tokenizer, words, what: str) -> None:
+    bad = []
+    for w in sorted(set(words)):
+        try:
+            word_token_id(tokenizer, w, what)
+        except ValueError:
+            bad.append(w)
+    if bad:
+        raise ValueError(
+            f"{what}: {len(bad)} word(s) are not single tokens for this tokenizer: {bad[:20]}"
+            + (" ..." if len(bad) > 20 else "")
+        )
+
+
+@dataclass
+class EncodedBatch:
+    """Token ids of examples, right-padded, with the positions each head group needs.
+
+    input_ids, attention_mask: ``[n, T]``; answer_ids: ``[n]`` (-1 where the answer is None);
+    positions: ``{role: [n]}`` absolute token indices.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    answer_ids: torch.Tensor
+    positions: dict[str, torch.Tensor]
+    examples: list[Example]
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def index(self, idx) -> EncodedBatch:
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        return EncodedBatch(
+            self.input_ids[idx], self.attention_mask[idx], self.answer_ids[idx],
+            {k: v[idx] for k, v in self.positions.items()}, [self.examples[i] for i in idx.tolist()],
+        )
+
+    @property
+    def equal_length(self) -> bool:
+        return bool(self.attention_mask.all())
+
+    def to(self, device) -> EncodedBatch:
+        return EncodedBatch(self.input_ids.to(device), self.attention_mask.to(device), self.answer_ids.to(device),
+                            {k: v.to(device) for k, v in self.positions.items()}, self.examples)
+
+
+def _token_at(offsets, char_pos: int, prompt: str, role: str) -> int:
+    for i, (s, e) in enumerate(offsets):
+        if s <= char_pos < e:
+            return i
+    raise ValueError(f"position role {role!r}: no token covers character {char_pos} of prompt {prompt[:60]!r}...")
+
+
+def encode(examples, tokenizer, spans_fn) -> EncodedBatch:
+    """Tokenize prompts (right padding), answers (single tokens) and the role positions.
+
+    Args:
+        examples: list of :class:`Example`.
+        tokenizer: a fast HF tokenizer (offsets are needed to place the roles).
+        spans_fn: ``Example -> {role: (start, end)}`` character spans.
+    """
+    if not examples:
+        raise ValueError("examples must not be empty")
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError("tokenizer must be a fast (Rust) tokenizer: positions are placed with offset mappings")
+    rows, answers = [], []
+    positions: dict[str, list[int]] = {}
+    for n, ex in enumerate(examples):
+        enc = tokenizer(ex.prompt, return_offsets_mapping=True)
+        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        rows.append(ids)
+        answers.append(word_token_id(tokenizer, ex.answer) if ex.answer is not None else -1)
+        roles = {"last": len(ids) - 1}
+        for role, (start, _end) in spans_fn(ex).items():
+            roles[role] = _token_at(offsets, start, ex.prompt, role)
+        if n and set(roles) != set(positions):
+            raise ValueError(f"example {n} has position roles {sorted(roles)}, others have {sorted(positions)}")
+        for role, p in roles.items():
+            positions.setdefault(role, []).append(p)
+    t = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids = torch.full((len(rows), t), pad, dtype=torch.long)
+    attn = torch.zeros((len(rows), t), dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, : len(r)] = torch.tensor(r)
+        attn[i, : len(r)] = 1
+    return EncodedBatch(input_ids, attn, torch.tensor(answers, dtype=torch.long),
+                        {k: torch.tensor(v, dtype=torch.long) for k, v in positions.items()}, list(examples))

@@ -1,0 +1,161 @@
+"""Entity tracking in the boxes format of Kim & Schuster (2023) as reformatted by Prakash et al. (2024).
+
+``The string is in Box G, the bill is in Box A, ..., the hat is in Box Q. Box G contains the`` -> `` string``
+
+Position roles (PAPER.md §2): ``last`` (value fetchers, position transmitters), ``query_label`` (the
+queried letter after the context, position detectors) and ``box_label`` (the queried box's letter in the
+context, structure readers). Corrupt prompts follow Prakash's code: a different example whose queried box
+sits at another context position, with the query letter overwritten by a letter absent from its context,
+so the answer cannot be recovered.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import string
+
+from fastcd.tasks.base import EncodedBatch, Example, Pair, check_single_tokens, check_split, encode, split_of
+
+# Single-token (for Llama-3 and GPT-2 BPE, with a leading space) everyday objects.
+OBJECTS = (
+    "apple", "bag", "ball", "bell", "bill", "boat", "book", "bottle", "bowl", "box", "bread", "brick",
+    "brush", "cake", "camera", "candle", "car", "card", "chair", "clock", "coat", "coin", "cup", "disk",
+    "doll", "drum", "egg", "engine", "fan", "file", "fish", "flag", "flower", "fork", "glass", "guitar",
+    "hammer", "hat", "key", "kite", "lamp", "leaf", "letter", "map", "milk", "mirror", "mouse", "paper",
+    "pen", "phone", "piano", "pillow", "plane", "plate", "radio", "ring", "rock", "rose", "shirt", "shoe",
+    "sock", "spoon", "stone", "string", "table", "ticket", "tie", "toy", "tree", "watch", "wheel", "wire",
+)
+LETTERS = tuple(string.ascii_uppercase)
+ROLES = ("last", "query_label", "box_label")
+_CLAUSE = re.compile(r"[Tt]he (\w+) is in Box (\w)")
+_QUERY = re.compile(r"Box (\w) contains the$")
+
+
+class EntityTracking:
+    """Entity-tracking prompt generator.
+
+    Args:
+        n_boxes: boxes per prompt (default 7, chance 1/7).
+        objects, letters: the word pools (objects must be single tokens for the model's tokenizer).
+    """
+
+    name = "entity-tracking"
+    roles = ROLES
+
+    def __init__(self, n_boxes: int = 7, objects=OBJECTS, letters=LETTERS):
+        objects, letters = tuple(objects), tuple(letters)
+        if not isinstance(n_boxes, int) or n_boxes < 2:
+            raise ValueError(f"n_boxes must be an integer >= 2, got {n_boxes!r}")
+        if len(set(objects)) < n_boxes:
+            raise ValueError(f"objects must hold at least n_boxes={n_boxes} distinct words, got {len(set(objects))}")
+        if len(set(letters)) < n_boxes + 1:
+            raise ValueError(
+                f"letters must hold at least n_boxes+1={n_boxes + 1} distinct labels (corrupt prompts query an "
+                f"absent letter), got {len(set(letters))}"
+            )
+        self.n_boxes, self.objects, self.letters = n_boxes, objects, letters
+
+    def __repr__(self) -> str:
+        return f"EntityTracking(n_boxes={self.n_boxes}, objects={len(self.objects)}, letters={len(self.letters)})"
+
+    def vocabulary(self) -> set[str]:
+        return set(self.objects) | set(self.letters) | {"The", "the", "is", "in", "Box", "contains", ",", "."}
+
+    # --- building prompts --------------------------------------------------------------------------
+    @staticmethod
+    def render(objects, labels, query_label: str) -> Example:
+        """The example for boxes ``labels[i]`` holding ``objects[i]`` and a query for ``query_label``."""
+        parts, spans, pos = [], {}, 0
+        label_spans = []
+        for i, (o, l) in enumerate(zip(objects, labels)):
+            clause = f"{'The' if i == 0 else 'the'} {o} is in Box {l}"
+            label_spans.append(pos + len(clause) - 1)
+            parts.append(clause)
+            pos += len(clause) + 2  # ", "
+        context = ", ".join(parts) + "."
+        prompt = f"{context} Box {query_label} contains the"
+        q_start = len(context) + len(" Box ")
+        spans["query_label"] = [q_start, q_start + 1]
+        meta = {"objects": list(objects), "labels": list(labels), "query_label": query_label}
+        if query_label in labels:
+            qi = labels.index(query_label)
+            spans["box_label"] = [label_spans[qi], label_spans[qi] + 1]
+            meta["query_index"] = qi
+            answer = objects[qi]
+        else:  # corrupt: the queried letter is not in the context
+            meta["query_index"] = None
+            answer = None
+        meta["spans"] = spans
+        return Example(EntityTracking.name, prompt, answer, meta)
+
+    def _sample(self, rng: random.Random, query_index: int | None = None) -> Example:
+        objects = rng.sample(self.objects, self.n_boxes)
+        labels = rng.sample(self.letters, self.n_boxes)
+        qi = rng.randrange(self.n_boxes) if query_index is None else query_index
+        return self.render(objects, labels, labels[qi])
+
+    def generate(self, n: int, seed: int = 0, split: str = "train") -> list[Example]:
+        """``n`` unique examples of ``split``, deterministic in ``seed``."""
+        check_split(split)
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be a positive integer, got {n!r}")
+        rng = random.Random(f"{self.name}/{self.n_boxes}/{seed}/{split}")
+        seen, out = set(), []
+        for _ in range(200 * n + 10_000):
+            ex = self._sample(rng)
+            if ex.prompt in seen or split_of(ex.prompt) != split:
+                continue
+            seen.add(ex.prompt)
+            out.append(ex)
+            if len(out) == n:
+                return out
+        raise ValueError(f"n={n} is more unique {split} prompts than this configuration ({self!r}) can produce")
+
+    def corrupt(self, clean: Example, rng: random.Random) -> Example:
+        """Another example whose queried box sits elsewhere, queried with a letter absent from its context."""
+        m = clean.meta
+        n_boxes = len(m["objects"])
+        choices = [i for i in range(n_boxes) if i != m["query_index"]]
+        qi = rng.choice(choices)
+        objects = rng.sample([o for o in self.objects if o != clean.answer], n_boxes)
+        labels = rng.sample(self.letters, n_boxes)
+        absent = rng.choice([l for l in self.letters if l not in labels])
+        ex = self.render(objects, labels, absent)
+        ex.meta["intended_query_index"] = qi
+        return ex
+
+    def pairs(self, n: int, seed: int = 0, split: str = "train") -> list[Pair]:
+        """Clean/corrupt pairs for patching, deterministic in ``seed``."""
+        clean = self.generate(n, seed, split)
+        rng = random.Random(f"{self.name}/corrupt/{seed}/{split}")
+        return [Pair(c, self.corrupt(c, rng)) for c in clean]
+
+    # --- positions -----------------------------------------------------------------------------------
+    def spans(self, ex: Example) -> dict[str, list[int]]:
+        if "spans" in ex.meta:
+            return {k: v for k, v in ex.meta["spans"].items() if k in ROLES}
+        return self.parse(ex.prompt).meta["spans"]
+
+    @classmethod
+    def parse(cls, prompt: str) -> Example:
+        """Recover objects, labels and spans from a prompt in the standard format (for user-supplied data)."""
+        clauses = _CLAUSE.findall(prompt)
+        q = _QUERY.search(prompt)
+        if not clauses or q is None:
+            raise ValueError(
+                "prompt is not in the entity-tracking format 'The X is in Box L, ... Box L contains the': "
+                f"{prompt[:80]!r}"
+            )
+        objects, labels = [c[0] for c in clauses], [c[1] for c in clauses]
+        ex = cls.render(objects, labels, q.group(1))
+        if ex.prompt != prompt:
+            raise ValueError(f"prompt does not follow the standard entity-tracking format exactly: {prompt[:80]!r}")
+        return ex
+
+    def check_tokenizer(self, tokenizer) -> None:
+        check_single_tokens(tokenizer, self.objects, "objects")
+        check_single_tokens(tokenizer, self.letters, "letters")
+
+    def encode(self, examples, tokenizer) -> EncodedBatch:
+        return encode(examples, tokenizer, self.spans)

@@ -1,0 +1,164 @@
+"""Theory of mind from the CausalToM template of Prakash et al. (2025), PAPER.md §1.
+
+``<c1> and <c2> are working in a busy restaurant. To complete an order, <c1> grabs an opaque <k1> and fills
+it with <s1>. Then <c2> grabs another opaque <k2> and fills it with <s2>. <c2> can/cannot observe <c1>'s
+actions. <c1> can/cannot observe <c2>'s actions. Question: What does <c> believe the <k> contains? Answer:``
+
+The answer is the drink the character believes is in the container: its own drink for its own container
+(``own``), the other's drink when it can observe the other (``observed``), and ``unknown`` when it cannot
+(``unobserved``, the belief case that the "answer the true content" heuristic gets wrong). Question types
+are drawn uniformly, so that heuristic scores 2/3.
+
+Corrupt prompts keep the question's roles (which character, which container) but draw new entities and
+flip the queried character's visibility, so the clean answer is absent and the belief changes.
+"""
+
+from __future__ import annotations
+
+import random
+
+from fastcd.tasks.base import EncodedBatch, Example, Pair, check_single_tokens, check_split, encode, split_of
+
+NAMES = (
+    "Anne", "Bob", "Carla", "Dan", "Emma", "Frank", "Grace", "Henry", "Ivy", "Jack", "Kate", "Leo", "Mary",
+    "Nick", "Olivia", "Paul", "Rose", "Sam", "Tom", "Uma", "Victor", "Wendy",
+)
+CONTAINERS = (
+    "bottle", "cup", "glass", "jar", "jug", "mug", "pot", "bowl", "flask", "kettle", "pitcher", "tumbler",
+    "vase", "bucket", "carafe", "canteen", "tankard", "goblet", "beaker", "chalice", "crock",
+)
+DRINKS = (
+    "coffee", "tea", "beer", "wine", "milk", "water", "juice", "soda", "cider", "lemonade", "cocoa", "whiskey",
+    "vodka", "rum", "gin", "sake", "punch", "champagne", "espresso", "smoothie", "broth", "kefir", "tonic",
+)
+UNKNOWN = "unknown"
+QUESTION_TYPES = ("own", "observed", "unobserved")
+ROLES = ("last", "question_character", "question_container")
+
+
+class TheoryOfMind:
+    """CausalToM-style belief questions.
+
+    Args:
+        instruction: optional text put before the story as ``Instruction: ...\\n\\nStory: ...`` (Prakash's
+            format for instruction-tuned models); None for the bare story.
+    """
+
+    name = "tom"
+    roles = ROLES
+
+    def __init__(self, names=NAMES, containers=CONTAINERS, drinks=DRINKS, instruction: str | None = None):
+        self.names, self.containers, self.drinks = tuple(names), tuple(containers), tuple(drinks)
+        for what, pool in (("names", self.names), ("containers", self.containers), ("drinks", self.drinks)):
+            if len(set(pool)) < 4:
+                raise ValueError(f"{what} must hold at least 4 distinct words, got {len(set(pool))}")
+        if UNKNOWN in self.drinks:
+            raise ValueError(f"drinks must not contain the answer word {UNKNOWN!r}")
+        self.instruction = instruction
+
+    def __repr__(self) -> str:
+        return f"TheoryOfMind(names={len(self.names)}, containers={len(self.containers)}, drinks={len(self.drinks)})"
+
+    def vocabulary(self) -> set[str]:
+        words = set(self.names) | set(self.containers) | set(self.drinks) | {UNKNOWN}
+        template = (
+            "and are working in a busy restaurant . To complete an order , grabs an opaque and fills it with "
+            "Then another can cannot observe ' s actions Question : What does believe the contains ? Answer"
+        )
+        words |= set(template.split())
+        return words
+
+    @staticmethod
+    def answer_for(q_char: int, q_cont: int, sees: tuple[bool, bool], drinks) -> tuple[str, str]:
+        """(answer, question type) for character ``q_char`` asked about container ``q_cont``.
+
+        ``sees[i]``: character i can observe the other character's actions.
+        """
+        if q_char == q_cont:
+            return drinks[q_cont], "own"
+        if sees[q_char]:
+            return drinks[q_cont], "observed"
+        return UNKNOWN, "unobserved"
+
+    def render(self, chars, conts, drinks, sees, q_char: int, q_cont: int) -> Example:
+        c1, c2 = chars
+        story = (
+            f"{c1} and {c2} are working in a busy restaurant. To complete an order, {c1} grabs an opaque "
+            f"{conts[0]} and fills it with {drinks[0]}. Then {c2} grabs another opaque {conts[1]} and fills it "
+            f"with {drinks[1]}. {c2} {'can' if sees[1] else 'cannot'} observe {c1}'s actions. "
+            f"{c1} {'can' if sees[0] else 'cannot'} observe {c2}'s actions."
+        )
+        head = f"Instruction: {self.instruction}\n\nStory: " if self.instruction else ""
+        question = f" Question: What does {chars[q_char]} believe the {conts[q_cont]} contains? Answer:"
+        prompt = head + story + question
+        qc = len(head + story) + len(" Question: What does ")
+        qk = qc + len(f"{chars[q_char]} believe the ")
+        answer, qtype = self.answer_for(q_char, q_cont, tuple(sees), drinks)
+        meta = {
+            "characters": list(chars), "containers": list(conts), "drinks": list(drinks), "sees": list(sees),
+            "question_character": q_char, "question_container": q_cont, "question_type": qtype,
+            "true_content": drinks[q_cont],
+            "spans": {"question_character": [qc, qc + len(chars[q_char])],
+                      "question_container": [qk, qk + len(conts[q_cont])]},
+        }
+        return Example(self.name, prompt, answer, meta)
+
+    def _sample(self, rng: random.Random) -> Example:
+        chars = rng.sample(self.names, 2)
+        conts = rng.sample(self.containers, 2)
+        drinks = rng.sample(self.drinks, 2)
+        qtype = rng.choice(QUESTION_TYPES)
+        q_char = rng.randrange(2)
+        sees = [rng.random() < 0.5, rng.random() < 0.5]
+        if qtype == "own":
+            q_cont = q_char
+        else:
+            q_cont = 1 - q_char
+            sees[q_char] = qtype == "observed"
+        return self.render(chars, conts, drinks, sees, q_char, q_cont)
+
+    def generate(self, n: int, seed: int = 0, split: str = "train") -> list[Example]:
+        """``n`` unique examples of ``split``, deterministic in ``seed``."""
+        check_split(split)
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be a positive integer, got {n!r}")
+        rng = random.Random(f"{self.name}/{seed}/{split}")
+        seen, out = set(), []
+        for _ in range(200 * n + 10_000):
+            ex = self._sample(rng)
+            if ex.prompt in seen or split_of(ex.prompt) != split:
+                continue
+            seen.add(ex.prompt)
+            out.append(ex)
+            if len(out) == n:
+                return out
+        raise ValueError(f"n={n} is more unique {split} prompts than this configuration can produce")
+
+    def corrupt(self, clean: Example, rng: random.Random) -> Example:
+        m = clean.meta
+        chars = rng.sample(self.names, 2)
+        conts = rng.sample(self.containers, 2)
+        drinks = rng.sample([d for d in self.drinks if d not in m["drinks"]], 2)
+        sees = list(m["sees"])
+        sees[m["question_character"]] = not sees[m["question_character"]]
+        return self.render(chars, conts, drinks, sees, m["question_character"], m["question_container"])
+
+    def pairs(self, n: int, seed: int = 0, split: str = "train") -> list[Pair]:
+        clean = self.generate(n, seed, split)
+        rng = random.Random(f"{self.name}/corrupt/{seed}/{split}")
+        return [Pair(c, self.corrupt(c, rng)) for c in clean]
+
+    def spans(self, ex: Example) -> dict[str, list[int]]:
+        if "spans" not in ex.meta:
+            raise ValueError(
+                "tom examples need meta.spans (question_character, question_container); see fastcd.tasks.base"
+            )
+        return {k: v for k, v in ex.meta["spans"].items() if k in ROLES}
+
+    def check_tokenizer(self, tokenizer) -> None:
+        check_single_tokens(tokenizer, self.names, "names")
+        check_single_tokens(tokenizer, self.containers, "containers")
+        check_single_tokens(tokenizer, list(self.drinks) + [UNKNOWN], "answers")
+
+    def encode(self, examples, tokenizer) -> EncodedBatch:
+        return encode(examples, tokenizer, self.spans)

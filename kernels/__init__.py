@@ -1,0 +1,1 @@
+"""Triton kernels, installed as ``fastcd.kernels``. Nothing is imported eagerly: Triton stays optional."""

@@ -1,0 +1,75 @@
+import random
+
+import pytest
+import torch
+
+# Guarded: nothing touches CUDA at import beyond this availability query.
+HAS_CUDA = torch.cuda.is_available()
+gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+
+VOCAB = 211
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    random.seed(0)
+    torch.manual_seed(0)
+
+
+def make_tiny(arch: str, *, n_layers: int = 2, seed: int = 0, vocab_size: int = VOCAB):
+    """A tiny random causal LM of one architecture (real sizes in comments: Llama-3.2-1B)."""
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
+
+    torch.manual_seed(seed)
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,  # 2048
+        intermediate_size=64,  # 8192
+        num_hidden_layers=n_layers,  # 16
+        num_attention_heads=4,  # 32
+        num_key_value_heads=2,  # 8 (GQA)
+        max_position_embeddings=128,
+        attn_implementation="eager",
+    )
+    if arch == "llama":
+        m = LlamaForCausalLM(LlamaConfig(**common))
+    elif arch == "mistral":
+        m = MistralForCausalLM(MistralConfig(**common, sliding_window=None))
+    elif arch == "qwen2":
+        m = Qwen2ForCausalLM(Qwen2Config(**common))
+    elif arch == "qwen3":
+        m = Qwen3ForCausalLM(Qwen3Config(**common, head_dim=8))
+    elif arch == "gpt2":
+        m = GPT2LMHeadModel(
+            GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=n_layers, n_head=4, n_positions=128,
+                       attn_implementation="eager", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        )
+    else:
+        raise ValueError(arch)
+    return m.eval()
+
+
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gpt2"]
+
+
+@pytest.fixture(params=ARCHS)
+def tiny_model(request):
+    return make_tiny(request.param)
+
+
+@pytest.fixture(scope="session")
+def word_tokenizer():
+    from fastcd.tokenizer import build_word_tokenizer
+
+    return build_word_tokenizer()

@@ -1,0 +1,86 @@
+import json
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fastcd import pretrain as pt
+from fastcd.pretrain import PretrainConfig, SequenceMaker, pretrain
+from fastcd.tokenizer import build_word_tokenizer
+
+
+def _cfg(out, task="entity-tracking"):
+    return PretrainConfig(task=task, role="teacher", out=str(out), n_layers=1, d_model=16, n_heads=2, d_ff=32,
+                          steps=6, batch_size=4, warmup=2, eval_every=3, eval_n=8, save_every=3, max_boxes=3,
+                          start_boxes=2)
+
+
+def test_sequences_supervise_every_answer():
+    tok = build_word_tokenizer()
+    for task in ("entity-tracking", "tom"):
+        cfg = _cfg("x", task)
+        ids, attn, labels, sizes = SequenceMaker(cfg, tok).batch(random.Random(0), 3)
+        for i in range(ids.shape[0]):
+            toks = tok.convert_ids_to_tokens(ids[i].tolist())
+            sup = (labels[i] != -100).nonzero().flatten().tolist()
+            assert len(sup) >= 2
+            for p in sup:
+                if task == "entity-tracking":
+                    assert toks[p - 1 : p + 1] == ["contains", "the"]
+                else:
+                    assert toks[p - 1 : p + 1] == ["Answer", ":"]
+                assert labels[i, p] == ids[i, p + 1]
+        if task == "entity-tracking":
+            assert set(sizes.tolist()) <= {2, 3}
+
+
+def test_resume_reaches_the_same_weights(tmp_path, monkeypatch):
+    straight = pretrain(_cfg(tmp_path / "a"), progress=False)
+    real_save = pt._save_atomic
+    calls = {"n": 0}
+
+    def crash_after_first_checkpoint(model, tok, state, path):
+        real_save(model, tok, state, path)
+        if path.endswith("ckpt"):
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(pt, "_save_atomic", crash_after_first_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(_cfg(tmp_path / "b"), progress=False)
+    monkeypatch.setattr(pt, "_save_atomic", real_save)
+    assert torch.load(tmp_path / "b" / "ckpt" / "state.pt", weights_only=False)["step"] == 3
+    resumed = pretrain(_cfg(tmp_path / "b"), progress=False)
+    wa = load_file(tmp_path / "a" / "final" / "model.safetensors")
+    wb = load_file(tmp_path / "b" / "final" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    assert straight == resumed
+    log = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [3, 6]
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    pretrain(_cfg(tmp_path), progress=False)
+    cfg = _cfg(tmp_path)
+    cfg.lr = 5e-3
+    with pytest.raises(ValueError, match="different configuration.*lr"):
+        pretrain(cfg, progress=False)
+
+
+def test_tom_eval_reports_question_types(tmp_path):
+    res = pretrain(_cfg(tmp_path, "tom"), progress=False)
+    for k in ("accuracy", "accuracy_own", "accuracy_observed", "accuracy_unobserved", "heuristic_accuracy"):
+        assert 0.0 <= res[k] <= 1.0
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="task must be"):
+        PretrainConfig(task="x").validate()
+    with pytest.raises(ValueError, match="boxes must satisfy"):
+        PretrainConfig(start_boxes=9).validate()
+    with pytest.raises(ValueError, match="lr must be > 0"):
+        PretrainConfig(lr=0).validate()
