@@ -43,6 +43,26 @@ def check_split(split: str) -> str:
     return split
 
 
+def generate_unique(sample, n: int, seed_key: str, split: str, what: str) -> list:
+    """``n`` examples of ``split`` with distinct prompts, drawn with ``sample(rng)`` from a seeded RNG."""
+    import random
+
+    check_split(split)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"n must be a positive integer, got {n!r}")
+    rng = random.Random(f"{seed_key}/{split}")
+    seen, out = set(), []
+    for _ in range(200 * n + 10_000):
+        ex = sample(rng)
+        if ex.prompt in seen or split_of(ex.prompt) != split:
+            continue
+        seen.add(ex.prompt)
+        out.append(ex)
+        if len(out) == n:
+            return out
+    raise ValueError(f"n={n} is more unique {split} prompts than this configuration ({what}) can produce")
+
+
 @dataclass
 class Example:
     task: str

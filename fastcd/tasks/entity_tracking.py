@@ -15,7 +15,7 @@ import random
 import re
 import string
 
-from fastcd.tasks.base import EncodedBatch, Example, Pair, check_single_tokens, check_split, encode, split_of
+from fastcd.tasks.base import EncodedBatch, Example, Pair, check_single_tokens, encode, generate_unique
 
 # Single-token (for Llama-3 and GPT-2 BPE, with a leading space) everyday objects.
 OBJECTS = (
@@ -97,20 +97,7 @@ class EntityTracking:
 
     def generate(self, n: int, seed: int = 0, split: str = "train") -> list[Example]:
         """``n`` unique examples of ``split``, deterministic in ``seed``."""
-        check_split(split)
-        if not isinstance(n, int) or n < 1:
-            raise ValueError(f"n must be a positive integer, got {n!r}")
-        rng = random.Random(f"{self.name}/{self.n_boxes}/{seed}/{split}")
-        seen, out = set(), []
-        for _ in range(200 * n + 10_000):
-            ex = self._sample(rng)
-            if ex.prompt in seen or split_of(ex.prompt) != split:
-                continue
-            seen.add(ex.prompt)
-            out.append(ex)
-            if len(out) == n:
-                return out
-        raise ValueError(f"n={n} is more unique {split} prompts than this configuration ({self!r}) can produce")
+        return generate_unique(self._sample, n, f"{self.name}/{self.n_boxes}/{seed}", split, repr(self))
 
     def corrupt(self, clean: Example, rng: random.Random) -> Example:
         """Another example whose queried box sits elsewhere, queried with a letter absent from its context."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import random
 
-from fastcd.tasks.base import EncodedBatch, Example, Pair, check_single_tokens, check_split, encode, split_of
+from fastcd.tasks.base import EncodedBatch, Example, Pair, check_single_tokens, encode, generate_unique
 
 NAMES = (
     "Anne", "Bob", "Carla", "Dan", "Emma", "Frank", "Grace", "Henry", "Ivy", "Jack", "Kate", "Leo", "Mary",
@@ -119,20 +119,7 @@ class TheoryOfMind:
 
     def generate(self, n: int, seed: int = 0, split: str = "train") -> list[Example]:
         """``n`` unique examples of ``split``, deterministic in ``seed``."""
-        check_split(split)
-        if not isinstance(n, int) or n < 1:
-            raise ValueError(f"n must be a positive integer, got {n!r}")
-        rng = random.Random(f"{self.name}/{seed}/{split}")
-        seen, out = set(), []
-        for _ in range(200 * n + 10_000):
-            ex = self._sample(rng)
-            if ex.prompt in seen or split_of(ex.prompt) != split:
-                continue
-            seen.add(ex.prompt)
-            out.append(ex)
-            if len(out) == n:
-                return out
-        raise ValueError(f"n={n} is more unique {split} prompts than this configuration can produce")
+        return generate_unique(self._sample, n, f"{self.name}/{seed}", split, repr(self))
 
     def corrupt(self, clean: Example, rng: random.Random) -> Example:
         m = clean.meta
