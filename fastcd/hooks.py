@@ -103,6 +103,7 @@ def capture_z(model: nn.Module, heads: Iterable[Head] | None = None, positions=N
 
     def make_hook(layer: int, head_idx: list[int]):
         idx = torch.tensor(head_idx, dtype=torch.long)
+        full_layer = head_idx == list(range(spec.n_heads))
 
         def hook(module, args):
             z = args[0]
@@ -115,6 +116,11 @@ def capture_z(model: nn.Module, heads: Iterable[Head] | None = None, positions=N
                     z4 = z4[:, p]  # [batch, k, n_heads, d_head]
                 else:
                     z4 = z4[torch.arange(b, device=z.device)[:, None], p]  # [batch, k, n_heads, d_head]
+            if p is None and full_layer:
+                # Every head at every position: feed the stored view forward, so the stored tensor lies on
+                # the forward path and torch.autograd.grad(loss, cache.layer(l)) works (attribution patching).
+                cache._store(layer, z4.detach() if detach else z4)
+                return (z4.reshape(b, t, -1),) + tuple(args[1:])
             z4 = z4[:, :, idx.to(z.device)]  # [batch, k, heads_of_layer, d_head]
             cache._store(layer, z4.detach() if detach else z4)
             return None

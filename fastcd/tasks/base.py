@@ -189,6 +189,7 @@ class EncodedBatch:
     answer_ids: torch.Tensor
     positions: dict[str, torch.Tensor]
     examples: list[Example]
+    distractor_ids: torch.Tensor | None = None  # [n] an alternative answer per example (for logit_diff)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -198,6 +199,7 @@ class EncodedBatch:
         return EncodedBatch(
             self.input_ids[idx], self.attention_mask[idx], self.answer_ids[idx],
             {k: v[idx] for k, v in self.positions.items()}, [self.examples[i] for i in idx.tolist()],
+            None if self.distractor_ids is None else self.distractor_ids[idx],
         )
 
     @property
@@ -206,7 +208,8 @@ class EncodedBatch:
 
     def to(self, device) -> EncodedBatch:
         return EncodedBatch(self.input_ids.to(device), self.attention_mask.to(device), self.answer_ids.to(device),
-                            {k: v.to(device) for k, v in self.positions.items()}, self.examples)
+                            {k: v.to(device) for k, v in self.positions.items()}, self.examples,
+                            None if self.distractor_ids is None else self.distractor_ids.to(device))
 
 
 def _token_at(offsets, char_pos: int, prompt: str, role: str) -> int:
@@ -249,5 +252,9 @@ def encode(examples, tokenizer, spans_fn) -> EncodedBatch:
     for i, r in enumerate(rows):
         input_ids[i, : len(r)] = torch.tensor(r)
         attn[i, : len(r)] = 1
+    distractors = None
+    if all(ex.meta.get("distractor") for ex in examples):
+        distractors = torch.tensor([word_token_id(tokenizer, ex.meta["distractor"], "distractor") for ex in examples])
     return EncodedBatch(input_ids, attn, torch.tensor(answers, dtype=torch.long),
-                        {k: torch.tensor(v, dtype=torch.long) for k, v in positions.items()}, list(examples))
+                        {k: torch.tensor(v, dtype=torch.long) for k, v in positions.items()}, list(examples),
+                        distractors)

@@ -82,6 +82,7 @@ class EntityTracking:
             qi = labels.index(query_label)
             spans["box_label"] = [label_spans[qi], label_spans[qi] + 1]
             meta["query_index"] = qi
+            meta["distractor"] = objects[(qi + 1) % len(objects)]  # another in-context object (logit_diff)
             answer = objects[qi]
         else:  # corrupt: the queried letter is not in the context
             meta["query_index"] = None

@@ -98,6 +98,8 @@ class TheoryOfMind:
             "characters": list(chars), "containers": list(conts), "drinks": list(drinks), "sees": list(sees),
             "question_character": q_char, "question_container": q_cont, "question_type": qtype,
             "true_content": drinks[q_cont],
+            # the alternative belief (logit_diff): "unknown" for a drink answer, the true content otherwise
+            "distractor": UNKNOWN if answer != UNKNOWN else drinks[q_cont],
             "spans": {"question_character": [qc, qc + len(chars[q_char])],
                       "question_container": [qk, qk + len(conts[q_cont])]},
         }

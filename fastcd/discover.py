@@ -1,0 +1,496 @@
+"""Circuit discovery in the teacher: per-head patching scores, batched exact patching, attribution
+patching, circuits and their evaluation (PAPER.md §2).
+
+Scores follow Prakash et al. (2024): the mean over examples of the relative change of the metric,
+``(m_patch - m_clean) / m_clean``; the most negative heads matter most. Circuit evaluation follows
+their ``circuit_eval.ipynb`` (github.com/Nix07/finetuning): per-position means, circuit heads live only
+at their group's position, every other (head, position) mean-ablated, a random circuit of the same size
+averaged over draws, faithfulness = circuit / full.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from fastcd.hooks import capture_z, intervene, mean_z, run_with_z
+from fastcd.models import Head, ModelSpec, get_adapter
+from fastcd.tasks.base import EncodedBatch
+
+METRICS = ("prob", "logprob", "logit_diff", "accuracy")
+MODES = ("mean", "corrupt", "zero")
+ALL = "all"  # position role: every position
+
+
+# ------------------------------------------------------------------------------------------------
+# Metrics
+# ------------------------------------------------------------------------------------------------
+def metric_values(logits: torch.Tensor, batch: EncodedBatch, metric: str,
+                  distractor_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-example metric at each example's last position.
+
+    Args:
+        logits: ``[n, T, vocab]``.
+        metric: ``prob`` (probability of the answer), ``logprob``, ``logit_diff`` (answer minus
+            distractor logit; needs ``distractor_ids``), or ``accuracy`` (argmax is the answer).
+
+    Returns:
+        ``[n]`` float tensor.
+    """
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    if bool((batch.answer_ids < 0).any()):
+        raise ValueError("batch has examples without an answer (corrupt prompts?); metrics need clean examples")
+    n = logits.shape[0]
+    last = logits[torch.arange(n), batch.positions["last"].to(logits.device)].float()  # [n, vocab]
+    ans = batch.answer_ids.to(logits.device)
+    if metric == "prob":
+        return last.softmax(-1)[torch.arange(n), ans]
+    if metric == "logprob":
+        return last.log_softmax(-1)[torch.arange(n), ans]
+    if metric == "accuracy":
+        return (last.argmax(-1) == ans).float()
+    if distractor_ids is None:
+        distractor_ids = batch.distractor_ids
+    if distractor_ids is None:
+        raise ValueError("metric='logit_diff' needs distractor_ids (one alternative answer token per example)")
+    d = distractor_ids.to(logits.device)
+    return last[torch.arange(n), ans] - last[torch.arange(n), d]
+
+
+def relative_change(patched: torch.Tensor, clean: torch.Tensor, metric: str, relative: bool) -> torch.Tensor:
+    """Score of a patch: per-example ``(p - c) / c`` for ``prob`` (Prakash), else on the means."""
+    if not relative:
+        return (patched - clean).mean(-1)
+    if metric == "prob":
+        zero = (clean == 0).nonzero()
+        if zero.numel():
+            raise ValueError(
+                f"relative metric 'prob': the clean probability is 0 for example {int(zero[0, 0])}; "
+                "use relative=False or metric='logprob'"
+            )
+        return ((patched - clean) / clean).mean(-1)
+    base = clean.mean()
+    if float(base) == 0.0:
+        raise ValueError(f"relative metric {metric!r}: the clean mean is 0; use relative=False")
+    return (patched.mean(-1) - base) / base.abs()
+
+
+# ------------------------------------------------------------------------------------------------
+# Sources of patched values
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class PatchSource:
+    """Where patched z comes from: per-position ``means`` [L, T, H, D] (mean ablation), the ``corrupt`` run's
+    z [L, n, T, H, D] (clean -> corrupt patching), or zeros."""
+
+    mode: str
+    z: torch.Tensor | None  # means [L, T, H, D] or corrupt z [L, n, T, H, D]
+
+    def rows(self, layer: int, example_idx: torch.Tensor, t: int, spec: ModelSpec) -> torch.Tensor:
+        """Values for the given examples at ``layer``: ``[rows, T, H, D]``."""
+        if self.mode == "zero":
+            return torch.zeros(1, t, spec.n_heads, spec.d_head)
+        if self.mode == "mean":
+            return self.z[layer][None]
+        return self.z[layer][example_idx]
+
+
+def make_source(model: nn.Module, clean: EncodedBatch, mode: str, *, corrupt: EncodedBatch | None = None,
+                reference: EncodedBatch | None = None, batch_size: int = 64) -> PatchSource:
+    """Build the patch source. ``mean``: means over ``reference`` (default: ``corrupt``, else ``clean``)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    device = next(model.parameters()).device
+    if mode == "zero":
+        return PatchSource("zero", None)
+    if mode == "mean":
+        ref = reference or corrupt or clean
+        _check_aligned(clean, ref, "reference")
+        return PatchSource("mean", mean_z(model, ref.input_ids.to(device), batch_size=batch_size))
+    if corrupt is None:
+        raise ValueError("mode='corrupt' needs corrupt prompts (corrupt=...)")
+    _check_aligned(clean, corrupt, "corrupt")
+    if corrupt.input_ids.shape[0] != clean.input_ids.shape[0]:
+        raise ValueError(f"corrupt has {len(corrupt)} examples, clean has {len(clean)}; they must pair up")
+    zs = []
+    for i in range(0, len(corrupt), batch_size):
+        zs.append(run_with_z(model, corrupt.input_ids[i : i + batch_size].to(device))[1])
+    return PatchSource("corrupt", torch.cat(zs, dim=1))
+
+
+def _check_aligned(a: EncodedBatch, b: EncodedBatch, name: str) -> None:
+    if not a.equal_length or not b.equal_length or a.input_ids.shape[1] != b.input_ids.shape[1]:
+        raise ValueError(
+            f"clean and {name} prompts must all have one token length where positions align "
+            f"(got lengths {a.attention_mask.sum(1).unique().tolist()} and {b.attention_mask.sum(1).unique().tolist()})"
+        )
+
+
+def _positions(batch: EncodedBatch, role: str | None) -> torch.Tensor | None:
+    """``[n, 1]`` per-example positions of ``role``, or None for every position."""
+    if role is None or role == ALL:
+        return None
+    if role not in batch.positions:
+        raise ValueError(f"position role {role!r} is not in this task's roles {sorted(batch.positions)} or 'all'")
+    return batch.positions[role][:, None]
+
+
+def _pos_mask(pos: torch.Tensor | None, rows: int, t: int) -> torch.Tensor:
+    """bool ``[rows, T]``: where to patch."""
+    if pos is None:
+        return torch.ones(rows, t, dtype=torch.bool)
+    m = torch.zeros(rows, t, dtype=torch.bool)
+    m[torch.arange(rows)[:, None], pos] = True
+    return m
+
+
+# ------------------------------------------------------------------------------------------------
+# Exact per-head patching
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class PatchingResult:
+    scores: torch.Tensor  # [n_layers, n_heads]
+    baseline: float  # mean clean metric
+    forwards: int  # model forward launches used
+    metric: str
+    mode: str
+    position: str | None
+
+    def top(self, k: int, most_negative: bool = True) -> list[tuple[Head, float]]:
+        flat = self.scores.flatten()
+        if not 1 <= k <= flat.numel():
+            raise ValueError(f"k must be in 1..{flat.numel()} (the number of heads), got {k}")
+        order = torch.argsort(flat, descending=not most_negative, stable=True)[:k]
+        h = self.scores.shape[1]
+        return [(Head(int(i) // h, int(i) % h), float(flat[i])) for i in order]
+
+
+@torch.no_grad()
+def _clean_metric(model, clean, metric, distractor_ids, batch_size) -> tuple[torch.Tensor, int]:
+    device = next(model.parameters()).device
+    vals, fw = [], 0
+    for i in range(0, len(clean), batch_size):
+        logits = model(input_ids=clean.input_ids[i : i + batch_size].to(device)).logits
+        fw += 1
+        sub = clean.index(range(i, min(i + batch_size, len(clean))))
+        d = None if distractor_ids is None else distractor_ids[i : i + batch_size]
+        vals.append(metric_values(logits, sub, metric, d).cpu())
+    return torch.cat(vals), fw
+
+
+def _check_common(clean: EncodedBatch, metric: str, batch_size: int) -> None:
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not clean.equal_length:
+        raise ValueError("clean prompts must all have one token length where positions align")
+
+
+@torch.no_grad()
+def patch_heads_loop(model: nn.Module, clean: EncodedBatch, source: PatchSource, *, metric: str = "prob",
+                     relative: bool = True, position: str | None = None, distractor_ids=None,
+                     batch_size: int = 64, heads: list[Head] | None = None, progress: bool = False
+                     ) -> PatchingResult:
+    """Reference: one forward per head (and per chunk of examples). The specification of the batched path."""
+    from tqdm import tqdm
+
+    _check_common(clean, metric, batch_size)
+    spec = get_adapter(model).spec
+    device = next(model.parameters()).device
+    base, fw = _clean_metric(model, clean, metric, distractor_ids, batch_size)
+    heads = heads or spec.all_heads()
+    scores = torch.full((spec.n_layers, spec.n_heads), float("nan"))
+    n, t = clean.input_ids.shape
+    pos = _positions(clean, position)
+    for head in tqdm(heads, disable=not progress, desc="patching (loop)"):
+        vals = []
+        for i in range(0, n, batch_size):
+            idx = torch.arange(i, min(i + batch_size, n))
+            mask = torch.zeros(len(idx), t, spec.n_heads, dtype=torch.bool)
+            mask[:, :, head.head] = _pos_mask(None if pos is None else pos[idx], len(idx), t)
+            value = source.rows(head.layer, idx, t, spec)
+            with intervene(model, {head.layer: (mask, value)}):
+                logits = model(input_ids=clean.input_ids[idx].to(device)).logits
+            fw += 1
+            d = None if distractor_ids is None else distractor_ids[idx]
+            vals.append(metric_values(logits, clean.index(idx), metric, d).cpu())
+        scores[head.layer, head.head] = relative_change(torch.cat(vals), base, metric, relative)
+    return PatchingResult(scores, float(base.mean()), fw, metric, source.mode, position)
+
+
+@torch.no_grad()
+def patch_heads_batched(model: nn.Module, clean: EncodedBatch, source: PatchSource, *, metric: str = "prob",
+                        relative: bool = True, position: str | None = None, distractor_ids=None,
+                        max_batch: int = 512, batch_size: int = 64, heads: list[Head] | None = None,
+                        progress: bool = False) -> PatchingResult:
+    """Exact per-head patching with many head interventions per forward.
+
+    Rows ``(head k, example i)`` are stacked along the batch, each row patching only its own head, in
+    forwards of at most ``max_batch`` rows (the memory bound). Same scores as :func:`patch_heads_loop`.
+    """
+    from tqdm import tqdm
+
+    _check_common(clean, metric, batch_size)
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    spec = get_adapter(model).spec
+    device = next(model.parameters()).device
+    base, fw = _clean_metric(model, clean, metric, distractor_ids, batch_size)
+    heads = heads or spec.all_heads()
+    n, t = clean.input_ids.shape
+    pos = _positions(clean, position)
+    total = len(heads) * n
+    out = torch.empty(total)
+    bar = tqdm(total=total, disable=not progress, desc="patching (batched)")
+    for start in range(0, total, max_batch):
+        rows = torch.arange(start, min(start + max_batch, total))
+        k_idx, ex_idx = rows // n, rows % n  # which head, which example
+        r = len(rows)
+        pm = _pos_mask(None if pos is None else pos[ex_idx], r, t)  # [rows, T]
+        plan = {}
+        for layer in sorted({heads[k].layer for k in k_idx.unique().tolist()}):
+            mask = torch.zeros(r, t, spec.n_heads, dtype=torch.bool)
+            for k in k_idx.unique().tolist():
+                if heads[k].layer != layer:
+                    continue
+                sel = k_idx == k
+                mask[sel, :, heads[k].head] = pm[sel]
+            plan[layer] = (mask, source.rows(layer, ex_idx, t, spec))
+        with intervene(model, plan):
+            logits = model(input_ids=clean.input_ids[ex_idx].to(device)).logits
+        fw += 1
+        d = None if distractor_ids is None else distractor_ids[ex_idx]
+        out[start : start + r] = metric_values(logits, clean.index(ex_idx), metric, d).cpu()
+        bar.update(r)
+    bar.close()
+    scores = torch.full((spec.n_layers, spec.n_heads), float("nan"))
+    per_head = out.view(len(heads), n)
+    for k, head in enumerate(heads):
+        scores[head.layer, head.head] = relative_change(per_head[k], base, metric, relative)
+    return PatchingResult(scores, float(base.mean()), fw, metric, source.mode, position)
+
+
+# ------------------------------------------------------------------------------------------------
+# Attribution patching
+# ------------------------------------------------------------------------------------------------
+def attribution_patching(model: nn.Module, clean: EncodedBatch, source: PatchSource, *, metric: str = "prob",
+                         relative: bool = True, position: str | None = None, distractor_ids=None,
+                         batch_size: int = 64, recheck_top_k: int = 0, progress: bool = False
+                         ) -> PatchingResult:
+    """Linearised patching for every head at once: ``score ≈ grad_z(metric) · (z_source - z_clean)``.
+
+    One clean forward with the graph, the source (corrupt forward or precomputed means) and one backward
+    per chunk. For the relative ``prob`` score, ``(p' - p) / p ≈ grad(log p) · Δz``, so the log-probability
+    gradient is used. ``recheck_top_k`` re-scores the k most negative heads exactly.
+    """
+    _check_common(clean, metric, batch_size)
+    if metric == "accuracy":
+        raise ValueError("metric='accuracy' has no gradient; use prob, logprob or logit_diff for attribution")
+    spec = get_adapter(model).spec
+    device = next(model.parameters()).device
+    n, t = clean.input_ids.shape
+    pos = _positions(clean, position)
+    base, fw = _clean_metric(model, clean, metric, distractor_ids, batch_size)
+    grad_metric = "logprob" if (metric == "prob" and relative) else metric
+    total = torch.zeros(spec.n_layers, spec.n_heads)
+    was_training = model.training
+    model.eval()
+    for i in range(0, n, batch_size):
+        idx = torch.arange(i, min(i + batch_size, n))
+        with capture_z(model, None) as cache:
+            logits = model(input_ids=clean.input_ids[idx].to(device)).logits
+        fw += 1
+        d = None if distractor_ids is None else distractor_ids[idx]
+        m = metric_values(logits, clean.index(idx), grad_metric, d).sum()
+        zs = [cache.layer(l) for l in range(spec.n_layers)]  # each [rows, T, H, D]
+        grads = torch.autograd.grad(m, zs)
+        pm = _pos_mask(None if pos is None else pos[idx], len(idx), t).to(device)  # [rows, T]
+        for l in range(spec.n_layers):
+            src = source.rows(l, idx, t, spec).to(device=device, dtype=zs[l].dtype)
+            delta = (src - zs[l].detach())  # [rows, T, H, D]
+            contrib = (delta * grads[l]).sum(-1)  # [rows, T, H]
+            total[l] += (contrib * pm[..., None]).sum(dim=(0, 1)).float().cpu()
+    model.train(was_training)
+    scores = total / n
+    if relative and grad_metric == metric:
+        denom = abs(float(base.mean()))
+        if denom == 0.0:
+            raise ValueError(f"relative metric {metric!r}: the clean mean is 0; use relative=False")
+        scores = scores / denom
+    result = PatchingResult(scores, float(base.mean()), fw, metric, source.mode, position)
+    if recheck_top_k:
+        top = [h for h, _ in result.top(recheck_top_k)]
+        exact = patch_heads_batched(model, clean, source, metric=metric, relative=relative, position=position,
+                                    distractor_ids=distractor_ids, heads=top, batch_size=batch_size)
+        for h in top:
+            result.scores[h.layer, h.head] = exact.scores[h.layer, h.head]
+        result.forwards += exact.forwards
+    return result
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman rank correlation of two score matrices (scipy)."""
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a.flatten().numpy(), b.flatten().numpy()).statistic)
+
+
+# ------------------------------------------------------------------------------------------------
+# Circuits
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class CircuitHead:
+    head: Head
+    group: str
+    position: str  # a position role of the task, or "all"
+    score: float
+
+    def to_json(self) -> dict:
+        return {"head": str(self.head), "group": self.group, "position": self.position, "score": self.score}
+
+
+@dataclass
+class Circuit:
+    """Heads with their group, position role and score; JSON with heads named ``L{l}H{h}``."""
+
+    heads: list[CircuitHead]
+    task: str
+    n_layers: int
+    n_heads: int
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.heads:
+            raise ValueError("circuit must hold at least one head")
+        for ch in self.heads:
+            if not (0 <= ch.head.layer < self.n_layers and 0 <= ch.head.head < self.n_heads):
+                raise ValueError(f"circuit head {ch.head} is out of range for {self.n_layers} x {self.n_heads}")
+
+    def unique_heads(self) -> list[Head]:
+        seen, out = set(), []
+        for ch in self.heads:
+            if ch.head not in seen:
+                seen.add(ch.head)
+                out.append(ch.head)
+        return out
+
+    def groups(self) -> dict[str, list[CircuitHead]]:
+        out: dict[str, list[CircuitHead]] = {}
+        for ch in self.heads:
+            out.setdefault(ch.group, []).append(ch)
+        return out
+
+    def __len__(self) -> int:
+        return len(self.heads)
+
+    def __str__(self) -> str:
+        lines = [f"Circuit({self.task}, {len(self.unique_heads())} unique heads of {self.n_layers * self.n_heads})"]
+        for g, chs in self.groups().items():
+            lines.append(f"  {g} @ {chs[0].position}: " + ", ".join(f"{c.head}({c.score:+.3f})" for c in chs))
+        return "\n".join(lines)
+
+    def to_json(self) -> dict:
+        return {"task": self.task, "n_layers": self.n_layers, "n_heads": self.n_heads,
+                "heads": [c.to_json() for c in self.heads], "meta": self.meta}
+
+    @classmethod
+    def from_json(cls, d: dict) -> Circuit:
+        try:
+            heads = [CircuitHead(Head.parse(h["head"]), h["group"], h["position"], float(h["score"]))
+                     for h in d["heads"]]
+            return cls(heads, d["task"], int(d["n_layers"]), int(d["n_heads"]), d.get("meta", {}))
+        except KeyError as e:
+            raise ValueError(f"circuit JSON is missing key {e}") from None
+
+    def save(self, path: str | os.PathLike) -> None:
+        tmp = os.fspath(path) + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.to_json(), f, indent=2)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Circuit:
+        with open(path) as f:
+            return cls.from_json(json.load(f))
+
+
+def circuit_from_scores(result: PatchingResult, k: int, *, task: str, group: str = "heads",
+                        position: str = ALL) -> Circuit:
+    """The ``k`` most negative heads of a score matrix as a one-group circuit."""
+    n_layers, n_heads = result.scores.shape
+    heads = [CircuitHead(h, group, position, s) for h, s in result.top(k)]
+    return Circuit(heads, task, n_layers, n_heads, {"metric": result.metric, "mode": result.mode})
+
+
+# ------------------------------------------------------------------------------------------------
+# Circuit evaluation
+# ------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def circuit_accuracy(model: nn.Module, clean: EncodedBatch, means: torch.Tensor,
+                     live: list[tuple[Head, str]], *, batch_size: int = 64) -> float:
+    """Accuracy with only ``live`` (head, position role) pairs active; every other head at every position,
+    and live heads at other positions, mean-ablated with per-position ``means`` [L, T, H, D]."""
+    spec = get_adapter(model).spec
+    device = next(model.parameters()).device
+    n, t = clean.input_ids.shape
+    if means.shape[1] != t:
+        raise ValueError(f"means are for length {means.shape[1]}, prompts have length {t}")
+    correct = 0
+    for i in range(0, n, batch_size):
+        idx = torch.arange(i, min(i + batch_size, n))
+        keep = torch.zeros(spec.n_layers, len(idx), t, spec.n_heads, dtype=torch.bool)
+        for head, role in live:
+            keep[head.layer, :, :, head.head] |= _pos_mask(
+                None if role == ALL else _positions(clean, role)[idx], len(idx), t)
+        plan = {l: (~keep[l], means[l][None]) for l in range(spec.n_layers)}
+        with intervene(model, plan):
+            logits = model(input_ids=clean.input_ids[idx].to(device)).logits
+        correct += int(metric_values(logits, clean.index(idx), "accuracy").sum())
+    return correct / n
+
+
+@torch.no_grad()
+def evaluate_circuit(model: nn.Module, clean: EncodedBatch, circuit: Circuit, *, reference: EncodedBatch,
+                     n_random: int = 10, seed: int = 0, batch_size: int = 64) -> dict:
+    """Full-model, circuit-only and random-circuit accuracy and faithfulness (PAPER.md §2)."""
+    if n_random < 1:
+        raise ValueError(f"n_random must be >= 1, got {n_random}")
+    spec = get_adapter(model).spec
+    if (circuit.n_layers, circuit.n_heads) != (spec.n_layers, spec.n_heads):
+        raise ValueError(
+            f"circuit is for {circuit.n_layers} x {circuit.n_heads} heads, "
+            f"the model has {spec.n_layers} x {spec.n_heads}"
+        )
+    _check_aligned(clean, reference, "reference")
+    device = next(model.parameters()).device
+    means = mean_z(model, reference.input_ids.to(device), batch_size=batch_size)
+    full, _ = _clean_metric(model, clean, "accuracy", None, batch_size)
+    full_acc = float(full.mean())
+    live = [(c.head, c.position) for c in circuit.heads]
+    circ = circuit_accuracy(model, clean, means, live, batch_size=batch_size)
+    rng = random.Random(seed)
+    all_heads = spec.all_heads()
+    size = len(circuit.unique_heads())
+    roles = [c.position for c in circuit.heads]
+    rand = []
+    for _ in range(n_random):
+        pick = rng.sample(all_heads, size)
+        rand.append(circuit_accuracy(model, clean, means, [(h, roles[i % len(roles)]) for i, h in enumerate(pick)],
+                                     batch_size=batch_size))
+    return {
+        "full_accuracy": full_acc,
+        "circuit_accuracy": circ,
+        "random_circuit_accuracy": sum(rand) / len(rand),
+        "random_circuit_accuracies": rand,
+        "faithfulness": circ / full_acc if full_acc > 0 else math.nan,
+        "circuit_size": size,
+        "n_heads_total": spec.n_total_heads,
+    }

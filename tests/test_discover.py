@@ -1,0 +1,170 @@
+import json
+
+import pytest
+import torch
+from conftest import make_tiny
+
+from fastcd.discover import (
+    Circuit,
+    CircuitHead,
+    attribution_patching,
+    circuit_from_scores,
+    evaluate_circuit,
+    make_source,
+    metric_values,
+    patch_heads_batched,
+    patch_heads_loop,
+    relative_change,
+    spearman,
+)
+from fastcd.models import Head
+from fastcd.tasks import EntityTracking, TheoryOfMind
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from fastcd.tokenizer import build_word_tokenizer
+
+    return build_word_tokenizer()
+
+
+def _data(tok, n=24, task=None):
+    task = task or EntityTracking(n_boxes=3)
+    pairs = task.pairs(n, seed=0, split="val")
+    return task.encode([p.clean for p in pairs], tok), task.encode([p.corrupt for p in pairs], tok)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("mode, position", [("mean", None), ("corrupt", "last"), ("mean", "query_label"),
+                                            ("zero", "box_label")])
+def test_batched_patching_equals_loop(arch, mode, position, tok):
+    model = make_tiny(arch, vocab_size=len(tok))
+    clean, corrupt = _data(tok)
+    src = make_source(model, clean, mode, corrupt=corrupt)
+    loop = patch_heads_loop(model, clean, src, metric="prob", position=position, batch_size=8)
+    fast = patch_heads_batched(model, clean, src, metric="prob", position=position, max_batch=8 * 24,
+                               batch_size=8)
+    torch.testing.assert_close(fast.scores, loop.scores, atol=2e-5, rtol=1e-4)
+    assert not torch.isnan(loop.scores).any() and loop.scores.abs().sum() > 0
+    assert loop.forwards >= 4 * fast.forwards, (loop.forwards, fast.forwards)
+
+
+@pytest.mark.parametrize("metric", ["logprob", "logit_diff", "accuracy"])
+def test_batched_equals_loop_other_metrics(metric, tok):
+    model = make_tiny("llama", vocab_size=len(tok))
+    clean, corrupt = _data(tok, task=TheoryOfMind())
+    src = make_source(model, clean, "corrupt", corrupt=corrupt)
+    kw = dict(metric=metric, relative=False, position="question_character", batch_size=6)
+    loop = patch_heads_loop(model, clean, src, **kw)
+    fast = patch_heads_batched(model, clean, src, max_batch=50, **kw)
+    torch.testing.assert_close(fast.scores, loop.scores, atol=2e-5, rtol=1e-4)
+
+
+def test_patching_a_head_that_does_nothing_scores_zero(tok):
+    model = make_tiny("llama", vocab_size=len(tok))
+    clean, corrupt = _data(tok, n=8)
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.weight[:, 8:16] = 0  # head L1H1 writes nothing
+    src = make_source(model, clean, "corrupt", corrupt=corrupt)
+    res = patch_heads_batched(model, clean, src)
+    assert res.scores[1, 1] == 0
+    assert (res.scores.flatten().abs() > 0).sum() >= 6
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_attribution_tracks_exact_patching(arch, tok):
+    model = make_tiny(arch, vocab_size=len(tok), n_layers=3)
+    clean, corrupt = _data(tok, n=32)
+    src = make_source(model, clean, "mean", corrupt=corrupt)
+    exact = patch_heads_batched(model, clean, src, position="last")
+    attr = attribution_patching(model, clean, src, position="last", batch_size=16)
+    rho = spearman(attr.scores, exact.scores)
+    print(f"{arch}: spearman(attribution, exact) = {rho:.3f}")
+    assert rho > 0.8
+    # two forwards + one backward per chunk: 2 chunks of 16 + the clean-metric pass
+    assert attr.forwards == 2 + 2
+    rechecked = attribution_patching(model, clean, src, position="last", batch_size=16, recheck_top_k=3)
+    for h, _ in rechecked.top(3):
+        torch.testing.assert_close(rechecked.scores[h.layer, h.head], exact.scores[h.layer, h.head],
+                                   atol=2e-5, rtol=1e-4)
+
+
+def test_attribution_is_exact_for_linear_direct_effect(tok):
+    """With logit_diff and patching at the last position of the last layer, the metric is linear in z."""
+    model = make_tiny("llama", vocab_size=len(tok), n_layers=1)
+    model.model.layers[0].mlp.down_proj.weight.data.zero_()  # no MLP after the heads' write
+    clean, corrupt = _data(tok, n=8)
+    src = make_source(model, clean, "corrupt", corrupt=corrupt)
+    kw = dict(metric="logit_diff", relative=False, position="last")
+    exact = patch_heads_batched(model, clean, src, **kw)
+    attr = attribution_patching(model, clean, src, **kw)
+    # the final RMSNorm keeps it from being exactly linear, but it is close
+    assert spearman(attr.scores, exact.scores) > 0.9
+
+
+def test_metric_and_input_errors(tok):
+    model = make_tiny("llama", vocab_size=len(tok))
+    clean, corrupt = _data(tok, n=4)
+    with pytest.raises(ValueError, match="clean probability is 0 for example 1"):
+        relative_change(torch.tensor([0.1, 0.2]), torch.tensor([0.5, 0.0]), "prob", True)
+    with pytest.raises(ValueError, match="clean mean is 0"):
+        relative_change(torch.tensor([1.0]), torch.tensor([0.0]), "accuracy", True)
+    with pytest.raises(ValueError, match="metric must be one of"):
+        metric_values(torch.zeros(4, 3, 10), clean, "kl")
+    with pytest.raises(ValueError, match="without an answer"):
+        metric_values(torch.zeros(4, clean.input_ids.shape[1], len(tok)), corrupt, "prob")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        make_source(model, clean, "resample")
+    with pytest.raises(ValueError, match="needs corrupt prompts"):
+        make_source(model, clean, "corrupt")
+    with pytest.raises(ValueError, match="position role 'subject'"):
+        patch_heads_batched(model, clean, make_source(model, clean, "zero"), position="subject")
+    with pytest.raises(ValueError, match="has no gradient"):
+        attribution_patching(model, clean, make_source(model, clean, "zero"), metric="accuracy")
+    res = patch_heads_batched(model, clean, make_source(model, clean, "zero"))
+    with pytest.raises(ValueError, match=r"k must be in 1\.\.8"):
+        res.top(9)
+    # prompts of unequal length where positions must align
+    mixed = EntityTracking(n_boxes=3).generate(2) + EntityTracking(n_boxes=4).generate(2)
+    ragged = EntityTracking().encode(mixed, tok)
+    with pytest.raises(ValueError, match="one token length"):
+        patch_heads_batched(model, ragged, make_source(model, clean, "zero"))
+    with pytest.raises(ValueError, match="one token length"):
+        make_source(model, clean, "corrupt", corrupt=ragged)
+
+
+def test_circuit_json_roundtrip_and_errors(tmp_path):
+    c = Circuit([CircuitHead(Head(1, 2), "value_fetcher", "last", -0.5),
+                 CircuitHead(Head(0, 3), "position_detector", "query_label", -0.1)], "entity-tracking", 2, 4)
+    c.save(tmp_path / "c.json")
+    d = json.loads((tmp_path / "c.json").read_text())
+    assert d["heads"][0]["head"] == "L1H2"
+    back = Circuit.load(tmp_path / "c.json")
+    assert back.to_json() == c.to_json()
+    assert "value_fetcher @ last: L1H2(-0.500)" in str(back)
+    with pytest.raises(ValueError, match="at least one head"):
+        Circuit([], "entity-tracking", 2, 4)
+    with pytest.raises(ValueError, match="out of range"):
+        Circuit([CircuitHead(Head(5, 0), "g", "all", 0.0)], "entity-tracking", 2, 4)
+    with pytest.raises(ValueError, match="missing key"):
+        Circuit.from_json({"task": "x"})
+
+
+def test_evaluate_circuit(tok):
+    model = make_tiny("llama", vocab_size=len(tok))
+    clean, corrupt = _data(tok, n=32)
+    everything = Circuit([CircuitHead(h, "all", "all", 0.0) for h in [Head(l, k) for l in range(2) for k in range(4)]],
+                         "entity-tracking", 2, 4)
+    r = evaluate_circuit(model, clean, everything, reference=corrupt, n_random=10)
+    assert r["circuit_accuracy"] == r["full_accuracy"]  # nothing ablated
+    assert len(r["random_circuit_accuracies"]) == 10
+    src = make_source(model, clean, "mean", corrupt=corrupt)
+    res = patch_heads_batched(model, clean, src, metric="prob")
+    small = circuit_from_scores(res, 2, task="entity-tracking", position="last")
+    r2 = evaluate_circuit(model, clean, small, reference=corrupt, n_random=10, seed=1)
+    assert 0 <= r2["circuit_accuracy"] <= 1 and r2["circuit_size"] == 2
+    if r2["full_accuracy"] > 0:
+        assert r2["faithfulness"] == pytest.approx(r2["circuit_accuracy"] / r2["full_accuracy"])
+    bad = Circuit([CircuitHead(Head(0, 0), "g", "all", 0.0)], "entity-tracking", 3, 4)
+    with pytest.raises(ValueError, match="circuit is for 3 x 4 heads"):
+        evaluate_circuit(model, clean, bad, reference=corrupt)
