@@ -164,10 +164,13 @@ class PatchingResult:
     position: str | None
 
     def top(self, k: int, most_negative: bool = True) -> list[tuple[Head, float]]:
+        """The ``k`` best-scoring heads (most negative first by default); NaN scores (no path) never rank."""
         flat = self.scores.flatten()
-        if not 1 <= k <= flat.numel():
-            raise ValueError(f"k must be in 1..{flat.numel()} (the number of heads), got {k}")
-        order = torch.argsort(flat, descending=not most_negative, stable=True)[:k]
+        n_valid = int((~torch.isnan(flat)).sum())
+        if not isinstance(k, int) or not 1 <= k <= n_valid:
+            raise ValueError(f"k must be in 1..{n_valid} (the number of scored heads), got {k}")
+        key = flat.nan_to_num(nan=float("inf") if most_negative else float("-inf"))
+        order = torch.argsort(key, descending=not most_negative, stable=True)[:k]
         h = self.scores.shape[1]
         return [(Head(int(i) // h, int(i) % h), float(flat[i])) for i in order]
 

@@ -119,6 +119,9 @@ class ModelAdapter:
     def head_slices(self, head: Head, *, kv: bool = False) -> list[ParamSlice]:
         raise NotImplementedError
 
+    def qkv_output(self, layer: int, which: str, head: int) -> tuple[nn.Module, slice]:
+        raise NotImplementedError
+
     def head_write(self, head: Head, z: torch.Tensor) -> torch.Tensor:
         """The head's write into the residual stream, ``W_O[:, h] z_h`` (no bias).
 
@@ -138,6 +141,18 @@ class ModelAdapter:
 
 class LlamaLikeAdapter(ModelAdapter):
     """Llama, Mistral, Qwen2, Qwen3: ``model.model.layers[i].self_attn.{q,k,v,o}_proj``."""
+
+    def qkv_output(self, layer: int, which: str, head: int) -> tuple[nn.Module, slice]:
+        """The module whose output holds ``which`` (q/k/v) for query head ``head`` and the slice of its last dim.
+
+        For k/v under GQA the slice is the head's KV group, shared with the other heads of the group.
+        """
+        s = self.spec
+        attn = self.attn(layer)
+        if which == "q":
+            return attn.q_proj, slice(head * s.d_head, (head + 1) * s.d_head)
+        g = head // s.group_size
+        return getattr(attn, f"{which}_proj"), slice(g * s.d_head, (g + 1) * s.d_head)
 
     def _spec(self) -> ModelSpec:
         c = self.config
@@ -189,6 +204,11 @@ class GPT2Adapter(ModelAdapter):
 
     def o_proj(self, layer: int) -> nn.Module:
         return self.layers()[layer].attn.c_proj
+
+    def qkv_output(self, layer: int, which: str, head: int) -> tuple[nn.Module, slice]:
+        s = self.spec
+        off = {"q": 0, "k": 1, "v": 2}[which] * s.d_model
+        return self.layers()[layer].attn.c_attn, slice(off + head * s.d_head, off + (head + 1) * s.d_head)
 
     def head_slices(self, head: Head, *, kv: bool = False) -> list[ParamSlice]:
         s = self.spec

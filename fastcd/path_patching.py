@@ -1,0 +1,230 @@
+"""Path patching for entity tracking after Prakash et al. (2024), PAPER.md §2.
+
+Adapted from the logic of github.com/Nix07/finetuning (path patching for entity tracking), at the level
+of heads and their q/v inputs:
+
+1. For a sender head s: run the clean prompts with s's z at the sender position replaced by its value on
+   the corrupt prompts, and *every other head's z frozen to its clean value* at every position. Only paths
+   through the residual stream (and MLPs) carry s's change.
+2. ``receivers="logits"``: the metric of that run is s's direct effect. Otherwise record the receivers'
+   query (Q-composition, at the receivers' position) or value (V-composition, at the sender's position)
+   inputs, patch them into a fresh clean run, and read the metric there.
+3. Score = mean over examples of (p_patch - p_clean) / p_clean; the groups take the top-k most negative.
+
+Groups, in order: value fetchers (last token, direct effect), position transmitters (last token,
+Q-composition into the value fetchers), position detectors (query label, V-composition into the position
+transmitters), structure readers (queried box label in the context, V-composition into the detectors).
+Senders run batched: rows (sender, example) are stacked along the batch. With GQA, a receiver's value is
+its KV group's value, so patching it also reaches the other heads of that group.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fastcd.discover import (
+    Circuit,
+    CircuitHead,
+    PatchingResult,
+    PatchSource,
+    _check_common,
+    _clean_metric,
+    _positions,
+    metric_values,
+    relative_change,
+)
+from fastcd.hooks import intervene, run_with_z
+from fastcd.models import Head, get_adapter
+from fastcd.tasks.base import EncodedBatch
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    name: str
+    position: str  # sender position role
+    k: int
+    receiver_input: str  # "logits", "q" or "v"
+    receivers_from: str | None  # the earlier group whose heads receive
+
+
+ET_GROUPS = (
+    GroupSpec("value_fetcher", "last", 0, "logits", None),
+    GroupSpec("position_transmitter", "last", 0, "q", "value_fetcher"),
+    GroupSpec("position_detector", "query_label", 0, "v", "position_transmitter"),
+    GroupSpec("structure_reader", "box_label", 0, "v", "position_detector"),
+)
+
+
+@contextmanager
+def _record_inputs(model, receivers: list[Head], which: str, store: dict):
+    """Record the receivers' q or v (module output slices) at every position: store[head] = [rows, T, d]."""
+    a = get_adapter(model)
+    handles = []
+    by_mod: dict[nn.Module, list[tuple[Head, slice]]] = {}
+    for h in receivers:
+        mod, sl = a.qkv_output(h.layer, which, h.head)
+        by_mod.setdefault(mod, []).append((h, sl))
+    try:
+        for mod, items in by_mod.items():
+            def hook(module, args, out, items=items):
+                for h, sl in items:
+                    store[h] = out[..., sl].detach().clone()
+            handles.append(mod.register_forward_hook(hook))
+        yield
+    finally:
+        for hd in handles:
+            hd.remove()
+
+
+@contextmanager
+def _replace_inputs(model, receivers: list[Head], which: str, values: dict, pos_mask: torch.Tensor):
+    """Replace the receivers' q or v at ``pos_mask`` ([rows, T]) by ``values[head]`` ([rows, T, d])."""
+    a = get_adapter(model)
+    handles = []
+    by_mod: dict[nn.Module, list[tuple[Head, slice]]] = {}
+    for h in receivers:
+        mod, sl = a.qkv_output(h.layer, which, h.head)
+        by_mod.setdefault(mod, []).append((h, sl))
+    try:
+        for mod, items in by_mod.items():
+            def hook(module, args, out, items=items):
+                out = out.clone()
+                m = pos_mask.to(out.device)[..., None]
+                for h, sl in items:
+                    out[..., sl] = torch.where(m, values[h].to(out.dtype), out[..., sl])
+                return out
+            handles.append(mod.register_forward_hook(hook))
+        yield
+    finally:
+        for hd in handles:
+            hd.remove()
+
+
+@torch.no_grad()
+def path_patch(model: nn.Module, clean: EncodedBatch, corrupt_z: torch.Tensor, *, sender_position: str,
+               receivers: list[Head] | None, receiver_input: str = "logits", receiver_position: str = "last",
+               metric: str = "prob", relative: bool = True, max_batch: int = 256, batch_size: int = 64
+               ) -> PatchingResult:
+    """Path-patching score of every sender head into ``receivers`` (or straight into the logits).
+
+    Args:
+        corrupt_z: ``[L, n, T, H, D]`` from :func:`fastcd.hooks.run_with_z` on the paired corrupt prompts.
+        sender_position: position role where the sender is patched.
+        receivers: receiving heads (None with ``receiver_input="logits"``).
+        receiver_input: ``logits`` (direct effect), ``q`` (read at ``receiver_position``) or ``v`` (read at
+            the sender's position).
+
+    Returns:
+        A :class:`PatchingResult`; senders that cannot reach any receiver (same or later layer) are NaN.
+    """
+    _check_common(clean, metric, batch_size)
+    if receiver_input not in ("logits", "q", "v"):
+        raise ValueError(f"receiver_input must be 'logits', 'q' or 'v', got {receiver_input!r}")
+    if receiver_input != "logits" and not receivers:
+        raise ValueError("receivers must be a non-empty list of heads for q/v composition")
+    spec = get_adapter(model).spec
+    device = next(model.parameters()).device
+    n, t = clean.input_ids.shape
+    if corrupt_z.shape[:3] != (spec.n_layers, n, t):
+        raise ValueError(f"corrupt_z must be [L={spec.n_layers}, n={n}, T={t}, H, D], got {tuple(corrupt_z.shape)}")
+    receivers = [spec.check_head(h, "receivers") for h in (receivers or [])]
+    _, clean_z = run_with_z(model, clean.input_ids.to(device))  # [L, n, T, H, D]
+    base, fw = _clean_metric(model, clean, metric, None, batch_size)
+    fw += 1  # the clean run that recorded clean_z
+    s_pos = _positions(clean, sender_position)  # [n, 1]
+    r_pos = _positions(clean, receiver_position if receiver_input == "q" else sender_position)
+    max_layer = spec.n_layers if receiver_input == "logits" else max(h.layer for h in receivers)
+    senders = [h for h in spec.all_heads() if h.layer < max_layer]
+    total = len(senders) * n
+    out = torch.empty(total)
+    for start in range(0, total, max_batch):
+        rows = torch.arange(start, min(start + max_batch, total))
+        k_idx, ex_idx = rows // n, rows % n
+        r = len(rows)
+        # Step 1: freeze every head to clean, put the sender's corrupt value at the sender position.
+        plan = {}
+        for layer in range(spec.n_layers):
+            value = clean_z[layer][ex_idx].clone()  # [rows, T, H, D]
+            for k in k_idx.unique().tolist():
+                h = senders[k]
+                if h.layer != layer:
+                    continue
+                sel = (k_idx == k).nonzero().flatten()
+                p = s_pos[ex_idx[sel], 0]
+                value[sel, p, h.head] = corrupt_z[layer][ex_idx[sel], p, h.head]
+            plan[layer] = (torch.ones(1, t, spec.n_heads, dtype=torch.bool), value)
+        ids = clean.input_ids[ex_idx].to(device)
+        if receiver_input == "logits":
+            with intervene(model, plan):
+                logits = model(input_ids=ids).logits
+            fw += 1
+        else:
+            store: dict = {}
+            with intervene(model, plan), _record_inputs(model, receivers, receiver_input, store):
+                model(input_ids=ids)
+            # Step 2: a fresh clean run with the receivers' inputs patched at their reading position.
+            pm = torch.zeros(r, t, dtype=torch.bool)
+            pm[torch.arange(r), r_pos[ex_idx, 0]] = True
+            with _replace_inputs(model, receivers, receiver_input, store, pm):
+                logits = model(input_ids=ids).logits
+            fw += 2
+        out[start : start + r] = metric_values(logits, clean.index(ex_idx), metric).cpu()
+    scores = torch.full((spec.n_layers, spec.n_heads), float("nan"))
+    per = out.view(len(senders), n)
+    for k, h in enumerate(senders):
+        scores[h.layer, h.head] = relative_change(per[k], base, metric, relative)
+    return PatchingResult(scores, float(base.mean()), fw, metric, "corrupt", sender_position)
+
+
+def entity_tracking_circuit(model: nn.Module, clean: EncodedBatch, corrupt: EncodedBatch, *,
+                            k: tuple[int, int, int, int] = (4, 2, 2, 2), metric: str = "prob",
+                            max_batch: int = 256, progress: bool = False) -> tuple[Circuit, dict]:
+    """The four-group entity-tracking circuit by iterative path patching.
+
+    Args:
+        k: top-k of (value fetchers, position transmitters, position detectors, structure readers);
+            Prakash's defaults for Llama-7B are (20, 5, 10, 5).
+
+    Returns:
+        ``(circuit, {group: PatchingResult})``.
+    """
+    from tqdm import tqdm
+
+    if len(k) != 4 or any((not isinstance(x, int)) or x < 1 for x in k):
+        raise ValueError(f"k must be four positive integers (one per group), got {k}")
+    device = next(model.parameters()).device
+    spec = get_adapter(model).spec
+    zs = []
+    for i in range(0, len(corrupt), 64):
+        zs.append(run_with_z(model, corrupt.input_ids[i : i + 64].to(device))[1])
+    corrupt_z = torch.cat(zs, dim=1)
+    if corrupt_z.shape[2] != clean.input_ids.shape[1]:
+        raise ValueError("clean and corrupt prompts must have one token length where positions align")
+    groups = [GroupSpec(g.name, g.position, kk, g.receiver_input, g.receivers_from) for g, kk in zip(ET_GROUPS, k)]
+    chosen: dict[str, list[Head]] = {}
+    results: dict[str, PatchingResult] = {}
+    heads: list[CircuitHead] = []
+    skipped = []
+    for g in tqdm(groups, disable=not progress, desc="path patching"):
+        receivers = None if g.receivers_from is None else chosen[g.receivers_from]
+        if receivers is not None and not any(h.layer > 0 for h in receivers):
+            # no earlier head can reach these receivers: the group is empty
+            chosen[g.name] = []
+            skipped.append(g.name)
+            continue
+        res = path_patch(model, clean, corrupt_z, sender_position=g.position, receivers=receivers,
+                         receiver_input=g.receiver_input, metric=metric, max_batch=max_batch)
+        results[g.name] = res
+        top = res.top(min(g.k, int((~torch.isnan(res.scores)).sum())))
+        chosen[g.name] = [h for h, _ in top]
+        heads += [CircuitHead(h, g.name, g.position, s) for h, s in top]
+    circuit = Circuit(heads, "entity-tracking", spec.n_layers, spec.n_heads,
+                      {"method": "path_patching", "metric": metric, "k": list(k), "empty_groups": skipped})
+    return circuit, results
+
+
+__all__ = ["ET_GROUPS", "GroupSpec", "PatchSource", "entity_tracking_circuit", "path_patch"]
