@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -40,6 +41,100 @@ def _run_pretrain(args) -> int:
     return 0
 
 
+def _add_discover(sub) -> None:
+    p = sub.add_parser(
+        "discover",
+        help="find the teacher's circuit (patching, attribution patching or path patching)",
+        description="Score every head of a local HF model on a task and write the circuit as JSON, with a PNG "
+        "heatmap of the head scores beside it.",
+    )
+    p.add_argument("--model", required=True, help="local Hugging Face model directory (with its tokenizer)")
+    p.add_argument("--task", choices=["entity-tracking", "tom"], required=True)
+    p.add_argument("--method", choices=["patching", "attribution", "path"], default=None,
+                   help="default: path for entity-tracking, patching (mean ablation) for tom")
+    p.add_argument("--mode", choices=["mean", "corrupt", "zero"], default="mean",
+                   help="patching/attribution: what replaces a head's z (default: per-position means)")
+    p.add_argument("--metric", choices=["prob", "logprob", "logit_diff", "accuracy"], default="prob")
+    p.add_argument("--absolute", action="store_true", help="absolute instead of relative metric change")
+    p.add_argument("--position", default="all", help="position role to patch at (default: all positions)")
+    p.add_argument("--top-k", type=int, default=None, help="circuit size for patching/attribution")
+    p.add_argument("--k", default="4,2,2,2", help="path patching: top-k per group (VF,PT,PD,SR)")
+    p.add_argument("--recheck-top-k", type=int, default=0, help="attribution: re-score the top k exactly")
+    p.add_argument("--n-examples", type=int, default=256)
+    p.add_argument("--n-boxes", type=int, default=7)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split", choices=["train", "val", "test"], default="val")
+    p.add_argument("--max-batch", type=int, default=512, help="rows per forward in batched patching")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--evaluate", action="store_true", help="also report circuit faithfulness (10 random draws)")
+    p.add_argument("--out", required=True, help="circuit JSON path; the heatmap goes beside it as .png")
+
+
+def _run_discover(args) -> int:
+    import torch
+
+    from fastcd import discover as D
+    from fastcd.models import load_model, load_tokenizer
+    from fastcd.path_patching import entity_tracking_circuit
+    from fastcd.plots import head_heatmaps
+    from fastcd.tasks import get_task
+
+    if args.n_examples < 2:
+        raise ValueError(f"--n-examples must be >= 2, got {args.n_examples}")
+    model = load_model(args.model, dtype=args.dtype, device=args.device)
+    tok = load_tokenizer(args.model)
+    task = get_task(args.task, **({"n_boxes": args.n_boxes} if args.task == "entity-tracking" else {}))
+    task.check_tokenizer(tok)
+    pairs = task.pairs(args.n_examples, seed=args.seed, split=args.split)
+    clean = task.encode([p.clean for p in pairs], tok)
+    corrupt = task.encode([p.corrupt for p in pairs], tok)
+    method = args.method or ("path" if args.task == "entity-tracking" else "patching")
+    if method == "path" and args.task != "entity-tracking":
+        raise ValueError("--method path is defined for entity-tracking only (use patching or attribution for tom)")
+    position = None if args.position == "all" else args.position
+    marked, panels = {}, {}
+    if method == "path":
+        k = tuple(int(x) for x in args.k.split(","))
+        circuit, results = entity_tracking_circuit(model, clean, corrupt, k=k, metric=args.metric,
+                                                   max_batch=args.max_batch, progress=True)
+        for name, res in results.items():
+            panels[name] = res.scores
+            marked[name] = [c.head for c in circuit.groups().get(name, [])]
+    else:
+        src = D.make_source(model, clean, args.mode, corrupt=corrupt, batch_size=args.batch_size)
+        kw = dict(metric=args.metric, relative=not args.absolute, position=position, batch_size=args.batch_size,
+                  progress=True)
+        if method == "patching":
+            res = D.patch_heads_batched(model, clean, src, max_batch=args.max_batch, **kw)
+        else:
+            res = D.attribution_patching(model, clean, src, recheck_top_k=args.recheck_top_k, **kw)
+        n_heads = res.scores.numel()
+        k = args.top_k if args.top_k is not None else max(1, round(0.15 * n_heads))
+        if not 1 <= k <= n_heads:
+            raise ValueError(f"--top-k must be in 1..{n_heads} (the number of heads), got {k}")
+        circuit = D.circuit_from_scores(res, k, task=args.task, group="heads", position=args.position)
+        circuit.meta.update(method=method, forwards=res.forwards)
+        panels[f"{method} ({args.mode}, {args.metric})"] = res.scores
+        marked[f"{method} ({args.mode}, {args.metric})"] = circuit.unique_heads()
+    circuit.meta.update(model=os.path.basename(os.path.normpath(args.model)), n_examples=args.n_examples,
+                        seed=args.seed, split=args.split)
+    if args.evaluate:
+        with torch.no_grad():
+            circuit.meta["evaluation"] = D.evaluate_circuit(model, clean, circuit, reference=corrupt)
+    circuit.save(args.out)
+    png = head_heatmaps(panels, os.path.splitext(args.out)[0] + ".png", title=f"{args.task}: head scores",
+                        marked=marked)
+    print(circuit)
+    if args.evaluate:
+        ev = circuit.meta["evaluation"]
+        print(f"full {ev['full_accuracy']:.3f}  circuit {ev['circuit_accuracy']:.3f}  "
+              f"random {ev['random_circuit_accuracy']:.3f}  faithfulness {ev['faithfulness']:.3f}")
+    print(f"wrote {args.out} and {png}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastcd",
@@ -51,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fastcd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_pretrain(sub)
+    _add_discover(sub)
     return parser
 
 
@@ -63,6 +159,8 @@ def main(argv=None) -> int:
     try:
         if args.command == "pretrain":
             return _run_pretrain(args)
+        if args.command == "discover":
+            return _run_discover(args)
     except (ValueError, FileNotFoundError, TypeError) as e:
         print(f"fastcd {args.command}: error: {e}", file=sys.stderr)
         return 2

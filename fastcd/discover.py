@@ -163,8 +163,12 @@ class PatchingResult:
     mode: str
     position: str | None
 
-    def top(self, k: int, most_negative: bool = True) -> list[tuple[Head, float]]:
-        """The ``k`` best-scoring heads (most negative first by default); NaN scores (no path) never rank."""
+    def top(self, k: int, most_negative: bool = True, *, strict: bool = False) -> list[tuple[Head, float]]:
+        """The ``k`` best-scoring heads (most negative first by default); NaN scores (no path) never rank.
+
+        ``strict=True`` keeps only heads whose score has the wanted sign (patching them hurts the metric),
+        so fewer than ``k`` may come back.
+        """
         flat = self.scores.flatten()
         n_valid = int((~torch.isnan(flat)).sum())
         if not isinstance(k, int) or not 1 <= k <= n_valid:
@@ -172,7 +176,10 @@ class PatchingResult:
         key = flat.nan_to_num(nan=float("inf") if most_negative else float("-inf"))
         order = torch.argsort(key, descending=not most_negative, stable=True)[:k]
         h = self.scores.shape[1]
-        return [(Head(int(i) // h, int(i) % h), float(flat[i])) for i in order]
+        out = [(Head(int(i) // h, int(i) % h), float(flat[i])) for i in order]
+        if strict:
+            out = [(hd, v) for hd, v in out if (v < 0 if most_negative else v > 0)]
+        return out
 
 
 @torch.no_grad()
@@ -186,6 +193,58 @@ def _clean_metric(model, clean, metric, distractor_ids, batch_size) -> tuple[tor
         d = None if distractor_ids is None else distractor_ids[i : i + batch_size]
         vals.append(metric_values(logits, sub, metric, d).cpu())
     return torch.cat(vals), fw
+
+
+@torch.no_grad()
+def _clean_metric_and_resid(model, clean, metric, distractor_ids, batch_size):
+    """Clean metric, the clean residual stream at the input of every decoder layer ``[L, n, T, d]``, and the
+    clean keys/values of every layer ``[(K [n, kv, T, d_head], V), ...]``, from one pass."""
+    spec = get_adapter(model).spec
+    device = next(model.parameters()).device
+    vals, hs, kvs, fw = [], [], [], 0
+    for i in range(0, len(clean), batch_size):
+        out = model(input_ids=clean.input_ids[i : i + batch_size].to(device), output_hidden_states=True,
+                    use_cache=True)
+        fw += 1
+        sub = clean.index(range(i, min(i + batch_size, len(clean))))
+        d = None if distractor_ids is None else distractor_ids[i : i + batch_size]
+        vals.append(metric_values(out.logits, sub, metric, d).cpu())
+        hs.append(torch.stack(out.hidden_states[: spec.n_layers]))  # hidden_states[l] is layer l's input
+        cache = getattr(out, "cache", None) or out.past_key_values
+        kvs.append([(layer.keys, layer.values) for layer in cache.layers])
+    kv = [(torch.cat([p[l][0] for p in kvs]), torch.cat([p[l][1] for p in kvs])) for l in range(len(kvs[0]))]
+    return torch.cat(vals), fw, torch.cat(hs, dim=1), kv
+
+
+def _prefix_reuse_ok(adapter, t: int) -> bool:
+    """Prefix reuse rebuilds a plain full-attention KV cache: not for sliding windows shorter than the prompt."""
+    cfg = adapter.config
+    window = getattr(cfg, "sliding_window", None)
+    uses_window = getattr(cfg, "use_sliding_window", window is not None)
+    return not (uses_window and window is not None and window < t)
+
+
+def _cache_kwarg(model) -> str:
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _rows_cache(prefix_kv, ex_idx: torch.Tensor):
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    for l, (k, v) in enumerate(prefix_kv):
+        idx = ex_idx.to(k.device)
+        cache.update(k[idx], v[idx], l)
+    return cache
+
+
+def _shift_last(batch: EncodedBatch, p0: int) -> EncodedBatch:
+    """The same batch with ``last`` counted from position ``p0`` (for logits of a suffix run)."""
+    import dataclasses
+
+    return dataclasses.replace(batch, positions={**batch.positions, "last": batch.positions["last"] - p0})
 
 
 def _check_common(clean: EncodedBatch, metric: str, batch_size: int) -> None:
@@ -233,49 +292,88 @@ def patch_heads_loop(model: nn.Module, clean: EncodedBatch, source: PatchSource,
 def patch_heads_batched(model: nn.Module, clean: EncodedBatch, source: PatchSource, *, metric: str = "prob",
                         relative: bool = True, position: str | None = None, distractor_ids=None,
                         max_batch: int = 512, batch_size: int = 64, heads: list[Head] | None = None,
-                        progress: bool = False) -> PatchingResult:
+                        skip_layers: bool = True, reuse_prefix: bool = True, progress: bool = False
+                        ) -> PatchingResult:
     """Exact per-head patching with many head interventions per forward.
 
     Rows ``(head k, example i)`` are stacked along the batch, each row patching only its own head, in
     forwards of at most ``max_batch`` rows (the memory bound). Same scores as :func:`patch_heads_loop`.
+    With ``skip_layers`` (Llama-like models), a forward that patches layer l starts from the clean residual
+    stream at layer l instead of recomputing layers 0..l-1, which are unchanged by the patch; the clean
+    residual streams are kept, ``[n_layers, n, T, d_model]``. With ``reuse_prefix`` and a position role, the
+    tokens before the earliest patched position are not recomputed either: their clean keys and values are
+    reused as a KV cache and only the suffix runs.
     """
     from tqdm import tqdm
 
     _check_common(clean, metric, batch_size)
     if max_batch < 1:
         raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-    spec = get_adapter(model).spec
+    adapter = get_adapter(model)
+    spec = adapter.spec
     device = next(model.parameters()).device
-    base, fw = _clean_metric(model, clean, metric, distractor_ids, batch_size)
     heads = heads or spec.all_heads()
     n, t = clean.input_ids.shape
     pos = _positions(clean, position)
-    total = len(heads) * n
-    out = torch.empty(total)
-    bar = tqdm(total=total, disable=not progress, desc="patching (batched)")
-    for start in range(0, total, max_batch):
-        rows = torch.arange(start, min(start + max_batch, total))
-        k_idx, ex_idx = rows // n, rows % n  # which head, which example
-        r = len(rows)
-        pm = _pos_mask(None if pos is None else pos[ex_idx], r, t)  # [rows, T]
-        plan = {}
-        for layer in sorted({heads[k].layer for k in k_idx.unique().tolist()}):
+    skip = skip_layers and adapter.supports_layer_skip
+    # Rows are ordered by the patched head's layer, so each forward patches heads of one layer only and,
+    # with layer skipping, starts from the cached clean residual stream at that layer.
+    order = sorted(range(len(heads)), key=lambda k: (heads[k].layer, k))
+    by_layer: dict[int, list[int]] = {}
+    for k in order:
+        by_layer.setdefault(heads[k].layer, []).append(k)
+    p0 = 0
+    if skip:
+        base, fw, resid, clean_kv = _clean_metric_and_resid(model, clean, metric, distractor_ids, batch_size)
+        if reuse_prefix and pos is not None and _prefix_reuse_ok(adapter, t):
+            p0 = int(pos.min())
+        # causal attention: the first p0 positions' keys/values are those of the clean run
+        prefix_kv = [(k[:, :, :p0], v[:, :, :p0]) for k, v in clean_kv]
+        del clean_kv  # free the rest: only the prefix is reused
+        shifted = _shift_last(clean, p0)
+    else:
+        base, fw = _clean_metric(model, clean, metric, distractor_ids, batch_size)
+    out = torch.empty(len(heads), n)
+    bar = tqdm(total=len(heads) * n, disable=not progress, desc="patching (batched)")
+    for layer, ks in by_layer.items():
+        total = len(ks) * n
+        for start in range(0, total, max_batch):
+            rows = torch.arange(start, min(start + max_batch, total))
+            k_local, ex_idx = rows // n, rows % n  # which head (of this layer), which example
+            r = len(rows)
+            pm = _pos_mask(None if pos is None else pos[ex_idx], r, t)  # [rows, T]
             mask = torch.zeros(r, t, spec.n_heads, dtype=torch.bool)
-            for k in k_idx.unique().tolist():
-                if heads[k].layer != layer:
-                    continue
-                sel = k_idx == k
-                mask[sel, :, heads[k].head] = pm[sel]
-            plan[layer] = (mask, source.rows(layer, ex_idx, t, spec))
-        with intervene(model, plan):
-            logits = model(input_ids=clean.input_ids[ex_idx].to(device)).logits
-        fw += 1
-        d = None if distractor_ids is None else distractor_ids[ex_idx]
-        out[start : start + r] = metric_values(logits, clean.index(ex_idx), metric, d).cpu()
-        bar.update(r)
+            for j in k_local.unique().tolist():
+                sel = k_local == j
+                mask[sel, :, heads[ks[j]].head] = pm[sel]
+            if p0 > 0:
+                # Positions before p0 are untouched by the patch: run only the suffix, on the clean prefix's
+                # keys and values, from the clean residual stream at this layer.
+                plan = {layer: (mask[:, p0:], source.rows(layer, ex_idx, t, spec)[:, p0:])}
+                kw = {_cache_kwarg(model): _rows_cache(prefix_kv, ex_idx),
+                      "position_ids": torch.arange(p0, t, device=device)[None].expand(r, -1)}
+                with intervene(model, plan), adapter.start_at_layer(layer):
+                    logits = model(inputs_embeds=resid[layer][ex_idx, p0:].to(device), use_cache=True, **kw).logits
+                sub = shifted.index(ex_idx)
+            else:
+                plan = {layer: (mask, source.rows(layer, ex_idx, t, spec))}
+                with intervene(model, plan):
+                    if skip:
+                        with adapter.start_at_layer(layer):
+                            logits = model(inputs_embeds=resid[layer][ex_idx].to(device)).logits
+                    else:
+                        logits = model(input_ids=clean.input_ids[ex_idx].to(device)).logits
+                sub = clean.index(ex_idx)
+            fw += 1
+            d = None if distractor_ids is None else distractor_ids[ex_idx]
+            vals = metric_values(logits, sub, metric, d).cpu()
+            for j in k_local.unique().tolist():
+                sel = k_local == j
+                out[ks[j], ex_idx[sel]] = vals[sel]
+            bar.update(r)
     bar.close()
     scores = torch.full((spec.n_layers, spec.n_heads), float("nan"))
-    per_head = out.view(len(heads), n)
+    per_head = out
     for k, head in enumerate(heads):
         scores[head.layer, head.head] = relative_change(per_head[k], base, metric, relative)
     return PatchingResult(scores, float(base.mean()), fw, metric, source.mode, position)
@@ -427,9 +525,13 @@ class Circuit:
 
 def circuit_from_scores(result: PatchingResult, k: int, *, task: str, group: str = "heads",
                         position: str = ALL) -> Circuit:
-    """The ``k`` most negative heads of a score matrix as a one-group circuit."""
+    """The (at most) ``k`` most negative heads of a score matrix as a one-group circuit; heads whose patch
+    does not lower the metric are left out."""
     n_layers, n_heads = result.scores.shape
-    heads = [CircuitHead(h, group, position, s) for h, s in result.top(k)]
+    top = result.top(k, strict=True)
+    if not top:
+        raise ValueError("no head lowers the metric when patched; the circuit would be empty")
+    heads = [CircuitHead(h, group, position, s) for h, s in top]
     return Circuit(heads, task, n_layers, n_heads, {"metric": result.metric, "mode": result.mode})
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -122,6 +123,15 @@ class ModelAdapter:
     def qkv_output(self, layer: int, which: str, head: int) -> tuple[nn.Module, slice]:
         raise NotImplementedError
 
+    #: whether :meth:`start_at_layer` works (the embeddings go in as ``inputs_embeds`` unchanged)
+    supports_layer_skip = False
+
+    @contextmanager
+    def start_at_layer(self, layer: int):
+        """Within the block, ``model(inputs_embeds=h)`` runs only decoder layers ``layer..L-1`` on the residual
+        stream ``h`` (the input of decoder layer ``layer``). Used to skip the clean prefix of patched runs."""
+        raise NotImplementedError(f"{type(self).__name__} cannot start a forward at a middle layer")
+
     def head_write(self, head: Head, z: torch.Tensor) -> torch.Tensor:
         """The head's write into the residual stream, ``W_O[:, h] z_h`` (no bias).
 
@@ -161,8 +171,22 @@ class LlamaLikeAdapter(ModelAdapter):
         d_head = getattr(c, "head_dim", None) or c.hidden_size // n_heads
         return ModelSpec(c.model_type, c.num_hidden_layers, n_heads, n_kv, d_head, c.hidden_size, c.vocab_size)
 
+    supports_layer_skip = True
+
     def layers(self) -> list[nn.Module]:
         return list(self.model.model.layers)
+
+    @contextmanager
+    def start_at_layer(self, layer: int):
+        inner = self.model.model
+        orig = inner.layers
+        if not 0 <= layer < len(orig):
+            raise ValueError(f"layer must be in 0..{len(orig) - 1}, got {layer}")
+        inner.layers = nn.ModuleList(list(orig)[layer:])  # the hooks live on the modules, so they still fire
+        try:
+            yield
+        finally:
+            inner.layers = orig
 
     def attn(self, layer: int) -> nn.Module:
         return self.layers()[layer].self_attn

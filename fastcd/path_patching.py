@@ -190,7 +190,8 @@ def entity_tracking_circuit(model: nn.Module, clean: EncodedBatch, corrupt: Enco
             Prakash's defaults for Llama-7B are (20, 5, 10, 5).
 
     Returns:
-        ``(circuit, {group: PatchingResult})``.
+        ``(circuit, {group: PatchingResult})``. Only heads with a negative score join a group (at most k);
+        a group that gets none, or whose receivers cannot be reached, is listed in ``meta["empty_groups"]``.
     """
     from tqdm import tqdm
 
@@ -219,9 +220,13 @@ def entity_tracking_circuit(model: nn.Module, clean: EncodedBatch, corrupt: Enco
         res = path_patch(model, clean, corrupt_z, sender_position=g.position, receivers=receivers,
                          receiver_input=g.receiver_input, metric=metric, max_batch=max_batch)
         results[g.name] = res
-        top = res.top(min(g.k, int((~torch.isnan(res.scores)).sum())))
+        top = res.top(min(g.k, int((~torch.isnan(res.scores)).sum())), strict=True)  # only heads that hurt
         chosen[g.name] = [h for h, _ in top]
+        if not top:
+            skipped.append(g.name)
         heads += [CircuitHead(h, g.name, g.position, s) for h, s in top]
+    if not heads:
+        raise ValueError("path patching found no head whose patch lowers the metric; is the model solving the task?")
     circuit = Circuit(heads, "entity-tracking", spec.n_layers, spec.n_heads,
                       {"method": "path_patching", "metric": metric, "k": list(k), "empty_groups": skipped})
     return circuit, results

@@ -26,3 +26,52 @@ def test_cli_bad_input_is_one_clear_line(tmp_path, capsys):
     assert rc == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "d_model=30 must be divisible by n_heads=4" in err[0]
+
+
+def _save_tiny(tmp_path, arch="llama"):
+    from conftest import make_tiny
+
+    from fastcd.tokenizer import build_word_tokenizer
+
+    tok = build_word_tokenizer()
+    m = make_tiny(arch, n_layers=3, vocab_size=len(tok))
+    m.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    return tmp_path / "model"
+
+
+def test_cli_discover_path_patching_writes_json_and_png(tmp_path, capsys):
+    from fastcd.discover import Circuit
+
+    model = _save_tiny(tmp_path)
+    out = tmp_path / "circuit.json"
+    rc = main(["discover", "--model", str(model), "--task", "entity-tracking", "--n-boxes", "3", "--n-examples",
+               "12", "--k", "2,1,1,1", "--out", str(out), "--evaluate"])
+    assert rc == 0
+    c = Circuit.load(out)
+    assert c.meta["method"] == "path_patching" and "evaluation" in c.meta
+    png = out.with_suffix(".png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "faithfulness" in capsys.readouterr().out
+
+
+def test_cli_discover_tom_patching(tmp_path):
+    from fastcd.discover import Circuit
+
+    model = _save_tiny(tmp_path, "gpt2")
+    out = tmp_path / "tom.json"
+    rc = main(["discover", "--model", str(model), "--task", "tom", "--n-examples", "8", "--top-k", "3",
+               "--out", str(out), "--method", "attribution", "--metric", "logit_diff", "--absolute"])
+    assert rc == 0
+    assert len(Circuit.load(out).unique_heads()) <= 3
+
+
+def test_cli_discover_bad_input(tmp_path, capsys):
+    model = _save_tiny(tmp_path)
+    rc = main(["discover", "--model", str(model), "--task", "tom", "--method", "path", "--out", str(tmp_path / "x")])
+    assert rc == 2 and "entity-tracking only" in capsys.readouterr().err
+    rc = main(["discover", "--model", str(model), "--task", "tom", "--top-k", "99", "--n-examples", "4",
+               "--out", str(tmp_path / "x.json")])
+    assert rc == 2 and "--top-k must be in 1..12" in capsys.readouterr().err
+    rc = main(["discover", "--model", str(tmp_path / "missing"), "--task", "tom", "--out", str(tmp_path / "x")])
+    assert rc == 2 and "not a local directory" in capsys.readouterr().err

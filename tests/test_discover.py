@@ -47,11 +47,14 @@ def test_batched_patching_equals_loop(arch, mode, position, tok):
     torch.testing.assert_close(fast.scores, loop.scores, atol=2e-5, rtol=1e-4)
     assert not torch.isnan(loop.scores).any() and loop.scores.abs().sum() > 0
     assert loop.forwards >= 4 * fast.forwards, (loop.forwards, fast.forwards)
+    plain = patch_heads_batched(model, clean, src, metric="prob", position=position, max_batch=8 * 24,
+                                batch_size=8, skip_layers=False)
+    torch.testing.assert_close(plain.scores, loop.scores, atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("metric", ["logprob", "logit_diff", "accuracy"])
-def test_batched_equals_loop_other_metrics(metric, tok):
-    model = make_tiny("llama", vocab_size=len(tok))
+@pytest.mark.parametrize("metric, arch", [("logprob", "mistral"), ("logit_diff", "qwen2"), ("accuracy", "qwen3")])
+def test_batched_equals_loop_other_metrics(metric, arch, tok):
+    model = make_tiny(arch, vocab_size=len(tok))
     clean, corrupt = _data(tok, task=TheoryOfMind())
     src = make_source(model, clean, "corrupt", corrupt=corrupt)
     kw = dict(metric=metric, relative=False, position="question_character", batch_size=6)

@@ -70,7 +70,8 @@ def test_entity_tracking_circuit(tok, tmp_path):
     k = (3, 2, 2, 1)
     circuit, results = entity_tracking_circuit(model, clean, corrupt, k=k)
     groups = circuit.groups()
-    assert len(groups["value_fetcher"]) == 3
+    assert 1 <= len(groups["value_fetcher"]) <= 3
+    assert all(c.score < 0 for c in circuit.heads)
     names = ["value_fetcher", "position_transmitter", "position_detector", "structure_reader"]
     roles = ["last", "last", "query_label", "box_label"]
     for name, role, kk in zip(names, roles, k):
