@@ -135,6 +135,62 @@ def _run_discover(args) -> int:
     return 0
 
 
+def _add_match(sub) -> None:
+    p = sub.add_parser(
+        "match",
+        help="pair teacher circuit heads with functionally corresponding student heads",
+        description="Match the teacher circuit's heads to student heads by ablation effect (the paper's rule), "
+        "CKA with one-to-one assignment, a weighted combination, or at random (control).",
+    )
+    p.add_argument("--teacher", required=True, help="local HF teacher directory")
+    p.add_argument("--student", required=True, help="local HF student directory")
+    p.add_argument("--circuit", required=True, help="circuit JSON from `fastcd discover`")
+    p.add_argument("--method", choices=["ablation", "cka", "combined", "random"], default="ablation")
+    p.add_argument("--k", type=int, default=None, help="ablation: candidate student heads (default: circuit size)")
+    p.add_argument("--direction", choices=["student_to_teacher", "teacher_to_student"], default="student_to_teacher")
+    p.add_argument("--weight", type=float, default=0.5, help="combined: weight of (1 - CKA) against d_abl")
+    p.add_argument("--impl", choices=["cpp", "torch", "python"], default=None, help="CKA scorer")
+    p.add_argument("--n-examples", type=int, default=256)
+    p.add_argument("--n-boxes", type=int, default=7)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split", choices=["train", "val", "test"], default="val")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", required=True, help="matching JSON path")
+
+
+def _run_match(args) -> int:
+    from fastcd.discover import Circuit
+    from fastcd.match import MatchInputs, match
+    from fastcd.models import load_model, load_tokenizer
+    from fastcd.tasks import get_task
+
+    circuit = Circuit.load(args.circuit)
+    teacher = load_model(args.teacher, device=args.device)
+    student = load_model(args.student, device=args.device)
+    t_tok, s_tok = load_tokenizer(args.teacher), load_tokenizer(args.student)
+    task = get_task(circuit.task, **({"n_boxes": args.n_boxes} if circuit.task == "entity-tracking" else {}))
+    pairs = task.pairs(args.n_examples, seed=args.seed, split=args.split)
+    clean, corrupt = [p.clean for p in pairs], [p.corrupt for p in pairs]
+    inp = MatchInputs(teacher, student, circuit, task.encode(clean, t_tok), task.encode(clean, s_tok),
+                      task.encode(corrupt, t_tok), task.encode(corrupt, s_tok))
+    kw = {}
+    if args.method == "ablation":
+        kw = {"k": args.k, "direction": args.direction}
+    elif args.method == "cka":
+        kw = {"impl": args.impl}
+    elif args.method == "combined":
+        kw = {"weight": args.weight, "impl": args.impl}
+    else:
+        kw = {"seed": args.seed}
+    m = match(inp, args.method, **kw)
+    m.meta.update(teacher=os.path.basename(os.path.normpath(args.teacher)),
+                  student=os.path.basename(os.path.normpath(args.student)), n_examples=args.n_examples)
+    m.save(args.out)
+    print(m)
+    print(f"wrote {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastcd",
@@ -147,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_pretrain(sub)
     _add_discover(sub)
+    _add_match(sub)
     return parser
 
 
@@ -161,6 +218,8 @@ def main(argv=None) -> int:
             return _run_pretrain(args)
         if args.command == "discover":
             return _run_discover(args)
+        if args.command == "match":
+            return _run_match(args)
     except (ValueError, FileNotFoundError, TypeError) as e:
         print(f"fastcd {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -31,3 +31,64 @@ def nearest_indices_ref(query, keys) -> np.ndarray:
                 best, best_d = j, d
         out[i] = best
     return out
+
+
+def linear_cka_ref(x, y, eps: float = 0.0):
+    """Biased linear CKA of one pair (PAPER.md §4), the readable formula in torch.
+
+    K = X X^T, L = Y Y^T, H = I - 11^T/m, HSIC(K, L) = tr(K H L H) / (m-1)^2,
+    CKA = HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L)).
+
+    Args:
+        x: ``(m, p1)``; y: ``(m, p2)``.
+        eps: added inside the square root (0 gives the exact value; a zero denominator then gives 0).
+    """
+    import torch
+
+    x, y = torch.as_tensor(x), torch.as_tensor(y)
+    m = x.shape[0]
+    if eps == 0.0 and (not (x - x.mean(0)).any() or not (y - y.mean(0)).any()):
+        return torch.zeros((), dtype=x.dtype)  # a constant head: CKA is defined as 0
+    h = torch.eye(m, dtype=x.dtype, device=x.device) - 1.0 / m
+    k, l = x @ x.T, y @ y.T
+    hsic = lambda a, b: torch.trace(a @ h @ b @ h) / (m - 1) ** 2  # noqa: E731
+    den = torch.sqrt(hsic(k, k) * hsic(l, l) + eps)
+    if eps == 0.0 and float(den) == 0.0:
+        return torch.zeros((), dtype=x.dtype)
+    return hsic(k, l) / den
+
+
+def cka_matrix_ref(a, b):
+    """Twin of ``fastcd._C.cka_matrix``: all-pairs biased linear CKA, one pair at a time, float64.
+
+    Args:
+        a: ``[heads_a, m, d_a]``; b: ``[heads_b, m, d_b]``.
+
+    Returns:
+        ``np.ndarray`` float64 ``[heads_a, heads_b]``; a head with constant activations scores 0.
+    """
+    import torch
+
+    a = torch.as_tensor(np.asarray(a)).double()
+    b = torch.as_tensor(np.asarray(b)).double()
+    check_cka_inputs(a, b)
+    out = np.zeros((a.shape[0], b.shape[0]))
+    for i in range(a.shape[0]):
+        for j in range(b.shape[0]):
+            out[i, j] = float(linear_cka_ref(a[i], b[j]))
+    return out
+
+
+def check_cka_inputs(a, b) -> None:
+    """The argument checks shared by every implementation of the all-pairs CKA scorer."""
+    for name, x in (("a", a), ("b", b)):
+        if x.dim() != 3:
+            raise ValueError(f"{name} must have shape [heads, m, d], got {x.dim()} dimensions")
+        if x.shape[0] < 1 or x.shape[2] < 1:
+            raise ValueError(f"{name} must have at least one head and one feature")
+        if x.shape[1] < 2:
+            raise ValueError(f"{name} must have m >= 2 samples, got {x.shape[1]}")
+        if not bool(x.isfinite().all()):
+            raise ValueError(f"{name} must be finite, found a non-finite value")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"a and b must have the same m (samples): a has {a.shape[1]}, b has {b.shape[1]}")

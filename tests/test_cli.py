@@ -1,6 +1,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from fastcd.cli import main
 
 
@@ -75,3 +77,19 @@ def test_cli_discover_bad_input(tmp_path, capsys):
     assert rc == 2 and "--top-k must be in 1..12" in capsys.readouterr().err
     rc = main(["discover", "--model", str(tmp_path / "missing"), "--task", "tom", "--out", str(tmp_path / "x")])
     assert rc == 2 and "not a local directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["ablation", "cka", "combined", "random"])
+def test_cli_match(tmp_path, method, capsys):
+    from fastcd.match import Matching
+
+    model = _save_tiny(tmp_path)
+    circuit = tmp_path / "c.json"
+    assert main(["discover", "--model", str(model), "--task", "entity-tracking", "--n-boxes", "3", "--n-examples",
+                 "12", "--method", "patching", "--top-k", "3", "--out", str(circuit)]) == 0
+    out = tmp_path / "m.json"
+    assert main(["match", "--teacher", str(model), "--student", str(model), "--circuit", str(circuit), "--method",
+                 method, "--n-boxes", "3", "--n-examples", "12", "--out", str(out)]) == 0
+    m = Matching.load(out)
+    assert m.method == method and len(m) >= 1
+    assert " -> " in capsys.readouterr().out

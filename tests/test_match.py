@@ -1,0 +1,191 @@
+import numpy as np
+import pytest
+import torch
+from conftest import make_tiny
+
+from fastcd import _ext
+from fastcd.discover import Circuit, CircuitHead
+from fastcd.match import (
+    Matching,
+    MatchInputs,
+    Pair,
+    cka_matrix,
+    match,
+    match_ablation,
+    match_random,
+)
+from fastcd.models import Head
+from fastcd.reference import cka_matrix_ref, linear_cka_ref
+from fastcd.tasks import EntityTracking
+
+needs_cpp = pytest.mark.skipif(not _ext.HAS_CPP, reason="fastcd._C not built")
+IMPLS = [pytest.param("cpp", marks=needs_cpp), "torch"]
+
+
+def _stacks(ha, hb, m, da, db, seed=0, dtype=np.float32):
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((ha, m, da)).astype(dtype)
+    # b shares structure with a so that CKA values spread over (0, 1)
+    mix = rng.standard_normal((da, db)).astype(dtype)
+    b = np.stack([a[i % ha] @ mix + 0.5 * rng.standard_normal((m, db)).astype(dtype) for i in range(hb)])
+    return a, b
+
+
+@pytest.mark.parametrize("m", [2, 7, 97, 300])
+@pytest.mark.parametrize("d", [16, 59, 64, 128])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_cka_matrix_matches_reference(m, d, impl):
+    a, b = _stacks(2, 3, m, d, 64 if d != 64 else 59, seed=m + d)
+    ref = cka_matrix_ref(a, b)
+    forms = ["auto", "gram", "feature"] if impl == "cpp" else ["auto"]
+    for form in forms:
+        got = cka_matrix(a, b, impl=impl, form=form)
+        np.testing.assert_allclose(got, ref, rtol=1e-9, atol=1e-9, err_msg=f"{impl}/{form}")
+
+
+@needs_cpp
+def test_cka_tiling_is_invisible():
+    a, b = _stacks(37, 41, 60, 16, 24, seed=3, dtype=np.float64)
+    big = cka_matrix(a, b, impl="cpp", form="gram", max_bytes=1 << 30)
+    for form in ("gram", "feature"):
+        small = cka_matrix(a, b, impl="cpp", form=form, max_bytes=1 << 20)  # forces many tiles
+        np.testing.assert_allclose(small, big, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("impl", IMPLS + ["python"])
+def test_cka_properties(impl):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 50, 8))
+    q, _ = np.linalg.qr(rng.standard_normal((8, 8)))
+    same = cka_matrix(x, x, impl=impl)
+    assert same[0, 0] == pytest.approx(1.0, abs=1e-12)
+    rotated = cka_matrix(x, 3.0 * (x @ q) + 7.0, impl=impl)  # orthogonal, isotropic scale, shift
+    assert rotated[0, 0] == pytest.approx(1.0, abs=1e-10)
+    y = rng.standard_normal((1, 50, 5))
+    assert cka_matrix(x, y, impl=impl)[0, 0] == pytest.approx(cka_matrix(y, x, impl=impl)[0, 0], abs=1e-12)
+    const = np.ones((1, 50, 8))
+    assert cka_matrix(const, x, impl=impl)[0, 0] == 0.0  # degenerate head: defined as 0, never NaN
+
+
+def test_single_pair_reference_against_paper_formula():
+    """linear_cka_ref == ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(33, 7, generator=g, dtype=torch.float64), torch.randn(33, 5, generator=g, dtype=torch.float64)
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    expect = (yc.T @ xc).norm() ** 2 / ((xc.T @ xc).norm() * (yc.T @ yc).norm())
+    torch.testing.assert_close(linear_cka_ref(x, y), expect)
+
+
+@pytest.mark.parametrize("impl", IMPLS + ["python"])
+def test_cka_errors_name_the_argument(impl):
+    a, b = _stacks(2, 2, 5, 4, 4)
+    with pytest.raises(ValueError, match=r"a must have shape \[heads, m, d\]"):
+        cka_matrix(a[0], b, impl=impl)
+    with pytest.raises(ValueError, match="b must have m >= 2 samples, got 1"):
+        cka_matrix(a, b[:, :1], impl=impl)
+    with pytest.raises(ValueError, match="a and b must have the same m"):
+        cka_matrix(a, b[:, :3], impl=impl)
+    bad = b.copy()
+    bad[1, 2, 3] = np.nan
+    with pytest.raises(ValueError, match="b must be finite"):
+        cka_matrix(a, bad, impl=impl)
+
+
+@needs_cpp
+def test_cka_cpp_only_errors():
+    a, b = _stacks(2, 2, 5, 4, 4)
+    with pytest.raises(ValueError, match="form must be 'auto', 'gram' or 'feature'"):
+        cka_matrix(a, b, impl="cpp", form="svd")
+    with pytest.raises(ValueError, match="max_bytes must be at least 1 MiB"):
+        cka_matrix(a, b, impl="cpp", max_bytes=10)
+    with pytest.raises(ValueError, match="impl must be"):
+        cka_matrix(a, b, impl="cuda")
+
+
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tok():
+    from fastcd.tokenizer import build_word_tokenizer
+
+    return build_word_tokenizer()
+
+
+def _inputs(tok, teacher, student, n=24):
+    task = EntityTracking(n_boxes=3)
+    pairs = task.pairs(n, seed=0, split="val")
+    clean = task.encode([p.clean for p in pairs], tok)
+    ref = task.encode([p.corrupt for p in pairs], tok)
+    circuit = Circuit([CircuitHead(Head(1, 2), "value_fetcher", "last", -0.5),
+                       CircuitHead(Head(1, 0), "value_fetcher", "last", -0.3),
+                       CircuitHead(Head(0, 3), "position_detector", "query_label", -0.2)], "entity-tracking", 2, 4)
+    return MatchInputs(teacher, student, circuit, clean, clean, ref, ref)
+
+
+def test_cka_matching_recovers_identity_when_student_is_teacher(tok):
+    teacher = make_tiny("llama", vocab_size=len(tok))
+    inp = _inputs(tok, teacher, teacher)
+    m = match(inp, "cka")
+    assert [(p.teacher, p.student) for p in m.pairs] == [(p.teacher, p.teacher) for p in m.pairs]
+    assert all(p.scores["cka"] == pytest.approx(1.0, abs=1e-6) for p in m.pairs)
+    assert len({p.student for p in m.pairs}) == len(m.pairs)  # one-to-one
+    assert {p.position for p in m.pairs} == {"last", "query_label"}
+
+
+def test_ablation_matching_rule(tok):
+    teacher = make_tiny("llama", vocab_size=len(tok), seed=1)
+    student = make_tiny("gpt2", vocab_size=len(tok), seed=2)
+    inp = _inputs(tok, teacher, student)
+    from fastcd.match import ablation_scores
+
+    sc = ablation_scores(inp)
+    m = match_ablation(inp, k=4, scores=sc)
+    assert len(m) == 4 and m.meta["k"] == 4
+    t_drop = dict(zip([h for h, _, _ in sc["teacher_heads"]], sc["teacher_drop"]))
+    s_drop = dict(zip(sc["student_heads"], sc["student_drop"]))
+    # candidates are the 4 student heads with the largest drop
+    kth = sorted(sc["student_drop"], reverse=True)[3]
+    for p in m.pairs:
+        assert s_drop[p.student] >= kth
+        best = min(abs(s_drop[p.student] - v) for v in t_drop.values())
+        assert p.scores["d_abl"] == pytest.approx(best)  # Eq. 5: the nearest teacher drop
+    # Eq. 4: teacher drop measured against the student's baseline
+    assert sc["teacher_drop"][0] == pytest.approx(sc["student_base"] - sc["teacher_ablated"][0])
+    back = match_ablation(inp, direction="teacher_to_student", scores=sc)
+    assert [p.teacher for p in back.pairs] == [Head(1, 2), Head(1, 0), Head(0, 3)]
+    assert m.to_json() == match_ablation(inp, k=4, scores=sc).to_json()  # deterministic
+    with pytest.raises(ValueError, match=r"k must be in 1\.\.8"):
+        match_ablation(inp, k=9, scores=sc)
+    with pytest.raises(ValueError, match="direction must be"):
+        match_ablation(inp, direction="both", scores=sc)
+
+
+def test_combined_and_random(tok):
+    teacher = make_tiny("llama", vocab_size=len(tok), seed=1)
+    student = make_tiny("llama", vocab_size=len(tok), seed=3)
+    inp = _inputs(tok, teacher, student)
+    c = match(inp, "combined", weight=0.7)
+    assert len({p.student for p in c.pairs}) == 3
+    assert all(p.scores["cost"] == pytest.approx(0.7 * (1 - p.scores["cka"]) + 0.3 * p.scores["d_abl"])
+               for p in c.pairs)
+    with pytest.raises(ValueError, match=r"weight must be in \[0, 1\]"):
+        match(inp, "combined", weight=2.0)
+    r1, r2, r3 = (match_random(inp.circuit, student, seed=s) for s in (0, 0, 1))
+    assert r1.to_json() == r2.to_json() and r1.to_json() != r3.to_json()
+    assert len({p.student for p in r1.pairs}) == 3
+    with pytest.raises(ValueError, match="method must be one of"):
+        match(inp, "hungarian")
+
+
+def test_matching_json_table_and_model_check(tmp_path, tok):
+    m = Matching([Pair(Head(5, 1), Head(3, 8), "last", "value_fetcher", {"cka": 0.9})], "cka")
+    m.save(tmp_path / "m.json")
+    back = Matching.load(tmp_path / "m.json")
+    assert back.to_json() == m.to_json()
+    assert "L5H1 -> L3H8" in str(back)
+    t = make_tiny("llama", vocab_size=len(tok))
+    with pytest.raises(ValueError, match="matching teacher head L5H1 is out of range"):
+        back.check_models(t, t)
+    with pytest.raises(ValueError, match="at least one pair"):
+        Matching([], "cka")
+    with pytest.raises(ValueError, match="missing key"):
+        Matching.from_json({"pairs": [{"teacher": "L0H0"}]})
