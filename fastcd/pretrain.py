@@ -54,7 +54,7 @@ class PretrainConfig:
     eval_every: int = 250
     eval_n: int = 512
     save_every: int = 500
-    stop_at_accuracy: float | None = None  # stop early once val accuracy at max_boxes reaches this
+    stop_at_accuracy: float | None = None  # stop once val accuracy (on max_boxes prompts) reaches this
     threads: int | None = None
     extra: dict = field(default_factory=dict)
 
@@ -269,7 +269,7 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
             log.append(rec)
             with open(log_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
-            if cfg.stop_at_accuracy is not None and level == cfg.max_boxes and ev["accuracy"] >= cfg.stop_at_accuracy:
+            if cfg.stop_at_accuracy is not None and ev["accuracy"] >= cfg.stop_at_accuracy:
                 done_early = True
         if step % cfg.save_every == 0 or step == cfg.steps or done_early:
             _save_atomic(model, tokenizer, {

@@ -92,3 +92,41 @@ def check_cka_inputs(a, b) -> None:
             raise ValueError(f"{name} must be finite, found a non-finite value")
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"a and b must have the same m (samples): a has {a.shape[1]}, b has {b.shape[1]}")
+
+
+def cka_loss_ref(x, y, *, eps: float = 1e-8, upcast: bool = True):
+    """Alignment loss of P head pairs: ``sum_p (1 - CKA(x_p, y_p))`` (paper Eq. 7, summed over pairs).
+
+    Biased linear CKA in feature form, eps inside the square root so that it is never NaN (a constant
+    activation gives CKA 0 and a finite gradient):
+    ``CKA = ||Yc^T Xc||_F^2 / sqrt(||Xc^T Xc||_F^2 ||Yc^T Yc||_F^2 + eps)``.
+
+    Args:
+        x: student activations ``[P, m, d_s]`` (or ``[m, d_s]`` for one pair); keeps its graph.
+        y: teacher activations ``[P, m, d_t]`` (or ``[m, d_t]``).
+        upcast: compute in float32 at least (bf16/fp16 inputs lose the centring otherwise).
+
+    Returns:
+        ``(loss, cka)``: the scalar loss and the per-pair CKA ``[P]``.
+    """
+    import torch
+
+    if x.dim() == 2:
+        x, y = x[None], y[None]
+    if x.dim() != 3 or y.dim() != 3:
+        raise ValueError(f"x and y must be [P, m, d] (or [m, d]), got {tuple(x.shape)} and {tuple(y.shape)}")
+    if x.shape[:2] != y.shape[:2]:
+        raise ValueError(f"x and y must share P and m, got {tuple(x.shape[:2])} and {tuple(y.shape[:2])}")
+    if x.shape[1] < 2:
+        raise ValueError(f"CKA needs a batch of m >= 2 examples, got m={x.shape[1]}")
+    if upcast:
+        x, y = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x, (
+            y.float() if y.dtype in (torch.float16, torch.bfloat16) else y)
+    y = y.to(x.dtype)
+    xc = x - x.mean(1, keepdim=True)  # [P, m, d_s]
+    yc = y - y.mean(1, keepdim=True)  # [P, m, d_t]
+    cross = (yc.transpose(1, 2) @ xc).pow(2).sum((1, 2))  # ||Yc^T Xc||_F^2, [P]
+    sxx = (xc.transpose(1, 2) @ xc).pow(2).sum((1, 2))  # ||Xc^T Xc||_F^2
+    syy = (yc.transpose(1, 2) @ yc).pow(2).sum((1, 2))
+    cka = cross / torch.sqrt(sxx * syy + eps)
+    return (1.0 - cka).sum(), cka

@@ -53,6 +53,7 @@ def make_tiny(arch: str, *, n_layers: int = 2, seed: int = 0, vocab_size: int = 
     elif arch == "gpt2":
         m = GPT2LMHeadModel(
             GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=n_layers, n_head=4, n_positions=128,
+                       bos_token_id=0, eos_token_id=0,
                        attn_implementation="eager", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
         )
     else:

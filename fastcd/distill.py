@@ -1,0 +1,575 @@
+"""Masked circuit-distillation training (PAPER.md §4-5): ``fastcd.distill()`` and ``CircuitDistiller``.
+
+Loss = CE(student last-token logits, teacher label) + lambda * sum over matched pairs (1 - CKA(student z,
+teacher z)), each pair at its own position role, biased linear CKA over the minibatch (eps-guarded), plus an
+optional Hinton logit-KD term. Only the matched student heads' q rows and o columns train (see
+:mod:`fastcd.trainable`; the GQA key/value policy is ``DistillConfig.kv``). The teacher is frozen in
+inference mode, or replaced by an offline cache of its circuit heads' z and labels (safetensors shards).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastcd.discover import ALL, Circuit, metric_values
+from fastcd.functional import cka_loss
+from fastcd.hooks import capture_z, mean_z
+from fastcd.match import Matching, MatchInputs, match, match_random
+from fastcd.models import get_adapter, load_model, load_tokenizer
+from fastcd.tasks.base import EncodedBatch
+from fastcd.trainable import make_trainable, merge
+
+METHODS = ("full-ce", "circuit-ce", "cka", "ce+rand-cka", "ce+cka", "kd")
+FULL_MODEL = ("full-ce", "kd")
+USES_CKA = ("cka", "ce+rand-cka", "ce+cka")
+USES_CE = ("full-ce", "circuit-ce", "ce+rand-cka", "ce+cka", "kd")
+
+
+@dataclass
+class DistillConfig:
+    """Everything a distillation run needs; defaults are the CPU demo's."""
+
+    method: str = "ce+cka"
+    lam: float = 1.0  # weight of the summed (1 - CKA) term
+    steps: int = 300
+    batch_size: int = 32  # also the CKA batch m
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    labels: str = "teacher"  # "teacher" (teacher's argmax answer) or "gold"
+    kd_weight: float = 0.0  # Hinton KD term weight (the "kd" method uses 1.0 when this is 0)
+    kd_temperature: float = 2.0
+    kv: str = "frozen"  # GQA policy for matched heads' key/value slices: "frozen" or "trainable"
+    eps: float = 1e-8
+    seed: int = 0
+    n_train: int = 4096
+    n_eval: int = 500
+    eval_every: int = 0  # 0: evaluate at the end only
+    log_every: int = 10
+    save_every: int = 0  # checkpoint period in steps (0: none); a run resumes from OUT/ckpt
+    out: str | None = None
+    matching_method: str = "ablation"
+    discovery_k: tuple = (4, 2, 2, 2)  # path-patching top-k per group (entity tracking)
+    discovery_top_n: int | None = None  # ToM: top-n heads by mean-ablation patching (default 15% of heads)
+    n_discovery: int = 256
+    teacher_dtype: str | None = None
+    impl: str | None = None  # alignment-loss implementation (None: dispatch)
+    progress: bool = True
+
+    def validate(self) -> DistillConfig:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.lam < 0:
+            raise ValueError(f"lam must be >= 0, got {self.lam}")
+        if self.batch_size < 2:
+            raise ValueError(f"batch_size must be >= 2 (it is the CKA batch m), got {self.batch_size}")
+        if self.labels not in ("teacher", "gold"):
+            raise ValueError(f"labels must be 'teacher' or 'gold', got {self.labels!r}")
+        if self.kv not in ("frozen", "trainable"):
+            raise ValueError(f"kv must be 'frozen' or 'trainable', got {self.kv!r}")
+        for name in ("steps", "n_train", "n_eval"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.kd_weight < 0 or self.kd_temperature <= 0:
+            raise ValueError("kd_weight must be >= 0 and kd_temperature > 0")
+        return self
+
+    @property
+    def effective_kd_weight(self) -> float:
+        return self.kd_weight if (self.kd_weight > 0 or self.method != "kd") else 1.0
+
+
+@dataclass
+class DistillBatch:
+    """One minibatch. Student and teacher encodings of the same prompts (their tokenizers may differ)."""
+
+    student_ids: torch.Tensor  # [B, T_s]
+    student_pos: dict  # role -> [B]
+    gold: torch.Tensor  # [B]
+    teacher_ids: torch.Tensor | None = None  # [B, T_t]
+    teacher_pos: dict | None = None
+    teacher_z: torch.Tensor | None = None  # [P, B, d_t] from an offline cache
+    teacher_labels: torch.Tensor | None = None  # [B]
+    teacher_logits: torch.Tensor | None = None  # [B, V]
+
+
+def _gather_roles(cache, heads, roles, pos: dict, batch: int) -> torch.Tensor:
+    """``[P, B, d]``: pair p's head z at its role's per-example position (keeps the graph)."""
+    rows = torch.arange(batch)
+    out = []
+    for h, role in zip(heads, roles):
+        z = cache[h]  # [B, T, d]
+        if role == ALL:
+            raise ValueError("CKA pairs need a single position role per head, not 'all'")
+        out.append(z[rows, pos[role].to(z.device)])
+    return torch.stack(out)
+
+
+def check_vocabularies(teacher, student, teacher_tok=None, student_tok=None) -> None:
+    """Teacher labels are token ids: the two models must share one vocabulary."""
+    tv = getattr(getattr(teacher, "config", None), "vocab_size", None)
+    sv = getattr(getattr(student, "config", None), "vocab_size", None)
+    if teacher_tok is not None and student_tok is not None:
+        if teacher_tok.get_vocab() != student_tok.get_vocab():
+            raise ValueError("teacher and student vocabularies differ (their tokenizers map tokens to different "
+                             "ids); circuit distillation on teacher labels needs one shared vocabulary")
+    elif tv is not None and sv is not None and tv != sv:
+        raise ValueError(f"teacher and student vocabularies differ: vocab_size {tv} vs {sv}")
+
+
+class CircuitDistiller(nn.Module):
+    """The loss of circuit distillation as a module a user drives in their own loop.
+
+    ``loss, parts = cd(batch)``; ``cd.trainable_parameters()`` gives the slices (or, for full-model methods,
+    all student parameters) for the optimizer.
+    """
+
+    def __init__(self, student: nn.Module, matching: Matching | None, *, teacher: nn.Module | None = None,
+                 config: DistillConfig | None = None):
+        super().__init__()
+        self.config = (config or DistillConfig()).validate()
+        self.student = student
+        object.__setattr__(self, "teacher", teacher)  # not a submodule: never trained, never in state_dict
+        method = self.config.method
+        if method not in FULL_MODEL and (matching is None or len(matching) == 0):
+            raise ValueError(f"method {method!r} needs a non-empty matching")
+        self.matching = matching
+        if matching is not None:
+            s_spec = get_adapter(student).spec
+            for p in matching.pairs:
+                s_spec.check_head(p.student, "matching student head")
+                if teacher is not None:
+                    get_adapter(teacher).spec.check_head(p.teacher, "matching teacher head")
+        if teacher is not None:
+            teacher.eval()
+            for p in teacher.parameters():
+                p.requires_grad_(False)
+        if method in FULL_MODEL:
+            for p in student.parameters():
+                p.requires_grad_(True)
+            self.slices = None
+            self._params = [p for p in student.parameters()]
+        else:
+            self.slices = make_trainable(student, [p.student for p in matching.pairs], kv=self.config.kv)
+            self._params = list(self.slices.params)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return self._params
+
+    @property
+    def n_trainable(self) -> int:
+        return sum(p.numel() for p in self._params)
+
+    def _teacher_signals(self, batch: DistillBatch, need_z: bool, need_logits: bool):
+        if batch.teacher_labels is not None or batch.teacher_z is not None:
+            if need_z and batch.teacher_z is None:
+                raise ValueError("the offline teacher cache holds no z; rebuild it with the matching")
+            if need_logits and batch.teacher_logits is None:
+                raise ValueError("KD needs teacher logits; rebuild the offline cache with logits=True")
+            return batch.teacher_z, batch.teacher_labels, batch.teacher_logits
+        if self.teacher is None:
+            raise ValueError("no teacher: pass teacher= or batches from an offline teacher cache")
+        pairs = self.matching.pairs if self.matching is not None else []
+        t_heads = list(dict.fromkeys(p.teacher for p in pairs))
+        dev = next(self.teacher.parameters()).device
+        with torch.inference_mode():
+            with capture_z(self.teacher, t_heads or None, detach=True) as cache:
+                logits = self.teacher(input_ids=batch.teacher_ids.to(dev)).logits
+            b = batch.teacher_ids.shape[0]
+            last = logits[torch.arange(b), batch.teacher_pos["last"].to(dev)].float()  # [B, V]
+            z = None
+            if need_z:
+                z = _gather_roles(cache, [p.teacher for p in pairs], [p.position for p in pairs],
+                                  batch.teacher_pos, b).float()
+        return (None if z is None else z.clone()), last.argmax(-1).clone(), last.clone()
+
+    def forward(self, batch: DistillBatch):
+        cfg = self.config
+        need_cka = cfg.method in USES_CKA and (cfg.lam > 0 or cfg.method == "cka")
+        kd_w = cfg.effective_kd_weight
+        t_z, t_labels, t_logits = self._teacher_signals(batch, need_cka, kd_w > 0)
+        dev = next(self.student.parameters()).device
+        b = batch.student_ids.shape[0]
+        pairs = self.matching.pairs if self.matching is not None else []
+        s_heads = list(dict.fromkeys(p.student for p in pairs)) if need_cka else []
+        with capture_z(self.student, s_heads or [], detach=False) as cache:
+            logits = self.student(input_ids=batch.student_ids.to(dev)).logits
+        last = logits[torch.arange(b, device=dev), batch.student_pos["last"].to(dev)]  # [B, V]
+        parts: dict[str, float] = {}
+        loss = last.new_zeros(())
+        if cfg.method in USES_CE:
+            target = batch.gold if cfg.labels == "gold" else t_labels
+            ce = F.cross_entropy(last.float(), target.to(dev))
+            loss = loss + ce
+            parts["ce"] = float(ce.detach())
+        if need_cka:
+            xs = _gather_roles(cache, [p.student for p in pairs], [p.position for p in pairs],
+                               batch.student_pos, b)  # [P, B, d_s]
+            align, cka = cka_loss(xs, t_z.to(dev), eps=cfg.eps, impl=cfg.impl)
+            lam = 1.0 if cfg.method == "cka" else cfg.lam
+            loss = loss + lam * align
+            parts["cka_loss"] = float(align.detach())
+            parts["mean_cka"] = float(cka.detach().mean())
+        if kd_w > 0:
+            t = cfg.kd_temperature
+            kd = F.kl_div(F.log_softmax(last.float() / t, -1), F.log_softmax(t_logits.to(dev) / t, -1),
+                          reduction="batchmean", log_target=True) * t * t
+            loss = loss + kd_w * kd
+            parts["kd"] = float(kd.detach())
+        parts["loss"] = float(loss.detach())
+        return loss, parts
+
+
+# ------------------------------------------------------------------------------------------------
+# Offline teacher cache
+# ------------------------------------------------------------------------------------------------
+def build_teacher_cache(teacher: nn.Module, teacher_batch: EncodedBatch, matching: Matching | None, path: str, *,
+                        shard_size: int = 1024, logits: bool = False, batch_size: int = 128) -> str:
+    """Precompute the teacher's matched heads' z (at each pair's role), labels and optionally last-token
+    logits for every example, into ``path/shard_*.safetensors`` plus ``path/index.json``."""
+    from safetensors.torch import save_file
+
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    tmp = path.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    pairs = matching.pairs if matching is not None else []
+    dev = next(teacher.parameters()).device
+    t_heads = list(dict.fromkeys(p.teacher for p in pairs))
+    n = len(teacher_batch)
+    zs, labels, lg = [], [], []
+    with torch.inference_mode():
+        for i in range(0, n, batch_size):
+            sub = teacher_batch.index(range(i, min(i + batch_size, n)))
+            with capture_z(teacher, t_heads or [], detach=True) as cache:
+                out = teacher(input_ids=sub.input_ids.to(dev)).logits
+            last = out[torch.arange(len(sub)), sub.positions["last"].to(dev)].float().cpu()
+            labels.append(last.argmax(-1))
+            if logits:
+                lg.append(last)
+            if pairs:
+                zs.append(_gather_roles(cache, [p.teacher for p in pairs], [p.position for p in pairs],
+                                        sub.positions, len(sub)).float().cpu())
+    labels_t = torch.cat(labels)
+    z_t = torch.cat(zs, dim=1) if zs else None
+    lg_t = torch.cat(lg) if lg else None
+    shards = []
+    for k, s in enumerate(range(0, n, shard_size)):
+        e = min(n, s + shard_size)
+        tensors = {"labels": labels_t[s:e].contiguous()}
+        if z_t is not None:
+            tensors["z"] = z_t[:, s:e].contiguous()
+        if lg_t is not None:
+            tensors["logits"] = lg_t[s:e].contiguous()
+        name = f"shard_{k:05d}.safetensors"
+        save_file(tensors, os.path.join(tmp, name))
+        shards.append({"file": name, "start": s, "stop": e})
+    index = {"n": n, "shards": shards, "pairs": [p.to_json() for p in pairs], "logits": logits}
+    with open(os.path.join(tmp, "index.json"), "w") as f:
+        json.dump(index, f, indent=2)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+    return path
+
+
+class TeacherCache:
+    """Reads an offline teacher cache; ``get(indices)`` returns ``(z [P, B, d] | None, labels [B], logits)``."""
+
+    def __init__(self, path: str, matching: Matching | None = None):
+        from safetensors.torch import load_file
+
+        idx_path = os.path.join(path, "index.json")
+        if not os.path.isfile(idx_path):
+            raise FileNotFoundError(f"teacher_cache: {path!r} has no index.json; build it with build_teacher_cache")
+        with open(idx_path) as f:
+            self.index = json.load(f)
+        if matching is not None and [p.to_json() for p in matching.pairs] != self.index["pairs"]:
+            raise ValueError("teacher_cache was built for a different matching; rebuild it")
+        shards = [load_file(os.path.join(path, s["file"])) for s in self.index["shards"]]
+        self.labels = torch.cat([s["labels"] for s in shards])
+        self.z = torch.cat([s["z"] for s in shards], dim=1) if "z" in shards[0] else None
+        self.logits = torch.cat([s["logits"] for s in shards]) if "logits" in shards[0] else None
+
+    def __len__(self) -> int:
+        return int(self.index["n"])
+
+    def get(self, idx: torch.Tensor):
+        return (None if self.z is None else self.z[:, idx], self.labels[idx],
+                None if self.logits is None else self.logits[idx])
+
+
+# ------------------------------------------------------------------------------------------------
+# The driver
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class DistillResult:
+    student: nn.Module
+    matching: Matching | None
+    circuit: Circuit | None
+    metrics: dict
+    log: list = field(default_factory=list)
+    correct: list = field(default_factory=list)  # per test example, for McNemar
+    circuit_correct: list = field(default_factory=list)
+
+
+def _make_batch(idx, s_enc: EncodedBatch, t_enc: EncodedBatch | None, cache: TeacherCache | None) -> DistillBatch:
+    b = DistillBatch(s_enc.input_ids[idx], {k: v[idx] for k, v in s_enc.positions.items()}, s_enc.answer_ids[idx])
+    if cache is not None:
+        b.teacher_z, b.teacher_labels, b.teacher_logits = cache.get(idx)
+    elif t_enc is not None:
+        b.teacher_ids = t_enc.input_ids[idx]
+        b.teacher_pos = {k: v[idx] for k, v in t_enc.positions.items()}
+    return b
+
+
+@torch.no_grad()
+def accuracy_per_example(model: nn.Module, enc: EncodedBatch, batch_size: int = 256) -> list[bool]:
+    dev = next(model.parameters()).device
+    out = []
+    for i in range(0, len(enc), batch_size):
+        sub = enc.index(range(i, min(i + batch_size, len(enc))))
+        logits = model(input_ids=sub.input_ids.to(dev)).logits
+        out += metric_values(logits, sub, "accuracy").bool().tolist()
+    return out
+
+
+def _resolve_task(task_or_dataset, n_boxes: int | None = None):
+    from fastcd.tasks import EntityTracking, TheoryOfMind, get_task
+
+    if isinstance(task_or_dataset, str):
+        return get_task(task_or_dataset)
+    if isinstance(task_or_dataset, (EntityTracking, TheoryOfMind)):
+        return task_or_dataset
+    raise TypeError("task_or_dataset must be a task name ('entity-tracking', 'tom') or a task object, "
+                    f"got {type(task_or_dataset).__name__}")
+
+
+def _atomic_save(state: dict, path: str) -> None:
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, matching: Matching | None = None,
+            config: DistillConfig | None = None, *, teacher_tokenizer=None, student_tokenizer=None,
+            teacher_cache: str | None = None) -> DistillResult:
+    """Run circuit distillation end to end.
+
+    Args:
+        teacher, student: local HF directories or modules. ``teacher`` may be None with ``teacher_cache``.
+        task_or_dataset: ``"entity-tracking"``, ``"tom"`` or a task object (``EntityTracking(n_boxes=5)``).
+        circuit: the teacher circuit; discovered when None (path patching for entity tracking, mean-ablation
+            patching for ToM).
+        matching: teacher->student pairs; computed with ``config.matching_method`` when None.
+        config: :class:`DistillConfig`.
+        teacher_tokenizer, student_tokenizer: default: loaded from the model directories.
+        teacher_cache: an offline teacher cache directory (see :func:`build_teacher_cache`).
+
+    Returns:
+        :class:`DistillResult` with the trained student (merged, ready for ``save_pretrained``), the matching,
+        the circuit, metrics (student, student circuit and teacher accuracy, trainable share), and the log.
+    """
+    from tqdm import tqdm
+
+    cfg = (config or DistillConfig()).validate()
+    torch.manual_seed(cfg.seed)
+    task = _resolve_task(task_or_dataset)
+    s_tok = student_tokenizer or (load_tokenizer(student) if isinstance(student, (str, os.PathLike)) else None)
+    t_tok = teacher_tokenizer or (load_tokenizer(teacher) if isinstance(teacher, (str, os.PathLike)) else None)
+    if s_tok is None:
+        raise ValueError("student_tokenizer is needed when student is a module")
+    t_tok = t_tok or s_tok
+    student = load_model(student)
+    teacher = None if teacher is None else load_model(teacher, dtype=cfg.teacher_dtype)
+    if teacher is None and teacher_cache is None:
+        raise ValueError("teacher is None: pass a teacher or a teacher_cache")
+    if teacher is not None:
+        check_vocabularies(teacher, student, t_tok, s_tok)
+    train_ex = task.generate(cfg.n_train, seed=cfg.seed, split="train")
+    test_pairs = task.pairs(cfg.n_eval, seed=cfg.seed, split="test")
+    s_train = task.encode(train_ex, s_tok)
+    t_train = task.encode(train_ex, t_tok) if teacher is not None else None
+    s_test = task.encode([p.clean for p in test_pairs], s_tok)
+    s_ref = task.encode([p.corrupt for p in test_pairs], s_tok)
+
+    # --- circuit and matching -------------------------------------------------------------------------
+    needs_matching = cfg.method not in FULL_MODEL or cfg.method == "ce+rand-cka"
+    if needs_matching and matching is None:
+        if teacher is None:
+            raise ValueError("matching must be given when training from a teacher cache")
+        dpairs = task.pairs(cfg.n_discovery, seed=cfg.seed, split="val")
+        t_clean = task.encode([p.clean for p in dpairs], t_tok)
+        t_corrupt = task.encode([p.corrupt for p in dpairs], t_tok)
+        if circuit is None:
+            circuit = discover_circuit(teacher, task, t_clean, t_corrupt, cfg)
+        if cfg.method == "ce+rand-cka":
+            matching = match_random(circuit, student, seed=cfg.seed)
+        else:
+            inp = MatchInputs(teacher, student, circuit, t_clean, task.encode([p.clean for p in dpairs], s_tok),
+                              t_corrupt, task.encode([p.corrupt for p in dpairs], s_tok))
+            matching = match(inp, cfg.matching_method)
+    elif cfg.method == "ce+rand-cka" and matching is not None and matching.method != "random":
+        # the control pairs the same teacher heads with random student heads
+        from fastcd.discover import CircuitHead
+
+        t_spec = get_adapter(teacher if teacher is not None else student).spec
+        heads = [CircuitHead(p.teacher, p.group, p.position, 0.0) for p in matching.pairs]
+        matching = match_random(Circuit(heads, task.name, t_spec.n_layers, t_spec.n_heads), student, seed=cfg.seed)
+    if matching is not None:
+        s_spec = get_adapter(student).spec
+        for p in matching.pairs:
+            s_spec.check_head(p.student, "matching student head")
+            if teacher is not None:
+                get_adapter(teacher).spec.check_head(p.teacher, "matching teacher head")
+
+    cache = TeacherCache(teacher_cache, matching if cfg.method in USES_CKA else None) if teacher_cache else None
+    if cache is not None and len(cache) != cfg.n_train:
+        raise ValueError(f"teacher_cache holds {len(cache)} examples, config.n_train is {cfg.n_train}")
+
+    cd = CircuitDistiller(student, matching if cfg.method not in FULL_MODEL else None, teacher=teacher, config=cfg)
+    opt = torch.optim.AdamW(cd.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    step, log = 0, []
+    ckpt = os.path.join(cfg.out, "ckpt.pt") if cfg.out else None
+    if ckpt and os.path.isfile(ckpt):
+        state = torch.load(ckpt, weights_only=False)
+        if state["config"] != _cfg_key(cfg):
+            raise ValueError(f"{ckpt} was written by a run with a different configuration")
+        with torch.no_grad():
+            for p, v in zip(cd.trainable_parameters(), state["params"]):
+                p.copy_(v)
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"])
+        step, log = state["step"], state["log"]
+    student.train()
+    t0 = time.time()
+    bar = tqdm(total=cfg.steps, initial=step, disable=not cfg.progress, desc=f"distill {cfg.method}")
+    while step < cfg.steps:
+        idx = torch.randint(len(s_train), (cfg.batch_size,), generator=gen)
+        loss, parts = cd(_make_batch(idx, s_train, t_train, cache))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix({k: f"{v:.3f}" for k, v in parts.items() if k in ("ce", "cka_loss", "kd")})
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            log.append({"step": step, **parts, "elapsed_s": round(time.time() - t0, 2)})
+        if cfg.eval_every and step % cfg.eval_every == 0:
+            student.eval()
+            log[-1]["test_accuracy"] = sum(accuracy_per_example(student, s_test)) / len(s_test)
+            student.train()
+        if ckpt and cfg.save_every and (step % cfg.save_every == 0 or step == cfg.steps):
+            os.makedirs(cfg.out, exist_ok=True)
+            _atomic_save({"params": [p.detach().clone() for p in cd.trainable_parameters()],
+                          "optimizer": opt.state_dict(), "generator": gen.get_state(), "step": step, "log": log,
+                          "config": _cfg_key(cfg)}, ckpt)
+    bar.close()
+    student.eval()
+    if cd.slices is not None:
+        merge(cd.slices)
+    for p in student.parameters():
+        p.requires_grad_(False)
+    correct = accuracy_per_example(student, s_test)
+    metrics = {"method": cfg.method, "student_accuracy": sum(correct) / len(correct),
+               "trainable_params": cd.n_trainable,
+               "trainable_fraction": cd.n_trainable / sum(p.numel() for p in student.parameters())}
+    circ_correct = []
+    if matching is not None:
+        means = mean_z(student, s_ref.input_ids.to(next(student.parameters()).device))
+        live = [(p.student, p.position) for p in matching.pairs]
+        circ_correct = circuit_correct_per_example(student, s_test, means, live)
+        metrics["student_circuit_accuracy"] = sum(circ_correct) / len(circ_correct)
+        s_spec = get_adapter(student).spec
+        metrics["trained_heads"] = len(matching.student_heads())
+        metrics["trained_heads_fraction"] = len(matching.student_heads()) / s_spec.n_total_heads
+    if teacher is not None:
+        t_test = task.encode([p.clean for p in test_pairs], t_tok)
+        metrics["teacher_accuracy"] = sum(accuracy_per_example(teacher, t_test)) / len(t_test)
+    result = DistillResult(student, matching, circuit, metrics, log, correct, circ_correct)
+    if cfg.out:
+        save_result(result, cfg, s_tok)
+    return result
+
+
+def _cfg_key(cfg: DistillConfig) -> dict:
+    d = asdict(cfg)
+    d.pop("progress", None)
+    d["discovery_k"] = list(d["discovery_k"])
+    return d
+
+
+@torch.no_grad()
+def circuit_correct_per_example(model, enc: EncodedBatch, means, live, batch_size: int = 128) -> list[bool]:
+    """Per-example correctness with only ``live`` (head, role) pairs active, everything else mean-ablated."""
+    out = []
+    for i in range(0, len(enc), batch_size):
+        out += _circuit_hits(model, enc.index(range(i, min(i + batch_size, len(enc)))), means, live)
+    return out
+
+
+def _circuit_hits(model, sub, means, live) -> list[bool]:
+    from fastcd.discover import _pos_mask, _positions
+    from fastcd.hooks import intervene
+
+    spec = get_adapter(model).spec
+    dev = next(model.parameters()).device
+    n, t = sub.input_ids.shape
+    keep = torch.zeros(spec.n_layers, n, t, spec.n_heads, dtype=torch.bool)
+    for head, role in live:
+        keep[head.layer, :, :, head.head] |= _pos_mask(None if role == ALL else _positions(sub, role), n, t)
+    plan = {l: (~keep[l], means[l][None]) for l in range(spec.n_layers)}
+    with intervene(model, plan):
+        logits = model(input_ids=sub.input_ids.to(dev)).logits
+    return metric_values(logits, sub, "accuracy").bool().tolist()
+
+
+def discover_circuit(teacher, task, t_clean: EncodedBatch, t_corrupt: EncodedBatch, cfg: DistillConfig) -> Circuit:
+    """The default discovery: path patching (entity tracking) or mean-ablation patching (ToM)."""
+    from fastcd import discover as D
+    from fastcd.path_patching import entity_tracking_circuit
+
+    if task.name == "entity-tracking":
+        circuit, _ = entity_tracking_circuit(teacher, t_clean, t_corrupt, k=tuple(cfg.discovery_k))
+        return circuit
+    src = D.make_source(teacher, t_clean, "mean", corrupt=t_corrupt)
+    res = D.patch_heads_batched(teacher, t_clean, src, metric="prob", position="last")
+    n = cfg.discovery_top_n or max(1, round(0.15 * res.scores.numel()))
+    return D.circuit_from_scores(res, n, task=task.name, group="heads", position="last")
+
+
+def save_result(result: DistillResult, cfg: DistillConfig, tokenizer=None) -> str:
+    """``OUT/student`` (save_pretrained), ``OUT/matching.json``, ``OUT/circuit.json``, ``OUT/log.json``."""
+    out = cfg.out
+    os.makedirs(out, exist_ok=True)
+    sdir = os.path.join(out, "student")
+    tmp = sdir + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    result.student.save_pretrained(tmp, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    shutil.rmtree(sdir, ignore_errors=True)
+    os.replace(tmp, sdir)
+    if result.matching is not None:
+        result.matching.save(os.path.join(out, "matching.json"))
+    if result.circuit is not None and result.circuit.heads:
+        result.circuit.save(os.path.join(out, "circuit.json"))
+    with open(os.path.join(out, "log.json"), "w") as f:
+        json.dump({"config": _cfg_key(cfg), "metrics": result.metrics, "log": result.log}, f, indent=2)
+    return out
+
+
+__all__ = ["CircuitDistiller", "DistillBatch", "DistillConfig", "DistillResult", "METHODS", "TeacherCache",
+           "build_teacher_cache", "check_vocabularies", "distill", "save_result"]
+_ = dataclasses  # kept for users extending DistillConfig with dataclasses.replace

@@ -1,0 +1,122 @@
+"""Head-granular trainable parameters: only the matched student heads' slices train.
+
+Each touched weight is re-parametrised (``torch.nn.utils.parametrize``) as its frozen original with the
+trainable slices spliced in: ``W = cat(W[:s], P, W[e:])`` along the slice dimension. Gradients, optimizer
+state and weight decay therefore exist for the slices alone, and every other element of the weight stays
+bit-identical. :func:`merge` writes the slices back and removes the parametrisations (before saving).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from fastcd.models import Head, get_adapter
+
+KV_POLICIES = ("frozen", "trainable")
+
+
+class _SpliceSlices(nn.Module):
+    """``forward(W)`` returns W with ``slices[i]`` replaced by the trainable ``params[i]``."""
+
+    def __init__(self, weight: torch.Tensor, slices: list[tuple[int, int, int]]):
+        super().__init__()
+        self.slices = sorted(slices)
+        dims = {d for d, _, _ in self.slices}
+        if len(dims) != 1:
+            raise ValueError(f"slices of one weight must share one dimension, got {sorted(dims)}")
+        self.dim = dims.pop()
+        self.params = nn.ParameterList(
+            [nn.Parameter(weight.detach().narrow(self.dim, s, e - s).clone()) for _, s, e in self.slices]
+        )
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        parts, cur = [], 0
+        for (_, s, e), p in zip(self.slices, self.params):
+            if s > cur:
+                parts.append(w.narrow(self.dim, cur, s - cur))
+            parts.append(p.to(w.dtype))
+            cur = e
+        if cur < w.shape[self.dim]:
+            parts.append(w.narrow(self.dim, cur, w.shape[self.dim] - cur))
+        return torch.cat(parts, dim=self.dim)
+
+
+@dataclass
+class TrainableSlices:
+    """What :func:`make_trainable` did: the trainable params and the modules it re-parametrised."""
+
+    params: list[nn.Parameter]
+    modules: list[tuple[nn.Module, str]]
+    heads: list[Head]
+    n_trainable: int
+    n_total: int
+
+    @property
+    def fraction(self) -> float:
+        return self.n_trainable / self.n_total
+
+
+def _merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[list[int]] = []
+    for s, e in sorted(ranges):
+        if out and s <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], e)
+        else:
+            out.append([s, e])
+    return [(s, e) for s, e in out]
+
+
+def make_trainable(model: nn.Module, heads: list[Head], *, kv: str = "frozen") -> TrainableSlices:
+    """Freeze ``model`` and make only ``heads``' q rows, o columns (and q bias) trainable.
+
+    Args:
+        kv: GQA policy for the heads' key/value slices: ``"frozen"`` (default: a KV group is shared with
+            heads that are not matched, so training it would move them too) or ``"trainable"`` (each matched
+            head's KV group trains).
+    """
+    if kv not in KV_POLICIES:
+        raise ValueError(f"kv must be one of {KV_POLICIES}, got {kv!r}")
+    if not heads:
+        raise ValueError("heads must not be empty: nothing would train")
+    adapter = get_adapter(model)
+    heads = sorted({adapter.spec.check_head(h, "trainable head") for h in heads})
+    n_total = sum(p.numel() for p in model.parameters())
+    for p in model.parameters():
+        p.requires_grad_(False)
+    by_param: dict[int, tuple[nn.Parameter, int, list[tuple[int, int]]]] = {}
+    for h in heads:
+        for sl in adapter.head_slices(h, kv=(kv == "trainable")):
+            key = id(sl.param)
+            entry = by_param.setdefault(key, (sl.param, sl.dim, []))
+            if entry[1] != sl.dim:
+                raise ValueError(f"{sl.name}: slices of one weight along two dimensions are not supported")
+            entry[2].append((sl.index.start, sl.index.stop))
+    owners = {id(p): (mod, name) for mod in model.modules() for name, p in mod.named_parameters(recurse=False)}
+    params, modules, n_tr = [], [], 0
+    for key, (param, dim, ranges) in by_param.items():
+        mod, name = owners[key]
+        merged = _merge_ranges(ranges)
+        splice = _SpliceSlices(param, [(dim, s, e) for s, e in merged])
+        parametrize.register_parametrization(mod, name, splice, unsafe=True)
+        mod.parametrizations[name].original.requires_grad_(False)
+        for p in splice.params:
+            p.requires_grad_(True)
+            params.append(p)
+            n_tr += p.numel()
+        modules.append((mod, name))
+    return TrainableSlices(params, modules, heads, n_tr, n_total)
+
+
+def merge(slices: TrainableSlices) -> None:
+    """Write the trained slices into the weights and remove the parametrisations (call before saving)."""
+    for mod, name in slices.modules:
+        if parametrize.is_parametrized(mod, name):
+            parametrize.remove_parametrizations(mod, name, leave_parametrized=True)
+
+
+def slice_state(slices: TrainableSlices) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in slices.params]

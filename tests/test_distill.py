@@ -1,0 +1,271 @@
+import json
+
+import pytest
+import torch
+from conftest import make_tiny
+
+from fastcd.distill import (
+    CircuitDistiller,
+    DistillBatch,
+    DistillConfig,
+    build_teacher_cache,
+    check_vocabularies,
+    distill,
+)
+from fastcd.match import Matching, Pair
+from fastcd.models import Head
+from fastcd.reference import cka_loss_ref
+from fastcd.stats import mcnemar
+from fastcd.tasks import EntityTracking
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from fastcd.tokenizer import build_word_tokenizer
+
+    return build_word_tokenizer()
+
+
+TASK = EntityTracking(n_boxes=3)
+
+
+def _matching(pairs=((Head(1, 2), Head(1, 1), "last"), (Head(0, 3), Head(0, 2), "query_label"))):
+    return Matching([Pair(t, s, r, "g", {}) for t, s, r in pairs], "given")
+
+
+def _cfg(**kw):
+    base = dict(steps=6, batch_size=8, n_train=64, n_eval=16, lr=1e-2, progress=False, log_every=1)
+    base.update(kw)
+    return DistillConfig(**base)
+
+
+# --- the loss ------------------------------------------------------------------------------------------
+def test_cka_loss_reference_properties():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 20, 8, generator=g, dtype=torch.float64)
+    loss, cka = cka_loss_ref(x, x.clone(), eps=0.0)
+    assert torch.allclose(cka, torch.ones(3, dtype=torch.float64)) and abs(float(loss)) < 1e-12
+    y = torch.randn(3, 20, 5, generator=g, dtype=torch.float64)
+    loss, cka = cka_loss_ref(x, y)
+    assert float(loss) == pytest.approx(float((1 - cka).sum()))  # summed over pairs (Eq. 7)
+    assert torch.all((cka > 0) & (cka < 1))
+    x1 = x.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a: cka_loss_ref(a, y)[0], (x1,))
+
+
+def test_cka_loss_never_nan():
+    x = torch.ones(2, 2, 4, requires_grad=True)  # constant activations, m = 2
+    y = torch.randn(2, 2, 3)
+    loss, cka = cka_loss_ref(x, y)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all() and torch.all(cka == 0)
+    with pytest.raises(ValueError, match="m >= 2"):
+        cka_loss_ref(torch.randn(1, 1, 4), torch.randn(1, 1, 4))
+    with pytest.raises(ValueError, match="share P and m"):
+        cka_loss_ref(torch.randn(2, 5, 4), torch.randn(3, 5, 4))
+
+
+def test_cka_loss_bf16_upcast():
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(2, 64, 16, generator=g), torch.randn(2, 64, 16, generator=g)
+    ref = cka_loss_ref(x.double(), y.double())[0]
+    low = cka_loss_ref(x.bfloat16(), y.bfloat16())[0]
+    assert low.dtype == torch.float32 and abs(float(low) - float(ref)) < 2e-2
+
+
+# --- trainable slices ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch, kv", [("llama", "frozen"), ("llama", "trainable"), ("gpt2", "frozen")])
+def test_only_matched_slices_train(arch, kv, tok):
+    teacher = make_tiny("llama", vocab_size=len(tok), seed=1)
+    student = make_tiny(arch, vocab_size=len(tok), seed=2)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    m = _matching()
+    res = distill(teacher, student, TASK, matching=m, config=_cfg(method="ce+cka", kv=kv, weight_decay=0.1),
+                  student_tokenizer=tok, teacher_tokenizer=tok)
+    after = res.student.state_dict()
+    assert set(after) == set(before)  # parametrisations removed: plain keys again
+    changed = {k: (before[k] != after[k]) for k in before}
+    d = 8
+    allowed = {k: torch.zeros_like(v, dtype=torch.bool) for k, v in before.items()}
+    for s in (Head(1, 1), Head(0, 2)):
+        if arch == "gpt2":
+            a = f"transformer.h.{s.layer}.attn."
+            allowed[a + "c_attn.weight"][:, s.head * d : (s.head + 1) * d] = True
+            allowed[a + "c_attn.bias"][s.head * d : (s.head + 1) * d] = True
+            allowed[a + "c_proj.weight"][s.head * d : (s.head + 1) * d] = True
+        else:
+            a = f"model.layers.{s.layer}.self_attn."
+            allowed[a + "q_proj.weight"][s.head * d : (s.head + 1) * d] = True
+            allowed[a + "o_proj.weight"][:, s.head * d : (s.head + 1) * d] = True
+            if kv == "trainable":
+                g = s.head // 2
+                allowed[a + "k_proj.weight"][g * d : (g + 1) * d] = True
+                allowed[a + "v_proj.weight"][g * d : (g + 1) * d] = True
+    for k in before:
+        assert not (changed[k] & ~allowed[k]).any(), f"frozen elements of {k} changed"
+    for s in (Head(1, 1), Head(0, 2)):
+        key = f"model.layers.{s.layer}.self_attn.q_proj.weight" if arch != "gpt2" else \
+            f"transformer.h.{s.layer}.attn.c_attn.weight"
+        assert changed[key].any(), f"{key}: the trained slice did not change"
+    if kv == "trainable":
+        assert changed["model.layers.1.self_attn.k_proj.weight"].any()
+    assert res.metrics["trainable_fraction"] < 0.2
+
+
+def test_optimizer_state_only_for_slices(tok):
+    teacher = make_tiny("llama", vocab_size=len(tok), seed=1)
+    student = make_tiny("llama", vocab_size=len(tok), seed=2)
+    cd = CircuitDistiller(student, _matching(), teacher=teacher, config=_cfg())
+    opt = torch.optim.AdamW(cd.trainable_parameters(), lr=1e-3, weight_decay=0.1)
+    enc = TASK.encode(TASK.generate(8), tok)
+    batch = DistillBatch(enc.input_ids, enc.positions, enc.answer_ids, enc.input_ids, enc.positions)
+    loss, parts = cd(batch)
+    loss.backward()
+    opt.step()
+    slice_bytes = sum(p.numel() * p.element_size() for p in cd.trainable_parameters())
+    state_bytes = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
+                      if torch.is_tensor(v) and v.dim() > 0)
+    assert state_bytes <= 2 * slice_bytes
+    assert slice_bytes == 4 * (2 * 8 * 32 * 2)  # 2 heads x (q rows + o cols) x d_head x d_model, fp32
+    assert {"ce", "cka_loss", "mean_cka", "loss"} <= set(parts)
+
+
+def test_cka_term_alone_trains_the_matched_heads(tok):
+    teacher = make_tiny("llama", vocab_size=len(tok), seed=1)
+    student = make_tiny("llama", vocab_size=len(tok), seed=2)
+    cd = CircuitDistiller(student, _matching(), teacher=teacher, config=_cfg(method="cka"))
+    enc = TASK.encode(TASK.generate(16), tok)
+    batch = DistillBatch(enc.input_ids, enc.positions, enc.answer_ids, enc.input_ids, enc.positions)
+    loss, parts = cd(batch)
+    assert "ce" not in parts
+    loss.backward()
+    # the q rows of both matched heads get gradient from the CKA term (the capture keeps the graph); the
+    # o columns of L1H1 cannot (o_proj sits after the captured z and no later pair reads its output)
+    q_params = [mod.parametrizations["weight"][0].params[0] for mod, _ in cd.slices.modules
+                if mod is student.model.layers[0].self_attn.q_proj or mod is student.model.layers[1].self_attn.q_proj]
+    assert len(q_params) == 2
+    assert all(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in q_params)
+    o0 = student.model.layers[0].self_attn.o_proj.parametrizations["weight"][0].params[0]
+    assert o0.grad is not None and float(o0.grad.abs().sum()) > 0  # reaches L1H1's z through the residual
+
+
+def test_loss_decreases_and_student_loads_with_transformers(tmp_path, tok):
+    from transformers import AutoModelForCausalLM
+
+    teacher = make_tiny("llama", vocab_size=len(tok), seed=1)
+    student = make_tiny("llama", vocab_size=len(tok), seed=2)
+    res = distill(teacher, student, TASK, matching=_matching(),
+                  config=_cfg(steps=40, lr=3e-2, out=str(tmp_path / "run"), log_every=1),
+                  student_tokenizer=tok, teacher_tokenizer=tok)
+    first = sum(r["loss"] for r in res.log[:5]) / 5
+    last = sum(r["loss"] for r in res.log[-5:]) / 5
+    assert last < first
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "student", local_files_only=True)
+    ids = torch.randint(0, len(tok), (2, 7))
+    torch.testing.assert_close(loaded(ids).logits, res.student(ids).logits)
+    saved = json.loads((tmp_path / "run" / "log.json").read_text())
+    assert saved["metrics"]["method"] == "ce+cka" and len(saved["log"]) == 40
+    assert Matching.load(tmp_path / "run" / "matching.json").to_json() == res.matching.to_json()
+
+
+def test_offline_teacher_cache_matches_online(tmp_path, tok):
+    cfg = _cfg(method="ce+cka", kd_weight=0.5)
+    m = _matching()
+    teacher = make_tiny("llama", vocab_size=len(tok), seed=1)
+    online = distill(teacher, make_tiny("llama", vocab_size=len(tok), seed=2), TASK, matching=m, config=cfg,
+                     student_tokenizer=tok, teacher_tokenizer=tok)
+    train = TASK.encode(TASK.generate(cfg.n_train, seed=cfg.seed, split="train"), tok)
+    build_teacher_cache(teacher, train, m, str(tmp_path / "cache"), shard_size=20, logits=True)
+    assert len(list((tmp_path / "cache").glob("shard_*.safetensors"))) == 4
+    offline = distill(None, make_tiny("llama", vocab_size=len(tok), seed=2), TASK, matching=m, config=cfg,
+                      student_tokenizer=tok, teacher_cache=str(tmp_path / "cache"))
+    a, b = online.student.state_dict(), offline.student.state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+    assert [r["loss"] for r in online.log] == pytest.approx([r["loss"] for r in offline.log], rel=1e-5)
+
+
+def test_resume_reaches_the_same_weights(tmp_path, tok, monkeypatch):
+    import fastcd.distill as D
+
+    m = _matching()
+    teacher = make_tiny("llama", vocab_size=len(tok), seed=1)
+    straight = distill(teacher, make_tiny("llama", vocab_size=len(tok), seed=2), TASK, matching=m,
+                       config=_cfg(steps=6), student_tokenizer=tok, teacher_tokenizer=tok)
+    real = D._atomic_save
+    calls = {"n": 0}
+
+    def crash(state, path):
+        real(state, path)
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(D, "_atomic_save", crash)
+    cfg = _cfg(steps=6, save_every=3, out=str(tmp_path / "r"))
+    with pytest.raises(KeyboardInterrupt):
+        distill(teacher, make_tiny("llama", vocab_size=len(tok), seed=2), TASK, matching=m, config=cfg,
+                student_tokenizer=tok, teacher_tokenizer=tok)
+    monkeypatch.setattr(D, "_atomic_save", real)
+    resumed = distill(teacher, make_tiny("llama", vocab_size=len(tok), seed=2), TASK, matching=m, config=cfg,
+                      student_tokenizer=tok, teacher_tokenizer=tok)
+    a, b = straight.student.state_dict(), resumed.student.state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("method", ["full-ce", "circuit-ce", "cka", "ce+rand-cka", "kd"])
+def test_every_method_runs(method, tok):
+    teacher = make_tiny("llama", vocab_size=len(tok), seed=1)
+    res = distill(teacher, make_tiny("llama", vocab_size=len(tok), seed=2), TASK, matching=_matching(),
+                  config=_cfg(method=method, steps=3), student_tokenizer=tok, teacher_tokenizer=tok)
+    assert 0 <= res.metrics["student_accuracy"] <= 1
+    if method in ("full-ce", "kd"):
+        assert res.metrics["trainable_fraction"] == 1.0
+    if method == "ce+rand-cka":
+        assert res.matching.method == "random"
+        assert [p.teacher for p in res.matching.pairs] == [Head(1, 2), Head(0, 3)]
+
+
+def test_distill_discovers_and_matches_when_not_given(tok):
+    teacher = make_tiny("llama", vocab_size=len(tok), seed=1, n_layers=3)
+    res = distill(teacher, make_tiny("llama", vocab_size=len(tok), seed=2), TASK,
+                  config=_cfg(steps=2, n_discovery=12, discovery_k=(2, 1, 1, 1)),
+                  student_tokenizer=tok, teacher_tokenizer=tok)
+    assert res.circuit is not None and len(res.matching) >= 1
+    assert "student_circuit_accuracy" in res.metrics and "teacher_accuracy" in res.metrics
+
+
+def test_bad_input(tok):
+    teacher = make_tiny("llama", vocab_size=len(tok), seed=1)
+    student = make_tiny("llama", vocab_size=len(tok), seed=2)
+    kw = dict(student_tokenizer=tok, teacher_tokenizer=tok)
+    with pytest.raises(ValueError, match="lam must be >= 0"):
+        distill(teacher, student, TASK, matching=_matching(), config=_cfg(lam=-1.0), **kw)
+    with pytest.raises(ValueError, match=r"batch_size must be >= 2 \(it is the CKA batch m\)"):
+        distill(teacher, student, TASK, matching=_matching(), config=_cfg(batch_size=1), **kw)
+    with pytest.raises(ValueError, match="at least one pair"):
+        distill(teacher, student, TASK, matching=Matching([], "x"), config=_cfg(), **kw)
+    with pytest.raises(ValueError, match="matching student head L5H0 is out of range"):
+        distill(teacher, student, TASK, matching=_matching(((Head(0, 0), Head(5, 0), "last"),)), config=_cfg(), **kw)
+    with pytest.raises(ValueError, match="vocabularies differ: vocab_size"):
+        check_vocabularies(teacher, make_tiny("llama", vocab_size=len(tok) + 1))
+    from fastcd.tokenizer import build_word_tokenizer
+
+    other = build_word_tokenizer(["apple", "Box"])
+    with pytest.raises(ValueError, match="teacher and student vocabularies differ"):
+        check_vocabularies(teacher, student, tok, other)
+    with pytest.raises(ValueError, match="method must be one of"):
+        DistillConfig(method="lora").validate()
+    with pytest.raises(TypeError, match="task_or_dataset must be"):
+        distill(teacher, student, 42, matching=_matching(), config=_cfg(), **kw)
+
+
+def test_mcnemar():
+    a = [True] * 30 + [False] * 10
+    b = [True] * 20 + [False] * 20
+    r = mcnemar(a, b)
+    assert (r["b"], r["c"]) == (10, 0) and r["p_value"] < 0.01
+    assert mcnemar(a, a)["p_value"] == 1.0
+    with pytest.raises(ValueError, match="one length"):
+        mcnemar([True], [True, False])
