@@ -29,7 +29,10 @@ def tok():
 TASK = EntityTracking(n_boxes=3)
 
 
-def _matching(pairs=((Head(1, 2), Head(1, 1), "last"), (Head(0, 3), Head(0, 2), "query_label"))):
+DEFAULT_PAIRS = ((Head(1, 2), Head(1, 1), "last"), (Head(0, 3), Head(0, 2), "query_label"))
+
+
+def _matching(pairs=DEFAULT_PAIRS):
     return Matching([Pair(t, s, r, "g", {}) for t, s, r in pairs], "given")
 
 
