@@ -191,6 +191,79 @@ def _run_match(args) -> int:
     return 0
 
 
+def _add_distill(sub) -> None:
+    from fastcd.distill import METHODS, DistillConfig
+
+    d = DistillConfig()
+    p = sub.add_parser(
+        "distill",
+        help="train the matched student heads (circuit distillation) or a baseline",
+        description="Circuit distillation: CE on teacher labels + lambda * sum over matched pairs (1 - CKA), "
+        "training only the matched student heads' q rows and o columns. Discovers the circuit and matches heads "
+        "when --circuit/--matching are not given. Writes OUT/student (save_pretrained), OUT/matching.json, "
+        "OUT/log.json and OUT/curves.png.",
+    )
+    p.add_argument("--teacher", default=None, help="local HF teacher directory (omit with --teacher-cache)")
+    p.add_argument("--student", required=True, help="local HF student directory")
+    p.add_argument("--task", choices=["entity-tracking", "tom"], required=True)
+    p.add_argument("--n-boxes", type=int, default=7)
+    p.add_argument("--circuit", default=None, help="circuit JSON (default: discover)")
+    p.add_argument("--matching", default=None, help="matching JSON (default: match with --matching-method)")
+    p.add_argument("--teacher-cache", default=None, help="offline teacher cache directory")
+    p.add_argument("--build-teacher-cache", default=None, metavar="DIR",
+                   help="precompute the teacher cache into DIR, then train from it")
+    p.add_argument("--method", choices=list(METHODS), default=d.method)
+    p.add_argument("--matching-method", choices=["ablation", "cka", "combined"], default=d.matching_method)
+    for name in ("steps", "batch_size", "n_train", "n_eval", "eval_every", "log_every", "save_every", "seed",
+                 "n_discovery"):
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
+    for name in ("lam", "lr", "weight_decay", "kd_weight", "kd_temperature"):
+        p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
+    p.add_argument("--labels", choices=["teacher", "gold"], default=d.labels)
+    p.add_argument("--kv", choices=["frozen", "trainable"], default=d.kv, help="GQA key/value policy")
+    p.add_argument("--teacher-dtype", default=None)
+    p.add_argument("--impl", choices=["torch", "triton"], default=None, help="alignment-loss implementation")
+    p.add_argument("--out", required=True)
+
+
+def _run_distill(args) -> int:
+    from fastcd.discover import Circuit
+    from fastcd.distill import DistillConfig, build_teacher_cache, distill
+    from fastcd.match import Matching
+    from fastcd.models import load_model, load_tokenizer
+    from fastcd.plots import line_plot
+    from fastcd.tasks import get_task
+
+    fields = DistillConfig.__dataclass_fields__
+    cfg = DistillConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    cfg.validate()
+    task = get_task(args.task, **({"n_boxes": args.n_boxes} if args.task == "entity-tracking" else {}))
+    circuit = Circuit.load(args.circuit) if args.circuit else None
+    matching = Matching.load(args.matching) if args.matching else None
+    s_tok = load_tokenizer(args.student)
+    t_tok = load_tokenizer(args.teacher) if args.teacher else None
+    cache = args.teacher_cache
+    if args.build_teacher_cache:
+        if args.teacher is None or matching is None:
+            raise ValueError("--build-teacher-cache needs --teacher and --matching")
+        teacher = load_model(args.teacher, dtype=cfg.teacher_dtype)
+        enc = task.encode(task.generate(cfg.n_train, seed=cfg.seed, split="train"), t_tok)
+        cache = build_teacher_cache(teacher, enc, matching, args.build_teacher_cache, logits=cfg.kd_weight > 0)
+        print(f"wrote teacher cache {cache}")
+    teacher = None if cache else args.teacher
+    if teacher is None and cache is None:
+        raise ValueError("give --teacher, --teacher-cache or --build-teacher-cache")
+    res = distill(teacher, args.student, task, circuit=circuit, matching=matching, config=cfg,
+                  teacher_tokenizer=t_tok, student_tokenizer=s_tok, teacher_cache=cache)
+    steps = [r["step"] for r in res.log]
+    series = {k: (steps, [r[k] for r in res.log]) for k in ("ce", "cka_loss", "kd") if res.log and k in res.log[0]}
+    if series:
+        line_plot(series, os.path.join(args.out, "curves.png"), ylabel="loss", title=f"{args.task}: {cfg.method}")
+    print(json.dumps(res.metrics, indent=2))
+    print(f"wrote {args.out}/student, matching.json, log.json, curves.png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastcd",
@@ -204,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pretrain(sub)
     _add_discover(sub)
     _add_match(sub)
+    _add_distill(sub)
     return parser
 
 
@@ -220,6 +294,8 @@ def main(argv=None) -> int:
             return _run_discover(args)
         if args.command == "match":
             return _run_match(args)
+        if args.command == "distill":
+            return _run_distill(args)
     except (ValueError, FileNotFoundError, TypeError) as e:
         print(f"fastcd {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -115,6 +115,37 @@ def _gather_roles(cache, heads, roles, pos: dict, batch: int) -> torch.Tensor:
     return torch.stack(out)
 
 
+class _GatherBatch(torch.autograd.Function):
+    """All-gather ``[P, b, d]`` along the batch; backward: the sum over ranks of the gradient's local slice."""
+
+    @staticmethod
+    def forward(ctx, x):
+        import torch.distributed as dist
+
+        ctx.rank, ctx.b = dist.get_rank(), x.shape[1]
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=1)
+
+    @staticmethod
+    def backward(ctx, g):
+        import torch.distributed as dist
+
+        g = g.contiguous().clone()
+        dist.all_reduce(g)  # every rank computed the same global loss: sum their gradients
+        return g[:, ctx.rank * ctx.b : (ctx.rank + 1) * ctx.b]
+
+
+def _all_gather_batch(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``[P, B_local, d]`` across ranks along the batch, keeping the autograd graph.
+
+    Every rank then computes the same global CKA loss L; the gather's backward sums the ranks' identical
+    gradients (world_size * dL/dx_local) and DDP's average divides by world_size again, so the update equals
+    one process at the global batch.
+    """
+    return _GatherBatch.apply(x)
+
+
 def check_vocabularies(teacher, student, teacher_tok=None, student_tok=None) -> None:
     """Teacher labels are token ids: the two models must share one vocabulary."""
     tv = getattr(getattr(teacher, "config", None), "vocab_size", None)
@@ -163,6 +194,20 @@ class CircuitDistiller(nn.Module):
             self.slices = make_trainable(student, [p.student for p in matching.pairs], kv=self.config.kv)
             self._params = list(self.slices.params)
 
+        self._forward_module = student  # the DDP wrapper under torchrun (see enable_ddp)
+        self._ddp = False
+
+    def enable_ddp(self, **ddp_kwargs) -> None:
+        """Wrap the student in DistributedDataParallel (only the trainable slices are reduced) and compute the
+        CKA term on the *global* batch: student and teacher z are all-gathered (with autograd) across ranks,
+        so the result equals one process at the same global batch."""
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        # without CE, some slices get no gradient (o columns of the last matched head): DDP must look for them
+        ddp_kwargs.setdefault("find_unused_parameters", self.config.method not in USES_CE)
+        self._forward_module = DDP(self.student, **ddp_kwargs)
+        self._ddp = True
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return self._params
 
@@ -203,7 +248,7 @@ class CircuitDistiller(nn.Module):
         pairs = self.matching.pairs if self.matching is not None else []
         s_heads = list(dict.fromkeys(p.student for p in pairs)) if need_cka else []
         with capture_z(self.student, s_heads or [], detach=False) as cache:
-            logits = self.student(input_ids=batch.student_ids.to(dev)).logits
+            logits = self._forward_module(input_ids=batch.student_ids.to(dev)).logits
         last = logits[torch.arange(b, device=dev), batch.student_pos["last"].to(dev)]  # [B, V]
         parts: dict[str, float] = {}
         loss = last.new_zeros(())
@@ -215,7 +260,10 @@ class CircuitDistiller(nn.Module):
         if need_cka:
             xs = _gather_roles(cache, [p.student for p in pairs], [p.position for p in pairs],
                                batch.student_pos, b)  # [P, B, d_s]
-            align, cka = cka_loss(xs, t_z.to(dev), eps=cfg.eps, impl=cfg.impl)
+            t_z = t_z.to(dev)
+            if self._ddp:
+                xs, t_z = _all_gather_batch(xs), _all_gather_batch(t_z.detach())  # [P, B_global, d]
+            align, cka = cka_loss(xs, t_z, eps=cfg.eps, impl=cfg.impl)
             lam = 1.0 if cfg.method == "cka" else cfg.lam
             loss = loss + lam * align
             parts["cka_loss"] = float(align.detach())
@@ -438,6 +486,13 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
         raise ValueError(f"teacher_cache holds {len(cache)} examples, config.n_train is {cfg.n_train}")
 
     cd = CircuitDistiller(student, matching if cfg.method not in FULL_MODEL else None, teacher=teacher, config=cfg)
+    world, rank = 1, 0
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+        if cfg.batch_size % world:
+            raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the world size {world}")
+        if world > 1:
+            cd.enable_ddp()
     opt = torch.optim.AdamW(cd.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
     step, log = 0, []
@@ -454,9 +509,10 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
         step, log = state["step"], state["log"]
     student.train()
     t0 = time.time()
-    bar = tqdm(total=cfg.steps, initial=step, disable=not cfg.progress, desc=f"distill {cfg.method}")
+    bar = tqdm(total=cfg.steps, initial=step, disable=not cfg.progress or rank != 0, desc=f"distill {cfg.method}")
     while step < cfg.steps:
-        idx = torch.randint(len(s_train), (cfg.batch_size,), generator=gen)
+        idx = torch.randint(len(s_train), (cfg.batch_size,), generator=gen)  # the global batch, same on all ranks
+        idx = idx.view(world, -1)[rank]  # this rank's shard
         loss, parts = cd(_make_batch(idx, s_train, t_train, cache))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -470,7 +526,7 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
             student.eval()
             log[-1]["test_accuracy"] = sum(accuracy_per_example(student, s_test)) / len(s_test)
             student.train()
-        if ckpt and cfg.save_every and (step % cfg.save_every == 0 or step == cfg.steps):
+        if ckpt and rank == 0 and cfg.save_every and (step % cfg.save_every == 0 or step == cfg.steps):
             os.makedirs(cfg.out, exist_ok=True)
             _atomic_save({"params": [p.detach().clone() for p in cd.trainable_parameters()],
                           "optimizer": opt.state_dict(), "generator": gen.get_state(), "step": step, "log": log,
@@ -497,9 +553,12 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
     if teacher is not None:
         t_test = task.encode([p.clean for p in test_pairs], t_tok)
         metrics["teacher_accuracy"] = sum(accuracy_per_example(teacher, t_test)) / len(t_test)
+    metrics["world_size"] = world
     result = DistillResult(student, matching, circuit, metrics, log, correct, circ_correct)
-    if cfg.out:
+    if cfg.out and rank == 0:
         save_result(result, cfg, s_tok)
+    if world > 1:
+        torch.distributed.barrier()
     return result
 
 

@@ -93,3 +93,26 @@ def test_cli_match(tmp_path, method, capsys):
     m = Matching.load(out)
     assert m.method == method and len(m) >= 1
     assert " -> " in capsys.readouterr().out
+
+
+def test_cli_distill_with_cache_and_curves(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from fastcd.match import Matching, Pair
+    from fastcd.models import Head
+
+    model = _save_tiny(tmp_path)
+    m = Matching([Pair(Head(2, 1), Head(1, 0), "last", "g", {}), Pair(Head(0, 0), Head(0, 1), "query_label", "g", {})],
+                 "given")
+    m.save(tmp_path / "m.json")
+    out = tmp_path / "run"
+    args = ["distill", "--teacher", str(model), "--student", str(model), "--task", "entity-tracking", "--n-boxes",
+            "3", "--matching", str(tmp_path / "m.json"), "--steps", "4", "--batch-size", "4", "--n-train", "16",
+            "--n-eval", "8", "--log-every", "1", "--out", str(out)]
+    assert main(args + ["--build-teacher-cache", str(tmp_path / "cache")]) == 0
+    assert (tmp_path / "cache" / "index.json").exists()
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    AutoModelForCausalLM.from_pretrained(out / "student", local_files_only=True)
+    assert "student_accuracy" in capsys.readouterr().out
+    rc = main(["distill", "--student", str(model), "--task", "tom", "--out", str(out), "--lam", "-1"])
+    assert rc == 2 and "lam must be >= 0" in capsys.readouterr().err

@@ -1,0 +1,39 @@
+"""Run by tests/test_distill_ddp.py under torchrun (gloo, CPU): distil a tiny pair and save the weights."""
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from conftest import make_tiny  # noqa: E402
+
+from fastcd.distill import DistillConfig, distill  # noqa: E402
+from fastcd.match import Matching, Pair  # noqa: E402
+from fastcd.models import Head  # noqa: E402
+from fastcd.tasks import EntityTracking  # noqa: E402
+from fastcd.tokenizer import build_word_tokenizer  # noqa: E402
+
+
+def main(out: str, method: str) -> None:
+    if "RANK" in os.environ:
+        dist.init_process_group("gloo")
+    torch.set_num_threads(1)
+    tok = build_word_tokenizer()
+    teacher = make_tiny("llama", vocab_size=len(tok), seed=1)
+    student = make_tiny("llama", vocab_size=len(tok), seed=2)
+    m = Matching([Pair(Head(1, 2), Head(1, 1), "last", "g", {}), Pair(Head(0, 3), Head(0, 2), "query_label", "g", {})],
+                 "given")
+    cfg = DistillConfig(method=method, steps=5, batch_size=8, n_train=64, n_eval=8, lr=1e-2, progress=False,
+                        kd_weight=0.3)
+    res = distill(teacher, student, EntityTracking(n_boxes=3), matching=m, config=cfg, student_tokenizer=tok,
+                  teacher_tokenizer=tok)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        torch.save(res.student.state_dict(), out)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
