@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastcd.discover import ALL, Circuit, metric_values
-from fastcd.functional import cka_loss
+from fastcd.functional import choose_impl, cka_loss, cka_loss_gathered
 from fastcd.hooks import capture_z, mean_z
 from fastcd.match import Matching, MatchInputs, match, match_random
 from fastcd.models import get_adapter, load_model, load_tokenizer
@@ -215,6 +215,24 @@ class CircuitDistiller(nn.Module):
     def n_trainable(self) -> int:
         return sum(p.numel() for p in self._params)
 
+    def _fused_alignment(self, cache, pairs, batch: DistillBatch, t_z: torch.Tensor, b: int):
+        """One fused kernel launch per student layer, reading z ``[B, T, H*D]`` in place."""
+        spec = get_adapter(self.student).spec
+        dev = t_z.device
+        total, ckas = t_z.new_zeros(()), torch.zeros(len(pairs), device=dev)
+        for layer in sorted({p.student.layer for p in pairs}):
+            idx = [i for i, p in enumerate(pairs) if p.student.layer == layer]
+            z = cache.layer(layer)  # [B, T, H, D], on the forward path
+            xs = z.reshape(b, z.shape[1], spec.n_heads * spec.d_head)
+            pos_s = torch.stack([batch.student_pos[pairs[i].position].to(dev) for i in idx])  # [P_l, B]
+            head_s = torch.tensor([pairs[i].student.head for i in idx], device=dev)
+            loss, cka = cka_loss_gathered(xs, pos_s, head_s, t_z[idx].contiguous(), None,
+                                          torch.zeros(len(idx), dtype=torch.long, device=dev), ds=spec.d_head,
+                                          dt=t_z.shape[-1], eps=self.config.eps, impl="triton")
+            total = total + loss
+            ckas[idx] = cka.float()
+        return total, ckas
+
     def _teacher_signals(self, batch: DistillBatch, need_z: bool, need_logits: bool):
         if batch.teacher_labels is not None or batch.teacher_z is not None:
             if need_z and batch.teacher_z is None:
@@ -247,6 +265,10 @@ class CircuitDistiller(nn.Module):
         b = batch.student_ids.shape[0]
         pairs = self.matching.pairs if self.matching is not None else []
         s_heads = list(dict.fromkeys(p.student for p in pairs)) if need_cka else []
+        fused = need_cka and not self._ddp and choose_impl(dev, cfg.impl) == "triton"
+        if fused:  # capture whole layers: their z views lie on the forward path, read in place by the kernel
+            spec = get_adapter(self.student).spec
+            s_heads = [h for h in spec.all_heads() if h.layer in {p.student.layer for p in pairs}]
         with capture_z(self.student, s_heads or [], detach=False) as cache:
             logits = self._forward_module(input_ids=batch.student_ids.to(dev)).logits
         last = logits[torch.arange(b, device=dev), batch.student_pos["last"].to(dev)]  # [B, V]
@@ -258,12 +280,15 @@ class CircuitDistiller(nn.Module):
             loss = loss + ce
             parts["ce"] = float(ce.detach())
         if need_cka:
-            xs = _gather_roles(cache, [p.student for p in pairs], [p.position for p in pairs],
-                               batch.student_pos, b)  # [P, B, d_s]
             t_z = t_z.to(dev)
-            if self._ddp:
-                xs, t_z = _all_gather_batch(xs), _all_gather_batch(t_z.detach())  # [P, B_global, d]
-            align, cka = cka_loss(xs, t_z, eps=cfg.eps, impl=cfg.impl)
+            if fused:
+                align, cka = self._fused_alignment(cache, pairs, batch, t_z, b)
+            else:
+                xs = _gather_roles(cache, [p.student for p in pairs], [p.position for p in pairs],
+                                   batch.student_pos, b)  # [P, B, d_s]
+                if self._ddp:
+                    xs, t_z = _all_gather_batch(xs), _all_gather_batch(t_z.detach())  # [P, B_global, d]
+                align, cka = cka_loss(xs, t_z, eps=cfg.eps, impl=cfg.impl)
             lam = 1.0 if cfg.method == "cka" else cfg.lam
             loss = loss + lam * align
             parts["cka_loss"] = float(align.detach())

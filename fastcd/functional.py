@@ -31,8 +31,13 @@ def choose_impl(device: torch.device | None, impl: str | None = None) -> str:
     if impl is not None:
         if impl not in IMPLS:
             raise ValueError(f"impl (or FASTCD_IMPL) must be one of {IMPLS}, got {impl!r}")
-        if impl == "triton" and not triton_available():
-            raise RuntimeError("impl='triton' was asked for but Triton or fastcd.kernels.cka is not available")
+        if impl == "triton":
+            if not triton_available():
+                raise RuntimeError("impl='triton' was asked for but Triton or fastcd.kernels.cka is not available")
+            on_gpu = device is not None and device.type == "cuda"
+            if not on_gpu and os.environ.get("TRITON_INTERPRET", "0") != "1":
+                raise RuntimeError("impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run the kernels "
+                                   "on CPU under the Triton interpreter)")
         return impl
     if device is not None and device.type == "cuda" and triton_available():
         return "triton"
@@ -52,7 +57,34 @@ def cka_loss(x: torch.Tensor, y: torch.Tensor, *, eps: float = 1e-8, impl: str |
     """
     which = choose_impl(x.device, impl)
     if which == "triton":
+        # the kernel reads [batch, pos, heads * d_head]: view the stack as one head per pair at position 0
+        p, m, ds = x.shape
+        xs = x.permute(1, 0, 2).reshape(m, 1, p * ds)  # [m, 1, P * d_s]
+        zeros = torch.zeros(p, m, dtype=torch.long, device=x.device)
+        return cka_loss_gathered(xs, zeros, torch.arange(p, device=x.device), y, None,
+                                 torch.zeros(p, dtype=torch.long, device=x.device), ds=ds, dt=y.shape[-1],
+                                 eps=eps, impl="triton")
+    return cka_loss_ref(x, y, eps=eps)
+
+
+def cka_loss_gathered(xs: torch.Tensor, pos_s: torch.Tensor, head_s: torch.Tensor, y: torch.Tensor,
+                      pos_t: torch.Tensor | None, head_t: torch.Tensor, *, ds: int, dt: int, eps: float = 1e-8,
+                      impl: str | None = None):
+    """The alignment loss read straight from z as ``o_proj`` sees it (fused gather on the Triton path).
+
+    Args:
+        xs: student z ``[B, T, H_s * ds]`` (keeps its graph); pos_s ``[P, B]``; head_s ``[P]``.
+        y: teacher z ``[B, T', H_t * dt]`` with pos_t ``[P, B]``, head_t ``[P]``; or gathered ``[P, B, dt]``
+            with ``pos_t=None``.
+
+    Returns:
+        ``(loss, cka [P])``.
+    """
+    which = choose_impl(xs.device, impl)
+    if which == "triton":
         from fastcd.kernels.cka import cka_loss_triton
 
-        return cka_loss_triton(x, y, eps=eps)
-    return cka_loss_ref(x, y, eps=eps)
+        return cka_loss_triton(xs, pos_s, head_s, y, pos_t, head_t, ds=ds, dt=dt, eps=eps)
+    from fastcd.reference import cka_loss_gather_ref
+
+    return cka_loss_gather_ref(xs, pos_s, head_s, y, pos_t, head_t, ds=ds, dt=dt, eps=eps)

@@ -17,6 +17,17 @@ def _version(mod: str) -> str:
         return f"broken ({type(e).__name__}: {e})"
 
 
+def _loss_impl(cuda: bool) -> str:
+    import torch
+
+    from fastcd.functional import choose_impl
+
+    try:
+        return choose_impl(torch.device("cuda" if cuda else "cpu"))
+    except (ValueError, RuntimeError) as e:
+        return f"error: {e}"
+
+
 def collect() -> dict[str, str]:
     import torch
 
@@ -39,6 +50,8 @@ def collect() -> dict[str, str]:
         "flash-attn usable": str(has_flash_attn() and cuda),
         "FASTCD_IMPL": os.environ.get("FASTCD_IMPL", "(unset)"),
         "op: nearest_indices (matching)": "cpp (fastcd._C)" if _ext.HAS_CPP else "python (fastcd.reference)",
+        "op: cka_matrix (matching scorer)": "cpp (fastcd._C)" if _ext.HAS_CPP else "torch (vectorised)",
+        "op: cka_loss (alignment loss)": _loss_impl(cuda),
         "op: attention in load_model": pick_attn_implementation("cuda" if cuda else "cpu"),
     }
     return rows

@@ -130,3 +130,24 @@ def cka_loss_ref(x, y, *, eps: float = 1e-8, upcast: bool = True):
     syy = (yc.transpose(1, 2) @ yc).pow(2).sum((1, 2))
     cka = cross / torch.sqrt(sxx * syy + eps)
     return (1.0 - cka).sum(), cka
+
+
+def cka_loss_gather_ref(xs, pos_s, head_s, y, pos_t, head_t, *, ds: int, dt: int, eps: float = 1e-8):
+    """Specification of the fused Triton kernel: gather each pair's head z at its per-example positions from
+    ``[batch, pos, heads * d_head]`` tensors, then :func:`cka_loss_ref`.
+
+    Args:
+        xs: student z ``[B, T, H_s * ds]``; pos_s: ``[P, B]`` token positions; head_s: ``[P]``.
+        y: teacher z ``[B, T', H_t * dt]`` with pos_t ``[P, B]`` and head_t ``[P]``, or already gathered
+            ``[P, B, dt]`` with ``pos_t=None``.
+    """
+    import torch
+
+    p, m = pos_s.shape
+    rows = torch.arange(m, device=xs.device)
+    x = torch.stack([xs[rows, pos_s[i].long()].view(m, -1, ds)[:, int(head_s[i])] for i in range(p)])
+    if pos_t is None:
+        yt = y
+    else:
+        yt = torch.stack([y[rows, pos_t[i].long()].view(m, -1, dt)[:, int(head_t[i])] for i in range(p)])
+    return cka_loss_ref(x, yt, eps=eps)

@@ -1,7 +1,12 @@
+import os
 import random
 
 import pytest
 import torch
+
+# Triton kernels run on CPU under the interpreter; it must be set before triton is first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Guarded: nothing touches CUDA at import beyond this availability query.
 HAS_CUDA = torch.cuda.is_available()
