@@ -284,3 +284,37 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
     with open(os.path.join(cfg.out, "result.json"), "w") as f:
         json.dump({"config": asdict(cfg), "test": test, "steps": step}, f, indent=2)
     return test
+
+
+CHECKPOINT_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                    "tokenizer_config.json", "special_tokens_map.json")
+
+
+def export_checkpoint(src: str, dest: str, *, log: str | None = None, info: dict | None = None) -> str:
+    """Copy a trained model (a run's ``final`` or ``ckpt`` directory) into a shippable checkpoint folder:
+    weights, config and tokenizer (never the optimizer state), the training log and ``fastcd_checkpoint.json``
+    (``info``: command, steps, accuracies)."""
+    if not os.path.isfile(os.path.join(src, "model.safetensors")):
+        raise FileNotFoundError(f"src: {src!r} holds no model.safetensors")
+    tmp = dest.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    for name in CHECKPOINT_FILES:
+        if os.path.isfile(os.path.join(src, name)):
+            shutil.copy2(os.path.join(src, name), os.path.join(tmp, name))
+    if log:
+        shutil.copy2(log, os.path.join(tmp, "train_log.jsonl"))
+    with open(os.path.join(tmp, "fastcd_checkpoint.json"), "w") as f:
+        json.dump(info or {}, f, indent=2)
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
+    return dest
+
+
+def shipped_checkpoint(name: str) -> str:
+    """Path of a checkpoint shipped inside the package: ``et-teacher``, ``et-student``, ``tom-teacher`` ..."""
+    path = os.path.join(os.path.dirname(__file__), "checkpoints", name)
+    if not os.path.isdir(path):
+        have = sorted(os.listdir(os.path.dirname(path))) if os.path.isdir(os.path.dirname(path)) else []
+        raise FileNotFoundError(f"name: no shipped checkpoint {name!r}; shipped: {have}")
+    return path
