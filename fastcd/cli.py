@@ -50,8 +50,10 @@ def _add_discover(sub) -> None:
     )
     p.add_argument("--model", required=True, help="local Hugging Face model directory (with its tokenizer)")
     p.add_argument("--task", choices=["entity-tracking", "tom"], required=True)
-    p.add_argument("--method", choices=["patching", "attribution", "path"], default=None,
-                   help="default: path for entity-tracking, patching (mean ablation) for tom")
+    p.add_argument("--method", choices=["patching", "attribution", "path", "roles"], default=None,
+                   help="default: roles (position-aware patching at each role) for entity-tracking, patching "
+                   "(mean ablation) for tom; path = Prakash et al.'s four-group path patching")
+    p.add_argument("--threshold", type=float, default=0.05, help="roles: minimum relative drop to join")
     p.add_argument("--mode", choices=["mean", "corrupt", "zero"], default="mean",
                    help="patching/attribution: what replaces a head's z (default: per-position means)")
     p.add_argument("--metric", choices=["prob", "logprob", "logit_diff", "accuracy"], default="prob")
@@ -90,7 +92,7 @@ def _run_discover(args) -> int:
     pairs = task.pairs(args.n_examples, seed=args.seed, split=args.split)
     clean = task.encode([p.clean for p in pairs], tok)
     corrupt = task.encode([p.corrupt for p in pairs], tok)
-    method = args.method or ("path" if args.task == "entity-tracking" else "patching")
+    method = args.method or ("roles" if args.task == "entity-tracking" else "patching")
     if method == "path" and args.task != "entity-tracking":
         raise ValueError("--method path is defined for entity-tracking only (use patching or attribution for tom)")
     position = None if args.position == "all" else args.position
@@ -102,6 +104,15 @@ def _run_discover(args) -> int:
         for name, res in results.items():
             panels[name] = res.scores
             marked[name] = [c.head for c in circuit.groups().get(name, [])]
+    elif method == "roles":
+        src = D.make_source(model, clean, args.mode, corrupt=corrupt, batch_size=args.batch_size)
+        k = args.top_k if args.top_k is not None else 3
+        circuit, results = D.circuit_by_roles(model, clean, src, task.roles, k_per_role=k, threshold=args.threshold,
+                                              metric=args.metric, task=args.task, max_batch=args.max_batch,
+                                              progress=True)
+        for role, res in results.items():
+            panels[f"@{role}"] = res.scores
+            marked[f"@{role}"] = [c.head for c in circuit.heads if c.position == role]
     else:
         src = D.make_source(model, clean, args.mode, corrupt=corrupt, batch_size=args.batch_size)
         kw = dict(metric=args.metric, relative=not args.absolute, position=position, batch_size=args.batch_size,
@@ -264,6 +275,43 @@ def _run_distill(args) -> int:
     return 0
 
 
+def _add_demo(sub) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="the paper's tables at small scale from the shipped checkpoints (CPU, a few minutes)",
+        description="Discover the teacher circuit, match it into the student base, run every distillation method "
+        "and print full/circuit accuracy per method with McNemar p-values; writes a report folder.",
+    )
+    p.add_argument("--task", choices=["entity-tracking", "tom"], default="entity-tracking")
+    p.add_argument("--out", default="fastcd-demo", help="report folder (default: ./fastcd-demo)")
+    p.add_argument("--teacher", default=None, help="teacher directory (default: the shipped checkpoint)")
+    p.add_argument("--student", default=None, help="student base directory (default: the shipped checkpoint)")
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lam", type=float, default=1.0)
+    p.add_argument("--n-train", type=int, default=4096)
+    p.add_argument("--n-eval", type=int, default=500)
+    p.add_argument("--n-discovery", type=int, default=256)
+    p.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
+    p.add_argument("--methods", default=None, help="comma-separated subset of the methods")
+
+
+def _run_demo(args) -> int:
+    from fastcd.demo import format_table, run_demo
+    from fastcd.distill import METHODS
+
+    methods = tuple(args.methods.split(",")) if args.methods else METHODS
+    seeds = tuple(int(s) for s in args.seeds.split(","))
+    report = run_demo(args.task, out=args.out, teacher=args.teacher, student=args.student, steps=args.steps,
+                      batch_size=args.batch_size, lr=args.lr, lam=args.lam, n_train=args.n_train,
+                      n_eval=args.n_eval, n_discovery=args.n_discovery, seeds=seeds, methods=methods)
+    print(format_table(report))
+    print(f"report: {args.out}/ (report.json, summary.md, teacher_circuit.png, student_heads.png, matching.png, "
+          "curves.png)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastcd",
@@ -278,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_discover(sub)
     _add_match(sub)
     _add_distill(sub)
+    _add_demo(sub)
     return parser
 
 
@@ -296,6 +345,8 @@ def main(argv=None) -> int:
             return _run_match(args)
         if args.command == "distill":
             return _run_distill(args)
+        if args.command == "demo":
+            return _run_demo(args)
     except (ValueError, FileNotFoundError, TypeError) as e:
         print(f"fastcd {args.command}: error: {e}", file=sys.stderr)
         return 2

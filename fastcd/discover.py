@@ -535,6 +535,35 @@ def circuit_from_scores(result: PatchingResult, k: int, *, task: str, group: str
     return Circuit(heads, task, n_layers, n_heads, {"metric": result.metric, "mode": result.mode})
 
 
+def circuit_by_roles(model: nn.Module, clean: EncodedBatch, source: PatchSource, roles, *, k_per_role: int = 3,
+                     threshold: float = 0.05, metric: str = "prob", task: str = "", max_batch: int = 512,
+                     progress: bool = False) -> tuple[Circuit, dict]:
+    """Position-aware activation patching: for each position role, patch every head there alone and keep the
+    (at most) ``k_per_role`` heads whose relative metric drop exceeds ``threshold``. A head may appear under
+    several roles; the circuit keeps it live at each of them.
+
+    Returns:
+        ``(circuit, {role: PatchingResult})``.
+    """
+    if k_per_role < 1:
+        raise ValueError(f"k_per_role must be >= 1, got {k_per_role}")
+    if threshold < 0:
+        raise ValueError(f"threshold must be >= 0, got {threshold}")
+    spec = get_adapter(model).spec
+    heads, results = [], {}
+    for role in roles:
+        res = patch_heads_batched(model, clean, source, metric=metric, position=role, max_batch=max_batch,
+                                  progress=progress)
+        results[role] = res
+        heads += [CircuitHead(h, role, role, v) for h, v in res.top(k_per_role, strict=True) if v < -threshold]
+    if not heads:
+        raise ValueError(f"no head's patch lowers {metric} by more than {threshold} at roles {list(roles)}")
+    circuit = Circuit(heads, task, spec.n_layers, spec.n_heads,
+                      {"method": "roles", "metric": metric, "k_per_role": k_per_role, "threshold": threshold,
+                       "mode": source.mode})
+    return circuit, results
+
+
 # ------------------------------------------------------------------------------------------------
 # Circuit evaluation
 # ------------------------------------------------------------------------------------------------

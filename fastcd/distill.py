@@ -57,6 +57,7 @@ class DistillConfig:
     save_every: int = 0  # checkpoint period in steps (0: none); a run resumes from OUT/ckpt
     out: str | None = None
     matching_method: str = "ablation"
+    discovery: str = "roles"  # "roles" (position-aware mean-ablation patching), "path" (entity tracking only)
     discovery_k: tuple = (4, 2, 2, 2)  # path-patching top-k per group (entity tracking)
     discovery_top_n: int | None = None  # ToM: top-n heads by mean-ablation patching (default 15% of heads)
     n_discovery: int = 256
@@ -620,14 +621,24 @@ def _circuit_hits(model, sub, means, live) -> list[bool]:
 
 
 def discover_circuit(teacher, task, t_clean: EncodedBatch, t_corrupt: EncodedBatch, cfg: DistillConfig) -> Circuit:
-    """The default discovery: path patching (entity tracking) or mean-ablation patching (ToM)."""
+    """The default discovery (``cfg.discovery``): ``roles`` = position-aware mean-ablation patching at each of the
+    task's position roles (entity tracking; for ToM, the top-n heads at the last token), or ``path`` = the
+    four-group path patching of Prakash et al. (entity tracking). On a 2-layer teacher path patching cannot
+    find the detector and reader groups (they need heads below the transmitters), hence the default."""
     from fastcd import discover as D
     from fastcd.path_patching import entity_tracking_circuit
 
-    if task.name == "entity-tracking":
+    if cfg.discovery not in ("roles", "path"):
+        raise ValueError(f"discovery must be 'roles' or 'path', got {cfg.discovery!r}")
+    if cfg.discovery == "path":
+        if task.name != "entity-tracking":
+            raise ValueError("discovery='path' is defined for entity tracking only")
         circuit, _ = entity_tracking_circuit(teacher, t_clean, t_corrupt, k=tuple(cfg.discovery_k))
         return circuit
     src = D.make_source(teacher, t_clean, "mean", corrupt=t_corrupt)
+    if task.name == "entity-tracking":
+        circuit, _ = D.circuit_by_roles(teacher, t_clean, src, task.roles, task=task.name)
+        return circuit
     res = D.patch_heads_batched(teacher, t_clean, src, metric="prob", position="last")
     n = cfg.discovery_top_n or max(1, round(0.15 * res.scores.numel()))
     return D.circuit_from_scores(res, n, task=task.name, group="heads", position="last")

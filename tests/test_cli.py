@@ -48,13 +48,25 @@ def test_cli_discover_path_patching_writes_json_and_png(tmp_path, capsys):
     model = _save_tiny(tmp_path)
     out = tmp_path / "circuit.json"
     rc = main(["discover", "--model", str(model), "--task", "entity-tracking", "--n-boxes", "3", "--n-examples",
-               "12", "--k", "2,1,1,1", "--out", str(out), "--evaluate"])
+               "12", "--k", "2,1,1,1", "--method", "path", "--out", str(out), "--evaluate"])
     assert rc == 0
     c = Circuit.load(out)
     assert c.meta["method"] == "path_patching" and "evaluation" in c.meta
     png = out.with_suffix(".png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "faithfulness" in capsys.readouterr().out
+
+
+def test_cli_discover_roles(tmp_path):
+    from fastcd.discover import Circuit
+
+    model = _save_tiny(tmp_path)
+    out = tmp_path / "roles.json"
+    rc = main(["discover", "--model", str(model), "--task", "entity-tracking", "--n-boxes", "3", "--n-examples",
+               "12", "--method", "roles", "--threshold", "0", "--top-k", "2", "--out", str(out)])
+    assert rc == 0
+    c = Circuit.load(out)
+    assert c.meta["method"] == "roles" and {h.position for h in c.heads} <= {"last", "query_label", "box_label"}
 
 
 def test_cli_discover_tom_patching(tmp_path):

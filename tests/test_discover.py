@@ -171,3 +171,20 @@ def test_evaluate_circuit(tok):
     bad = Circuit([CircuitHead(Head(0, 0), "g", "all", 0.0)], "entity-tracking", 3, 4)
     with pytest.raises(ValueError, match="circuit is for 3 x 4 heads"):
         evaluate_circuit(model, clean, bad, reference=corrupt)
+
+
+def test_circuit_by_roles(tok):
+    from fastcd.discover import circuit_by_roles
+
+    model = make_tiny("llama", vocab_size=len(tok))
+    clean, corrupt = _data(tok)
+    src = make_source(model, clean, "mean", corrupt=corrupt)
+    circuit, results = circuit_by_roles(model, clean, src, ("last", "box_label"), k_per_role=2, threshold=0.0)
+    assert set(results) == {"last", "box_label"}
+    for c in circuit.heads:
+        assert c.score < 0 and c.score == float(results[c.position].scores[c.head.layer, c.head.head])
+    assert sum(c.position == "last" for c in circuit.heads) <= 2
+    with pytest.raises(ValueError, match="no head's patch lowers"):
+        circuit_by_roles(model, clean, src, ("last",), threshold=10.0)
+    with pytest.raises(ValueError, match="k_per_role must be"):
+        circuit_by_roles(model, clean, src, ("last",), k_per_role=0)

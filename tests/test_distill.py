@@ -233,7 +233,7 @@ def test_every_method_runs(method, tok):
 def test_distill_discovers_and_matches_when_not_given(tok):
     teacher = make_tiny("llama", vocab_size=len(tok), seed=1, n_layers=3)
     res = distill(teacher, make_tiny("llama", vocab_size=len(tok), seed=2), TASK,
-                  config=_cfg(steps=2, n_discovery=12, discovery_k=(2, 1, 1, 1)),
+                  config=_cfg(steps=2, n_discovery=12, discovery="path", discovery_k=(2, 1, 1, 1)),
                   student_tokenizer=tok, teacher_tokenizer=tok)
     assert res.circuit is not None and len(res.matching) >= 1
     assert "student_circuit_accuracy" in res.metrics and "teacher_accuracy" in res.metrics
