@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from fastcd.distill import CircuitDistiller, DistillBatch, DistillConfig
+from fastcd.distillation import CircuitDistiller, DistillBatch, DistillConfig
 from fastcd.match import Matching, Pair
 from fastcd.models import Head
 from fastcd.tasks import EntityTracking

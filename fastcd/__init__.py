@@ -22,8 +22,17 @@ from fastcd.models import (  # noqa: E402
 from fastcd.tasks import EntityTracking, TheoryOfMind, get_task  # noqa: E402
 from fastcd.tokenizer import build_word_tokenizer  # noqa: E402
 
+
+def __getattr__(name):
+    # the training driver is imported on first use (it pulls scipy, safetensors, tqdm)
+    if name in ("distill", "DistillConfig", "CircuitDistiller", "DistillResult"):
+        import importlib
+
+        return getattr(importlib.import_module("fastcd.distillation"), name)
+    raise AttributeError(f"module 'fastcd' has no attribute {name!r}")
+
 __all__ = [
-    "HAS_CPP", "SUPPORTED_ARCHITECTURES", "EntityTracking", "Head", "ModelSpec", "TheoryOfMind", "ZCache",
-    "__version__", "ablate", "build_word_tokenizer", "capture_z", "get_adapter", "get_task", "intervene",
-    "load_model", "load_tokenizer", "mean_z", "model_spec", "patch", "run_with_z",
+    "CircuitDistiller", "DistillConfig", "EntityTracking", "HAS_CPP", "Head", "ModelSpec", "SUPPORTED_ARCHITECTURES",
+    "TheoryOfMind", "ZCache", "__version__", "ablate", "build_word_tokenizer", "capture_z", "distill", "get_adapter",
+    "get_task", "intervene", "load_model", "load_tokenizer", "mean_z", "model_spec", "patch", "run_with_z",
 ]

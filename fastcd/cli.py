@@ -203,7 +203,7 @@ def _run_match(args) -> int:
 
 
 def _add_distill(sub) -> None:
-    from fastcd.distill import METHODS, DistillConfig
+    from fastcd.distillation import METHODS, DistillConfig
 
     d = DistillConfig()
     p = sub.add_parser(
@@ -239,7 +239,7 @@ def _add_distill(sub) -> None:
 
 def _run_distill(args) -> int:
     from fastcd.discover import Circuit
-    from fastcd.distill import DistillConfig, build_teacher_cache, distill
+    from fastcd.distillation import DistillConfig, build_teacher_cache, distill
     from fastcd.match import Matching
     from fastcd.models import load_model, load_tokenizer
     from fastcd.plots import line_plot
@@ -299,7 +299,7 @@ def _add_demo(sub) -> None:
 
 def _run_demo(args) -> int:
     from fastcd.demo import format_table, run_demo
-    from fastcd.distill import METHODS
+    from fastcd.distillation import METHODS
 
     methods = tuple(args.methods.split(",")) if args.methods else METHODS
     seeds = tuple(int(s) for s in args.seeds.split(","))

@@ -16,7 +16,7 @@ from dataclasses import asdict
 import torch
 
 from fastcd import discover as D
-from fastcd.distill import (
+from fastcd.distillation import (
     METHODS,
     DistillConfig,
     accuracy_per_example,

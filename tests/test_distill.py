@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import make_tiny
 
-from fastcd.distill import (
+from fastcd.distillation import (
     CircuitDistiller,
     DistillBatch,
     DistillConfig,
@@ -189,7 +189,7 @@ def test_offline_teacher_cache_matches_online(tmp_path, tok):
 
 
 def test_resume_reaches_the_same_weights(tmp_path, tok, monkeypatch):
-    import fastcd.distill as D
+    import fastcd.distillation as D
 
     m = _matching()
     teacher = make_tiny("llama", vocab_size=len(tok), seed=1)

@@ -122,7 +122,7 @@ def test_distiller_triton_path_matches_torch_cpu():
     """CPU sibling of the GPU end-to-end contract: impl='triton' (interpreter) == impl='torch'."""
     from conftest import make_tiny
 
-    from fastcd.distill import CircuitDistiller, DistillBatch, DistillConfig
+    from fastcd.distillation import CircuitDistiller, DistillBatch, DistillConfig
     from fastcd.match import Matching, Pair
     from fastcd.models import Head
     from fastcd.tasks import EntityTracking

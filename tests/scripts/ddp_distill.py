@@ -9,7 +9,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from conftest import make_tiny  # noqa: E402
 
-from fastcd.distill import DistillConfig, distill  # noqa: E402
+from fastcd.distillation import DistillConfig, distill  # noqa: E402
 from fastcd.match import Matching, Pair  # noqa: E402
 from fastcd.models import Head  # noqa: E402
 from fastcd.tasks import EntityTracking  # noqa: E402
