@@ -233,6 +233,7 @@ def _add_distill(sub) -> None:
     p.add_argument("--labels", choices=["teacher", "gold"], default=d.labels)
     p.add_argument("--kv", choices=["frozen", "trainable"], default=d.kv, help="GQA key/value policy")
     p.add_argument("--teacher-dtype", default=None)
+    p.add_argument("--device", default=None, help="e.g. cuda (default: where the models load, the CPU)")
     p.add_argument("--impl", choices=["torch", "triton"], default=None, help="alignment-loss implementation")
     p.add_argument("--out", required=True)
 
@@ -248,6 +249,16 @@ def _run_distill(args) -> int:
     fields = DistillConfig.__dataclass_fields__
     cfg = DistillConfig(**{k: v for k, v in vars(args).items() if k in fields})
     cfg.validate()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: one process per rank, DDP inside distill()
+        import torch
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available() and cfg.device in (None, "cuda"):
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local)
+            cfg.device = f"cuda:{local}"
     task = get_task(args.task, **({"n_boxes": args.n_boxes} if args.task == "entity-tracking" else {}))
     circuit = Circuit.load(args.circuit) if args.circuit else None
     matching = Matching.load(args.matching) if args.matching else None
@@ -295,6 +306,9 @@ def _add_demo(sub) -> None:
     p.add_argument("--n-discovery", type=int, default=256)
     p.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
     p.add_argument("--methods", default=None, help="comma-separated subset of the methods")
+    p.add_argument("--direction", choices=["student_to_teacher", "teacher_to_student"], default="student_to_teacher",
+                   help="ablation matching direction (default: the paper's Eq. 5, many-to-one; teacher_to_student "
+                   "gives every circuit unit a partner)")
 
 
 def _run_demo(args) -> int:
@@ -305,7 +319,8 @@ def _run_demo(args) -> int:
     seeds = tuple(int(s) for s in args.seeds.split(","))
     report = run_demo(args.task, out=args.out, teacher=args.teacher, student=args.student, steps=args.steps,
                       batch_size=args.batch_size, lr=args.lr, lam=args.lam, n_train=args.n_train,
-                      n_eval=args.n_eval, n_discovery=args.n_discovery, seeds=seeds, methods=methods)
+                      n_eval=args.n_eval, n_discovery=args.n_discovery, seeds=seeds, methods=methods,
+                      direction=args.direction)
     print(format_table(report))
     print(f"report: {args.out}/ (report.json, summary.md, teacher_circuit.png, student_heads.png, matching.png, "
           "curves.png)")

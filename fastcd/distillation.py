@@ -62,6 +62,7 @@ class DistillConfig:
     discovery_top_n: int | None = None  # ToM: top-n heads by mean-ablation patching (default 15% of heads)
     n_discovery: int = 256
     teacher_dtype: str | None = None
+    device: str | None = None  # where teacher and student run ("cuda", "cpu"); None keeps them where they are
     impl: str | None = None  # alignment-loss implementation (None: dispatch)
     progress: bool = True
 
@@ -145,6 +146,20 @@ def _all_gather_batch(x: torch.Tensor) -> torch.Tensor:
     one process at the global batch.
     """
     return _GatherBatch.apply(x)
+
+
+def randomize_students(matching: Matching, student: nn.Module, *, seed: int = 0) -> Matching:
+    """The random-pairing control for a given matching: the same pairs (teacher heads, positions) and the same
+    number of trained student heads, but each distinct student head replaced by a random distinct one."""
+    import random
+
+    from fastcd.match import Pair
+
+    s_all = get_adapter(student).spec.all_heads()
+    mine = list(dict.fromkeys(p.student for p in matching.pairs))
+    repl = dict(zip(mine, random.Random(seed).sample(s_all, len(mine))))
+    pairs = [Pair(p.teacher, repl[p.student], p.position, p.group, {}) for p in matching.pairs]
+    return Matching(pairs, "random", {"seed": seed, "randomized_from": matching.method})
 
 
 def check_vocabularies(teacher, student, teacher_tok=None, student_tok=None) -> None:
@@ -464,8 +479,8 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
     if s_tok is None:
         raise ValueError("student_tokenizer is needed when student is a module")
     t_tok = t_tok or s_tok
-    student = load_model(student)
-    teacher = None if teacher is None else load_model(teacher, dtype=cfg.teacher_dtype)
+    student = load_model(student, device=cfg.device)
+    teacher = None if teacher is None else load_model(teacher, dtype=cfg.teacher_dtype, device=cfg.device)
     if teacher is None and teacher_cache is None:
         raise ValueError("teacher is None: pass a teacher or a teacher_cache")
     if teacher is not None:
@@ -494,12 +509,7 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
                               t_corrupt, task.encode([p.corrupt for p in dpairs], s_tok))
             matching = match(inp, cfg.matching_method)
     elif cfg.method == "ce+rand-cka" and matching is not None and matching.method != "random":
-        # the control pairs the same teacher heads with random student heads
-        from fastcd.discover import CircuitHead
-
-        t_spec = get_adapter(teacher if teacher is not None else student).spec
-        heads = [CircuitHead(p.teacher, p.group, p.position, 0.0) for p in matching.pairs]
-        matching = match_random(Circuit(heads, task.name, t_spec.n_layers, t_spec.n_heads), student, seed=cfg.seed)
+        matching = randomize_students(matching, student, seed=cfg.seed)
     if matching is not None:
         s_spec = get_adapter(student).spec
         for p in matching.pairs:
@@ -574,8 +584,9 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
         circ_correct = circuit_correct_per_example(student, s_test, means, live)
         metrics["student_circuit_accuracy"] = sum(circ_correct) / len(circ_correct)
         s_spec = get_adapter(student).spec
-        metrics["trained_heads"] = len(matching.student_heads())
-        metrics["trained_heads_fraction"] = len(matching.student_heads()) / s_spec.n_total_heads
+        trained = s_spec.n_total_heads if cfg.method in FULL_MODEL else len(matching.student_heads())
+        metrics["trained_heads"] = trained
+        metrics["trained_heads_fraction"] = trained / s_spec.n_total_heads
     if teacher is not None:
         t_test = task.encode([p.clean for p in test_pairs], t_tok)
         metrics["teacher_accuracy"] = sum(accuracy_per_example(teacher, t_test)) / len(t_test)

@@ -241,11 +241,12 @@ class MatchInputs:
 
 
 def _circuit_heads(circuit: Circuit) -> list[tuple[Head, str, str]]:
-    """Unique (head, position role, group) of a circuit, first occurrence wins."""
+    """The circuit's units: unique (head, position role) with their group, in circuit order. A head that acts
+    at two roles (role-wise discovery) is two units, each matched and aligned at its own position."""
     seen, out = set(), []
     for c in circuit.heads:
-        if c.head not in seen:
-            seen.add(c.head)
+        if (c.head, c.position) not in seen:
+            seen.add((c.head, c.position))
             out.append((c.head, c.position, c.group))
     return out
 
@@ -326,7 +327,7 @@ def cka_scores(inp: MatchInputs, *, impl: str | None = None) -> tuple[np.ndarray
     out = np.zeros((len(t_heads), len(s_all)))
     for role in sorted({r for _, r, _ in t_heads}):
         rows = [i for i, (_, r, _) in enumerate(t_heads) if r == role]
-        xt = head_activations(inp.teacher, inp.teacher_clean, [t_heads[i][0] for i in rows], role)
+        xt = head_activations(inp.teacher, inp.teacher_clean, [t_heads[i][0] for i in rows], role)  # unique per role
         xs = head_activations(inp.student, inp.student_clean, s_all, role)
         out[rows] = cka_matrix(xt.numpy(), xs.numpy(), impl=impl)
     return out, t_heads, s_all

@@ -272,3 +272,17 @@ def test_mcnemar():
     assert mcnemar(a, a)["p_value"] == 1.0
     with pytest.raises(ValueError, match="one length"):
         mcnemar([True], [True, False])
+
+
+def test_random_control_keeps_the_matching_shape(tok):
+    from fastcd.distillation import randomize_students
+
+    student = make_tiny("llama", vocab_size=len(tok), seed=2)
+    m = _matching(((Head(1, 2), Head(1, 1), "last"), (Head(1, 0), Head(1, 1), "last"),
+                   (Head(0, 3), Head(0, 2), "box_label")))
+    r = randomize_students(m, student, seed=3)
+    assert r.method == "random" and len(r) == len(m)
+    assert [(p.teacher, p.position) for p in r.pairs] == [(p.teacher, p.position) for p in m.pairs]
+    assert len(r.student_heads()) == len(m.student_heads()) == 2
+    assert r.pairs[0].student == r.pairs[1].student  # a shared student head stays shared
+    assert randomize_students(m, student, seed=3).to_json() == r.to_json()
