@@ -22,7 +22,8 @@ def _add_pretrain(sub) -> None:
     p.add_argument("--role", choices=["teacher", "student"], required=True)
     p.add_argument("--out", required=True, help="run directory (checkpoints, log.jsonl, final/)")
     for name in ("seed", "n_layers", "d_model", "n_heads", "d_ff", "steps", "batch_size", "warmup", "queries",
-                 "min_boxes", "max_boxes", "start_boxes", "eval_every", "eval_n", "save_every", "threads"):
+                 "min_boxes", "max_boxes", "start_boxes", "tom_start_level", "eval_every", "eval_n", "save_every",
+                 "threads"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
     p.add_argument("--n-kv-heads", type=int, default=None)
     for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "curriculum_threshold"):

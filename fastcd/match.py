@@ -32,7 +32,6 @@ from fastcd.tasks.base import EncodedBatch
 
 logger = logging.getLogger("fastcd")
 METHODS = ("ablation", "cka", "combined", "random")
-_ANNOUNCED: set[str] = set()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -78,10 +77,9 @@ def cka_matrix(a, b, *, impl: str | None = None, form: str = "auto", max_bytes: 
     """
     if impl is None:
         impl = "cpp" if _ext.HAS_CPP else "torch"
-        msg = f"fastcd: CKA scorer uses {'fastcd._C (C++)' if impl == 'cpp' else 'the torch fallback'}"
-        if msg not in _ANNOUNCED:
-            _ANNOUNCED.add(msg)
-            logger.info(msg)
+        from fastcd.models import announce
+
+        announce(f"fastcd: CKA scorer uses {'fastcd._C (C++)' if impl == 'cpp' else 'the torch fallback'}")
     if impl == "cpp":
         if not _ext.HAS_CPP:
             raise RuntimeError(f"impl='cpp' was asked for but fastcd._C is not built ({_ext.CPP_ERROR})")

@@ -282,10 +282,16 @@ def model_spec(model: nn.Module) -> ModelSpec:
 _ANNOUNCED: set[str] = set()
 
 
-def _announce(msg: str) -> None:
-    if msg not in _ANNOUNCED:
-        _ANNOUNCED.add(msg)
-        logger.info(msg)
+def announce(msg: str) -> None:
+    """Say ``msg`` once per process on stderr (and to the ``fastcd`` logger); ``FASTCD_QUIET=1`` silences it."""
+    if msg in _ANNOUNCED:
+        return
+    _ANNOUNCED.add(msg)
+    logger.info(msg)
+    if os.environ.get("FASTCD_QUIET", "0") != "1":
+        import sys
+
+        print(msg, file=sys.stderr)
 
 
 def has_flash_attn() -> bool:
@@ -346,7 +352,7 @@ def load_model(path_or_module, *, dtype=None, device=None, attn_implementation: 
     from transformers import AutoModelForCausalLM
 
     impl = attn_implementation or pick_attn_implementation(device)
-    _announce(f"fastcd: attention implementation {impl}")
+    announce(f"fastcd: attention implementation {impl} (flash-attn on CUDA when installed, sdpa otherwise)")
     model = AutoModelForCausalLM.from_pretrained(
         path, local_files_only=True, dtype=dtype if dtype is not None else "auto", attn_implementation=impl
     )

@@ -50,6 +50,7 @@ class PretrainConfig:
     max_boxes: int = 7
     start_boxes: int = 2  # curriculum: the largest box count sampled at the start
     curriculum_threshold: float = 0.9  # advance when train accuracy at the current top box count exceeds it
+    tom_start_level: int = 3  # ToM curriculum: 1 = own-container questions only, 2 = + observed, 3 = all types
     # bookkeeping
     eval_every: int = 250
     eval_n: int = 512
@@ -68,6 +69,8 @@ class PretrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+        if self.tom_start_level not in (1, 2, 3):
+            raise ValueError(f"tom_start_level must be 1, 2 or 3, got {self.tom_start_level}")
         if not (2 <= self.min_boxes <= self.start_boxes <= self.max_boxes):
             raise ValueError(
                 f"boxes must satisfy 2 <= min_boxes <= start_boxes <= max_boxes, got "
@@ -119,14 +122,16 @@ class SequenceMaker:
             text += f" Box {m['labels'][qi]} contains the {m['objects'][qi]} ."
         return text, n
 
-    def _tom_text(self, rng: random.Random) -> tuple[str, int]:
+    def _tom_text(self, rng: random.Random, level: int = 3) -> tuple[str, int]:
+        allowed = ("own", "observed", "unobserved")[:level]
         while True:
             ex = self.tom._sample(rng)
-            if split_of(ex.prompt) == "train":
+            if split_of(ex.prompt) == "train" and ex.meta["question_type"] in allowed:
                 break
         m = ex.meta
         asked = (m["question_character"], m["question_container"])
-        combos = [(c, k) for c in range(2) for k in range(2) if (c, k) != asked]
+        combos = [(c, k) for c in range(2) for k in range(2) if (c, k) != asked
+                  and TheoryOfMind.answer_for(c, k, tuple(m["sees"]), m["drinks"])[1] in allowed]
         rng.shuffle(combos)
         k = 4 if self.cfg.queries <= 0 else min(self.cfg.queries, 4)
         text = ex.prompt + f" {ex.answer}"
@@ -139,7 +144,7 @@ class SequenceMaker:
     def batch(self, rng: random.Random, level: int):
         texts, sizes = [], []
         for _ in range(self.cfg.batch_size):
-            t, n = self._et_text(rng, level) if self.cfg.task == "entity-tracking" else self._tom_text(rng)
+            t, n = self._et_text(rng, level) if self.cfg.task == "entity-tracking" else self._tom_text(rng, level)
             texts.append(t)
             sizes.append(n)
         enc = self.tok(texts, padding=True, return_tensors="pt")
@@ -226,7 +231,8 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr, betas=(0.9, 0.98),
     )
-    step, level, ema, log = 0, cfg.start_boxes, 0.0, []
+    step, level, ema, log = 0, (cfg.start_boxes if cfg.task == "entity-tracking" else cfg.tom_start_level), 0.0, []
+    top_level = cfg.max_boxes if cfg.task == "entity-tracking" else 3
     if state is not None:
         opt.load_state_dict(state["optimizer"])
         step, level, ema, log = state["step"], state["level"], state["ema"], state["log"]
@@ -256,7 +262,7 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
             else:
                 acc = (hit.sum() / sel.sum()).item()
         ema = 0.95 * ema + 0.05 * acc
-        if cfg.task == "entity-tracking" and level < cfg.max_boxes and ema > cfg.curriculum_threshold:
+        if level < top_level and ema > cfg.curriculum_threshold:
             level += 1
             ema = 0.0
         bar.update(1)

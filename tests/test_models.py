@@ -60,7 +60,7 @@ def test_head_slices_cover_the_head(arch):
         assert s.index.stop <= s.param.shape[s.dim]
 
 
-def test_load_model_from_local_dir(tmp_path, word_tokenizer, caplog):
+def test_load_model_from_local_dir(tmp_path, word_tokenizer, caplog, capsys):
     m = make_tiny("llama", vocab_size=len(word_tokenizer))
     m.save_pretrained(tmp_path)
     word_tokenizer.save_pretrained(tmp_path)
@@ -72,6 +72,9 @@ def test_load_model_from_local_dir(tmp_path, word_tokenizer, caplog):
     ids = torch.randint(0, len(word_tokenizer), (2, 9))
     torch.testing.assert_close(loaded(ids).logits, m(ids).logits)
     assert loaded.config._attn_implementation == "sdpa"
+    load_model(tmp_path)
+    err = capsys.readouterr().err
+    assert err.count("fastcd: attention implementation sdpa") <= 1  # said once per process
     tok = load_tokenizer(tmp_path)
     assert tok("Box A contains the")["input_ids"] == word_tokenizer("Box A contains the")["input_ids"]
     half = load_model(tmp_path, dtype=torch.bfloat16)
