@@ -148,6 +148,16 @@ def _all_gather_batch(x: torch.Tensor) -> torch.Tensor:
     return _GatherBatch.apply(x)
 
 
+def _check_matching(matching: Matching, student: nn.Module, teacher: nn.Module | None) -> None:
+    """A clear error when a pair names a head that the student (or the teacher, when given) lacks."""
+    s_spec = get_adapter(student).spec
+    t_spec = get_adapter(teacher).spec if teacher is not None else None
+    for p in matching.pairs:
+        s_spec.check_head(p.student, "matching student head")
+        if t_spec is not None:
+            t_spec.check_head(p.teacher, "matching teacher head")
+
+
 def randomize_students(matching: Matching, student: nn.Module, *, seed: int = 0) -> Matching:
     """The random-pairing control for a given matching: the same pairs (teacher heads, positions) and the same
     number of trained student heads, but each distinct student head replaced by a random distinct one."""
@@ -192,11 +202,7 @@ class CircuitDistiller(nn.Module):
             raise ValueError(f"method {method!r} needs a non-empty matching")
         self.matching = matching
         if matching is not None:
-            s_spec = get_adapter(student).spec
-            for p in matching.pairs:
-                s_spec.check_head(p.student, "matching student head")
-                if teacher is not None:
-                    get_adapter(teacher).spec.check_head(p.teacher, "matching teacher head")
+            _check_matching(matching, student, teacher)
         if teacher is not None:
             teacher.eval()
             for p in teacher.parameters():
@@ -511,11 +517,7 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
     elif cfg.method == "ce+rand-cka" and matching is not None and matching.method != "random":
         matching = randomize_students(matching, student, seed=cfg.seed)
     if matching is not None:
-        s_spec = get_adapter(student).spec
-        for p in matching.pairs:
-            s_spec.check_head(p.student, "matching student head")
-            if teacher is not None:
-                get_adapter(teacher).spec.check_head(p.teacher, "matching teacher head")
+        _check_matching(matching, student, teacher)
 
     cache = TeacherCache(teacher_cache, matching if cfg.method in USES_CKA else None) if teacher_cache else None
     if cache is not None and len(cache) != cfg.n_train:

@@ -59,15 +59,21 @@ ET_GROUPS = (
 )
 
 
-@contextmanager
-def _record_inputs(model, receivers: list[Head], which: str, store: dict):
-    """Record the receivers' q or v (module output slices) at every position: store[head] = [rows, T, d]."""
+def _by_module(model, receivers: list[Head], which: str) -> dict[nn.Module, list[tuple[Head, slice]]]:
+    """Group receivers by the module whose output holds their q (or v), with each head's output slice."""
     a = get_adapter(model)
-    handles = []
     by_mod: dict[nn.Module, list[tuple[Head, slice]]] = {}
     for h in receivers:
         mod, sl = a.qkv_output(h.layer, which, h.head)
         by_mod.setdefault(mod, []).append((h, sl))
+    return by_mod
+
+
+@contextmanager
+def _record_inputs(model, receivers: list[Head], which: str, store: dict):
+    """Record the receivers' q or v (module output slices) at every position: store[head] = [rows, T, d]."""
+    handles = []
+    by_mod = _by_module(model, receivers, which)
     try:
         for mod, items in by_mod.items():
             def hook(module, args, out, items=items):
@@ -83,12 +89,8 @@ def _record_inputs(model, receivers: list[Head], which: str, store: dict):
 @contextmanager
 def _replace_inputs(model, receivers: list[Head], which: str, values: dict, pos_mask: torch.Tensor):
     """Replace the receivers' q or v at ``pos_mask`` ([rows, T]) by ``values[head]`` ([rows, T, d])."""
-    a = get_adapter(model)
     handles = []
-    by_mod: dict[nn.Module, list[tuple[Head, slice]]] = {}
-    for h in receivers:
-        mod, sl = a.qkv_output(h.layer, which, h.head)
-        by_mod.setdefault(mod, []).append((h, sl))
+    by_mod = _by_module(model, receivers, which)
     try:
         for mod, items in by_mod.items():
             def hook(module, args, out, items=items):

@@ -29,6 +29,21 @@ def _load_rows(ptr, pair, rows, rmask, pos_ptr, stride_pp, head, stride_b, strid
 
 
 @triton.jit
+def _load_centred(x_ptr, y_ptr, pair, rows, rmask, pos_s_ptr, pos_t_ptr, stride_pp, hs, ht,
+                  stride_xb, stride_xt, stride_xd, stride_yb, stride_yt, stride_yd, stride_yp,
+                  offs_s, offs_t, smask, tmask, mean_x, mean_y,
+                  DS: tl.constexpr, DT: tl.constexpr, Y_GATHERED: tl.constexpr):
+    # one row block of both heads, centred with the pair's column means; padded rows/columns are exact zeros
+    x = _load_rows(x_ptr, pair, rows, rmask, pos_s_ptr, stride_pp, hs, stride_xb, stride_xt, stride_xd, 0,
+                   offs_s, smask, DS, False)
+    y = _load_rows(y_ptr, pair, rows, rmask, pos_t_ptr, stride_pp, ht, stride_yb, stride_yt, stride_yd,
+                   stride_yp, offs_t, tmask, DT, Y_GATHERED)
+    xc = tl.where(rmask[:, None] & smask[None, :], x - mean_x[None, :], 0.0)
+    yc = tl.where(rmask[:, None] & tmask[None, :], y - mean_y[None, :], 0.0)
+    return xc, yc
+
+
+@triton.jit
 def _cka_fwd_kernel(
     x_ptr, stride_xb, stride_xt, stride_xd, pos_s_ptr, head_s_ptr,
     y_ptr, stride_yb, stride_yt, stride_yd, stride_yp, pos_t_ptr, head_t_ptr,
@@ -68,12 +83,9 @@ def _cka_fwd_kernel(
     for m0 in range(0, M, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         rmask = rows < M
-        x = _load_rows(x_ptr, pair, rows, rmask, pos_s_ptr, stride_pp, hs, stride_xb, stride_xt, stride_xd, 0,
-                       offs_s, smask, DS, False)
-        y = _load_rows(y_ptr, pair, rows, rmask, pos_t_ptr, stride_pp, ht, stride_yb, stride_yt, stride_yd,
-                       stride_yp, offs_t, tmask, DT, Y_GATHERED)
-        xc = tl.where(rmask[:, None] & smask[None, :], x - mean_x[None, :], 0.0)
-        yc = tl.where(rmask[:, None] & tmask[None, :], y - mean_y[None, :], 0.0)
+        xc, yc = _load_centred(x_ptr, y_ptr, pair, rows, rmask, pos_s_ptr, pos_t_ptr, stride_pp, hs, ht,
+                               stride_xb, stride_xt, stride_xd, stride_yb, stride_yt, stride_yd, stride_yp,
+                               offs_s, offs_t, smask, tmask, mean_x, mean_y, DS, DT, Y_GATHERED)
         xct = tl.trans(xc)
         sxy += tl.dot(xct, yc)
         sxx += tl.dot(xct, xc)
@@ -130,12 +142,9 @@ def _cka_bwd_kernel(
     for m0 in range(0, M, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         rmask = rows < M
-        x = _load_rows(x_ptr, pair, rows, rmask, pos_s_ptr, stride_pp, hs, stride_xb, stride_xt, stride_xd, 0,
-                       offs_s, smask, DS, False)
-        y = _load_rows(y_ptr, pair, rows, rmask, pos_t_ptr, stride_pp, ht, stride_yb, stride_yt, stride_yd,
-                       stride_yp, offs_t, tmask, DT, Y_GATHERED)
-        xc = tl.where(rmask[:, None] & smask[None, :], x - mean_x[None, :], 0.0)
-        yc = tl.where(rmask[:, None] & tmask[None, :], y - mean_y[None, :], 0.0)
+        xc, yc = _load_centred(x_ptr, y_ptr, pair, rows, rmask, pos_s_ptr, pos_t_ptr, stride_pp, hs, ht,
+                               stride_xb, stride_xt, stride_xd, stride_yb, stride_yt, stride_yd, stride_yp,
+                               offs_s, offs_t, smask, tmask, mean_x, mean_y, DS, DT, Y_GATHERED)
         gx = coef_x * tl.dot(xc, sxx) + coef_y * tl.dot(yc, tl.trans(sxy))  # [BLOCK_M, BLOCK_DS]
         pos = tl.load(pos_s_ptr + pair * stride_pp + rows, mask=rmask, other=0)
         gptrs = gx_ptr + rows[:, None] * stride_gb + pos[:, None] * stride_gt + (hs * DS + offs_s)[None, :] * stride_gd
