@@ -232,7 +232,8 @@ def _add_distill(sub) -> None:
     for name in ("lam", "lr", "weight_decay", "kd_weight", "kd_temperature"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
     p.add_argument("--labels", choices=["teacher", "gold"], default=d.labels)
-    p.add_argument("--kv", choices=["frozen", "trainable"], default=d.kv, help="GQA key/value policy")
+    p.add_argument("--kv", choices=["auto", "frozen", "trainable"], default=d.kv,
+                   help="key/value slices: auto = a head's own k/v train, shared GQA groups stay frozen")
     p.add_argument("--teacher-dtype", default=None)
     p.add_argument("--device", default=None, help="e.g. cuda (default: where the models load, the CPU)")
     p.add_argument("--impl", choices=["torch", "triton"], default=None, help="alignment-loss implementation")

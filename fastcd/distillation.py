@@ -47,7 +47,7 @@ class DistillConfig:
     labels: str = "teacher"  # "teacher" (teacher's argmax answer) or "gold"
     kd_weight: float = 0.0  # Hinton KD term weight (the "kd" method uses 1.0 when this is 0)
     kd_temperature: float = 2.0
-    kv: str = "frozen"  # GQA policy for matched heads' key/value slices: "frozen" or "trainable"
+    kv: str = "auto"  # key/value slices: "auto" (own k/v train, shared GQA groups frozen), "frozen", "trainable"
     eps: float = 1e-8
     seed: int = 0
     n_train: int = 4096
@@ -75,8 +75,8 @@ class DistillConfig:
             raise ValueError(f"batch_size must be >= 2 (it is the CKA batch m), got {self.batch_size}")
         if self.labels not in ("teacher", "gold"):
             raise ValueError(f"labels must be 'teacher' or 'gold', got {self.labels!r}")
-        if self.kv not in ("frozen", "trainable"):
-            raise ValueError(f"kv must be 'frozen' or 'trainable', got {self.kv!r}")
+        if self.kv not in ("auto", "frozen", "trainable"):
+            raise ValueError(f"kv must be 'auto', 'frozen' or 'trainable', got {self.kv!r}")
         for name in ("steps", "n_train", "n_eval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -16,7 +16,7 @@ from torch.nn.utils import parametrize
 
 from fastcd.models import Head, get_adapter
 
-KV_POLICIES = ("frozen", "trainable")
+KV_POLICIES = ("auto", "frozen", "trainable")
 
 
 class _SpliceSlices(nn.Module):
@@ -70,19 +70,23 @@ def _merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return [(s, e) for s, e in out]
 
 
-def make_trainable(model: nn.Module, heads: list[Head], *, kv: str = "frozen") -> TrainableSlices:
-    """Freeze ``model`` and make only ``heads``' q rows, o columns (and q bias) trainable.
+def make_trainable(model: nn.Module, heads: list[Head], *, kv: str = "auto") -> TrainableSlices:
+    """Freeze ``model`` and make only ``heads``' q rows, o columns (and q bias) trainable, plus their key/value
+    slices by the ``kv`` policy.
 
     Args:
-        kv: GQA policy for the heads' key/value slices: ``"frozen"`` (default: a KV group is shared with
-            heads that are not matched, so training it would move them too) or ``"trainable"`` (each matched
-            head's KV group trains).
+        kv: ``"auto"`` (default): a head's k/v slices train when they are its own (no GQA: one KV head per
+            query head) and stay frozen under GQA, where a KV group is shared with heads that are not matched
+            and training it would move them too; ``"frozen"``: never; ``"trainable"``: each matched head's KV
+            group trains, GQA or not.
     """
     if kv not in KV_POLICIES:
         raise ValueError(f"kv must be one of {KV_POLICIES}, got {kv!r}")
     if not heads:
         raise ValueError("heads must not be empty: nothing would train")
     adapter = get_adapter(model)
+    if kv == "auto":
+        kv = "trainable" if adapter.spec.group_size == 1 else "frozen"
     heads = sorted({adapter.spec.check_head(h, "trainable head") for h in heads})
     n_total = sum(p.numel() for p in model.parameters())
     for p in model.parameters():

@@ -286,3 +286,19 @@ def test_random_control_keeps_the_matching_shape(tok):
     assert len(r.student_heads()) == len(m.student_heads()) == 2
     assert r.pairs[0].student == r.pairs[1].student  # a shared student head stays shared
     assert randomize_students(m, student, seed=3).to_json() == r.to_json()
+
+
+def test_kv_auto_policy(tok):
+    from fastcd.trainable import make_trainable
+
+    gqa = make_tiny("llama", vocab_size=len(tok))  # 4 query heads, 2 KV heads
+    ts = make_trainable(gqa, [Head(0, 1)])
+    assert ts.n_trainable == 2 * 8 * 32  # q rows + o columns only: the KV group is shared
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    mha = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                       num_attention_heads=4, num_key_value_heads=4))
+    ts = make_trainable(mha, [Head(0, 1)])
+    assert ts.n_trainable == 4 * 8 * 32  # q, k, v rows and o columns: the k/v slices are the head's own
+    with pytest.raises(ValueError, match="kv must be one of"):
+        make_trainable(mha, [Head(0, 1)], kv="shared")
