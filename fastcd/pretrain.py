@@ -129,13 +129,13 @@ class SequenceMaker:
             if split_of(ex.prompt) == "train" and ex.meta["question_type"] in allowed:
                 break
         m = ex.meta
-        asked = (m["question_character"], m["question_container"])
-        combos = [(c, k) for c in range(2) for k in range(2) if (c, k) != asked
-                  and TheoryOfMind.answer_for(c, k, tuple(m["sees"]), m["drinks"])[1] in allowed]
-        rng.shuffle(combos)
-        k = 4 if self.cfg.queries <= 0 else min(self.cfg.queries, 4)
+        # Follow-up questions are drawn with replacement (as for entity tracking): asked once each, the second
+        # own-container question is answered by elimination ("the other drink") without any binding.
+        combos = [(c, k) for c in range(2) for k in range(2)
+                  if TheoryOfMind.answer_for(c, k, tuple(m["sees"]), m["drinks"])[1] in allowed]
+        k = 4 if self.cfg.queries <= 0 else self.cfg.queries
         text = ex.prompt + f" {ex.answer}"
-        for c, kk in combos[: k - 1]:
+        for c, kk in [rng.choice(combos) for _ in range(k - 1)]:
             ans, _ = TheoryOfMind.answer_for(c, kk, tuple(m["sees"]), m["drinks"])
             text += (f" Question: What does {m['characters'][c]} believe the {m['containers'][kk]} contains?"
                      f" Answer: {ans}")
