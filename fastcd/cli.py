@@ -245,7 +245,7 @@ def _run_distill(args) -> int:
     from fastcd.distillation import DistillConfig, build_teacher_cache, distill
     from fastcd.match import Matching
     from fastcd.models import load_model, load_tokenizer
-    from fastcd.plots import line_plot
+    from fastcd.plots import line_plot, loss_series
     from fastcd.tasks import get_task
 
     fields = DistillConfig.__dataclass_fields__
@@ -279,8 +279,7 @@ def _run_distill(args) -> int:
         raise ValueError("give --teacher, --teacher-cache or --build-teacher-cache")
     res = distill(teacher, args.student, task, circuit=circuit, matching=matching, config=cfg,
                   teacher_tokenizer=t_tok, student_tokenizer=s_tok, teacher_cache=cache)
-    steps = [r["step"] for r in res.log]
-    series = {k: (steps, [r[k] for r in res.log]) for k in ("ce", "cka_loss", "kd") if res.log and k in res.log[0]}
+    series = loss_series(res.log)
     if series:
         line_plot(series, os.path.join(args.out, "curves.png"), ylabel="loss", title=f"{args.task}: {cfg.method}")
     print(json.dumps(res.metrics, indent=2))

@@ -16,18 +16,17 @@ from dataclasses import asdict
 import torch
 
 from fastcd import discover as D
+from fastcd.discover import accuracy_per_example, circuit_correct
 from fastcd.distillation import (
     METHODS,
     DistillConfig,
-    accuracy_per_example,
-    circuit_correct_per_example,
     discover_circuit,
     distill,
 )
 from fastcd.hooks import mean_z
 from fastcd.match import MatchInputs, cka_scores, match
 from fastcd.models import load_model, load_tokenizer
-from fastcd.plots import _plt, head_heatmaps, line_plot
+from fastcd.plots import _plt, head_heatmaps, line_plot, loss_series
 from fastcd.pretrain import shipped_checkpoint
 from fastcd.stats import mcnemar
 from fastcd.tasks import EntityTracking, TheoryOfMind
@@ -96,9 +95,9 @@ def run_demo(task_name: str = "entity-tracking", *, out: str = "fastcd-demo", te
     live_s = [(p.student, p.position) for p in matching.pairs]
     t_live = [(c.head, c.position) for c in circuit.heads]
     t_correct = accuracy_per_example(t_model, s_test)
-    t_circ = circuit_correct_per_example(t_model, s_test, mean_z(t_model, s_ref.input_ids), t_live)
+    t_circ = circuit_correct(t_model, s_test, mean_z(t_model, s_ref.input_ids), t_live)
     b_correct = accuracy_per_example(base, s_test)
-    b_circ = circuit_correct_per_example(base, s_test, mean_z(base, s_ref.input_ids), live_s)
+    b_circ = circuit_correct(base, s_test, mean_z(base, s_ref.input_ids), live_s)
     rows = {"teacher": _row("Teacher", t_correct, t_circ), "base": _row("Student base (untrained)", b_correct, b_circ)}
 
     # 4. every method, every seed -------------------------------------------------------------------------
@@ -204,10 +203,6 @@ def _matching_plot(cka, t_heads, s_all, matching, path):
 def _curves_plot(curves: dict, path: str, task: str):
     series = {}
     for m, log in curves.items():
-        steps = [r["step"] for r in log]
-        if log and "ce" in log[0]:
-            series[f"{m}: CE"] = (steps, [r["ce"] for r in log])
-        if log and "cka_loss" in log[0]:
-            series[f"{m}: sum(1-CKA)"] = (steps, [r["cka_loss"] for r in log])
+        series.update(loss_series(log, prefix=f"{m}: "))
     if series:
         line_plot(series, path, ylabel="loss", title=f"{task}: training curves (first seed)")

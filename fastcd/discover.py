@@ -64,6 +64,13 @@ def metric_values(logits: torch.Tensor, batch: EncodedBatch, metric: str,
     return last[torch.arange(n), ans] - last[torch.arange(n), d]
 
 
+@torch.no_grad()
+def accuracy_per_example(model: nn.Module, batch: EncodedBatch, batch_size: int = 256) -> list[bool]:
+    """Whether the argmax at each example's last position is its answer."""
+    vals, _ = _clean_metric(model, batch, "accuracy", None, batch_size)
+    return vals.bool().tolist()
+
+
 def relative_change(patched: torch.Tensor, clean: torch.Tensor, metric: str, relative: bool) -> torch.Tensor:
     """Score of a patch: per-example ``(p - c) / c`` for ``prob`` (Prakash), else on the means."""
     if not relative:
@@ -196,23 +203,29 @@ def _clean_metric(model, clean, metric, distractor_ids, batch_size) -> tuple[tor
 
 
 @torch.no_grad()
-def _clean_metric_and_resid(model, clean, metric, distractor_ids, batch_size):
-    """Clean metric, the clean residual stream at the input of every decoder layer ``[L, n, T, d]``, and the
-    clean keys/values of every layer ``[(K [n, kv, T, d_head], V), ...]``, from one pass."""
+def _clean_metric_and_resid(model, clean, metric, distractor_ids, batch_size, prefix: int = 0):
+    """Clean metric and the clean residual stream at the input of every decoder layer ``[L, n, T, d]``, from one
+    pass; with ``prefix > 0`` also the clean keys/values of the first ``prefix`` tokens of every layer
+    ``[(K [n, kv, prefix, d_head], V), ...]`` (copied, so the rest of the cache is freed with each chunk)."""
     spec = get_adapter(model).spec
     device = next(model.parameters()).device
     vals, hs, kvs, fw = [], [], [], 0
     for i in range(0, len(clean), batch_size):
         out = model(input_ids=clean.input_ids[i : i + batch_size].to(device), output_hidden_states=True,
-                    use_cache=True)
+                    use_cache=prefix > 0)
         fw += 1
         sub = clean.index(range(i, min(i + batch_size, len(clean))))
         d = None if distractor_ids is None else distractor_ids[i : i + batch_size]
         vals.append(metric_values(out.logits, sub, metric, d).cpu())
         hs.append(torch.stack(out.hidden_states[: spec.n_layers]))  # hidden_states[l] is layer l's input
-        cache = getattr(out, "cache", None) or out.past_key_values
-        kvs.append([(layer.keys, layer.values) for layer in cache.layers])
-    kv = [(torch.cat([p[l][0] for p in kvs]), torch.cat([p[l][1] for p in kvs])) for l in range(len(kvs[0]))]
+        if prefix > 0:
+            # causal attention: the first `prefix` positions' keys/values are the clean run's
+            cache = getattr(out, "cache", None) or out.past_key_values
+            kvs.append([(layer.keys[:, :, :prefix].clone(), layer.values[:, :, :prefix].clone())
+                        for layer in cache.layers])
+        del out  # the full logits and cache of this chunk
+    kv = ([(torch.cat([p[l][0] for p in kvs]), torch.cat([p[l][1] for p in kvs])) for l in range(len(kvs[0]))]
+          if kvs else None)
     return torch.cat(vals), fw, torch.cat(hs, dim=1), kv
 
 
@@ -322,15 +335,11 @@ def patch_heads_batched(model: nn.Module, clean: EncodedBatch, source: PatchSour
     by_layer: dict[int, list[int]] = {}
     for k in order:
         by_layer.setdefault(heads[k].layer, []).append(k)
-    p0 = 0
+    p0 = int(pos.min()) if (skip and reuse_prefix and pos is not None and _prefix_reuse_ok(adapter, t)) else 0
     if skip:
-        base, fw, resid, clean_kv = _clean_metric_and_resid(model, clean, metric, distractor_ids, batch_size)
-        if reuse_prefix and pos is not None and _prefix_reuse_ok(adapter, t):
-            p0 = int(pos.min())
-        # causal attention: the first p0 positions' keys/values are those of the clean run
-        prefix_kv = [(k[:, :, :p0], v[:, :, :p0]) for k, v in clean_kv]
-        del clean_kv  # free the rest: only the prefix is reused
-        shifted = _shift_last(clean, p0)
+        base, fw, resid, prefix_kv = _clean_metric_and_resid(model, clean, metric, distractor_ids, batch_size,
+                                                             prefix=p0)
+        shifted = _shift_last(clean, p0) if p0 > 0 else None
     else:
         base, fw = _clean_metric(model, clean, metric, distractor_ids, batch_size)
     out = torch.empty(len(heads), n)
@@ -568,16 +577,16 @@ def circuit_by_roles(model: nn.Module, clean: EncodedBatch, source: PatchSource,
 # Circuit evaluation
 # ------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def circuit_accuracy(model: nn.Module, clean: EncodedBatch, means: torch.Tensor,
-                     live: list[tuple[Head, str]], *, batch_size: int = 64) -> float:
-    """Accuracy with only ``live`` (head, position role) pairs active; every other head at every position,
-    and live heads at other positions, mean-ablated with per-position ``means`` [L, T, H, D]."""
+def circuit_correct(model: nn.Module, clean: EncodedBatch, means: torch.Tensor,
+                    live: list[tuple[Head, str]], *, batch_size: int = 64) -> list[bool]:
+    """Per-example correctness with only ``live`` (head, position role) pairs active; every other head at every
+    position, and live heads at other positions, mean-ablated with per-position ``means`` [L, T, H, D]."""
     spec = get_adapter(model).spec
     device = next(model.parameters()).device
     n, t = clean.input_ids.shape
     if means.shape[1] != t:
         raise ValueError(f"means are for length {means.shape[1]}, prompts have length {t}")
-    correct = 0
+    out: list[bool] = []
     for i in range(0, n, batch_size):
         idx = torch.arange(i, min(i + batch_size, n))
         keep = torch.zeros(spec.n_layers, len(idx), t, spec.n_heads, dtype=torch.bool)
@@ -587,8 +596,15 @@ def circuit_accuracy(model: nn.Module, clean: EncodedBatch, means: torch.Tensor,
         plan = {l: (~keep[l], means[l][None]) for l in range(spec.n_layers)}
         with intervene(model, plan):
             logits = model(input_ids=clean.input_ids[idx].to(device)).logits
-        correct += int(metric_values(logits, clean.index(idx), "accuracy").sum())
-    return correct / n
+        out += metric_values(logits, clean.index(idx), "accuracy").bool().tolist()
+    return out
+
+
+def circuit_accuracy(model: nn.Module, clean: EncodedBatch, means: torch.Tensor,
+                     live: list[tuple[Head, str]], *, batch_size: int = 64) -> float:
+    """Mean of :func:`circuit_correct`."""
+    hits = circuit_correct(model, clean, means, live, batch_size=batch_size)
+    return sum(hits) / len(hits)
 
 
 @torch.no_grad()

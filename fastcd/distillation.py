@@ -9,7 +9,6 @@ inference mode, or replaced by an offline cache of its circuit heads' z and labe
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -20,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastcd.discover import ALL, Circuit, metric_values
+from fastcd.discover import ALL, Circuit, accuracy_per_example, circuit_correct
 from fastcd.functional import choose_impl, cka_loss, cka_loss_gathered
 from fastcd.hooks import capture_z, mean_z
 from fastcd.match import Matching, MatchInputs, match, match_random
@@ -428,17 +427,6 @@ def _make_batch(idx, s_enc: EncodedBatch, t_enc: EncodedBatch | None, cache: Tea
     return b
 
 
-@torch.no_grad()
-def accuracy_per_example(model: nn.Module, enc: EncodedBatch, batch_size: int = 256) -> list[bool]:
-    dev = next(model.parameters()).device
-    out = []
-    for i in range(0, len(enc), batch_size):
-        sub = enc.index(range(i, min(i + batch_size, len(enc))))
-        logits = model(input_ids=sub.input_ids.to(dev)).logits
-        out += metric_values(logits, sub, "accuracy").bool().tolist()
-    return out
-
-
 def _resolve_task(task_or_dataset, n_boxes: int | None = None):
     from fastcd.tasks import EntityTracking, TheoryOfMind, get_task
 
@@ -583,7 +571,7 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
     if matching is not None:
         means = mean_z(student, s_ref.input_ids.to(next(student.parameters()).device))
         live = [(p.student, p.position) for p in matching.pairs]
-        circ_correct = circuit_correct_per_example(student, s_test, means, live)
+        circ_correct = circuit_correct(student, s_test, means, live, batch_size=128)
         metrics["student_circuit_accuracy"] = sum(circ_correct) / len(circ_correct)
         s_spec = get_adapter(student).spec
         trained = s_spec.n_total_heads if cfg.method in FULL_MODEL else len(matching.student_heads())
@@ -606,31 +594,6 @@ def _cfg_key(cfg: DistillConfig) -> dict:
     d.pop("progress", None)
     d["discovery_k"] = list(d["discovery_k"])
     return d
-
-
-@torch.no_grad()
-def circuit_correct_per_example(model, enc: EncodedBatch, means, live, batch_size: int = 128) -> list[bool]:
-    """Per-example correctness with only ``live`` (head, role) pairs active, everything else mean-ablated."""
-    out = []
-    for i in range(0, len(enc), batch_size):
-        out += _circuit_hits(model, enc.index(range(i, min(i + batch_size, len(enc)))), means, live)
-    return out
-
-
-def _circuit_hits(model, sub, means, live) -> list[bool]:
-    from fastcd.discover import _pos_mask, _positions
-    from fastcd.hooks import intervene
-
-    spec = get_adapter(model).spec
-    dev = next(model.parameters()).device
-    n, t = sub.input_ids.shape
-    keep = torch.zeros(spec.n_layers, n, t, spec.n_heads, dtype=torch.bool)
-    for head, role in live:
-        keep[head.layer, :, :, head.head] |= _pos_mask(None if role == ALL else _positions(sub, role), n, t)
-    plan = {l: (~keep[l], means[l][None]) for l in range(spec.n_layers)}
-    with intervene(model, plan):
-        logits = model(input_ids=sub.input_ids.to(dev)).logits
-    return metric_values(logits, sub, "accuracy").bool().tolist()
 
 
 def discover_circuit(teacher, task, t_clean: EncodedBatch, t_corrupt: EncodedBatch, cfg: DistillConfig) -> Circuit:
@@ -680,4 +643,3 @@ def save_result(result: DistillResult, cfg: DistillConfig, tokenizer=None) -> st
 
 __all__ = ["CircuitDistiller", "DistillBatch", "DistillConfig", "DistillResult", "METHODS", "TeacherCache",
            "build_teacher_cache", "check_vocabularies", "distill", "save_result"]
-_ = dataclasses  # kept for users extending DistillConfig with dataclasses.replace

@@ -66,3 +66,14 @@ def line_plot(series: dict, path: str | os.PathLike, *, xlabel: str = "step", yl
     fig.savefig(os.fspath(path), dpi=110)
     plt.close(fig)
     return os.fspath(path)
+
+
+LOSS_PARTS = {"ce": "CE", "cka_loss": "sum(1-CKA)", "kd": "KD"}
+
+
+def loss_series(log: list[dict], prefix: str = "") -> dict:
+    """``{label: (steps, values)}`` for each loss part (CE, sum(1-CKA), KD) present in a distillation log."""
+    if not log:
+        return {}
+    steps = [r["step"] for r in log]
+    return {f"{prefix}{label}": (steps, [r[key] for r in log]) for key, label in LOSS_PARTS.items() if key in log[0]}

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from fastcd.discover import accuracy_per_example
 from fastcd.tasks import EntityTracking, TheoryOfMind, split_of
 from fastcd.tokenizer import build_word_tokenizer
 
@@ -161,12 +162,7 @@ def evaluate(model, tokenizer, task, n: int, split: str = "val", batch_size: int
     """Accuracy (argmax at the last position) on ``n`` held-out examples, split by question type for ToM."""
     examples = task.generate(n, seed=1234, split=split)
     model.eval()
-    correct = []
-    for i in range(0, n, batch_size):
-        b = task.encode(examples[i : i + batch_size], tokenizer)
-        logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
-        last = logits[torch.arange(len(b)), b.positions["last"]]
-        correct += (last.argmax(-1) == b.answer_ids).tolist()
+    correct = accuracy_per_example(model, task.encode(examples, tokenizer), batch_size=batch_size)
     out = {"accuracy": sum(correct) / len(correct), "n": len(correct)}
     if isinstance(task, TheoryOfMind):
         for qt in ("own", "observed", "unobserved"):
