@@ -29,6 +29,9 @@ def _add_pretrain(sub) -> None:
     for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "curriculum_threshold"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
     p.add_argument("--stop-at-accuracy", type=float, default=None)
+    p.add_argument("--init-from", default=None,
+                   help="warm start from this model directory (same tokenizer and architecture), e.g. a shipped "
+                   "checkpoint: fastcd/checkpoints/et-teacher")
     p.add_argument("--no-progress", action="store_true")
 
 

@@ -52,6 +52,7 @@ class PretrainConfig:
     start_boxes: int = 2  # curriculum: the largest box count sampled at the start
     curriculum_threshold: float = 0.9  # advance when train accuracy at the current top box count exceeds it
     tom_start_level: int = 3  # ToM curriculum: 1 = own-container questions only, 2 = + observed, 3 = all types
+    init_from: str | None = None  # warm start: a model directory (same tokenizer and architecture) to start from
     # bookkeeping
     eval_every: int = 250
     eval_n: int = 512
@@ -79,7 +80,25 @@ class PretrainConfig:
             )
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.init_from is not None and not os.path.isfile(os.path.join(self.init_from, "config.json")):
+            raise ValueError(f"init_from must be a model directory with a config.json, got {self.init_from!r}")
         return self
+
+
+def _warm_start(cfg: PretrainConfig, tokenizer):
+    """The model of ``cfg.init_from``, after checking that it has ``cfg``'s architecture and vocabulary."""
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(cfg.init_from, local_files_only=True)
+    mc = model.config
+    have = {"n_layers": mc.num_hidden_layers, "d_model": mc.hidden_size, "n_heads": mc.num_attention_heads,
+            "n_kv_heads": mc.num_key_value_heads, "d_ff": mc.intermediate_size, "vocab": mc.vocab_size}
+    want = {"n_layers": cfg.n_layers, "d_model": cfg.d_model, "n_heads": cfg.n_heads,
+            "n_kv_heads": cfg.n_kv_heads or cfg.n_heads, "d_ff": cfg.d_ff, "vocab": len(tokenizer)}
+    diff = {k: (have[k], want[k]) for k in have if have[k] != want[k]}
+    if diff:
+        raise ValueError(f"init_from: {cfg.init_from!r} differs from the requested model (have, want): {diff}")
+    return model
 
 
 def make_model(cfg: PretrainConfig, tokenizer):
@@ -218,7 +237,7 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
             diff = {k: (state["config"].get(k), v) for k, v in asdict(cfg).items() if state["config"].get(k) != v}
             raise ValueError(f"{ckpt} was written by a run with a different configuration: {diff}")
     else:
-        model = make_model(cfg, tokenizer)
+        model = _warm_start(cfg, tokenizer) if cfg.init_from else make_model(cfg, tokenizer)
         state = None
     model.train()
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]

@@ -84,3 +84,30 @@ def test_config_validation():
         PretrainConfig(start_boxes=9).validate()
     with pytest.raises(ValueError, match="lr must be > 0"):
         PretrainConfig(lr=0).validate()
+
+
+def test_warm_start_begins_from_the_given_weights(tmp_path):
+    pretrain(_cfg(tmp_path / "a"), progress=False)
+    src = tmp_path / "a" / "final"
+    cfg = _cfg(tmp_path / "b", "tom")
+    cfg.init_from, cfg.steps, cfg.lr = str(src), 1, 1e-12  # one step at a negligible lr: weights barely move
+    pretrain(cfg, progress=False)
+    wa = load_file(src / "model.safetensors")
+    wb = load_file(tmp_path / "b" / "final" / "model.safetensors")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=0)
+    fresh = _cfg(tmp_path / "c", "tom")
+    fresh.steps, fresh.lr = 1, 1e-12
+    pretrain(fresh, progress=False)
+    wc = load_file(tmp_path / "c" / "final" / "model.safetensors")
+    assert any(not torch.allclose(wa[k], wc[k]) for k in wa)  # without init_from the weights differ
+
+
+def test_warm_start_refuses_another_architecture(tmp_path):
+    pretrain(_cfg(tmp_path / "a"), progress=False)
+    cfg = _cfg(tmp_path / "b")
+    cfg.init_from, cfg.d_model, cfg.d_ff = str(tmp_path / "a" / "final"), 32, 64
+    with pytest.raises(ValueError, match=r"init_from: .*d_model.*\(16, 32\)"):
+        pretrain(cfg, progress=False)
+    with pytest.raises(ValueError, match="init_from must be a model directory"):
+        PretrainConfig(init_from=str(tmp_path / "nowhere")).validate()
