@@ -51,7 +51,9 @@ class PretrainConfig:
     max_boxes: int = 7
     start_boxes: int = 2  # curriculum: the largest box count sampled at the start
     curriculum_threshold: float = 0.9  # advance when train accuracy at the current top box count exceeds it
-    tom_start_level: int = 3  # ToM curriculum: 1 = own-container questions only, 2 = + observed, 3 = all types
+    # ToM curriculum: 0 = short stories (the two "grabs ... fills it with" sentences only) with own-container
+    # questions, 1 = full stories with own-container questions, 2 = + observed, 3 = all question types
+    tom_start_level: int = 3
     init_from: str | None = None  # warm start: a model directory (same tokenizer and architecture) to start from
     # bookkeeping
     eval_every: int = 250
@@ -71,8 +73,8 @@ class PretrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
-        if self.tom_start_level not in (1, 2, 3):
-            raise ValueError(f"tom_start_level must be 1, 2 or 3, got {self.tom_start_level}")
+        if self.tom_start_level not in (0, 1, 2, 3):
+            raise ValueError(f"tom_start_level must be 0, 1, 2 or 3, got {self.tom_start_level}")
         if not (2 <= self.min_boxes <= self.start_boxes <= self.max_boxes):
             raise ValueError(
                 f"boxes must satisfy 2 <= min_boxes <= start_boxes <= max_boxes, got "
@@ -143,12 +145,20 @@ class SequenceMaker:
         return text, n
 
     def _tom_text(self, rng: random.Random, level: int = 3) -> tuple[str, int]:
-        allowed = ("own", "observed", "unobserved")[:level]
+        allowed = ("own", "observed", "unobserved")[: max(1, level)]
         while True:
             ex = self.tom._sample(rng)
             if split_of(ex.prompt) == "train" and ex.meta["question_type"] in allowed:
                 break
         m = ex.meta
+        if level == 0:
+            # Short story: the binding sentences only, so that attention is spread over far fewer positions
+            # while the container -> drink binding forms (the held-out prompts are always full stories).
+            (c1, c2), (k1, k2), (s1, s2) = m["characters"], m["containers"], m["drinks"]
+            story = (f"{c1} grabs an opaque {k1} and fills it with {s1}. Then {c2} grabs another opaque {k2} "
+                     f"and fills it with {s2}.")
+            q = ex.prompt[ex.prompt.index(" Question:"):]
+            ex = type(ex)(ex.task, story + q, ex.answer, m)
         # Follow-up questions are drawn with replacement (as for entity tracking): asked once each, the second
         # own-container question is answered by elimination ("the other drink") without any binding.
         combos = [(c, k) for c in range(2) for k in range(2)

@@ -111,3 +111,23 @@ def test_warm_start_refuses_another_architecture(tmp_path):
         pretrain(cfg, progress=False)
     with pytest.raises(ValueError, match="init_from must be a model directory"):
         PretrainConfig(init_from=str(tmp_path / "nowhere")).validate()
+
+
+def test_tom_curriculum_levels():
+    tok = build_word_tokenizer()
+    maker = SequenceMaker(_cfg("x", "tom"), tok)
+    rng = random.Random(0)
+    for level in (0, 1, 2):
+        for _ in range(20):
+            text, _ = maker._tom_text(rng, level)
+            assert ("working in a busy restaurant" in text) == (level > 0)
+            assert "unknown" not in text  # no unobserved question below level 3
+            story, *qa = text.split(" Question: ")
+            for q in qa:  # every answer is the drink the question's container holds
+                cont = q.split(" believe the ")[1].split()[0]
+                drink = q.split("Answer: ")[1].strip()
+                assert f"{cont} and fills it with {drink}." in story
+    texts = [maker._tom_text(rng, 3)[0] for _ in range(60)]
+    assert any("unknown" in t for t in texts)
+    with pytest.raises(ValueError, match="tom_start_level must be 0, 1, 2 or 3"):
+        PretrainConfig(tom_start_level=4).validate()
