@@ -54,6 +54,13 @@ class PretrainConfig:
     # ToM curriculum: 0 = short stories (the two "grabs ... fills it with" sentences only) with own-container
     # questions, 1 = full stories with own-container questions, 2 = + observed, 3 = all question types
     tom_start_level: int = 3
+    # ToM: share of follow-up questions asked in reverse, "Question: What contains the <drink>? Answer:
+    # <container>" (training only): the entity-tracking-like lookup (raw key, gathered value) that builds the
+    # "at the drink, read its container" head the belief question then composes with
+    tom_reverse: float = 0.0
+    # "what": "What contains the <drink>?"; "mirror": the belief template with the drink in the container's
+    # place, "What does <c> believe the <drink> contains?", so both directions share the question's offsets
+    tom_reverse_form: str = "what"
     init_from: str | None = None  # warm start: a model directory (same tokenizer and architecture) to start from
     # bookkeeping
     eval_every: int = 250
@@ -80,6 +87,10 @@ class PretrainConfig:
                 f"boxes must satisfy 2 <= min_boxes <= start_boxes <= max_boxes, got "
                 f"{self.min_boxes}, {self.start_boxes}, {self.max_boxes}"
             )
+        if not 0.0 <= self.tom_reverse < 1.0:
+            raise ValueError(f"tom_reverse must be in [0, 1), got {self.tom_reverse}")
+        if self.tom_reverse_form not in ("what", "mirror"):
+            raise ValueError(f"tom_reverse_form must be 'what' or 'mirror', got {self.tom_reverse_form!r}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.init_from is not None and not os.path.isfile(os.path.join(self.init_from, "config.json")):
@@ -166,6 +177,11 @@ class SequenceMaker:
         k = 4 if self.cfg.queries <= 0 else self.cfg.queries
         text = ex.prompt + f" {ex.answer}"
         for c, kk in [rng.choice(combos) for _ in range(k - 1)]:
+            if rng.random() < self.cfg.tom_reverse:
+                asked = (f"What contains the {m['drinks'][kk]}?" if self.cfg.tom_reverse_form == "what"
+                         else f"What does {m['characters'][c]} believe the {m['drinks'][kk]} contains?")
+                text += f" Question: {asked} Answer: {m['containers'][kk]}"
+                continue
             ans, _ = TheoryOfMind.answer_for(c, kk, tuple(m["sees"]), m["drinks"])
             text += (f" Question: What does {m['characters'][c]} believe the {m['containers'][kk]} contains?"
                      f" Answer: {ans}")

@@ -131,3 +131,30 @@ def test_tom_curriculum_levels():
     assert any("unknown" in t for t in texts)
     with pytest.raises(ValueError, match="tom_start_level must be 0, 1, 2 or 3"):
         PretrainConfig(tom_start_level=4).validate()
+
+
+@pytest.mark.parametrize("form", ["what", "mirror"])
+def test_tom_reverse_questions_answer_the_container(form):
+    tok = build_word_tokenizer()
+    cfg = _cfg("x", "tom")
+    cfg.tom_reverse, cfg.tom_reverse_form, cfg.queries = 0.5, form, 8
+    maker = SequenceMaker(cfg, tok)
+    rng = random.Random(1)
+    n_rev = 0
+    for _ in range(20):
+        text, _ = maker._tom_text(rng, 0)
+        story, *qa = text.split(" Question: ")
+        for q in qa:
+            asked, answer = q.split(" Answer: ")
+            word = asked.split(" the ")[-1].split()[0].rstrip("?")
+            if word in maker.tom.drinks:  # a reverse question: the container holding that drink
+                n_rev += 1
+                assert f"{answer} and fills it with {word}." in story
+                assert asked.startswith("What contains" if form == "what" else "What does")
+            else:
+                assert f"{word} and fills it with {answer}." in story
+    assert 40 <= n_rev <= 100  # about half of the 7 x 20 follow-ups
+    with pytest.raises(ValueError, match="tom_reverse must be in"):
+        PretrainConfig(tom_reverse=1.0).validate()
+    with pytest.raises(ValueError, match="tom_reverse_form must be"):
+        PretrainConfig(tom_reverse_form="x").validate()
