@@ -29,6 +29,8 @@ def _add_pretrain(sub) -> None:
     for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "curriculum_threshold", "tom_reverse"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
     p.add_argument("--stop-at-accuracy", type=float, default=None)
+    p.add_argument("--stop-at-step", type=int, default=None,
+                   help="stop after this step; the learning-rate schedule still spans --steps")
     p.add_argument("--tom-reverse-form", choices=["what", "mirror"], default=d.tom_reverse_form)
     p.add_argument("--init-from", default=None,
                    help="warm start from this model directory (same tokenizer and architecture), e.g. a shipped "

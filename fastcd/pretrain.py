@@ -67,6 +67,7 @@ class PretrainConfig:
     eval_n: int = 512
     save_every: int = 500
     stop_at_accuracy: float | None = None  # stop once val accuracy (on max_boxes prompts) reaches this
+    stop_at_step: int | None = None  # stop after this step (the lr schedule still spans ``steps``)
     threads: int | None = None
     extra: dict = field(default_factory=dict)
 
@@ -89,6 +90,8 @@ class PretrainConfig:
             )
         if not 0.0 <= self.tom_reverse < 1.0:
             raise ValueError(f"tom_reverse must be in [0, 1), got {self.tom_reverse}")
+        if self.stop_at_step is not None and not 1 <= self.stop_at_step <= self.steps:
+            raise ValueError(f"stop_at_step must be in [1, steps={self.steps}], got {self.stop_at_step}")
         if self.tom_reverse_form not in ("what", "mirror"):
             raise ValueError(f"tom_reverse_form must be 'what' or 'mirror', got {self.tom_reverse_form!r}")
         if self.lr <= 0:
@@ -318,6 +321,8 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
                 f.write(json.dumps(rec) + "\n")
             if cfg.stop_at_accuracy is not None and ev["accuracy"] >= cfg.stop_at_accuracy:
                 done_early = True
+        if cfg.stop_at_step is not None and step >= cfg.stop_at_step:
+            done_early = True
         if step % cfg.save_every == 0 or step == cfg.steps or done_early:
             _save_atomic(model, tokenizer, {
                 "optimizer": opt.state_dict(), "step": step, "level": level, "ema": ema, "log": log,

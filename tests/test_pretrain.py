@@ -158,3 +158,18 @@ def test_tom_reverse_questions_answer_the_container(form):
         PretrainConfig(tom_reverse=1.0).validate()
     with pytest.raises(ValueError, match="tom_reverse_form must be"):
         PretrainConfig(tom_reverse_form="x").validate()
+
+
+def test_stop_at_step_keeps_the_schedule(tmp_path):
+    full = _cfg(tmp_path / "a")
+    pretrain(full, progress=False)
+    cut = _cfg(tmp_path / "b")
+    cut.stop_at_step = 3
+    pretrain(cut, progress=False)
+    assert torch.load(tmp_path / "b" / "ckpt" / "state.pt", weights_only=False)["step"] == 3
+    # the first 3 steps of both runs are the same (same schedule), so the step-3 checkpoints match
+    log_a = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    log_b = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log_b] == [3] and log_a[0]["loss"] == log_b[0]["loss"]
+    with pytest.raises(ValueError, match=r"stop_at_step must be in \[1, steps=6\]"):
+        PretrainConfig(steps=6, stop_at_step=7).validate()
