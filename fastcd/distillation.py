@@ -58,7 +58,7 @@ class DistillConfig:
     matching_method: str = "ablation"
     discovery: str = "roles"  # "roles" (position-aware mean-ablation patching), "path" (entity tracking only)
     discovery_k: tuple = (4, 2, 2, 2)  # path-patching top-k per group (entity tracking)
-    discovery_top_n: int | None = None  # ToM: top-n heads by all-position mean ablation (default: half the heads)
+    discovery_top_n: int | None = None  # ToM: top-n heads by mean ablation at the last token (default: half)
     n_discovery: int = 256
     teacher_dtype: str | None = None
     device: str | None = None  # where teacher and student run ("cuda", "cpu"); None keeps them where they are
@@ -598,8 +598,8 @@ def _cfg_key(cfg: DistillConfig) -> dict:
 
 def discover_circuit(teacher, task, t_clean: EncodedBatch, t_corrupt: EncodedBatch, cfg: DistillConfig) -> Circuit:
     """The default discovery (``cfg.discovery``): ``roles`` = position-aware mean-ablation patching at each of the
-    task's position roles (entity tracking; for ToM, the top-n heads under mean ablation at every position,
-    since its binding heads work at the story's drink positions, which no question role covers), or ``path`` = the
+    task's position roles (entity tracking; for ToM, the top-n heads under mean ablation at the last token, the
+    position the CKA term aligns), or ``path`` = the
     four-group path patching of Prakash et al. (entity tracking). On a 2-layer teacher path patching cannot
     find the detector and reader groups (they need heads below the transmitters), hence the default."""
     from fastcd import discover as D
@@ -616,9 +616,9 @@ def discover_circuit(teacher, task, t_clean: EncodedBatch, t_corrupt: EncodedBat
     if task.name == "entity-tracking":
         circuit, _ = D.circuit_by_roles(teacher, t_clean, src, task.roles, task=task.name)
         return circuit
-    res = D.patch_heads_batched(teacher, t_clean, src, metric="prob", position=D.ALL)
+    res = D.patch_heads_batched(teacher, t_clean, src, metric="prob", position="last")
     n = cfg.discovery_top_n or max(1, res.scores.numel() // 2)
-    return D.circuit_from_scores(res, n, task=task.name, group="heads", position=D.ALL)
+    return D.circuit_from_scores(res, n, task=task.name, group="heads", position="last")
 
 
 def save_result(result: DistillResult, cfg: DistillConfig, tokenizer=None) -> str:

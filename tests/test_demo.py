@@ -19,8 +19,8 @@ def _have(task):
         return False
 
 
-def test_entity_tracking_checkpoints_ship():
-    assert _have("entity-tracking")
+def test_demo_checkpoints_ship():
+    assert _have("entity-tracking") and _have("tom")
 
 
 def test_short_demo_writes_the_report(tmp_path):
@@ -41,7 +41,16 @@ def test_short_demo_writes_the_report(tmp_path):
 def test_demo_bad_input(tmp_path, capsys):
     with pytest.raises(ValueError, match="methods must be among"):
         run_demo("entity-tracking", out=str(tmp_path), methods=("lora",))
-    if not _have("tom"):
-        rc = main(["demo", "--task", "tom", "--out", str(tmp_path / "x")])
-        assert rc == 2 and "no shipped checkpoint 'tom-teacher'" in capsys.readouterr().err
+    rc = main(["demo", "--task", "tom", "--teacher", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")])
+    assert rc == 2 and "nowhere" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "x" / "report.json")
+
+
+def test_short_tom_demo(tmp_path):
+    report = run_demo("tom", out=str(tmp_path), steps=3, batch_size=8, n_train=64, n_eval=60, n_discovery=32,
+                      methods=("circuit-ce", "ce+cka"), progress=False)
+    rows = report["rows"]
+    assert rows["teacher"]["full"] > rows["base"]["full"]  # the shipped ToM teacher beats its student base
+    assert all(h["position"] == "last" for h in report["circuit"]["heads"])
+    assert 0 < rows["ce+cka"]["trained_heads_fraction"] <= 0.5
+    assert "| Circuit, CE + Align CKA |" in (tmp_path / "summary.md").read_text()

@@ -304,7 +304,7 @@ def test_kv_auto_policy(tok):
         make_trainable(mha, [Head(0, 1)], kv="shared")
 
 
-def test_tom_default_discovery_keeps_the_most_harmful_half_at_every_position(tok):
+def test_tom_default_discovery_keeps_the_most_harmful_half_at_the_last_token(tok):
     from fastcd import discover as D
     from fastcd.distillation import discover_circuit
     from fastcd.tasks import TheoryOfMind
@@ -315,9 +315,9 @@ def test_tom_default_discovery_keeps_the_most_harmful_half_at_every_position(tok
     clean, corrupt = task.encode([p.clean for p in pairs], tok), task.encode([p.corrupt for p in pairs], tok)
     circuit = discover_circuit(model, task, clean, corrupt, DistillConfig(progress=False))
     src = D.make_source(model, clean, "mean", corrupt=corrupt)
-    res = D.patch_heads_batched(model, clean, src, metric="prob", position=D.ALL)
+    res = D.patch_heads_batched(model, clean, src, metric="prob", position="last")
     scores, half = res.scores, res.scores.numel() // 2
     want = [h for h, _ in res.top(half, strict=True)]
     assert [c.head for c in circuit.heads] == want and len(want) <= half
-    assert all(c.position == D.ALL for c in circuit.heads)
+    assert all(c.position == "last" for c in circuit.heads)
     assert all(float(scores[c.head.layer, c.head.head]) < 0 for c in circuit.heads)
