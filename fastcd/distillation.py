@@ -599,9 +599,9 @@ def _cfg_key(cfg: DistillConfig) -> dict:
 def discover_circuit(teacher, task, t_clean: EncodedBatch, t_corrupt: EncodedBatch, cfg: DistillConfig) -> Circuit:
     """The default discovery (``cfg.discovery``): ``roles`` = position-aware mean-ablation patching at each of the
     task's position roles (entity tracking; for ToM, the top-n heads under mean ablation at the last token, the
-    position the CKA term aligns), or ``path`` = the
-    four-group path patching of Prakash et al. (entity tracking). On a 2-layer teacher path patching cannot
-    find the detector and reader groups (they need heads below the transmitters), hence the default."""
+    position the CKA term aligns), or ``path`` = the four-group path patching of Prakash et al. (entity
+    tracking). On a 2-layer teacher path patching cannot find the detector and reader groups (they need heads
+    below the transmitters), hence the default."""
     from fastcd import discover as D
     from fastcd.path_patching import entity_tracking_circuit
 

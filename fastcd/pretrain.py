@@ -5,7 +5,8 @@ atomically every ``save_every`` steps to ``OUT/ckpt``; running the same command 
 The final model is saved with ``save_pretrained`` (plus the word-level tokenizer) to ``OUT/final``.
 
 Training sequences carry several queries per context (every box, or every question), each answer token
-supervised, and entity tracking uses a curriculum over the number of boxes (see docs/PRETRAINING.md).
+supervised; entity tracking uses a curriculum over the number of boxes, theory of mind one over story length and
+question types, optionally with reverse follow-up questions and a warm start (see docs/PRETRAINING.md).
 """
 
 from __future__ import annotations
@@ -168,11 +169,8 @@ class SequenceMaker:
         if level == 0:
             # Short story: the binding sentences only, so that attention is spread over far fewer positions
             # while the container -> drink binding forms (the held-out prompts are always full stories).
-            (c1, c2), (k1, k2), (s1, s2) = m["characters"], m["containers"], m["drinks"]
-            story = (f"{c1} grabs an opaque {k1} and fills it with {s1}. Then {c2} grabs another opaque {k2} "
-                     f"and fills it with {s2}.")
-            q = ex.prompt[ex.prompt.index(" Question:"):]
-            ex = type(ex)(ex.task, story + q, ex.answer, m)
+            story = TheoryOfMind.binding_sentences(m["characters"], m["containers"], m["drinks"])
+            ex = type(ex)(ex.task, story + ex.prompt[ex.prompt.index(" Question:"):], ex.answer, m)
         # Follow-up questions are drawn with replacement (as for entity tracking): asked once each, the second
         # own-container question is answered by elimination ("the other drink") without any binding.
         combos = [(c, k) for c in range(2) for k in range(2)

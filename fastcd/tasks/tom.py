@@ -80,13 +80,18 @@ class TheoryOfMind:
             return drinks[q_cont], "observed"
         return UNKNOWN, "unobserved"
 
+    @staticmethod
+    def binding_sentences(chars, conts, drinks) -> str:
+        """The story's two "grabs an opaque <k> and fills it with <s>" sentences."""
+        return (f"{chars[0]} grabs an opaque {conts[0]} and fills it with {drinks[0]}. Then {chars[1]} grabs another "
+                f"opaque {conts[1]} and fills it with {drinks[1]}.")
+
     def render(self, chars, conts, drinks, sees, q_char: int, q_cont: int) -> Example:
         c1, c2 = chars
         story = (
-            f"{c1} and {c2} are working in a busy restaurant. To complete an order, {c1} grabs an opaque "
-            f"{conts[0]} and fills it with {drinks[0]}. Then {c2} grabs another opaque {conts[1]} and fills it "
-            f"with {drinks[1]}. {c2} {'can' if sees[1] else 'cannot'} observe {c1}'s actions. "
-            f"{c1} {'can' if sees[0] else 'cannot'} observe {c2}'s actions."
+            f"{c1} and {c2} are working in a busy restaurant. To complete an order, "
+            f"{self.binding_sentences(chars, conts, drinks)} {c2} {'can' if sees[1] else 'cannot'} observe "
+            f"{c1}'s actions. {c1} {'can' if sees[0] else 'cannot'} observe {c2}'s actions."
         )
         head = f"Instruction: {self.instruction}\n\nStory: " if self.instruction else ""
         question = f" Question: What does {chars[q_char]} believe the {conts[q_cont]} contains? Answer:"
