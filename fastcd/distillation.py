@@ -23,7 +23,7 @@ from fastcd.discover import ALL, Circuit, accuracy_per_example, circuit_correct
 from fastcd.functional import choose_impl, cka_loss, cka_loss_gathered
 from fastcd.hooks import capture_z, mean_z
 from fastcd.match import Matching, MatchInputs, match, match_random
-from fastcd.models import get_adapter, load_model, load_tokenizer
+from fastcd.models import get_adapter, load_model, load_tokenizer, logits_at
 from fastcd.tasks.base import EncodedBatch
 from fastcd.trainable import make_trainable, merge
 
@@ -268,9 +268,9 @@ class CircuitDistiller(nn.Module):
         dev = next(self.teacher.parameters()).device
         with torch.inference_mode():
             with capture_z(self.teacher, t_heads or None, detach=True) as cache:
-                logits = self.teacher(input_ids=batch.teacher_ids.to(dev)).logits
+                last, _ = logits_at(self.teacher, batch.teacher_pos["last"], input_ids=batch.teacher_ids.to(dev))
             b = batch.teacher_ids.shape[0]
-            last = logits[torch.arange(b), batch.teacher_pos["last"].to(dev)].float()  # [B, V]
+            last = last.float()  # [B, V]: the lm_head ran on the last position only
             z = None
             if need_z:
                 z = _gather_roles(cache, [p.teacher for p in pairs], [p.position for p in pairs],
@@ -291,8 +291,8 @@ class CircuitDistiller(nn.Module):
             spec = get_adapter(self.student).spec
             s_heads = [h for h in spec.all_heads() if h.layer in {p.student.layer for p in pairs}]
         with capture_z(self.student, s_heads or [], detach=False) as cache:
-            logits = self._forward_module(input_ids=batch.student_ids.to(dev)).logits
-        last = logits[torch.arange(b, device=dev), batch.student_pos["last"].to(dev)]  # [B, V]
+            last, _ = logits_at(self._forward_module, batch.student_pos["last"],
+                                input_ids=batch.student_ids.to(dev))  # [B, V]: lm_head on the last position only
         parts: dict[str, float] = {}
         loss = last.new_zeros(())
         if cfg.method in USES_CE:
@@ -347,8 +347,8 @@ def build_teacher_cache(teacher: nn.Module, teacher_batch: EncodedBatch, matchin
         for i in range(0, n, batch_size):
             sub = teacher_batch.index(range(i, min(i + batch_size, n)))
             with capture_z(teacher, t_heads or [], detach=True) as cache:
-                out = teacher(input_ids=sub.input_ids.to(dev)).logits
-            last = out[torch.arange(len(sub)), sub.positions["last"].to(dev)].float().cpu()
+                last, _ = logits_at(teacher, sub.positions["last"], input_ids=sub.input_ids.to(dev))
+            last = last.float().cpu()
             labels.append(last.argmax(-1))
             if logits:
                 lg.append(last)

