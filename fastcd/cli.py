@@ -88,14 +88,14 @@ def _run_discover(args) -> int:
     from fastcd.models import load_model, load_tokenizer
     from fastcd.path_patching import entity_tracking_circuit
     from fastcd.plots import head_heatmaps
-    from fastcd.tasks import get_task
+    from fastcd.tasks import adapt_task, get_task
 
     if args.n_examples < 2:
         raise ValueError(f"--n-examples must be >= 2, got {args.n_examples}")
     model = load_model(args.model, dtype=args.dtype, device=args.device)
     tok = load_tokenizer(args.model)
     task = get_task(args.task, **({"n_boxes": args.n_boxes} if args.task == "entity-tracking" else {}))
-    task.check_tokenizer(tok)
+    task = adapt_task(task, [tok])
     pairs = task.pairs(args.n_examples, seed=args.seed, split=args.split)
     clean = task.encode([p.clean for p in pairs], tok)
     corrupt = task.encode([p.corrupt for p in pairs], tok)

@@ -23,7 +23,8 @@ from fastcd.hooks import capture_z, intervene, mean_z, run_with_z
 from fastcd.models import Head, ModelSpec, get_adapter, logits_at
 from fastcd.tasks.base import EncodedBatch
 
-METRICS = ("prob", "logprob", "logit_diff", "accuracy")
+METRICS = ("prob", "logprob", "logit_diff", "accuracy", "candidate_accuracy")
+SCORINGS = ("vocab", "candidates")
 MODES = ("mean", "corrupt", "zero")
 ALL = "all"  # position role: every position
 
@@ -39,7 +40,9 @@ def metric_values(logits: torch.Tensor, batch: EncodedBatch, metric: str,
         logits: ``[n, T, vocab]``, or ``[n, vocab]`` already taken at each example's last position (what
             :func:`fastcd.models.logits_at` returns).
         metric: ``prob`` (probability of the answer), ``logprob``, ``logit_diff`` (answer minus
-            distractor logit; needs ``distractor_ids``), or ``accuracy`` (argmax is the answer).
+            distractor logit; needs ``distractor_ids``), ``accuracy`` (argmax over the vocabulary is the answer)
+            or ``candidate_accuracy`` (argmax among the answers the prompt allows, ``batch.candidate_ids``: the
+            in-context objects for entity tracking, the story's drinks and "unknown" for ToM).
 
     Returns:
         ``[n]`` float tensor.
@@ -60,6 +63,11 @@ def metric_values(logits: torch.Tensor, batch: EncodedBatch, metric: str,
         return last.log_softmax(-1)[torch.arange(n), ans]
     if metric == "accuracy":
         return (last.argmax(-1) == ans).float()
+    if metric == "candidate_accuracy":
+        if batch.candidate_ids is None:
+            raise ValueError("metric='candidate_accuracy' needs batch.candidate_ids (encode with the task's encode())")
+        cand = batch.candidate_ids.to(logits.device)
+        return (cand[torch.arange(n), last.gather(1, cand).argmax(-1)] == ans).float()
     if distractor_ids is None:
         distractor_ids = batch.distractor_ids
     if distractor_ids is None:
@@ -69,9 +77,14 @@ def metric_values(logits: torch.Tensor, batch: EncodedBatch, metric: str,
 
 
 @torch.no_grad()
-def accuracy_per_example(model: nn.Module, batch: EncodedBatch, batch_size: int = 256) -> list[bool]:
-    """Whether the argmax at each example's last position is its answer."""
-    vals, _ = _clean_metric(model, batch, "accuracy", None, batch_size)
+def accuracy_per_example(model: nn.Module, batch: EncodedBatch, batch_size: int = 256, *,
+                         scoring: str = "vocab") -> list[bool]:
+    """Whether the argmax at each example's last position is its answer: over the whole vocabulary
+    (``scoring="vocab"``) or among the answers the prompt allows (``scoring="candidates"``)."""
+    if scoring not in SCORINGS:
+        raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
+    metric = "accuracy" if scoring == "vocab" else "candidate_accuracy"
+    vals, _ = _clean_metric(model, batch, metric, None, batch_size)
     return vals.bool().tolist()
 
 
@@ -408,8 +421,8 @@ def attribution_patching(model: nn.Module, clean: EncodedBatch, source: PatchSou
     gradient is used. ``recheck_top_k`` re-scores the k most negative heads exactly.
     """
     _check_common(clean, metric, batch_size)
-    if metric == "accuracy":
-        raise ValueError("metric='accuracy' has no gradient; use prob, logprob or logit_diff for attribution")
+    if metric in ("accuracy", "candidate_accuracy"):
+        raise ValueError(f"metric={metric!r} has no gradient; use prob, logprob or logit_diff for attribution")
     spec = get_adapter(model).spec
     device = next(model.parameters()).device
     n, t = clean.input_ids.shape

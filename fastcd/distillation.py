@@ -23,8 +23,8 @@ from fastcd.discover import ALL, Circuit, accuracy_per_example, circuit_correct
 from fastcd.functional import choose_impl, cka_loss, cka_loss_gathered
 from fastcd.hooks import capture_z, mean_z
 from fastcd.match import Matching, MatchInputs, match, match_random
-from fastcd.models import get_adapter, load_model, load_tokenizer, logits_at
-from fastcd.tasks.base import EncodedBatch
+from fastcd.models import get_adapter, load_model, load_tokenizer, logits_at, spec_of
+from fastcd.tasks.base import EncodedBatch, adapt_task
 from fastcd.trainable import make_trainable, merge
 
 METHODS = ("full-ce", "circuit-ce", "cka", "ce+rand-cka", "ce+cka", "kd")
@@ -473,6 +473,17 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
     if s_tok is None:
         raise ValueError("student_tokenizer is needed when student is a module")
     t_tok = t_tok or s_tok
+    # word pools: only words that are single tokens for both tokenizers (says how many were dropped)
+    task = adapt_task(task, [s_tok] if t_tok is s_tok else [s_tok, t_tok])
+    # checks that need no weights, before any model loads (a 1.5B model takes minutes on a CPU)
+    if t_tok is not s_tok:
+        check_vocabularies(None, None, t_tok, s_tok)
+    if matching is not None:
+        matching.check_models(teacher, student)
+    if circuit is not None and teacher is not None:
+        t_spec = spec_of(teacher)
+        for h in circuit.unique_heads():
+            t_spec.check_head(h, "circuit head")
     student = load_model(student, device=cfg.device)
     teacher = None if teacher is None else load_model(teacher, dtype=cfg.teacher_dtype, device=cfg.device)
     if teacher is None and teacher_cache is None:
@@ -533,6 +544,14 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
         opt.load_state_dict(state["optimizer"])
         gen.set_state(state["generator"])
         step, log = state["step"], state["log"]
+        base_accuracy = state.get("base_accuracy")
+    else:
+        base_accuracy = None
+    if base_accuracy is None:  # the untrained student, reported beside the trained one
+        was = student.training
+        student.eval()
+        base_accuracy = sum(accuracy_per_example(student, s_test)) / len(s_test)
+        student.train(was)
     student.train()
     t0 = time.time()
     bar = tqdm(total=cfg.steps, initial=step, disable=not cfg.progress or rank != 0, desc=f"distill {cfg.method}")
@@ -556,7 +575,7 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
             os.makedirs(cfg.out, exist_ok=True)
             _atomic_save({"params": [p.detach().clone() for p in cd.trainable_parameters()],
                           "optimizer": opt.state_dict(), "generator": gen.get_state(), "step": step, "log": log,
-                          "config": _cfg_key(cfg)}, ckpt)
+                          "config": _cfg_key(cfg), "base_accuracy": base_accuracy}, ckpt)
     bar.close()
     student.eval()
     if cd.slices is not None:
@@ -565,6 +584,7 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
         p.requires_grad_(False)
     correct = accuracy_per_example(student, s_test)
     metrics = {"method": cfg.method, "student_accuracy": sum(correct) / len(correct),
+               "student_base_accuracy": base_accuracy,
                "trainable_params": cd.n_trainable,
                "trainable_fraction": cd.n_trainable / sum(p.numel() for p in student.parameters())}
     circ_correct = []

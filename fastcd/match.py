@@ -174,12 +174,18 @@ class Matching:
         with open(path) as f:
             return cls.from_json(json.load(f))
 
-    def check_models(self, teacher: nn.Module, student: nn.Module) -> None:
-        """A clear error when a pair names a head that the models lack."""
-        ts, ss = get_adapter(teacher).spec, get_adapter(student).spec
+    def check_models(self, teacher, student) -> None:
+        """A clear error when a pair names a head that the models lack. Models or paths (checked from their
+        config, before any weight loads); None skips that side."""
+        from fastcd.models import spec_of
+
+        ts = None if teacher is None else spec_of(teacher)
+        ss = None if student is None else spec_of(student)
         for p in self.pairs:
-            ts.check_head(p.teacher, "matching teacher head")
-            ss.check_head(p.student, "matching student head")
+            if ts is not None:
+                ts.check_head(p.teacher, "matching teacher head")
+            if ss is not None:
+                ss.check_head(p.student, "matching student head")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -406,6 +406,31 @@ def load_model(path_or_module, *, dtype=None, device=None, attn_implementation: 
     return model
 
 
+def spec_of(path_or_module) -> ModelSpec:
+    """The shape facts of a model without loading its weights (config.json or GGUF metadata), or of a module."""
+    if isinstance(path_or_module, nn.Module):
+        return model_spec(path_or_module)
+    from transformers import AutoConfig
+
+    from fastcd import zoo
+    from fastcd.convert import check_architecture, find_gguf
+
+    path = os.fspath(zoo.resolve(os.fspath(path_or_module)))
+    check_architecture(path, "model")
+    gguf = find_gguf(path, "model")
+    if gguf is None:
+        cfg = AutoConfig.from_pretrained(path, local_files_only=True)
+    else:
+        cfg = AutoConfig.from_pretrained(os.path.dirname(os.path.abspath(gguf)), gguf_file=os.path.basename(gguf),
+                                         local_files_only=True)
+
+    class _Shell(nn.Module):
+        config = cfg
+
+    adapter = GPT2Adapter if cfg.model_type in _GPT2_LIKE else LlamaLikeAdapter
+    return adapter(_Shell()).spec
+
+
 def load_tokenizer(path: str | os.PathLike):
     """The tokenizer stored in a local model directory, a GGUF file or a prepared packaged model (never the
     network)."""

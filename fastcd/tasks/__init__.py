@@ -5,6 +5,7 @@ from fastcd.tasks.base import (
     EncodedBatch,
     Example,
     Pair,
+    adapt_task,
     load_jsonl,
     save_jsonl,
     split_of,
@@ -24,6 +25,6 @@ def get_task(name: str, **kwargs):
 
 
 __all__ = [
-    "SPLITS", "TASKS", "EncodedBatch", "EntityTracking", "Example", "Pair", "TheoryOfMind", "get_task",
+    "SPLITS", "TASKS", "adapt_task", "EncodedBatch", "EntityTracking", "Example", "Pair", "TheoryOfMind", "get_task",
     "load_jsonl", "save_jsonl", "split_of", "word_token_id",
 ]

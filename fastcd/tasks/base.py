@@ -162,18 +162,88 @@ def word_token_id(tokenizer, word: str, what: str = "answer") -> int:
     return ids[0]
 
 
+SPACED = (" {}",)  # the form a pool word takes in a prompt: after a space
+
+
+def _is_single_token(tokenizer, word: str, forms=SPACED) -> bool:
+    """Whether ``word`` is one token in every form (``" {}"``: after a space; ``"{}"``: at the start of a text)."""
+    for form in forms:
+        if form == " {}":
+            try:
+                word_token_id(tokenizer, word)
+            except ValueError:
+                return False
+        elif len(tokenizer(form.format(word), add_special_tokens=False)["input_ids"]) != 1:
+            return False
+    return True
+
+
 def check_single_tokens(tokenizer, words, what: str) -> None:
-    bad = []
-    for w in sorted(set(words)):
-        try:
-            word_token_id(tokenizer, w, what)
-        except ValueError:
-            bad.append(w)
-    if bad:
+    check_pools(tokenizer, {what: words})
+
+
+def _forms(task, pool: str):
+    return getattr(task, "word_forms", lambda: {})().get(pool, SPACED)
+
+
+def check_pools(tokenizer, pools: dict, forms: dict | None = None) -> None:
+    """One error that names every pool holding words that are not single tokens (``" " + word``, and the other
+    forms ``forms[pool]`` lists)."""
+    problems = []
+    for what, words in pools.items():
+        f = (forms or {}).get(what, SPACED)
+        bad = [w for w in sorted(set(words)) if not _is_single_token(tokenizer, w, f)]
+        if bad:
+            problems.append(f"{what}: {len(bad)} ({', '.join(bad[:12])}{' ...' if len(bad) > 12 else ''})")
+    if problems:
         raise ValueError(
-            f"{what}: {len(bad)} word(s) are not single tokens for this tokenizer: {bad[:20]}"
-            + (" ..." if len(bad) > 20 else "")
+            "words that are not single tokens for this tokenizer: " + "; ".join(problems)
+            + " (adapt the task's pools with fastcd.tasks.adapt_task(task, tokenizers))"
         )
+
+
+def single_token_words(words, tokenizers, forms=SPACED) -> tuple[tuple, tuple]:
+    """``(kept, dropped)``: the words that are one token (in each of ``forms``; default: with a leading space)
+    for every tokenizer, in order."""
+    kept, dropped = [], []
+    for w in words:
+        (kept if all(_is_single_token(t, w, forms) for t in tokenizers) else dropped).append(w)
+    return tuple(kept), tuple(dropped)
+
+
+def adapt_task(task, tokenizers, *, announce: bool = True):
+    """The task with each word pool cut to the words that are single tokens for *every* tokenizer in play
+    (teacher and student), and ``task.dropped = {pool: dropped words}``.
+
+    Fails with one line, naming each pool that is left too small for the task's size. Words the answer format
+    needs (e.g. ToM's ``unknown``) are not droppable: when one is not a single token the error names it.
+    """
+    if not isinstance(tokenizers, (list, tuple)):
+        tokenizers = [tokenizers]
+    if not tokenizers:
+        raise ValueError("tokenizers must name at least one tokenizer")
+    pools = task.word_pools()
+    kept, dropped = {}, {}
+    for name, words in pools.items():
+        kept[name], d = single_token_words(words, tokenizers, _forms(task, name))
+        if d:
+            dropped[name] = list(d)
+    fixed = [w for w in getattr(task, "fixed_words", ()) if not single_token_words([w], tokenizers)[0]]
+    if fixed:
+        raise ValueError(f"task {task.name}: the answer word(s) {fixed} are not single tokens for every tokenizer")
+    try:
+        out = task.with_pools(**kept) if dropped else task
+    except ValueError as e:
+        raise ValueError(f"task {task.name}: too few single-token words remain after adapting to the tokenizers "
+                         f"(dropped {dropped}): {e}") from None
+    out.dropped = dropped
+    if dropped and announce:
+        from fastcd.models import announce as say
+
+        say(f"fastcd: {task.name} word pools adapted to {len(tokenizers)} tokenizer(s): "
+            + ", ".join(f"{name} {len(kept[name])}/{len(pools[name])} kept (dropped {', '.join(d)})"
+                        for name, d in dropped.items()))
+    return out
 
 
 @dataclass
@@ -190,6 +260,7 @@ class EncodedBatch:
     positions: dict[str, torch.Tensor]
     examples: list[Example]
     distractor_ids: torch.Tensor | None = None  # [n] an alternative answer per example (for logit_diff)
+    candidate_ids: torch.Tensor | None = None  # [n, C] the answers each prompt allows (candidate scoring)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -200,6 +271,7 @@ class EncodedBatch:
             self.input_ids[idx], self.attention_mask[idx], self.answer_ids[idx],
             {k: v[idx] for k, v in self.positions.items()}, [self.examples[i] for i in idx.tolist()],
             None if self.distractor_ids is None else self.distractor_ids[idx],
+            None if self.candidate_ids is None else self.candidate_ids[idx],
         )
 
     @property
@@ -209,7 +281,8 @@ class EncodedBatch:
     def to(self, device) -> EncodedBatch:
         return EncodedBatch(self.input_ids.to(device), self.attention_mask.to(device), self.answer_ids.to(device),
                             {k: v.to(device) for k, v in self.positions.items()}, self.examples,
-                            None if self.distractor_ids is None else self.distractor_ids.to(device))
+                            None if self.distractor_ids is None else self.distractor_ids.to(device),
+                            None if self.candidate_ids is None else self.candidate_ids.to(device))
 
 
 def _token_at(offsets, char_pos: int, prompt: str, role: str) -> int:
@@ -219,25 +292,33 @@ def _token_at(offsets, char_pos: int, prompt: str, role: str) -> int:
     raise ValueError(f"position role {role!r}: no token covers character {char_pos} of prompt {prompt[:60]!r}...")
 
 
-def encode(examples, tokenizer, spans_fn) -> EncodedBatch:
-    """Tokenize prompts (right padding), answers (single tokens) and the role positions.
+def encode(examples, tokenizer, spans_fn, candidates_fn=None) -> EncodedBatch:
+    """Tokenize prompts (one batched call, right padding), answers (single tokens) and the role positions.
 
     Args:
         examples: list of :class:`Example`.
         tokenizer: a fast HF tokenizer (offsets are needed to place the roles).
         spans_fn: ``Example -> {role: (start, end)}`` character spans.
+        candidates_fn: optional ``Example -> [word, ...]``, the answers the prompt allows (same count for every
+            example); their token ids go to ``candidate_ids`` for candidate scoring.
     """
     if not examples:
         raise ValueError("examples must not be empty")
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError("tokenizer must be a fast (Rust) tokenizer: positions are placed with offset mappings")
-    rows, answers = [], []
+    token_of: dict[tuple[str, str], int] = {}
+
+    def tid(word: str, what: str) -> int:
+        if (word, what) not in token_of:
+            token_of[(word, what)] = word_token_id(tokenizer, word, what)
+        return token_of[(word, what)]
+
+    enc = tokenizer([ex.prompt for ex in examples], return_offsets_mapping=True)
+    rows, answers = enc["input_ids"], []
     positions: dict[str, list[int]] = {}
     for n, ex in enumerate(examples):
-        enc = tokenizer(ex.prompt, return_offsets_mapping=True)
-        ids, offsets = enc["input_ids"], enc["offset_mapping"]
-        rows.append(ids)
-        answers.append(word_token_id(tokenizer, ex.answer) if ex.answer is not None else -1)
+        ids, offsets = rows[n], enc["offset_mapping"][n]
+        answers.append(tid(ex.answer, "answer") if ex.answer is not None else -1)
         roles = {"last": len(ids) - 1}
         for role, (start, _end) in spans_fn(ex).items():
             roles[role] = _token_at(offsets, start, ex.prompt, role)
@@ -254,7 +335,12 @@ def encode(examples, tokenizer, spans_fn) -> EncodedBatch:
         attn[i, : len(r)] = 1
     distractors = None
     if all(ex.meta.get("distractor") for ex in examples):
-        distractors = torch.tensor([word_token_id(tokenizer, ex.meta["distractor"], "distractor") for ex in examples])
+        distractors = torch.tensor([tid(ex.meta["distractor"], "distractor") for ex in examples])
+    candidates = None
+    if candidates_fn is not None and all(ex.answer is not None for ex in examples):
+        cands = [[tid(w, "candidate") for w in candidates_fn(ex)] for ex in examples]
+        if len({len(c) for c in cands}) == 1:
+            candidates = torch.tensor(cands, dtype=torch.long)
     return EncodedBatch(input_ids, attn, torch.tensor(answers, dtype=torch.long),
                         {k: torch.tensor(v, dtype=torch.long) for k, v in positions.items()}, list(examples),
-                        distractors)
+                        distractors, candidates)

