@@ -252,7 +252,7 @@ def _run_distill(args) -> int:
     from fastcd.match import Matching
     from fastcd.models import load_model, load_tokenizer
     from fastcd.plots import line_plot, loss_series
-    from fastcd.tasks import get_task
+    from fastcd.tasks import adapt_task, get_task
 
     fields = DistillConfig.__dataclass_fields__
     cfg = DistillConfig(**{k: v for k, v in vars(args).items() if k in fields})
@@ -272,13 +272,16 @@ def _run_distill(args) -> int:
     matching = Matching.load(args.matching) if args.matching else None
     s_tok = load_tokenizer(args.student)
     t_tok = load_tokenizer(args.teacher) if args.teacher else None
+    # the pools distill() will use: the cache must hold the same prompts
+    task = adapt_task(task, [s_tok] if t_tok is None else [s_tok, t_tok])
     cache = args.teacher_cache
     if args.build_teacher_cache:
         if args.teacher is None or matching is None:
             raise ValueError("--build-teacher-cache needs --teacher and --matching")
         teacher = load_model(args.teacher, dtype=cfg.teacher_dtype)
         enc = task.encode(task.generate(cfg.n_train, seed=cfg.seed, split="train"), t_tok)
-        cache = build_teacher_cache(teacher, enc, matching, args.build_teacher_cache, logits=cfg.kd_weight > 0)
+        cache = build_teacher_cache(teacher, enc, matching, args.build_teacher_cache,
+                                    logits=cfg.effective_kd_weight > 0, progress=cfg.progress)
         print(f"wrote teacher cache {cache}")
     teacher = None if cache else args.teacher
     if teacher is None and cache is None:

@@ -15,7 +15,8 @@ import os
 import shutil
 
 # GGUF ``general.architecture`` -> transformers ``model_type`` for the families fastcd has adapters for
-GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gpt2": "gpt2"}
+GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gpt2": "gpt2",
+                      "gemma3": "gemma3_text"}
 
 
 def _need_gguf() -> None:

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import random
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -432,7 +433,12 @@ def attribution_patching(model: nn.Module, clean: EncodedBatch, source: PatchSou
     total = torch.zeros(spec.n_layers, spec.n_heads)
     was_training = model.training
     model.eval()
-    for i in range(0, n, batch_size):
+    from tqdm import tqdm
+
+    if progress:
+        print(f"fastcd: attribution patching: {spec.n_total_heads} heads, {n} prompts: {-(-n // batch_size)} forward + "
+              f"backward passes of <= {batch_size} prompts", file=sys.stderr)
+    for i in tqdm(range(0, n, batch_size), disable=not progress, desc="attribution patching"):
         idx = torch.arange(i, min(i + batch_size, n))
         with capture_z(model, None) as cache:
             logits, _ = logits_at(model, clean.positions["last"][idx], input_ids=clean.input_ids[idx].to(device))

@@ -328,7 +328,8 @@ class CircuitDistiller(nn.Module):
 # Offline teacher cache
 # ------------------------------------------------------------------------------------------------
 def build_teacher_cache(teacher: nn.Module, teacher_batch: EncodedBatch, matching: Matching | None, path: str, *,
-                        shard_size: int = 1024, logits: bool = False, batch_size: int = 128) -> str:
+                        shard_size: int = 1024, logits: bool = False, batch_size: int = 128,
+                        progress: bool = False) -> str:
     """Precompute the teacher's matched heads' z (at each pair's role), labels and optionally last-token
     logits for every example, into ``path/shard_*.safetensors`` plus ``path/index.json``."""
     from safetensors.torch import save_file
@@ -343,8 +344,10 @@ def build_teacher_cache(teacher: nn.Module, teacher_batch: EncodedBatch, matchin
     t_heads = list(dict.fromkeys(p.teacher for p in pairs))
     n = len(teacher_batch)
     zs, labels, lg = [], [], []
+    from tqdm import tqdm
+
     with torch.inference_mode():
-        for i in range(0, n, batch_size):
+        for i in tqdm(range(0, n, batch_size), disable=not progress, desc=f"teacher cache ({n} prompts)"):
             sub = teacher_batch.index(range(i, min(i + batch_size, n)))
             with capture_z(teacher, t_heads or [], detach=True) as cache:
                 last, _ = logits_at(teacher, sub.positions["last"], input_ids=sub.input_ids.to(dev))

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import random
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,8 +25,8 @@ import torch
 from torch import nn
 
 from fastcd import _ext
-from fastcd.discover import ALL, Circuit, _pos_mask, _positions
-from fastcd.hooks import capture_z, intervene, mean_z
+from fastcd.discover import ALL, Circuit, _positions
+from fastcd.hooks import capture_z, mean_z
 from fastcd.models import Head, get_adapter, logits_at
 from fastcd.reference import check_cka_inputs, cka_matrix_ref
 from fastcd.tasks.base import EncodedBatch
@@ -193,40 +194,41 @@ class Matching:
 # ------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def ablation_accuracies(model: nn.Module, clean: EncodedBatch, heads: list[tuple[Head, str]], means: torch.Tensor,
-                        *, max_batch: int = 512) -> tuple[float, list[float]]:
-    """Baseline accuracy and the accuracy with each (head, position role) mean-ablated, batched.
+                        *, max_batch: int = 512, progress: bool = False, desc: str = "ablation"
+                        ) -> tuple[float, list[float]]:
+    """Baseline accuracy and the accuracy with each (head, position role) mean-ablated.
 
-    Rows (head, example) are stacked along the batch, each ablating only its own head (as in discovery).
+    Batched exact patching (:func:`fastcd.discover.patch_heads_batched`, metric ``accuracy``, mean source): rows
+    (head, example) stacked along the batch, each ablating only its own head, with layer skipping and the lm_head
+    on the last position only; one call per position role.
     """
-    from fastcd.discover import metric_values
+    from fastcd.discover import PatchSource, patch_heads_batched
 
-    spec = get_adapter(model).spec
-    device = next(model.parameters()).device
     n, t = clean.input_ids.shape
     if not clean.equal_length or means.shape[1] != t:
         raise ValueError("prompts must share one token length, the one the means were computed for")
-    logits = torch.cat([logits_at(model, clean.positions["last"][i : i + 256],
-                                  input_ids=clean.input_ids[i : i + 256].to(device))[0].cpu()
-                        for i in range(0, n, 256)])  # [n, vocab]: the last position only
-    base = float(metric_values(logits, clean, "accuracy").mean())
-    correct = torch.zeros(len(heads))
-    total = len(heads) * n
-    for start in range(0, total, max_batch):
-        rows = torch.arange(start, min(start + max_batch, total))
-        k_idx, ex_idx = rows // n, rows % n
-        plan = {}
-        for k in k_idx.unique().tolist():
-            head, role = heads[k]
-            sel = k_idx == k
-            mask = plan.setdefault(head.layer, (torch.zeros(len(rows), t, spec.n_heads, dtype=torch.bool),
-                                                means[head.layer][None]))[0]
-            pos = None if role == ALL else _positions(clean, role)[ex_idx[sel]]
-            mask[sel, :, head.head] = _pos_mask(pos, int(sel.sum()), t)
-        with intervene(model, plan):
-            out, _ = logits_at(model, clean.positions["last"][ex_idx], input_ids=clean.input_ids[ex_idx].to(device))
-        hit = metric_values(out, clean.index(ex_idx), "accuracy").cpu()
-        correct.index_add_(0, k_idx, hit)
-    return base, (correct / n).tolist()
+    src = PatchSource("mean", means)
+    by_role: dict[str, list[int]] = {}
+    for k, (_, role) in enumerate(heads):
+        by_role.setdefault(role, []).append(k)
+    if progress:
+        rows = len(heads) * n
+        print(f"fastcd: {desc}: {len(heads)} heads x {n} prompts = {rows:,} rows, in forwards of <= {max_batch} "
+              f"rows (about {-(-rows // max_batch) + len(by_role)} forwards)", file=sys.stderr)
+    base, out = None, [0.0] * len(heads)
+    for role, ks in by_role.items():
+        res = patch_heads_batched(model, clean, src, metric="accuracy", relative=False,
+                                  position=None if role == ALL else role, heads=[heads[k][0] for k in ks],
+                                  max_batch=max_batch, progress=progress)
+        base = res.baseline
+        for k in ks:
+            h = heads[k][0]
+            out[k] = base + float(res.scores[h.layer, h.head])
+    if base is None:
+        from fastcd.discover import accuracy_per_example
+
+        base = accuracy_per_example(model, clean).count(True) / n
+    return base, out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -319,7 +321,7 @@ def head_activations(model: nn.Module, batch: EncodedBatch, heads: list[Head], r
         sub = batch.index(range(i, min(i + batch_size, len(batch))))
         pos = None if role == ALL else _positions(sub, role)
         with capture_z(model, heads, positions=pos, detach=True) as cache:
-            model(input_ids=sub.input_ids.to(device))
+            logits_at(model, sub.positions["last"], input_ids=sub.input_ids.to(device))  # no full logits
         z = cache.stack().float().cpu()  # [b, k, H, D]
         outs.append(z.permute(2, 0, 1, 3).reshape(len(heads), -1, z.shape[-1]))
     return torch.cat(outs, dim=1)

@@ -20,7 +20,7 @@ from torch import nn
 logger = logging.getLogger("fastcd")
 
 # model_type -> adapter family. Llama-like families share module names (self_attn.{q,k,v,o}_proj).
-_LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")  # each tested on a tiny random config
+_LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")  # each tested on a tiny random config
 _GPT2_LIKE = ("gpt2",)
 SUPPORTED_ARCHITECTURES = tuple(sorted(_LLAMA_LIKE + _GPT2_LIKE))
 
@@ -171,7 +171,13 @@ class LlamaLikeAdapter(ModelAdapter):
         d_head = getattr(c, "head_dim", None) or c.hidden_size // n_heads
         return ModelSpec(c.model_type, c.num_hidden_layers, n_heads, n_kv, d_head, c.hidden_size, c.vocab_size)
 
-    supports_layer_skip = True
+    @property
+    def supports_layer_skip(self) -> bool:
+        """Starting a forward at layer l slices the layer list; models that pick each layer's attention mask and
+        RoPE by its index in ``config.layer_types`` (Gemma3, Qwen2/3 with sliding layers) then give layer l the
+        type of layer 0. Skipping is kept only when every layer has one type."""
+        types = getattr(self.config, "layer_types", None)
+        return not types or len(set(types)) == 1
 
     def layers(self) -> list[nn.Module]:
         return list(self.model.model.layers)

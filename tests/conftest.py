@@ -55,6 +55,12 @@ def make_tiny(arch: str, *, n_layers: int = 2, seed: int = 0, vocab_size: int = 
         m = Qwen2ForCausalLM(Qwen2Config(**common))
     elif arch == "qwen3":
         m = Qwen3ForCausalLM(Qwen3Config(**common, head_dim=8))
+    elif arch == "gemma3":  # mixed layer types: every second layer a sliding window of 4
+        from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+        m = Gemma3ForCausalLM(Gemma3TextConfig(
+            **{**common, "attn_implementation": "eager"}, head_dim=8, sliding_window=4,
+            layer_types=(["sliding_attention", "full_attention"] * n_layers)[:n_layers]))
     elif arch == "gpt2":
         m = GPT2LMHeadModel(
             GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=n_layers, n_head=4, n_positions=128,

@@ -52,6 +52,34 @@ def test_batched_patching_equals_loop(arch, mode, position, tok):
     torch.testing.assert_close(plain.scores, loop.scores, atol=2e-5, rtol=1e-4)
 
 
+def _tiny_gemma3(vocab, layer_types):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=len(layer_types),
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4,
+                           layer_types=list(layer_types), max_position_embeddings=128, attn_implementation="eager")
+    return Gemma3ForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("position", [None, "query_label"])
+def test_gemma3_mixed_layer_types_patching_equals_loop(position, tok):
+    """Gemma3 picks each layer's mask (sliding window 4 < prompt length here) and RoPE by its index in
+    config.layer_types: skipping layers would give layer l the type of layer 0, so fastcd does not skip when the
+    types differ (and does when they are uniform)."""
+    from fastcd.models import get_adapter
+
+    mixed = _tiny_gemma3(len(tok), ["sliding_attention", "full_attention", "sliding_attention", "full_attention"])
+    assert not get_adapter(mixed).supports_layer_skip
+    assert get_adapter(_tiny_gemma3(len(tok), ["full_attention"] * 2)).supports_layer_skip
+    clean, corrupt = _data(tok, n=8)
+    src = make_source(mixed, clean, "mean", corrupt=corrupt)
+    loop = patch_heads_loop(mixed, clean, src, metric="logprob", position=position, batch_size=8)
+    fast = patch_heads_batched(mixed, clean, src, metric="logprob", position=position, max_batch=64, batch_size=8)
+    torch.testing.assert_close(fast.scores, loop.scores, atol=2e-5, rtol=1e-4)
+    assert loop.scores.abs().sum() > 0
+
+
 @pytest.mark.parametrize("metric, arch", [("logprob", "mistral"), ("logit_diff", "qwen2"), ("accuracy", "qwen3")])
 def test_batched_equals_loop_other_metrics(metric, arch, tok):
     model = make_tiny(arch, vocab_size=len(tok))

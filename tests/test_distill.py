@@ -77,7 +77,8 @@ def test_cka_loss_bf16_upcast():
 
 
 # --- trainable slices ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("arch, kv", [("llama", "frozen"), ("llama", "trainable"), ("gpt2", "frozen")])
+@pytest.mark.parametrize("arch, kv", [("llama", "frozen"), ("llama", "trainable"), ("gemma3", "frozen"),
+                                      ("gpt2", "frozen")])
 def test_only_matched_slices_train(arch, kv, tok):
     teacher = make_tiny("llama", vocab_size=len(tok), seed=1)
     student = make_tiny(arch, vocab_size=len(tok), seed=2)

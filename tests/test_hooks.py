@@ -105,7 +105,7 @@ def test_hooks_removed_on_exception():
     assert _hook_count(m) == before
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "gemma3", "gpt2"])
 def test_gradient_reaches_exactly_the_captured_head(arch):
     """A loss on one head's captured z (through its own o_proj columns, W_O[:, h] z_h) gives non-zero
     gradients to exactly that head's q rows and o columns, and zero to every other head's."""
