@@ -12,6 +12,8 @@ Stages:
                   both, each scored both ways, per question type.
     attribution   attribution patching over every head at 3 boxes (--n-discovery prompts, mean ablation,
                   metric prob), wall time and the top heads.
+    step          offline teacher cache from --teacher for --matching, then --steps ce+cka steps of --model at
+                  --step-batch, --step-boxes boxes: cache time, step time, peak RSS.
 """
 
 from __future__ import annotations
@@ -111,7 +113,58 @@ def stage_attribution(args) -> dict:
             "top": [(str(h), round(v, 4)) for h, v in res.top(10)]}
 
 
-STAGES = {"eval": stage_eval, "tom": stage_tom, "attribution": stage_attribution}
+def stage_step(args) -> dict:
+    """Build the offline teacher cache (the teacher runs once, then is freed) and time ce+cka steps of the student
+    served from it; peak RSS of each part comes from its own process (see main)."""
+    import gc
+    import statistics
+    import tempfile
+
+    import torch
+
+    import fastcd
+    from fastcd.distillation import CircuitDistiller, TeacherCache, _make_batch, build_teacher_cache
+    from fastcd.match import Matching
+    from fastcd.tasks import EntityTracking, adapt_task
+
+    matching = Matching.load(args.matching)
+    s_tok, t_tok = fastcd.load_tokenizer(args.model), fastcd.load_tokenizer(args.teacher)
+    task = adapt_task(EntityTracking(n_boxes=args.step_boxes), [s_tok, t_tok])
+    ex = task.generate(args.step_batch * 4, seed=0, split="train")
+    cache_dir = os.path.join(tempfile.mkdtemp(), "cache")
+    teacher = fastcd.load_model(args.teacher, dtype="float32")
+    t = time.time()
+    build_teacher_cache(teacher, task.encode(ex, t_tok), matching, cache_dir, batch_size=args.step_batch)
+    t_cache = time.time() - t
+    rss_after_cache = _peak_mb()
+    del teacher
+    gc.collect()
+    student = fastcd.load_model(args.model, dtype="float32")
+    s_enc = task.encode(ex, s_tok)
+    cache = TeacherCache(cache_dir, matching)
+    cfg = fastcd.DistillConfig(method="ce+cka", lam=1.0, batch_size=args.step_batch, impl="torch")
+    cd = CircuitDistiller(student, matching, config=cfg)
+    opt = torch.optim.AdamW(cd.trainable_parameters(), lr=1e-4)
+    student.train()
+    times = []
+    gen = torch.Generator().manual_seed(0)
+    with torch.enable_grad():
+        for _ in range(args.steps):
+            idx = torch.randint(len(ex), (args.step_batch,), generator=gen)
+            t = time.time()
+            loss, parts = cd(_make_batch(idx, s_enc, None, cache))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            times.append(time.time() - t)
+    return {"teacher": args.teacher, "boxes": args.step_boxes, "batch": args.step_batch,
+            "pairs": len(matching.pairs), "cache_prompts": len(ex), "cache_build_s": round(t_cache, 1),
+            "peak_rss_mb_through_cache": round(rss_after_cache), "step_s": [round(x, 2) for x in times],
+            "step_median_s": round(statistics.median(times[1:] or times), 2), "trainable_params": cd.n_trainable,
+            "last_parts": parts}
+
+
+STAGES = {"eval": stage_eval, "tom": stage_tom, "attribution": stage_attribution, "step": stage_step}
 
 
 def main(argv=None) -> int:
@@ -125,6 +178,11 @@ def main(argv=None) -> int:
     p.add_argument("--n-discovery", type=int, default=32)
     p.add_argument("--discovery-boxes", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--teacher", default="qwen2.5-coder-1.5b", help="step: the teacher that fills the cache")
+    p.add_argument("--matching", default=None, help="step: a Matching JSON (teacher -> --model)")
+    p.add_argument("--step-boxes", type=int, default=7)
+    p.add_argument("--step-batch", type=int, default=16)
+    p.add_argument("--steps", type=int, default=6)
     p.add_argument("--stage", default=None, help=argparse.SUPPRESS)  # internal: run one stage in this process
     args = p.parse_args(argv)
     args.boxes = [int(b) for b in args.boxes.split(",")]

@@ -66,21 +66,35 @@ class DistillConfig:
     progress: bool = True
 
     def validate(self) -> DistillConfig:
+        """One-line errors naming the field and what was expected, before any work starts."""
+        import math
+
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        for name, lo in (("steps", 1), ("batch_size", 2), ("n_train", 1), ("n_eval", 1), ("log_every", 1),
+                         ("eval_every", 0), ("save_every", 0), ("n_discovery", 2), ("seed", 0)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+        for name in ("lam", "lr", "weight_decay", "kd_weight", "kd_temperature", "eps"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number, got {v!r}")
         if self.lam < 0:
             raise ValueError(f"lam must be >= 0, got {self.lam}")
-        if self.batch_size < 2:
-            raise ValueError(f"batch_size must be >= 2 (it is the CKA batch m), got {self.batch_size}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.eps <= 0:
+            raise ValueError(f"eps must be > 0 (it guards the CKA denominator of a dead head), got {self.eps}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.method in USES_CKA and self.batch_size < 3:
+            raise ValueError(f"batch_size must be >= 3 for {self.method!r}: it is the CKA batch m, and with m=2 the "
+                             f"centred Gram matrices are rank 1, so CKA is identically 1 (no alignment signal)")
         if self.labels not in ("teacher", "gold"):
             raise ValueError(f"labels must be 'teacher' or 'gold', got {self.labels!r}")
         if self.kv not in ("auto", "frozen", "trainable"):
             raise ValueError(f"kv must be 'auto', 'frozen' or 'trainable', got {self.kv!r}")
-        for name in ("steps", "n_train", "n_eval"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.kd_weight < 0 or self.kd_temperature <= 0:
             raise ValueError("kd_weight must be >= 0 and kd_temperature > 0")
         return self
@@ -391,8 +405,14 @@ class TeacherCache:
             raise FileNotFoundError(f"teacher_cache: {path!r} has no index.json; build it with build_teacher_cache")
         with open(idx_path) as f:
             self.index = json.load(f)
-        if matching is not None and [p.to_json() for p in matching.pairs] != self.index["pairs"]:
-            raise ValueError("teacher_cache was built for a different matching; rebuild it")
+        # the cache holds the teacher side only: (teacher head, position) per pair, in order. Student heads may
+        # differ (the ce+rand-cka control re-draws them over the same teacher heads).
+        if matching is not None:
+            want = [(str(p.teacher), p.position) for p in matching.pairs]
+            have = [(d["teacher"], d["position"]) for d in self.index["pairs"]]
+            if want != have:
+                raise ValueError(f"teacher_cache {path!r} holds the teacher heads {have[:4]}..., the matching needs "
+                                 f"{want[:4]}...; rebuild it with this matching")
         shards = [load_file(os.path.join(path, s["file"])) for s in self.index["shards"]]
         self.labels = torch.cat([s["labels"] for s in shards])
         self.z = torch.cat([s["z"] for s in shards], dim=1) if "z" in shards[0] else None
@@ -572,6 +592,8 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
             log.append({"step": step, **parts, "elapsed_s": round(time.time() - t0, 2)})
         if cfg.eval_every and step % cfg.eval_every == 0:
             student.eval()
+            if not log or log[-1]["step"] != step:  # an eval step that is not a log step gets its own row
+                log.append({"step": step, **parts, "elapsed_s": round(time.time() - t0, 2)})
             log[-1]["test_accuracy"] = sum(accuracy_per_example(student, s_test)) / len(s_test)
             student.train()
         if ckpt and rank == 0 and cfg.save_every and (step % cfg.save_every == 0 or step == cfg.steps):

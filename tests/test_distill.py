@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -246,7 +247,7 @@ def test_bad_input(tok):
     kw = dict(student_tokenizer=tok, teacher_tokenizer=tok)
     with pytest.raises(ValueError, match="lam must be >= 0"):
         distill(teacher, student, TASK, matching=_matching(), config=_cfg(lam=-1.0), **kw)
-    with pytest.raises(ValueError, match=r"batch_size must be >= 2 \(it is the CKA batch m\)"):
+    with pytest.raises(ValueError, match=r"batch_size must be an integer >= 2, got 1"):
         distill(teacher, student, TASK, matching=_matching(), config=_cfg(batch_size=1), **kw)
     with pytest.raises(ValueError, match="at least one pair"):
         distill(teacher, student, TASK, matching=Matching([], "x"), config=_cfg(), **kw)
@@ -263,6 +264,47 @@ def test_bad_input(tok):
         DistillConfig(method="lora").validate()
     with pytest.raises(TypeError, match="task_or_dataset must be"):
         distill(teacher, student, 42, matching=_matching(), config=_cfg(), **kw)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("log_every", 0, r"log_every must be an integer >= 1, got 0"),
+    ("lam", float("nan"), r"lam must be a finite number, got nan"),
+    ("steps", 2.5, r"steps must be an integer >= 1, got 2.5"),
+    ("lr", float("inf"), r"lr must be a finite number, got inf"),
+    ("save_every", -1, r"save_every must be an integer >= 0, got -1"),
+    ("eval_every", -5, r"eval_every must be an integer >= 0, got -5"),
+    ("n_discovery", 1, r"n_discovery must be an integer >= 2, got 1"),
+    ("eps", 0.0, r"eps must be > 0"),
+    ("batch_size", 2, r"batch_size must be >= 3 for 'ce\+cka'.*CKA is identically 1"),
+])
+def test_config_validation_names_the_field(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        DistillConfig(**{field: value}).validate()
+    assert DistillConfig(method="circuit-ce", batch_size=2).validate()  # no CKA term: m=2 is fine
+
+
+def test_eval_every_need_not_be_a_multiple_of_log_every(tok):
+    teacher = make_tiny("llama", vocab_size=len(tok), seed=1)
+    student = make_tiny("llama", vocab_size=len(tok), seed=2)
+    res = distill(teacher, student, TASK, matching=_matching(), config=_cfg(steps=5, log_every=2, eval_every=3),
+                  student_tokenizer=tok, teacher_tokenizer=tok)
+    assert [r["step"] for r in res.log] == [2, 3, 4, 5]
+    assert "test_accuracy" in res.log[1] and res.log[1]["step"] == 3
+
+
+def test_rand_cka_and_kd_train_from_a_teacher_cache(tmp_path, tok):
+    """The cache holds the teacher side only: the random-pairing control (other student heads, same teacher
+    heads) and KD (logits) both train from it."""
+    from fastcd.distillation import build_teacher_cache
+
+    teacher = make_tiny("llama", vocab_size=len(tok), seed=1)
+    cfg = _cfg(steps=2, n_train=32)
+    enc = TASK.encode(TASK.generate(cfg.n_train, seed=cfg.seed, split="train"), tok)
+    path = build_teacher_cache(teacher, enc, _matching(), str(tmp_path / "c"), logits=True)
+    for method in ("ce+rand-cka", "kd"):
+        res = distill(None, make_tiny("llama", vocab_size=len(tok), seed=2), TASK, matching=_matching(),
+                      config=_cfg(steps=2, n_train=32, method=method), student_tokenizer=tok, teacher_cache=path)
+        assert len(res.log) == 2 and all(math.isfinite(r["loss"]) for r in res.log)
 
 
 def test_mcnemar():
