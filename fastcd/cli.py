@@ -179,25 +179,29 @@ def _add_match(sub) -> None:
 def _run_match(args) -> int:
     from fastcd.discover import Circuit
     from fastcd.match import MatchInputs, match
-    from fastcd.models import load_model, load_tokenizer
-    from fastcd.tasks import get_task
+    from fastcd.models import load_model, load_tokenizer, spec_of
+    from fastcd.tasks import adapt_task, get_task
 
     circuit = Circuit.load(args.circuit)
-    teacher = load_model(args.teacher, device=args.device)
-    student = load_model(args.student, device=args.device)
+    t_spec = spec_of(args.teacher)  # config only: a circuit from another model fails before any weight loads
+    for h in circuit.unique_heads():
+        t_spec.check_head(h, "circuit head")
     t_tok, s_tok = load_tokenizer(args.teacher), load_tokenizer(args.student)
     task = get_task(circuit.task, **({"n_boxes": args.n_boxes} if circuit.task == "entity-tracking" else {}))
+    task = adapt_task(task, [t_tok, s_tok])
+    teacher = load_model(args.teacher, device=args.device)
+    student = load_model(args.student, device=args.device)
     pairs = task.pairs(args.n_examples, seed=args.seed, split=args.split)
     clean, corrupt = [p.clean for p in pairs], [p.corrupt for p in pairs]
     inp = MatchInputs(teacher, student, circuit, task.encode(clean, t_tok), task.encode(clean, s_tok),
                       task.encode(corrupt, t_tok), task.encode(corrupt, s_tok))
     kw = {}
     if args.method == "ablation":
-        kw = {"k": args.k, "direction": args.direction}
+        kw = {"k": args.k, "direction": args.direction, "progress": True}
     elif args.method == "cka":
         kw = {"impl": args.impl}
     elif args.method == "combined":
-        kw = {"weight": args.weight, "impl": args.impl}
+        kw = {"weight": args.weight, "impl": args.impl, "progress": True}
     else:
         kw = {"seed": args.seed}
     m = match(inp, args.method, **kw)

@@ -535,7 +535,8 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
         else:
             inp = MatchInputs(teacher, student, circuit, t_clean, task.encode([p.clean for p in dpairs], s_tok),
                               t_corrupt, task.encode([p.corrupt for p in dpairs], s_tok))
-            matching = match(inp, cfg.matching_method)
+            kw = {"progress": cfg.progress} if cfg.matching_method in ("ablation", "combined") else {}
+            matching = match(inp, cfg.matching_method, **kw)
     elif cfg.method == "ce+rand-cka" and matching is not None and matching.method != "random":
         matching = randomize_students(matching, student, seed=cfg.seed)
     if matching is not None:
@@ -655,13 +656,14 @@ def discover_circuit(teacher, task, t_clean: EncodedBatch, t_corrupt: EncodedBat
     if cfg.discovery == "path":
         if task.name != "entity-tracking":
             raise ValueError("discovery='path' is defined for entity tracking only")
-        circuit, _ = entity_tracking_circuit(teacher, t_clean, t_corrupt, k=tuple(cfg.discovery_k))
+        circuit, _ = entity_tracking_circuit(teacher, t_clean, t_corrupt, k=tuple(cfg.discovery_k),
+                                             progress=cfg.progress)
         return circuit
     src = D.make_source(teacher, t_clean, "mean", corrupt=t_corrupt)
     if task.name == "entity-tracking":
-        circuit, _ = D.circuit_by_roles(teacher, t_clean, src, task.roles, task=task.name)
+        circuit, _ = D.circuit_by_roles(teacher, t_clean, src, task.roles, task=task.name, progress=cfg.progress)
         return circuit
-    res = D.patch_heads_batched(teacher, t_clean, src, metric="prob", position="last")
+    res = D.patch_heads_batched(teacher, t_clean, src, metric="prob", position="last", progress=cfg.progress)
     n = cfg.discovery_top_n or max(1, res.scores.numel() // 2)
     return D.circuit_from_scores(res, n, task=task.name, group="heads", position="last")
 

@@ -258,7 +258,8 @@ def _circuit_heads(circuit: Circuit) -> list[tuple[Head, str, str]]:
     return out
 
 
-def ablation_scores(inp: MatchInputs, *, student_position: str = ALL, max_batch: int = 512) -> dict:
+def ablation_scores(inp: MatchInputs, *, student_position: str = ALL, max_batch: int = 512,
+                    progress: bool = False) -> dict:
     """ΔP for every student head and every teacher circuit head (Eqs. 3-4)."""
     t_dev = next(inp.teacher.parameters()).device
     s_dev = next(inp.student.parameters()).device
@@ -267,9 +268,11 @@ def ablation_scores(inp: MatchInputs, *, student_position: str = ALL, max_batch:
     t_heads = _circuit_heads(inp.circuit)
     s_all = get_adapter(inp.student).spec.all_heads()
     s_base, s_abl = ablation_accuracies(inp.student, inp.student_clean, [(h, student_position) for h in s_all],
-                                        s_means, max_batch=max_batch)
+                                        s_means, max_batch=max_batch, progress=progress,
+                                        desc="ablation matching, student heads")
     t_base, t_abl = ablation_accuracies(inp.teacher, inp.teacher_clean, [(h, r) for h, r, _ in t_heads], t_means,
-                                        max_batch=max_batch)
+                                        max_batch=max_batch, progress=progress,
+                                        desc="ablation matching, teacher circuit heads")
     return {
         "student_base": s_base, "teacher_base": t_base,
         "student_heads": s_all, "student_drop": [s_base - a for a in s_abl],  # Eq. 3
@@ -279,11 +282,11 @@ def ablation_scores(inp: MatchInputs, *, student_position: str = ALL, max_batch:
 
 
 def match_ablation(inp: MatchInputs, *, k: int | None = None, direction: str = "student_to_teacher",
-                   student_position: str = ALL, scores: dict | None = None) -> Matching:
+                   student_position: str = ALL, scores: dict | None = None, progress: bool = False) -> Matching:
     """The paper's rule: nearest ablation drop (Eq. 5), many-to-one; ties to the earliest head."""
     if direction not in ("student_to_teacher", "teacher_to_student"):
         raise ValueError(f"direction must be 'student_to_teacher' or 'teacher_to_student', got {direction!r}")
-    sc = scores or ablation_scores(inp, student_position=student_position)
+    sc = scores or ablation_scores(inp, student_position=student_position, progress=progress)
     s_heads, s_drop = sc["student_heads"], np.array(sc["student_drop"])
     t_heads, t_drop = sc["teacher_heads"], np.array(sc["teacher_drop"])
     k = len(t_heads) if k is None else k
@@ -359,12 +362,12 @@ def match_cka(inp: MatchInputs, *, impl: str | None = None) -> Matching:
 
 
 def match_combined(inp: MatchInputs, *, weight: float = 0.5, impl: str | None = None,
-                   student_position: str = ALL) -> Matching:
+                   student_position: str = ALL, progress: bool = False) -> Matching:
     """One-to-one assignment minimising ``weight * (1 - CKA) + (1 - weight) * d_abl``."""
     if not 0.0 <= weight <= 1.0:
         raise ValueError(f"weight must be in [0, 1], got {weight}")
     cka, t_heads, s_all = cka_scores(inp, impl=impl)
-    sc = ablation_scores(inp, student_position=student_position)
+    sc = ablation_scores(inp, student_position=student_position, progress=progress)
     d = np.abs(np.array(sc["teacher_drop"])[:, None] - np.array(sc["student_drop"])[None])  # [n_t, n_s]
     cost = weight * (1.0 - cka) + (1.0 - weight) * d
     pairs = [Pair(t_heads[i][0], s_all[j], t_heads[i][1], t_heads[i][2],
