@@ -55,7 +55,8 @@ def _add_discover(sub) -> None:
         description="Score every head of a local HF model on a task and write the circuit as JSON, with a PNG "
         "heatmap of the head scores beside it.",
     )
-    p.add_argument("--model", required=True, help="local Hugging Face model directory (with its tokenizer)")
+    p.add_argument("--model", required=True, help="local Hugging Face model directory (with its tokenizer), a .gguf "
+                   "file, or a prepared packaged model name (fastcd models)")
     p.add_argument("--task", choices=["entity-tracking", "tom"], required=True)
     p.add_argument("--method", choices=["patching", "attribution", "path", "roles"], default=None,
                    help="default: roles (position-aware patching at each role) for entity-tracking, patching "
@@ -160,8 +161,8 @@ def _add_match(sub) -> None:
         description="Match the teacher circuit's heads to student heads by ablation effect (the paper's rule), "
         "CKA with one-to-one assignment, a weighted combination, or at random (control).",
     )
-    p.add_argument("--teacher", required=True, help="local HF teacher directory")
-    p.add_argument("--student", required=True, help="local HF student directory")
+    p.add_argument("--teacher", required=True, help="teacher: HF directory, .gguf file or prepared model name")
+    p.add_argument("--student", required=True, help="student: HF directory, .gguf file or prepared model name")
     p.add_argument("--circuit", required=True, help="circuit JSON from `fastcd discover`")
     p.add_argument("--method", choices=["ablation", "cka", "combined", "random"], default="ablation")
     p.add_argument("--k", type=int, default=None, help="ablation: candidate student heads (default: circuit size)")
@@ -225,8 +226,9 @@ def _add_distill(sub) -> None:
         "when --circuit/--matching are not given. Writes OUT/student (save_pretrained), OUT/matching.json, "
         "OUT/log.json and OUT/curves.png.",
     )
-    p.add_argument("--teacher", default=None, help="local HF teacher directory (omit with --teacher-cache)")
-    p.add_argument("--student", required=True, help="local HF student directory")
+    p.add_argument("--teacher", default=None,
+                   help="teacher: HF directory, .gguf file or prepared model name (omit with --teacher-cache)")
+    p.add_argument("--student", required=True, help="student: HF directory, .gguf file or prepared model name")
     p.add_argument("--task", choices=["entity-tracking", "tom"], required=True)
     p.add_argument("--n-boxes", type=int, default=7)
     p.add_argument("--circuit", default=None, help="circuit JSON (default: discover)")

@@ -10,6 +10,7 @@ inference mode, or replaced by an offline cache of its circuit heads' z and labe
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -63,6 +64,7 @@ class DistillConfig:
     teacher_dtype: str | None = None
     device: str | None = None  # where teacher and student run ("cuda", "cpu"); None keeps them where they are
     impl: str | None = None  # alignment-loss implementation (None: dispatch)
+    on_nonfinite: str = "stop"  # a NaN/inf loss part or gradient: "stop" (one-line error, nothing saved) or "skip"
     progress: bool = True
 
     def validate(self) -> DistillConfig:
@@ -91,6 +93,8 @@ class DistillConfig:
         if self.method in USES_CKA and self.batch_size < 3:
             raise ValueError(f"batch_size must be >= 3 for {self.method!r}: it is the CKA batch m, and with m=2 the "
                              f"centred Gram matrices are rank 1, so CKA is identically 1 (no alignment signal)")
+        if self.on_nonfinite not in ("stop", "skip"):
+            raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
         if self.labels not in ("teacher", "gold"):
             raise ValueError(f"labels must be 'teacher' or 'gold', got {self.labels!r}")
         if self.kv not in ("auto", "frozen", "trainable"):
@@ -440,6 +444,17 @@ class DistillResult:
     circuit_correct: list = field(default_factory=list)
 
 
+def _nonfinite(parts: dict, params) -> str | None:
+    """The first non-finite loss part, or "gradient" when a trainable gradient is NaN/inf; None when all finite."""
+    for k, v in parts.items():
+        if not math.isfinite(v):
+            return f"loss term {k!r} ({v})"
+    for p in params:
+        if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+            return "gradient"
+    return None
+
+
 def _make_batch(idx, s_enc: EncodedBatch, t_enc: EncodedBatch | None, cache: TeacherCache | None) -> DistillBatch:
     b = DistillBatch(s_enc.input_ids[idx], {k: v[idx] for k, v in s_enc.positions.items()}, s_enc.answer_ids[idx])
     if cache is not None:
@@ -577,31 +592,52 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
         base_accuracy = sum(accuracy_per_example(student, s_test)) / len(s_test)
         student.train(was)
     student.train()
+    n_skipped = 0
     t0 = time.time()
     bar = tqdm(total=cfg.steps, initial=step, disable=not cfg.progress or rank != 0, desc=f"distill {cfg.method}")
-    while step < cfg.steps:
-        idx = torch.randint(len(s_train), (cfg.batch_size,), generator=gen)  # the global batch, same on all ranks
-        idx = idx.view(world, -1)[rank]  # this rank's shard
-        loss, parts = cd(_make_batch(idx, s_train, t_train, cache))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
-        bar.update(1)
-        bar.set_postfix({k: f"{v:.3f}" for k, v in parts.items() if k in ("ce", "cka_loss", "kd")})
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            log.append({"step": step, **parts, "elapsed_s": round(time.time() - t0, 2)})
-        if cfg.eval_every and step % cfg.eval_every == 0:
-            student.eval()
-            if not log or log[-1]["step"] != step:  # an eval step that is not a log step gets its own row
+    try:
+        while step < cfg.steps:
+            idx = torch.randint(len(s_train), (cfg.batch_size,), generator=gen)  # the global batch, same on all ranks
+            idx = idx.view(world, -1)[rank]  # this rank's shard
+            loss, parts = cd(_make_batch(idx, s_train, t_train, cache))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            bad = _nonfinite(parts, cd.trainable_parameters())
+            if bad:
+                msg = f"non-finite {bad} at step {step + 1} (method {cfg.method}, lr {cfg.lr})"
+                if cfg.on_nonfinite == "stop":
+                    bar.close()
+                    raise FloatingPointError(f"distill: {msg}; stopped without saving a model (lower lr, check the "
+                                             "inputs, or on_nonfinite='skip' to skip such steps)")
+                n_skipped += 1
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                bar.update(1)
+                if n_skipped > max(3, cfg.steps // 10):
+                    raise FloatingPointError(f"distill: {msg}; {n_skipped} steps skipped, more than 10% of the run")
+                continue
+            opt.step()
+            step += 1
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in parts.items() if k in ("ce", "cka_loss", "kd")})
+            if step % cfg.log_every == 0 or step == cfg.steps:
                 log.append({"step": step, **parts, "elapsed_s": round(time.time() - t0, 2)})
-            log[-1]["test_accuracy"] = sum(accuracy_per_example(student, s_test)) / len(s_test)
-            student.train()
-        if ckpt and rank == 0 and cfg.save_every and (step % cfg.save_every == 0 or step == cfg.steps):
-            os.makedirs(cfg.out, exist_ok=True)
-            _atomic_save({"params": [p.detach().clone() for p in cd.trainable_parameters()],
-                          "optimizer": opt.state_dict(), "generator": gen.get_state(), "step": step, "log": log,
-                          "config": _cfg_key(cfg), "base_accuracy": base_accuracy}, ckpt)
+            if cfg.eval_every and step % cfg.eval_every == 0:
+                student.eval()
+                if not log or log[-1]["step"] != step:  # an eval step that is not a log step gets its own row
+                    log.append({"step": step, **parts, "elapsed_s": round(time.time() - t0, 2)})
+                log[-1]["test_accuracy"] = sum(accuracy_per_example(student, s_test)) / len(s_test)
+                student.train()
+            if ckpt and rank == 0 and cfg.save_every and (step % cfg.save_every == 0 or step == cfg.steps):
+                os.makedirs(cfg.out, exist_ok=True)
+                _atomic_save({"params": [p.detach().clone() for p in cd.trainable_parameters()],
+                              "optimizer": opt.state_dict(), "generator": gen.get_state(), "step": step, "log": log,
+                              "config": _cfg_key(cfg), "base_accuracy": base_accuracy}, ckpt)
+    except BaseException:
+        bar.close()
+        if cd.slices is not None:  # leave the student a plain model (no parametrisations) for the caller
+            merge(cd.slices)
+        raise
     bar.close()
     student.eval()
     if cd.slices is not None:

@@ -102,6 +102,9 @@ def make_trainable(model: nn.Module, heads: list[Head], *, kv: str = "auto") -> 
     owners = {id(p): (mod, name) for mod in model.modules() for name, p in mod.named_parameters(recurse=False)}
     params, modules, n_tr = [], [], 0
     for key, (param, dim, ranges) in by_param.items():
+        if key not in owners:
+            raise ValueError("model: its head weights are already parametrised (another CircuitDistiller or "
+                             "make_trainable holds them); call fastcd.trainable.merge(...) on that one first")
         mod, name = owners[key]
         merged = _merge_ranges(ranges)
         splice = _SpliceSlices(param, [(dim, s, e) for s, e in merged])

@@ -295,8 +295,6 @@ def test_eval_every_need_not_be_a_multiple_of_log_every(tok):
 def test_rand_cka_and_kd_train_from_a_teacher_cache(tmp_path, tok):
     """The cache holds the teacher side only: the random-pairing control (other student heads, same teacher
     heads) and KD (logits) both train from it."""
-    from fastcd.distillation import build_teacher_cache
-
     teacher = make_tiny("llama", vocab_size=len(tok), seed=1)
     cfg = _cfg(steps=2, n_train=32)
     enc = TASK.encode(TASK.generate(cfg.n_train, seed=cfg.seed, split="train"), tok)
@@ -364,3 +362,26 @@ def test_tom_default_discovery_keeps_the_most_harmful_half_at_the_last_token(tok
     assert [c.head for c in circuit.heads] == want and len(want) <= half
     assert all(c.position == "last" for c in circuit.heads)
     assert all(float(scores[c.head.layer, c.head.head]) < 0 for c in circuit.heads)
+
+
+def test_non_finite_loss_stops_without_saving(tmp_path, tok):
+    teacher = make_tiny("llama", vocab_size=len(tok), seed=1)
+    student = make_tiny("llama", vocab_size=len(tok), seed=2)
+    with torch.no_grad():
+        student.model.layers[1].self_attn.q_proj.weight[8:16] = float("nan")  # inside the matched head L1H1
+    with pytest.raises(FloatingPointError, match=r"non-finite loss term 'ce' \(nan\) at step 1 .*without saving"):
+        distill(teacher, student, TASK, matching=_matching(), config=_cfg(out=str(tmp_path / "run")),
+                student_tokenizer=tok, teacher_tokenizer=tok)
+    assert not (tmp_path / "run" / "student").exists()
+    with pytest.raises(FloatingPointError, match="steps skipped, more than 10% of the run"):
+        distill(teacher, student, TASK, matching=_matching(), config=_cfg(on_nonfinite="skip"),
+                student_tokenizer=tok, teacher_tokenizer=tok)
+    with pytest.raises(ValueError, match="on_nonfinite must be 'stop' or 'skip'"):
+        DistillConfig(on_nonfinite="ignore").validate()
+
+
+def test_second_distiller_on_one_student_is_a_clear_error(tok):
+    student = make_tiny("llama", vocab_size=len(tok), seed=2)
+    CircuitDistiller(student, _matching(), config=_cfg())
+    with pytest.raises(ValueError, match="already parametrised.*merge"):
+        CircuitDistiller(student, _matching(), config=_cfg())
