@@ -74,7 +74,8 @@ def _add_discover(sub) -> None:
     p.add_argument("--n-boxes", type=int, default=7)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split", choices=["train", "val", "test"], default="val")
-    p.add_argument("--max-batch", type=int, default=512, help="rows per forward in batched patching")
+    p.add_argument("--max-batch", type=int, default=None,
+                   help="rows per forward in batched patching (default: as many as FASTCD_MEMORY_BUDGET, 2G, allows)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None)

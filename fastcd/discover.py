@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from fastcd.hooks import capture_z, intervene, mean_z, run_with_z
-from fastcd.models import Head, ModelSpec, get_adapter, logits_at
+from fastcd.models import Head, ModelSpec, get_adapter, logits_at, rows_for_budget
 from fastcd.tasks.base import EncodedBatch
 
 METRICS = ("prob", "logprob", "logit_diff", "accuracy", "candidate_accuracy")
@@ -322,13 +322,14 @@ def patch_heads_loop(model: nn.Module, clean: EncodedBatch, source: PatchSource,
 @torch.no_grad()
 def patch_heads_batched(model: nn.Module, clean: EncodedBatch, source: PatchSource, *, metric: str = "prob",
                         relative: bool = True, position: str | None = None, distractor_ids=None,
-                        max_batch: int = 512, batch_size: int = 64, heads: list[Head] | None = None,
+                        max_batch: int | None = None, batch_size: int = 64, heads: list[Head] | None = None,
                         skip_layers: bool = True, reuse_prefix: bool = True, progress: bool = False
                         ) -> PatchingResult:
     """Exact per-head patching with many head interventions per forward.
 
     Rows ``(head k, example i)`` are stacked along the batch, each row patching only its own head, in
-    forwards of at most ``max_batch`` rows (the memory bound). Same scores as :func:`patch_heads_loop`.
+    forwards of at most ``max_batch`` rows (the memory bound; None: as many as ``FASTCD_MEMORY_BUDGET``,
+    default 2 GiB, allows, :func:`fastcd.models.rows_for_budget`). Same scores as :func:`patch_heads_loop`.
     With ``skip_layers`` (Llama-like models), a forward that patches layer l starts from the clean residual
     stream at layer l instead of recomputing layers 0..l-1, which are unchanged by the patch; the clean
     residual streams are kept, ``[n_layers, n, T, d_model]``. With ``reuse_prefix`` and a position role, the
@@ -338,13 +339,15 @@ def patch_heads_batched(model: nn.Module, clean: EncodedBatch, source: PatchSour
     from tqdm import tqdm
 
     _check_common(clean, metric, batch_size)
-    if max_batch < 1:
-        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    if max_batch is not None and (not isinstance(max_batch, int) or max_batch < 1):
+        raise ValueError(f"max_batch must be an integer >= 1 or None (from the memory budget), got {max_batch!r}")
     adapter = get_adapter(model)
     spec = adapter.spec
     device = next(model.parameters()).device
     heads = heads or spec.all_heads()
     n, t = clean.input_ids.shape
+    if max_batch is None:
+        max_batch = rows_for_budget(model, t)
     pos = _positions(clean, position)
     skip = skip_layers and adapter.supports_layer_skip
     # Rows are ordered by the patched head's layer, so each forward patches heads of one layer only and,
@@ -570,7 +573,7 @@ def circuit_from_scores(result: PatchingResult, k: int, *, task: str, group: str
 
 
 def circuit_by_roles(model: nn.Module, clean: EncodedBatch, source: PatchSource, roles, *, k_per_role: int = 3,
-                     threshold: float = 0.05, metric: str = "prob", task: str = "", max_batch: int = 512,
+                     threshold: float = 0.05, metric: str = "prob", task: str = "", max_batch: int | None = None,
                      progress: bool = False) -> tuple[Circuit, dict]:
     """Position-aware activation patching: for each position role, patch every head there alone and keep the
     (at most) ``k_per_role`` heads whose relative metric drop exceeds ``threshold``. A head may appear under

@@ -194,7 +194,7 @@ class Matching:
 # ------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def ablation_accuracies(model: nn.Module, clean: EncodedBatch, heads: list[tuple[Head, str]], means: torch.Tensor,
-                        *, max_batch: int = 512, progress: bool = False, desc: str = "ablation"
+                        *, max_batch: int | None = None, progress: bool = False, desc: str = "ablation"
                         ) -> tuple[float, list[float]]:
     """Baseline accuracy and the accuracy with each (head, position role) mean-ablated.
 
@@ -208,6 +208,10 @@ def ablation_accuracies(model: nn.Module, clean: EncodedBatch, heads: list[tuple
     if not clean.equal_length or means.shape[1] != t:
         raise ValueError("prompts must share one token length, the one the means were computed for")
     src = PatchSource("mean", means)
+    if max_batch is None:
+        from fastcd.models import rows_for_budget
+
+        max_batch = rows_for_budget(model, t)
     by_role: dict[str, list[int]] = {}
     for k, (_, role) in enumerate(heads):
         by_role.setdefault(role, []).append(k)
@@ -258,7 +262,7 @@ def _circuit_heads(circuit: Circuit) -> list[tuple[Head, str, str]]:
     return out
 
 
-def ablation_scores(inp: MatchInputs, *, student_position: str = ALL, max_batch: int = 512,
+def ablation_scores(inp: MatchInputs, *, student_position: str = ALL, max_batch: int | None = None,
                     progress: bool = False) -> dict:
     """ΔP for every student head and every teacher circuit head (Eqs. 3-4)."""
     t_dev = next(inp.teacher.parameters()).device

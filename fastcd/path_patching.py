@@ -38,7 +38,7 @@ from fastcd.discover import (
     relative_change,
 )
 from fastcd.hooks import intervene, run_with_z
-from fastcd.models import Head, get_adapter, logits_at
+from fastcd.models import Head, get_adapter, logits_at, rows_for_budget
 from fastcd.tasks.base import EncodedBatch
 
 
@@ -109,7 +109,7 @@ def _replace_inputs(model, receivers: list[Head], which: str, values: dict, pos_
 @torch.no_grad()
 def path_patch(model: nn.Module, clean: EncodedBatch, corrupt_z: torch.Tensor, *, sender_position: str,
                receivers: list[Head] | None, receiver_input: str = "logits", receiver_position: str = "last",
-               metric: str = "prob", relative: bool = True, max_batch: int = 256, batch_size: int = 64
+               metric: str = "prob", relative: bool = True, max_batch: int | None = None, batch_size: int = 64
                ) -> PatchingResult:
     """Path-patching score of every sender head into ``receivers`` (or straight into the logits).
 
@@ -143,6 +143,8 @@ def path_patch(model: nn.Module, clean: EncodedBatch, corrupt_z: torch.Tensor, *
     senders = [h for h in spec.all_heads() if h.layer < max_layer]
     total = len(senders) * n
     out = torch.empty(total)
+    if max_batch is None:
+        max_batch = rows_for_budget(model, t)
     for start in range(0, total, max_batch):
         rows = torch.arange(start, min(start + max_batch, total))
         k_idx, ex_idx = rows // n, rows % n
@@ -185,7 +187,7 @@ def path_patch(model: nn.Module, clean: EncodedBatch, corrupt_z: torch.Tensor, *
 
 def entity_tracking_circuit(model: nn.Module, clean: EncodedBatch, corrupt: EncodedBatch, *,
                             k: tuple[int, int, int, int] = (4, 2, 2, 2), metric: str = "prob",
-                            max_batch: int = 256, progress: bool = False) -> tuple[Circuit, dict]:
+                            max_batch: int | None = None, progress: bool = False) -> tuple[Circuit, dict]:
     """The four-group entity-tracking circuit by iterative path patching.
 
     Args:

@@ -155,3 +155,17 @@ def test_cli_models_and_convert_errors(tmp_path):
     r = subprocess.run([sys.executable, "-m", "fastcd", "convert", str(tmp_path / "x.gguf"), str(tmp_path / "o")],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "neither a local directory nor a GGUF file" in r.stderr
+
+
+def test_batch_rows_come_from_the_memory_budget(monkeypatch):
+    from fastcd.models import memory_budget, rows_for_budget
+
+    m = make_tiny("llama")
+    small = rows_for_budget(m, 50, budget=1 << 20)
+    assert 1 <= small < rows_for_budget(m, 50, budget=4 << 20) <= 4096
+    assert rows_for_budget(m, 50, budget=1) == 1  # never zero rows
+    monkeypatch.setenv("FASTCD_MEMORY_BUDGET", "512M")
+    assert memory_budget() == 512 << 20
+    monkeypatch.setenv("FASTCD_MEMORY_BUDGET", "lots")
+    with pytest.raises(ValueError, match="FASTCD_MEMORY_BUDGET must be bytes or a size like '4G', got 'LOTS'"):
+        memory_budget()
