@@ -8,7 +8,7 @@ bit-identical. :func:`merge` writes the slices back and removes the parametrisat
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -54,6 +54,7 @@ class TrainableSlices:
     heads: list[Head]
     n_trainable: int
     n_total: int
+    hooks: list = field(default_factory=list)  # state_dict hooks that save plain weights while parametrised
 
     @property
     def fraction(self) -> float:
@@ -100,7 +101,7 @@ def make_trainable(model: nn.Module, heads: list[Head], *, kv: str = "auto") -> 
                 raise ValueError(f"{sl.name}: slices of one weight along two dimensions are not supported")
             entry[2].append((sl.index.start, sl.index.stop))
     owners = {id(p): (mod, name) for mod in model.modules() for name, p in mod.named_parameters(recurse=False)}
-    params, modules, n_tr = [], [], 0
+    params, modules, n_tr, hooks = [], [], 0, []
     for key, (param, dim, ranges) in by_param.items():
         if key not in owners:
             raise ValueError("model: its head weights are already parametrised (another CircuitDistiller or "
@@ -110,12 +111,28 @@ def make_trainable(model: nn.Module, heads: list[Head], *, kv: str = "auto") -> 
         splice = _SpliceSlices(param, [(dim, s, e) for s, e in merged])
         parametrize.register_parametrization(mod, name, splice, unsafe=True)
         mod.parametrizations[name].original.requires_grad_(False)
+        hooks.append(mod.register_state_dict_post_hook(_plain_weight_hook(name)))
         for p in splice.params:
             p.requires_grad_(True)
             params.append(p)
             n_tr += p.numel()
         modules.append((mod, name))
-    return TrainableSlices(params, modules, heads, n_tr, n_total)
+    return TrainableSlices(params, modules, heads, n_tr, n_total, hooks)
+
+
+def _plain_weight_hook(name: str):
+    """While ``name`` is parametrised, ``state_dict()`` (and so ``save_pretrained``) holds the current weight under
+    its plain key instead of ``parametrizations.<name>.original`` + the slices, so a model saved from a user's own
+    loop reloads in transformers with the trained weights."""
+
+    def hook(module, state_dict, prefix, local_metadata):
+        if not parametrize.is_parametrized(module, name):
+            return
+        for k in [k for k in state_dict if k.startswith(f"{prefix}parametrizations.{name}.")]:
+            del state_dict[k]
+        state_dict[prefix + name] = getattr(module, name).detach()
+
+    return hook
 
 
 def merge(slices: TrainableSlices) -> None:
@@ -123,6 +140,9 @@ def merge(slices: TrainableSlices) -> None:
     for mod, name in slices.modules:
         if parametrize.is_parametrized(mod, name):
             parametrize.remove_parametrizations(mod, name, leave_parametrized=True)
+    for h in slices.hooks:
+        h.remove()
+    slices.hooks.clear()
 
 
 def slice_state(slices: TrainableSlices) -> list[torch.Tensor]:

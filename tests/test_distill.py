@@ -385,3 +385,35 @@ def test_second_distiller_on_one_student_is_a_clear_error(tok):
     CircuitDistiller(student, _matching(), config=_cfg())
     with pytest.raises(ValueError, match="already parametrised.*merge"):
         CircuitDistiller(student, _matching(), config=_cfg())
+
+
+def test_saving_the_student_from_your_own_loop_keeps_the_trained_weights(tmp_path, tok):
+    """README's own-loop pattern: student.save_pretrained() while the distiller's slices are attached writes plain
+    keys with the current (trained) weights; transformers reloads them with identical logits."""
+    from transformers import AutoModelForCausalLM
+
+    from fastcd.distillation import _make_batch
+
+    teacher = make_tiny("llama", vocab_size=len(tok), seed=1)
+    student = make_tiny("llama", vocab_size=len(tok), seed=2)
+    cd = CircuitDistiller(student, _matching(), teacher=teacher, config=_cfg())
+    opt = torch.optim.AdamW(cd.trainable_parameters(), lr=1e-2)
+    enc = TASK.encode(TASK.generate(16, split="train"), tok)
+    for _ in range(2):
+        loss, _ = cd(_make_batch(torch.arange(8), enc, enc, None))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    keys = student.state_dict().keys()
+    assert not any("parametrizations" in k for k in keys)
+    student.save_pretrained(tmp_path / "s")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "s", local_files_only=True).eval()
+    student.eval()
+    ids = enc.input_ids[:2]
+    sd = student.state_dict()
+    for k, v in loaded.state_dict().items():
+        assert torch.equal(v, sd[k]), k  # bit-identical weights, the trained slices included
+    with torch.no_grad():  # (eager vs sdpa attention: equal to float rounding)
+        torch.testing.assert_close(loaded(ids).logits, student(ids).logits, rtol=1e-5, atol=1e-5)
+        fresh = make_tiny("llama", vocab_size=len(tok), seed=2)
+        assert (loaded(ids).logits - fresh(ids).logits).abs().max() > 1e-3  # the trained weights, not the base
