@@ -17,22 +17,29 @@ from fastcd.models import (  # noqa: E402
     get_adapter,
     load_model,
     load_tokenizer,
+    logits_at,
     model_spec,
+    spec_of,
 )
-from fastcd.tasks import EntityTracking, TheoryOfMind, get_task  # noqa: E402
+from fastcd.tasks import EntityTracking, TheoryOfMind, adapt_task, get_task  # noqa: E402
 from fastcd.tokenizer import build_word_tokenizer  # noqa: E402
 
 
 def __getattr__(name):
     # the training driver is imported on first use (it pulls scipy, safetensors, tqdm)
-    if name in ("distill", "DistillConfig", "CircuitDistiller", "DistillResult"):
-        import importlib
+    import importlib
 
+    if name in ("distill", "DistillConfig", "CircuitDistiller", "DistillResult"):
         return getattr(importlib.import_module("fastcd.distillation"), name)
+    if name == "convert_gguf":
+        return importlib.import_module("fastcd.convert").convert_gguf
+    if name == "zoo":
+        return importlib.import_module("fastcd.zoo")
     raise AttributeError(f"module 'fastcd' has no attribute {name!r}")
 
 __all__ = [
     "CircuitDistiller", "DistillConfig", "EntityTracking", "HAS_CPP", "Head", "ModelSpec", "SUPPORTED_ARCHITECTURES",
-    "TheoryOfMind", "ZCache", "__version__", "ablate", "build_word_tokenizer", "capture_z", "distill", "get_adapter",
-    "get_task", "intervene", "load_model", "load_tokenizer", "mean_z", "model_spec", "patch", "run_with_z",
+    "TheoryOfMind", "ZCache", "__version__", "ablate", "adapt_task", "build_word_tokenizer", "capture_z",
+    "convert_gguf", "distill", "get_adapter", "get_task", "intervene", "load_model", "load_tokenizer", "logits_at",
+    "mean_z", "model_spec", "patch", "run_with_z", "spec_of", "zoo",
 ]
