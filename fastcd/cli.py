@@ -288,7 +288,7 @@ def _run_distill(args) -> int:
         teacher = load_model(args.teacher, dtype=cfg.teacher_dtype)
         enc = task.encode(task.generate(cfg.n_train, seed=cfg.seed, split="train"), t_tok)
         cache = build_teacher_cache(teacher, enc, matching, args.build_teacher_cache,
-                                    logits=cfg.effective_kd_weight > 0, progress=cfg.progress)
+                                    logits=cfg.effective_kd_weight > 0, progress=cfg.progress, tokenizer=t_tok)
         print(f"wrote teacher cache {cache}")
     teacher = None if cache else args.teacher
     if teacher is None and cache is None:

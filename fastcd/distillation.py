@@ -347,7 +347,7 @@ class CircuitDistiller(nn.Module):
 # ------------------------------------------------------------------------------------------------
 def build_teacher_cache(teacher: nn.Module, teacher_batch: EncodedBatch, matching: Matching | None, path: str, *,
                         shard_size: int = 1024, logits: bool = False, batch_size: int = 128,
-                        progress: bool = False) -> str:
+                        progress: bool = False, tokenizer=None) -> str:
     """Precompute the teacher's matched heads' z (at each pair's role), labels and optionally last-token
     logits for every example, into ``path/shard_*.safetensors`` plus ``path/index.json``."""
     from safetensors.torch import save_file
@@ -390,7 +390,8 @@ def build_teacher_cache(teacher: nn.Module, teacher_batch: EncodedBatch, matchin
         name = f"shard_{k:05d}.safetensors"
         save_file(tensors, os.path.join(tmp, name))
         shards.append({"file": name, "start": s, "stop": e})
-    index = {"n": n, "shards": shards, "pairs": [p.to_json() for p in pairs], "logits": logits}
+    index = {"n": n, "shards": shards, "pairs": [p.to_json() for p in pairs], "logits": logits,
+             "vocab_sha": None if tokenizer is None else vocab_sha(tokenizer)}
     with open(os.path.join(tmp, "index.json"), "w") as f:
         json.dump(index, f, indent=2)
     shutil.rmtree(path, ignore_errors=True)
@@ -442,6 +443,38 @@ class DistillResult:
     log: list = field(default_factory=list)
     correct: list = field(default_factory=list)  # per test example, for McNemar
     circuit_correct: list = field(default_factory=list)
+
+
+def vocab_sha(tokenizer) -> str:
+    """A hash of a tokenizer's token -> id map (what teacher labels mean)."""
+    import hashlib
+
+    items = sorted(tokenizer.get_vocab().items())
+    return hashlib.sha1(json.dumps(items, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def check_cache_vocabulary(path: str, student_tok, vocab_size: int | None = None) -> None:
+    """A teacher cache's labels are teacher token ids: they must mean the same tokens for the student (checked
+    from its index, before any model loads) and fit the student's vocabulary (once it is loaded)."""
+    idx_path = os.path.join(path, "index.json")
+    if not os.path.isfile(idx_path):
+        raise FileNotFoundError(f"teacher_cache: {path!r} has no index.json; build it with build_teacher_cache")
+    with open(idx_path) as f:
+        index = json.load(f)
+    sha = index.get("vocab_sha")
+    if sha is not None and student_tok is not None and sha != vocab_sha(student_tok):
+        raise ValueError(f"teacher_cache {path!r} was built with a tokenizer whose vocabulary differs from the "
+                         "student's; its labels are token ids of another vocabulary")
+    if vocab_size is not None:
+        from safetensors import safe_open
+
+        top = -1
+        for sh in index["shards"]:
+            with safe_open(os.path.join(path, sh["file"]), "pt") as f:
+                top = max(top, int(f.get_tensor("labels").max()))
+        if top >= vocab_size:
+            raise ValueError(f"teacher_cache {path!r} holds label id {top}, outside the student's vocabulary of "
+                             f"{vocab_size}; teacher and student must share one vocabulary")
 
 
 def _nonfinite(parts: dict, params) -> str | None:
@@ -518,6 +551,8 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
         check_vocabularies(None, None, t_tok, s_tok)
     if matching is not None:
         matching.check_models(teacher, student)
+    if teacher_cache is not None and teacher is None:
+        check_cache_vocabulary(teacher_cache, s_tok)
     if circuit is not None and teacher is not None:
         t_spec = spec_of(teacher)
         for h in circuit.unique_heads():
@@ -528,6 +563,14 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
         raise ValueError("teacher is None: pass a teacher or a teacher_cache")
     if teacher is not None:
         check_vocabularies(teacher, student, t_tok, s_tok)
+    else:
+        check_cache_vocabulary(teacher_cache, s_tok, get_adapter(student).spec.vocab_size)
+    s_vocab = get_adapter(student).spec.vocab_size
+    if len(s_tok) > s_vocab:
+        top = max(int(s_tok.convert_tokens_to_ids(t)) for t in s_tok.get_vocab())
+        if top >= s_vocab:
+            raise ValueError(f"student_tokenizer has token ids up to {top}, the student's embedding has "
+                             f"{s_vocab} rows: they do not belong together")
     train_ex = task.generate(cfg.n_train, seed=cfg.seed, split="train")
     test_pairs = task.pairs(cfg.n_eval, seed=cfg.seed, split="test")
     s_train = task.encode(train_ex, s_tok)
@@ -726,4 +769,5 @@ def save_result(result: DistillResult, cfg: DistillConfig, tokenizer=None) -> st
 
 
 __all__ = ["CircuitDistiller", "DistillBatch", "DistillConfig", "DistillResult", "METHODS", "TeacherCache",
-           "build_teacher_cache", "check_vocabularies", "distill", "save_result"]
+           "build_teacher_cache", "check_cache_vocabulary", "check_vocabularies", "distill", "save_result",
+           "vocab_sha"]

@@ -417,3 +417,26 @@ def test_saving_the_student_from_your_own_loop_keeps_the_trained_weights(tmp_pat
         torch.testing.assert_close(loaded(ids).logits, student(ids).logits, rtol=1e-5, atol=1e-5)
         fresh = make_tiny("llama", vocab_size=len(tok), seed=2)
         assert (loaded(ids).logits - fresh(ids).logits).abs().max() > 1e-3  # the trained weights, not the base
+
+
+def test_teacher_cache_vocabulary_is_checked(tmp_path, tok):
+    """Labels in a cache are teacher token ids: another student vocabulary fails in one line, before training."""
+    from fastcd.tokenizer import build_word_tokenizer
+
+    teacher = make_tiny("llama", vocab_size=len(tok), seed=1)
+    cfg = _cfg(steps=2, n_train=32)
+    enc = TASK.encode(TASK.generate(cfg.n_train, seed=cfg.seed, split="train"), tok)
+    other = build_word_tokenizer(["apple", "Box"])  # recorded as the teacher's: its ids mean other tokens
+    wrong = build_teacher_cache(teacher, enc, _matching(), str(tmp_path / "w"), tokenizer=other)
+    with pytest.raises(ValueError, match="built with a tokenizer whose vocabulary differs from the student's"):
+        distill(None, make_tiny("llama", vocab_size=len(tok), seed=2), TASK, matching=_matching(), config=cfg,
+                student_tokenizer=tok, teacher_cache=wrong)
+    path = build_teacher_cache(teacher, enc, _matching(), str(tmp_path / "c"), tokenizer=tok)
+    from fastcd.distillation import check_cache_vocabulary
+
+    small = make_tiny("llama", vocab_size=20, seed=2)  # same tokenizer, too small an embedding
+    with pytest.raises(ValueError, match=r"student_tokenizer has token ids up to \d+, the student's embedding has 20"):
+        distill(None, small, TASK, matching=_matching(), config=cfg, student_tokenizer=tok, teacher_cache=path)
+    with pytest.raises(ValueError, match=r"holds label id \d+, outside the student's vocabulary of 1"):
+        check_cache_vocabulary(path, tok, vocab_size=1)
+    check_cache_vocabulary(path, tok, vocab_size=len(tok))

@@ -234,8 +234,9 @@ def adapt_task(task, tokenizers, *, announce: bool = True):
     try:
         out = task.with_pools(**kept) if dropped else task
     except ValueError as e:
+        short = "; ".join(f"{k}: {len(v)} dropped (e.g. {', '.join(v[:4])})" for k, v in dropped.items())
         raise ValueError(f"task {task.name}: too few single-token words remain after adapting to the tokenizers "
-                         f"(dropped {dropped}): {e}") from None
+                         f"({short}): {e}") from None
     out.dropped = dropped
     if dropped and announce:
         from fastcd.models import announce as say
