@@ -14,6 +14,15 @@ HAS_CPP = False
 CPP_ERROR: str | None = None
 
 try:
+    import importlib.util as _util
+
+    # "from fastcd import _C" on a missing module reports a misleading "circular import": say what is wrong
+    try:
+        _spec = _util.find_spec("fastcd._C")
+    except (ValueError, ModuleNotFoundError):  # blocked in sys.modules
+        _spec = None
+    if _spec is None:
+        raise ImportError("no compiled fastcd._C module in the package (not built)")
     from fastcd import _C as _C  # type: ignore[attr-defined,no-redef]
 
     HAS_CPP = True

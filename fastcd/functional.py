@@ -22,7 +22,10 @@ def triton_available() -> bool:
     """Triton importable and the kernels module present (memoised)."""
     if importlib.util.find_spec("triton") is None:
         return False
-    return importlib.util.find_spec("fastcd.kernels.cka") is not None
+    try:  # find_spec of a submodule raises when the parent package (fastcd.kernels) is absent
+        return importlib.util.find_spec("fastcd.kernels.cka") is not None
+    except ModuleNotFoundError:
+        return False
 
 
 def choose_impl(device: torch.device | None, impl: str | None = None) -> str:

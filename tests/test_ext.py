@@ -65,10 +65,25 @@ def test_import_without_extension_warns_once_and_falls_back(tmp_path):
         "    import fastcd._ext, fastcd.models\n"
         "msgs = [str(x.message) for x in w if 'fastcd._C' in str(x.message)]\n"
         "assert len(msgs) == 1, msgs\n"
-        "assert 'fastcd.reference' in msgs[0], msgs[0]\n"
+        "assert 'fastcd.reference' in msgs[0] and 'circular' not in msgs[0], msgs[0]\n"
+        "assert 'not built' in msgs[0], msgs[0]\n"
         "assert fastcd.HAS_CPP is False\n"
         "print(list(fastcd._ext.nearest_indices([0.9], [0.0, 1.0])))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[np.int64(1)]" or out.stdout.strip() == "[1]"
+
+
+def test_triton_available_is_false_without_the_kernels_package(tmp_path):
+    """Run from a tree where fastcd.kernels is absent: no ModuleNotFoundError, and fastcd.info still reports."""
+    code = (
+        "import sys\n"
+        "sys.modules['fastcd.kernels'] = None  # as when fastcd.kernels is not installed\n"
+        "from fastcd.functional import triton_available\n"
+        "assert triton_available() is False\n"
+        "import runpy; runpy.run_module('fastcd.info', run_name='__main__')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "triton" in out.stdout.lower()
