@@ -185,10 +185,11 @@ def _matching_plot(cka, t_heads, s_all, matching, path):
     plt = _plt()
     fig, ax = plt.subplots(figsize=(max(4, 0.35 * len(s_all) + 2), max(2.5, 0.4 * len(t_heads) + 1.5)))
     im = ax.imshow(np.asarray(cka), cmap="viridis", vmin=0, vmax=1, aspect="auto")
-    ax.set_yticks(range(len(t_heads)), [str(h) for h, _, _ in t_heads])
+    ax.set_yticks(range(len(t_heads)), [f"{h} @{role}" for h, role, _ in t_heads])
     ax.set_xticks(range(len(s_all)), [str(h) for h in s_all], rotation=90, fontsize=7)
+    rows = [(h, role) for h, role, _ in t_heads]  # a head may sit in the circuit at several roles
     for p in matching.pairs:
-        i = [h for h, _, _ in t_heads].index(p.teacher)
+        i = rows.index((p.teacher, p.position))
         j = s_all.index(p.student)
         ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="red", lw=1.5))
     ax.set_xlabel("student head")
