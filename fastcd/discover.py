@@ -364,6 +364,11 @@ def patch_heads_batched(model: nn.Module, clean: EncodedBatch, source: PatchSour
     else:
         base, fw = _clean_metric(model, clean, metric, distractor_ids, batch_size)
     out = torch.empty(len(heads), n)
+    if progress:
+        n_fw = sum(-(-len(ks) * n // max_batch) for ks in by_layer.values())
+        print(f"fastcd: batched patching: {len(heads)} heads x {n} prompts = {len(heads) * n:,} rows in about {n_fw} "
+              f"forwards of <= {max_batch} rows" + (", each from layer l on (layer skipping)" if skip else ""),
+              file=sys.stderr)
     bar = tqdm(total=len(heads) * n, disable=not progress, desc="patching (batched)")
     for layer, ks in by_layer.items():
         total = len(ks) * n
