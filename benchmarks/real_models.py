@@ -72,8 +72,11 @@ def stage_tom(args) -> dict:
 
     model, tok, t_load = _load(args.model)
     out = {"load_s": round(t_load, 1), "formats": {}}
-    for fmt, kw in (("bare", {}), ("causaltom", {"instruction": "causaltom"}), ("3-shot", {"few_shot": 3}),
-                    ("causaltom+3-shot", {"instruction": "causaltom", "few_shot": 3})):
+    formats = (("bare", {}), ("causaltom", {"instruction": "causaltom"}), ("3-shot", {"few_shot": 3}),
+               ("causaltom+3-shot", {"instruction": "causaltom", "few_shot": 3}))
+    for fmt, kw in formats:
+        if fmt not in args.tom_formats.split(","):
+            continue
         task = adapt_task(TheoryOfMind(**kw), [tok])
         ex = task.generate(args.n_tom, seed=0, split="test")
         batch = task.encode(ex, tok)
@@ -175,6 +178,7 @@ def main(argv=None) -> int:
     p.add_argument("--boxes", default="3,5,7")
     p.add_argument("--n", type=int, default=200, help="entity-tracking test prompts per box count")
     p.add_argument("--n-tom", type=int, default=90, help="ToM test prompts per format")
+    p.add_argument("--tom-formats", default="bare,causaltom,3-shot,causaltom+3-shot")
     p.add_argument("--n-discovery", type=int, default=32)
     p.add_argument("--discovery-boxes", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=16)
