@@ -168,6 +168,9 @@ def _add_match(sub) -> None:
     p.add_argument("--method", choices=["ablation", "cka", "combined", "random"], default="ablation")
     p.add_argument("--k", type=int, default=None, help="ablation: candidate student heads (default: circuit size)")
     p.add_argument("--direction", choices=["student_to_teacher", "teacher_to_student"], default="student_to_teacher")
+    p.add_argument("--ablation-metric", choices=["accuracy", "prob"], default="accuracy",
+                   help="ablation: what an ablation changes, accuracy (the paper's P) or p(answer) (continuous; "
+                   "accuracy on few prompts ties, see docs/RESULTS.md)")
     p.add_argument("--weight", type=float, default=0.5, help="combined: weight of (1 - CKA) against d_abl")
     p.add_argument("--impl", choices=["cpp", "torch", "python"], default=None, help="CKA scorer")
     p.add_argument("--n-examples", type=int, default=256)
@@ -199,7 +202,7 @@ def _run_match(args) -> int:
                       task.encode(corrupt, t_tok), task.encode(corrupt, s_tok))
     kw = {}
     if args.method == "ablation":
-        kw = {"k": args.k, "direction": args.direction, "progress": True}
+        kw = {"k": args.k, "direction": args.direction, "progress": True, "metric": args.ablation_metric}
     elif args.method == "cka":
         kw = {"impl": args.impl}
     elif args.method == "combined":

@@ -194,9 +194,10 @@ class Matching:
 # ------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def ablation_accuracies(model: nn.Module, clean: EncodedBatch, heads: list[tuple[Head, str]], means: torch.Tensor,
-                        *, max_batch: int | None = None, progress: bool = False, desc: str = "ablation"
-                        ) -> tuple[float, list[float]]:
-    """Baseline accuracy and the accuracy with each (head, position role) mean-ablated.
+                        *, max_batch: int | None = None, progress: bool = False, desc: str = "ablation",
+                        metric: str = "accuracy") -> tuple[float, list[float]]:
+    """Baseline and mean-ablated value of ``metric`` (default: accuracy, the paper's P; ``prob``: the mean
+    probability of the answer, continuous) for each (head, position role).
 
     Batched exact patching (:func:`fastcd.discover.patch_heads_batched`, metric ``accuracy``, mean source): rows
     (head, example) stacked along the batch, each ablating only its own head, with layer skipping and the lm_head
@@ -221,7 +222,7 @@ def ablation_accuracies(model: nn.Module, clean: EncodedBatch, heads: list[tuple
               f"rows (about {-(-rows // max_batch) + len(by_role)} forwards)", file=sys.stderr)
     base, out = None, [0.0] * len(heads)
     for role, ks in by_role.items():
-        res = patch_heads_batched(model, clean, src, metric="accuracy", relative=False,
+        res = patch_heads_batched(model, clean, src, metric=metric, relative=False,
                                   position=None if role == ALL else role, heads=[heads[k][0] for k in ks],
                                   max_batch=max_batch, progress=progress)
         base = res.baseline
@@ -229,9 +230,7 @@ def ablation_accuracies(model: nn.Module, clean: EncodedBatch, heads: list[tuple
             h = heads[k][0]
             out[k] = base + float(res.scores[h.layer, h.head])
     if base is None:
-        from fastcd.discover import accuracy_per_example
-
-        base = accuracy_per_example(model, clean).count(True) / n
+        raise ValueError("heads must name at least one (head, position role)")
     return base, out
 
 
@@ -263,7 +262,7 @@ def _circuit_heads(circuit: Circuit) -> list[tuple[Head, str, str]]:
 
 
 def ablation_scores(inp: MatchInputs, *, student_position: str = ALL, max_batch: int | None = None,
-                    progress: bool = False) -> dict:
+                    progress: bool = False, metric: str = "accuracy") -> dict:
     """ΔP for every student head and every teacher circuit head (Eqs. 3-4)."""
     t_dev = next(inp.teacher.parameters()).device
     s_dev = next(inp.student.parameters()).device
@@ -272,10 +271,10 @@ def ablation_scores(inp: MatchInputs, *, student_position: str = ALL, max_batch:
     t_heads = _circuit_heads(inp.circuit)
     s_all = get_adapter(inp.student).spec.all_heads()
     s_base, s_abl = ablation_accuracies(inp.student, inp.student_clean, [(h, student_position) for h in s_all],
-                                        s_means, max_batch=max_batch, progress=progress,
+                                        s_means, max_batch=max_batch, progress=progress, metric=metric,
                                         desc="ablation matching, student heads")
     t_base, t_abl = ablation_accuracies(inp.teacher, inp.teacher_clean, [(h, r) for h, r, _ in t_heads], t_means,
-                                        max_batch=max_batch, progress=progress,
+                                        max_batch=max_batch, progress=progress, metric=metric,
                                         desc="ablation matching, teacher circuit heads")
     return {
         "student_base": s_base, "teacher_base": t_base,
@@ -286,11 +285,14 @@ def ablation_scores(inp: MatchInputs, *, student_position: str = ALL, max_batch:
 
 
 def match_ablation(inp: MatchInputs, *, k: int | None = None, direction: str = "student_to_teacher",
-                   student_position: str = ALL, scores: dict | None = None, progress: bool = False) -> Matching:
+                   student_position: str = ALL, scores: dict | None = None, progress: bool = False,
+                   metric: str = "accuracy") -> Matching:
     """The paper's rule: nearest ablation drop (Eq. 5), many-to-one; ties to the earliest head."""
     if direction not in ("student_to_teacher", "teacher_to_student"):
         raise ValueError(f"direction must be 'student_to_teacher' or 'teacher_to_student', got {direction!r}")
-    sc = scores or ablation_scores(inp, student_position=student_position, progress=progress)
+    if metric not in ("accuracy", "prob"):
+        raise ValueError(f"metric must be 'accuracy' (the paper's P) or 'prob' (continuous), got {metric!r}")
+    sc = scores or ablation_scores(inp, student_position=student_position, progress=progress, metric=metric)
     s_heads, s_drop = sc["student_heads"], np.array(sc["student_drop"])
     t_heads, t_drop = sc["teacher_heads"], np.array(sc["teacher_drop"])
     k = len(t_heads) if k is None else k
@@ -314,7 +316,8 @@ def match_ablation(inp: MatchInputs, *, k: int | None = None, direction: str = "
             pairs.append(Pair(t, s_heads[ci], role, group, {
                 "d_abl": float(abs(s_drop[ci] - t_drop[ti])), "student_drop": float(s_drop[ci]),
                 "teacher_drop": float(t_drop[ti])}))
-    return Matching(pairs, "ablation", {"direction": direction, "k": k, "student_base": sc["student_base"],
+    return Matching(pairs, "ablation", {"direction": direction, "k": k, "metric": metric,
+                                        "student_base": sc["student_base"],
                                         "teacher_base": sc["teacher_base"], "student_position": student_position})
 
 

@@ -215,3 +215,24 @@ def test_ablation_accuracies_equal_one_ablated_forward_per_head(tok):
                 acc = (model(clean.input_ids).logits[:, -1].argmax(-1) == clean.answer_ids).float().mean()
             assert g == pytest.approx(float(acc), abs=1e-6), (h, role)
     assert min(got) < 0.5 < base  # the check is not vacuous
+
+
+def test_ablation_rule_on_a_continuous_metric_recovers_the_identity(tok):
+    """A model matched to itself: with p(answer) as the ablation metric the rule maps every circuit head to
+    itself (distinct heads have distinct drops); the metric is recorded in the matching."""
+    from fastcd import load_model
+    from fastcd.pretrain import shipped_checkpoint
+
+    model = load_model(shipped_checkpoint("et-teacher"))
+    task = EntityTracking(n_boxes=7)
+    pairs = task.pairs(64, seed=0, split="val")
+    clean = task.encode([p.clean for p in pairs], tok)
+    corrupt = task.encode([p.corrupt for p in pairs], tok)
+    heads = [Head(0, 2), Head(1, 1), Head(1, 3)]
+    circuit = Circuit([CircuitHead(h, "heads", "all", 0.0) for h in heads], "entity-tracking", 2, 4)
+    inp = MatchInputs(model, model, circuit, clean, clean, corrupt, corrupt)
+    m = match_ablation(inp, metric="prob", direction="teacher_to_student", k=8)  # every student head a candidate
+    assert m.meta["metric"] == "prob"
+    assert [(p.teacher, p.student) for p in m.pairs] == [(h, h) for h in heads]
+    with pytest.raises(ValueError, match="metric must be 'accuracy'"):
+        match_ablation(inp, metric="logit")
