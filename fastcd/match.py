@@ -218,8 +218,8 @@ def ablation_accuracies(model: nn.Module, clean: EncodedBatch, heads: list[tuple
         by_role.setdefault(role, []).append(k)
     if progress:
         rows = len(heads) * n
-        print(f"fastcd: {desc}: {len(heads)} heads x {n} prompts = {rows:,} rows, in forwards of <= {max_batch} "
-              f"rows (about {-(-rows // max_batch) + len(by_role)} forwards)", file=sys.stderr)
+        print(f"fastcd: {desc}: {len(heads)} heads x {n} prompts = {rows:,} rows in {len(by_role)} batched "
+              f"patching call(s), forwards of <= {max_batch} rows", file=sys.stderr)
     base, out = None, [0.0] * len(heads)
     for role, ks in by_role.items():
         res = patch_heads_batched(model, clean, src, metric=metric, relative=False,
