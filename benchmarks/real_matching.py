@@ -31,10 +31,14 @@ def _say(*a):
     print(time.strftime("%H:%M:%S"), *a, file=sys.stderr, flush=True)
 
 
-def circuit_of(model, task, tok, n, k, seed=0):
+def circuit_of(model, task, tok, n, k, path, seed=0):
+    """The circuit saved at ``path``, or found (and saved there) when the file does not exist yet."""
     import torch
 
     from fastcd import discover as D
+
+    if os.path.isfile(path):
+        return D.Circuit.load(path)
 
     pairs = task.pairs(n, seed=seed, split="val")
     clean = task.encode([p.clean for p in pairs], tok)
@@ -46,6 +50,7 @@ def circuit_of(model, task, tok, n, k, seed=0):
                                      recheck_top_k=k, progress=True)
     circuit = D.circuit_from_scores(res, k, task=task.name, group="heads", position="last")
     circuit.meta.update(method="attribution+exact recheck", n_examples=n, seconds=round(time.time() - t, 1))
+    circuit.save(path)
     return circuit
 
 
@@ -69,7 +74,6 @@ def main(argv=None) -> int:
     import torch
 
     import fastcd
-    from fastcd.discover import Circuit
     from fastcd.match import Matching, MatchInputs, match
     from fastcd.tasks import EntityTracking, adapt_task
 
@@ -115,12 +119,7 @@ def main(argv=None) -> int:
         t_tok = fastcd.load_tokenizer(args.teacher)
         teacher = fastcd.load_model(args.teacher, dtype="float32")
         task = adapt_task(EntityTracking(n_boxes=args.boxes), [s_tok, t_tok])
-        cpath = os.path.join(args.out, "teacher_circuit.json")
-        if os.path.isfile(cpath):
-            circuit = Circuit.load(cpath)
-        else:
-            circuit = circuit_of(teacher, task, t_tok, args.n, args.k)
-            circuit.save(cpath)
+        circuit = circuit_of(teacher, task, t_tok, args.n, args.k, os.path.join(args.out, "teacher_circuit.json"))
         _say("teacher circuit", circuit)
         summary["pair"] = {"teacher": args.teacher, "student": args.student, "boxes": args.boxes,
                            "circuit": [str(c.head) for c in circuit.heads],
@@ -131,12 +130,7 @@ def main(argv=None) -> int:
 
     if "identity" in parts:
         task = adapt_task(EntityTracking(n_boxes=args.boxes), [s_tok])
-        cpath = os.path.join(args.out, "student_circuit.json")
-        if os.path.isfile(cpath):
-            circuit = Circuit.load(cpath)
-        else:
-            circuit = circuit_of(student, task, s_tok, args.n, args.k)
-            circuit.save(cpath)
+        circuit = circuit_of(student, task, s_tok, args.n, args.k, os.path.join(args.out, "student_circuit.json"))
         _say("student circuit", circuit)
         self_copy = fastcd.load_model(args.student, dtype="float32")
         # teacher side: the model whose circuit this is; student side: an identical copy

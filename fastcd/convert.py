@@ -70,10 +70,11 @@ def _reader(path: str):
     return reader
 
 
-def gguf_info(path: str | os.PathLike) -> dict:
-    """Metadata of a GGUF file without loading any weight: architecture, model_type, name, tensor count."""
+def gguf_info(path: str | os.PathLike, reader=None) -> dict:
+    """Metadata of a GGUF file without loading any weight: architecture, model_type, name, tensor count.
+    ``reader``: an open ``GGUFReader`` of ``path`` (saves parsing the file again)."""
     path = os.fspath(path)
-    reader = _reader(path)
+    reader = reader if reader is not None else _reader(path)
 
     def field(key):
         f = reader.fields.get(key)
@@ -91,9 +92,9 @@ def gguf_info(path: str | os.PathLike) -> dict:
             "bytes": os.path.getsize(path)}
 
 
-def check_architecture(path: str | os.PathLike, what: str = "path") -> str:
+def check_architecture(path: str | os.PathLike, what: str = "path", reader=None) -> str:
     """The model_type of a model directory or GGUF file, read from config.json / GGUF metadata before any weight
-    loads; a one-line error when fastcd has no adapter for it."""
+    loads (and, for GGUF, the file checked for truncation); a one-line error when fastcd has no adapter for it."""
     from fastcd.models import SUPPORTED_ARCHITECTURES
 
     path = os.fspath(path)
@@ -107,7 +108,7 @@ def check_architecture(path: str | os.PathLike, what: str = "path") -> str:
             raise ValueError(f"{what}: cannot read {cfg_path} ({e})") from None
         source = "config.json"
     else:
-        info = gguf_info(gguf)
+        info = gguf_info(gguf, reader)
         model_type, source = info["model_type"] or info["architecture"], "GGUF metadata"
     if model_type not in SUPPORTED_ARCHITECTURES:
         raise ValueError(
@@ -118,11 +119,11 @@ def check_architecture(path: str | os.PathLike, what: str = "path") -> str:
 
 
 def load_gguf_model(path: str, *, dtype=None, attn_implementation: str = "sdpa"):
-    """A causal LM from a GGUF file, dequantized to ``dtype`` (default float32), that saves like any model."""
+    """A causal LM from a GGUF file, dequantized to ``dtype`` (default float32), that saves like any model.
+    ``path`` is expected to have passed :func:`check_architecture` (what :func:`fastcd.load_model` does)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    _reader(path)  # one-line errors for truncated files before transformers reads them
     model = AutoModelForCausalLM.from_pretrained(
         os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path), local_files_only=True,
         dtype=dtype if dtype is not None else torch.float32, attn_implementation=attn_implementation,
@@ -131,12 +132,6 @@ def load_gguf_model(path: str, *, dtype=None, attn_implementation: str = "sdpa")
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    for attr in ("is_quantized", "quantization_method"):
-        if hasattr(model, attr):
-            try:
-                setattr(model, attr, False if attr == "is_quantized" else None)
-            except AttributeError:
-                pass
     return model
 
 
@@ -188,8 +183,9 @@ def convert_gguf(src: str | os.PathLike, out: str | os.PathLike, *, dtype="float
     out = os.fspath(out)
     if os.path.exists(out) and not overwrite:
         raise FileExistsError(f"out: {out!r} exists; pass overwrite=True (--overwrite) to replace it")
-    check_architecture(src_file, "src")
     reader = _reader(src_file)
+    check_architecture(src_file, "src", reader)
+    gguf_arch = gguf_info(src_file, reader)["architecture"]
     d, name = os.path.dirname(os.path.abspath(src_file)), os.path.basename(src_file)
     config = AutoConfig.from_pretrained(d, gguf_file=name, local_files_only=True)
     if hasattr(config, "quantization_config"):
@@ -198,7 +194,6 @@ def convert_gguf(src: str | os.PathLike, out: str | os.PathLike, *, dtype="float
     parsed = load_gguf_checkpoint(src_file, return_tensors=False)
     parsed["tensors"] = {}
     arch = parsed["config"].get("model_type")
-    gguf_arch = gguf_info(src_file)["architecture"]
     processor = TENSOR_PROCESSORS.get(gguf_arch, TensorProcessor)(config=parsed["config"])
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)

