@@ -406,6 +406,38 @@ def _run_convert(args) -> int:
     return 0
 
 
+def _add_experiment(sub) -> None:
+    p = sub.add_parser(
+        "experiment",
+        help="methods x seeds x settings from one YAML/JSON config, resumable, with the report and figures",
+        description="Run every (setting, method, seed) of CONFIG that OUT does not hold yet: models load once, the "
+        "teacher runs once over the training pool (offline cache in OUT/shared), circuit and matchings are "
+        "computed once, and every run is evaluated on one fixed test set. A killed sweep resumes where it stopped. "
+        "Writes OUT/runs.jsonl, OUT/report.json, OUT/summary.md and PNG figures. Fields: see "
+        "fastcd.experiment.ExperimentConfig; examples in configs/.",
+    )
+    p.add_argument("config", help="a .yaml/.yml or .json experiment config")
+    p.add_argument("--out", required=True, help="the experiment directory (created; resumed when it exists)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="discard the runs and shared caches in OUT (needed when the shared fields changed)")
+    p.add_argument("--report-only", action="store_true", help="rebuild the report and figures from OUT, run nothing")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _run_experiment(args) -> int:
+    from fastcd.experiment import ExperimentConfig, run_experiment, write_report
+
+    cfg = ExperimentConfig.from_file(args.config)
+    if args.report_only:
+        if not os.path.isfile(os.path.join(args.out, "experiment.json")):
+            raise FileNotFoundError(f"--out: {args.out!r} holds no experiment (no experiment.json)")
+        write_report(args.out, cfg)
+    else:
+        run_experiment(cfg, args.out, overwrite=args.overwrite, progress=not args.no_progress)
+    print(os.path.join(args.out, "summary.md"))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastcd",
@@ -423,6 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(sub)
     _add_models(sub)
     _add_convert(sub)
+    _add_experiment(sub)
     return parser
 
 
@@ -447,6 +480,8 @@ def main(argv=None) -> int:
             return _run_models(args)
         if args.command == "convert":
             return _run_convert(args)
+        if args.command == "experiment":
+            return _run_experiment(args)
     except (ValueError, FileNotFoundError, FileExistsError, TypeError, ImportError) as e:
         print(f"fastcd {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -30,6 +30,7 @@ from fastcd.trainable import make_trainable, merge
 
 METHODS = ("full-ce", "circuit-ce", "cka", "ce+rand-cka", "ce+cka", "kd")
 FULL_MODEL = ("full-ce", "kd")
+TEST_SEED = 0  # the seed of the test prompts, the same for every run whatever its training seed
 USES_CKA = ("cka", "ce+rand-cka", "ce+cka")
 USES_CE = ("full-ce", "circuit-ce", "ce+rand-cka", "ce+cka", "kd")
 
@@ -39,7 +40,8 @@ class DistillConfig:
     """Everything a distillation run needs; defaults are the CPU demo's."""
 
     method: str = "ce+cka"
-    lam: float = 1.0  # weight of the summed (1 - CKA) term
+    lam: float | str = 1.0  # weight of the summed (1 - CKA) term, or "auto" (see lam_ratio)
+    lam_ratio: float = 1.0  # lam="auto": lambda such that |grad align| = lam_ratio * |grad CE| at the start
     steps: int = 300
     batch_size: int = 32  # also the CKA batch m
     lr: float = 1e-3
@@ -51,7 +53,8 @@ class DistillConfig:
     eps: float = 1e-8
     seed: int = 0
     n_train: int = 4096
-    n_eval: int = 500
+    n_eval: int = 500  # test prompts (a fixed, seed-independent set: every run is evaluated on the same prompts)
+    n_val: int = 200  # validation prompts for accuracy during training (eval_every)
     eval_every: int = 0  # 0: evaluate at the end only
     log_every: int = 10
     save_every: int = 0  # checkpoint period in steps (0: none); a run resumes from OUT/ckpt
@@ -71,17 +74,24 @@ class DistillConfig:
         """One-line errors naming the field and what was expected, before any work starts."""
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        for name, lo in (("steps", 1), ("batch_size", 2), ("n_train", 1), ("n_eval", 1), ("log_every", 1),
-                         ("eval_every", 0), ("save_every", 0), ("n_discovery", 2), ("seed", 0)):
+        for name, lo in (("steps", 1), ("batch_size", 2), ("n_train", 1), ("n_eval", 1), ("n_val", 1),
+                         ("log_every", 1), ("eval_every", 0), ("save_every", 0), ("n_discovery", 2), ("seed", 0)):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
-        for name in ("lam", "lr", "weight_decay", "kd_weight", "kd_temperature", "eps"):
+        if self.lam == "auto" and self.method not in ("ce+cka", "ce+rand-cka"):
+            raise ValueError(f'lam="auto" balances the CKA gradient against the CE gradient: it needs method '
+                             f"'ce+cka' or 'ce+rand-cka', got {self.method!r}")
+        for name in ("lam", "lam_ratio", "lr", "weight_decay", "kd_weight", "kd_temperature", "eps"):
             v = getattr(self, name)
+            if name == "lam" and v == "auto":
+                continue
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise ValueError(f"{name} must be a finite number, got {v!r}")
-        if self.lam < 0:
-            raise ValueError(f"lam must be >= 0, got {self.lam}")
+        if self.lam != "auto" and self.lam < 0:
+            raise ValueError(f"lam must be >= 0 or 'auto', got {self.lam}")
+        if self.lam_ratio <= 0:
+            raise ValueError(f"lam_ratio must be > 0, got {self.lam_ratio}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.eps <= 0:
@@ -233,6 +243,7 @@ class CircuitDistiller(nn.Module):
 
         self._forward_module = student  # the DDP wrapper under torchrun (see enable_ddp)
         self._ddp = False
+        self._lam = None  # set by calibrate_lambda when config.lam == "auto"
 
     def enable_ddp(self, **ddp_kwargs) -> None:
         """Wrap the student in DistributedDataParallel (only the trainable slices are reduced) and compute the
@@ -293,9 +304,22 @@ class CircuitDistiller(nn.Module):
                                   batch.teacher_pos, b).float()
         return (None if z is None else z.clone()), last.argmax(-1).clone(), last.clone()
 
-    def forward(self, batch: DistillBatch):
+    @property
+    def lam(self) -> float:
+        """The CKA weight in use: ``config.lam``, or the value :meth:`calibrate_lambda` set for ``lam="auto"``."""
+        if self.config.method == "cka":
+            return 1.0
+        if self._lam is None:
+            if self.config.lam == "auto":
+                raise ValueError('lam="auto": call calibrate_lambda(batches) first (train_loop does)')
+            return float(self.config.lam)
+        return self._lam
+
+    def terms(self, batch: DistillBatch) -> dict[str, torch.Tensor]:
+        """The loss terms as tensors on the graph: ``ce``, ``align`` (sum over pairs of 1 - CKA), ``cka`` (per
+        pair), ``kd``, each present when the method uses it."""
         cfg = self.config
-        need_cka = cfg.method in USES_CKA and (cfg.lam > 0 or cfg.method == "cka")
+        need_cka = cfg.method in USES_CKA and (cfg.method == "cka" or cfg.lam == "auto" or cfg.lam > 0)
         kd_w = cfg.effective_kd_weight
         t_z, t_labels, t_logits = self._teacher_signals(batch, need_cka, kd_w > 0)
         dev = next(self.student.parameters()).device
@@ -309,33 +333,69 @@ class CircuitDistiller(nn.Module):
         with capture_z(self.student, s_heads or [], detach=False) as cache:
             last, _ = logits_at(self._forward_module, batch.student_pos["last"],
                                 input_ids=batch.student_ids.to(dev))  # [B, V]: lm_head on the last position only
-        parts: dict[str, float] = {}
-        loss = last.new_zeros(())
+        out: dict[str, torch.Tensor] = {}
         if cfg.method in USES_CE:
             target = batch.gold if cfg.labels == "gold" else t_labels
-            ce = F.cross_entropy(last.float(), target.to(dev))
-            loss = loss + ce
-            parts["ce"] = float(ce.detach())
+            out["ce"] = F.cross_entropy(last.float(), target.to(dev))
         if need_cka:
             t_z = t_z.to(dev)
             if fused:
-                align, cka = self._fused_alignment(cache, pairs, batch, t_z, b)
+                out["align"], out["cka"] = self._fused_alignment(cache, pairs, batch, t_z, b)
             else:
                 xs = _gather_roles(cache, [p.student for p in pairs], [p.position for p in pairs],
                                    batch.student_pos, b)  # [P, B, d_s]
                 if self._ddp:
                     xs, t_z = _all_gather_batch(xs), _all_gather_batch(t_z.detach())  # [P, B_global, d]
-                align, cka = cka_loss(xs, t_z, eps=cfg.eps, impl=cfg.impl)
-            lam = 1.0 if cfg.method == "cka" else cfg.lam
-            loss = loss + lam * align
-            parts["cka_loss"] = float(align.detach())
-            parts["mean_cka"] = float(cka.detach().mean())
+                out["align"], out["cka"] = cka_loss(xs, t_z, eps=cfg.eps, impl=cfg.impl)
         if kd_w > 0:
             t = cfg.kd_temperature
-            kd = F.kl_div(F.log_softmax(last.float() / t, -1), F.log_softmax(t_logits.to(dev) / t, -1),
-                          reduction="batchmean", log_target=True) * t * t
-            loss = loss + kd_w * kd
-            parts["kd"] = float(kd.detach())
+            out["kd"] = F.kl_div(F.log_softmax(last.float() / t, -1), F.log_softmax(t_logits.to(dev) / t, -1),
+                                 reduction="batchmean", log_target=True) * t * t
+        return out
+
+    def gradient_ratio(self, batch: DistillBatch) -> dict[str, float]:
+        """Gradient norms of the CE and alignment terms on the trainable parameters for one batch:
+        ``{"grad_ce", "grad_align", "ratio": grad_align / grad_ce, "cosine"}`` (lambda not applied). Leaves no
+        gradient behind."""
+        t = self.terms(batch)
+        if "ce" not in t or "align" not in t:
+            raise ValueError(f"gradient_ratio needs a method with both CE and alignment terms, not "
+                             f"{self.config.method!r}")
+        params = self.trainable_parameters()
+        g_ce = torch.autograd.grad(t["ce"], params, retain_graph=True, allow_unused=True)
+        g_al = torch.autograd.grad(t["align"], params, allow_unused=True)
+        flat = [torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).float()
+                           for g, p in zip(gs, params)]) for gs in (g_ce, g_al)]
+        n_ce, n_al = flat[0].norm().item(), flat[1].norm().item()
+        cos = float(flat[0] @ flat[1]) / max(n_ce * n_al, 1e-30)
+        return {"grad_ce": n_ce, "grad_align": n_al, "ratio": n_al / max(n_ce, 1e-30), "cosine": cos}
+
+    def calibrate_lambda(self, batches) -> float:
+        """For ``lam="auto"``: lambda = ``config.lam_ratio`` / mean(grad_align / grad_ce) over ``batches``, so the
+        alignment gradient is ``lam_ratio`` times the CE gradient at the start of training. Sets and returns it."""
+        ratios = [self.gradient_ratio(b)["ratio"] for b in batches]
+        r = sum(ratios) / len(ratios)
+        if not math.isfinite(r) or r <= 0:
+            raise FloatingPointError(f'lam="auto": the alignment/CE gradient ratio is {r} (a dead head or a '
+                                     "non-finite input); set lam to a number")
+        self._lam = self.config.lam_ratio / r
+        return self._lam
+
+    def forward(self, batch: DistillBatch):
+        t = self.terms(batch)
+        any_t = next(iter(t.values()))
+        loss = any_t.new_zeros(())
+        parts: dict[str, float] = {}
+        if "ce" in t:
+            loss = loss + t["ce"]
+            parts["ce"] = float(t["ce"].detach())
+        if "align" in t:
+            loss = loss + self.lam * t["align"]
+            parts["cka_loss"] = float(t["align"].detach())
+            parts["mean_cka"] = float(t["cka"].detach().mean())
+        if "kd" in t:
+            loss = loss + self.config.effective_kd_weight * t["kd"]
+            parts["kd"] = float(t["kd"].detach())
         parts["loss"] = float(loss.detach())
         return loss, parts
 
@@ -513,6 +573,69 @@ def _atomic_save(state: dict, path: str) -> None:
     os.replace(tmp, path)
 
 
+def train_loop(cd: CircuitDistiller, opt, gen: torch.Generator, cfg: DistillConfig, s_train: EncodedBatch,
+               t_train: EncodedBatch | None = None, cache=None, *, step: int = 0, log: list | None = None,
+               world: int = 1, rank: int = 0, eval_batch: EncodedBatch | None = None, on_step=None,
+               desc: str | None = None) -> list[dict]:
+    """The training loop that :func:`distill` and ``fastcd experiment`` share: ``cfg.steps`` AdamW steps on
+    batches drawn with ``gen`` from ``s_train`` (teacher side from ``t_train`` and the live teacher, or from
+    ``cache``: anything with ``get(idx) -> (z, labels, logits)``), the non-finite guard, a log row every
+    ``cfg.log_every`` steps and ``val_accuracy`` on ``eval_batch`` every ``cfg.eval_every`` steps.
+    ``on_step(step, log)`` runs after every step (checkpointing). Returns the log."""
+    from tqdm import tqdm
+
+    log = [] if log is None else log
+    student = cd.student
+    student.train()
+    if cfg.lam == "auto" and cd._lam is None and cfg.method in USES_CKA:
+        # calibrated on 3 batches from their own generator, so the training batches are those of a fixed lambda
+        g = torch.Generator().manual_seed(cfg.seed + 7919)
+        batches = [_make_batch(torch.randint(len(s_train), (cfg.batch_size,), generator=g).view(world, -1)[rank],
+                               s_train, t_train, cache) for _ in range(3)]
+        cd.calibrate_lambda(batches)
+    n_skipped = 0
+    t0 = time.time()
+    bar = tqdm(total=cfg.steps, initial=step, disable=not cfg.progress or rank != 0,
+               desc=desc or f"distill {cfg.method}")
+    try:
+        while step < cfg.steps:
+            idx = torch.randint(len(s_train), (cfg.batch_size,), generator=gen)  # the global batch, same on all ranks
+            idx = idx.view(world, -1)[rank]  # this rank's shard
+            loss, parts = cd(_make_batch(idx, s_train, t_train, cache))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            bad = _nonfinite(parts, cd.trainable_parameters())
+            if bad:
+                msg = f"non-finite {bad} at step {step + 1} (method {cfg.method}, lr {cfg.lr})"
+                if cfg.on_nonfinite == "stop":
+                    raise FloatingPointError(f"distill: {msg}; stopped without saving a model (lower lr, check the "
+                                             "inputs, or on_nonfinite='skip' to skip such steps)")
+                n_skipped += 1
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                bar.update(1)
+                if n_skipped > max(3, cfg.steps // 10):
+                    raise FloatingPointError(f"distill: {msg}; {n_skipped} steps skipped, more than 10% of the run")
+                continue
+            opt.step()
+            step += 1
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in parts.items() if k in ("ce", "cka_loss", "kd")})
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                log.append({"step": step, **parts, "elapsed_s": round(time.time() - t0, 2)})
+            if eval_batch is not None and cfg.eval_every and step % cfg.eval_every == 0:
+                student.eval()
+                if not log or log[-1]["step"] != step:  # an eval step that is not a log step gets its own row
+                    log.append({"step": step, **parts, "elapsed_s": round(time.time() - t0, 2)})
+                log[-1]["val_accuracy"] = sum(accuracy_per_example(student, eval_batch)) / len(eval_batch)
+                student.train()
+            if on_step is not None:
+                on_step(step, log)
+    finally:
+        bar.close()
+    return log
+
+
 def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, matching: Matching | None = None,
             config: DistillConfig | None = None, *, teacher_tokenizer=None, student_tokenizer=None,
             teacher_cache: str | None = None) -> DistillResult:
@@ -532,7 +655,6 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
         :class:`DistillResult` with the trained student (merged, ready for ``save_pretrained``), the matching,
         the circuit, metrics (student, student circuit and teacher accuracy, trainable share), and the log.
     """
-    from tqdm import tqdm
 
     cfg = (config or DistillConfig()).validate()
     torch.manual_seed(cfg.seed)
@@ -569,7 +691,8 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
         raise ValueError(f"student_tokenizer has token ids up to {top}, the student's embedding has "
                          f"{s_vocab} rows: they do not belong together")
     train_ex = task.generate(cfg.n_train, seed=cfg.seed, split="train")
-    test_pairs = task.pairs(cfg.n_eval, seed=cfg.seed, split="test")
+    # one fixed test set for every method and seed, so that runs compare paired on the same prompts
+    test_pairs = task.pairs(cfg.n_eval, seed=TEST_SEED, split="test")
     s_train = task.encode(train_ex, s_tok)
     t_train = task.encode(train_ex, t_tok) if teacher is not None else None
     s_test = task.encode([p.clean for p in test_pairs], s_tok)
@@ -624,6 +747,7 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
         gen.set_state(state["generator"])
         step, log = state["step"], state["log"]
         base_accuracy = state.get("base_accuracy")
+        cd._lam = state.get("lam")
     else:
         base_accuracy = None
     if base_accuracy is None:  # the untrained student, reported beside the trained one
@@ -631,54 +755,24 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
         student.eval()
         base_accuracy = sum(accuracy_per_example(student, s_test)) / len(s_test)
         student.train(was)
-    student.train()
-    n_skipped = 0
-    t0 = time.time()
-    bar = tqdm(total=cfg.steps, initial=step, disable=not cfg.progress or rank != 0, desc=f"distill {cfg.method}")
+
+    def save(step_, log_):
+        if ckpt and rank == 0 and cfg.save_every and (step_ % cfg.save_every == 0 or step_ == cfg.steps):
+            os.makedirs(cfg.out, exist_ok=True)
+            _atomic_save({"params": [p.detach().clone() for p in cd.trainable_parameters()],
+                          "optimizer": opt.state_dict(), "generator": gen.get_state(), "step": step_, "log": log_,
+                          "config": _cfg_key(cfg), "base_accuracy": base_accuracy, "lam": cd._lam}, ckpt)
+
+    s_val = None
+    if cfg.eval_every:  # accuracy during training is measured on validation prompts, never on the test set
+        s_val = task.encode(task.generate(cfg.n_val, seed=cfg.seed, split="val"), s_tok)
     try:
-        while step < cfg.steps:
-            idx = torch.randint(len(s_train), (cfg.batch_size,), generator=gen)  # the global batch, same on all ranks
-            idx = idx.view(world, -1)[rank]  # this rank's shard
-            loss, parts = cd(_make_batch(idx, s_train, t_train, cache))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            bad = _nonfinite(parts, cd.trainable_parameters())
-            if bad:
-                msg = f"non-finite {bad} at step {step + 1} (method {cfg.method}, lr {cfg.lr})"
-                if cfg.on_nonfinite == "stop":
-                    bar.close()
-                    raise FloatingPointError(f"distill: {msg}; stopped without saving a model (lower lr, check the "
-                                             "inputs, or on_nonfinite='skip' to skip such steps)")
-                n_skipped += 1
-                opt.zero_grad(set_to_none=True)
-                step += 1
-                bar.update(1)
-                if n_skipped > max(3, cfg.steps // 10):
-                    raise FloatingPointError(f"distill: {msg}; {n_skipped} steps skipped, more than 10% of the run")
-                continue
-            opt.step()
-            step += 1
-            bar.update(1)
-            bar.set_postfix({k: f"{v:.3f}" for k, v in parts.items() if k in ("ce", "cka_loss", "kd")})
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                log.append({"step": step, **parts, "elapsed_s": round(time.time() - t0, 2)})
-            if cfg.eval_every and step % cfg.eval_every == 0:
-                student.eval()
-                if not log or log[-1]["step"] != step:  # an eval step that is not a log step gets its own row
-                    log.append({"step": step, **parts, "elapsed_s": round(time.time() - t0, 2)})
-                log[-1]["test_accuracy"] = sum(accuracy_per_example(student, s_test)) / len(s_test)
-                student.train()
-            if ckpt and rank == 0 and cfg.save_every and (step % cfg.save_every == 0 or step == cfg.steps):
-                os.makedirs(cfg.out, exist_ok=True)
-                _atomic_save({"params": [p.detach().clone() for p in cd.trainable_parameters()],
-                              "optimizer": opt.state_dict(), "generator": gen.get_state(), "step": step, "log": log,
-                              "config": _cfg_key(cfg), "base_accuracy": base_accuracy}, ckpt)
+        log = train_loop(cd, opt, gen, cfg, s_train, t_train, cache, step=step, log=log, world=world, rank=rank,
+                         eval_batch=s_val, on_step=save)
     except BaseException:
-        bar.close()
         if cd.slices is not None:  # leave the student a plain model (no parametrisations) for the caller
             merge(cd.slices)
         raise
-    bar.close()
     student.eval()
     if cd.slices is not None:
         merge(cd.slices)
@@ -688,6 +782,7 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
     metrics = {"method": cfg.method, "student_accuracy": sum(correct) / len(correct),
                "student_base_accuracy": base_accuracy,
                "trainable_params": cd.n_trainable,
+               "lam_effective": cd.lam if cfg.method in USES_CKA else None,
                "trainable_fraction": cd.n_trainable / sum(p.numel() for p in student.parameters())}
     circ_correct = []
     if matching is not None:

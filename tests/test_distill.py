@@ -289,7 +289,7 @@ def test_eval_every_need_not_be_a_multiple_of_log_every(tok):
     res = distill(teacher, student, TASK, matching=_matching(), config=_cfg(steps=5, log_every=2, eval_every=3),
                   student_tokenizer=tok, teacher_tokenizer=tok)
     assert [r["step"] for r in res.log] == [2, 3, 4, 5]
-    assert "test_accuracy" in res.log[1] and res.log[1]["step"] == 3
+    assert "val_accuracy" in res.log[1] and res.log[1]["step"] == 3
 
 
 def test_rand_cka_and_kd_train_from_a_teacher_cache(tmp_path, tok):
@@ -440,3 +440,45 @@ def test_teacher_cache_vocabulary_is_checked(tmp_path, tok):
     with pytest.raises(ValueError, match=r"holds label id \d+, outside the student's vocabulary of 1"):
         check_cache_vocabulary(path, tok, vocab_size=1)
     check_cache_vocabulary(path, tok, vocab_size=len(tok))
+
+
+def test_every_seed_is_tested_on_the_same_prompts(tok):
+    """The test set does not depend on the training seed: the untrained student's accuracy (measured on it before
+    training) is identical across seeds, so methods and seeds compare paired on one set."""
+    teacher = make_tiny("llama", vocab_size=len(tok), seed=1)
+    base = []
+    for seed in (0, 1, 2):
+        student = make_tiny("llama", vocab_size=len(tok), seed=2)
+        res = distill(teacher, student, TASK, matching=_matching(), config=_cfg(steps=1, seed=seed, n_eval=40),
+                      student_tokenizer=tok, teacher_tokenizer=tok)
+        base.append(res.metrics["student_base_accuracy"])
+    assert base[0] == base[1] == base[2]
+
+
+def test_gradient_ratio_and_auto_lambda(tok):
+    from fastcd.distillation import _make_batch
+
+    teacher = make_tiny("llama", vocab_size=len(tok), seed=1)
+    student = make_tiny("llama", vocab_size=len(tok), seed=2)
+    cd = CircuitDistiller(student, _matching(), teacher=teacher, config=_cfg(lam="auto", lam_ratio=0.5))
+    enc = TASK.encode(TASK.generate(32, seed=0, split="train"), tok)
+    batches = [_make_batch(torch.arange(i, i + 8), enc, enc, None) for i in (0, 8, 16)]
+    r = [cd.gradient_ratio(b) for b in batches]
+    assert all(x["grad_ce"] > 0 and x["grad_align"] > 0 and -1 <= x["cosine"] <= 1 for x in r)
+    assert all(p.grad is None for p in cd.trainable_parameters())  # measuring leaves no gradient behind
+    lam = cd.calibrate_lambda(batches)
+    assert lam == pytest.approx(0.5 / (sum(x["ratio"] for x in r) / 3), rel=1e-5)
+    # the gradient of lam * align over that of CE is the chosen ratio, on average over the calibration batches
+    assert sum(lam * x["ratio"] for x in r) / 3 == pytest.approx(0.5, rel=1e-5)
+    with pytest.raises(ValueError, match="lam=\"auto\" balances"):
+        DistillConfig(method="cka", lam="auto").validate()
+    with pytest.raises(ValueError, match="lam_ratio must be > 0"):
+        DistillConfig(lam="auto", lam_ratio=0).validate()
+
+
+def test_auto_lambda_is_recorded_by_distill(tok):
+    teacher = make_tiny("llama", vocab_size=len(tok), seed=1)
+    student = make_tiny("llama", vocab_size=len(tok), seed=2)
+    res = distill(teacher, student, TASK, matching=_matching(), config=_cfg(steps=2, lam="auto"),
+                  student_tokenizer=tok, teacher_tokenizer=tok)
+    assert res.metrics["lam_effective"] > 0 and math.isfinite(res.metrics["lam_effective"])

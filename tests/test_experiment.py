@@ -1,0 +1,196 @@
+"""``fastcd experiment``: config validation, run planning, resume, pairing on one test set, statistics, controls."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from fastcd.experiment import (
+    Experiment,
+    ExperimentConfig,
+    mean_ci,
+    read_runs,
+    reinit_heads,
+    run_experiment,
+    write_report,
+)
+from fastcd.pretrain import shipped_checkpoint
+
+TEACHER = shipped_checkpoint("et-teacher")
+STUDENT = shipped_checkpoint("et-student")
+
+
+def _cfg(**kw) -> dict:
+    base = dict(teacher=TEACHER, student=STUDENT, n_boxes=5, methods=["circuit-ce", "ce+cka"], seeds=[0, 1],
+                n_train=32, steps=2, batch_size=8, lr=3e-3, matching="cka", n_test=24, n_discovery=16,
+                discovery="roles", log_every=1, diagnostics_m=16)
+    base.update(kw)
+    return base
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("methods", ["ce+kca"], "methods must be"),
+    ("seeds", [0, 0], "seeds must not repeat"),
+    ("seeds", [], "seeds must be"),
+    ("matching", "nearest", "matching must be among"),
+    ("matching", "identity", "needs positive_control"),
+    ("lr", "fast", "lr must be a number"),
+    ("lr", -1.0, "lr must be > 0"),
+    ("steps", [2, 2], "steps must not repeat"),
+    ("steps", 0, "steps must be an integer >= 1"),
+    ("n_val", 10, "n_val and eval_every go together"),
+    ("positive_control", {"reinit": 0}, "positive_control.reinit"),
+    ("task", "sorting", "task must be"),
+    ("circuit", "/nonexistent/circuit.json", "circuit: no such file"),
+])
+def test_config_errors_name_the_field(field, value, message):
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        ExperimentConfig.from_dict(_cfg(**{field: value}))
+
+
+def test_config_unknown_field_and_missing_teacher():
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['stpes'\]"):
+        ExperimentConfig.from_dict(_cfg(stpes=3))
+    d = _cfg()
+    del d["teacher"]
+    with pytest.raises(ValueError, match="'teacher' is required"):
+        ExperimentConfig.from_dict(d)
+
+
+def test_yaml_file_with_yaml11_numbers(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text(f"teacher: {TEACHER}\nstudent: {STUDENT}\nlr: 3e-3\nlam: [1e-1, 1]\n")
+    cfg = ExperimentConfig.from_file(str(p))
+    assert cfg.lr == 3e-3 and cfg.lam == [0.1, 1.0]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("teacher: [unclosed\n")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        ExperimentConfig.from_file(str(bad))
+
+
+def test_run_plan_shares_rule_free_methods_and_drops_unused_lambda():
+    cfg = ExperimentConfig.from_dict(_cfg(methods=["full-ce", "circuit-ce", "ce+cka"], matching=["ablation", "cka"],
+                                          lam=[0.5, 2.0], seeds=[0]))
+    specs = cfg.run_specs()
+    by = {}
+    for s in specs:
+        by.setdefault(s["method"], []).append(s["setting"])
+    assert len(by["full-ce"]) == 1 and by["full-ce"][0]["matching"] is None and by["full-ce"][0]["lam"] is None
+    assert len(by["circuit-ce"]) == 2 and all(s["lam"] is None for s in by["circuit-ce"])
+    assert len(by["ce+cka"]) == 4
+    assert len({s["key"] for s in specs}) == len(specs) == 7
+
+
+def test_mean_ci_is_the_t_interval():
+    c = mean_ci([0.5, 0.7])
+    assert c["mean"] == pytest.approx(0.6)
+    assert c["hi"] - c["mean"] == pytest.approx(12.7062 * 0.1 * math.sqrt(2) / math.sqrt(2), rel=1e-4)
+    assert mean_ci([0.4])["lo"] is None
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("exp") / "run")
+    report = run_experiment(_cfg(methods=["circuit-ce", "ce+cka", "ce+rand-cka", "ce+perm-cka"]), out,
+                            progress=False)
+    return out, report
+
+
+def test_every_run_is_recorded_and_paired_on_one_test_set(small_run):
+    out, report = small_run
+    recs = read_runs(os.path.join(out, "runs.jsonl"))
+    assert len(recs) == 8 and report["runs_done"] == report["runs_total"] == 8
+    assert all(len(r["correct"]) == 24 for r in recs.values())
+    assert all(abs(r["accuracy"] - r["correct"].count("1") / 24) < 1e-12 for r in recs.values())
+    for name in ("summary.md", "report.json", "accuracy.png", "curves.png"):
+        assert os.path.isfile(os.path.join(out, name)), name
+    # McNemar pooled over both seeds: the discordant counts add up over 2 x 24 paired prompts, Holm >= raw
+    t = next(t for t in report["mcnemar"] if t["b"].startswith("circuit-ce"))
+    a = "".join(r["correct"] for r in sorted(recs.values(), key=lambda r: r["seed"]) if r["method"] == "ce+cka")
+    b = "".join(r["correct"] for r in sorted(recs.values(), key=lambda r: r["seed"]) if r["method"] == "circuit-ce")
+    assert t["n"] == 48
+    assert t["a_only"] == sum(x == "1" and y == "0" for x, y in zip(a, b))
+    assert t["b_only"] == sum(x == "0" and y == "1" for x, y in zip(a, b))
+    assert all(t["p_holm"] >= t["p_value"] - 1e-12 for t in report["mcnemar"])
+
+
+def test_controls_keep_one_side_of_the_matching(small_run):
+    out, _ = small_run
+    recs = list(read_runs(os.path.join(out, "runs.jsonl")).values())
+    real = next(r for r in recs if r["method"] == "ce+cka" and r["seed"] == 0)["pairs"]
+    perm = next(r for r in recs if r["method"] == "ce+perm-cka" and r["seed"] == 0)["pairs"]
+    rand = next(r for r in recs if r["method"] == "ce+rand-cka" and r["seed"] == 0)["pairs"]
+    assert [p[1] for p in perm] == [p[1] for p in real]  # the same trained student heads
+    assert sorted((p[0], p[2]) for p in perm) == sorted((p[0], p[2]) for p in real)  # the same teacher units
+    assert all((p[0], p[2]) != (q[0], q[2]) for p, q in zip(perm, real))  # each target moved
+    assert [(p[0], p[2]) for p in rand] == [(p[0], p[2]) for p in real]  # same teacher side, other students
+
+
+def test_resume_runs_only_what_is_missing(small_run, capsys):
+    out, _ = small_run
+    path = os.path.join(out, "runs.jsonl")
+    lines = open(path).read().splitlines()
+    # a kill in the middle of writing the last record: that run, and only it, runs again
+    with open(path, "w") as f:
+        f.write("\n".join(lines[:-1]) + "\n" + lines[-1][: len(lines[-1]) // 2])
+    run_experiment(_cfg(methods=["circuit-ce", "ce+cka", "ce+rand-cka", "ce+perm-cka"]), out, progress=False)
+    assert "8 runs, 7 done, 1 to run" in capsys.readouterr().out
+    assert len(read_runs(path)) == 8
+    # one more seed: only its runs
+    run_experiment(_cfg(methods=["circuit-ce", "ce+cka", "ce+rand-cka", "ce+perm-cka"], seeds=[0, 1, 2]), out,
+                   progress=False)
+    assert "12 runs, 8 done, 4 to run" in capsys.readouterr().out
+
+
+def test_a_changed_shared_field_is_refused_by_name(small_run):
+    out, _ = small_run
+    with pytest.raises(ValueError, match=r"differs in \['n_test'\]"):
+        Experiment(ExperimentConfig.from_dict(_cfg(n_test=30)), out)
+
+
+def test_report_only_rebuilds_from_the_records(small_run):
+    out, _ = small_run
+    os.remove(os.path.join(out, "summary.md"))
+    write_report(out)
+    text = open(os.path.join(out, "summary.md")).read()
+    assert "McNemar" in text and "Circuit, CE + Align CKA" in text
+
+
+def test_reinit_heads_touches_only_that_heads_slices():
+    from fastcd.hooks import Head
+    from fastcd.models import load_model
+
+    m = load_model(TEACHER)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    reinit_heads(m, [Head(0, 2)], seed=0)
+    after = m.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    d = m.config.hidden_size // m.config.num_attention_heads
+    assert changed and all(".layers.0.self_attn." in k for k in changed)
+    for k in changed:
+        diff = (before[k] != after[k])
+        if "o_proj" in k:
+            cols = diff.any(0).nonzero().flatten()
+            assert cols.min() >= 2 * d and cols.max() < 3 * d
+        else:
+            rows = diff.any(-1).nonzero().flatten() if diff.ndim == 2 else diff.nonzero().flatten()
+            assert rows.min() >= 2 * d and rows.max() < 3 * d
+
+
+def test_positive_control_identity_and_recovery(tmp_path):
+    cfg = _cfg(student=None, positive_control={"reinit": 1, "seed": 0}, matching="identity", seeds=[0],
+               methods=["circuit-ce", "ce+cka"], recovery_rules=["cka"])
+    report = run_experiment(cfg, str(tmp_path / "pc"), progress=False)
+    rec = report["recovery"]
+    assert len(rec["reinit"]) == 1 and "cka" in rec and 0 <= rec["cka"]["identity_share"] <= 1
+    runs = read_runs(str(tmp_path / "pc" / "runs.jsonl"))
+    pairs = next(r for r in runs.values() if r["method"] == "ce+cka")["pairs"]
+    assert pairs == [[rec["reinit"][0], rec["reinit"][0], pairs[0][2]]]
+    # the damaged copy is worse than the teacher it came from
+    assert report["base"]["accuracy"] < report["teacher_accuracy"]
+    assert "Positive control" in open(tmp_path / "pc" / "summary.md").read()
+    json.dumps(report)
