@@ -51,6 +51,7 @@ class DistillConfig:
     kd_temperature: float = 2.0
     kv: str = "auto"  # key/value slices: "auto" (own k/v train, shared GQA groups frozen), "frozen", "trainable"
     eps: float = 1e-8
+    cka_estimator: str = "biased"  # "biased" (the paper's linear CKA) or "unbiased" (debiased; torch path)
     seed: int = 0
     n_train: int = 4096
     n_eval: int = 500  # test prompts (a fixed, seed-independent set: every run is evaluated on the same prompts)
@@ -101,6 +102,11 @@ class DistillConfig:
         if self.method in USES_CKA and self.batch_size < 3:
             raise ValueError(f"batch_size must be >= 3 for {self.method!r}: it is the CKA batch m, and with m=2 the "
                              f"centred Gram matrices are rank 1, so CKA is identically 1 (no alignment signal)")
+        if self.cka_estimator not in ("biased", "unbiased"):
+            raise ValueError(f"cka_estimator must be 'biased' or 'unbiased', got {self.cka_estimator!r}")
+        if self.cka_estimator == "unbiased" and self.method in USES_CKA and self.batch_size < 4:
+            raise ValueError(f"batch_size must be >= 4 with cka_estimator='unbiased' (the unbiased HSIC estimator "
+                             f"needs m >= 4), got {self.batch_size}")
         if self.on_nonfinite not in ("stop", "skip"):
             raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
         if self.labels not in ("teacher", "gold"):
@@ -326,7 +332,8 @@ class CircuitDistiller(nn.Module):
         b = batch.student_ids.shape[0]
         pairs = self.matching.pairs if self.matching is not None else []
         s_heads = list(dict.fromkeys(p.student for p in pairs)) if need_cka else []
-        fused = need_cka and not self._ddp and choose_impl(dev, cfg.impl) == "triton"
+        fused = (need_cka and not self._ddp and cfg.cka_estimator == "biased"
+                 and choose_impl(dev, cfg.impl) == "triton")
         if fused:  # capture whole layers: their z views lie on the forward path, read in place by the kernel
             spec = get_adapter(self.student).spec
             s_heads = [h for h in spec.all_heads() if h.layer in {p.student.layer for p in pairs}]
@@ -346,7 +353,7 @@ class CircuitDistiller(nn.Module):
                                    batch.student_pos, b)  # [P, B, d_s]
                 if self._ddp:
                     xs, t_z = _all_gather_batch(xs), _all_gather_batch(t_z.detach())  # [P, B_global, d]
-                out["align"], out["cka"] = cka_loss(xs, t_z, eps=cfg.eps, impl=cfg.impl)
+                out["align"], out["cka"] = cka_loss(xs, t_z, eps=cfg.eps, impl=cfg.impl, estimator=cfg.cka_estimator)
         if kd_w > 0:
             t = cfg.kd_temperature
             out["kd"] = F.kl_div(F.log_softmax(last.float() / t, -1), F.log_softmax(t_logits.to(dev) / t, -1),

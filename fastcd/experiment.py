@@ -58,6 +58,7 @@ class ExperimentConfig:
     batch_size: int | list = 16
     matching: str | list = "ablation"
     lam_ratio: float = 1.0
+    cka_estimator: str = "biased"  # "biased" (the paper's) or "unbiased" (debiased CKA, torch path)
     full_lr: float | None = None  # lr of the full-model methods (full-ce, kd); default: lr. Whole-model AdamW
     # at a head-slice lr (1e-3) wrecks a pretrained model in a few steps; 1e-5 is usual
     n_test: int = 500
@@ -237,6 +238,7 @@ def _distill_config(cfg: ExperimentConfig, spec: dict):
     s = spec["setting"]
     method = "ce+cka" if spec["method"] == "ce+perm-cka" else spec["method"]
     return DistillConfig(method=method, lam=1.0 if s["lam"] is None else s["lam"], lam_ratio=cfg.lam_ratio,
+                         cka_estimator=cfg.cka_estimator,
                          steps=s["steps"], batch_size=s["batch_size"], lr=s["lr"], n_train=s["n_train"],
                          n_eval=cfg.n_test, seed=spec["seed"], kv=cfg.kv, log_every=cfg.log_every,
                          eval_every=cfg.eval_every, n_val=max(cfg.n_val, 1), progress=False,

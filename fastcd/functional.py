@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from fastcd.reference import cka_loss_ref
+from fastcd.reference import ESTIMATORS, cka_loss_ref
 
 IMPLS = ("torch", "triton")
 
@@ -47,18 +47,21 @@ def choose_impl(device: torch.device | None, impl: str | None = None) -> str:
     return "torch"
 
 
-def cka_loss(x: torch.Tensor, y: torch.Tensor, *, eps: float = 1e-8, impl: str | None = None):
-    """``sum_p (1 - CKA(x_p, y_p))`` over P head pairs (paper Eq. 7), biased linear CKA, eps-guarded.
+def cka_loss(x: torch.Tensor, y: torch.Tensor, *, eps: float = 1e-8, impl: str | None = None,
+             estimator: str = "biased"):
+    """``sum_p (1 - CKA(x_p, y_p))`` over P head pairs (paper Eq. 7), linear CKA, scale-invariant, eps-guarded.
 
     Args:
         x: student z ``[P, m, d_s]`` (keeps its autograd graph).
         y: teacher z ``[P, m, d_t]`` (no gradient needed).
         impl: ``"torch"``, ``"triton"`` or None (Triton on CUDA when available; ``FASTCD_IMPL`` overrides).
+        estimator: ``"biased"`` (the paper's linear CKA) or ``"unbiased"`` (debiased CKA from the unbiased HSIC
+            estimator; torch only, see :func:`fastcd.reference.cka_loss_ref`).
 
     Returns:
         ``(loss, cka)``: scalar loss and per-pair CKA ``[P]``.
     """
-    which = choose_impl(x.device, impl)
+    which = _impl_for(x.device, impl, estimator)
     if which == "triton":
         # the kernel reads [batch, pos, heads * d_head]: view the stack as one head per pair at position 0
         p, m, ds = x.shape
@@ -67,12 +70,23 @@ def cka_loss(x: torch.Tensor, y: torch.Tensor, *, eps: float = 1e-8, impl: str |
         return cka_loss_gathered(xs, zeros, torch.arange(p, device=x.device), y, None,
                                  torch.zeros(p, dtype=torch.long, device=x.device), ds=ds, dt=y.shape[-1],
                                  eps=eps, impl="triton")
-    return cka_loss_ref(x, y, eps=eps)
+    return cka_loss_ref(x, y, eps=eps, estimator=estimator)
+
+
+def _impl_for(device, impl: str | None, estimator: str) -> str:
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    if estimator == "unbiased":
+        if impl == "triton":
+            raise ValueError("impl='triton' computes the biased estimator only; use estimator='biased' or "
+                             "impl='torch' for estimator='unbiased'")
+        return "torch"
+    return choose_impl(device, impl)
 
 
 def cka_loss_gathered(xs: torch.Tensor, pos_s: torch.Tensor, head_s: torch.Tensor, y: torch.Tensor,
                       pos_t: torch.Tensor | None, head_t: torch.Tensor, *, ds: int, dt: int, eps: float = 1e-8,
-                      impl: str | None = None):
+                      impl: str | None = None, estimator: str = "biased"):
     """The alignment loss read straight from z as ``o_proj`` sees it (fused gather on the Triton path).
 
     Args:
@@ -83,11 +97,11 @@ def cka_loss_gathered(xs: torch.Tensor, pos_s: torch.Tensor, head_s: torch.Tenso
     Returns:
         ``(loss, cka [P])``.
     """
-    which = choose_impl(xs.device, impl)
+    which = _impl_for(xs.device, impl, estimator)
     if which == "triton":
         from fastcd.kernels.cka import cka_loss_triton
 
         return cka_loss_triton(xs, pos_s, head_s, y, pos_t, head_t, ds=ds, dt=dt, eps=eps)
     from fastcd.reference import cka_loss_gather_ref
 
-    return cka_loss_gather_ref(xs, pos_s, head_s, y, pos_t, head_t, ds=ds, dt=dt, eps=eps)
+    return cka_loss_gather_ref(xs, pos_s, head_s, y, pos_t, head_t, ds=ds, dt=dt, eps=eps, estimator=estimator)

@@ -2,9 +2,15 @@
 
 For P head pairs at once, reads student z and teacher z as the attention output projection sees them,
 ``[batch, pos, heads * d_head]``, at per-example token positions and head indices, without materialising
-per-head copies, and computes ``loss = sum_p (1 - CKA_p)`` with the biased linear CKA in feature form:
+per-head copies, and computes ``loss = sum_p (1 - CKA_p)`` with the biased linear CKA in feature form on
+centred activations scaled to unit Frobenius norm (so the result does not depend on their scale, and eps only
+guards a dead head):
 
-    CKA = ||Xc^T Yc||_F^2 / sqrt(||Xc^T Xc||_F^2 ||Yc^T Yc||_F^2 + eps)
+    X^ = Xc / ||Xc||_F,  CKA = ||X^^T Y^||_F^2 / sqrt(||X^^T X^||_F^2 ||Y^^T Y^||_F^2 + eps)
+
+The covariances are accumulated unscaled in float32 and divided by the traces before squaring, so nothing
+overflows at activation scale 1e4 or underflows at 1e-4. As in the reference, the norms are constants in the
+backward pass (exact CKA is scale-invariant: this drops a term of order eps).
 
 Backward writes dL/dz straight into the right head slice of a zero ``[batch, pos, heads * d_head]`` buffer
 (atomic adds: one student head may sit in several pairs). The PyTorch specification is
@@ -48,12 +54,12 @@ def _cka_fwd_kernel(
     x_ptr, stride_xb, stride_xt, stride_xd, pos_s_ptr, head_s_ptr,
     y_ptr, stride_yb, stride_yt, stride_yd, stride_yp, pos_t_ptr, head_t_ptr,
     stride_pp,
-    cka_ptr, sxy_ptr, sxx_ptr, mean_x_ptr, mean_y_ptr, stats_ptr,
+    cka_ptr, sxy_ptr, sxx_ptr, mean_x_ptr, mean_y_ptr, stats_ptr, ry_ptr,
     M, eps,
     DS: tl.constexpr, DT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
     Y_GATHERED: tl.constexpr,
 ):
-    """CKA_p = ||Xc^T Yc||^2 / sqrt(||Xc^T Xc||^2 ||Yc^T Yc||^2 + eps). Each program owns one pair p."""
+    """CKA_p on unit-norm centred activations (see the module docstring). Each program owns one pair p."""
     pair = tl.program_id(0)
     hs = tl.load(head_s_ptr + pair)
     ht = tl.load(head_t_ptr + pair)
@@ -90,7 +96,15 @@ def _cka_fwd_kernel(
         sxy += tl.dot(xct, yc)
         sxx += tl.dot(xct, xc)
         syy += tl.dot(tl.trans(yc), yc)
-    # Phase 3: the ratio; eps sits inside the sqrt so a constant head gives CKA 0 and finite gradients.
+    # Phase 3: scale to unit-norm X^ and Y^ (||Xc||_F^2 = tr S_xx), then the ratio; eps sits inside the sqrt so
+    # a constant head gives CKA 0 and finite gradients.
+    diag_s = offs_s[:, None] == offs_s[None, :]
+    diag_t = offs_t[:, None] == offs_t[None, :]
+    rx = 1.0 / tl.sqrt(tl.maximum(tl.sum(tl.sum(tl.where(diag_s, sxx, 0.0), axis=1), axis=0), 1e-30))
+    ry = 1.0 / tl.sqrt(tl.maximum(tl.sum(tl.sum(tl.where(diag_t, syy, 0.0), axis=1), axis=0), 1e-30))
+    sxy = sxy * (rx * ry)
+    sxx = sxx * (rx * rx)
+    syy = syy * (ry * ry)
     cross = tl.sum(tl.sum(sxy * sxy, axis=1), axis=0)
     a = tl.sum(tl.sum(sxx * sxx, axis=1), axis=0)
     b = tl.sum(tl.sum(syy * syy, axis=1), axis=0)
@@ -104,6 +118,8 @@ def _cka_fwd_kernel(
     tl.store(stats_ptr + pair * 4 + 0, cross)
     tl.store(stats_ptr + pair * 4 + 1, b)
     tl.store(stats_ptr + pair * 4 + 2, den)
+    tl.store(stats_ptr + pair * 4 + 3, rx)
+    tl.store(ry_ptr + pair, ry)
 
 
 @triton.jit
@@ -111,15 +127,15 @@ def _cka_bwd_kernel(
     x_ptr, stride_xb, stride_xt, stride_xd, pos_s_ptr, head_s_ptr,
     y_ptr, stride_yb, stride_yt, stride_yd, stride_yp, pos_t_ptr, head_t_ptr,
     stride_pp,
-    sxy_ptr, sxx_ptr, mean_x_ptr, mean_y_ptr, stats_ptr, grad_loss_ptr,
+    sxy_ptr, sxx_ptr, mean_x_ptr, mean_y_ptr, stats_ptr, ry_ptr, grad_loss_ptr,
     gx_ptr, stride_gb, stride_gt, stride_gd,
     M,
     DS: tl.constexpr, DT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
     Y_GATHERED: tl.constexpr,
 ):
-    """dL/dXc for L = 1 - c / D, c = ||Xc^T Yc||^2, a = ||Xc^T Xc||^2, D = sqrt(a b + eps):
-    dc/dXc = 2 Yc S_xy^T, da/dXc = 4 Xc S_xx, dD/da = b / (2D), so
-    dL/dXc = -(2 / D) Yc S_xy^T + (2 c b / D^3) Xc S_xx.
+    """dL/dX^ for L = 1 - c / D, c = ||X^^T Y^||^2, a = ||X^^T X^||^2, D = sqrt(a b + eps) (S_xy, S_xx here the
+    covariances of the unit-norm X^, Y^): dc/dX^ = 2 Y^ S_xy^T, da/dX^ = 4 X^ S_xx, dD/da = b / (2D), so
+    dL/dX^ = -(2 / D) Y^ S_xy^T + (2 c b / D^3) X^ S_xx, and dL/dXc = rx dL/dX^ (the norm held constant).
     Both terms have zero column means, so dL/dX = dL/dXc (the centring projection changes nothing).
     Each program owns one pair and scatters its rows into the student z gradient with atomic adds."""
     pair = tl.program_id(0)
@@ -136,9 +152,11 @@ def _cka_bwd_kernel(
     cross = tl.load(stats_ptr + pair * 4 + 0)
     b = tl.load(stats_ptr + pair * 4 + 1)
     den = tl.load(stats_ptr + pair * 4 + 2)
+    rx = tl.load(stats_ptr + pair * 4 + 3)
+    ry = tl.load(ry_ptr + pair)
     g = tl.load(grad_loss_ptr)
-    coef_y = -2.0 * g / den
-    coef_x = 2.0 * g * cross * b / (den * den * den)
+    coef_y = -2.0 * g * rx * ry / den
+    coef_x = 2.0 * g * cross * b * rx * rx / (den * den * den)
     for m0 in range(0, M, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         rmask = rows < M
@@ -183,6 +201,7 @@ def cka_fwd(xs, pos_s, head_s, y, pos_t, head_t, ds: int, dt: int, eps: float, b
     mean_x = torch.empty(p, bs, device=dev, dtype=torch.float32)
     mean_y = torch.empty(p, bt, device=dev, dtype=torch.float32)
     stats = torch.empty(p, 4, device=dev, dtype=torch.float32)
+    ry = torch.empty(p, device=dev, dtype=torch.float32)
     pos_s = pos_s.contiguous()
     pos_t_arg = pos_s if gathered else pos_t.contiguous()
     ystr = (y.stride(1), 0, y.stride(2), y.stride(0)) if gathered else (y.stride(0), y.stride(1), y.stride(2), 0)
@@ -190,17 +209,17 @@ def cka_fwd(xs, pos_s, head_s, y, pos_t, head_t, ds: int, dt: int, eps: float, b
         xs, xs.stride(0), xs.stride(1), xs.stride(2), pos_s, head_s,
         y, *ystr, pos_t_arg, head_t,
         pos_s.stride(0),
-        cka, sxy, sxx, mean_x, mean_y, stats,
+        cka, sxy, sxx, mean_x, mean_y, stats, ry,
         m, eps,
         DS=ds, DT=dt, BLOCK_M=block_m, BLOCK_DS=bs, BLOCK_DT=bt, Y_GATHERED=gathered,
     )
-    return cka, (sxy, sxx, mean_x, mean_y, stats)
+    return cka, (sxy, sxx, mean_x, mean_y, stats, ry)
 
 
 def cka_bwd(grad_loss, xs, pos_s, head_s, y, pos_t, head_t, saved, ds: int, dt: int, block_m: int = 32):
     """Launch the backward: dL/dxs as a ``[batch, pos, heads*ds]`` float32 tensor, zero outside the pairs."""
     p, m = pos_s.shape
-    sxy, sxx, mean_x, mean_y, stats = saved
+    sxy, sxx, mean_x, mean_y, stats, ry = saved
     gathered = pos_t is None
     gx = torch.zeros(xs.shape, device=xs.device, dtype=torch.float32)
     pos_s = pos_s.contiguous()
@@ -210,7 +229,7 @@ def cka_bwd(grad_loss, xs, pos_s, head_s, y, pos_t, head_t, saved, ds: int, dt: 
         xs, xs.stride(0), xs.stride(1), xs.stride(2), pos_s, head_s,
         y, *ystr, pos_t_arg, head_t,
         pos_s.stride(0),
-        sxy, sxx, mean_x, mean_y, stats, grad_loss.contiguous().float(),
+        sxy, sxx, mean_x, mean_y, stats, ry, grad_loss.contiguous().float(),
         gx, gx.stride(0), gx.stride(1), gx.stride(2),
         m,
         DS=ds, DT=dt, BLOCK_M=block_m, BLOCK_DS=_block(ds), BLOCK_DT=_block(dt), Y_GATHERED=gathered,
