@@ -253,7 +253,9 @@ def _add_distill(sub) -> None:
     p.add_argument("--teacher-dtype", default=None)
     p.add_argument("--device", default=None, help="e.g. cuda (default: where the models load, the CPU)")
     p.add_argument("--impl", choices=["torch", "triton"], default=None, help="alignment-loss implementation")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="output directory; with --save-every, a checkpoint there is resumed "
+                   "when it belongs to the same run (more --steps extend it)")
+    p.add_argument("--overwrite", action="store_true", help="discard a checkpoint in --out and start over")
 
 
 def _run_distill(args) -> int:

@@ -9,6 +9,7 @@ inference mode, or replaced by an offline cache of its circuit heads' z and labe
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -69,6 +70,7 @@ class DistillConfig:
     device: str | None = None  # where teacher and student run ("cuda", "cpu"); None keeps them where they are
     impl: str | None = None  # alignment-loss implementation (None: dispatch)
     on_nonfinite: str = "stop"  # a NaN/inf loss part or gradient: "stop" (one-line error, nothing saved) or "skip"
+    overwrite: bool = False  # a checkpoint in out: False resumes it (it must belong to this run), True discards it
     progress: bool = True
 
     def validate(self) -> DistillConfig:
@@ -512,8 +514,6 @@ class DistillResult:
 
 def vocab_sha(tokenizer) -> str:
     """A hash of a tokenizer's token -> id map (what teacher labels mean)."""
-    import hashlib
-
     items = sorted(tokenizer.get_vocab().items())
     return hashlib.sha1(json.dumps(items, ensure_ascii=False).encode("utf-8")).hexdigest()
 
@@ -666,6 +666,11 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
     cfg = (config or DistillConfig()).validate()
     torch.manual_seed(cfg.seed)
     task = _resolve_task(task_or_dataset)
+    if cfg.out and os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise ValueError(f"out: {cfg.out!r} exists and is not a directory")
+    ckpt_path = os.path.join(cfg.out, "ckpt.pt") if cfg.out else None
+    if ckpt_path and os.path.isfile(ckpt_path) and cfg.overwrite:
+        os.remove(ckpt_path)
     s_tok = student_tokenizer or (load_tokenizer(student) if isinstance(student, (str, os.PathLike)) else None)
     t_tok = teacher_tokenizer or (load_tokenizer(teacher) if isinstance(teacher, (str, os.PathLike)) else None)
     if s_tok is None:
@@ -697,6 +702,12 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
     if top >= s_vocab:
         raise ValueError(f"student_tokenizer has token ids up to {top}, the student's embedding has "
                          f"{s_vocab} rows: they do not belong together")
+    # what a checkpoint must agree on to be resumed (the matching is added once it is known)
+    identity = {"config": _cfg_key(cfg), "teacher": _fingerprint(teacher), "student": _fingerprint(student),
+                "task": f"{type(task).__name__}:{_sha(vars(task))}",
+                "teacher_cache": _fingerprint(teacher_cache), "matching": None}
+    if ckpt_path and os.path.isfile(ckpt_path) and matching is not None:  # fail before any model loads
+        _load_checkpoint(ckpt_path, {**identity, "matching": _sha(matching.to_json())}, cfg)
     train_ex = task.generate(cfg.n_train, seed=cfg.seed, split="train")
     # one fixed test set for every method and seed, so that runs compare paired on the same prompts
     test_pairs = task.pairs(cfg.n_eval, seed=TEST_SEED, split="test")
@@ -743,20 +754,21 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
     gen = torch.Generator().manual_seed(cfg.seed)
     step, log = 0, []
     ckpt = os.path.join(cfg.out, "ckpt.pt") if cfg.out else None
+    base_accuracy = None
     if ckpt and os.path.isfile(ckpt):
-        state = torch.load(ckpt, weights_only=False)
-        if state["config"] != _cfg_key(cfg):
-            raise ValueError(f"{ckpt} was written by a run with a different configuration")
+        identity["matching"] = _sha(matching.to_json()) if matching is not None else None
+        state = _load_checkpoint(ckpt, identity, cfg)
         with torch.no_grad():
             for p, v in zip(cd.trainable_parameters(), state["params"]):
                 p.copy_(v)
         opt.load_state_dict(state["optimizer"])
         gen.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])  # dropout and any other use of the global generator
         step, log = state["step"], state["log"]
-        base_accuracy = state.get("base_accuracy")
+        if state.get("n_eval") == cfg.n_eval:
+            base_accuracy = state.get("base_accuracy")
         cd._lam = state.get("lam")
-    else:
-        base_accuracy = None
+    identity["matching"] = _sha(matching.to_json()) if matching is not None else None
     if base_accuracy is None:  # the untrained student, reported beside the trained one
         was = student.training
         student.eval()
@@ -767,8 +779,10 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
         if ckpt and rank == 0 and cfg.save_every and (step_ % cfg.save_every == 0 or step_ == cfg.steps):
             os.makedirs(cfg.out, exist_ok=True)
             _atomic_save({"params": [p.detach().clone() for p in cd.trainable_parameters()],
-                          "optimizer": opt.state_dict(), "generator": gen.get_state(), "step": step_, "log": log_,
-                          "config": _cfg_key(cfg), "base_accuracy": base_accuracy, "lam": cd._lam}, ckpt)
+                          "optimizer": opt.state_dict(), "generator": gen.get_state(),
+                          "torch_rng": torch.get_rng_state(), "step": step_, "log": log_,
+                          "identity": identity, "base_accuracy": base_accuracy, "n_eval": cfg.n_eval,
+                          "lam": cd._lam}, ckpt)
 
     s_val = None
     if cfg.eval_every:  # accuracy during training is measured on validation prompts, never on the test set
@@ -814,10 +828,64 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
 
 
 def _cfg_key(cfg: DistillConfig) -> dict:
+    """The config fields a checkpoint depends on: not where it is written, how often it logs, evaluates or saves,
+    nor ``steps`` (a run may be extended)."""
     d = asdict(cfg)
-    d.pop("progress", None)
+    for k in ("progress", "out", "overwrite", "steps", "log_every", "eval_every", "save_every", "n_eval", "n_val",
+              "device", "impl"):
+        d.pop(k, None)
     d["discovery_k"] = list(d["discovery_k"])
     return d
+
+
+def _sha(obj) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _fingerprint(x) -> str | None:
+    """A model or cache path (resolved), or for a module: its class, config and first parameter values."""
+    if x is None:
+        return None
+    if isinstance(x, (str, os.PathLike)):
+        p = os.fspath(x)
+        return os.path.realpath(p) if os.path.exists(p) else p
+    h = hashlib.sha1(type(x).__name__.encode())
+    conf = getattr(x, "config", None)
+    if conf is not None and hasattr(conf, "to_dict"):
+        h.update(json.dumps(conf.to_dict(), sort_keys=True, default=str).encode())
+    for p in list(x.parameters())[:4]:
+        h.update(p.detach().float().flatten()[:4096].cpu().numpy().tobytes())
+    return "module:" + h.hexdigest()[:16]
+
+
+def _load_checkpoint(path: str, identity: dict, cfg: DistillConfig) -> dict:
+    """Read ``ckpt.pt`` and check that it belongs to this run: one line naming every differing field."""
+    try:
+        state = torch.load(path, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - truncated zip, pickle garbage, ...: one line
+        raise ValueError(f"out: {path} is not a readable checkpoint ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:120]}); delete it, or pass overwrite=True (--overwrite) to "
+                         "start over") from None
+    old = state.get("identity")
+    if not isinstance(old, dict):
+        raise ValueError(f"out: {path} was written by an older fastcd without a run identity; use another out or "
+                         "overwrite=True (--overwrite)")
+    diffs = []
+    for k in identity:
+        if k == "config":
+            for f in sorted(set(old["config"]) | set(identity["config"])):
+                if old["config"].get(f) != identity["config"].get(f):
+                    diffs.append((f, old["config"].get(f), identity["config"].get(f)))
+        elif old.get(k) != identity[k] and not (k == "matching" and identity[k] is None):
+            diffs.append((k, old.get(k), identity[k]))
+    if diffs:
+        detail = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, a, b in diffs[:4])
+        raise ValueError(f"out: {path} belongs to a run that differs in {[d[0] for d in diffs]} ({detail}); use "
+                         "another out, or overwrite=True (--overwrite) to start over")
+    if state["step"] > cfg.steps:
+        raise ValueError(f"out: {path} is at step {state['step']}, past steps={cfg.steps}; raise steps to extend "
+                         "the run, or overwrite=True (--overwrite) to start over")
+    return state
 
 
 def discover_circuit(teacher, task, t_clean: EncodedBatch, t_corrupt: EncodedBatch, cfg: DistillConfig) -> Circuit:

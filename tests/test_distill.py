@@ -482,3 +482,94 @@ def test_auto_lambda_is_recorded_by_distill(tok):
     res = distill(teacher, student, TASK, matching=_matching(), config=_cfg(steps=2, lam="auto"),
                   student_tokenizer=tok, teacher_tokenizer=tok)
     assert res.metrics["lam_effective"] > 0 and math.isfinite(res.metrics["lam_effective"])
+
+
+def _crash_after_first_save(monkeypatch):
+    import fastcd.distillation as D
+
+    real = D._atomic_save
+
+    def crash(state, path):
+        real(state, path)
+        monkeypatch.setattr(D, "_atomic_save", real)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(D, "_atomic_save", crash)
+
+
+def test_resume_refuses_another_run_by_name(tmp_path, tok, monkeypatch):
+    """A checkpoint resumes only the run that wrote it: another student, task, matching or lr is named."""
+    teacher = make_tiny("llama", vocab_size=len(tok), seed=1)
+    out = str(tmp_path / "r")
+    cfg = _cfg(steps=6, save_every=2, out=out)
+    _crash_after_first_save(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        distill(teacher, make_tiny("llama", vocab_size=len(tok), seed=2), TASK, matching=_matching(), config=cfg,
+                student_tokenizer=tok, teacher_tokenizer=tok)
+    other_student = make_tiny("llama", vocab_size=len(tok), seed=3)
+    with pytest.raises(ValueError, match=r"differs in \['student'\]"):
+        distill(teacher, other_student, TASK, matching=_matching(), config=cfg, student_tokenizer=tok,
+                teacher_tokenizer=tok)
+    with pytest.raises(ValueError, match=r"differs in \['task'\]"):
+        distill(teacher, make_tiny("llama", vocab_size=len(tok), seed=2), EntityTracking(n_boxes=4),
+                matching=_matching(), config=cfg, student_tokenizer=tok, teacher_tokenizer=tok)
+    with pytest.raises(ValueError, match=r"differs in \['matching'\]"):
+        distill(teacher, make_tiny("llama", vocab_size=len(tok), seed=2), TASK,
+                matching=_matching(((Head(1, 2), Head(1, 3), "last"),)), config=cfg, student_tokenizer=tok,
+                teacher_tokenizer=tok)
+    with pytest.raises(ValueError, match=r"differs in \['lr'\] \(lr: 0.01 there, 0.02 now\)"):
+        distill(teacher, make_tiny("llama", vocab_size=len(tok), seed=2), TASK, matching=_matching(),
+                config=_cfg(steps=6, save_every=2, out=out, lr=2e-2), student_tokenizer=tok, teacher_tokenizer=tok)
+    # the same run under another spelling of its directory, and with more steps: resumes
+    res = distill(teacher, make_tiny("llama", vocab_size=len(tok), seed=2), TASK, matching=_matching(),
+                  config=_cfg(steps=8, save_every=2, out=out + "/../r"), student_tokenizer=tok,
+                  teacher_tokenizer=tok)
+    assert res.log[-1]["step"] == 8
+    with pytest.raises(ValueError, match="is at step 8, past steps=4"):
+        distill(teacher, make_tiny("llama", vocab_size=len(tok), seed=2), TASK, matching=_matching(),
+                config=_cfg(steps=4, save_every=2, out=out), student_tokenizer=tok, teacher_tokenizer=tok)
+    # overwrite starts over
+    res = distill(teacher, make_tiny("llama", vocab_size=len(tok), seed=3), TASK, matching=_matching(),
+                  config=_cfg(steps=2, save_every=2, out=out, overwrite=True), student_tokenizer=tok,
+                  teacher_tokenizer=tok)
+    assert [r["step"] for r in res.log] == [1, 2]
+
+
+def test_corrupt_checkpoint_and_out_file_are_one_line_errors(tmp_path, tok):
+    teacher = make_tiny("llama", vocab_size=len(tok), seed=1)
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "ckpt.pt").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(ValueError, match="is not a readable checkpoint"):
+        distill(teacher, make_tiny("llama", vocab_size=len(tok), seed=2), TASK, matching=_matching(),
+                config=_cfg(save_every=2, out=str(out)), student_tokenizer=tok, teacher_tokenizer=tok)
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(ValueError, match="exists and is not a directory"):
+        distill(teacher, make_tiny("llama", vocab_size=len(tok), seed=2), TASK, matching=_matching(),
+                config=_cfg(out=str(f)), student_tokenizer=tok, teacher_tokenizer=tok)
+
+
+def test_resume_with_dropout_is_bit_identical(tmp_path, tok, monkeypatch):
+    """The global RNG (dropout) is checkpointed: a killed and resumed run equals a straight one."""
+    def student():
+        m = make_tiny("llama", vocab_size=len(tok), seed=2)
+        m.config.attention_dropout = 0.3
+        for layer in m.model.layers:
+            layer.self_attn.attention_dropout = 0.3
+        return m
+
+    teacher = make_tiny("llama", vocab_size=len(tok), seed=1)
+    straight = distill(teacher, student(), TASK, matching=_matching(), config=_cfg(steps=4), student_tokenizer=tok,
+                       teacher_tokenizer=tok)
+    cfg = _cfg(steps=4, save_every=2, out=str(tmp_path / "d"))
+    _crash_after_first_save(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        distill(teacher, student(), TASK, matching=_matching(), config=cfg, student_tokenizer=tok,
+                teacher_tokenizer=tok)
+    torch.manual_seed(12345)  # whatever ran in between
+    torch.rand(7)
+    resumed = distill(teacher, student(), TASK, matching=_matching(), config=cfg, student_tokenizer=tok,
+                      teacher_tokenizer=tok)
+    for k, v in straight.student.state_dict().items():
+        assert torch.equal(v, resumed.student.state_dict()[k]), k
