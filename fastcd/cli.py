@@ -8,6 +8,17 @@ import os
 import sys
 
 
+def seed_list(text: str) -> tuple[int, ...]:
+    """argparse type: ``"0,1,2"`` -> ``(0, 1, 2)``, with a one-line error naming what is wrong."""
+    try:
+        seeds = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 0,1,2, got {text!r}") from None
+    if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"seeds must be distinct integers >= 0, got {text!r}")
+    return seeds
+
+
 def _add_pretrain(sub) -> None:
     from fastcd.pretrain import PretrainConfig
 
@@ -94,8 +105,8 @@ def _run_discover(args) -> int:
 
     if args.n_examples < 2:
         raise ValueError(f"--n-examples must be >= 2, got {args.n_examples}")
-    model = load_model(args.model, dtype=args.dtype, device=args.device)
-    tok = load_tokenizer(args.model)
+    model = load_model(args.model, dtype=args.dtype, device=args.device, what="--model")
+    tok = load_tokenizer(args.model, "--model")
     task = get_task(args.task, **({"n_boxes": args.n_boxes} if args.task == "entity-tracking" else {}))
     task = adapt_task(task, [tok])
     pairs = task.pairs(args.n_examples, seed=args.seed, split=args.split)
@@ -184,18 +195,19 @@ def _add_match(sub) -> None:
 def _run_match(args) -> int:
     from fastcd.discover import Circuit
     from fastcd.match import MatchInputs, match
-    from fastcd.models import load_model, load_tokenizer, spec_of
+    from fastcd.models import check_model_path, load_model, load_tokenizer, spec_of
     from fastcd.tasks import adapt_task, get_task
 
     circuit = Circuit.load(args.circuit)
-    t_spec = spec_of(args.teacher)  # config only: a circuit from another model fails before any weight loads
+    t_spec = spec_of(args.teacher, "--teacher")  # config only: a circuit of another model fails before loading
     for h in circuit.unique_heads():
         t_spec.check_head(h, "circuit head")
-    t_tok, s_tok = load_tokenizer(args.teacher), load_tokenizer(args.student)
+    check_model_path(args.student, "--student")
+    t_tok, s_tok = load_tokenizer(args.teacher, "--teacher"), load_tokenizer(args.student, "--student")
     task = get_task(circuit.task, **({"n_boxes": args.n_boxes} if circuit.task == "entity-tracking" else {}))
     task = adapt_task(task, [t_tok, s_tok])
-    teacher = load_model(args.teacher, device=args.device)
-    student = load_model(args.student, device=args.device)
+    teacher = load_model(args.teacher, device=args.device, what="--teacher")
+    student = load_model(args.student, device=args.device, what="--student")
     pairs = task.pairs(args.n_examples, seed=args.seed, split=args.split)
     clean, corrupt = [p.clean for p in pairs], [p.corrupt for p in pairs]
     inp = MatchInputs(teacher, student, circuit, task.encode(clean, t_tok), task.encode(clean, s_tok),
@@ -262,7 +274,7 @@ def _run_distill(args) -> int:
     from fastcd.discover import Circuit
     from fastcd.distillation import DistillConfig, build_teacher_cache, distill
     from fastcd.match import Matching
-    from fastcd.models import load_model, load_tokenizer
+    from fastcd.models import check_model_path, load_model, load_tokenizer
     from fastcd.plots import line_plot, loss_series
     from fastcd.tasks import adapt_task, get_task
 
@@ -282,15 +294,18 @@ def _run_distill(args) -> int:
     task = get_task(args.task, **({"n_boxes": args.n_boxes} if args.task == "entity-tracking" else {}))
     circuit = Circuit.load(args.circuit) if args.circuit else None
     matching = Matching.load(args.matching) if args.matching else None
-    s_tok = load_tokenizer(args.student)
-    t_tok = load_tokenizer(args.teacher) if args.teacher else None
+    check_model_path(args.student, "--student")
+    if args.teacher:
+        check_model_path(args.teacher, "--teacher")
+    s_tok = load_tokenizer(args.student, "--student")
+    t_tok = load_tokenizer(args.teacher, "--teacher") if args.teacher else None
     # the pools distill() will use: the cache must hold the same prompts
     task = adapt_task(task, [s_tok] if t_tok is None else [s_tok, t_tok])
     cache = args.teacher_cache
     if args.build_teacher_cache:
         if args.teacher is None or matching is None:
             raise ValueError("--build-teacher-cache needs --teacher and --matching")
-        teacher = load_model(args.teacher, dtype=cfg.teacher_dtype)
+        teacher = load_model(args.teacher, dtype=cfg.teacher_dtype, what="--teacher")
         enc = task.encode(task.generate(cfg.n_train, seed=cfg.seed, split="train"), t_tok)
         cache = build_teacher_cache(teacher, enc, matching, args.build_teacher_cache,
                                     logits=cfg.effective_kd_weight > 0, progress=cfg.progress, tokenizer=t_tok)
@@ -326,7 +341,7 @@ def _add_demo(sub) -> None:
     p.add_argument("--n-train", type=int, default=4096)
     p.add_argument("--n-eval", type=int, default=500)
     p.add_argument("--n-discovery", type=int, default=256)
-    p.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
+    p.add_argument("--seeds", type=seed_list, default=(0,), help="comma-separated seeds, e.g. 0,1,2 (default 0)")
     p.add_argument("--methods", default=None, help="comma-separated subset of the methods")
     p.add_argument("--direction", choices=["student_to_teacher", "teacher_to_student"], default="student_to_teacher",
                    help="ablation matching direction (default: the paper's Eq. 5, many-to-one; teacher_to_student "
@@ -338,7 +353,7 @@ def _run_demo(args) -> int:
     from fastcd.distillation import METHODS
 
     methods = tuple(args.methods.split(",")) if args.methods else METHODS
-    seeds = tuple(int(s) for s in args.seeds.split(","))
+    seeds = args.seeds
     report = run_demo(args.task, out=args.out, teacher=args.teacher, student=args.student, steps=args.steps,
                       batch_size=args.batch_size, lr=args.lr, lam=args.lam, n_train=args.n_train,
                       n_eval=args.n_eval, n_discovery=args.n_discovery, seeds=seeds, methods=methods,

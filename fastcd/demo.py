@@ -49,6 +49,16 @@ def run_demo(task_name: str = "entity-tracking", *, out: str = "fastcd-demo", te
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise ValueError(f"methods must be among {METHODS}, got {bad}")
+    seeds = tuple(seeds)
+    if not seeds or any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in seeds):
+        raise ValueError(f"seeds must be a non-empty list of integers >= 0, got {seeds!r}")
+    if n_discovery < 2:
+        raise ValueError(f"n_discovery must be an integer >= 2, got {n_discovery!r}")
+    for method in methods:  # every run's settings, checked before any model loads or any figure is written
+        DistillConfig(method=method, steps=steps, batch_size=batch_size, lr=lr, lam=lam, n_train=n_train,
+                      n_eval=n_eval, progress=False).validate()
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"out: {out!r} exists and is not a directory")
     t_name, s_name = CHECKPOINTS[task_name]
     teacher_dir = teacher or shipped_checkpoint(t_name)
     student_dir = student or shipped_checkpoint(s_name)
@@ -122,14 +132,20 @@ def run_demo(task_name: str = "entity-tracking", *, out: str = "fastcd-demo", te
                    "full_per_seed": acc, "circuit_per_seed": circ,
                    "trainable_fraction": rs[0]["metrics"]["trainable_fraction"],
                    "trained_heads_fraction": rs[0]["metrics"].get("trained_heads_fraction", 1.0)}
-    # McNemar on the first seed: CE + Align CKA against the other methods
+    # McNemar, CE + Align CKA against each other method, pooled over seeds (every run is tested on the same
+    # prompts, so seed s of one method pairs with seed s of the other), Holm-corrected over the family
     tests = {}
     if "ce+cka" in methods:
-        ref = runs["ce+cka"][0]["correct"]
+        ref = sum((r["correct"] for r in runs["ce+cka"]), [])
         for m in methods:
             if m != "ce+cka":
-                tests[f"ce+cka vs {m}"] = mcnemar(ref, runs[m][0]["correct"])
-        tests["ce+cka vs base"] = mcnemar(ref, b_correct)
+                tests[f"ce+cka vs {m}"] = mcnemar(ref, sum((r["correct"] for r in runs[m]), []))
+        tests["ce+cka vs base"] = mcnemar(ref, b_correct * len(seeds))
+        if tests:
+            from statsmodels.stats.multitest import multipletests
+
+            for t, p in zip(tests.values(), multipletests([t["p_value"] for t in tests.values()], method="holm")[1]):
+                t["p_holm"] = float(p)
     _curves_plot(curves, os.path.join(out, "curves.png"), task_name)
     report = {
         "task": task_name, "teacher": os.path.basename(teacher_dir), "student": os.path.basename(student_dir),
@@ -170,8 +186,10 @@ def format_table(report: dict) -> str:
         th = f"{row['trained_heads_fraction']:.0%}" if "trained_heads_fraction" in row else "-"
         lines.append(f"| {row['label']} | {row['full']:.3f} | {row['circuit']:.3f} | {tp} | {th} |")
     if report["mcnemar"]:
-        lines += ["", "McNemar (exact, first seed): " + "; ".join(
-            f"{k}: p={v['p_value']:.3g} (b={v['b']}, c={v['c']})" for k, v in report["mcnemar"].items())]
+        lines += ["", f"McNemar (exact, pooled over {len(c['seeds'])} seed(s) on the same test prompts, "
+                  "Holm-corrected; b = only CE + Align CKA right, c = only the other right): " + "; ".join(
+                      f"{k}: p={v['p_value']:.3g}, Holm {v['p_holm']:.3g} (b={v['b']}, c={v['c']})"
+                      for k, v in report["mcnemar"].items())]
     lines += ["", f"Conditions: matching {c.get('matching_direction', '-')}, {c['steps']} steps, "
               f"batch {c['batch_size']}, lr {c['lr']}, lambda {c['lambda']}, "
               f"{c['n_train']} training prompts, torch {c['torch']}, {c['threads']} threads; "

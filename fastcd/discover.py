@@ -10,7 +10,6 @@ averaged over draws, faithfulness = circuit / full.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -21,6 +20,7 @@ import torch
 from torch import nn
 
 from fastcd.hooks import capture_z, intervene, mean_z, run_with_z
+from fastcd.io import read_json, write_json_atomic
 from fastcd.models import Head, ModelSpec, get_adapter, logits_at, rows_for_budget
 from fastcd.tasks.base import EncodedBatch
 
@@ -554,15 +554,11 @@ class Circuit:
             raise ValueError(f"circuit JSON is missing key {e}") from None
 
     def save(self, path: str | os.PathLike) -> None:
-        tmp = os.fspath(path) + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.to_json(), f, indent=2)
-        os.replace(tmp, path)
+        write_json_atomic(self.to_json(), path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Circuit:
-        with open(path) as f:
-            return cls.from_json(json.load(f))
+        return cls.from_json(read_json(path, "circuit"))
 
 
 def circuit_from_scores(result: PatchingResult, k: int, *, task: str, group: str = "heads",

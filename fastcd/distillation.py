@@ -25,7 +25,15 @@ from fastcd.discover import ALL, Circuit, accuracy_per_example, circuit_correct
 from fastcd.functional import choose_impl, cka_loss, cka_loss_gathered
 from fastcd.hooks import capture_z, mean_z
 from fastcd.match import Matching, MatchInputs, match, match_random
-from fastcd.models import get_adapter, load_model, load_tokenizer, logits_at, spec_of
+from fastcd.models import (
+    check_device,
+    check_model_path,
+    get_adapter,
+    load_model,
+    load_tokenizer,
+    logits_at,
+    spec_of,
+)
 from fastcd.tasks.base import EncodedBatch, adapt_task
 from fastcd.trainable import make_trainable, merge
 
@@ -104,6 +112,9 @@ class DistillConfig:
         if self.method in USES_CKA and self.batch_size < 3:
             raise ValueError(f"batch_size must be >= 3 for {self.method!r}: it is the CKA batch m, and with m=2 the "
                              f"centred Gram matrices are rank 1, so CKA is identically 1 (no alignment signal)")
+        check_device(self.device, "device")
+        if self.impl is not None:  # one line when Triton is missing or cannot run on that device
+            choose_impl(torch.device(self.device) if self.device else torch.device("cpu"), self.impl)
         if self.cka_estimator not in ("biased", "unbiased"):
             raise ValueError(f"cka_estimator must be 'biased' or 'unbiased', got {self.cka_estimator!r}")
         if self.cka_estimator == "unbiased" and self.method in USES_CKA and self.batch_size < 4:
@@ -668,11 +679,16 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
     task = _resolve_task(task_or_dataset)
     if cfg.out and os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise ValueError(f"out: {cfg.out!r} exists and is not a directory")
+    for arg, what in ((student, "student"), (teacher, "teacher")):  # paths, architectures, weights: seconds
+        if isinstance(arg, (str, os.PathLike)):
+            check_model_path(arg, what)
     ckpt_path = os.path.join(cfg.out, "ckpt.pt") if cfg.out else None
     if ckpt_path and os.path.isfile(ckpt_path) and cfg.overwrite:
         os.remove(ckpt_path)
-    s_tok = student_tokenizer or (load_tokenizer(student) if isinstance(student, (str, os.PathLike)) else None)
-    t_tok = teacher_tokenizer or (load_tokenizer(teacher) if isinstance(teacher, (str, os.PathLike)) else None)
+    s_tok = student_tokenizer or (load_tokenizer(student, "student") if isinstance(student, (str, os.PathLike))
+                                  else None)
+    t_tok = teacher_tokenizer or (load_tokenizer(teacher, "teacher") if isinstance(teacher, (str, os.PathLike))
+                                  else None)
     if s_tok is None:
         raise ValueError("student_tokenizer is needed when student is a module")
     t_tok = t_tok or s_tok
@@ -683,14 +699,20 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
         check_vocabularies(None, None, t_tok, s_tok)
     if matching is not None:
         matching.check_models(teacher, student)
+        roles = set(task.roles) | {"last"}
+        for p in matching.pairs:
+            if p.position not in roles:
+                raise ValueError(f"matching: pair {p.teacher} -> {p.student} is at position {p.position!r}; the "
+                                 f"{task.name} task has the roles {sorted(roles)}")
     if teacher_cache is not None and teacher is None:
         check_cache_vocabulary(teacher_cache, s_tok)
     if circuit is not None and teacher is not None:
         t_spec = spec_of(teacher)
         for h in circuit.unique_heads():
             t_spec.check_head(h, "circuit head")
-    student = load_model(student, device=cfg.device)
-    teacher = None if teacher is None else load_model(teacher, dtype=cfg.teacher_dtype, device=cfg.device)
+    student = load_model(student, device=cfg.device, what="student")
+    teacher = None if teacher is None else load_model(teacher, dtype=cfg.teacher_dtype, device=cfg.device,
+                                                      what="teacher")
     if teacher is None and teacher_cache is None:
         raise ValueError("teacher is None: pass a teacher or a teacher_cache")
     if teacher is not None:

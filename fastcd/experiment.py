@@ -271,10 +271,9 @@ def _say(msg: str) -> None:
 
 
 def _atomic_json(obj, path: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, default=str)
-    os.replace(tmp, path)
+    from fastcd.io import write_json_atomic
+
+    write_json_atomic(obj, path, indent=1)
 
 
 def reinit_heads(model, heads, *, seed: int = 0) -> None:
@@ -475,11 +474,12 @@ class Experiment:
     def _matching(self, rule: str, teacher):
         from fastcd.match import Matching, Pair, match
 
-        if rule == "identity":
-            roles = {}
+        if rule == "identity":  # every circuit unit (head, role) of a re-initialised head, aligned to itself
+            units = {}
             for c in self.circuit.heads:
-                roles.setdefault(c.head, c.position if c.position != "all" else "last")
-            return Matching([Pair(h, h, roles.get(h, "last"), "reinit") for h in self.reinit], "identity")
+                units.setdefault(c.head, []).append(c.position if c.position != "all" else "last")
+            return Matching([Pair(h, h, role, "reinit") for h in self.reinit
+                             for role in dict.fromkeys(units.get(h, ["last"]))], "identity")
         if rule in self.cfg.matching_files:
             return Matching.load(self.cfg.matching_files[rule])
         d = self._shared(f"matching_{rule}.json")

@@ -36,11 +36,12 @@ def choose_impl(device: torch.device | None, impl: str | None = None) -> str:
             raise ValueError(f"impl (or FASTCD_IMPL) must be one of {IMPLS}, got {impl!r}")
         if impl == "triton":
             if not triton_available():
-                raise RuntimeError("impl='triton' was asked for but Triton or fastcd.kernels.cka is not available")
+                raise ValueError("impl: 'triton' was asked for but Triton or fastcd.kernels.cka is not available "
+                                 "(pip install 'fastcd[triton]'); use impl='torch'")
             on_gpu = device is not None and device.type == "cuda"
             if not on_gpu and os.environ.get("TRITON_INTERPRET", "0") != "1":
-                raise RuntimeError("impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run the kernels "
-                                   "on CPU under the Triton interpreter)")
+                raise ValueError("impl: 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run the kernels on "
+                                 "CPU under the Triton interpreter); use impl='torch' on the CPU")
         return impl
     if device is not None and device.type == "cuda" and triton_available():
         return "triton"

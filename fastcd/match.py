@@ -13,9 +13,7 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import random
 import sys
 from dataclasses import dataclass, field
@@ -27,6 +25,7 @@ from torch import nn
 from fastcd import _ext
 from fastcd.discover import ALL, Circuit, _positions
 from fastcd.hooks import capture_z, mean_z
+from fastcd.io import read_json, write_json_atomic
 from fastcd.models import Head, get_adapter, logits_at
 from fastcd.reference import check_cka_inputs, cka_matrix_ref
 from fastcd.tasks.base import EncodedBatch
@@ -165,15 +164,11 @@ class Matching:
             raise ValueError(f"matching JSON is missing key {e}") from None
 
     def save(self, path) -> None:
-        tmp = os.fspath(path) + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.to_json(), f, indent=2)
-        os.replace(tmp, path)
+        write_json_atomic(self.to_json(), path)
 
     @classmethod
     def load(cls, path) -> Matching:
-        with open(path) as f:
-            return cls.from_json(json.load(f))
+        return cls.from_json(read_json(path, "matching"))
 
     def check_models(self, teacher, student) -> None:
         """A clear error when a pair names a head that the models lack. Models or paths (checked from their

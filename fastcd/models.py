@@ -365,7 +365,34 @@ def parse_dtype(dtype) -> torch.dtype | None:
     raise ValueError(f"dtype must be a torch.dtype or one of {sorted(_DTYPES)}, got {dtype!r}")
 
 
-def load_model(path_or_module, *, dtype=None, device=None, attn_implementation: str | None = None):
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def check_model_path(path_or_name, what: str = "path") -> str:
+    """Resolve a model argument (directory, GGUF file, packaged model name) and check, before anything loads,
+    that it exists, names a supported architecture and (for a Hugging Face directory) holds weights. Errors name
+    ``what`` (e.g. ``"teacher"``). Returns the resolved path."""
+    from fastcd import zoo
+    from fastcd.convert import check_architecture, find_gguf
+
+    path = os.fspath(zoo.resolve(os.fspath(path_or_name)))
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"{what}: {path!r} is not a local directory or GGUF file; fastcd loads only local models "
+            f"(download the weights first, or name a packaged model: {', '.join(zoo.MODELS)})"
+        )
+    gguf = find_gguf(path, what)
+    check_architecture(path, what)  # from config.json / GGUF metadata, before any weight loads
+    if gguf is None and not any(os.path.isfile(os.path.join(path, f)) for f in WEIGHT_FILES) and not any(
+            f.endswith(".safetensors") for f in os.listdir(path)):
+        raise FileNotFoundError(f"{what}: {path!r} has a config.json but no weights (model.safetensors, "
+                                "pytorch_model.bin or their sharded index)")
+    return path
+
+
+def load_model(path_or_module, *, dtype=None, device=None, attn_implementation: str | None = None,
+               what: str = "path_or_module"):
     """Load a causal LM from a local Hugging Face directory (never the network), or take a module as is.
 
     Args:
@@ -377,6 +404,7 @@ def load_model(path_or_module, *, dtype=None, device=None, attn_implementation: 
             for GGUF).
         device: where to put the model (default: CPU).
         attn_implementation: override; by default flash-attn when installed and on CUDA, sdpa otherwise.
+        what: the argument name used in error messages (``"teacher"``, ``"student"``).
 
     Returns:
         The model in eval mode.
@@ -390,17 +418,11 @@ def load_model(path_or_module, *, dtype=None, device=None, attn_implementation: 
         return model
     if not isinstance(path_or_module, (str, os.PathLike)):
         raise TypeError(f"path_or_module must be a local directory path or an nn.Module, got {type(path_or_module)}")
-    from fastcd import zoo
-    from fastcd.convert import check_architecture, find_gguf, load_gguf_model
+    from fastcd.convert import find_gguf, load_gguf_model
 
-    path = os.fspath(zoo.resolve(os.fspath(path_or_module)))
-    if not os.path.exists(path):
-        raise FileNotFoundError(
-            f"path_or_module: {path!r} is not a local directory or GGUF file; fastcd loads only local models "
-            f"(download the weights first, or name a packaged model: {', '.join(zoo.MODELS)})"
-        )
-    gguf = find_gguf(path, "path_or_module")
-    check_architecture(path, "path_or_module")  # from config.json / GGUF metadata, before any weight loads
+    check_device(device, "device")
+    path = check_model_path(path_or_module, what)
+    gguf = find_gguf(path, what)
     from transformers import AutoModelForCausalLM
 
     impl = attn_implementation or pick_attn_implementation(device)
@@ -408,14 +430,38 @@ def load_model(path_or_module, *, dtype=None, device=None, attn_implementation: 
     if gguf is not None:
         model = load_gguf_model(gguf, dtype=dtype, attn_implementation=impl)
     else:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, local_files_only=True, dtype=dtype if dtype is not None else "auto", attn_implementation=impl
-        )
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                path, local_files_only=True, dtype=dtype if dtype is not None else "auto", attn_implementation=impl
+            )
+        except Exception as e:  # noqa: BLE001 - SafetensorError has no importable base; others re-raise
+            if type(e).__name__ == "SafetensorError" or isinstance(e, OSError):
+                raise ValueError(f"{what}: the weights in {path!r} cannot be read ({type(e).__name__}: "
+                                 f"{str(e).splitlines()[0][:150]}); a truncated or partial download?") from None
+            raise
     if device is not None:
         model = model.to(device)
     model.eval()
     get_adapter(model)
     return model
+
+
+def check_device(device, what: str = "device") -> None:
+    """A one-line error for a device this torch cannot use (``cuda`` on a CPU build, a bad name)."""
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{what}: {device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1')") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{what}: {device!r} was asked for but this torch ({torch.__version__}) sees no CUDA "
+                             "device; leave it unset to run on the CPU")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"{what}: {device!r} but only {torch.cuda.device_count()} CUDA device(s) are visible")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{what}: 'mps' was asked for but MPS is not available here")
 
 
 def memory_budget() -> int:
@@ -444,18 +490,17 @@ def rows_for_budget(model: nn.Module, seq_len: int, *, budget: int | None = None
                       + s.vocab_size)
     return int(max(1, min(cap, (budget or memory_budget()) // per_row)))
 
-def spec_of(path_or_module) -> ModelSpec:
-    """The shape facts of a model without loading its weights (config.json or GGUF metadata), or of a module."""
+def spec_of(path_or_module, what: str = "model") -> ModelSpec:
+    """The shape facts of a model without loading its weights (config.json or GGUF metadata), or of a module.
+    Errors name ``what``."""
     if isinstance(path_or_module, nn.Module):
         return model_spec(path_or_module)
     from transformers import AutoConfig
 
-    from fastcd import zoo
-    from fastcd.convert import check_architecture, find_gguf
+    from fastcd.convert import find_gguf
 
-    path = os.fspath(zoo.resolve(os.fspath(path_or_module)))
-    check_architecture(path, "model")
-    gguf = find_gguf(path, "model")
+    path = check_model_path(path_or_module, what)
+    gguf = find_gguf(path, what)
     if gguf is None:
         cfg = AutoConfig.from_pretrained(path, local_files_only=True)
     else:
@@ -469,9 +514,9 @@ def spec_of(path_or_module) -> ModelSpec:
     return adapter(_Shell()).spec
 
 
-def load_tokenizer(path: str | os.PathLike):
+def load_tokenizer(path: str | os.PathLike, what: str = "path"):
     """The tokenizer stored in a local model directory, a GGUF file or a prepared packaged model (never the
-    network)."""
+    network). Errors name ``what``."""
     from transformers import AutoTokenizer
 
     from fastcd import zoo
@@ -479,8 +524,8 @@ def load_tokenizer(path: str | os.PathLike):
 
     path = os.fspath(zoo.resolve(os.fspath(path)))
     if not os.path.exists(path):
-        raise FileNotFoundError(f"path: {path!r} is not a local directory or GGUF file")
-    gguf = find_gguf(path, "path")
+        raise FileNotFoundError(f"{what}: {path!r} is not a local directory or GGUF file")
+    gguf = find_gguf(path, what)
     if gguf is not None:
         return load_gguf_tokenizer(gguf)
     return AutoTokenizer.from_pretrained(path, local_files_only=True)

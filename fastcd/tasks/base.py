@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,6 +81,8 @@ class Example:
         for key in ("task", "prompt", "answer"):
             if key not in d:
                 raise ValueError(f"{where}: missing key {key!r} (expected task, prompt, answer, optional meta)")
+        if not isinstance(d["task"], str) or not d["task"]:
+            raise ValueError(f"{where}: 'task' must be a non-empty string (e.g. 'entity-tracking'), got {d['task']!r}")
         if not isinstance(d["prompt"], str) or not d["prompt"]:
             raise ValueError(f"{where}: 'prompt' must be a non-empty string")
         if d["answer"] is not None and not isinstance(d["answer"], str):
@@ -87,7 +90,12 @@ class Example:
         meta = d.get("meta") or {}
         if not isinstance(meta, dict):
             raise ValueError(f"{where}: 'meta' must be an object")
-        return cls(str(d["task"]), d["prompt"], d["answer"], dict(meta))
+        if d["task"] == "entity-tracking" and d["answer"] is not None:
+            context = d["prompt"].rsplit(".", 1)[0]  # the boxes, before the final question
+            if not re.search(rf"\b{re.escape(d['answer'])}\b", context):
+                raise ValueError(f"{where}: the answer {d['answer']!r} does not appear in the prompt's context; an "
+                                 "entity-tracking answer is the object in the queried box")
+        return cls(d["task"], d["prompt"], d["answer"], dict(meta))
 
 
 @dataclass
@@ -124,21 +132,26 @@ def load_jsonl(path: str | os.PathLike) -> list[Example] | list[Pair]:
         raise FileNotFoundError(f"path: no such file {path!r}")
     out = []
     kind = None
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                d = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-            this = "pair" if isinstance(d, dict) and "clean" in d else "example"
-            if kind is None:
-                kind = this
-            elif kind != this:
-                raise ValueError(f"{path}:{i}: mixes examples and pairs; a file holds one kind")
-            where = f"{path}:{i}"
-            out.append(Pair.from_json(d, where) if this == "pair" else Example.from_json(d, where))
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"path: {path!r} is not UTF-8 text (invalid byte at offset {e.start}); save it as UTF-8 "
+                         "JSON lines") from None
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+        this = "pair" if isinstance(d, dict) and "clean" in d else "example"
+        if kind is None:
+            kind = this
+        elif kind != this:
+            raise ValueError(f"{path}:{i}: mixes examples and pairs; a file holds one kind")
+        where = f"{path}:{i}"
+        out.append(Pair.from_json(d, where) if this == "pair" else Example.from_json(d, where))
     if not out:
         raise ValueError(f"path: {path!r} holds no examples")
     return out

@@ -1,0 +1,30 @@
+"""Reading and writing the project's JSON artifacts: one-line errors naming the argument, atomic writes."""
+
+from __future__ import annotations
+
+import json
+import os
+
+
+def read_json(path: str | os.PathLike, what: str = "path"):
+    """The JSON value in ``path``; a missing, non-UTF-8 or malformed file is a one-line error naming ``what``."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what}: no such file {path!r}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what}: {path!r} is not UTF-8 text (invalid byte at offset {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what}: {path!r} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+
+
+def write_json_atomic(obj, path: str | os.PathLike, *, indent: int | None = 2) -> str:
+    """Write ``obj`` as JSON through a temporary file and ``os.replace``: a reader never sees half a file."""
+    path = os.fspath(path)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=indent, default=str)
+    os.replace(tmp, path)
+    return path
