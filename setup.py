@@ -1,6 +1,9 @@
 """Build only the optional pybind11 extension ``fastcd._C``; all metadata lives in pyproject.toml.
 
-Set ``FASTCD_SKIP_CPP_BUILD=1`` to skip the extension (fastcd then uses its Python twins).
+Set ``FASTCD_SKIP_CPP_BUILD=1`` to skip the extension (fastcd then uses its Python twins). The build is portable:
+the hot loops are compiled for AVX-512, AVX2 and the x86-64 baseline and chosen at load time (target_clones), so
+a wheel runs on any x86-64 CPU; ``FASTCD_NATIVE_BUILD=1`` adds ``-march=native`` (then the result runs only on
+CPUs like the build machine's).
 This file must not import torch: the isolated build environment does not have it.
 """
 
@@ -15,8 +18,7 @@ if os.environ.get("FASTCD_SKIP_CPP_BUILD", "0") != "1":
     from pybind11.setup_helpers import Pybind11Extension, build_ext
 
     extra_compile_args = ["-O3"]
-    if os.environ.get("FASTCD_PORTABLE_BUILD", "0") != "1":
-        # The extension is built where it runs (pip install from source), so use this CPU's vector units.
+    if os.environ.get("FASTCD_NATIVE_BUILD", "0") == "1":
         extra_compile_args.append("-march=native")
     extra_link_args = []
     if os.name != "nt":

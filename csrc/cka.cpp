@@ -142,23 +142,148 @@ void centred(const Stack& s, int64_t head, double* out) {
         for (int64_t k = 0; k < s.d; ++k) out[i * s.d + k] = t[k * s.m + i];
 }
 
-// Packed Gram rows (upper triangle, off-diagonal * sqrt 2) for heads [h0, h1) -> rows [h1-h0, P].
-void packed_grams(const Stack& s, int64_t h0, int64_t h1, std::vector<double>& rows) {
-    const int64_t m = s.m, P = m * (m + 1) / 2;
-    rows.assign((h1 - h0) * P, 0.0);
+// ---- the Gram form's product: dispatched at run time, float32 or float64 products, float64 sums -------------
+// Rows of the packed, normalised Grams: A [M, K], B [N, K] (K padded to a multiple of 16, M and N to 4).
+// C[i, j] = sum_p A[i, p] B[j, p]. B is cut into panels of NC rows x KC columns that stay in L2 while every
+// 4-row block of A streams past them; a 4 x 4 register block accumulates KC products per entry in the input
+// precision, then adds them to C in float64 (float32 products with float64 tile accumulation).
+// The kernels are compiled for AVX-512, AVX2 and the baseline and picked at load time (target_clones), so the
+// default build is portable and still uses the vector units of the CPU it runs on.
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(FASTCD_NO_CLONES)
+#define FASTCD_CLONES __attribute__((target_clones("avx512f", "arch=haswell", "default")))
+#else
+#define FASTCD_CLONES
+#endif
+
+constexpr int64_t PANEL_K = 512;  // KC
+constexpr int64_t PANEL_N = 128;  // NC: 128 x 512 floats = 256 KiB of B per panel
+
+template <typename T, int L>
+struct VecOf {
+    typedef T type __attribute__((vector_size(L * sizeof(T))));
+};
+
+template <typename T, int L>
+__attribute__((always_inline)) inline void micro(const T* a, const T* b, int64_t k, int64_t kc, double* c,
+                                                 int64_t ldc) {
+    typedef typename VecOf<T, L>::type V;
+    V acc[4][4];
+    for (int i = 0; i < 4; ++i)
+        for (int j = 0; j < 4; ++j) acc[i][j] = V{};
+    for (int64_t p = 0; p < kc; p += L) {
+        V av[4], bv[4];
+        for (int i = 0; i < 4; ++i) std::memcpy(&av[i], a + i * k + p, sizeof(V));
+        for (int j = 0; j < 4; ++j) std::memcpy(&bv[j], b + j * k + p, sizeof(V));
+        for (int i = 0; i < 4; ++i)
+            for (int j = 0; j < 4; ++j) acc[i][j] += av[i] * bv[j];
+    }
+    for (int i = 0; i < 4; ++i)
+        for (int j = 0; j < 4; ++j) {
+            double s = 0;
+            for (int l = 0; l < L; ++l) s += static_cast<double>(acc[i][j][l]);
+            c[i * ldc + j] += s;
+        }
+}
+
+// One panel of B (rows j0..j1) against all of A. The OpenMP region lives in the caller: an outlined parallel
+// body would not inherit the clones' target, so each clone holds the whole panel loop.
+template <typename T, int L>
+__attribute__((always_inline)) inline void panel_nt(const T* A, const T* B, double* C, int64_t M, int64_t N,
+                                                    int64_t K, int64_t j0, int64_t j1) {
+    for (int64_t p0 = 0; p0 < K; p0 += PANEL_K) {
+        const int64_t kc = std::min(PANEL_K, K - p0);
+        for (int64_t i = 0; i < M; i += 4)
+            for (int64_t j = j0; j < j1; j += 4) micro<T, L>(A + i * K + p0, B + j * K + p0, K, kc, C + i * N + j, N);
+    }
+}
+
+FASTCD_CLONES void panel_nt_f32(const float* A, const float* B, double* C, int64_t M, int64_t N, int64_t K,
+                                int64_t j0, int64_t j1) {
+    panel_nt<float, 16>(A, B, C, M, N, K, j0, j1);
+}
+
+FASTCD_CLONES void panel_nt_f64(const double* A, const double* B, double* C, int64_t M, int64_t N, int64_t K,
+                                int64_t j0, int64_t j1) {
+    panel_nt<double, 8>(A, B, C, M, N, K, j0, j1);
+}
+
+// C[M, N] = A[M, K] B[N, K]^T in panels of B, in parallel (dynamic: a panel per thread at a time, so a core
+// taken by another process delays one panel, not half of the work).
+template <typename T>
+void product_nt(const T* A, const T* B, double* C, int64_t M, int64_t N, int64_t K) {
+    std::fill(C, C + M * N, 0.0);
+    const int64_t n_panels = (N + PANEL_N - 1) / PANEL_N;
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t jp = 0; jp < n_panels; ++jp) {
+        const int64_t j0 = jp * PANEL_N, j1 = std::min(N, j0 + PANEL_N);
+        if constexpr (sizeof(T) == 4)
+            panel_nt_f32(A, B, C, M, N, K, j0, j1);
+        else
+            panel_nt_f64(A, B, C, M, N, K, j0, j1);
+    }
+}
+
+// Upper triangle of the centred Gram Xc Xc^T of one head, in float64: g[i * m + j] for j >= i (a few entries
+// below the diagonal are written too). xt is Xc transposed, [d, m]. Register blocks of 4 rows x 8 columns
+// accumulate over k: per k one vector load of xt[k, j..j+8) and four broadcasts feed four FMAs.
+FASTCD_CLONES void gram_upper(const double* xt, int64_t m, int64_t d, double* g) {
+    typedef double V __attribute__((vector_size(8 * sizeof(double))));
+    const int64_t m8 = m / 8 * 8;
+    for (int64_t i = 0; i < m; i += 4) {
+        const int ri = static_cast<int>(std::min<int64_t>(4, m - i));
+        for (int64_t j0 = i / 8 * 8; j0 < m8; j0 += 8) {
+            V acc[4] = {V{}, V{}, V{}, V{}};
+            for (int64_t k = 0; k < d; ++k) {
+                const double* x = xt + k * m;
+                V v;
+                std::memcpy(&v, x + j0, sizeof(V));
+                for (int r = 0; r < 4; ++r) acc[r] += (r < ri ? x[i + r] : 0.0) * v;
+            }
+            for (int r = 0; r < ri; ++r) std::memcpy(g + (i + r) * m + j0, &acc[r], sizeof(V));
+        }
+        for (int r = 0; r < ri; ++r)  // the columns past the last multiple of 8
+            for (int64_t j = std::max(m8, i + r); j < m; ++j) {
+                double sacc = 0;
+                for (int64_t k = 0; k < d; ++k) sacc += xt[k * m + i + r] * xt[k * m + j];
+                g[(i + r) * m + j] = sacc;
+            }
+    }
+}
+
+// Packed, normalised Gram rows of heads [h0, h1): the upper triangle of the centred Gram, off-diagonals times
+// sqrt 2 (so that <Kc, Lc>_F is a dot product), divided by its norm (a constant head gives a zero row), in T,
+// zero-padded to [rows_pad, kp]. Built in float64 and rounded once.
+template <typename T>
+void packed_rows(const Stack& s, int64_t h0, int64_t h1, int64_t kp, int64_t rows_pad, std::vector<T>& rows) {
+    const int64_t m = s.m;
+    rows.assign(rows_pad * kp, T(0));
     const double r2 = std::sqrt(2.0);
-    std::vector<double> xc(m * s.d), g(m * m);
-    for (int64_t h = h0; h < h1; ++h) {
-        centred(s, h, xc.data());
-        gemm_nt(xc.data(), xc.data(), g.data(), m, m, s.d);  // Kc = Xc Xc^T
-        double* row = rows.data() + (h - h0) * P;
-        int64_t q = 0;
-        for (int64_t i = 0; i < m; ++i) {
-            row[q++] = g[i * m + i];
-            for (int64_t j = i + 1; j < m; ++j) row[q++] = r2 * g[i * m + j];
+#pragma omp parallel
+    {
+        std::vector<double> xt(s.d * m), g(m * m), row(m * (m + 1) / 2);
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t h = h0; h < h1; ++h) {
+            centred_t(s, h, xt.data());
+            gram_upper(xt.data(), m, s.d, g.data());
+            int64_t q = 0;
+            double nn = 0;
+            for (int64_t i = 0; i < m; ++i) {
+                row[q] = g[i * m + i];
+                nn += row[q] * row[q];
+                ++q;
+                for (int64_t j = i + 1; j < m; ++j, ++q) {
+                    row[q] = r2 * g[i * m + j];
+                    nn += row[q] * row[q];
+                }
+            }
+            const double inv = nn > 0 ? 1.0 / std::sqrt(nn) : 0.0;
+            T* out = rows.data() + (h - h0) * kp;
+            for (int64_t p = 0; p < q; ++p) out[p] = static_cast<T>(row[p] * inv);
         }
     }
 }
+
+inline int64_t round_up(int64_t x, int64_t r) { return (x + r - 1) / r * r; }
 
 double dot(const double* a, const double* b, int64_t n) {
     double s = 0;
@@ -170,33 +295,30 @@ inline double ratio(double num, double na, double nb) {
     return (na > 0 && nb > 0) ? num / (na * nb) : 0.0;
 }
 
+template <typename T>
 void cka_gram(const Stack& A, const Stack& B, double* out, int64_t max_bytes) {
-    const int64_t m = A.m, P = m * (m + 1) / 2;
-    const int64_t row_bytes = P * static_cast<int64_t>(sizeof(double));
-    // budget: a-tile rows + b-tile rows + their product tile
-    int64_t rows_fit = std::max<int64_t>(2, max_bytes / row_bytes);
-    int64_t ta = std::min<int64_t>(A.h, std::max<int64_t>(1, rows_fit / 2));
-    int64_t tb = std::min<int64_t>(B.h, std::max<int64_t>(1, rows_fit - ta));
-    std::vector<double> ga, gb, c;
-    std::vector<double> norm_b(B.h);
-    bool norms_b_done = false;
+    const int64_t m = A.m, kp = round_up(m * (m + 1) / 2, 16);
+    const int64_t row_bytes = kp * static_cast<int64_t>(sizeof(T));
+    // budget: the a-tile and b-tile rows (the product tile is the output itself, written in place)
+    const int64_t rows_fit = std::max<int64_t>(8, max_bytes / row_bytes);
+    int64_t tb = std::min<int64_t>(B.h, std::max<int64_t>(4, rows_fit / 2));
+    int64_t ta = std::min<int64_t>(A.h, std::max<int64_t>(4, rows_fit - round_up(tb, 4)));
+    if (tb == B.h) ta = std::min<int64_t>(A.h, std::max<int64_t>(4, rows_fit - round_up(tb, 4)));
+    std::vector<T> ga, gb;
+    std::vector<double> c;
+    const bool b_once = tb >= B.h;
+    if (b_once) packed_rows<T>(B, 0, B.h, kp, round_up(B.h, 4), gb);
     for (int64_t a0 = 0; a0 < A.h; a0 += ta) {
-        const int64_t a1 = std::min(A.h, a0 + ta);
-        packed_grams(A, a0, a1, ga);
-        std::vector<double> norm_a(a1 - a0);
-        for (int64_t i = 0; i < a1 - a0; ++i) norm_a[i] = std::sqrt(dot(&ga[i * P], &ga[i * P], P));
+        const int64_t a1 = std::min(A.h, a0 + ta), ma = round_up(a1 - a0, 4);
+        packed_rows<T>(A, a0, a1, kp, ma, ga);
         for (int64_t b0 = 0; b0 < B.h; b0 += tb) {
-            const int64_t b1 = std::min(B.h, b0 + tb);
-            packed_grams(B, b0, b1, gb);
-            if (!norms_b_done)
-                for (int64_t j = 0; j < b1 - b0; ++j) norm_b[b0 + j] = std::sqrt(dot(&gb[j * P], &gb[j * P], P));
-            c.resize((a1 - a0) * (b1 - b0));
-            gemm_nt(ga.data(), gb.data(), c.data(), a1 - a0, b1 - b0, P);
+            const int64_t b1 = std::min(B.h, b0 + tb), nb = round_up(b1 - b0, 4);
+            if (!b_once) packed_rows<T>(B, b0, b1, kp, nb, gb);
+            c.resize(ma * nb);
+            product_nt<T>(ga.data(), gb.data(), c.data(), ma, nb, kp);
             for (int64_t i = 0; i < a1 - a0; ++i)
-                for (int64_t j = 0; j < b1 - b0; ++j)
-                    out[(a0 + i) * B.h + b0 + j] = ratio(c[i * (b1 - b0) + j], norm_a[i], norm_b[b0 + j]);
+                for (int64_t j = 0; j < b1 - b0; ++j) out[(a0 + i) * B.h + b0 + j] = c[i * nb + j];
         }
-        norms_b_done = true;
     }
 }
 
@@ -247,7 +369,8 @@ void cka_feature(const Stack& A, const Stack& B, double* out, int64_t max_bytes)
 
 }  // namespace
 
-py::array_t<double> cka_matrix(py::array a, py::array b, const std::string& form, int64_t max_bytes) {
+py::array_t<double> cka_matrix(py::array a, py::array b, const std::string& form, int64_t max_bytes,
+                               const std::string& precision) {
     const Stack A = check_stack(a, "a");
     const Stack B = check_stack(b, "b");
     if (A.m != B.m)
@@ -255,6 +378,8 @@ py::array_t<double> cka_matrix(py::array a, py::array b, const std::string& form
                                     ", b has " + std::to_string(B.m));
     if (form != "auto" && form != "gram" && form != "feature")
         throw std::invalid_argument("form must be 'auto', 'gram' or 'feature', got '" + form + "'");
+    if (precision != "float32" && precision != "float64")
+        throw std::invalid_argument("precision must be 'float32' or 'float64', got '" + precision + "'");
     if (max_bytes < (1 << 20))
         throw std::invalid_argument("max_bytes must be at least 1 MiB, got " + std::to_string(max_bytes));
     py::array_t<double> out({A.h, B.h});
@@ -262,8 +387,10 @@ py::array_t<double> cka_matrix(py::array a, py::array b, const std::string& form
     const bool gram = form == "gram" || (form == "auto" && A.d * B.d >= (A.m + 1) / 2);
     {
         py::gil_scoped_release release;
-        if (gram)
-            cka_gram(A, B, o, max_bytes);
+        if (gram && precision == "float32")
+            cka_gram<float>(A, B, o, max_bytes);
+        else if (gram)
+            cka_gram<double>(A, B, o, max_bytes);
         else
             cka_feature(A, B, o, max_bytes);
     }

@@ -164,5 +164,5 @@ def test_dispatch(monkeypatch):
         choose_impl(torch.device("cpu"))
     monkeypatch.delenv("FASTCD_IMPL")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(RuntimeError, match="needs CUDA tensors"):
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
         choose_impl(torch.device("cpu"), "triton")
