@@ -155,8 +155,8 @@ void centred(const Stack& s, int64_t head, double* out) {
 #define FASTCD_CLONES
 #endif
 
-constexpr int64_t PANEL_K = 512;  // KC
-constexpr int64_t PANEL_N = 128;  // NC: 128 x 512 floats = 256 KiB of B per panel
+constexpr int64_t PANEL_K = 2048;  // KC: the 4 x 4 block sums 2048 products before one float64 reduction
+constexpr int64_t PANEL_N = 64;  // NC: 64 x 2048 floats = 512 KiB of B per panel (L2)
 
 template <typename T, int L>
 struct VecOf {
@@ -224,25 +224,35 @@ void product_nt(const T* A, const T* B, double* C, int64_t M, int64_t N, int64_t
 }
 
 // Upper triangle of the centred Gram Xc Xc^T of one head, in float64: g[i * m + j] for j >= i (a few entries
-// below the diagonal are written too). xt is Xc transposed, [d, m]. Register blocks of 4 rows x 8 columns
-// accumulate over k: per k one vector load of xt[k, j..j+8) and four broadcasts feed four FMAs.
+// below the diagonal are written too). xt is Xc transposed, [d, m]. Register blocks of 8 rows x 16 columns
+// accumulate over k: per k two vector loads of xt[k, j..j+16) and eight broadcasts feed sixteen FMAs.
 FASTCD_CLONES void gram_upper(const double* xt, int64_t m, int64_t d, double* g) {
     typedef double V __attribute__((vector_size(8 * sizeof(double))));
-    const int64_t m8 = m / 8 * 8;
-    for (int64_t i = 0; i < m; i += 4) {
-        const int ri = static_cast<int>(std::min<int64_t>(4, m - i));
-        for (int64_t j0 = i / 8 * 8; j0 < m8; j0 += 8) {
-            V acc[4] = {V{}, V{}, V{}, V{}};
+    constexpr int R = 8;
+    const int64_t m16 = m / 16 * 16;
+    for (int64_t i = 0; i < m; i += R) {
+        const int ri = static_cast<int>(std::min<int64_t>(R, m - i));
+        for (int64_t j0 = i / 16 * 16; j0 < m16; j0 += 16) {
+            V acc[R][2];
+            for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = V{};
             for (int64_t k = 0; k < d; ++k) {
                 const double* x = xt + k * m;
-                V v;
-                std::memcpy(&v, x + j0, sizeof(V));
-                for (int r = 0; r < 4; ++r) acc[r] += (r < ri ? x[i + r] : 0.0) * v;
+                V v0, v1;
+                std::memcpy(&v0, x + j0, sizeof(V));
+                std::memcpy(&v1, x + j0 + 8, sizeof(V));
+                for (int r = 0; r < R; ++r) {
+                    const double sr = r < ri ? x[i + r] : 0.0;
+                    acc[r][0] += sr * v0;
+                    acc[r][1] += sr * v1;
+                }
             }
-            for (int r = 0; r < ri; ++r) std::memcpy(g + (i + r) * m + j0, &acc[r], sizeof(V));
+            for (int r = 0; r < ri; ++r) {
+                std::memcpy(g + (i + r) * m + j0, &acc[r][0], sizeof(V));
+                std::memcpy(g + (i + r) * m + j0 + 8, &acc[r][1], sizeof(V));
+            }
         }
-        for (int r = 0; r < ri; ++r)  // the columns past the last multiple of 8
-            for (int64_t j = std::max(m8, i + r); j < m; ++j) {
+        for (int r = 0; r < ri; ++r)  // the columns past the last multiple of 16
+            for (int64_t j = std::max(m16, i + r); j < m; ++j) {
                 double sacc = 0;
                 for (int64_t k = 0; k < d; ++k) sacc += xt[k * m + i + r] * xt[k * m + j];
                 g[(i + r) * m + j] = sacc;
@@ -255,8 +265,9 @@ FASTCD_CLONES void gram_upper(const double* xt, int64_t m, int64_t d, double* g)
 // zero-padded to [rows_pad, kp]. Built in float64 and rounded once.
 template <typename T>
 void packed_rows(const Stack& s, int64_t h0, int64_t h1, int64_t kp, int64_t rows_pad, std::vector<T>& rows) {
-    const int64_t m = s.m;
-    rows.assign(rows_pad * kp, T(0));
+    const int64_t m = s.m, q_len = m * (m + 1) / 2;
+    rows.resize(rows_pad * kp);  // every element is written below: the rows, their padding, the padding rows
+    std::fill(rows.begin() + (h1 - h0) * kp, rows.end(), T(0));
     const double r2 = std::sqrt(2.0);
 #pragma omp parallel
     {
@@ -279,6 +290,7 @@ void packed_rows(const Stack& s, int64_t h0, int64_t h1, int64_t kp, int64_t row
             const double inv = nn > 0 ? 1.0 / std::sqrt(nn) : 0.0;
             T* out = rows.data() + (h - h0) * kp;
             for (int64_t p = 0; p < q; ++p) out[p] = static_cast<T>(row[p] * inv);
+            for (int64_t p = q_len; p < kp; ++p) out[p] = T(0);
         }
     }
 }
