@@ -268,6 +268,8 @@ def _add_distill(sub) -> None:
     p.add_argument("--out", required=True, help="output directory; with --save-every, a checkpoint there is resumed "
                    "when it belongs to the same run (more --steps extend it)")
     p.add_argument("--overwrite", action="store_true", help="discard a checkpoint in --out and start over")
+    p.add_argument("--resume", action="store_true",
+                   help="require a checkpoint in --out to resume (an error instead of a fresh start when none)")
 
 
 def _run_distill(args) -> int:

@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import random
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,6 +25,7 @@ from torch import nn
 from fastcd.discover import ALL, Circuit, accuracy_per_example, circuit_correct
 from fastcd.functional import choose_impl, cka_loss, cka_loss_gathered
 from fastcd.hooks import capture_z, mean_z
+from fastcd.io import write_json_atomic
 from fastcd.match import Matching, MatchInputs, match, match_random
 from fastcd.models import (
     check_device,
@@ -79,6 +81,7 @@ class DistillConfig:
     impl: str | None = None  # alignment-loss implementation (None: dispatch)
     on_nonfinite: str = "stop"  # a NaN/inf loss part or gradient: "stop" (one-line error, nothing saved) or "skip"
     overwrite: bool = False  # a checkpoint in out: False resumes it (it must belong to this run), True discards it
+    resume: bool = False  # True: a checkpoint in out must exist (an error otherwise, instead of a fresh start)
     progress: bool = True
 
     def validate(self) -> DistillConfig:
@@ -259,6 +262,16 @@ class CircuitDistiller(nn.Module):
         else:
             self.slices = make_trainable(student, [p.student for p in matching.pairs], kv=self.config.kv)
             self._params = list(self.slices.params)
+        if method in USES_CKA and self.config.cka_estimator == "biased":
+            d = get_adapter(student).spec.d_head
+            m = self.config.batch_size
+            if m < 2 * d:
+                import warnings
+
+                warnings.warn(f"CKA batch m={m} with d_head={d}: two unrelated heads already score about "
+                              f"{d / (m + d):.2f} with the biased estimator (about d/(m+d)), so the alignment "
+                              "signal is the small distance above that; use batch_size >= 4 * d_head or "
+                              "cka_estimator='unbiased'", stacklevel=2)
 
         self._forward_module = student  # the DDP wrapper under torchrun (see enable_ddp)
         self._ddp = False
@@ -685,6 +698,9 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
     ckpt_path = os.path.join(cfg.out, "ckpt.pt") if cfg.out else None
     if ckpt_path and os.path.isfile(ckpt_path) and cfg.overwrite:
         os.remove(ckpt_path)
+    if cfg.resume and not (ckpt_path and os.path.isfile(ckpt_path)):
+        raise ValueError(f"resume: there is no checkpoint to resume in out={cfg.out!r} (ckpt.pt is written every "
+                         "save_every steps)")
     s_tok = student_tokenizer or (load_tokenizer(student, "student") if isinstance(student, (str, os.PathLike))
                                   else None)
     t_tok = teacher_tokenizer or (load_tokenizer(teacher, "teacher") if isinstance(teacher, (str, os.PathLike))
@@ -786,6 +802,10 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
         opt.load_state_dict(state["optimizer"])
         gen.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])  # dropout and any other use of the global generator
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        if state.get("python_rng") is not None:
+            random.setstate(state["python_rng"])
         step, log = state["step"], state["log"]
         if state.get("n_eval") == cfg.n_eval:
             base_accuracy = state.get("base_accuracy")
@@ -800,9 +820,12 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
     def save(step_, log_):
         if ckpt and rank == 0 and cfg.save_every and (step_ % cfg.save_every == 0 or step_ == cfg.steps):
             os.makedirs(cfg.out, exist_ok=True)
+            write_json_atomic({"identity": identity, "step": step_}, os.path.join(cfg.out, "manifest.json"))
             _atomic_save({"params": [p.detach().clone() for p in cd.trainable_parameters()],
                           "optimizer": opt.state_dict(), "generator": gen.get_state(),
-                          "torch_rng": torch.get_rng_state(), "step": step_, "log": log_,
+                          "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+                          "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                          "step": step_, "log": log_,
                           "identity": identity, "base_accuracy": base_accuracy, "n_eval": cfg.n_eval,
                           "lam": cd._lam}, ckpt)
 
@@ -853,8 +876,8 @@ def _cfg_key(cfg: DistillConfig) -> dict:
     """The config fields a checkpoint depends on: not where it is written, how often it logs, evaluates or saves,
     nor ``steps`` (a run may be extended)."""
     d = asdict(cfg)
-    for k in ("progress", "out", "overwrite", "steps", "log_every", "eval_every", "save_every", "n_eval", "n_val",
-              "device", "impl"):
+    for k in ("progress", "out", "overwrite", "resume", "steps", "log_every", "eval_every", "save_every", "n_eval",
+              "n_val", "device", "impl"):
         d.pop(k, None)
     d["discovery_k"] = list(d["discovery_k"])
     return d

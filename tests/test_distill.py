@@ -573,3 +573,36 @@ def test_resume_with_dropout_is_bit_identical(tmp_path, tok, monkeypatch):
                       teacher_tokenizer=tok)
     for k, v in straight.student.state_dict().items():
         assert torch.equal(v, resumed.student.state_dict()[k]), k
+
+
+def test_resume_flag_needs_a_checkpoint_and_manifest_is_written(tmp_path, tok):
+    teacher = make_tiny("llama", vocab_size=len(tok), seed=1)
+    out = tmp_path / "r"
+    with pytest.raises(ValueError, match="resume: there is no checkpoint to resume"):
+        distill(teacher, make_tiny("llama", vocab_size=len(tok), seed=2), TASK, matching=_matching(),
+                config=_cfg(steps=2, save_every=1, out=str(out), resume=True), student_tokenizer=tok,
+                teacher_tokenizer=tok)
+    distill(teacher, make_tiny("llama", vocab_size=len(tok), seed=2), TASK, matching=_matching(),
+            config=_cfg(steps=2, save_every=1, out=str(out)), student_tokenizer=tok, teacher_tokenizer=tok)
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["step"] == 2 and man["identity"]["config"]["lr"] == 0.01 and man["identity"]["matching"]
+    res = distill(teacher, make_tiny("llama", vocab_size=len(tok), seed=2), TASK, matching=_matching(),
+                  config=_cfg(steps=3, save_every=1, out=str(out), resume=True), student_tokenizer=tok,
+                  teacher_tokenizer=tok)
+    assert res.log[-1]["step"] == 3
+
+
+def test_small_cka_batch_warns_with_the_biased_estimator(tok):
+    student = make_tiny("llama", vocab_size=len(tok), seed=2)
+    with pytest.warns(UserWarning, match=r"CKA batch m=8 with d_head=\d+: two unrelated heads already score"):
+        cd = CircuitDistiller(student, _matching(), config=_cfg(method="ce+cka", batch_size=8))
+    from fastcd.trainable import merge
+
+    merge(cd.slices)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cd = CircuitDistiller(student, _matching(), config=_cfg(method="ce+cka", batch_size=8,
+                                                                cka_estimator="unbiased"))
+    merge(cd.slices)

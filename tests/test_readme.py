@@ -13,3 +13,24 @@ def test_readme_quickstart_runs(capsys):
     assert quick, "README has no quickstart block"
     exec(compile(quick[0], "README.md", "exec"), {})
     assert "torch.Size([64, 1, 2, 16])" in capsys.readouterr().out
+
+
+def test_readme_own_loop_runs_and_saves_a_loadable_model(tmp_path, monkeypatch):
+    """The own-loop example trains, and the student it saves while still parametrised reloads in plain
+    transformers with the trained weights (no ``parametrizations`` keys, identical logits)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    loop = [b for b in blocks if "CircuitDistiller(" in b]
+    assert loop, "README has no own-loop block"
+    monkeypatch.chdir(tmp_path)
+    ns = {}
+    exec(compile(loop[0], "README.md", "exec"), ns)
+    student, enc = ns["student"], ns["enc"]
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "own-loop-student", local_files_only=True)
+    with torch.no_grad():
+        a = student(enc.input_ids).logits
+        b = reloaded(enc.input_ids).logits
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert not any("parametrizations" in k for k in reloaded.state_dict())
