@@ -46,6 +46,7 @@ def _cfg(**kw) -> dict:
     ("positive_control", {"reinit": 0}, "positive_control.reinit"),
     ("task", "sorting", "task must be"),
     ("circuit", "/nonexistent/circuit.json", "circuit: no such file"),
+    ("positions", ["last", "nowhere"], "positions must be a non-empty list of the task's roles"),
 ])
 def test_config_errors_name_the_field(field, value, message):
     with pytest.raises((ValueError, FileNotFoundError), match=message):
@@ -189,8 +190,20 @@ def test_positive_control_identity_and_recovery(tmp_path):
     assert len(rec["reinit"]) == 1 and "cka" in rec and 0 <= rec["cka"]["identity_share"] <= 1
     runs = read_runs(str(tmp_path / "pc" / "runs.jsonl"))
     pairs = next(r for r in runs.values() if r["method"] == "ce+cka")["pairs"]
-    assert pairs == [[rec["reinit"][0], rec["reinit"][0], pairs[0][2]]]
+    h = rec["reinit"][0]  # the damaged head, aligned to its intact self at every role it holds in the circuit
+    roles = [c["position"] for c in report["circuit"]["heads"] if c["head"] == h]
+    assert pairs == [[h, h, r] for r in dict.fromkeys(roles)] and len(pairs) >= 1
     # the damaged copy is worse than the teacher it came from
     assert report["base"]["accuracy"] < report["teacher_accuracy"]
     assert "Positive control" in open(tmp_path / "pc" / "summary.md").read()
     json.dumps(report)
+
+
+def test_alignment_at_several_positions(tmp_path):
+    """positions: every matched pair is aligned at each listed role; the teacher cache holds those units."""
+    report = run_experiment(_cfg(methods=["ce+cka"], seeds=[0], positions=["last", "box_label"]),
+                            str(tmp_path / "pos"), progress=False)
+    rec = next(iter(read_runs(str(tmp_path / "pos" / "runs.jsonl")).values()))
+    heads = list(dict.fromkeys((t, s) for t, s, _ in rec["pairs"]))
+    assert sorted(rec["pairs"]) == sorted([t, s, r] for t, s in heads for r in ("last", "box_label"))
+    assert report["runs_done"] == 1
