@@ -369,7 +369,7 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
                 "pytorch_model.bin.index.json")
 
 
-def check_model_path(path_or_name, what: str = "path") -> str:
+def check_model_path(path_or_name, what: str = "path", *, weights: bool = True) -> str:
     """Resolve a model argument (directory, GGUF file, packaged model name) and check, before anything loads,
     that it exists, names a supported architecture and (for a Hugging Face directory) holds weights. Errors name
     ``what`` (e.g. ``"teacher"``). Returns the resolved path."""
@@ -384,7 +384,7 @@ def check_model_path(path_or_name, what: str = "path") -> str:
         )
     gguf = find_gguf(path, what)
     check_architecture(path, what)  # from config.json / GGUF metadata, before any weight loads
-    if gguf is None and not any(os.path.isfile(os.path.join(path, f)) for f in WEIGHT_FILES) and not any(
+    if weights and gguf is None and not any(os.path.isfile(os.path.join(path, f)) for f in WEIGHT_FILES) and not any(
             f.endswith(".safetensors") for f in os.listdir(path)):
         raise FileNotFoundError(f"{what}: {path!r} has a config.json but no weights (model.safetensors, "
                                 "pytorch_model.bin or their sharded index)")
@@ -499,7 +499,7 @@ def spec_of(path_or_module, what: str = "model") -> ModelSpec:
 
     from fastcd.convert import find_gguf
 
-    path = check_model_path(path_or_module, what)
+    path = check_model_path(path_or_module, what, weights=False)  # config only: no weights needed
     gguf = find_gguf(path, what)
     if gguf is None:
         cfg = AutoConfig.from_pretrained(path, local_files_only=True)
