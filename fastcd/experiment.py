@@ -1009,17 +1009,21 @@ def plot_report(report: dict, recs: list[dict], out: str) -> list[str]:
     teacher_acc = report.get("teacher_accuracy")
     base_acc = (report.get("base") or {}).get("accuracy")
 
+    control = bool(report["config"].get("positive_control"))
+    t_label, b_label = ("intact model", "damaged copy (untrained)") if control else ("teacher", "untrained student")
+
     def refs(ax):
         if teacher_acc is not None:
-            ax.axhline(teacher_acc, color="black", ls="--", lw=1, label=f"teacher {teacher_acc:.2f}")
+            ax.axhline(teacher_acc, color="black", ls="--", lw=1, label=f"{t_label} {teacher_acc:.2f}")
         if base_acc is not None:
-            ax.axhline(base_acc, color="grey", ls=":", lw=1, label=f"untrained student {base_acc:.2f}")
+            ax.axhline(base_acc, color="grey", ls=":", lw=1, label=f"{b_label} {base_acc:.2f}")
 
     # accuracy per row, one panel per setting
     rows = report["table"]
     groups = list(dict.fromkeys(r["setting"] for r in rows))
     width = max(len([r for r in rows if r["setting"] == g]) for g in groups)
-    fig, axes = plt.subplots(len(groups), 1, figsize=(max(5.0, 0.75 * width + 2), 3.3 * len(groups)), squeeze=False)
+    fig, axes = plt.subplots(len(groups), 1, figsize=(max(6.5, 0.75 * width + 2), 3.3 * len(groups) + 0.4),
+                             squeeze=False)
     for ax, g in zip(axes[:, 0], groups):
         rs = [r for r in rows if r["setting"] == g]
         for i, r in enumerate(rs):
@@ -1038,7 +1042,7 @@ def plot_report(report: dict, recs: list[dict], out: str) -> list[str]:
         ax.set_ylim(0, 1.02)
         ax.set_title(g, fontsize=8)
         ax.legend(fontsize=7, loc="lower right")
-    fig.suptitle("accuracy per method: dots = seeds, bar = mean and 95% t-interval over seeds (cut at 0 and 1)",
+    fig.suptitle("test accuracy per method\ndots: seeds; bar: mean and 95% t-interval over seeds (cut at 0 and 1)",
                  fontsize=9)
     fig.tight_layout()
     paths.append(os.path.join(out, "accuracy.png"))
