@@ -228,6 +228,10 @@ class ExperimentConfig:
         return out
 
 
+class NotApplicable(ValueError):
+    """A run that cannot be made for this matching (e.g. a permuted control with a single teacher unit)."""
+
+
 def _number(name: str, v):
     if isinstance(v, str) and v != "auto":
         try:
@@ -654,17 +658,27 @@ class Experiment:
             pick = random.Random(spec["seed"]).sample(self.s_spec.all_heads(), len(m.pairs))
             return Matching([Pair(p.teacher, s, p.position, p.group) for p, s in zip(m.pairs, pick)], "random",
                             {"seed": spec["seed"], "teacher_side": rule})
-        if spec["method"] == "ce+perm-cka":  # the same student heads, the teacher targets permuted (no fixed point)
-            n = len(m.pairs)
+        if spec["method"] == "ce+perm-cka":
+            # the same student heads at their own positions; each pair's teacher target is another pair's
+            # (teacher head, role) unit, with no fixed point. The targets come from the teacher cache, so the
+            # teacher unit's role may differ from the student's position (meta["teacher_units"]).
+            units = [(p.teacher, p.position) for p in m.pairs]
+            n = len(units)
+            if len(set(units)) < 2:
+                raise NotApplicable(f"ce+perm-cka needs at least two distinct teacher units in matching {rule!r}, "
+                                 f"got {units}")
             perm = list(range(n))
             rng = random.Random(spec["seed"])
-            units = [(p.teacher, p.position) for p in m.pairs]
-            for _ in range(1000):
+            for _ in range(10000):
                 rng.shuffle(perm)
-                if n == 1 or all(units[perm[i]] != units[i] for i in range(n)):
+                if all(units[perm[i]] != units[i] for i in range(n)):
                     break
-            return Matching([Pair(units[perm[i]][0], p.student, units[perm[i]][1], p.group)
-                             for i, p in enumerate(m.pairs)], "permuted", {"seed": spec["seed"]})
+            else:
+                raise NotApplicable(f"ce+perm-cka: no permutation of {units} moves every target")
+            return Matching([Pair(units[perm[i]][0], p.student, p.position, p.group) for i, p in enumerate(m.pairs)],
+                            "permuted", {"seed": spec["seed"],
+                                         "teacher_units": [[str(units[perm[i]][0]), units[perm[i]][1]]
+                                                           for i in range(n)]})
         return m
 
     def run_one(self, spec: dict) -> dict:
@@ -681,7 +695,8 @@ class Experiment:
         rows = torch.randperm(len(self.s_pool), generator=torch.Generator().manual_seed(spec["seed"]))[:s["n_train"]]
         units = None
         if matching is not None and dcfg.method in USES_CKA:
-            units = [self.unit_index[(str(p.teacher), p.position)] for p in matching.pairs]
+            t_units = matching.meta.get("teacher_units") or [[str(p.teacher), p.position] for p in matching.pairs]
+            units = [self.unit_index[(h, r)] for h, r in t_units]
         view = _CacheView(self.pool, rows, units)
         s_train = self.s_pool.index(rows)
         cd = CircuitDistiller(self.student, matching if dcfg.method not in RULE_FREE else None, config=dcfg)
@@ -717,6 +732,8 @@ class Experiment:
             rec["trained_heads"] = len(matching.student_heads())
             rec["trained_heads_fraction"] = rec["trained_heads"] / n_heads
             rec["pairs"] = [[str(p.teacher), str(p.student), p.position] for p in matching.pairs]
+            if "teacher_units" in matching.meta:  # the permuted control: where each teacher target was read
+                rec["teacher_units"] = matching.meta["teacher_units"]
             if cfg.circuit_accuracy:
                 cc = circuit_correct(self.student, self.s_test, self.means, self._live(matching))
                 rec["circuit_accuracy"] = sum(cc) / len(cc)
@@ -735,7 +752,11 @@ class Experiment:
         took = []
         for i, spec in enumerate(todo):
             t0 = time.time()
-            rec = self.run_one(spec)
+            try:
+                rec = self.run_one(spec)
+            except NotApplicable as e:  # recorded, reported, and the sweep goes on
+                rec = {"key": spec["key"], "method": spec["method"], "seed": spec["seed"],
+                       "setting": spec["setting"], "not_applicable": str(e), "accuracy": float("nan")}
             _append_record(self.runs_path, rec)
             took.append(time.time() - t0)
             eta = sum(took) / len(took) * (len(todo) - i - 1)
@@ -821,6 +842,9 @@ def write_report(out: str, cfg: ExperimentConfig | None = None) -> dict:
     recs = list(read_runs(os.path.join(out, "runs.jsonl")).values())
     wanted = {s["key"] for s in cfg.run_specs()}
     recs = [r for r in recs if r["key"] in wanted]
+    not_applicable = [{k: r[k] for k in ("method", "seed", "setting", "not_applicable")}
+                      for r in recs if "not_applicable" in r]
+    recs = [r for r in recs if "not_applicable" not in r]
 
     def shared(name):
         p = os.path.join(out, "shared", name)
@@ -881,7 +905,8 @@ def write_report(out: str, cfg: ExperimentConfig | None = None) -> dict:
         for t, p in zip(tests, adj):
             t["p_holm"] = float(p)
     specs = cfg.run_specs()
-    report = {"config": asdict(cfg), "runs_done": len(recs), "runs_total": len(specs), "table": table,
+    report = {"config": asdict(cfg), "runs_done": len(recs) + len(not_applicable), "runs_total": len(specs),
+              "not_applicable": not_applicable, "table": table,
               "mcnemar": tests, "base": None if base is None else {k: v for k, v in base.items() if k != "correct"},
               "teacher_accuracy": None if teacher is None else teacher["accuracy"],
               "n_test": cfg.n_test, "circuit": shared("circuit.json"), "recovery": shared("recovery.json"),
@@ -989,6 +1014,9 @@ def format_report(report: dict) -> str:
                 continue
             lines.append(f"| {rule} | {d['identity_share']:.0%} | {d['reinit_identity']} / {d['reinit_paired']} |")
         lines.append("")
+    for r in report.get("not_applicable", []):
+        lines.append(f"Not applicable: {r['method']} seed {r['seed']} ({_setting_label(r['setting'])}): "
+                     f"{r['not_applicable']}")
     lines.append(f"torch {report['torch']}, {report['threads']} threads.")
     return "\n".join(lines)
 

@@ -125,9 +125,11 @@ def test_controls_keep_one_side_of_the_matching(small_run):
     real = next(r for r in recs if r["method"] == "ce+cka" and r["seed"] == 0)["pairs"]
     perm = next(r for r in recs if r["method"] == "ce+perm-cka" and r["seed"] == 0)["pairs"]
     rand = next(r for r in recs if r["method"] == "ce+rand-cka" and r["seed"] == 0)["pairs"]
-    assert [p[1] for p in perm] == [p[1] for p in real]  # the same trained student heads
-    assert sorted((p[0], p[2]) for p in perm) == sorted((p[0], p[2]) for p in real)  # the same teacher units
-    assert all((p[0], p[2]) != (q[0], q[2]) for p, q in zip(perm, real))  # each target moved
+    perm_rec = next(r for r in recs if r["method"] == "ce+perm-cka" and r["seed"] == 0)
+    assert [p[1:] for p in perm] == [p[1:] for p in real]  # the same trained student heads at their positions
+    units = [tuple(u) for u in perm_rec["teacher_units"]]
+    assert sorted(units) == sorted((p[0], p[2]) for p in real)  # the same teacher units, permuted
+    assert all(u != (q[0], q[2]) for u, q in zip(units, real))  # each target moved
     assert [(p[0], p[2]) for p in rand] == [(p[0], p[2]) for p in real]  # same teacher side, other students
 
 
@@ -207,3 +209,29 @@ def test_alignment_at_several_positions(tmp_path):
     heads = list(dict.fromkeys((t, s) for t, s, _ in rec["pairs"]))
     assert sorted(rec["pairs"]) == sorted([t, s, r] for t, s in heads for r in ("last", "box_label"))
     assert report["runs_done"] == 1
+
+
+def test_permuted_control_over_roles_of_one_head(tmp_path):
+    """One damaged head at two roles: the permuted control aligns each position to the head's other role
+    (it used to collapse into the identity pairs)."""
+    cfg = _cfg(student=None, positive_control={"reinit": ["L0H2"], "seed": 0}, matching="identity", seeds=[0],
+               methods=["ce+perm-cka"], recovery_rules=["cka"])
+    run_experiment(cfg, str(tmp_path / "pc"), progress=False)
+    rec = next(iter(read_runs(str(tmp_path / "pc" / "runs.jsonl")).values()))
+    assert len(rec["pairs"]) == 2  # the toy circuit holds L0H2 at last and box_label
+    assert all(tuple(u) != (p[0], p[2]) for u, p in zip(rec["teacher_units"], rec["pairs"]))
+
+
+def test_a_degenerate_permuted_control_is_recorded_not_fatal(tmp_path):
+    """A matching whose pairs share one teacher unit cannot be permuted: that run is recorded as not applicable
+    and the sweep goes on."""
+    from fastcd.match import Matching, Pair
+    from fastcd.models import Head
+
+    mpath = tmp_path / "m.json"
+    Matching([Pair(Head(0, 2), Head(0, 1), "last"), Pair(Head(0, 2), Head(1, 0), "last")], "given").save(mpath)
+    report = run_experiment(_cfg(methods=["ce+perm-cka", "ce+cka"], seeds=[0], matching_files={"cka": str(mpath)}),
+                            str(tmp_path / "deg"), progress=False)
+    assert report["runs_done"] == 2 and len(report["not_applicable"]) == 1
+    assert "needs at least two distinct teacher units" in report["not_applicable"][0]["not_applicable"]
+    assert "Not applicable: ce+perm-cka" in (tmp_path / "deg" / "summary.md").read_text()
