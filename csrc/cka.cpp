@@ -311,11 +311,10 @@ template <typename T>
 void cka_gram(const Stack& A, const Stack& B, double* out, int64_t max_bytes) {
     const int64_t m = A.m, kp = round_up(m * (m + 1) / 2, 16);
     const int64_t row_bytes = kp * static_cast<int64_t>(sizeof(T));
-    // budget: the a-tile and b-tile rows (the product tile is the output itself, written in place)
+    // budget: the a-tile and b-tile rows (the small float64 product tile c is not counted)
     const int64_t rows_fit = std::max<int64_t>(8, max_bytes / row_bytes);
     int64_t tb = std::min<int64_t>(B.h, std::max<int64_t>(4, rows_fit / 2));
     int64_t ta = std::min<int64_t>(A.h, std::max<int64_t>(4, rows_fit - round_up(tb, 4)));
-    if (tb == B.h) ta = std::min<int64_t>(A.h, std::max<int64_t>(4, rows_fit - round_up(tb, 4)));
     std::vector<T> ga, gb;
     std::vector<double> c;
     const bool b_once = tb >= B.h;
