@@ -36,7 +36,7 @@ _CHILD = textwrap.dedent('''
     import json, resource, sys, time
     import numpy as np
     import torch
-    from fastcd.match import cka_matrix, cka_matrix_torch
+    from fastcd.cka import cka_matrix, cka_matrix_torch
 
     def peak_mb():
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

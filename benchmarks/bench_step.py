@@ -12,8 +12,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from fastcd.distillation import CircuitDistiller, DistillBatch, DistillConfig
-from fastcd.match import Matching, Pair
+from fastcd.artifacts import Matching, Pair
+from fastcd.config import DistillConfig
+from fastcd.distillation import CircuitDistiller, DistillBatch
 from fastcd.models import Head
 from fastcd.tasks import EntityTracking
 from fastcd.tokenizer import build_word_tokenizer

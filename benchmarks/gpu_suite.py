@@ -153,8 +153,9 @@ def bench_step(device, smoke: bool) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from fastcd.distillation import CircuitDistiller, DistillBatch, DistillConfig
-    from fastcd.match import Matching, Pair
+    from fastcd.artifacts import Matching, Pair
+    from fastcd.config import DistillConfig
+    from fastcd.distillation import CircuitDistiller, DistillBatch
     from fastcd.models import Head
     from fastcd.trainable import merge
 
@@ -200,7 +201,7 @@ def bench_scorer(device, smoke: bool) -> list[dict]:
     import torch
 
     from fastcd import _ext
-    from fastcd.match import cka_matrix, cka_matrix_torch
+    from fastcd.cka import cka_matrix, cka_matrix_torch
 
     na, nb, m, da, db = (6, 8, 16, 8, 16) if smoke else (512, 1024, 256, 64, 128)
     g = torch.Generator().manual_seed(0)

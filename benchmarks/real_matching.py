@@ -36,9 +36,11 @@ def circuit_of(model, task, tok, n, k, path, seed=0):
     import torch
 
     from fastcd import discover as D
+    from fastcd.artifacts import Circuit
+    from fastcd.attribution import attribution_patching
 
     if os.path.isfile(path):
-        return D.Circuit.load(path)
+        return Circuit.load(path)
 
     pairs = task.pairs(n, seed=seed, split="val")
     clean = task.encode([p.clean for p in pairs], tok)
@@ -46,7 +48,7 @@ def circuit_of(model, task, tok, n, k, path, seed=0):
     src = D.make_source(model, clean, "mean", corrupt=corrupt)
     t = time.time()
     with torch.enable_grad():
-        res = D.attribution_patching(model, clean, src, metric="prob", position="last", batch_size=16,
+        res = attribution_patching(model, clean, src, metric="prob", position="last", batch_size=16,
                                      recheck_top_k=k, progress=True)
     circuit = D.circuit_from_scores(res, k, task=task.name, group="heads", position="last")
     circuit.meta.update(method="attribution+exact recheck", n_examples=n, seconds=round(time.time() - t, 1))
@@ -74,7 +76,8 @@ def main(argv=None) -> int:
     import torch
 
     import fastcd
-    from fastcd.match import Matching, MatchInputs, match
+    from fastcd.artifacts import Matching
+    from fastcd.match import MatchInputs, match
     from fastcd.tasks import EntityTracking, adapt_task
 
     torch.set_grad_enabled(False)

@@ -44,7 +44,7 @@ def _load(name):
 
 
 def stage_eval(args) -> dict:
-    from fastcd.discover import accuracy_per_example
+    from fastcd.metrics import accuracy_per_example
     from fastcd.tasks import EntityTracking, adapt_task
 
     model, tok, t_load = _load(args.model)
@@ -67,7 +67,7 @@ def stage_eval(args) -> dict:
 
 
 def stage_tom(args) -> dict:
-    from fastcd.discover import accuracy_per_example
+    from fastcd.metrics import accuracy_per_example
     from fastcd.tasks import TheoryOfMind, adapt_task
 
     model, tok, t_load = _load(args.model)
@@ -99,6 +99,7 @@ def stage_attribution(args) -> dict:
     import torch
 
     from fastcd import discover as D
+    from fastcd.attribution import attribution_patching
     from fastcd.tasks import EntityTracking, adapt_task
 
     model, tok, t_load = _load(args.model)
@@ -109,7 +110,7 @@ def stage_attribution(args) -> dict:
     t = time.time()
     src = D.make_source(model, clean, "mean", corrupt=corrupt, batch_size=args.batch_size)
     with torch.enable_grad():
-        res = D.attribution_patching(model, clean, src, metric="prob", batch_size=args.batch_size, progress=True)
+        res = attribution_patching(model, clean, src, metric="prob", batch_size=args.batch_size, progress=True)
     wall = time.time() - t
     return {"load_s": round(t_load, 1), "n": args.n_discovery, "boxes": args.discovery_boxes,
             "heads": int(res.scores.numel()), "wall_s": round(wall, 1), "forwards": res.forwards,
@@ -126,9 +127,10 @@ def stage_step(args) -> dict:
     import torch
 
     import fastcd
-    from fastcd.distillation import CircuitDistiller, TeacherCache, _make_batch, build_teacher_cache
-    from fastcd.match import Matching
+    from fastcd.artifacts import Matching
+    from fastcd.distillation import CircuitDistiller, make_batch
     from fastcd.tasks import EntityTracking, adapt_task
+    from fastcd.teacher_cache import TeacherCache, build_teacher_cache
 
     matching = Matching.load(args.matching)
     s_tok, t_tok = fastcd.load_tokenizer(args.model), fastcd.load_tokenizer(args.teacher)
@@ -155,7 +157,7 @@ def stage_step(args) -> dict:
         for _ in range(args.steps):
             idx = torch.randint(len(ex), (args.step_batch,), generator=gen)
             t = time.time()
-            loss, parts = cd(_make_batch(idx, s_enc, None, cache))
+            loss, parts = cd(make_batch(idx, s_enc, None, cache))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -2,44 +2,54 @@
 
 Find the teacher's circuit, match functionally corresponding student heads, and train only those heads
 with task CE + lambda * sum over pairs (1 - CKA(student head, teacher head)) (Wadhwa, Amir, Wallace 2025).
-Nothing here touches CUDA at import time.
+
+``import fastcd`` imports nothing heavy: every name below loads its module (and torch) on first use, so the
+command line's ``--help`` stays fast. Nothing here touches CUDA at import time.
+
+Stages, lowest first (a module imports only from its own stage or lower ones):
+  io, config, models, tokenizer, reference                 plain data, adapters, specifications
+  loading, hooks, trainable, tasks, cka, _ext             loading, per-head access, data, CKA
+  artifacts, metrics                                       Circuit/Matching, measuring a model
+  discover, path_patching, match                           finding circuits and correspondences
+  distillation, teacher_cache, training, card, pipeline    the loss, the cache, the loop, distill()
+  experiment_config, experiment, report, plots, demo, cli  sweeps, reports, figures, the command line
 """
 
 __version__ = "0.1.0"
 
-from fastcd import _ext  # noqa: E402, F401  (warns once when the C++ extension is missing)
-from fastcd._ext import HAS_CPP  # noqa: E402
-from fastcd.hooks import ZCache, ablate, capture_z, intervene, mean_z, patch, run_with_z  # noqa: E402
-from fastcd.models import (  # noqa: E402
-    SUPPORTED_ARCHITECTURES,
-    Head,
-    ModelSpec,
-    get_adapter,
-    load_model,
-    load_tokenizer,
-    logits_at,
-    model_spec,
-    spec_of,
-)
-from fastcd.tasks import EntityTracking, TheoryOfMind, adapt_task, get_task  # noqa: E402
-from fastcd.tokenizer import build_word_tokenizer  # noqa: E402
+import importlib as _importlib
+
+_LAZY = {
+    "HAS_CPP": "fastcd._ext",
+    "ZCache": "fastcd.hooks", "ablate": "fastcd.hooks", "capture_z": "fastcd.hooks", "intervene": "fastcd.hooks",
+    "mean_z": "fastcd.hooks", "patch": "fastcd.hooks", "run_with_z": "fastcd.hooks",
+    "SUPPORTED_ARCHITECTURES": "fastcd.models", "Head": "fastcd.models", "ModelSpec": "fastcd.models",
+    "get_adapter": "fastcd.models", "logits_at": "fastcd.models", "model_spec": "fastcd.models",
+    "load_model": "fastcd.loading", "load_tokenizer": "fastcd.loading", "spec_of": "fastcd.loading",
+    "EntityTracking": "fastcd.tasks", "TheoryOfMind": "fastcd.tasks", "Task": "fastcd.tasks",
+    "adapt_task": "fastcd.tasks", "get_task": "fastcd.tasks",
+    "build_word_tokenizer": "fastcd.tokenizer",
+    "Circuit": "fastcd.artifacts", "Matching": "fastcd.artifacts",
+    "DistillConfig": "fastcd.config", "METHODS": "fastcd.config",
+    "CircuitDistiller": "fastcd.distillation",
+    "distill": "fastcd.pipeline", "DistillResult": "fastcd.pipeline",
+    "convert_gguf": "fastcd.convert",
+}
+_MODULES = ("zoo",)
 
 
 def __getattr__(name):
-    # the training driver is imported on first use (it pulls scipy, safetensors, tqdm)
-    import importlib
-
-    if name in ("distill", "DistillConfig", "CircuitDistiller", "DistillResult"):
-        return getattr(importlib.import_module("fastcd.distillation"), name)
-    if name == "convert_gguf":
-        return importlib.import_module("fastcd.convert").convert_gguf
-    if name == "zoo":
-        return importlib.import_module("fastcd.zoo")
+    if name in _LAZY:
+        value = getattr(_importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # next time: a plain attribute
+        return value
+    if name in _MODULES:
+        return _importlib.import_module(f"fastcd.{name}")
     raise AttributeError(f"module 'fastcd' has no attribute {name!r}")
 
-__all__ = [
-    "CircuitDistiller", "DistillConfig", "EntityTracking", "HAS_CPP", "Head", "ModelSpec", "SUPPORTED_ARCHITECTURES",
-    "TheoryOfMind", "ZCache", "__version__", "ablate", "adapt_task", "build_word_tokenizer", "capture_z",
-    "convert_gguf", "distill", "get_adapter", "get_task", "intervene", "load_model", "load_tokenizer", "logits_at",
-    "mean_z", "model_spec", "patch", "run_with_z", "spec_of", "zoo",
-]
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY) | set(_MODULES))
+
+
+__all__ = sorted(["__version__", *_LAZY, *_MODULES])

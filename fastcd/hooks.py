@@ -15,7 +15,28 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from fastcd.errors import UsageError
 from fastcd.models import Head, ModelSpec, accepts_logits_to_keep, get_adapter
+
+ALL = "all"  # position role: every position
+
+
+def role_positions(batch, role: str | None) -> torch.Tensor | None:
+    """``[n, 1]`` per-example positions of ``role`` in an encoded batch, or None for every position (``all``)."""
+    if role is None or role == ALL:
+        return None
+    if role not in batch.positions:
+        raise UsageError(f"position role {role!r} is not in this task's roles {sorted(batch.positions)} or 'all'")
+    return batch.positions[role][:, None]
+
+
+def position_mask(pos: torch.Tensor | None, rows: int, t: int) -> torch.Tensor:
+    """bool ``[rows, T]``: where to patch (every position when ``pos`` is None)."""
+    if pos is None:
+        return torch.ones(rows, t, dtype=torch.bool)
+    m = torch.zeros(rows, t, dtype=torch.bool)
+    m[torch.arange(rows)[:, None], pos] = True
+    return m
 
 
 def _normalize_heads(spec: ModelSpec, heads: Iterable[Head] | None, name: str = "heads") -> list[Head]:
@@ -23,7 +44,7 @@ def _normalize_heads(spec: ModelSpec, heads: Iterable[Head] | None, name: str = 
         return spec.all_heads()
     out = [spec.check_head(h, name) for h in heads]
     if len(set(out)) != len(out):
-        raise ValueError(f"{name} must not repeat a head, got {[str(h) for h in out]}")
+        raise UsageError(f"{name} must not repeat a head, got {[str(h) for h in out]}")
     return out
 
 
@@ -38,11 +59,11 @@ def _position_index(positions, batch: int, seq: int) -> torch.Tensor | None:
     if p.dim() == 0:
         p = p.reshape(1)
     if p.dim() > 2:
-        raise ValueError(f"positions must be an int, a 1-D sequence or a [batch, k] tensor, got {p.dim()} dims")
+        raise UsageError(f"positions must be an int, a 1-D sequence or a [batch, k] tensor, got {p.dim()} dims")
     if p.dim() == 2 and p.shape[0] != batch:
-        raise ValueError(f"positions has {p.shape[0]} rows but the batch has {batch} examples")
+        raise UsageError(f"positions has {p.shape[0]} rows but the batch has {batch} examples")
     if p.numel() and (int(p.min()) < -seq or int(p.max()) >= seq):
-        raise ValueError(f"positions must lie in [-{seq}, {seq - 1}] for sequences of length {seq}, got {p.tolist()}")
+        raise UsageError(f"positions must lie in [-{seq}, {seq - 1}] for sequences of length {seq}, got {p.tolist()}")
     return p % seq
 
 
@@ -159,12 +180,12 @@ def intervene(model: nn.Module, plan: dict[int, tuple[torch.Tensor, torch.Tensor
             z = args[0]
             b, t, _ = z.shape
             if mask.shape[-2] != t or value.shape[1] != t:
-                raise ValueError(
+                raise UsageError(
                     f"intervention at layer {layer} was built for sequences of length {mask.shape[-2]}, "
                     f"but the forward has length {t}; prompts must share one length where positions align"
                 )
             if mask.shape[0] not in (1, b) or value.shape[0] not in (1, b):
-                raise ValueError(
+                raise UsageError(
                     f"intervention at layer {layer} has batch {mask.shape[0]}/{value.shape[0]}, forward has {b}"
                 )
             z4 = z.view(b, t, spec.n_heads, spec.d_head)  # [batch, pos, n_heads, d_head]
@@ -177,11 +198,11 @@ def intervene(model: nn.Module, plan: dict[int, tuple[torch.Tensor, torch.Tensor
     try:
         for layer, (mask, value) in plan.items():
             if not 0 <= layer < spec.n_layers:
-                raise ValueError(f"plan names layer {layer}, but the model has {spec.n_layers} layers")
+                raise UsageError(f"plan names layer {layer}, but the model has {spec.n_layers} layers")
             if mask.dim() != 3 or mask.shape[-1] != spec.n_heads:
-                raise ValueError(f"plan[{layer}] mask must be [batch, pos, {spec.n_heads}], got {tuple(mask.shape)}")
+                raise UsageError(f"plan[{layer}] mask must be [batch, pos, {spec.n_heads}], got {tuple(mask.shape)}")
             if value.dim() != 4 or tuple(value.shape[-2:]) != (spec.n_heads, spec.d_head):
-                raise ValueError(
+                raise UsageError(
                     f"plan[{layer}] value must be [batch, pos, {spec.n_heads}, {spec.d_head}], got {tuple(value.shape)}"
                 )
             handles.append(adapter.o_proj(layer).register_forward_pre_hook(make_hook(layer, mask.bool(), value)))
@@ -234,7 +255,7 @@ def mean_z(model: nn.Module, input_ids: torch.Tensor, *, batch_size: int = 64) -
         ``[n_layers, pos, n_heads, d_head]`` (float32).
     """
     if input_ids.dim() != 2 or input_ids.shape[0] == 0:
-        raise ValueError(f"input_ids must be a non-empty [batch, pos] tensor, got shape {tuple(input_ids.shape)}")
+        raise UsageError(f"input_ids must be a non-empty [batch, pos] tensor, got shape {tuple(input_ids.shape)}")
     total = None
     device = next(model.parameters()).device
     for i in range(0, input_ids.shape[0], batch_size):
@@ -257,7 +278,7 @@ def ablate(model: nn.Module, heads: Iterable[Head], *, means: torch.Tensor | Non
     heads = _normalize_heads(spec, heads)
     if means is not None and (means.dim() != 4 or tuple(means.shape[2:]) != (spec.n_heads, spec.d_head)
                               or means.shape[0] != spec.n_layers):
-        raise ValueError(
+        raise UsageError(
             f"means must be [n_layers={spec.n_layers}, pos, n_heads={spec.n_heads}, d_head={spec.d_head}] "
             f"from mean_z, got {tuple(means.shape)}"
         )
@@ -270,7 +291,7 @@ def ablate(model: nn.Module, heads: Iterable[Head], *, means: torch.Tensor | Non
             z = args[0]
             b, t, _ = z.shape
             if means is not None and means.shape[1] != t:
-                raise ValueError(
+                raise UsageError(
                     f"means were computed for sequences of length {means.shape[1]}, the forward has length {t}"
                 )
             mask = _head_mask(spec, [h for h in heads if h.layer == layer], positions, b, t)[layer]
@@ -303,7 +324,7 @@ def patch(model: nn.Module, heads: Iterable[Head], source_z: torch.Tensor, *, po
     if source_z.dim() != 5 or source_z.shape[0] != spec.n_layers or tuple(source_z.shape[3:]) != (
         spec.n_heads, spec.d_head
     ):
-        raise ValueError(
+        raise UsageError(
             f"source_z must be [n_layers={spec.n_layers}, batch, pos, n_heads={spec.n_heads}, "
             f"d_head={spec.d_head}] from run_with_z, got {tuple(source_z.shape)}"
         )

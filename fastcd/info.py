@@ -20,7 +20,7 @@ def _version(mod: str) -> str:
 def _loss_impl(cuda: bool) -> str:
     import torch
 
-    from fastcd.functional import choose_impl
+    from fastcd.cka import choose_impl
 
     try:
         return choose_impl(torch.device("cuda" if cuda else "cpu"))
@@ -33,7 +33,8 @@ def collect() -> dict[str, str]:
 
     import fastcd
     from fastcd import _ext
-    from fastcd.models import has_flash_attn, pick_attn_implementation
+    from fastcd.cka import IMPLS, available_impls
+    from fastcd.loading import has_flash_attn, pick_attn_implementation
 
     cuda = torch.cuda.is_available()
     rows = {
@@ -52,6 +53,9 @@ def collect() -> dict[str, str]:
         "op: nearest_indices (matching)": "cpp (fastcd._C)" if _ext.HAS_CPP else "python (fastcd.reference)",
         "op: cka_matrix (matching scorer)": "cpp (fastcd._C)" if _ext.HAS_CPP else "torch (vectorised)",
         "op: cka_loss (alignment loss)": _loss_impl(cuda),
+        "impl vocabulary (impl=, --impl)": ", ".join(IMPLS),
+        "impls available: alignment loss": ", ".join(available_impls()["loss"]),
+        "impls available: CKA scorer": ", ".join(available_impls()["scorer"]),
         "op: attention in load_model": pick_attn_implementation("cuda" if cuda else "cpu"),
     }
     return rows

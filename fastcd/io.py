@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import sys
+
+from fastcd.errors import InputFileError, UsageError
 
 
 def read_json(path: str | os.PathLike, what: str = "path"):
     """The JSON value in ``path``; a missing, non-UTF-8 or malformed file is a one-line error naming ``what``."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what}: no such file {path!r}")
+        raise InputFileError(f"{what}: no such file {path!r}")
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except UnicodeDecodeError as e:
-        raise ValueError(f"{what}: {path!r} is not UTF-8 text (invalid byte at offset {e.start})") from None
+        raise UsageError(f"{what}: {path!r} is not UTF-8 text (invalid byte at offset {e.start})") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{what}: {path!r} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+        raise UsageError(f"{what}: {path!r} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
 
 
 def write_json_atomic(obj, path: str | os.PathLike, *, indent: int | None = 2) -> str:
@@ -28,3 +32,16 @@ def write_json_atomic(obj, path: str | os.PathLike, *, indent: int | None = 2) -
         json.dump(obj, f, indent=indent, default=str)
     os.replace(tmp, path)
     return path
+
+
+_ANNOUNCED: set[str] = set()
+
+
+def announce(msg: str) -> None:
+    """Say ``msg`` once per process on stderr (and to the ``fastcd`` logger); ``FASTCD_QUIET=1`` silences it."""
+    if msg in _ANNOUNCED:
+        return
+    _ANNOUNCED.add(msg)
+    logging.getLogger("fastcd").info(msg)
+    if os.environ.get("FASTCD_QUIET", "0") != "1":
+        print(msg, file=sys.stderr)

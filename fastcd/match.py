@@ -16,176 +16,22 @@ from __future__ import annotations
 import logging
 import random
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
 from fastcd import _ext
-from fastcd.discover import ALL, Circuit, _positions
-from fastcd.hooks import capture_z, mean_z
-from fastcd.io import read_json, write_json_atomic
+from fastcd.artifacts import Circuit, Matching, Pair
+from fastcd.cka import cka_matrix
+from fastcd.errors import UsageError
+from fastcd.hooks import ALL, capture_z, mean_z, role_positions
 from fastcd.models import Head, get_adapter, logits_at
-from fastcd.reference import check_cka_inputs, cka_matrix_ref
 from fastcd.tasks.base import EncodedBatch
 
 logger = logging.getLogger("fastcd")
 METHODS = ("ablation", "cka", "combined", "random")
-
-
-# ------------------------------------------------------------------------------------------------
-# All-pairs CKA: C++ scorer, vectorised torch, per-pair reference
-# ------------------------------------------------------------------------------------------------
-def cka_matrix_torch(a, b, *, chunk: int = 64, dtype=None) -> np.ndarray:
-    """All-pairs biased linear CKA in vectorised torch, Gram form, chunked over heads.
-
-    Each head's centred Gram's upper triangle (off-diagonals times sqrt 2) is one row, built in float64 and
-    normalised; all pairs are one matrix product of the rows in ``dtype`` (float64 by default; float32 for
-    twice the speed at about 1e-7). ``chunk`` heads' full Grams are alive at a time. Runs on the inputs' device.
-    """
-    if dtype not in (None, torch.float32, torch.float64):
-        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-    a = a if torch.is_tensor(a) else torch.as_tensor(np.asarray(a))
-    b = b if torch.is_tensor(b) else torch.as_tensor(np.asarray(b))
-    check_cka_inputs(a, b)
-    m = a.shape[1]
-    iu = torch.triu_indices(m, m, device=a.device)
-    w = torch.full((iu.shape[1],), 2.0**0.5, dtype=torch.float64, device=a.device)  # sqrt(2) in float32: 1e-8
-    w[iu[0] == iu[1]] = 1.0
-
-    def packed(x: torch.Tensor) -> torch.Tensor:
-        rows = []
-        for i in range(0, x.shape[0], chunk):
-            xc = x[i : i + chunk].double()
-            xc = xc - xc.mean(1, keepdim=True)  # [c, m, d]
-            g = xc @ xc.transpose(1, 2)  # [c, m, m]
-            rows.append(g[:, iu[0], iu[1]] * w)  # [c, P]
-            del g  # free the full Grams before the next chunk
-        return torch.cat(rows)
-
-    def unit(g: torch.Tensor) -> torch.Tensor:
-        n = g.norm(dim=1, keepdim=True)
-        return torch.where(n > 0, g / n.clamp_min(1e-300), torch.zeros_like(g)).to(dtype or torch.float64)
-
-    return (unit(packed(a)) @ unit(packed(b)).T).double().cpu().numpy()
-
-
-def cka_matrix(a, b, *, impl: str | None = None, form: str = "auto", max_bytes: int = 256 << 20,
-               precision: str = "float64") -> np.ndarray:
-    """All-pairs biased linear CKA, ``[heads_a, m, d_a] x [heads_b, m, d_b] -> [heads_a, heads_b]`` float64.
-
-    Args:
-        impl: ``"cpp"`` (fastcd._C, bounded memory), ``"torch"`` (vectorised), ``"python"`` (per-pair
-            reference) or None: the C++ scorer when built, torch otherwise (announced once).
-    """
-    if impl is None:
-        impl = "cpp" if _ext.HAS_CPP else "torch"
-        from fastcd.models import announce
-
-        announce(f"fastcd: CKA scorer uses {'fastcd._C (C++)' if impl == 'cpp' else 'the torch fallback'}")
-    if impl == "cpp":
-        if not _ext.HAS_CPP:
-            raise RuntimeError(f"impl='cpp' was asked for but fastcd._C is not built ({_ext.CPP_ERROR})")
-        a_np = _as_float_array(a)
-        b_np = _as_float_array(b)
-        try:
-            return _ext._C.cka_matrix(a_np, b_np, form, int(max_bytes), precision)
-        except (TypeError, RuntimeError) as e:
-            raise ValueError(str(e)) from None
-    if impl == "torch":
-        return cka_matrix_torch(a, b, dtype=torch.float32 if precision == "float32" else torch.float64)
-    if impl == "python":
-        return cka_matrix_ref(a, b)
-    raise ValueError(f"impl must be 'cpp', 'torch', 'python' or None, got {impl!r}")
-
-
-def _as_float_array(x) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu()
-        x = x.numpy() if x.dtype in (torch.float32, torch.float64) else x.double().numpy()
-    x = np.asarray(x)
-    if x.dtype not in (np.float32, np.float64):
-        x = x.astype(np.float64)
-    return np.ascontiguousarray(x)
-
-
-# ------------------------------------------------------------------------------------------------
-# Matching object
-# ------------------------------------------------------------------------------------------------
-@dataclass
-class Pair:
-    teacher: Head
-    student: Head
-    position: str  # position role where both heads' activations are taken
-    group: str = ""
-    scores: dict = field(default_factory=dict)
-
-    def to_json(self) -> dict:
-        return {"teacher": str(self.teacher), "student": str(self.student), "position": self.position,
-                "group": self.group, "scores": self.scores}
-
-
-@dataclass
-class Matching:
-    """Teacher -> student head pairs with their scores and positions; JSON with heads named ``L{l}H{h}``."""
-
-    pairs: list[Pair]
-    method: str
-    meta: dict = field(default_factory=dict)
-
-    def __post_init__(self):
-        if not self.pairs:
-            raise ValueError("matching must hold at least one pair")
-
-    def student_heads(self) -> list[Head]:
-        return sorted({p.student for p in self.pairs})
-
-    def teacher_heads(self) -> list[Head]:
-        return sorted({p.teacher for p in self.pairs})
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def __str__(self) -> str:
-        lines = [f"Matching({self.method}, {len(self.pairs)} pairs, {len(self.student_heads())} student heads)",
-                 f"  {'teacher':>8} -> {'student':<8} {'position':<14} scores"]
-        for p in self.pairs:
-            sc = " ".join(f"{k}={v:.3f}" for k, v in p.scores.items() if isinstance(v, float))
-            lines.append(f"  {str(p.teacher):>8} -> {str(p.student):<8} {p.position:<14} {sc}")
-        return "\n".join(lines)
-
-    def to_json(self) -> dict:
-        return {"method": self.method, "pairs": [p.to_json() for p in self.pairs], "meta": self.meta}
-
-    @classmethod
-    def from_json(cls, d: dict) -> Matching:
-        try:
-            pairs = [Pair(Head.parse(p["teacher"]), Head.parse(p["student"]), p["position"], p.get("group", ""),
-                          dict(p.get("scores", {}))) for p in d["pairs"]]
-            return cls(pairs, d["method"], d.get("meta", {}))
-        except KeyError as e:
-            raise ValueError(f"matching JSON is missing key {e}") from None
-
-    def save(self, path) -> None:
-        write_json_atomic(self.to_json(), path)
-
-    @classmethod
-    def load(cls, path) -> Matching:
-        return cls.from_json(read_json(path, "matching"))
-
-    def check_models(self, teacher, student) -> None:
-        """A clear error when a pair names a head that the models lack. Models or paths (checked from their
-        config, before any weight loads); None skips that side."""
-        from fastcd.models import spec_of
-
-        ts = None if teacher is None else spec_of(teacher)
-        ss = None if student is None else spec_of(student)
-        for p in self.pairs:
-            if ts is not None:
-                ts.check_head(p.teacher, "matching teacher head")
-            if ss is not None:
-                ss.check_head(p.student, "matching student head")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -206,7 +52,7 @@ def ablation_accuracies(model: nn.Module, clean: EncodedBatch, heads: list[tuple
 
     n, t = clean.input_ids.shape
     if not clean.equal_length or means.shape[1] != t:
-        raise ValueError("prompts must share one token length, the one the means were computed for")
+        raise UsageError("prompts must share one token length, the one the means were computed for")
     src = PatchSource("mean", means)
     by_role: dict[str, list[int]] = {}
     for k, (_, role) in enumerate(heads):
@@ -225,7 +71,7 @@ def ablation_accuracies(model: nn.Module, clean: EncodedBatch, heads: list[tuple
             h = heads[k][0]
             out[k] = base + float(res.scores[h.layer, h.head])
     if base is None:
-        raise ValueError("heads must name at least one (head, position role)")
+        raise UsageError("heads must name at least one (head, position role)")
     return base, out
 
 
@@ -284,15 +130,15 @@ def match_ablation(inp: MatchInputs, *, k: int | None = None, direction: str = "
                    metric: str = "accuracy") -> Matching:
     """The paper's rule: nearest ablation drop (Eq. 5), many-to-one; ties to the earliest head."""
     if direction not in ("student_to_teacher", "teacher_to_student"):
-        raise ValueError(f"direction must be 'student_to_teacher' or 'teacher_to_student', got {direction!r}")
+        raise UsageError(f"direction must be 'student_to_teacher' or 'teacher_to_student', got {direction!r}")
     if metric not in ("accuracy", "prob"):
-        raise ValueError(f"metric must be 'accuracy' (the paper's P) or 'prob' (continuous), got {metric!r}")
+        raise UsageError(f"metric must be 'accuracy' (the paper's P) or 'prob' (continuous), got {metric!r}")
     sc = scores or ablation_scores(inp, student_position=student_position, progress=progress, metric=metric)
     s_heads, s_drop = sc["student_heads"], np.array(sc["student_drop"])
     t_heads, t_drop = sc["teacher_heads"], np.array(sc["teacher_drop"])
     k = len(t_heads) if k is None else k
     if not isinstance(k, int) or not 1 <= k <= len(s_heads):
-        raise ValueError(f"k must be in 1..{len(s_heads)} (the student's heads), got {k}")
+        raise UsageError(f"k must be in 1..{len(s_heads)} (the student's heads), got {k}")
     # candidates: the K most impactful student heads; stable sort keeps the lower head first on ties
     cand = sorted(range(len(s_heads)), key=lambda i: (-s_drop[i], i))[:k]
     pairs = []
@@ -324,7 +170,7 @@ def head_activations(model: nn.Module, batch: EncodedBatch, heads: list[Head], r
     outs = []
     for i in range(0, len(batch), batch_size):
         sub = batch.index(range(i, min(i + batch_size, len(batch))))
-        pos = None if role == ALL else _positions(sub, role)
+        pos = None if role == ALL else role_positions(sub, role)
         with capture_z(model, heads, positions=pos, detach=True) as cache:
             logits_at(model, sub.positions["last"], input_ids=sub.input_ids.to(device))  # no full logits
         z = cache.stack().float().cpu()  # [b, k, H, D]
@@ -356,7 +202,7 @@ def match_cka(inp: MatchInputs, *, impl: str | None = None) -> Matching:
     """One-to-one assignment maximising total CKA between teacher circuit heads and student heads."""
     cka, t_heads, s_all = cka_scores(inp, impl=impl)
     if len(t_heads) > len(s_all):
-        raise ValueError(f"the circuit has {len(t_heads)} heads but the student only {len(s_all)}: "
+        raise UsageError(f"the circuit has {len(t_heads)} heads but the student only {len(s_all)}: "
                          "one-to-one assignment is impossible")
     pairs = [Pair(t_heads[i][0], s_all[j], t_heads[i][1], t_heads[i][2], {"cka": float(cka[i, j])})
              for i, j in _assign(1.0 - cka)]
@@ -367,7 +213,7 @@ def match_combined(inp: MatchInputs, *, weight: float = 0.5, impl: str | None = 
                    student_position: str = ALL, progress: bool = False) -> Matching:
     """One-to-one assignment minimising ``weight * (1 - CKA) + (1 - weight) * d_abl``."""
     if not 0.0 <= weight <= 1.0:
-        raise ValueError(f"weight must be in [0, 1], got {weight}")
+        raise UsageError(f"weight must be in [0, 1], got {weight}")
     cka, t_heads, s_all = cka_scores(inp, impl=impl)
     sc = ablation_scores(inp, student_position=student_position, progress=progress)
     d = np.abs(np.array(sc["teacher_drop"])[:, None] - np.array(sc["student_drop"])[None])  # [n_t, n_s]
@@ -378,21 +224,28 @@ def match_combined(inp: MatchInputs, *, weight: float = 0.5, impl: str | None = 
     return Matching(pairs, "combined", {"weight": weight})
 
 
-def match_random(circuit: Circuit, student: nn.Module, *, seed: int = 0) -> Matching:
-    """Each teacher circuit head paired with a random distinct student head (seeded control)."""
-    t_heads = _circuit_heads(circuit)
+def match_random(circuit_or_matching: Circuit | Matching, student: nn.Module, *, seed: int = 0) -> Matching:
+    """The random-pairing control (seeded). From a circuit: each teacher circuit unit paired with a random
+    distinct student head. From a matching: the same pairs (teacher heads, positions) and the same number of
+    trained student heads, each distinct student head replaced by a random distinct one."""
     s_all = get_adapter(student).spec.all_heads()
-    if len(t_heads) > len(s_all):
-        raise ValueError(f"the circuit has {len(t_heads)} heads but the student only {len(s_all)}")
-    pick = random.Random(seed).sample(s_all, len(t_heads))
-    pairs = [Pair(t, s, role, group, {}) for (t, role, group), s in zip(t_heads, pick)]
-    return Matching(pairs, "random", {"seed": seed})
+    if isinstance(circuit_or_matching, Matching):
+        units = [(p.teacher, p.position, p.group, p.student) for p in circuit_or_matching.pairs]
+        meta = {"seed": seed, "randomized_from": circuit_or_matching.method}
+    else:
+        units = [(t, role, group, i) for i, (t, role, group) in enumerate(_circuit_heads(circuit_or_matching))]
+        meta = {"seed": seed}
+    mine = list(dict.fromkeys(u[3] for u in units))  # the distinct student heads to re-draw
+    if len(mine) > len(s_all):
+        raise UsageError(f"the circuit has {len(mine)} heads but the student only {len(s_all)}")
+    repl = dict(zip(mine, random.Random(seed).sample(s_all, len(mine))))
+    return Matching([Pair(t, repl[key], role, group, {}) for t, role, group, key in units], "random", meta)
 
 
 def match(inp: MatchInputs, method: str = "ablation", **kwargs) -> Matching:
     """Dispatch to the matchers: ``ablation``, ``cka``, ``combined`` or ``random``."""
     if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        raise UsageError(f"method must be one of {METHODS}, got {method!r}")
     if method == "ablation":
         return match_ablation(inp, **kwargs)
     if method == "cka":

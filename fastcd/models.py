@@ -1,4 +1,4 @@
-"""Model adapters: where the heads live in a Hugging Face causal LM, and offline loading.
+"""Model adapters: where the heads live in a Hugging Face causal LM (loading is :mod:`fastcd.loading`).
 
 An adapter answers, for one architecture family: the decoder layers, the attention output projection
 whose *input* is the per-head output z (``[batch, pos, n_heads * d_head]``), the head counts (GQA
@@ -8,15 +8,15 @@ included) and the parameter slices that belong to one head.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import logging
-import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from torch import nn
+
+from fastcd.errors import UsageError, UsageTypeError
 
 logger = logging.getLogger("fastcd")
 
@@ -42,7 +42,7 @@ class Head(NamedTuple):
 
         m = re.fullmatch(r"L(\d+)H(\d+)", name.strip())
         if m is None:
-            raise ValueError(f"head name must look like 'L3H8', got {name!r}")
+            raise UsageError(f"head name must look like 'L3H8', got {name!r}")
         return cls(int(m.group(1)), int(m.group(2)))
 
 
@@ -69,10 +69,10 @@ class ModelSpec:
 
     def check_head(self, head: Head, name: str = "head") -> Head:
         if not isinstance(head, tuple) or len(head) != 2:
-            raise TypeError(f"{name} must be a Head(layer, head), got {head!r}")
+            raise UsageTypeError(f"{name} must be a Head(layer, head), got {head!r}")
         head = Head(int(head[0]), int(head[1]))
         if not (0 <= head.layer < self.n_layers and 0 <= head.head < self.n_heads):
-            raise ValueError(
+            raise UsageError(
                 f"{name} {head} is out of range for this model: {self.n_layers} layers x {self.n_heads} heads "
                 f"(layers 0..{self.n_layers - 1}, heads 0..{self.n_heads - 1})"
             )
@@ -91,8 +91,8 @@ class ParamSlice(NamedTuple):
     index: slice
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    # DDP / compiled wrappers
+def unwrap(model: nn.Module) -> nn.Module:
+    """The Hugging Face model inside DDP / ``torch.compile`` wrappers."""
     while hasattr(model, "module") and isinstance(model.module, nn.Module) and not hasattr(model, "config"):
         model = model.module
     return getattr(model, "_orig_mod", model)
@@ -102,10 +102,10 @@ class ModelAdapter:
     """Finds layers, projections and head slices in one architecture family."""
 
     def __init__(self, model: nn.Module):
-        self.model = _unwrap(model)
+        self.model = unwrap(model)
         cfg = getattr(self.model, "config", None)
         if cfg is None:
-            raise TypeError(
+            raise UsageTypeError(
                 f"model must be a Hugging Face PreTrainedModel with a .config, got {type(model).__name__}"
             )
         self.config = cfg
@@ -188,7 +188,7 @@ class LlamaLikeAdapter(ModelAdapter):
         inner = self.model.model
         orig = inner.layers
         if not 0 <= layer < len(orig):
-            raise ValueError(f"layer must be in 0..{len(orig) - 1}, got {layer}")
+            raise UsageError(f"layer must be in 0..{len(orig) - 1}, got {layer}")
         inner.layers = nn.ModuleList(list(orig)[layer:])  # the hooks live on the modules, so they still fire
         try:
             yield
@@ -262,10 +262,10 @@ class GPT2Adapter(ModelAdapter):
 
 def get_adapter(model: nn.Module) -> ModelAdapter:
     """The adapter for ``model``'s architecture; a clear error for an unsupported one."""
-    inner = _unwrap(model)
+    inner = unwrap(model)
     cfg = getattr(inner, "config", None)
     if cfg is None:
-        raise TypeError(
+        raise UsageTypeError(
             f"model must be a Hugging Face PreTrainedModel with a .config, got {type(model).__name__}"
         )
     model_type = getattr(cfg, "model_type", None)
@@ -273,7 +273,7 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
         return LlamaLikeAdapter(inner)
     if model_type in _GPT2_LIKE:
         return GPT2Adapter(inner)
-    raise ValueError(
+    raise UsageError(
         f"model: unsupported architecture {model_type!r} ({type(inner).__name__}); "
         f"supported model_type values: {', '.join(SUPPORTED_ARCHITECTURES)}"
     )
@@ -285,7 +285,7 @@ def model_spec(model: nn.Module) -> ModelSpec:
 
 def accepts_logits_to_keep(model: nn.Module) -> bool:
     """Whether the model's forward takes ``logits_to_keep`` (checked once per model class: on the hot path)."""
-    return _class_accepts_logits_to_keep(type(_unwrap(model)))
+    return _class_accepts_logits_to_keep(type(unwrap(model)))
 
 
 @functools.cache
@@ -311,7 +311,7 @@ def logits_at(model: nn.Module, positions: torch.Tensor, **forward_kwargs):
     n = mod.shape[0]
     pos = positions.to(device).long().reshape(-1)
     if pos.shape[0] != n:
-        raise ValueError(f"positions must hold one position per row ({n}), got {pos.shape[0]}")
+        raise UsageError(f"positions must hold one position per row ({n}), got {pos.shape[0]}")
     rows = torch.arange(n, device=device)
     if accepts_logits_to_keep(model):
         uniq, inv = torch.unique(pos, return_inverse=True)
@@ -319,213 +319,3 @@ def logits_at(model: nn.Module, positions: torch.Tensor, **forward_kwargs):
         return out.logits[rows, inv], out
     out = model(**forward_kwargs)
     return out.logits[rows, pos], out
-
-
-# ------------------------------------------------------------------------------------------------
-# Loading
-# ------------------------------------------------------------------------------------------------
-_ANNOUNCED: set[str] = set()
-
-
-def announce(msg: str) -> None:
-    """Say ``msg`` once per process on stderr (and to the ``fastcd`` logger); ``FASTCD_QUIET=1`` silences it."""
-    if msg in _ANNOUNCED:
-        return
-    _ANNOUNCED.add(msg)
-    logger.info(msg)
-    if os.environ.get("FASTCD_QUIET", "0") != "1":
-        import sys
-
-        print(msg, file=sys.stderr)
-
-
-def has_flash_attn() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None
-
-
-def pick_attn_implementation(device: str | torch.device | None) -> str:
-    """``flash_attention_2`` when flash-attn is installed and the device is CUDA, ``sdpa`` otherwise."""
-    dev = torch.device(device) if device is not None else torch.device("cpu")
-    if dev.type == "cuda" and has_flash_attn():
-        return "flash_attention_2"
-    return "sdpa"
-
-
-_DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64,
-}
-
-
-def parse_dtype(dtype) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if isinstance(dtype, str) and dtype in _DTYPES:
-        return _DTYPES[dtype]
-    raise ValueError(f"dtype must be a torch.dtype or one of {sorted(_DTYPES)}, got {dtype!r}")
-
-
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
-
-
-def check_model_path(path_or_name, what: str = "path", *, weights: bool = True) -> str:
-    """Resolve a model argument (directory, GGUF file, packaged model name) and check, before anything loads,
-    that it exists, names a supported architecture and (for a Hugging Face directory) holds weights. Errors name
-    ``what`` (e.g. ``"teacher"``). Returns the resolved path."""
-    from fastcd import zoo
-    from fastcd.convert import check_architecture, find_gguf
-
-    path = os.fspath(zoo.resolve(os.fspath(path_or_name)))
-    if not os.path.exists(path):
-        raise FileNotFoundError(
-            f"{what}: {path!r} is not a local directory or GGUF file; fastcd loads only local models "
-            f"(download the weights first, or name a packaged model: {', '.join(zoo.MODELS)})"
-        )
-    gguf = find_gguf(path, what)
-    check_architecture(path, what)  # from config.json / GGUF metadata, before any weight loads
-    if weights and gguf is None and not any(os.path.isfile(os.path.join(path, f)) for f in WEIGHT_FILES) and not any(
-            f.endswith(".safetensors") for f in os.listdir(path)):
-        raise FileNotFoundError(f"{what}: {path!r} has a config.json but no weights (model.safetensors, "
-                                "pytorch_model.bin or their sharded index)")
-    return path
-
-
-def load_model(path_or_module, *, dtype=None, device=None, attn_implementation: str | None = None,
-               what: str = "path_or_module"):
-    """Load a causal LM from a local Hugging Face directory (never the network), or take a module as is.
-
-    Args:
-        path_or_module: a directory with ``config.json`` and weights, a ``.gguf`` file (or a directory holding
-            exactly one; dequantized, needs ``fastcd[gguf]``), the name of a prepared packaged model
-            (``fastcd models``), or an ``nn.Module``. The architecture is checked (config.json / GGUF metadata)
-            before any weight loads.
-        dtype: ``torch.dtype`` or a name (``"bf16"``, ``"float32"`` ...); None keeps the stored dtype (float32
-            for GGUF).
-        device: where to put the model (default: CPU).
-        attn_implementation: override; by default flash-attn when installed and on CUDA, sdpa otherwise.
-        what: the argument name used in error messages (``"teacher"``, ``"student"``).
-
-    Returns:
-        The model in eval mode.
-    """
-    dtype = parse_dtype(dtype)
-    if isinstance(path_or_module, nn.Module):
-        model = path_or_module
-        if dtype is not None or device is not None:
-            model = model.to(device=device, dtype=dtype)
-        get_adapter(model)  # validate the architecture early
-        return model
-    if not isinstance(path_or_module, (str, os.PathLike)):
-        raise TypeError(f"path_or_module must be a local directory path or an nn.Module, got {type(path_or_module)}")
-    from fastcd.convert import find_gguf, load_gguf_model
-
-    check_device(device, "device")
-    path = check_model_path(path_or_module, what)
-    gguf = find_gguf(path, what)
-    from transformers import AutoModelForCausalLM
-
-    impl = attn_implementation or pick_attn_implementation(device)
-    announce(f"fastcd: attention implementation {impl} (flash-attn on CUDA when installed, sdpa otherwise)")
-    if gguf is not None:
-        model = load_gguf_model(gguf, dtype=dtype, attn_implementation=impl)
-    else:
-        try:
-            model = AutoModelForCausalLM.from_pretrained(
-                path, local_files_only=True, dtype=dtype if dtype is not None else "auto", attn_implementation=impl
-            )
-        except Exception as e:  # noqa: BLE001 - SafetensorError has no importable base; others re-raise
-            if type(e).__name__ == "SafetensorError" or isinstance(e, OSError):
-                raise ValueError(f"{what}: the weights in {path!r} cannot be read ({type(e).__name__}: "
-                                 f"{str(e).splitlines()[0][:150]}); a truncated or partial download?") from None
-            raise
-    if device is not None:
-        model = model.to(device)
-    model.eval()
-    get_adapter(model)
-    return model
-
-
-def check_device(device, what: str = "device") -> None:
-    """A one-line error for a device this torch cannot use (``cuda`` on a CPU build, a bad name)."""
-    if device is None:
-        return
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"{what}: {device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1')") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"{what}: {device!r} was asked for but this torch ({torch.__version__}) sees no CUDA "
-                             "device; leave it unset to run on the CPU")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"{what}: {device!r} but only {torch.cuda.device_count()} CUDA device(s) are visible")
-    elif dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"{what}: 'mps' was asked for but MPS is not available here")
-
-
-def memory_budget() -> int:
-    """Bytes one batched forward may use for activations: ``$FASTCD_MEMORY_BUDGET`` (e.g. ``4G``, ``512M``,
-    bytes), default 2 GiB."""
-    raw = os.environ.get("FASTCD_MEMORY_BUDGET", "2G").strip().upper()
-    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    try:
-        if raw and raw[-1] in mult:
-            return int(float(raw[:-1]) * mult[raw[-1]])
-        return int(raw)
-    except ValueError:
-        raise ValueError(f"FASTCD_MEMORY_BUDGET must be bytes or a size like '4G', got {raw!r}") from None
-
-
-def rows_for_budget(model: nn.Module, seq_len: int, *, budget: int | None = None, cap: int = 4096) -> int:
-    """How many prompt rows of length ``seq_len`` one no-grad forward may take within the memory budget.
-
-    Per row and layer: the residual stream and its normed copies (~6 x d_model), the MLP (3 x d_ff), attention
-    scores (n_heads x T, eager) and the patch plan (n_heads x d_head), times T, plus one row of logits."""
-    s = model_spec(model)
-    cfg = _unwrap(model).config
-    d_ff = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * s.d_model
-    item = next(model.parameters()).element_size()
-    per_row = item * (seq_len * (6 * s.d_model + 3 * d_ff + s.n_heads * seq_len + s.n_heads * s.d_head)
-                      + s.vocab_size)
-    return int(max(1, min(cap, (budget or memory_budget()) // per_row)))
-
-def spec_of(path_or_module, what: str = "model") -> ModelSpec:
-    """The shape facts of a model without loading its weights (config.json or GGUF metadata), or of a module.
-    Errors name ``what``."""
-    if isinstance(path_or_module, nn.Module):
-        return model_spec(path_or_module)
-    from transformers import AutoConfig
-
-    from fastcd.convert import find_gguf
-
-    path = check_model_path(path_or_module, what, weights=False)  # config only: no weights needed
-    gguf = find_gguf(path, what)
-    if gguf is None:
-        cfg = AutoConfig.from_pretrained(path, local_files_only=True)
-    else:
-        cfg = AutoConfig.from_pretrained(os.path.dirname(os.path.abspath(gguf)), gguf_file=os.path.basename(gguf),
-                                         local_files_only=True)
-
-    class _Shell(nn.Module):
-        config = cfg
-
-    adapter = GPT2Adapter if cfg.model_type in _GPT2_LIKE else LlamaLikeAdapter
-    return adapter(_Shell()).spec
-
-
-def load_tokenizer(path: str | os.PathLike, what: str = "path"):
-    """The tokenizer stored in a local model directory, a GGUF file or a prepared packaged model (never the
-    network). Errors name ``what``."""
-    from transformers import AutoTokenizer
-
-    from fastcd import zoo
-    from fastcd.convert import find_gguf, load_gguf_tokenizer
-
-    path = os.fspath(zoo.resolve(os.fspath(path)))
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{what}: {path!r} is not a local directory or GGUF file")
-    gguf = find_gguf(path, what)
-    if gguf is not None:
-        return load_gguf_tokenizer(gguf)
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)

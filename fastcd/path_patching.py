@@ -26,19 +26,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fastcd.discover import (
-    Circuit,
-    CircuitHead,
-    PatchingResult,
-    PatchSource,
-    _check_common,
-    _clean_metric,
-    _positions,
-    metric_values,
-    relative_change,
-)
-from fastcd.hooks import intervene, run_with_z
-from fastcd.models import Head, get_adapter, logits_at, rows_for_budget
+from fastcd.artifacts import Circuit, CircuitHead
+from fastcd.discover import PatchingResult, PatchSource
+from fastcd.errors import UsageError
+from fastcd.hooks import intervene, role_positions, run_with_z
+from fastcd.loading import rows_for_budget
+from fastcd.metrics import check_common, clean_metric, metric_values, relative_change
+from fastcd.models import Head, get_adapter, logits_at
 from fastcd.tasks.base import EncodedBatch
 
 
@@ -123,22 +117,22 @@ def path_patch(model: nn.Module, clean: EncodedBatch, corrupt_z: torch.Tensor, *
     Returns:
         A :class:`PatchingResult`; senders that cannot reach any receiver (same or later layer) are NaN.
     """
-    _check_common(clean, metric, batch_size)
+    check_common(clean, metric, batch_size)
     if receiver_input not in ("logits", "q", "v"):
-        raise ValueError(f"receiver_input must be 'logits', 'q' or 'v', got {receiver_input!r}")
+        raise UsageError(f"receiver_input must be 'logits', 'q' or 'v', got {receiver_input!r}")
     if receiver_input != "logits" and not receivers:
-        raise ValueError("receivers must be a non-empty list of heads for q/v composition")
+        raise UsageError("receivers must be a non-empty list of heads for q/v composition")
     spec = get_adapter(model).spec
     device = next(model.parameters()).device
     n, t = clean.input_ids.shape
     if corrupt_z.shape[:3] != (spec.n_layers, n, t):
-        raise ValueError(f"corrupt_z must be [L={spec.n_layers}, n={n}, T={t}, H, D], got {tuple(corrupt_z.shape)}")
+        raise UsageError(f"corrupt_z must be [L={spec.n_layers}, n={n}, T={t}, H, D], got {tuple(corrupt_z.shape)}")
     receivers = [spec.check_head(h, "receivers") for h in (receivers or [])]
     _, clean_z = run_with_z(model, clean.input_ids.to(device), logits=False)  # [L, n, T, H, D]
-    base, fw = _clean_metric(model, clean, metric, None, batch_size)
+    base, fw = clean_metric(model, clean, metric, None, batch_size)
     fw += 1  # the clean run that recorded clean_z
-    s_pos = _positions(clean, sender_position)  # [n, 1]
-    r_pos = _positions(clean, receiver_position if receiver_input == "q" else sender_position)
+    s_pos = role_positions(clean, sender_position)  # [n, 1]
+    r_pos = role_positions(clean, receiver_position if receiver_input == "q" else sender_position)
     max_layer = spec.n_layers if receiver_input == "logits" else max(h.layer for h in receivers)
     senders = [h for h in spec.all_heads() if h.layer < max_layer]
     total = len(senders) * n
@@ -201,7 +195,7 @@ def entity_tracking_circuit(model: nn.Module, clean: EncodedBatch, corrupt: Enco
     from tqdm import tqdm
 
     if len(k) != 4 or any((not isinstance(x, int)) or x < 1 for x in k):
-        raise ValueError(f"k must be four positive integers (one per group), got {k}")
+        raise UsageError(f"k must be four positive integers (one per group), got {k}")
     device = next(model.parameters()).device
     spec = get_adapter(model).spec
     zs = []
@@ -209,7 +203,7 @@ def entity_tracking_circuit(model: nn.Module, clean: EncodedBatch, corrupt: Enco
         zs.append(run_with_z(model, corrupt.input_ids[i : i + 64].to(device), logits=False)[1])
     corrupt_z = torch.cat(zs, dim=1)
     if corrupt_z.shape[2] != clean.input_ids.shape[1]:
-        raise ValueError("clean and corrupt prompts must have one token length where positions align")
+        raise UsageError("clean and corrupt prompts must have one token length where positions align")
     groups = [GroupSpec(g.name, g.position, kk, g.receiver_input, g.receivers_from) for g, kk in zip(ET_GROUPS, k)]
     chosen: dict[str, list[Head]] = {}
     results: dict[str, PatchingResult] = {}
@@ -231,7 +225,7 @@ def entity_tracking_circuit(model: nn.Module, clean: EncodedBatch, corrupt: Enco
             skipped.append(g.name)
         heads += [CircuitHead(h, g.name, g.position, s) for h, s in top]
     if not heads:
-        raise ValueError("path patching found no head whose patch lowers the metric; is the model solving the task?")
+        raise UsageError("path patching found no head whose patch lowers the metric; is the model solving the task?")
     circuit = Circuit(heads, "entity-tracking", spec.n_layers, spec.n_heads,
                       {"method": "path_patching", "metric": metric, "k": list(k), "empty_groups": skipped})
     return circuit, results

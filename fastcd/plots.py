@@ -1,79 +1,247 @@
-"""PNG figures (matplotlib, Agg backend): head-score heatmaps, matchings and loss curves."""
+"""PNG figures: head-score heatmaps, the teacher x student CKA matrix, training curves as small multiples, and an
+experiment's accuracy, sample-efficiency and lambda plots.
+
+Every function builds a :class:`matplotlib.figure.Figure` directly (no pyplot state, the global backend is never
+switched), writes it when given a path, and returns the Figure. One colour scale per figure, with a labelled
+colourbar; small grids carry their values.
+"""
 
 from __future__ import annotations
 
 import os
 
+from fastcd.errors import UsageError
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+METHOD_ORDER = ("full-ce", "kd", "circuit-ce", "cka", "ce+rand-cka", "ce+perm-cka", "ce+cka")
+METRIC_LABELS = {"prob": "p(answer)", "logprob": "log p(answer)", "logit_diff": "logit difference",
+                 "accuracy": "accuracy"}
 
 
-def head_heatmaps(panels: dict, path: str | os.PathLike, *, title: str = "", marked: dict | None = None) -> str:
-    """One heatmap per panel of a ``[layers, heads]`` score matrix; NaN cells (no path) are grey.
+def _figure(w: float, h: float):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(w, h), layout="constrained")
+
+
+def _save(fig, path) -> None:
+    if path is not None:
+        fig.savefig(os.fspath(path), dpi=110)
+
+
+def method_colors() -> dict:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10"]
+    return {m: cmap(i) for i, m in enumerate(METHOD_ORDER)}
+
+
+def _annotate(ax, values, fmt: str, *, white, max_cells: int = 144) -> None:
+    """Write each cell's value when the grid is small enough to read; ``white(x)``: the cell is dark."""
+    import numpy as np
+
+    v = np.asarray(values, dtype=float)
+    if v.size > max_cells:
+        return
+    for (i, j), x in np.ndenumerate(v):
+        if np.isfinite(x):
+            text = format(x, fmt)
+            text = text[1:] if text.startswith("-") and float(text) == 0 else text  # no "-0.00"
+            ax.text(j, i, text, ha="center", va="center", fontsize=6,
+                    color="white" if white(x) else "black")
+
+
+def head_heatmaps(panels: dict, path: str | os.PathLike | None = None, *, title: str = "",
+                  marked: dict | None = None, metric: str = "prob", relative: bool = True, label: str | None = None,
+                  marked_label: str = "circuit heads"):
+    """One heatmap per panel of a ``[layers, heads]`` score matrix, all on one symmetric colour scale (a panel of
+    1e-4 reads pale beside one of -0.9), one labelled colourbar, circuit heads outlined, NaN cells (no path) grey,
+    values written on grids up to 144 cells.
 
     Args:
         panels: ``{name: tensor [n_layers, n_heads]}``.
-        marked: ``{name: [Head, ...]}`` heads to outline (the chosen circuit).
+        marked: ``{name: [Head, ...]}`` heads to outline.
+        metric, relative: what the scores are (for the colourbar label); ``label`` overrides it.
     """
     import numpy as np
+    from matplotlib import colormaps
+    from matplotlib.patches import Rectangle
 
-    plt = _plt()
-    n = len(panels)
-    if n == 0:
-        raise ValueError("panels must hold at least one score matrix")
-    fig, axes = plt.subplots(1, n, figsize=(3.2 * n + 1, 3.2), squeeze=False)
-    for ax, (name, scores) in zip(axes[0], panels.items()):
-        s = np.asarray(scores, dtype=float)
-        lim = np.nanmax(np.abs(s)) if np.isfinite(s).any() else 1.0
-        lim = lim if lim > 0 else 1.0
-        cmap = plt.get_cmap("RdBu").with_extremes(bad="#cccccc")
+    if not panels:
+        raise UsageError("panels must hold at least one score matrix")
+    mats = {k: np.asarray(v, dtype=float) for k, v in panels.items()}
+    finite = [np.abs(m[np.isfinite(m)]).max() for m in mats.values() if np.isfinite(m).any()]
+    lim = max(finite) if finite and max(finite) > 0 else 1.0
+    n = len(mats)
+    rows, cols = next(iter(mats.values())).shape
+    fig = _figure(max(3.0, 0.28 * cols + 1.2) * n + 1.2, max(2.6, 0.28 * rows + 1.4))
+    axes = fig.subplots(1, n, squeeze=False)[0]
+    cmap = colormaps["RdBu"].with_extremes(bad="#cccccc")
+    im = None
+    for ax, (name, s) in zip(axes, mats.items()):
         im = ax.imshow(np.ma.masked_invalid(s), cmap=cmap, vmin=-lim, vmax=lim, aspect="auto")
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("head")
         ax.set_ylabel("layer")
         ax.set_xticks(range(s.shape[1]))
         ax.set_yticks(range(s.shape[0]))
+        ax.tick_params(labelsize=6 if s.shape[1] > 16 else 8)
+        _annotate(ax, s, ".2f", white=lambda x: abs(x) > 0.6 * lim)  # RdBu is dark at both ends
         for h in (marked or {}).get(name, []):
-            ax.add_patch(plt.Rectangle((h.head - 0.5, h.layer - 0.5), 1, 1, fill=False, ec="black", lw=1.5))
-        fig.colorbar(im, ax=ax, fraction=0.046)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = os.fspath(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+            ax.add_patch(Rectangle((h.head - 0.5, h.layer - 0.5), 1, 1, fill=False, ec="black", lw=1.5))
+    what = METRIC_LABELS.get(metric, metric)
+    cbar = label or (f"relative change in {what}" if relative else f"change in {what}")
+    fig.colorbar(im, ax=list(axes), fraction=0.046, label=cbar)
+    fig.suptitle((title + "\n" if title else "") + f"colour: {cbar} when the head is patched"
+                 + (f"; outlined: {marked_label}" if marked else ""), fontsize=9)
+    _save(fig, path)
+    return fig
 
 
-def line_plot(series: dict, path: str | os.PathLike, *, xlabel: str = "step", ylabel: str = "", title: str = ""):
-    """``series = {label: (xs, ys)}`` on one axis."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    for label, (xs, ys) in series.items():
-        ax.plot(xs, ys, label=label)
+def matching_cells(units: list, students: list, matching) -> list[tuple[int, int]]:
+    """The (row, column) cell of each matched pair in a units x students matrix; a row is a (teacher head, role)
+    unit, since one teacher head may sit in the circuit at several roles."""
+    return [(units.index((p.teacher, p.position)), students.index(p.student)) for p in matching.pairs]
+
+
+def cka_matrix_plot(cka, rows: list[str], cols: list[str], path: str | os.PathLike | None = None, *,
+                    chosen: list[tuple[int, int]] = (), title: str = "", chosen_label: str = "matched"):
+    """The teacher x student CKA matrix on a colour scale from 0 to its largest value (labelled), rows named with
+    their role (``L0H2 @last``), the matched cells outlined, values written on small matrices."""
+    import numpy as np
+    from matplotlib.patches import Rectangle
+
+    c = np.asarray(cka, dtype=float)
+    top = float(np.nanmax(c)) if np.isfinite(c).any() else 1.0
+    fig = _figure(max(4.0, 0.32 * len(cols) + 2.6), max(2.6, 0.34 * len(rows) + 1.8))
+    ax = fig.subplots()
+    im = ax.imshow(c, cmap="viridis", vmin=0.0, vmax=max(top, 1e-6), aspect="auto")
+    ax.set_yticks(range(len(rows)), rows, fontsize=7)
+    ax.set_xticks(range(len(cols)), cols, rotation=90, fontsize=6 if len(cols) > 24 else 7)
+    _annotate(ax, c, ".2f", white=lambda x: x < 0.55 * top, max_cells=120)  # viridis is dark at the low end
+    for i, j in chosen:
+        ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="red", lw=1.5))
+    ax.set_xlabel("student head")
+    ax.set_ylabel("teacher circuit unit (head @ role)")
+    ax.set_title(title or f"linear CKA, teacher x student (red: {chosen_label})", fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046, label=f"linear CKA (0 to max {top:.2f})")
+    _save(fig, path)
+    return fig
+
+
+CURVE_PARTS = (("ce", "CE"), ("cka_loss", "sum over pairs of (1 - CKA)"), ("mean_cka", "mean CKA of the pairs"),
+               ("kd", "KD"), ("val_accuracy", "validation accuracy"))
+
+
+def curves_plot(logs: dict, path: str | os.PathLike | None = None, *, title: str = ""):
+    """Training curves as small multiples: one panel per loss part (each its own scale) and one for validation
+    accuracy, colour by method. ``logs = {method: log}`` or ``{method: [log, log, ...]}`` (several seeds)."""
+    colors = method_colors()
+    runs = [(m, lg) for m, v in logs.items() for lg in (v if v and isinstance(v[0], list) else [v])]
+    present = [(k, t) for k, t in CURVE_PARTS if any(k in row for _, lg in runs for row in lg)]
+    if not present:
+        return None
+    fig = _figure(3.1 * len(present) + 1.8, 2.9)
+    axes = fig.subplots(1, len(present), squeeze=False)[0]
+    for ax, (k, name) in zip(axes, present):
+        for m, lg in runs:
+            xs = [row["step"] for row in lg if k in row]
+            if xs:
+                ax.plot(xs, [row[k] for row in lg if k in row], color=colors.get(m, "C0"), alpha=0.7, lw=1,
+                        marker="o" if len(xs) < 4 else None, ms=3)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("step")
+        if k in ("val_accuracy", "mean_cka"):
+            ax.set_ylim(0, 1.02)
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=colors.get(m, "C0"), label=m) for m in dict.fromkeys(m for m, _ in runs)]
+    fig.legend(handles=handles, fontsize=7, loc="outside right center")
+    fig.suptitle(title or "training curves (colour = method; each panel its own scale)", fontsize=9)
+    _save(fig, path)
+    return fig
+
+
+def accuracy_plot(report: dict, path: str | os.PathLike | None = None):
+    """Test accuracy per method, one panel per setting: every seed a dot, the mean with its 95% t-interval."""
+    colors = method_colors()
+    rows = report["table"]
+    groups = list(dict.fromkeys(r["setting"] for r in rows))
+    width = max(len([r for r in rows if r["setting"] == g]) for g in groups)
+    fig = _figure(max(6.5, 0.8 * width + 2.5), 3.3 * len(groups) + 0.6)
+    axes = fig.subplots(len(groups), 1, squeeze=False)[:, 0]
+    for ax, g in zip(axes, groups):
+        rs = [r for r in rows if r["setting"] == g]
+        for i, r in enumerate(rs):
+            c = colors.get(r["method"], "C0")
+            ax.scatter([i] * len(r["per_seed"]), r["per_seed"], color=c, s=14, alpha=0.6)
+            a = r["accuracy"]
+            if a.get("lo") is not None:
+                ax.errorbar([i], [a["mean"]], yerr=[[a["mean"] - max(a["lo"], 0.0)], [min(a["hi"], 1.0) - a["mean"]]],
+                            color=c, capsize=4, marker="_", ms=14)
+            else:
+                ax.scatter([i], [a["mean"]], color=c, marker="_", s=200)
+        _refs(ax, report)
+        ax.set_xticks(range(len(rs)), [f"{r['method']}\n{r['matching'] or ''}"
+                                       + (f"\nλ={r['lam']}" if r["lam"] is not None else "") for r in rs], fontsize=7)
+        ax.set_ylabel(f"test accuracy (n={report['n_test']})")
+        ax.set_ylim(0, 1.02)
+        ax.set_title(g, fontsize=8)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle("test accuracy per method\ndots: seeds; bar: mean and 95% t-interval over seeds (cut at 0 and 1)",
+                 fontsize=9)
+    _save(fig, path)
+    return fig
+
+
+def _refs(ax, report: dict) -> None:
+    control = bool(report["config"].get("positive_control"))
+    t_label, b_label = ("intact model", "damaged copy (untrained)") if control else ("teacher", "untrained student")
+    t, b = report.get("teacher_accuracy"), (report.get("base") or {}).get("accuracy")
+    if t is not None:
+        ax.axhline(t, color="black", ls="--", lw=1, label=f"{t_label} {t:.2f}")
+    if b is not None:
+        ax.axhline(b, color="grey", ls=":", lw=1, label=f"{b_label} {b:.2f}")
+
+
+def sweep_plot(report: dict, recs: list[dict], var: str, xlabel: str, path: str | os.PathLike | None = None):
+    """Test accuracy against a swept setting (``n_train``: sample efficiency; ``lam``), per method and matching
+    rule, mean and 95% t-interval over seeds; None when the setting takes fewer than two values."""
+    from fastcd.report import mean_ci
+
+    vals = sorted({r["setting"][var] for r in recs if r["setting"].get(var) not in (None, "auto")})
+    if len(vals) < 2:
+        return None
+    colors = method_colors()
+    styles = {"ablation": "-", "cka": "--", "combined": "-.", "identity": ":", None: "-"}
+    fig = _figure(8.0, 3.8)
+    ax = fig.subplots()
+    by: dict = {}
+    for r in recs:
+        if r["setting"].get(var) not in (None, "auto"):
+            by.setdefault((r["method"], r["setting"].get("matching")), {}).setdefault(r["setting"][var], []).append(
+                r["accuracy"])
+    order = {m: i for i, m in enumerate(METHOD_ORDER)}
+    for j, ((m, rule), d) in enumerate(sorted(by.items(), key=lambda kv: (order.get(kv[0][0], 99), str(kv[0][1])))):
+        xs = sorted(d)
+        cis = [mean_ci(d[x]) for x in xs]
+        ys = [c["mean"] for c in cis]
+        err = [[y - max(c["lo"], 0.0) if c["lo"] is not None else 0 for y, c in zip(ys, cis)],
+               [min(c["hi"], 1.0) - y if c["hi"] is not None else 0 for y, c in zip(ys, cis)]]
+        shift = [x * (1 + 0.02 * (j - len(by) / 2)) for x in xs]  # spread the error bars a little
+        ax.errorbar(shift, ys, yerr=err, marker="o", ms=4, capsize=2, color=colors.get(m, "C0"),
+                    ls=styles.get(rule, "-"), label=f"{m} ({rule})" if rule else m)
+    _refs(ax, report)
+    ax.set_xscale("log")
+    ax.set_xticks(vals, [str(v) for v in vals])
+    ax.minorticks_off()
     ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    if title:
-        ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.fspath(path), dpi=110)
-    plt.close(fig)
-    return os.fspath(path)
+    ax.set_ylabel(f"test accuracy (n={report['n_test']})")
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left")
+    ax.set_title(f"test accuracy vs {xlabel}: mean and 95% t-interval over seeds", fontsize=9)
+    _save(fig, path)
+    return fig
 
 
-LOSS_PARTS = {"ce": "CE", "cka_loss": "sum(1-CKA)", "kd": "KD"}
-
-
-def loss_series(log: list[dict], prefix: str = "") -> dict:
-    """``{label: (steps, values)}`` for each loss part (CE, sum(1-CKA), KD) present in a distillation log."""
-    if not log:
-        return {}
-    steps = [r["step"] for r in log]
-    return {f"{prefix}{label}": (steps, [r[key] for r in log]) for key, label in LOSS_PARTS.items() if key in log[0]}
+__all__ = ["accuracy_plot", "cka_matrix_plot", "curves_plot", "head_heatmaps", "matching_cells", "method_colors",
+           "sweep_plot"]

@@ -17,89 +17,15 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import torch
 
-from fastcd.discover import accuracy_per_example
+from fastcd.cli_args import PretrainConfig
+from fastcd.errors import InputFileError, UsageError
+from fastcd.metrics import accuracy_per_example
 from fastcd.tasks import EntityTracking, TheoryOfMind, split_of
 from fastcd.tokenizer import build_word_tokenizer
-
-
-@dataclass
-class PretrainConfig:
-    task: str = "entity-tracking"
-    role: str = "teacher"
-    out: str = "runs/pretrain"
-    seed: int = 0
-    # model
-    n_layers: int = 4
-    d_model: int = 128
-    n_heads: int = 4
-    n_kv_heads: int | None = None
-    d_ff: int = 512
-    # optimisation
-    steps: int = 20_000
-    batch_size: int = 64
-    lr: float = 1e-3
-    warmup: int = 300
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    # data
-    queries: int = 0  # queries per training sequence; 0 = every box / every question
-    min_boxes: int = 2
-    max_boxes: int = 7
-    start_boxes: int = 2  # curriculum: the largest box count sampled at the start
-    curriculum_threshold: float = 0.9  # advance when train accuracy at the current top box count exceeds it
-    # ToM curriculum: 0 = short stories (the two "grabs ... fills it with" sentences only) with own-container
-    # questions, 1 = full stories with own-container questions, 2 = + observed, 3 = all question types
-    tom_start_level: int = 3
-    # ToM: share of follow-up questions asked in reverse, "Question: What contains the <drink>? Answer:
-    # <container>" (training only): the entity-tracking-like lookup (raw key, gathered value) that builds the
-    # "at the drink, read its container" head the belief question then composes with
-    tom_reverse: float = 0.0
-    # "what": "What contains the <drink>?"; "mirror": the belief template with the drink in the container's
-    # place, "What does <c> believe the <drink> contains?", so both directions share the question's offsets
-    tom_reverse_form: str = "what"
-    init_from: str | None = None  # warm start: a model directory (same tokenizer and architecture) to start from
-    # bookkeeping
-    eval_every: int = 250
-    eval_n: int = 512
-    save_every: int = 500
-    stop_at_accuracy: float | None = None  # stop once val accuracy (on max_boxes prompts) reaches this
-    stop_at_step: int | None = None  # stop after this step (the lr schedule still spans ``steps``)
-    threads: int | None = None
-    extra: dict = field(default_factory=dict)
-
-    def validate(self) -> PretrainConfig:
-        if self.task not in ("entity-tracking", "tom"):
-            raise ValueError(f"task must be 'entity-tracking' or 'tom', got {self.task!r}")
-        if self.role not in ("teacher", "student"):
-            raise ValueError(f"role must be 'teacher' or 'student', got {self.role!r}")
-        for name in ("n_layers", "d_model", "n_heads", "d_ff", "steps", "batch_size", "eval_every", "save_every"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.d_model % self.n_heads:
-            raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
-        if self.tom_start_level not in (0, 1, 2, 3):
-            raise ValueError(f"tom_start_level must be 0, 1, 2 or 3, got {self.tom_start_level}")
-        if not (2 <= self.min_boxes <= self.start_boxes <= self.max_boxes):
-            raise ValueError(
-                f"boxes must satisfy 2 <= min_boxes <= start_boxes <= max_boxes, got "
-                f"{self.min_boxes}, {self.start_boxes}, {self.max_boxes}"
-            )
-        if not 0.0 <= self.tom_reverse < 1.0:
-            raise ValueError(f"tom_reverse must be in [0, 1), got {self.tom_reverse}")
-        if self.stop_at_step is not None and not 1 <= self.stop_at_step <= self.steps:
-            raise ValueError(f"stop_at_step must be in [1, steps={self.steps}], got {self.stop_at_step}")
-        if self.tom_reverse_form not in ("what", "mirror"):
-            raise ValueError(f"tom_reverse_form must be 'what' or 'mirror', got {self.tom_reverse_form!r}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.init_from is not None and not os.path.isfile(os.path.join(self.init_from, "config.json")):
-            raise ValueError(f"init_from must be a model directory with a config.json, got {self.init_from!r}")
-        return self
 
 
 def _warm_start(cfg: PretrainConfig, tokenizer):
@@ -114,7 +40,7 @@ def _warm_start(cfg: PretrainConfig, tokenizer):
             "n_kv_heads": cfg.n_kv_heads or cfg.n_heads, "d_ff": cfg.d_ff, "vocab": len(tokenizer)}
     diff = {k: (have[k], want[k]) for k in have if have[k] != want[k]}
     if diff:
-        raise ValueError(f"init_from: {cfg.init_from!r} differs from the requested model (have, want): {diff}")
+        raise UsageError(f"init_from: {cfg.init_from!r} differs from the requested model (have, want): {diff}")
     return model
 
 
@@ -262,7 +188,7 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
         state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=False)
         if state["config"] != asdict(cfg):
             diff = {k: (state["config"].get(k), v) for k, v in asdict(cfg).items() if state["config"].get(k) != v}
-            raise ValueError(f"{ckpt} was written by a run with a different configuration: {diff}")
+            raise UsageError(f"{ckpt} was written by a run with a different configuration: {diff}")
     else:
         model = _warm_start(cfg, tokenizer) if cfg.init_from else make_model(cfg, tokenizer)
         state = None
@@ -345,7 +271,7 @@ def export_checkpoint(src: str, dest: str, *, log: str | None = None, info: dict
     weights, config and tokenizer (never the optimizer state), the training log and ``fastcd_checkpoint.json``
     (``info``: command, steps, accuracies)."""
     if not os.path.isfile(os.path.join(src, "model.safetensors")):
-        raise FileNotFoundError(f"src: {src!r} holds no model.safetensors")
+        raise InputFileError(f"src: {src!r} holds no model.safetensors")
     tmp = dest.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -366,5 +292,5 @@ def shipped_checkpoint(name: str) -> str:
     path = os.path.join(os.path.dirname(__file__), "checkpoints", name)
     if not os.path.isdir(path):
         have = sorted(os.listdir(os.path.dirname(path))) if os.path.isdir(os.path.dirname(path)) else []
-        raise FileNotFoundError(f"name: no shipped checkpoint {name!r}; shipped: {have}")
+        raise InputFileError(f"name: no shipped checkpoint {name!r}; shipped: {have}")
     return path

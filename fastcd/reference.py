@@ -7,21 +7,23 @@ import math
 
 import numpy as np
 
+from fastcd.errors import UsageError
+
 
 def nearest_indices_ref(query, keys) -> np.ndarray:
     """Twin of ``fastcd._C.nearest_indices``: argmin_j |query_i - keys_j|, ties to the lowest j."""
     q = np.asarray(query, dtype=np.float64)
     k = np.asarray(keys, dtype=np.float64)
     if q.ndim != 1:
-        raise ValueError(f"query must be a 1-D array, got {q.ndim} dimensions")
+        raise UsageError(f"query must be a 1-D array, got {q.ndim} dimensions")
     if k.ndim != 1:
-        raise ValueError(f"keys must be a 1-D array, got {k.ndim} dimensions")
+        raise UsageError(f"keys must be a 1-D array, got {k.ndim} dimensions")
     if k.shape[0] == 0:
-        raise ValueError("keys must not be empty")
+        raise UsageError("keys must not be empty")
     for name, a in (("query", q), ("keys", k)):
         bad = np.flatnonzero(~np.isfinite(a))
         if bad.size:
-            raise ValueError(f"{name} must be finite, found {a[bad[0]]} at index {int(bad[0])}")
+            raise UsageError(f"{name} must be finite, found {a[bad[0]]} at index {int(bad[0])}")
     out = np.empty(q.shape[0], dtype=np.int64)
     for i, qi in enumerate(q.tolist()):
         best, best_d = 0, math.fabs(qi - k[0])
@@ -83,15 +85,15 @@ def check_cka_inputs(a, b) -> None:
     """The argument checks shared by every implementation of the all-pairs CKA scorer."""
     for name, x in (("a", a), ("b", b)):
         if x.dim() != 3:
-            raise ValueError(f"{name} must have shape [heads, m, d], got {x.dim()} dimensions")
+            raise UsageError(f"{name} must have shape [heads, m, d], got {x.dim()} dimensions")
         if x.shape[0] < 1 or x.shape[2] < 1:
-            raise ValueError(f"{name} must have at least one head and one feature")
+            raise UsageError(f"{name} must have at least one head and one feature")
         if x.shape[1] < 2:
-            raise ValueError(f"{name} must have m >= 2 samples, got {x.shape[1]}")
+            raise UsageError(f"{name} must have m >= 2 samples, got {x.shape[1]}")
         if not bool(x.isfinite().all()):
-            raise ValueError(f"{name} must be finite, found a non-finite value")
+            raise UsageError(f"{name} must be finite, found a non-finite value")
     if a.shape[1] != b.shape[1]:
-        raise ValueError(f"a and b must have the same m (samples): a has {a.shape[1]}, b has {b.shape[1]}")
+        raise UsageError(f"a and b must have the same m (samples): a has {a.shape[1]}, b has {b.shape[1]}")
 
 
 def cka_loss_ref(x, y, *, eps: float = 1e-8, upcast: bool = True, estimator: str = "biased"):
@@ -122,17 +124,17 @@ def cka_loss_ref(x, y, *, eps: float = 1e-8, upcast: bool = True, estimator: str
     import torch
 
     if estimator not in ESTIMATORS:
-        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        raise UsageError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     if x.dim() == 2:
         x, y = x[None], y[None]
     if x.dim() != 3 or y.dim() != 3:
-        raise ValueError(f"x and y must be [P, m, d] (or [m, d]), got {tuple(x.shape)} and {tuple(y.shape)}")
+        raise UsageError(f"x and y must be [P, m, d] (or [m, d]), got {tuple(x.shape)} and {tuple(y.shape)}")
     if x.shape[:2] != y.shape[:2]:
-        raise ValueError(f"x and y must share P and m, got {tuple(x.shape[:2])} and {tuple(y.shape[:2])}")
+        raise UsageError(f"x and y must share P and m, got {tuple(x.shape[:2])} and {tuple(y.shape[:2])}")
     if x.shape[1] < 2:
-        raise ValueError(f"CKA needs a batch of m >= 2 examples, got m={x.shape[1]}")
+        raise UsageError(f"CKA needs a batch of m >= 2 examples, got m={x.shape[1]}")
     if estimator == "unbiased" and x.shape[1] < 4:
-        raise ValueError(f"the unbiased HSIC estimator needs m >= 4 examples, got m={x.shape[1]}")
+        raise UsageError(f"the unbiased HSIC estimator needs m >= 4 examples, got m={x.shape[1]}")
     if upcast:
         x, y = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x, (
             y.float() if y.dtype in (torch.float16, torch.bfloat16) else y)

@@ -7,6 +7,8 @@ front of every encoded text. Wrapped as a ``PreTrainedTokenizerFast`` so it save
 
 from __future__ import annotations
 
+from fastcd.errors import UsageError
+
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>")
 
 
@@ -27,7 +29,7 @@ def build_word_tokenizer(words=None):
     words = task_vocabulary() if words is None else sorted(set(words))
     clash = set(words) & set(SPECIAL_TOKENS)
     if clash:
-        raise ValueError(f"words must not include the special tokens {sorted(clash)}")
+        raise UsageError(f"words must not include the special tokens {sorted(clash)}")
     vocab = {t: i for i, t in enumerate(list(SPECIAL_TOKENS) + words)}
     tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()

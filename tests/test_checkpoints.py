@@ -6,7 +6,7 @@ import os
 import pytest
 
 import fastcd
-from fastcd.models import load_model, load_tokenizer
+from fastcd.loading import load_model, load_tokenizer
 from fastcd.pretrain import evaluate, shipped_checkpoint
 from fastcd.tasks import EntityTracking, TheoryOfMind
 

@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastcd.functional import cka_loss
-from fastcd.match import cka_matrix
+from fastcd.cka import cka_loss, cka_matrix
 from fastcd.reference import cka_loss_ref, linear_cka_ref
 
 SCALES = [1e-4, 3e-3, 1.0, 1e2, 1e4]

@@ -43,12 +43,12 @@ def _save_tiny(tmp_path, arch="llama"):
 
 
 def test_cli_discover_path_patching_writes_json_and_png(tmp_path, capsys):
-    from fastcd.discover import Circuit
+    from fastcd.artifacts import Circuit
 
     model = _save_tiny(tmp_path)
     out = tmp_path / "circuit.json"
     rc = main(["discover", "--model", str(model), "--task", "entity-tracking", "--n-boxes", "3", "--n-examples",
-               "12", "--k", "2,1,1,1", "--method", "path", "--out", str(out), "--evaluate"])
+               "12", "--path-k", "2", "1", "1", "1", "--method", "path", "--out", str(out), "--evaluate"])
     assert rc == 0
     c = Circuit.load(out)
     assert c.meta["method"] == "path_patching" and "evaluation" in c.meta
@@ -58,7 +58,7 @@ def test_cli_discover_path_patching_writes_json_and_png(tmp_path, capsys):
 
 
 def test_cli_discover_roles(tmp_path):
-    from fastcd.discover import Circuit
+    from fastcd.artifacts import Circuit
 
     model = _save_tiny(tmp_path)
     out = tmp_path / "roles.json"
@@ -70,7 +70,7 @@ def test_cli_discover_roles(tmp_path):
 
 
 def test_cli_discover_tom_patching(tmp_path):
-    from fastcd.discover import Circuit
+    from fastcd.artifacts import Circuit
 
     model = _save_tiny(tmp_path, "gpt2")
     out = tmp_path / "tom.json"
@@ -93,7 +93,7 @@ def test_cli_discover_bad_input(tmp_path, capsys):
 
 @pytest.mark.parametrize("method", ["ablation", "cka", "combined", "random"])
 def test_cli_match(tmp_path, method, capsys):
-    from fastcd.match import Matching
+    from fastcd.artifacts import Matching
 
     model = _save_tiny(tmp_path)
     circuit = tmp_path / "c.json"
@@ -110,7 +110,7 @@ def test_cli_match(tmp_path, method, capsys):
 def test_cli_distill_with_cache_and_curves(tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
-    from fastcd.match import Matching, Pair
+    from fastcd.artifacts import Matching, Pair
     from fastcd.models import Head
 
     model = _save_tiny(tmp_path)
@@ -128,3 +128,84 @@ def test_cli_distill_with_cache_and_curves(tmp_path, capsys):
     assert "student_accuracy" in capsys.readouterr().out
     rc = main(["distill", "--student", str(model), "--task", "tom", "--out", str(out), "--lam", "-1"])
     assert rc == 2 and "lam must be >= 0" in capsys.readouterr().err
+
+
+def test_cli_help_imports_no_torch():
+    code = ("import sys\nfrom fastcd.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "assert 'torch' not in sys.modules, 'fastcd --help imported torch'\nprint('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr
+
+
+def _command_parsers():
+    from fastcd import cli
+
+    made = {}
+    real = cli._parse
+
+    def grab(parser, argv, n):
+        made[parser.prog] = parser
+        raise cli.UsageErrorExit("stop")
+
+    cli._parse = grab
+    try:
+        for name in cli.COMMANDS:
+            assert cli.main([name]) == 2
+    finally:
+        cli._parse = real
+    return made
+
+
+def test_every_flag_of_every_command_has_help_and_one_meaning():
+    parsers = _command_parsers()
+    assert len(parsers) == 8
+    kinds = {}
+    for prog, p in parsers.items():
+        for a in p._actions:
+            if a.dest == "help":
+                continue
+            assert a.help and a.help.strip(), f"{prog}: {a.option_strings or a.dest} has no help"
+            for opt in a.option_strings:
+                kinds.setdefault(opt.replace("_", "-"), set()).add((getattr(a.type, "__name__", str(a.type)),
+                                                                     a.nargs))
+    # one meaning per flag name across commands: the same type and arity wherever it appears
+    clashes = {k: v for k, v in kinds.items() if len(v) > 1}
+    assert not clashes, clashes
+    assert kinds["--top-k"] == {("int", None)} and kinds["--path-k"] == {("int", "+")}
+
+
+def test_cli_config_file_supplies_flags_and_the_command_line_wins(tmp_path, capsys):
+    cfg = tmp_path / "flags.yaml"
+    cfg.write_text("task: tom\nrole: teacher\nd_model: 30\nn-heads: 4\n")
+    out = str(tmp_path / "x")
+    assert main(["pretrain", "--config", str(cfg), "--out", out]) == 2
+    assert "d_model=30 must be divisible by n_heads=4" in capsys.readouterr().err
+    assert main(["pretrain", "--config", str(cfg), "--out", out, "--d-model", "32", "--n-heads", "3"]) == 2
+    assert "d_model=32 must be divisible by n_heads=3" in capsys.readouterr().err  # the command line wins
+    (tmp_path / "bad.json").write_text('{"task": "tom", "n_layer": 2}')
+    assert main(["pretrain", "--config", str(tmp_path / "bad.json")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown flag(s) ['n_layer']" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_debug_shows_the_traceback_and_internal_errors_are_not_disguised(monkeypatch, capsys):
+    from fastcd import cli
+
+    args = ["pretrain", "--task", "tom", "--out", "x", "--d-model", "30", "--n-heads", "4"]
+    with pytest.raises(ValueError, match="must be divisible"):
+        main(args + ["--debug"])
+
+    def broken(argv):
+        raise KeyError("an internal bug")
+
+    monkeypatch.setitem(cli.RUNNERS, "pretrain", broken)
+    with pytest.raises(KeyError, match="internal bug"):  # not a one-line exit 2
+        main(["pretrain"])
+
+
+def test_cli_unknown_flag_and_missing_required_are_one_line(capsys):
+    assert main(["match", "--teacher", "t"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "required" in err[0]
+    assert main(["demo", "--stepz", "3"]) == 2
+    assert "unrecognized arguments: --stepz" in capsys.readouterr().err

@@ -54,3 +54,24 @@ def test_short_tom_demo(tmp_path):
     assert all(h["position"] == "last" for h in report["circuit"]["heads"])
     assert 0 < rows["ce+cka"]["trained_heads_fraction"] <= 0.5
     assert "| Circuit, CE + Align CKA |" in (tmp_path / "summary.md").read_text()
+
+
+def test_demo_runs_equal_distill_runs(tmp_path):
+    """The demo's shared-work path (models loaded once, teacher signals in memory, one training loop) trains the
+    same student as fastcd.distill() with the same circuit, matching and settings: equal test predictions."""
+    from fastcd.artifacts import Circuit, Matching
+    from fastcd.config import DistillConfig
+    from fastcd.loading import load_tokenizer
+    from fastcd.pipeline import distill
+    from fastcd.tasks import EntityTracking
+
+    kw = dict(steps=5, batch_size=16, n_train=128, n_eval=60)
+    report = run_demo("entity-tracking", out=str(tmp_path / "d"), n_discovery=32, seeds=(1,),
+                      methods=("ce+cka", "ce+rand-cka"), progress=False, **kw)
+    tok = load_tokenizer(shipped_checkpoint("et-student"))
+    for method in ("ce+cka", "ce+rand-cka"):
+        res = distill(shipped_checkpoint("et-teacher"), shipped_checkpoint("et-student"), EntityTracking(n_boxes=7),
+                      circuit=Circuit.from_json(report["circuit"]), matching=Matching.from_json(report["matching"]),
+                      config=DistillConfig(method=method, seed=1, lr=3e-3, progress=False, **kw),
+                      student_tokenizer=tok, teacher_tokenizer=tok)
+        assert res.metrics["student_accuracy"] == report["rows"][method]["full"], method

@@ -4,19 +4,10 @@ import pytest
 import torch
 from conftest import make_tiny
 
-from fastcd.discover import (
-    Circuit,
-    CircuitHead,
-    attribution_patching,
-    circuit_from_scores,
-    evaluate_circuit,
-    make_source,
-    metric_values,
-    patch_heads_batched,
-    patch_heads_loop,
-    relative_change,
-    spearman,
-)
+from fastcd.artifacts import Circuit, CircuitHead
+from fastcd.attribution import attribution_patching, spearman
+from fastcd.discover import circuit_from_scores, make_source, patch_heads_batched, patch_heads_loop
+from fastcd.metrics import evaluate_circuit, metric_values, relative_change
 from fastcd.models import Head
 from fastcd.tasks import EntityTracking, TheoryOfMind
 

@@ -9,16 +9,11 @@ import os
 import pytest
 import torch
 
-from fastcd.experiment import (
-    Experiment,
-    ExperimentConfig,
-    mean_ci,
-    read_runs,
-    reinit_heads,
-    run_experiment,
-    write_report,
-)
+from fastcd.experiment import Experiment, run_experiment
+from fastcd.experiment_config import ExperimentConfig
 from fastcd.pretrain import shipped_checkpoint
+from fastcd.report import mean_ci, read_runs, write_report
+from fastcd.trainable import reinit_heads
 
 TEACHER = shipped_checkpoint("et-teacher")
 STUDENT = shipped_checkpoint("et-student")
@@ -165,7 +160,7 @@ def test_report_only_rebuilds_from_the_records(small_run):
 
 def test_reinit_heads_touches_only_that_heads_slices():
     from fastcd.hooks import Head
-    from fastcd.models import load_model
+    from fastcd.loading import load_model
 
     m = load_model(TEACHER)
     before = {k: v.clone() for k, v in m.state_dict().items()}
@@ -225,7 +220,7 @@ def test_permuted_control_over_roles_of_one_head(tmp_path):
 def test_a_degenerate_permuted_control_is_recorded_not_fatal(tmp_path):
     """A matching whose pairs share one teacher unit cannot be permuted: that run is recorded as not applicable
     and the sweep goes on."""
-    from fastcd.match import Matching, Pair
+    from fastcd.artifacts import Matching, Pair
     from fastcd.models import Head
 
     mpath = tmp_path / "m.json"

@@ -80,7 +80,7 @@ def test_triton_available_is_false_without_the_kernels_package(tmp_path):
     code = (
         "import sys\n"
         "sys.modules['fastcd.kernels'] = None  # as when fastcd.kernels is not installed\n"
-        "from fastcd.functional import triton_available\n"
+        "from fastcd.cka import triton_available\n"
         "assert triton_available() is False\n"
         "import runpy; runpy.run_module('fastcd.info', run_name='__main__')\n"
     )

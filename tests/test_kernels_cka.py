@@ -123,8 +123,9 @@ def test_distiller_triton_path_matches_torch_cpu():
     """CPU sibling of the GPU end-to-end contract: impl='triton' (interpreter) == impl='torch'."""
     from conftest import make_tiny
 
-    from fastcd.distillation import CircuitDistiller, DistillBatch, DistillConfig
-    from fastcd.match import Matching, Pair
+    from fastcd.artifacts import Matching, Pair
+    from fastcd.config import DistillConfig
+    from fastcd.distillation import CircuitDistiller, DistillBatch
     from fastcd.models import Head
     from fastcd.tasks import EntityTracking
     from fastcd.tokenizer import build_word_tokenizer
@@ -149,7 +150,7 @@ def test_distiller_triton_path_matches_torch_cpu():
 
 
 def test_dispatch(monkeypatch):
-    from fastcd.functional import choose_impl, cka_loss
+    from fastcd.cka import choose_impl, cka_loss
 
     assert choose_impl(torch.device("cpu")) == "torch"
     monkeypatch.setenv("FASTCD_IMPL", "triton")

@@ -4,16 +4,9 @@ import torch
 from conftest import make_tiny
 
 from fastcd import _ext
-from fastcd.discover import Circuit, CircuitHead
-from fastcd.match import (
-    Matching,
-    MatchInputs,
-    Pair,
-    cka_matrix,
-    match,
-    match_ablation,
-    match_random,
-)
+from fastcd.artifacts import Circuit, CircuitHead, Matching, Pair
+from fastcd.cka import cka_matrix
+from fastcd.match import MatchInputs, match, match_ablation, match_random
 from fastcd.models import Head
 from fastcd.reference import cka_matrix_ref, linear_cka_ref
 from fastcd.tasks import EntityTracking

@@ -2,7 +2,8 @@ import pytest
 import torch
 from conftest import make_tiny
 
-from fastcd.models import SUPPORTED_ARCHITECTURES, Head, get_adapter, load_model, load_tokenizer, parse_dtype
+from fastcd.loading import load_model, load_tokenizer, parse_dtype
+from fastcd.models import SUPPORTED_ARCHITECTURES, Head, get_adapter
 
 
 def test_head_str_and_parse():

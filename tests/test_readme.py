@@ -9,7 +9,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 def test_readme_quickstart_runs(capsys):
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
     assert blocks, "README has no python block"
-    quick = [b for b in blocks if "build_word_tokenizer" in b]
+    quick = [b for b in blocks if "capture_z" in b]
     assert quick, "README has no quickstart block"
     exec(compile(quick[0], "README.md", "exec"), {})
     assert "torch.Size([64, 1, 2, 16])" in capsys.readouterr().out
@@ -34,3 +34,18 @@ def test_readme_own_loop_runs_and_saves_a_loadable_model(tmp_path, monkeypatch):
         b = reloaded(enc.input_ids).logits
     torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     assert not any("parametrizations" in k for k in reloaded.state_dict())
+
+
+def test_readme_own_task_runs(capsys):
+    """The README's user-defined task (a TaskBase subclass) goes through distill(): discovery with the default
+    policy, ablation matching, training and evaluation."""
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    mine = [b for b in blocks if "class Pets(TaskBase)" in b]
+    assert mine, "README has no own-task block"
+    ns = {}
+    exec(compile(mine[0], "README.md", "exec"), ns)
+    res = ns["res"]
+    assert res.circuit.task == "pets" and all(c.position == "last" for c in res.circuit.heads)
+    assert {p.position for p in res.matching.pairs} == {"last"}
+    assert 0.0 <= res.metrics["student_accuracy"] <= 1.0 and res.metrics["trained_heads"] >= 1
+    assert "Circuit(pets" in capsys.readouterr().out

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from fastcd import zoo
-from fastcd.models import Head, get_adapter, load_model, load_tokenizer, logits_at
+from fastcd.loading import load_model, load_tokenizer
+from fastcd.models import Head, get_adapter, logits_at
 
 pytestmark = pytest.mark.real_model
 
@@ -167,7 +168,7 @@ def test_two_step_distillation_trains_only_the_matched_slices_and_reloads(smol_d
     from transformers import AutoModelForCausalLM
 
     from fastcd import DistillConfig, distill
-    from fastcd.match import Matching, Pair
+    from fastcd.artifacts import Matching, Pair
     from fastcd.tasks import EntityTracking
 
     student = load_model(smol_dir)

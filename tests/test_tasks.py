@@ -3,7 +3,7 @@ import random
 import pytest
 import torch
 
-from fastcd.tasks import EntityTracking, Example, Pair, TheoryOfMind, get_task, load_jsonl, save_jsonl, split_of
+from fastcd.tasks import ContrastPair, EntityTracking, Example, TheoryOfMind, get_task, load_jsonl, save_jsonl, split_of
 from fastcd.tasks.base import word_token_id
 
 
@@ -116,7 +116,7 @@ def test_jsonl_roundtrip(tmp_path):
     pairs = TheoryOfMind().pairs(5)
     save_jsonl(pairs, tmp_path / "p.jsonl")
     back = load_jsonl(tmp_path / "p.jsonl")
-    assert isinstance(back[0], Pair) and back[0].to_json() == pairs[0].to_json()
+    assert isinstance(back[0], ContrastPair) and back[0].to_json() == pairs[0].to_json()
 
 
 def test_jsonl_errors(tmp_path):

@@ -11,7 +11,8 @@ from conftest import make_tiny
 
 from fastcd import zoo
 from fastcd.convert import check_architecture, find_gguf
-from fastcd.models import load_model, logits_at, spec_of
+from fastcd.loading import load_model, spec_of
+from fastcd.models import logits_at
 from fastcd.tasks import EntityTracking, TheoryOfMind, adapt_task
 
 
@@ -119,7 +120,7 @@ def test_adapt_task_drops_and_reports(word_tokenizer):
 
 
 def test_candidate_scoring_and_tom_formats(word_tokenizer):
-    from fastcd.discover import metric_values
+    from fastcd.metrics import metric_values
 
     for task in (EntityTracking(n_boxes=4), TheoryOfMind()):
         ex = task.generate(6, split="test")
@@ -158,7 +159,7 @@ def test_cli_models_and_convert_errors(tmp_path):
 
 
 def test_batch_rows_come_from_the_memory_budget(monkeypatch):
-    from fastcd.models import memory_budget, rows_for_budget
+    from fastcd.loading import memory_budget, rows_for_budget
 
     m = make_tiny("llama")
     small = rows_for_budget(m, 50, budget=1 << 20)

@@ -17,11 +17,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from fastcd.errors import InputFileError, UsageError
 
 SPLITS = ("train", "val", "test")
 # Share of the hash space per split: a prompt's split depends on the prompt alone, so the splits never
@@ -40,17 +43,16 @@ def split_of(prompt: str) -> str:
 
 def check_split(split: str) -> str:
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        raise UsageError(f"split must be one of {SPLITS}, got {split!r}")
     return split
 
 
 def generate_unique(sample, n: int, seed_key: str, split: str, what: str) -> list:
     """``n`` examples of ``split`` with distinct prompts, drawn with ``sample(rng)`` from a seeded RNG."""
-    import random
 
     check_split(split)
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"n must be a positive integer, got {n!r}")
+        raise UsageError(f"n must be a positive integer, got {n!r}")
     rng = random.Random(f"{seed_key}/{split}")
     seen, out = set(), []
     for _ in range(200 * n + 10_000):
@@ -61,7 +63,7 @@ def generate_unique(sample, n: int, seed_key: str, split: str, what: str) -> lis
         out.append(ex)
         if len(out) == n:
             return out
-    raise ValueError(f"n={n} is more unique {split} prompts than this configuration ({what}) can produce")
+    raise UsageError(f"n={n} is more unique {split} prompts than this configuration ({what}) can produce")
 
 
 @dataclass
@@ -77,29 +79,29 @@ class Example:
     @classmethod
     def from_json(cls, d: dict, where: str = "example") -> Example:
         if not isinstance(d, dict):
-            raise ValueError(f"{where}: expected a JSON object, got {type(d).__name__}")
+            raise UsageError(f"{where}: expected a JSON object, got {type(d).__name__}")
         for key in ("task", "prompt", "answer"):
             if key not in d:
-                raise ValueError(f"{where}: missing key {key!r} (expected task, prompt, answer, optional meta)")
+                raise UsageError(f"{where}: missing key {key!r} (expected task, prompt, answer, optional meta)")
         if not isinstance(d["task"], str) or not d["task"]:
-            raise ValueError(f"{where}: 'task' must be a non-empty string (e.g. 'entity-tracking'), got {d['task']!r}")
+            raise UsageError(f"{where}: 'task' must be a non-empty string (e.g. 'entity-tracking'), got {d['task']!r}")
         if not isinstance(d["prompt"], str) or not d["prompt"]:
-            raise ValueError(f"{where}: 'prompt' must be a non-empty string")
+            raise UsageError(f"{where}: 'prompt' must be a non-empty string")
         if d["answer"] is not None and not isinstance(d["answer"], str):
-            raise ValueError(f"{where}: 'answer' must be a string or null")
+            raise UsageError(f"{where}: 'answer' must be a string or null")
         meta = d.get("meta") or {}
         if not isinstance(meta, dict):
-            raise ValueError(f"{where}: 'meta' must be an object")
+            raise UsageError(f"{where}: 'meta' must be an object")
         if d["task"] == "entity-tracking" and d["answer"] is not None:
             context = d["prompt"].rsplit(".", 1)[0]  # the boxes, before the final question
             if not re.search(rf"\b{re.escape(d['answer'])}\b", context):
-                raise ValueError(f"{where}: the answer {d['answer']!r} does not appear in the prompt's context; an "
+                raise UsageError(f"{where}: the answer {d['answer']!r} does not appear in the prompt's context; an "
                                  "entity-tracking answer is the object in the queried box")
         return cls(d["task"], d["prompt"], d["answer"], dict(meta))
 
 
 @dataclass
-class Pair:
+class ContrastPair:
     """A clean example and its corrupted counterpart (same token length, answer not recoverable)."""
 
     clean: Example
@@ -109,9 +111,9 @@ class Pair:
         return {"clean": self.clean.to_json(), "corrupt": self.corrupt.to_json()}
 
     @classmethod
-    def from_json(cls, d: dict, where: str = "pair") -> Pair:
+    def from_json(cls, d: dict, where: str = "pair") -> ContrastPair:
         if not isinstance(d, dict) or "clean" not in d or "corrupt" not in d:
-            raise ValueError(f"{where}: expected an object with keys 'clean' and 'corrupt'")
+            raise UsageError(f"{where}: expected an object with keys 'clean' and 'corrupt'")
         return cls(Example.from_json(d["clean"], f"{where}.clean"), Example.from_json(d["corrupt"], f"{where}.corrupt"))
 
 
@@ -125,18 +127,18 @@ def save_jsonl(items, path: str | os.PathLike) -> None:
     os.replace(tmp, path)
 
 
-def load_jsonl(path: str | os.PathLike) -> list[Example] | list[Pair]:
+def load_jsonl(path: str | os.PathLike) -> list[Example] | list[ContrastPair]:
     """Read a file written by :func:`save_jsonl` (or by hand, following the module's schema)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"path: no such file {path!r}")
+        raise InputFileError(f"path: no such file {path!r}")
     out = []
     kind = None
     try:
         with open(path, encoding="utf-8") as f:
             lines = f.readlines()
     except UnicodeDecodeError as e:
-        raise ValueError(f"path: {path!r} is not UTF-8 text (invalid byte at offset {e.start}); save it as UTF-8 "
+        raise UsageError(f"path: {path!r} is not UTF-8 text (invalid byte at offset {e.start}); save it as UTF-8 "
                          "JSON lines") from None
     for i, line in enumerate(lines, 1):
         if not line.strip():
@@ -144,16 +146,16 @@ def load_jsonl(path: str | os.PathLike) -> list[Example] | list[Pair]:
         try:
             d = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+            raise UsageError(f"{path}:{i}: not valid JSON ({e.msg})") from None
         this = "pair" if isinstance(d, dict) and "clean" in d else "example"
         if kind is None:
             kind = this
         elif kind != this:
-            raise ValueError(f"{path}:{i}: mixes examples and pairs; a file holds one kind")
+            raise UsageError(f"{path}:{i}: mixes examples and pairs; a file holds one kind")
         where = f"{path}:{i}"
-        out.append(Pair.from_json(d, where) if this == "pair" else Example.from_json(d, where))
+        out.append(ContrastPair.from_json(d, where) if this == "pair" else Example.from_json(d, where))
     if not out:
-        raise ValueError(f"path: {path!r} holds no examples")
+        raise UsageError(f"path: {path!r} holds no examples")
     return out
 
 
@@ -165,13 +167,13 @@ def word_token_id(tokenizer, word: str, what: str = "answer") -> int:
     ids = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
     if len(ids) != 1:
         pieces = tokenizer.convert_ids_to_tokens(ids)
-        raise ValueError(
+        raise UsageError(
             f"{what} {word!r} is not a single token for this tokenizer (it splits into {pieces}); "
             "choose single-token words for this model"
         )
     unk = getattr(tokenizer, "unk_token_id", None)
     if unk is not None and ids[0] == unk:
-        raise ValueError(f"{what} {word!r} is not in this tokenizer's vocabulary (it maps to the unknown token)")
+        raise UsageError(f"{what} {word!r} is not in this tokenizer's vocabulary (it maps to the unknown token)")
     return ids[0]
 
 
@@ -209,7 +211,7 @@ def check_pools(tokenizer, pools: dict, forms: dict | None = None) -> None:
         if bad:
             problems.append(f"{what}: {len(bad)} ({', '.join(bad[:12])}{' ...' if len(bad) > 12 else ''})")
     if problems:
-        raise ValueError(
+        raise UsageError(
             "words that are not single tokens for this tokenizer: " + "; ".join(problems)
             + " (adapt the task's pools with fastcd.tasks.adapt_task(task, tokenizers))"
         )
@@ -234,7 +236,7 @@ def adapt_task(task, tokenizers, *, announce: bool = True):
     if not isinstance(tokenizers, (list, tuple)):
         tokenizers = [tokenizers]
     if not tokenizers:
-        raise ValueError("tokenizers must name at least one tokenizer")
+        raise UsageError("tokenizers must name at least one tokenizer")
     pools = task.word_pools()
     kept, dropped = {}, {}
     for name, words in pools.items():
@@ -243,16 +245,16 @@ def adapt_task(task, tokenizers, *, announce: bool = True):
             dropped[name] = list(d)
     fixed = [w for w in getattr(task, "fixed_words", ()) if not single_token_words([w], tokenizers)[0]]
     if fixed:
-        raise ValueError(f"task {task.name}: the answer word(s) {fixed} are not single tokens for every tokenizer")
+        raise UsageError(f"task {task.name}: the answer word(s) {fixed} are not single tokens for every tokenizer")
     try:
         out = task.with_pools(**kept) if dropped else task
     except ValueError as e:
         short = "; ".join(f"{k}: {len(v)} dropped (e.g. {', '.join(v[:4])})" for k, v in dropped.items())
-        raise ValueError(f"task {task.name}: too few single-token words remain after adapting to the tokenizers "
+        raise UsageError(f"task {task.name}: too few single-token words remain after adapting to the tokenizers "
                          f"({short}): {e}") from None
     out.dropped = dropped
     if dropped and announce:
-        from fastcd.models import announce as say
+        from fastcd.io import announce as say
 
         say(f"fastcd: {task.name} word pools adapted to {len(tokenizers)} tokenizer(s): "
             + ", ".join(f"{name} {len(kept[name])}/{len(pools[name])} kept (dropped {', '.join(d)})"
@@ -303,7 +305,7 @@ def _token_at(offsets, char_pos: int, prompt: str, role: str) -> int:
     for i, (s, e) in enumerate(offsets):
         if s <= char_pos < e:
             return i
-    raise ValueError(f"position role {role!r}: no token covers character {char_pos} of prompt {prompt[:60]!r}...")
+    raise UsageError(f"position role {role!r}: no token covers character {char_pos} of prompt {prompt[:60]!r}...")
 
 
 def encode(examples, tokenizer, spans_fn, candidates_fn=None) -> EncodedBatch:
@@ -317,9 +319,9 @@ def encode(examples, tokenizer, spans_fn, candidates_fn=None) -> EncodedBatch:
             example); their token ids go to ``candidate_ids`` for candidate scoring.
     """
     if not examples:
-        raise ValueError("examples must not be empty")
+        raise UsageError("examples must not be empty")
     if not getattr(tokenizer, "is_fast", False):
-        raise ValueError("tokenizer must be a fast (Rust) tokenizer: positions are placed with offset mappings")
+        raise UsageError("tokenizer must be a fast (Rust) tokenizer: positions are placed with offset mappings")
     token_of: dict[tuple[str, str], int] = {}
 
     def tid(word: str, what: str) -> int:
@@ -337,7 +339,7 @@ def encode(examples, tokenizer, spans_fn, candidates_fn=None) -> EncodedBatch:
         for role, (start, _end) in spans_fn(ex).items():
             roles[role] = _token_at(offsets, start, ex.prompt, role)
         if n and set(roles) != set(positions):
-            raise ValueError(f"example {n} has position roles {sorted(roles)}, others have {sorted(positions)}")
+            raise UsageError(f"example {n} has position roles {sorted(roles)}, others have {sorted(positions)}")
         for role, p in roles.items():
             positions.setdefault(role, []).append(p)
     t = max(len(r) for r in rows)

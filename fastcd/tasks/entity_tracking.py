@@ -15,7 +15,9 @@ import random
 import re
 import string
 
-from fastcd.tasks.base import EncodedBatch, Example, Pair, check_pools, encode, generate_unique
+from fastcd.errors import UsageError
+from fastcd.tasks.base import Example, check_pools, generate_unique
+from fastcd.tasks.protocol import TaskBase
 
 # Single-token (for Llama-3 and GPT-2 BPE, with a leading space) everyday objects.
 OBJECTS = (
@@ -32,7 +34,7 @@ _CLAUSE = re.compile(r"[Tt]he (\w+) is in Box (\w)")
 _QUERY = re.compile(r"Box (\w) contains the$")
 
 
-class EntityTracking:
+class EntityTracking(TaskBase):
     """Entity-tracking prompt generator.
 
     Args:
@@ -42,15 +44,16 @@ class EntityTracking:
 
     name = "entity-tracking"
     roles = ROLES
+    discovery_defaults = {"method": "roles"}  # position-aware patching at each role
 
     def __init__(self, n_boxes: int = 7, objects=OBJECTS, letters=LETTERS):
         objects, letters = tuple(objects), tuple(letters)
         if not isinstance(n_boxes, int) or n_boxes < 2:
-            raise ValueError(f"n_boxes must be an integer >= 2, got {n_boxes!r}")
+            raise UsageError(f"n_boxes must be an integer >= 2, got {n_boxes!r}")
         if len(set(objects)) < n_boxes:
-            raise ValueError(f"objects must hold at least n_boxes={n_boxes} distinct words, got {len(set(objects))}")
+            raise UsageError(f"objects must hold at least n_boxes={n_boxes} distinct words, got {len(set(objects))}")
         if len(set(letters)) < n_boxes + 1:
-            raise ValueError(
+            raise UsageError(
                 f"letters must hold at least n_boxes+1={n_boxes + 1} distinct labels (corrupt prompts query an "
                 f"absent letter), got {len(set(letters))}"
             )
@@ -113,11 +116,6 @@ class EntityTracking:
         ex.meta["intended_query_index"] = qi
         return ex
 
-    def pairs(self, n: int, seed: int = 0, split: str = "train") -> list[Pair]:
-        """Clean/corrupt pairs for patching, deterministic in ``seed``."""
-        clean = self.generate(n, seed, split)
-        rng = random.Random(f"{self.name}/corrupt/{seed}/{split}")
-        return [Pair(c, self.corrupt(c, rng)) for c in clean]
 
     # --- positions -----------------------------------------------------------------------------------
     def spans(self, ex: Example) -> dict[str, list[int]]:
@@ -131,14 +129,14 @@ class EntityTracking:
         clauses = _CLAUSE.findall(prompt)
         q = _QUERY.search(prompt)
         if not clauses or q is None:
-            raise ValueError(
+            raise UsageError(
                 "prompt is not in the entity-tracking format 'The X is in Box L, ... Box L contains the': "
                 f"{prompt[:80]!r}"
             )
         objects, labels = [c[0] for c in clauses], [c[1] for c in clauses]
         ex = cls.render(objects, labels, q.group(1))
         if ex.prompt != prompt:
-            raise ValueError(f"prompt does not follow the standard entity-tracking format exactly: {prompt[:80]!r}")
+            raise UsageError(f"prompt does not follow the standard entity-tracking format exactly: {prompt[:80]!r}")
         return ex
 
     def word_pools(self) -> dict[str, tuple]:
@@ -155,5 +153,3 @@ class EntityTracking:
     def check_tokenizer(self, tokenizer) -> None:
         check_pools(tokenizer, self.word_pools())
 
-    def encode(self, examples, tokenizer) -> EncodedBatch:
-        return encode(examples, tokenizer, self.spans, self.candidates)

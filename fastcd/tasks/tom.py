@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import random
 
-from fastcd.tasks.base import EncodedBatch, Example, Pair, check_pools, encode, generate_unique
+from fastcd.errors import UsageError
+from fastcd.tasks.base import Example, check_pools, generate_unique
+from fastcd.tasks.protocol import TaskBase
 
 NAMES = (
     "Anne", "Bob", "Carla", "Dan", "Emma", "Frank", "Grace", "Henry", "Ivy", "Jack", "Kate", "Leo", "Mary",
@@ -44,7 +46,7 @@ QUESTION_TYPES = ("own", "observed", "unobserved")
 ROLES = ("last", "question_character", "question_container")
 
 
-class TheoryOfMind:
+class TheoryOfMind(TaskBase):
     """CausalToM-style belief questions.
 
     Args:
@@ -57,21 +59,22 @@ class TheoryOfMind:
 
     name = "tom"
     roles = ROLES
+    discovery_defaults = {"method": "patching", "position": "last"}  # the position the CKA term aligns
 
     def __init__(self, names=NAMES, containers=CONTAINERS, drinks=DRINKS, instruction: str | None = None,
                  few_shot: int = 0):
         self.names, self.containers, self.drinks = tuple(names), tuple(containers), tuple(drinks)
         for what, pool in (("names", self.names), ("containers", self.containers), ("drinks", self.drinks)):
             if len(set(pool)) < 4:
-                raise ValueError(f"{what} must hold at least 4 distinct words, got {len(set(pool))}")
+                raise UsageError(f"{what} must hold at least 4 distinct words, got {len(set(pool))}")
         if UNKNOWN in self.drinks:
-            raise ValueError(f"drinks must not contain the answer word {UNKNOWN!r}")
+            raise UsageError(f"drinks must not contain the answer word {UNKNOWN!r}")
         if instruction == "causaltom":
             instruction = CAUSALTOM_INSTRUCTION
         if instruction is not None and (not isinstance(instruction, str) or not instruction.strip()):
-            raise ValueError(f"instruction must be a non-empty string, 'causaltom' or None, got {instruction!r}")
+            raise UsageError(f"instruction must be a non-empty string, 'causaltom' or None, got {instruction!r}")
         if not isinstance(few_shot, int) or isinstance(few_shot, bool) or not 0 <= few_shot <= 12:
-            raise ValueError(f"few_shot must be an integer in 0..12, got {few_shot!r}")
+            raise UsageError(f"few_shot must be an integer in 0..12, got {few_shot!r}")
         self.instruction, self.few_shot, self._prefix = None, few_shot, ""
         if few_shot:  # solved stories in the bare template, each "Story: ..." when an instruction leads
             rng = random.Random(f"{self.name}/few-shot")
@@ -164,14 +167,10 @@ class TheoryOfMind:
         sees[m["question_character"]] = not sees[m["question_character"]]
         return self.render(chars, conts, drinks, sees, m["question_character"], m["question_container"])
 
-    def pairs(self, n: int, seed: int = 0, split: str = "train") -> list[Pair]:
-        clean = self.generate(n, seed, split)
-        rng = random.Random(f"{self.name}/corrupt/{seed}/{split}")
-        return [Pair(c, self.corrupt(c, rng)) for c in clean]
 
     def spans(self, ex: Example) -> dict[str, list[int]]:
         if "spans" not in ex.meta:
-            raise ValueError(
+            raise UsageError(
                 "tom examples need meta.spans (question_character, question_container); see fastcd.tasks.base"
             )
         return {k: v for k, v in ex.meta["spans"].items() if k in ROLES}
@@ -197,5 +196,3 @@ class TheoryOfMind:
     def check_tokenizer(self, tokenizer) -> None:
         check_pools(tokenizer, {**self.word_pools(), "answer words": self.fixed_words}, self.word_forms())
 
-    def encode(self, examples, tokenizer) -> EncodedBatch:
-        return encode(examples, tokenizer, self.spans, self.candidates)

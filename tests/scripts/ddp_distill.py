@@ -9,9 +9,10 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from conftest import make_tiny  # noqa: E402
 
-from fastcd.distillation import DistillConfig, distill  # noqa: E402
-from fastcd.match import Matching, Pair  # noqa: E402
+from fastcd.artifacts import Matching, Pair  # noqa: E402
+from fastcd.config import DistillConfig
 from fastcd.models import Head  # noqa: E402
+from fastcd.pipeline import distill  # noqa: E402
 from fastcd.tasks import EntityTracking  # noqa: E402
 from fastcd.tokenizer import build_word_tokenizer  # noqa: E402
 

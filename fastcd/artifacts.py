@@ -1,0 +1,165 @@
+"""The project's two artifacts: a teacher :class:`Circuit` (heads, groups, position roles, scores) and a
+teacher -> student :class:`Matching` (head pairs at position roles, with their scores). Both are plain data with
+JSON forms (heads named ``L{l}H{h}``), read with one-line errors and written atomically (:mod:`fastcd.io`)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from fastcd.errors import UsageError
+from fastcd.io import read_json, write_json_atomic
+from fastcd.models import Head
+
+
+@dataclass
+class CircuitHead:
+    head: Head
+    group: str
+    position: str  # a position role of the task, or "all"
+    score: float
+
+    def to_json(self) -> dict:
+        return {"head": str(self.head), "group": self.group, "position": self.position, "score": self.score}
+
+
+@dataclass
+class Circuit:
+    """Heads with their group, position role and score; JSON with heads named ``L{l}H{h}``."""
+
+    heads: list[CircuitHead]
+    task: str
+    n_layers: int
+    n_heads: int
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.heads:
+            raise UsageError("circuit must hold at least one head")
+        for ch in self.heads:
+            if not (0 <= ch.head.layer < self.n_layers and 0 <= ch.head.head < self.n_heads):
+                raise UsageError(f"circuit head {ch.head} is out of range for {self.n_layers} x {self.n_heads}")
+
+    def unique_heads(self) -> list[Head]:
+        seen, out = set(), []
+        for ch in self.heads:
+            if ch.head not in seen:
+                seen.add(ch.head)
+                out.append(ch.head)
+        return out
+
+    def groups(self) -> dict[str, list[CircuitHead]]:
+        out: dict[str, list[CircuitHead]] = {}
+        for ch in self.heads:
+            out.setdefault(ch.group, []).append(ch)
+        return out
+
+    def __len__(self) -> int:
+        return len(self.heads)
+
+    def __str__(self) -> str:
+        lines = [f"Circuit({self.task}, {len(self.unique_heads())} unique heads of {self.n_layers * self.n_heads})"]
+        for g, chs in self.groups().items():
+            lines.append(f"  {g} @ {chs[0].position}: " + ", ".join(f"{c.head}({c.score:+.3f})" for c in chs))
+        return "\n".join(lines)
+
+    def to_json(self) -> dict:
+        return {"task": self.task, "n_layers": self.n_layers, "n_heads": self.n_heads,
+                "heads": [c.to_json() for c in self.heads], "meta": self.meta}
+
+    @classmethod
+    def from_json(cls, d: dict) -> Circuit:
+        try:
+            heads = [CircuitHead(Head.parse(h["head"]), h["group"], h["position"], float(h["score"]))
+                     for h in d["heads"]]
+            return cls(heads, d["task"], int(d["n_layers"]), int(d["n_heads"]), d.get("meta", {}))
+        except KeyError as e:
+            raise UsageError(f"circuit JSON is missing key {e}") from None
+
+    def save(self, path: str | os.PathLike) -> None:
+        write_json_atomic(self.to_json(), path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Circuit:
+        return cls.from_json(read_json(path, "circuit"))
+
+
+
+@dataclass
+class Pair:
+    teacher: Head
+    student: Head
+    position: str  # position role where both heads' activations are taken
+    group: str = ""
+    scores: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"teacher": str(self.teacher), "student": str(self.student), "position": self.position,
+                "group": self.group, "scores": self.scores}
+
+
+@dataclass
+class Matching:
+    """Teacher -> student head pairs with their scores and positions; JSON with heads named ``L{l}H{h}``."""
+
+    pairs: list[Pair]
+    method: str
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.pairs:
+            raise UsageError("matching must hold at least one pair")
+
+    def student_heads(self) -> list[Head]:
+        return sorted({p.student for p in self.pairs})
+
+    def teacher_heads(self) -> list[Head]:
+        return sorted({p.teacher for p in self.pairs})
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __str__(self) -> str:
+        lines = [f"Matching({self.method}, {len(self.pairs)} pairs, {len(self.student_heads())} student heads)",
+                 f"  {'teacher':>8} -> {'student':<8} {'position':<14} scores"]
+        for p in self.pairs:
+            sc = " ".join(f"{k}={v:.3f}" for k, v in p.scores.items() if isinstance(v, float))
+            lines.append(f"  {str(p.teacher):>8} -> {str(p.student):<8} {p.position:<14} {sc}")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict:
+        return {"method": self.method, "pairs": [p.to_json() for p in self.pairs], "meta": self.meta}
+
+    @classmethod
+    def from_json(cls, d: dict) -> Matching:
+        try:
+            pairs = [Pair(Head.parse(p["teacher"]), Head.parse(p["student"]), p["position"], p.get("group", ""),
+                          dict(p.get("scores", {}))) for p in d["pairs"]]
+            return cls(pairs, d["method"], d.get("meta", {}))
+        except KeyError as e:
+            raise UsageError(f"matching JSON is missing key {e}") from None
+
+    def save(self, path) -> None:
+        write_json_atomic(self.to_json(), path)
+
+    @classmethod
+    def load(cls, path) -> Matching:
+        return cls.from_json(read_json(path, "matching"))
+
+    def check_models(self, teacher, student) -> None:
+        """A clear error when a pair names a head that the models lack. Models or paths (checked from their
+        config, before any weight loads); None skips that side."""
+        from fastcd.loading import spec_of
+
+        ts = None if teacher is None else spec_of(teacher)
+        ss = None if student is None else spec_of(student)
+        for p in self.pairs:
+            if ts is not None:
+                ts.check_head(p.teacher, "matching teacher head")
+            if ss is not None:
+                ss.check_head(p.student, "matching student head")
+
+
+
+
+__all__ = ["Circuit", "CircuitHead", "Matching", "Pair"]

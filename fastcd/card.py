@@ -1,0 +1,62 @@
+"""The model card written beside a distilled student (``OUT/student/README.md``): what was distilled from what,
+on which task, which heads trained and how, the metrics, and the command that made it."""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import asdict
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{x:.1%}"
+
+
+def _acc(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def model_card(result, cfg, *, task=None, teacher: str | None = None, student: str | None = None,
+               command: str | None = None) -> str:
+    """Markdown with a YAML header (Hugging Face model-card style) for a :class:`fastcd.pipeline.DistillResult`."""
+    from fastcd import __version__
+
+    m = result.metrics
+    task_name = getattr(task, "name", None) or "task"
+    task_desc = repr(task) if task is not None else task_name
+    lines = ["---", "library_name: transformers", "tags:", "- fastcd", "- circuit-distillation",
+             f"- {task_name}", "---", "",
+             f"# {student or 'student'} distilled from {teacher or 'a teacher cache'} with fastcd", "",
+             f"Circuit distillation (Wadhwa, Amir, Wallace 2025) with fastcd {__version__}, method "
+             f"`{cfg.method}`, on {task_desc}, {datetime.date.today().isoformat()}.", "",
+             "## Result (one fixed test set of "
+             f"{cfg.n_eval} prompts; accuracy = the argmax next token is the answer)", "",
+             "| | accuracy | circuit accuracy |", "|---|---|---|",
+             f"| teacher | {_acc(m.get('teacher_accuracy'))} | - |",
+             f"| student before | {_acc(m.get('student_base_accuracy'))} | - |",
+             f"| student after | {_acc(m.get('student_accuracy'))} | {_acc(m.get('student_circuit_accuracy'))} |",
+             "",
+             f"Trainable: {m.get('trainable_params', 0):,} parameters ({_pct(m.get('trainable_fraction'))} of the "
+             f"student), {m.get('trained_heads', '-')} heads ({_pct(m.get('trained_heads_fraction'))}).", ""]
+    if result.circuit is not None and result.circuit.heads:
+        lines += ["## Teacher circuit", "", "```", str(result.circuit), "```", ""]
+    if result.matching is not None:
+        lines += ["## Matching (teacher head -> trained student head, at a position role)", "", "```",
+                  str(result.matching), "```", ""]
+    lam = m.get("lam_effective")
+    lines += ["## Training", "",
+              f"{m.get('steps_done', cfg.steps)} of {cfg.steps} steps"
+              + (f" (early stop at step {m['stopped_early']})" if m.get("stopped_early") else "")
+              + f", batch {cfg.batch_size}, lr {cfg.lr} ({cfg.lr_scheduler}, warmup "
+              f"{cfg.warmup_steps or cfg.warmup_ratio}),"
+              f" lambda {lam if lam is not None else '-'}, CKA estimator {cfg.cka_estimator}, seed {cfg.seed}, "
+              f"{cfg.n_train} training prompts, k/v slices {cfg.kv}.", ""]
+    if command:
+        lines += ["Command:", "", "```bash", command, "```", ""]
+    lines += ["<details><summary>Full configuration</summary>", "", "```json"]
+    import json
+
+    lines += [json.dumps(asdict(cfg), indent=1, default=str), "```", "", "</details>", ""]
+    return "\n".join(lines)
+
+
+__all__ = ["model_card"]

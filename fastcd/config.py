@@ -1,0 +1,211 @@
+"""The training configuration and the table of distillation methods. Torch-free: ``fastcd --help`` and the CLI's
+parsers read these dataclasses (their field ``metadata["help"]`` is the flag's help) without importing torch.
+
+Names against ``transformers.TrainingArguments``: ``out`` = ``output_dir``, ``steps`` = ``max_steps``, ``lr`` =
+``learning_rate``, ``batch_size`` = the *global* batch (per device: ``batch_size / world_size``; it is also the CKA
+batch m), ``lr_scheduler`` = ``lr_scheduler_type``; ``warmup_steps``, ``warmup_ratio``, ``max_grad_norm``,
+``weight_decay``, ``seed``, ``eval_steps`` (here ``eval_every``), ``logging_steps`` (``log_every``), ``save_steps``
+(``save_every``), ``report_to`` mean the same as there.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from fastcd.errors import UsageError
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What a distillation method trains and which loss terms it uses."""
+
+    name: str
+    label: str  # the row name in tables
+    full_model: bool  # every student parameter trains (else only the matched heads' slices)
+    uses_ce: bool
+    uses_cka: bool
+    random_students: bool = False  # control: the matching's student heads re-drawn at random
+    permuted_targets: bool = False  # control: matched student heads, teacher targets permuted (experiments only)
+    in_distill: bool = True  # available in distill() (False: a control that ``fastcd experiment`` builds)
+
+
+METHOD_SPECS: dict[str, MethodSpec] = {s.name: s for s in (
+    MethodSpec("full-ce", "Fully distilled, CE", full_model=True, uses_ce=True, uses_cka=False),
+    MethodSpec("kd", "Fully distilled, logit KD", full_model=True, uses_ce=True, uses_cka=False),
+    MethodSpec("circuit-ce", "Circuit, CE", full_model=False, uses_ce=True, uses_cka=False),
+    MethodSpec("cka", "Circuit, Align CKA only", full_model=False, uses_ce=False, uses_cka=True),
+    MethodSpec("ce+rand-cka", "Circuit, CE + CKA to random heads", full_model=False, uses_ce=True, uses_cka=True,
+               random_students=True),
+    MethodSpec("ce+perm-cka", "Circuit, CE + CKA to permuted teacher heads", full_model=False, uses_ce=True,
+               uses_cka=True, permuted_targets=True, in_distill=False),
+    MethodSpec("ce+cka", "Circuit, CE + Align CKA", full_model=False, uses_ce=True, uses_cka=True),
+)}
+METHODS = tuple(n for n, s in METHOD_SPECS.items() if s.in_distill)  # what distill() runs
+ALL_METHODS = tuple(METHOD_SPECS)  # plus the experiment-only controls
+TEST_SEED = 0  # the seed of the test prompts, the same for every run whatever its training seed
+SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+PRECISIONS = ("no", "bf16", "fp16")
+
+
+def method_spec(method: str, what: str = "method") -> MethodSpec:
+    """The spec of ``method``; a one-line error naming ``what`` for an unknown one."""
+    if method not in METHOD_SPECS:
+        raise UsageError(f"{what} must be one of {ALL_METHODS}, got {method!r}")
+    return METHOD_SPECS[method]
+
+
+def _f(default, help: str, **kw):
+    """A dataclass field whose help text the CLI shows (``metadata["help"]``, as HfArgumentParser reads it)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+def parse_lam(text):
+    """``lam`` from the command line or a config: a number or ``auto``."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return float(text)
+    if text == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        raise UsageError(f"lam must be a number or 'auto', got {text!r}") from None
+
+
+@dataclass
+class DistillConfig:
+    """Everything a distillation run needs; defaults are the CPU demo's."""
+
+    method: str = _f("ce+cka", f"distillation method, one of {METHODS}", choices=METHODS)
+    lam: float | str = _f(1.0, "weight of the summed (1 - CKA) term, or 'auto' (see lam_ratio)", type=parse_lam)
+    lam_ratio: float = _f(1.0, "lam=auto: lambda such that |grad align| = lam_ratio * |grad CE| at the start")
+    steps: int = _f(300, "optimizer steps (TrainingArguments: max_steps)")
+    batch_size: int = _f(32, "global batch; also the CKA batch m (per device: batch_size / world size)")
+    lr: float = _f(1e-3, "peak learning rate of AdamW (TrainingArguments: learning_rate)")
+    lr_scheduler: str = _f("constant", f"learning-rate schedule after warmup, one of {SCHEDULERS} (transformers' "
+                           "get_scheduler)", choices=SCHEDULERS)
+    warmup_steps: int = _f(0, "linear warmup steps (overrides warmup_ratio when > 0)")
+    warmup_ratio: float = _f(0.0, "warmup as a fraction of steps")
+    max_grad_norm: float = _f(0.0, "clip the trainable gradients to this global norm (0: no clipping)")
+    mixed_precision: str = _f("no", "autocast the student's forward: bf16 (CUDA or CPU) or fp16 (CUDA, with a "
+                              "gradient scaler)", choices=PRECISIONS)
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    labels: str = _f("teacher", "CE targets: the teacher's argmax answer or the gold answer",
+                     choices=("teacher", "gold"))
+    kd_weight: float = _f(0.0, "Hinton KD term weight (the kd method uses 1.0 when this is 0)")
+    kd_temperature: float = _f(2.0, "KD softmax temperature")
+    kv: str = _f("auto", "key/value slices: auto (a head's own k/v train, shared GQA groups stay frozen), frozen, "
+                 "trainable", choices=("auto", "frozen", "trainable"))
+    eps: float = _f(1e-8, "guard of the CKA denominator (a dead head)")
+    cka_estimator: str = _f("biased", "CKA estimator: biased (the paper's linear CKA) or unbiased (debiased HSIC; "
+                            "torch path)", choices=("biased", "unbiased"))
+    seed: int = _f(0, "training seed (training prompts, batches, initialisation); the test set does not depend on it")
+    n_train: int = _f(4096, "training prompts")
+    n_eval: int = _f(500, "test prompts: one fixed, seed-independent set, evaluated at the end")
+    n_val: int = _f(200, "validation prompts for accuracy during training (eval_every)")
+    eval_every: int = _f(0, "validation accuracy every this many steps (0: none); never the test set")
+    early_stopping_patience: int = _f(0, "stop after this many evaluations without a better validation accuracy "
+                                      "(0: off; needs eval_every)")
+    log_every: int = _f(10, "a log row (loss parts, lr) every this many steps; streamed to OUT/log.jsonl")
+    save_every: int = _f(0, "checkpoint period in steps (0: none); a run resumes from OUT/ckpt.pt")
+    report_to: str = _f("none", "also log to tensorboard (OUT/tensorboard; needs the tensorboard package)",
+                        choices=("none", "tensorboard"))
+    out: str | None = _f(None, "output directory (TrainingArguments: output_dir)")
+    matching_method: str = _f("ablation", "how matched student heads are found when no matching is given",
+                              choices=("ablation", "cka", "combined"))
+    discovery: str = _f("auto", "circuit discovery when no circuit is given: auto (the task's default), roles, "
+                        "patching, attribution, path", choices=("auto", "roles", "patching", "attribution", "path"))
+    path_k: list[int] = _f([4, 2, 2, 2], "path patching: top-k heads per group (VF, PT, PD, SR)")
+    top_k: int | None = _f(None, "patching/attribution: circuit size (default: the task's, e.g. 15%% of heads)")
+    n_discovery: int = _f(256, "prompts for discovery and matching")
+    teacher_dtype: str | None = _f(None, "teacher dtype (float32, bf16, fp16); default: as stored")
+    device: str | None = _f(None, "where teacher and student run (cuda, cpu); default: where they load")
+    impl: str | None = _f(None, "alignment-loss implementation: auto, torch, triton (see python -m fastcd.info)")
+    on_nonfinite: str = _f("stop", "a NaN/inf loss part or gradient: stop (one-line error, nothing saved) or skip",
+                           choices=("stop", "skip"))
+    overwrite: bool = _f(False, "discard a checkpoint in out and start over")
+    resume: bool = _f(False, "require a checkpoint in out (an error instead of a fresh start)")
+    progress: bool = _f(True, "progress bars")
+
+    def validate(self) -> DistillConfig:
+        """One-line errors naming the field and what was expected, before any work starts."""
+        spec = method_spec(self.method)
+        if not spec.in_distill:
+            raise UsageError(f"method {self.method!r} is a control of `fastcd experiment`; distill() runs {METHODS}")
+        for name, lo in (("steps", 1), ("batch_size", 2), ("n_train", 1), ("n_eval", 1), ("n_val", 1),
+                         ("log_every", 1), ("eval_every", 0), ("save_every", 0), ("n_discovery", 2), ("seed", 0),
+                         ("warmup_steps", 0), ("early_stopping_patience", 0)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                raise UsageError(f"{name} must be an integer >= {lo}, got {v!r}")
+        if self.lam == "auto" and self.method not in ("ce+cka", "ce+rand-cka"):
+            raise UsageError(f'lam="auto" balances the CKA gradient against the CE gradient: it needs method '
+                             f"'ce+cka' or 'ce+rand-cka', got {self.method!r}")
+        for name in ("lam", "lam_ratio", "lr", "weight_decay", "kd_weight", "kd_temperature", "eps", "warmup_ratio",
+                     "max_grad_norm"):
+            v = getattr(self, name)
+            if name == "lam" and v == "auto":
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise UsageError(f"{name} must be a finite number, got {v!r}")
+        for name, lo, strict in (("lam", 0, False), ("lam_ratio", 0, True), ("lr", 0, True), ("eps", 0, True),
+                                 ("weight_decay", 0, False), ("max_grad_norm", 0, False), ("warmup_ratio", 0, False)):
+            v = getattr(self, name)
+            if v != "auto" and (v <= lo if strict else v < lo):
+                raise UsageError(f"{name} must be {'>' if strict else '>='} {lo}, got {v}")
+        if self.warmup_ratio >= 1:
+            raise UsageError(f"warmup_ratio must be < 1 (a fraction of steps), got {self.warmup_ratio}")
+        for name, allowed in (("lr_scheduler", SCHEDULERS), ("mixed_precision", PRECISIONS),
+                              ("cka_estimator", ("biased", "unbiased")), ("on_nonfinite", ("stop", "skip")),
+                              ("labels", ("teacher", "gold")), ("kv", ("auto", "frozen", "trainable")),
+                              ("report_to", ("none", "tensorboard")),
+                              ("matching_method", ("ablation", "cka", "combined")),
+                              ("discovery", ("auto", "roles", "patching", "attribution", "path"))):
+            if getattr(self, name) not in allowed:
+                raise UsageError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.method in ("cka", "ce+rand-cka", "ce+cka") and self.batch_size < 3:
+            raise UsageError(f"batch_size must be >= 3 for {self.method!r}: it is the CKA batch m, and with m=2 the "
+                             f"centred Gram matrices are rank 1, so CKA is identically 1 (no alignment signal)")
+        if self.cka_estimator == "unbiased" and spec.uses_cka and self.batch_size < 4:
+            raise UsageError(f"batch_size must be >= 4 with cka_estimator='unbiased' (the unbiased HSIC estimator "
+                             f"needs m >= 4), got {self.batch_size}")
+        if self.early_stopping_patience and not self.eval_every:
+            raise UsageError("early_stopping_patience needs eval_every > 0 (it counts validation evaluations)")
+        if not (isinstance(self.path_k, (list, tuple)) and len(self.path_k) == 4
+                and all(isinstance(k, int) and k >= 1 for k in self.path_k)):
+            raise UsageError(f"path_k must be four integers >= 1 (VF, PT, PD, SR), got {self.path_k!r}")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
+            raise UsageError(f"top_k must be an integer >= 1 or None, got {self.top_k!r}")
+        if self.kd_weight < 0 or self.kd_temperature <= 0:
+            raise UsageError("kd_weight must be >= 0 and kd_temperature > 0")
+        if self.report_to == "tensorboard":
+            import importlib.util
+
+            if importlib.util.find_spec("tensorboard") is None:
+                raise UsageError("report_to='tensorboard' needs the tensorboard package: pip install tensorboard")
+        # the checks that need torch (imported here, so that the CLI reads this module without it)
+        import torch
+
+        from fastcd.cka import choose_impl
+        from fastcd.loading import check_device
+
+        check_device(self.device, "device")
+        dev = torch.device(self.device) if self.device else torch.device("cpu")
+        if self.impl is not None:  # one line when Triton is missing or cannot run on that device
+            choose_impl(dev, self.impl)
+        if self.mixed_precision == "fp16" and dev.type != "cuda":
+            raise UsageError(f"mixed_precision='fp16' needs a CUDA device (device={self.device!r}); use bf16 or no")
+        return self
+
+    @property
+    def spec(self) -> MethodSpec:
+        return METHOD_SPECS[self.method]
+
+    @property
+    def effective_kd_weight(self) -> float:
+        return self.kd_weight if (self.kd_weight > 0 or self.method != "kd") else 1.0
+
+
+__all__ = ["ALL_METHODS", "DistillConfig", "METHODS", "METHOD_SPECS", "MethodSpec", "TEST_SEED", "method_spec"]

@@ -1,0 +1,236 @@
+"""The configuration of ``fastcd experiment``: fields, validation, the grid of runs and each run's
+:class:`~fastcd.config.DistillConfig`. Torch-free."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import os
+from dataclasses import asdict, dataclass, field
+
+from fastcd.config import ALL_METHODS, METHOD_SPECS, TEST_SEED  # noqa: F401  (TEST_SEED: re-exported)
+from fastcd.errors import InputFileError, UsageError
+
+GRID = ("n_train", "lam", "steps", "lr", "batch_size", "matching")  # fields that may hold a list of values
+MATCHING_RULES = ("ablation", "cka", "combined", "identity")
+POOL_SEED = 1234  # the seed of the training pool every run subsamples
+
+
+@dataclass
+class ExperimentConfig:
+    """One experiment. Fields named in ``GRID`` may be a list: the runs are their product x methods x seeds."""
+
+    teacher: str
+    student: str | None = None  # None only with positive_control (the student is the damaged teacher)
+    task: str = "entity-tracking"
+    n_boxes: int = 5  # training prompts (entity tracking)
+    test_boxes: int | None = None  # test prompts (default: n_boxes)
+    methods: list = field(default_factory=lambda: ["circuit-ce", "ce+cka", "ce+rand-cka"])
+    seeds: list = field(default_factory=lambda: [0, 1, 2])
+    n_train: int | list = 256
+    lam: float | str | list = 1.0
+    steps: int | list = 100
+    lr: float | list = 1e-3
+    batch_size: int | list = 16
+    matching: str | list = "ablation"
+    lam_ratio: float = 1.0
+    cka_estimator: str = "biased"  # "biased" (the paper's) or "unbiased" (debiased CKA, torch path)
+    full_lr: float | None = None  # lr of the full-model methods (full-ce, kd); default: lr. Whole-model AdamW
+    # at a head-slice lr (1e-3) wrecks a pretrained model in a few steps; 1e-5 is usual
+    n_test: int = 500
+    n_val: int = 0  # >0: validation accuracy every eval_every steps (training curves)
+    eval_every: int = 0
+    log_every: int = 5
+    n_discovery: int = 32
+    discovery: str = "attribution"  # "attribution" (with an exact recheck of the top heads) or "roles"
+    circuit_size: int = 12
+    circuit: str | None = None  # a circuit JSON to use instead of discovering one
+    matching_files: dict = field(default_factory=dict)  # rule -> a matching JSON to use instead of computing it
+    circuit_accuracy: bool = True
+    positions: list | None = None  # align every matched pair at each of these roles (e.g. [last, box_label])
+    positive_control: dict | None = None  # {"reinit": int (top-n circuit heads) | ["L0H2", ...], "seed": 0}
+    recovery_rules: list = field(default_factory=lambda: ["ablation", "cka"])
+    diagnostics: bool = True
+    diagnostics_m: int = 256
+    kv: str = "auto"
+    teacher_dtype: str | None = None
+    threads: int | None = None
+
+    @classmethod
+    def from_file(cls, path: str) -> ExperimentConfig:
+        if not os.path.isfile(path):
+            raise InputFileError(f"config: no such file {path!r}")
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        try:
+            if path.endswith((".yaml", ".yml")):
+                import yaml
+
+                data = yaml.safe_load(text)
+            else:
+                data = json.loads(text)
+        except Exception as e:  # noqa: BLE001 - any parser error becomes one line naming the file
+            raise UsageError(f"config: {path!r} is not valid {'YAML' if path.endswith(('yaml', 'yml')) else 'JSON'}"
+                             f": {str(e).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise UsageError(f"config: {path!r} must hold a mapping of fields, got {type(data).__name__}")
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ExperimentConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise UsageError(f"config: unknown field(s) {unknown}; known: {sorted(names)}")
+        if "teacher" not in data:
+            raise UsageError("config: 'teacher' is required (a model directory, GGUF file or packaged model name)")
+        data = dict(data)
+        for name in ("lr", "lam", "lam_ratio", "full_lr"):  # YAML 1.1 reads 3e-3 (no dot) as a string
+            v = data.get(name)
+            data[name] = [_number(name, x) for x in v] if isinstance(v, list) else _number(name, v)
+            if data[name] is None:
+                data.pop(name)
+        return cls(**data).validate()
+
+    def values(self, name: str) -> list:
+        v = getattr(self, name)
+        return list(v) if isinstance(v, (list, tuple)) else [v]
+
+    def validate(self) -> ExperimentConfig:
+        if self.task not in ("entity-tracking", "tom"):
+            raise UsageError(f"task must be 'entity-tracking' or 'tom', got {self.task!r}")
+        known = ALL_METHODS
+        bad = [m for m in self.methods if m not in known]
+        if bad or not self.methods:
+            raise UsageError(f"methods must be a non-empty list among {known}, got {self.methods!r}")
+        if len(set(self.methods)) != len(self.methods):
+            raise UsageError(f"methods must not repeat, got {self.methods}")
+        if not self.seeds or any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in self.seeds):
+            raise UsageError(f"seeds must be a non-empty list of integers >= 0, got {self.seeds!r}")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise UsageError(f"seeds must not repeat, got {self.seeds}")
+        for name in GRID:
+            vals = self.values(name)
+            if not vals:
+                raise UsageError(f"{name} must hold at least one value")
+            if len(set(map(str, vals))) != len(vals):
+                raise UsageError(f"{name} must not repeat values, got {vals}")
+        for v in self.values("matching"):
+            if v not in MATCHING_RULES:
+                raise UsageError(f"matching must be among {MATCHING_RULES}, got {v!r}")
+        if "identity" in self.values("matching") and not self.positive_control:
+            raise UsageError("matching 'identity' pairs a head with itself: it needs positive_control")
+        if self.positive_control is None and self.student is None:
+            raise UsageError("student is required (it may be left out only with positive_control)")
+        if self.positive_control is not None:
+            pc = self.positive_control
+            if not isinstance(pc, dict) or set(pc) - {"reinit", "seed"} or "reinit" not in pc:
+                raise UsageError(f"positive_control must be {{'reinit': N or [heads], 'seed': S}}, got {pc!r}")
+            r = pc["reinit"]
+            ok = (isinstance(r, int) and not isinstance(r, bool) and r >= 1) or (
+                isinstance(r, list) and r and all(isinstance(h, str) for h in r))
+            if not ok:
+                raise UsageError(f"positive_control.reinit must be an integer >= 1 or a list of heads like 'L0H2', "
+                                 f"got {r!r}")
+        for rule in self.recovery_rules:
+            if rule not in ("ablation", "cka", "combined"):
+                raise UsageError(f"recovery_rules must be among ('ablation', 'cka', 'combined'), got {rule!r}")
+        if self.positions is not None:
+            from fastcd.tasks.entity_tracking import ROLES as ET_ROLES
+            from fastcd.tasks.tom import ROLES as TOM_ROLES
+
+            roles = ET_ROLES if self.task == "entity-tracking" else TOM_ROLES
+            if not isinstance(self.positions, list) or not self.positions or any(r not in roles
+                                                                                 for r in self.positions):
+                raise UsageError(f"positions must be a non-empty list of the task's roles {roles}, got "
+                                 f"{self.positions!r}")
+        if self.discovery not in ("attribution", "roles"):
+            raise UsageError(f"discovery must be 'attribution' or 'roles', got {self.discovery!r}")
+        if self.discovery == "roles" and self.task != "entity-tracking":
+            raise UsageError("discovery 'roles' is for entity tracking; use 'attribution' for tom")
+        for name, lo in (("n_boxes", 2), ("n_test", 10), ("n_val", 0), ("eval_every", 0), ("log_every", 1),
+                         ("n_discovery", 2), ("circuit_size", 1), ("diagnostics_m", 4)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                raise UsageError(f"{name} must be an integer >= {lo}, got {v!r}")
+        if self.test_boxes is not None and (not isinstance(self.test_boxes, int) or self.test_boxes < 2):
+            raise UsageError(f"test_boxes must be an integer >= 2, got {self.test_boxes!r}")
+        if bool(self.n_val) != bool(self.eval_every):
+            raise UsageError(f"n_val and eval_every go together (both > 0 for validation curves, or both 0), got "
+                             f"n_val={self.n_val}, eval_every={self.eval_every}")
+        if not isinstance(self.matching_files, dict):
+            raise UsageError("matching_files must map a matching rule to a JSON path")
+        for rule, path in self.matching_files.items():
+            if rule not in MATCHING_RULES[:3]:
+                raise UsageError(f"matching_files: {rule!r} is not a matching rule {MATCHING_RULES[:3]}")
+            if not os.path.isfile(path):
+                raise InputFileError(f"matching_files[{rule!r}]: no such file {path!r}")
+        if self.circuit is not None and not os.path.isfile(self.circuit):
+            raise InputFileError(f"circuit: no such file {self.circuit!r}")
+        for spec in self.run_specs():  # each run's DistillConfig validates its own fields (steps, lr, lam, ...)
+            _distill_config(self, spec)
+        return self
+
+    def shared_key(self) -> dict:
+        """The fields every finished run depends on; a rerun into the same OUT must agree on all of them."""
+        d = asdict(self)
+        for name in GRID + ("methods", "seeds", "threads", "n_val", "eval_every", "log_every", "diagnostics",
+                            "diagnostics_m", "full_lr"):
+            d.pop(name)
+        return d
+
+    def run_specs(self) -> list[dict]:
+        """Every run: ``{"key", "method", "seed", "setting": {grid field: value}}``, in execution order
+        (seed-major, so a stopped sweep has whole seeds done)."""
+        out, seen = [], set()
+        grid = list(itertools.product(*(self.values(n) for n in GRID)))
+        for seed in self.seeds:
+            for vals in grid:
+                setting = dict(zip(GRID, vals))
+                for method in self.methods:
+                    s = dict(setting)
+                    if METHOD_SPECS[method].full_model:  # no matching: one run per seed
+                        s["matching"] = None
+                        if self.full_lr is not None:
+                            s["lr"] = self.full_lr
+                    if not (METHOD_SPECS[method].uses_cka and METHOD_SPECS[method].uses_ce):
+                        s["lam"] = None
+                    key = _run_key(method, seed, s)
+                    if key not in seen:
+                        seen.add(key)
+                        out.append({"key": key, "method": method, "seed": seed, "setting": s})
+        return out
+
+
+class NotApplicable(ValueError):
+    """A run that cannot be made for this matching (e.g. a permuted control with a single teacher unit)."""
+
+
+def _number(name: str, v):
+    if isinstance(v, str) and v != "auto":
+        try:
+            return float(v)
+        except ValueError:
+            raise UsageError(f"{name} must be a number{' or auto' if name == 'lam' else ''}, got {v!r}") from None
+    return v
+
+
+def _run_key(method: str, seed: int, setting: dict) -> str:
+    body = json.dumps({"method": method, "seed": seed, **setting}, sort_keys=True)
+    return hashlib.sha1(body.encode()).hexdigest()[:12]
+
+
+def _distill_config(cfg: ExperimentConfig, spec: dict):
+    from fastcd.config import DistillConfig
+
+    s = spec["setting"]
+    method = "ce+cka" if METHOD_SPECS[spec["method"]].permuted_targets else spec["method"]
+    return DistillConfig(method=method, lam=1.0 if s["lam"] is None else s["lam"], lam_ratio=cfg.lam_ratio,
+                         cka_estimator=cfg.cka_estimator,
+                         steps=s["steps"], batch_size=s["batch_size"], lr=s["lr"], n_train=s["n_train"],
+                         n_eval=cfg.n_test, seed=spec["seed"], kv=cfg.kv, log_every=cfg.log_every,
+                         eval_every=cfg.eval_every, n_val=max(cfg.n_val, 1), progress=False,
+                         kd_weight=1.0 if method == "kd" else 0.0).validate()
+

@@ -1,0 +1,361 @@
+"""The shared half of an experiment (:class:`fastcd.experiment.Experiment` inherits it): what every run reuses,
+computed once and kept in ``OUT/shared``: the prompt sets, the circuit, each matching, the recovery report of a
+positive control, the teacher cache over the training pool, the base evaluation and the diagnostics."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import random
+import time
+
+import torch
+
+from fastcd.config import TEST_SEED
+from fastcd.errors import UsageError
+from fastcd.experiment_config import POOL_SEED, ExperimentConfig, NotApplicable
+from fastcd.io import write_json_atomic
+from fastcd.report import _bits
+from fastcd.trainable import reinit_heads
+
+
+def say(msg: str) -> None:
+    print(time.strftime("%H:%M:%S"), "experiment:", msg, flush=True)
+
+
+class SharedSetup:
+    """Mixin: ``self.cfg`` (an :class:`ExperimentConfig`) and ``self.out`` are set by the subclass."""
+
+    cfg: ExperimentConfig
+    out: str
+    progress: bool
+
+    def _shared(self, name: str):
+        p = os.path.join(self.out, "shared", name)
+        if os.path.isfile(p):
+            with open(p) as f:
+                return json.load(f)
+        return None
+
+    def _put_shared(self, name: str, obj) -> None:
+        write_json_atomic(obj, os.path.join(self.out, "shared", name), indent=1)
+
+    # --- the pipeline ------------------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Everything runs share: tokenised prompt sets, circuit, matchings, teacher cache, base evaluation."""
+        from fastcd.artifacts import Circuit, Matching
+        from fastcd.loading import load_model, load_tokenizer, spec_of
+        from fastcd.tasks import EntityTracking, TheoryOfMind, adapt_task
+
+        cfg = self.cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        t_path = cfg.teacher
+        s_path = cfg.student if cfg.positive_control is None else cfg.teacher
+        t_spec, s_spec = spec_of(t_path), spec_of(s_path)  # config only: a bad path fails here, in seconds
+        if cfg.circuit:
+            for h in Circuit.load(cfg.circuit).unique_heads():
+                t_spec.check_head(h, "circuit head")
+        for path in cfg.matching_files.values():
+            Matching.load(path).check_models(t_path, s_path)
+        self.t_spec, self.s_spec = t_spec, s_spec
+        tok = load_tokenizer(s_path)
+        t_tok = load_tokenizer(t_path) if t_path != s_path else tok
+        mk = (lambda n: EntityTracking(n_boxes=n)) if cfg.task == "entity-tracking" else (lambda n: TheoryOfMind())
+        toks = [tok] if t_tok is tok else [tok, t_tok]
+        self.task = adapt_task(mk(cfg.n_boxes), toks)
+        self.test_task = self.task if (cfg.test_boxes or cfg.n_boxes) == cfg.n_boxes else adapt_task(
+            mk(cfg.test_boxes), toks)
+        self.tok, self.t_tok = tok, t_tok
+        n_pool = max(self.cfg.values("n_train"))
+        pool_ex = self.task.generate(n_pool, seed=POOL_SEED, split="train")
+        self.s_pool = self.task.encode(pool_ex, tok)
+        self.t_pool = self.task.encode(pool_ex, t_tok) if t_tok is not tok else self.s_pool
+        test_pairs = self.test_task.pairs(cfg.n_test, seed=TEST_SEED, split="test")
+        self.s_test = self.test_task.encode([p.clean for p in test_pairs], tok)
+        self.s_ref = self.test_task.encode([p.corrupt for p in test_pairs], tok)
+        self.t_test = self.test_task.encode([p.clean for p in test_pairs], t_tok) if t_tok is not tok else self.s_test
+        self.s_val = (self.task.encode(self.task.generate(cfg.n_val, seed=TEST_SEED, split="val"), tok)
+                      if cfg.n_val else None)
+        dpairs = self.task.pairs(cfg.n_discovery, seed=TEST_SEED, split="val")
+        self.d_clean = [p.clean for p in dpairs]
+        self.d_corrupt = [p.corrupt for p in dpairs]
+
+        rules = [r for r in cfg.values("matching")]
+        need = {"circuit": self._shared("circuit.json") is None and not cfg.circuit,
+                "matchings": any(self._shared(f"matching_{r}.json") is None for r in rules
+                                 if r != "identity" and r not in cfg.matching_files),
+                "cache": not self._cache_ok(n_pool),
+                "teacher_eval": self._shared("teacher_eval.json") is None,
+                "recovery": bool(cfg.positive_control) and self._shared("recovery.json") is None}
+        teacher = None
+        if any(need.values()):
+            say(f"loading the teacher {t_path} (needed for: {', '.join(k for k, v in need.items() if v)})")
+            teacher = load_model(t_path, dtype=cfg.teacher_dtype)
+            teacher.eval()
+        self.circuit = self._circuit(teacher)
+        self.student = load_model(s_path)
+        self.student.eval()
+        if cfg.positive_control:
+            self.reinit = self._reinit_heads()
+            reinit_heads(self.student, self.reinit, seed=cfg.positive_control.get("seed", 0))
+        self.matchings = {r: self._matching(r, teacher) for r in rules}
+        if need["recovery"]:
+            self._recovery(teacher)
+        self._teacher_cache(teacher, n_pool)
+        if need["teacher_eval"]:
+            from fastcd.metrics import accuracy_per_example
+
+            say(f"teacher accuracy on the {len(self.t_test)} test prompts")
+            tc = accuracy_per_example(teacher, self.t_test)
+            self._put_shared("teacher_eval.json", {"correct": _bits(tc), "accuracy": sum(tc) / len(tc)})
+        del teacher
+        gc.collect()
+        self.base_state = {k: v.detach().clone() for k, v in self.student.state_dict().items()}
+        self._base_eval()
+        if cfg.diagnostics:
+            self._diagnostics()
+
+    def _circuit(self, teacher):
+        from fastcd.artifacts import Circuit
+
+        cfg = self.cfg
+        if cfg.circuit:
+            return Circuit.load(cfg.circuit)
+        d = self._shared("circuit.json")
+        if d is not None:
+            return Circuit.from_json(d)
+        from fastcd.discover import default_circuit
+
+        t0 = time.time()
+        clean = self.task.encode(self.d_clean, self.t_tok)
+        corrupt = self.task.encode(self.d_corrupt, self.t_tok)
+        if cfg.discovery == "attribution":
+            say(f"discovery: attribution patching over {len(clean)} prompts, exact recheck of the top "
+                f"{cfg.circuit_size}")
+        circuit, _, _ = default_circuit(teacher, self.task, clean, corrupt, method=cfg.discovery,
+                                        top_k=None if cfg.discovery == "roles" else cfg.circuit_size,
+                                        position="last", recheck_top_k=cfg.circuit_size, batch_size=16,
+                                        progress=self.progress)
+        circuit.meta.update(method=cfg.discovery, n_examples=len(clean), seconds=round(time.time() - t0, 1))
+        self._put_shared("circuit.json", circuit.to_json())
+        return circuit
+
+    def _reinit_heads(self) -> list:
+        from fastcd.hooks import Head
+
+        r = self.cfg.positive_control["reinit"]
+        if isinstance(r, int):
+            heads = self.circuit.unique_heads()
+            if r > len(heads):
+                raise UsageError(f"positive_control.reinit={r} but the circuit has only {len(heads)} heads")
+            return heads[:r]
+        return [self.s_spec.check_head(Head.parse(h), "positive_control.reinit head") for h in r]
+
+    def _match_inputs(self, teacher):
+        from fastcd.match import MatchInputs
+
+        t_clean = self.task.encode(self.d_clean, self.t_tok)
+        t_corrupt = self.task.encode(self.d_corrupt, self.t_tok)
+        s_clean = self.task.encode(self.d_clean, self.tok) if self.tok is not self.t_tok else t_clean
+        s_corrupt = self.task.encode(self.d_corrupt, self.tok) if self.tok is not self.t_tok else t_corrupt
+        return MatchInputs(teacher, self.student, self.circuit, t_clean, s_clean, t_corrupt, s_corrupt)
+
+    def _matching(self, rule: str, teacher):
+        from fastcd.artifacts import Matching, Pair
+        from fastcd.match import match
+
+        if rule == "identity":  # every circuit unit (head, role) of a re-initialised head, aligned to itself
+            units = {}
+            for c in self.circuit.heads:
+                units.setdefault(c.head, []).append(c.position if c.position != "all" else "last")
+            return Matching([Pair(h, h, role, "reinit") for h in self.reinit
+                             for role in dict.fromkeys(units.get(h, ["last"]))], "identity")
+        if rule in self.cfg.matching_files:
+            return self._at_positions(Matching.load(self.cfg.matching_files[rule]))
+        d = self._shared(f"matching_{rule}.json")
+        if d is not None:
+            return self._at_positions(Matching.from_json(d))
+        t0 = time.time()
+        say(f"matching: rule {rule!r}")
+        kw = {"progress": self.progress} if rule in ("ablation", "combined") else {}
+        m = match(self._match_inputs(teacher), rule, **kw)
+        m.meta["seconds"] = round(time.time() - t0, 1)
+        self._put_shared(f"matching_{rule}.json", m.to_json())
+        return self._at_positions(m)
+
+    def _at_positions(self, m):
+        """With ``positions``: every (teacher, student) pair aligned at each listed role (multi-position CKA)."""
+        from fastcd.artifacts import Matching, Pair
+
+        if not self.cfg.positions:
+            return m
+        heads = list(dict.fromkeys((p.teacher, p.student, p.group) for p in m.pairs))
+        return Matching([Pair(t, s, role, g) for t, s, g in heads for role in self.cfg.positions],
+                        m.method, {**m.meta, "positions": list(self.cfg.positions)})
+
+    def _recovery(self, teacher) -> None:
+        """Positive control: does each matching rule pair the re-initialised heads with themselves?"""
+        from fastcd.match import match
+
+        out = {"reinit": [str(h) for h in self.reinit]}
+        for rule in self.cfg.recovery_rules:
+            t0 = time.time()
+            say(f"positive control: recovering the identity with rule {rule!r}")
+            kw = {"progress": self.progress} if rule in ("ablation", "combined") else {}
+            m = match(self._match_inputs(teacher), rule, **kw)
+            ident = [p.teacher == p.student for p in m.pairs]
+            re = [p for p in m.pairs if p.teacher in self.reinit]
+            out[rule] = {"pairs": [[str(p.teacher), str(p.student), p.position] for p in m.pairs],
+                         "identity_share": sum(ident) / len(ident),
+                         "reinit_identity": sum(p.teacher == p.student for p in re),
+                         "reinit_paired": len(re), "seconds": round(time.time() - t0, 1)}
+        self._put_shared("recovery.json", out)
+
+    def _units(self) -> list[tuple[str, str]]:
+        """Every (teacher head, role) any run aligns to: the circuit's units and each matching's teacher side."""
+        units = [(str(c.head), c.position if c.position != "all" else "last") for c in self.circuit.heads]
+        for m in self.matchings.values():
+            units += [(str(p.teacher), p.position) for p in m.pairs]
+        return list(dict.fromkeys(units))
+
+    def _cache_ok(self, n_pool: int) -> bool:
+        d = self._shared("cache.json")
+        return d is not None and d["n"] == n_pool and os.path.isdir(os.path.join(self.out, "shared", "cache"))
+
+    def _teacher_cache(self, teacher, n_pool: int) -> None:
+        from safetensors.torch import load_file
+
+        from fastcd.artifacts import Matching, Pair
+        from fastcd.hooks import Head
+        from fastcd.teacher_cache import build_teacher_cache
+
+        units = self._units()
+        path = os.path.join(self.out, "shared", "cache")
+        need_logits = "kd" in self.cfg.methods
+        d = self._shared("cache.json")
+        if not (d and d["n"] == n_pool and [tuple(u) for u in d["units"]] == units and d["logits"] >= need_logits
+                and os.path.isdir(path)):
+            if teacher is None:
+                from fastcd.loading import load_model
+
+                teacher = load_model(self.cfg.teacher, dtype=self.cfg.teacher_dtype)
+            t0 = time.time()
+            say(f"teacher cache: {n_pool} prompts, {len(units)} (head, role) units, logits={need_logits}")
+            pseudo = Matching([Pair(Head.parse(h), Head.parse(h), r) for h, r in units], "units")
+            build_teacher_cache(teacher, self.t_pool, pseudo, path, logits=need_logits, progress=self.progress,
+                                tokenizer=self.t_tok, batch_size=32)
+            self._put_shared("cache.json", {"n": n_pool, "units": units, "logits": need_logits,
+                                            "seconds": round(time.time() - t0, 1)})
+        shards = [load_file(os.path.join(path, s)) for s in sorted(os.listdir(path)) if s.endswith(".safetensors")]
+        self.pool = {"labels": torch.cat([s["labels"] for s in shards]),
+                     "z": torch.cat([s["z"] for s in shards], dim=1)}
+        if need_logits:
+            self.pool["logits"] = torch.cat([s["logits"] for s in shards])
+        self.unit_index = {u: i for i, u in enumerate(units)}
+
+    def _live(self, matching) -> list:
+        return [(p.student, p.position) for p in matching.pairs]
+
+    def _base_eval(self) -> None:
+        from fastcd.hooks import mean_z
+        from fastcd.metrics import accuracy_per_example, circuit_correct
+
+        d = self._shared("base_eval.json") or {}
+        changed = False
+        if "correct" not in d:
+            say(f"untrained student on the {len(self.s_test)} test prompts")
+            c = accuracy_per_example(self.student, self.s_test)
+            d.update(correct=_bits(c), accuracy=sum(c) / len(c))
+            changed = True
+        if self.cfg.circuit_accuracy:
+            self.means = mean_z(self.student, self.s_ref.input_ids)
+            for rule, m in self.matchings.items():
+                if f"circuit_{rule}" not in d:
+                    cc = circuit_correct(self.student, self.s_test, self.means, self._live(m))
+                    d[f"circuit_{rule}"] = sum(cc) / len(cc)
+                    changed = True
+        if changed:
+            self._put_shared("base_eval.json", d)
+        self.base_eval = d
+
+    def _diagnostics(self) -> None:
+        """Per pair at the start: CKA on m pool prompts vs a Gaussian null and random student heads."""
+        from fastcd.cka import cka_matrix_torch
+        from fastcd.hooks import capture_z
+        from fastcd.models import logits_at
+
+        d = self._shared("diagnostics.json") or {}
+        todo = [r for r in self.matchings if r not in d]
+        if not todo:
+            self.diag = d
+            return
+        m = min(self.cfg.diagnostics_m, len(self.s_pool))
+        say(f"diagnostics: CKA at the start on {m} pool prompts")
+        sub = self.s_pool.index(range(m))
+        heads = self.s_spec.all_heads()
+        roles = sorted({p.position for mt in self.matchings.values() for p in mt.pairs})
+        z = {}  # role -> [n_heads_total, m, d]
+        with torch.no_grad(), capture_z(self.student, heads, detach=True) as cache:
+            logits_at(self.student, sub.positions["last"], input_ids=sub.input_ids)
+            for role in roles:
+                pos = sub.positions[role]
+                z[role] = torch.stack([cache[h][torch.arange(m), pos].float() for h in heads])
+        rng = random.Random(0)
+        g = torch.Generator().manual_seed(0)
+        for rule in todo:
+            mt = self.matchings[rule]
+            rows = []
+            for p in mt.pairs:
+                t = self.pool["z"][self.unit_index[(str(p.teacher), p.position)], :m]
+                s = z[p.position][heads.index(p.student)]
+                c = float(cka_matrix_torch(s[None], t[None])[0, 0])
+                rand = rng.sample(range(len(heads)), min(32, len(heads)))
+                c_rand = cka_matrix_torch(z[p.position][rand], t[None])[:, 0]
+                null = [float(cka_matrix_torch(torch.randn(m, s.shape[1], generator=g)[None],
+                                               torch.randn(m, t.shape[1], generator=g)[None])[0, 0])
+                        for _ in range(8)]
+                rows.append({"teacher": str(p.teacher), "student": str(p.student), "position": p.position,
+                             "cka": c, "random_heads_mean": float(c_rand.mean()),
+                             "random_heads_p95": float(torch.tensor(c_rand).quantile(0.95)),
+                             "gaussian_null_mean": sum(null) / len(null)})
+            d[rule] = {"m": m, "pairs": rows}
+        self._put_shared("diagnostics.json", d)
+        self.diag = d
+
+    # --- one run ---------------------------------------------------------------------------------
+    def _run_matching(self, spec: dict):
+        from fastcd.artifacts import Matching, Pair
+
+        rule = spec["setting"]["matching"]
+        if rule is None:
+            return None
+        m = self.matchings[rule]
+        if spec["method"] == "ce+rand-cka":  # random student heads over the same teacher units
+            pick = random.Random(spec["seed"]).sample(self.s_spec.all_heads(), len(m.pairs))
+            return Matching([Pair(p.teacher, s, p.position, p.group) for p, s in zip(m.pairs, pick)], "random",
+                            {"seed": spec["seed"], "teacher_side": rule})
+        if spec["method"] == "ce+perm-cka":
+            # the same student heads at their own positions; each pair's teacher target is another pair's
+            # (teacher head, role) unit, with no fixed point. The targets come from the teacher cache, so the
+            # teacher unit's role may differ from the student's position (meta["teacher_units"]).
+            units = [(p.teacher, p.position) for p in m.pairs]
+            n = len(units)
+            if len(set(units)) < 2:
+                raise NotApplicable(f"ce+perm-cka needs at least two distinct teacher units in matching {rule!r}, "
+                                 f"got {units}")
+            perm = list(range(n))
+            rng = random.Random(spec["seed"])
+            for _ in range(10000):
+                rng.shuffle(perm)
+                if all(units[perm[i]] != units[i] for i in range(n)):
+                    break
+            else:
+                raise NotApplicable(f"ce+perm-cka: no permutation of {units} moves every target")
+            return Matching([Pair(units[perm[i]][0], p.student, p.position, p.group) for i, p in enumerate(m.pairs)],
+                            "permuted", {"seed": spec["seed"],
+                                         "teacher_units": [[str(units[perm[i]][0]), units[perm[i]][1]]
+                                                           for i in range(n)]})
+        return m
+

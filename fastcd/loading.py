@@ -1,0 +1,209 @@
+"""Offline loading: local Hugging Face directories (or modules) into models and tokenizers, with checks that
+need no weights first (path, architecture, weight files: seconds, before a 1.5B model takes minutes), the
+attention implementation, dtypes, devices and the memory budget for batched passes."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+
+import torch
+from torch import nn
+
+from fastcd.errors import InputFileError, UsageError, UsageTypeError
+from fastcd.io import announce  # noqa: F401  (re-exported: where loading says what it chose)
+from fastcd.models import ModelSpec, get_adapter, model_spec, unwrap
+
+logger = logging.getLogger("fastcd")
+
+def has_flash_attn() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def pick_attn_implementation(device: str | torch.device | None) -> str:
+    """``flash_attention_2`` when flash-attn is installed and the device is CUDA, ``sdpa`` otherwise."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dev.type == "cuda" and has_flash_attn():
+        return "flash_attention_2"
+    return "sdpa"
+
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64,
+}
+
+
+def parse_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and dtype in _DTYPES:
+        return _DTYPES[dtype]
+    raise UsageError(f"dtype must be a torch.dtype or one of {sorted(_DTYPES)}, got {dtype!r}")
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def check_model_path(path_or_name, what: str = "path", *, weights: bool = True) -> str:
+    """Resolve a model argument (directory, GGUF file, packaged model name) and check, before anything loads,
+    that it exists, names a supported architecture and (for a Hugging Face directory) holds weights. Errors name
+    ``what`` (e.g. ``"teacher"``). Returns the resolved path."""
+    from fastcd import zoo
+    from fastcd.convert import check_architecture, find_gguf
+
+    path = os.fspath(zoo.resolve(os.fspath(path_or_name)))
+    if not os.path.exists(path):
+        raise InputFileError(
+            f"{what}: {path!r} is not a local directory or GGUF file; fastcd loads only local models "
+            f"(download the weights first, or name a packaged model: {', '.join(zoo.MODELS)})"
+        )
+    gguf = find_gguf(path, what)
+    check_architecture(path, what)  # from config.json / GGUF metadata, before any weight loads
+    if weights and gguf is None and not any(os.path.isfile(os.path.join(path, f)) for f in WEIGHT_FILES) and not any(
+            f.endswith(".safetensors") for f in os.listdir(path)):
+        raise InputFileError(f"{what}: {path!r} has a config.json but no weights (model.safetensors, "
+                                "pytorch_model.bin or their sharded index)")
+    return path
+
+
+def load_model(path_or_module, *, dtype=None, device=None, attn_implementation: str | None = None,
+               what: str = "path_or_module"):
+    """Load a causal LM from a local Hugging Face directory (never the network), or take a module as is.
+
+    Args:
+        path_or_module: a directory with ``config.json`` and weights, a ``.gguf`` file (or a directory holding
+            exactly one; dequantized, needs ``fastcd[gguf]``), the name of a prepared packaged model
+            (``fastcd models``), or an ``nn.Module``. The architecture is checked (config.json / GGUF metadata)
+            before any weight loads.
+        dtype: ``torch.dtype`` or a name (``"bf16"``, ``"float32"`` ...); None keeps the stored dtype (float32
+            for GGUF).
+        device: where to put the model (default: CPU).
+        attn_implementation: override; by default flash-attn when installed and on CUDA, sdpa otherwise.
+        what: the argument name used in error messages (``"teacher"``, ``"student"``).
+
+    Returns:
+        The model in eval mode.
+    """
+    dtype = parse_dtype(dtype)
+    if isinstance(path_or_module, nn.Module):
+        model = path_or_module
+        if dtype is not None or device is not None:
+            model = model.to(device=device, dtype=dtype)
+        get_adapter(model)  # validate the architecture early
+        return model
+    if not isinstance(path_or_module, (str, os.PathLike)):
+        raise UsageTypeError(f"path_or_module must be a local directory path or an nn.Module, got "
+                             f"{type(path_or_module)}")
+    from fastcd.convert import find_gguf, load_gguf_model
+
+    check_device(device, "device")
+    path = check_model_path(path_or_module, what)
+    gguf = find_gguf(path, what)
+    from transformers import AutoModelForCausalLM
+
+    impl = attn_implementation or pick_attn_implementation(device)
+    announce(f"fastcd: attention implementation {impl} (flash-attn on CUDA when installed, sdpa otherwise)")
+    if gguf is not None:
+        model = load_gguf_model(gguf, dtype=dtype, attn_implementation=impl)
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                path, local_files_only=True, dtype=dtype if dtype is not None else "auto", attn_implementation=impl
+            )
+        except Exception as e:  # noqa: BLE001 - SafetensorError has no importable base; others re-raise
+            if type(e).__name__ == "SafetensorError" or isinstance(e, OSError):
+                raise UsageError(f"{what}: the weights in {path!r} cannot be read ({type(e).__name__}: "
+                                 f"{str(e).splitlines()[0][:150]}); a truncated or partial download?") from None
+            raise
+    if device is not None:
+        model = model.to(device)
+    model.eval()
+    get_adapter(model)
+    return model
+
+
+def check_device(device, what: str = "device") -> None:
+    """A one-line error for a device this torch cannot use (``cuda`` on a CPU build, a bad name)."""
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UsageError(f"{what}: {device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1')") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"{what}: {device!r} was asked for but this torch ({torch.__version__}) sees no CUDA "
+                             "device; leave it unset to run on the CPU")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"{what}: {device!r} but only {torch.cuda.device_count()} CUDA device(s) are visible")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"{what}: 'mps' was asked for but MPS is not available here")
+
+
+def memory_budget() -> int:
+    """Bytes one batched forward may use for activations: ``$FASTCD_MEMORY_BUDGET`` (e.g. ``4G``, ``512M``,
+    bytes), default 2 GiB."""
+    raw = os.environ.get("FASTCD_MEMORY_BUDGET", "2G").strip().upper()
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    try:
+        if raw and raw[-1] in mult:
+            return int(float(raw[:-1]) * mult[raw[-1]])
+        return int(raw)
+    except ValueError:
+        raise UsageError(f"FASTCD_MEMORY_BUDGET must be bytes or a size like '4G', got {raw!r}") from None
+
+
+def rows_for_budget(model: nn.Module, seq_len: int, *, budget: int | None = None, cap: int = 4096) -> int:
+    """How many prompt rows of length ``seq_len`` one no-grad forward may take within the memory budget.
+
+    Per row and layer: the residual stream and its normed copies (~6 x d_model), the MLP (3 x d_ff), attention
+    scores (n_heads x T, eager) and the patch plan (n_heads x d_head), times T, plus one row of logits."""
+    s = model_spec(model)
+    cfg = unwrap(model).config
+    d_ff = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * s.d_model
+    item = next(model.parameters()).element_size()
+    per_row = item * (seq_len * (6 * s.d_model + 3 * d_ff + s.n_heads * seq_len + s.n_heads * s.d_head)
+                      + s.vocab_size)
+    return int(max(1, min(cap, (budget or memory_budget()) // per_row)))
+
+def spec_of(path_or_module, what: str = "model") -> ModelSpec:
+    """The shape facts of a model without loading its weights (config.json or GGUF metadata), or of a module.
+    Errors name ``what``."""
+    if isinstance(path_or_module, nn.Module):
+        return model_spec(path_or_module)
+    from transformers import AutoConfig
+
+    from fastcd.convert import find_gguf
+
+    path = check_model_path(path_or_module, what, weights=False)  # config only: no weights needed
+    gguf = find_gguf(path, what)
+    if gguf is None:
+        cfg = AutoConfig.from_pretrained(path, local_files_only=True)
+    else:
+        cfg = AutoConfig.from_pretrained(os.path.dirname(os.path.abspath(gguf)), gguf_file=os.path.basename(gguf),
+                                         local_files_only=True)
+
+    class _Shell(nn.Module):
+        config = cfg
+
+    return get_adapter(_Shell()).spec
+
+
+def load_tokenizer(path: str | os.PathLike, what: str = "path"):
+    """The tokenizer stored in a local model directory, a GGUF file or a prepared packaged model (never the
+    network). Errors name ``what``."""
+    from transformers import AutoTokenizer
+
+    from fastcd import zoo
+    from fastcd.convert import find_gguf, load_gguf_tokenizer
+
+    path = os.fspath(zoo.resolve(os.fspath(path)))
+    if not os.path.exists(path):
+        raise InputFileError(f"{what}: {path!r} is not a local directory or GGUF file")
+    gguf = find_gguf(path, what)
+    if gguf is not None:
+        return load_gguf_tokenizer(gguf)
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)

@@ -1,0 +1,197 @@
+"""Metric values, accuracy and circuit evaluation: what every stage (discovery, matching, training, the demo)
+measures a model with. Lower than discovery: anything may import it.
+
+Circuit evaluation follows Prakash et al.'s ``circuit_eval.ipynb`` (github.com/Nix07/finetuning): per-position
+means, circuit heads live only at their group's position, every other (head, position) mean-ablated, a random
+circuit of the same size averaged over draws, faithfulness = circuit / full.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import torch
+from torch import nn
+
+from fastcd.artifacts import Circuit
+from fastcd.errors import UsageError
+from fastcd.hooks import ALL, intervene, mean_z, position_mask, role_positions
+from fastcd.models import Head, get_adapter, logits_at
+from fastcd.tasks.base import EncodedBatch
+
+METRICS = ("prob", "logprob", "logit_diff", "accuracy", "candidate_accuracy")
+SCORINGS = ("vocab", "candidates")
+
+def metric_values(logits: torch.Tensor, batch: EncodedBatch, metric: str,
+                  distractor_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-example metric at each example's last position.
+
+    Args:
+        logits: ``[n, T, vocab]``, or ``[n, vocab]`` already taken at each example's last position (what
+            :func:`fastcd.models.logits_at` returns).
+        metric: ``prob`` (probability of the answer), ``logprob``, ``logit_diff`` (answer minus
+            distractor logit; needs ``distractor_ids``), ``accuracy`` (argmax over the vocabulary is the answer)
+            or ``candidate_accuracy`` (argmax among the answers the prompt allows, ``batch.candidate_ids``: the
+            in-context objects for entity tracking, the story's drinks and "unknown" for ToM).
+
+    Returns:
+        ``[n]`` float tensor.
+    """
+    if metric not in METRICS:
+        raise UsageError(f"metric must be one of {METRICS}, got {metric!r}")
+    if bool((batch.answer_ids < 0).any()):
+        raise UsageError("batch has examples without an answer (corrupt prompts?); metrics need clean examples")
+    n = logits.shape[0]
+    if logits.dim() == 2:
+        last = logits.float()
+    else:
+        last = logits[torch.arange(n), batch.positions["last"].to(logits.device)].float()  # [n, vocab]
+    ans = batch.answer_ids.to(logits.device)
+    if metric == "prob":
+        return last.softmax(-1)[torch.arange(n), ans]
+    if metric == "logprob":
+        return last.log_softmax(-1)[torch.arange(n), ans]
+    if metric == "accuracy":
+        return (last.argmax(-1) == ans).float()
+    if metric == "candidate_accuracy":
+        if batch.candidate_ids is None:
+            raise UsageError("metric='candidate_accuracy' needs batch.candidate_ids (encode with the task's encode())")
+        cand = batch.candidate_ids.to(logits.device)
+        return (cand[torch.arange(n), last.gather(1, cand).argmax(-1)] == ans).float()
+    if distractor_ids is None:
+        distractor_ids = batch.distractor_ids
+    if distractor_ids is None:
+        raise UsageError("metric='logit_diff' needs distractor_ids (one alternative answer token per example)")
+    d = distractor_ids.to(logits.device)
+    return last[torch.arange(n), ans] - last[torch.arange(n), d]
+
+
+@torch.no_grad()
+def accuracy_per_example(model: nn.Module, batch: EncodedBatch, batch_size: int = 256, *,
+                         scoring: str = "vocab") -> list[bool]:
+    """Whether the argmax at each example's last position is its answer: over the whole vocabulary
+    (``scoring="vocab"``) or among the answers the prompt allows (``scoring="candidates"``)."""
+    if scoring not in SCORINGS:
+        raise UsageError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
+    metric = "accuracy" if scoring == "vocab" else "candidate_accuracy"
+    vals, _ = clean_metric(model, batch, metric, None, batch_size)
+    return vals.bool().tolist()
+
+
+def relative_change(patched: torch.Tensor, clean: torch.Tensor, metric: str, relative: bool) -> torch.Tensor:
+    """Score of a patch: per-example ``(p - c) / c`` for ``prob`` (Prakash), else on the means."""
+    if not relative:
+        return (patched - clean).mean(-1)
+    if metric == "prob":
+        zero = (clean == 0).nonzero()
+        if zero.numel():
+            raise UsageError(
+                f"relative metric 'prob': the clean probability is 0 for example {int(zero[0, 0])}; "
+                "use relative=False or metric='logprob'"
+            )
+        return ((patched - clean) / clean).mean(-1)
+    base = clean.mean()
+    if float(base) == 0.0:
+        raise UsageError(f"relative metric {metric!r}: the clean mean is 0; use relative=False")
+    return (patched.mean(-1) - base) / base.abs()
+
+
+def check_aligned(a: EncodedBatch, b: EncodedBatch, name: str) -> None:
+    if not a.equal_length or not b.equal_length or a.input_ids.shape[1] != b.input_ids.shape[1]:
+        raise UsageError(
+            f"clean and {name} prompts must all have one token length where positions align "
+            f"(got lengths {a.attention_mask.sum(1).unique().tolist()} and {b.attention_mask.sum(1).unique().tolist()})"
+        )
+
+@torch.no_grad()
+def clean_metric(model, clean, metric, distractor_ids, batch_size) -> tuple[torch.Tensor, int]:
+    device = next(model.parameters()).device
+    vals, fw = [], 0
+    for i in range(0, len(clean), batch_size):
+        sub = clean.index(range(i, min(i + batch_size, len(clean))))
+        logits, _ = logits_at(model, sub.positions["last"], input_ids=sub.input_ids.to(device))
+        fw += 1
+        d = None if distractor_ids is None else distractor_ids[i : i + batch_size]
+        vals.append(metric_values(logits, sub, metric, d).cpu())
+    return torch.cat(vals), fw
+
+
+def check_common(clean: EncodedBatch, metric: str, batch_size: int) -> None:
+    if metric not in METRICS:
+        raise UsageError(f"metric must be one of {METRICS}, got {metric!r}")
+    if batch_size < 1:
+        raise UsageError(f"batch_size must be >= 1, got {batch_size}")
+    if not clean.equal_length:
+        raise UsageError("clean prompts must all have one token length where positions align")
+
+
+
+@torch.no_grad()
+def circuit_correct(model: nn.Module, clean: EncodedBatch, means: torch.Tensor,
+                    live: list[tuple[Head, str]], *, batch_size: int = 64) -> list[bool]:
+    """Per-example correctness with only ``live`` (head, position role) pairs active; every other head at every
+    position, and live heads at other positions, mean-ablated with per-position ``means`` [L, T, H, D]."""
+    spec = get_adapter(model).spec
+    device = next(model.parameters()).device
+    n, t = clean.input_ids.shape
+    if means.shape[1] != t:
+        raise UsageError(f"means are for length {means.shape[1]}, prompts have length {t}")
+    out: list[bool] = []
+    for i in range(0, n, batch_size):
+        idx = torch.arange(i, min(i + batch_size, n))
+        keep = torch.zeros(spec.n_layers, len(idx), t, spec.n_heads, dtype=torch.bool)
+        for head, role in live:
+            keep[head.layer, :, :, head.head] |= position_mask(
+                None if role == ALL else role_positions(clean, role)[idx], len(idx), t)
+        plan = {l: (~keep[l], means[l][None]) for l in range(spec.n_layers)}
+        with intervene(model, plan):
+            logits, _ = logits_at(model, clean.positions["last"][idx], input_ids=clean.input_ids[idx].to(device))
+        out += metric_values(logits, clean.index(idx), "accuracy").bool().tolist()
+    return out
+
+
+def circuit_accuracy(model: nn.Module, clean: EncodedBatch, means: torch.Tensor,
+                     live: list[tuple[Head, str]], *, batch_size: int = 64) -> float:
+    """Mean of :func:`circuit_correct`."""
+    hits = circuit_correct(model, clean, means, live, batch_size=batch_size)
+    return sum(hits) / len(hits)
+
+
+@torch.no_grad()
+def evaluate_circuit(model: nn.Module, clean: EncodedBatch, circuit: Circuit, *, reference: EncodedBatch,
+                     n_random: int = 10, seed: int = 0, batch_size: int = 64) -> dict:
+    """Full-model, circuit-only and random-circuit accuracy and faithfulness (PAPER.md §2)."""
+    if n_random < 1:
+        raise UsageError(f"n_random must be >= 1, got {n_random}")
+    spec = get_adapter(model).spec
+    if (circuit.n_layers, circuit.n_heads) != (spec.n_layers, spec.n_heads):
+        raise UsageError(
+            f"circuit is for {circuit.n_layers} x {circuit.n_heads} heads, "
+            f"the model has {spec.n_layers} x {spec.n_heads}"
+        )
+    check_aligned(clean, reference, "reference")
+    device = next(model.parameters()).device
+    means = mean_z(model, reference.input_ids.to(device), batch_size=batch_size)
+    full, _ = clean_metric(model, clean, "accuracy", None, batch_size)
+    full_acc = float(full.mean())
+    live = [(c.head, c.position) for c in circuit.heads]
+    circ = circuit_accuracy(model, clean, means, live, batch_size=batch_size)
+    rng = random.Random(seed)
+    all_heads = spec.all_heads()
+    size = len(circuit.unique_heads())
+    roles = [c.position for c in circuit.heads]
+    rand = []
+    for _ in range(n_random):
+        pick = rng.sample(all_heads, size)
+        rand.append(circuit_accuracy(model, clean, means, [(h, roles[i % len(roles)]) for i, h in enumerate(pick)],
+                                     batch_size=batch_size))
+    return {
+        "full_accuracy": full_acc,
+        "circuit_accuracy": circ,
+        "random_circuit_accuracy": sum(rand) / len(rand),
+        "random_circuit_accuracies": rand,
+        "faithfulness": circ / full_acc if full_acc > 0 else math.nan,
+        "circuit_size": size,
+        "n_heads_total": spec.n_total_heads,
+    }

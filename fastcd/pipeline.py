@@ -1,0 +1,382 @@
+"""``fastcd.distill()``: circuit distillation end to end (discover, match, train the matched heads, evaluate),
+with resume that cannot mix runs, saving (``save_pretrained``) and a model card beside the saved student."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import sys
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from fastcd.artifacts import Circuit, Matching
+from fastcd.config import TEST_SEED, DistillConfig
+from fastcd.discover import default_circuit
+from fastcd.distillation import CircuitDistiller, check_vocabularies
+from fastcd.errors import UsageError
+from fastcd.hooks import mean_z
+from fastcd.io import write_json_atomic
+from fastcd.loading import check_model_path, load_model, load_tokenizer, spec_of
+from fastcd.match import MatchInputs, match, match_random
+from fastcd.metrics import accuracy_per_example, circuit_correct
+from fastcd.models import get_adapter
+from fastcd.tasks.base import adapt_task
+from fastcd.tasks.protocol import check_task
+from fastcd.teacher_cache import TeacherCache, check_cache_vocabulary
+from fastcd.trainable import merge
+from fastcd.training import make_optimizer, train_loop
+
+
+@dataclass
+class DistillResult:
+    student: nn.Module
+    matching: Matching | None
+    circuit: Circuit | None
+    metrics: dict
+    log: list = field(default_factory=list)
+    correct: list = field(default_factory=list)  # per test example, for McNemar
+    circuit_correct: list = field(default_factory=list)
+
+
+def resolve_task(task_or_dataset):
+    """A task name (``entity-tracking``, ``tom``) or any object that follows :class:`fastcd.tasks.Task`."""
+    from fastcd.tasks import get_task
+
+    if isinstance(task_or_dataset, str):
+        return get_task(task_or_dataset)
+    return check_task(task_or_dataset, "task_or_dataset")
+
+
+def _name_of(x) -> str | None:
+    if x is None:
+        return None
+    if isinstance(x, (str, os.PathLike)):
+        return os.path.basename(os.path.normpath(os.fspath(x)))
+    return getattr(getattr(x, "config", None), "_name_or_path", None) or type(x).__name__
+
+
+def _command_line() -> str:
+    return " ".join([os.path.basename(sys.argv[0] or "python")] + sys.argv[1:])
+
+
+def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, matching: Matching | None = None,
+            config: DistillConfig | None = None, *, teacher_tokenizer=None, student_tokenizer=None,
+            teacher_cache: str | None = None) -> DistillResult:
+    """Run circuit distillation end to end.
+
+    Args:
+        teacher, student: local HF directories or modules. ``teacher`` may be None with ``teacher_cache``.
+        task_or_dataset: ``"entity-tracking"``, ``"tom"`` or a task object: a built-in one
+            (``EntityTracking(n_boxes=5)``) or any object that follows :class:`fastcd.tasks.Task`.
+        circuit: the teacher circuit; discovered when None with :func:`fastcd.discover.default_circuit`
+            (``config.discovery``; the task's default policy).
+        matching: teacher->student pairs; computed with ``config.matching_method`` when None.
+        config: :class:`DistillConfig`.
+        teacher_tokenizer, student_tokenizer: default: loaded from the model directories.
+        teacher_cache: an offline teacher cache directory (see :func:`build_teacher_cache`).
+
+    Returns:
+        :class:`DistillResult` with the trained student (merged, ready for ``save_pretrained``), the matching,
+        the circuit, metrics (student, student circuit and teacher accuracy, trainable share), and the log.
+    """
+
+    cfg = (config or DistillConfig()).validate()
+    command = _command_line()
+    torch.manual_seed(cfg.seed)
+    task = resolve_task(task_or_dataset)
+    if cfg.out and os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise UsageError(f"out: {cfg.out!r} exists and is not a directory")
+    for arg, what in ((student, "student"), (teacher, "teacher")):  # paths, architectures, weights: seconds
+        if isinstance(arg, (str, os.PathLike)):
+            check_model_path(arg, what)
+    ckpt_path = os.path.join(cfg.out, "ckpt.pt") if cfg.out else None
+    if ckpt_path and os.path.isfile(ckpt_path) and cfg.overwrite:
+        os.remove(ckpt_path)
+    if cfg.resume and not (ckpt_path and os.path.isfile(ckpt_path)):
+        raise UsageError(f"resume: there is no checkpoint to resume in out={cfg.out!r} (ckpt.pt is written every "
+                         "save_every steps)")
+    teacher_name, student_name = _name_of(teacher), _name_of(student)
+    s_tok = student_tokenizer or (load_tokenizer(student, "student") if isinstance(student, (str, os.PathLike))
+                                  else None)
+    t_tok = teacher_tokenizer or (load_tokenizer(teacher, "teacher") if isinstance(teacher, (str, os.PathLike))
+                                  else None)
+    if s_tok is None:
+        raise UsageError("student_tokenizer is needed when student is a module")
+    t_tok = t_tok or s_tok
+    # word pools: only words that are single tokens for both tokenizers (says how many were dropped)
+    task = adapt_task(task, [s_tok] if t_tok is s_tok else [s_tok, t_tok])
+    # checks that need no weights, before any model loads (a 1.5B model takes minutes on a CPU)
+    if t_tok is not s_tok:
+        check_vocabularies(None, None, t_tok, s_tok)
+    if matching is not None:
+        matching.check_models(teacher, student)
+        roles = set(task.roles) | {"last"}
+        for p in matching.pairs:
+            if p.position not in roles:
+                raise UsageError(f"matching: pair {p.teacher} -> {p.student} is at position {p.position!r}; the "
+                                 f"{task.name} task has the roles {sorted(roles)}")
+    if teacher_cache is not None and teacher is None:
+        check_cache_vocabulary(teacher_cache, s_tok)
+    if circuit is not None and teacher is not None:
+        t_spec = spec_of(teacher)
+        for h in circuit.unique_heads():
+            t_spec.check_head(h, "circuit head")
+    student = load_model(student, device=cfg.device, what="student")
+    teacher = None if teacher is None else load_model(teacher, dtype=cfg.teacher_dtype, device=cfg.device,
+                                                      what="teacher")
+    if teacher is None and teacher_cache is None:
+        raise UsageError("teacher is None: pass a teacher or a teacher_cache")
+    if teacher is not None:
+        check_vocabularies(teacher, student, t_tok, s_tok)
+    s_vocab = get_adapter(student).spec.vocab_size
+    if teacher is None:  # the vocabulary hash was checked before loading; now the label ids against the student
+        check_cache_vocabulary(teacher_cache, None, s_vocab)
+    top = max(s_tok.get_vocab().values())
+    if top >= s_vocab:
+        raise UsageError(f"student_tokenizer has token ids up to {top}, the student's embedding has "
+                         f"{s_vocab} rows: they do not belong together")
+    # what a checkpoint must agree on to be resumed (the matching is added once it is known)
+    identity = {"config": _cfg_key(cfg), "teacher": _fingerprint(teacher), "student": _fingerprint(student),
+                "task": f"{type(task).__name__}:{_sha(vars(task))}",
+                "teacher_cache": _fingerprint(teacher_cache), "matching": None}
+    # a checkpoint of another run fails here, before discovery, matching or any training work (the random control
+    # re-draws its student heads later, so its matching identity is known only then)
+    if ckpt_path and os.path.isfile(ckpt_path) and matching is not None and not cfg.spec.random_students:
+        early_state = _load_checkpoint(ckpt_path, {**identity, "matching": _sha(matching.to_json())}, cfg)
+    else:
+        early_state = None
+    train_ex = task.generate(cfg.n_train, seed=cfg.seed, split="train")
+    # one fixed test set for every method and seed, so that runs compare paired on the same prompts
+    test_pairs = task.pairs(cfg.n_eval, seed=TEST_SEED, split="test")
+    s_train = task.encode(train_ex, s_tok)
+    t_train = task.encode(train_ex, t_tok) if teacher is not None else None
+    s_test = task.encode([p.clean for p in test_pairs], s_tok)
+    s_ref = task.encode([p.corrupt for p in test_pairs], s_tok)
+
+    # --- circuit and matching -------------------------------------------------------------------------
+    spec = cfg.spec
+    needs_matching = not spec.full_model
+    if needs_matching and matching is None:
+        if teacher is None:
+            raise UsageError("matching must be given when training from a teacher cache")
+        dpairs = task.pairs(cfg.n_discovery, seed=cfg.seed, split="val")
+        t_clean = task.encode([p.clean for p in dpairs], t_tok)
+        t_corrupt = task.encode([p.corrupt for p in dpairs], t_tok)
+        if circuit is None:
+            circuit, _, _ = default_circuit(teacher, task, t_clean, t_corrupt, method=cfg.discovery,
+                                            top_k=cfg.top_k, path_k=cfg.path_k, progress=cfg.progress)
+        if spec.random_students:
+            matching = match_random(circuit, student, seed=cfg.seed)
+        else:
+            inp = MatchInputs(teacher, student, circuit, t_clean, task.encode([p.clean for p in dpairs], s_tok),
+                              t_corrupt, task.encode([p.corrupt for p in dpairs], s_tok))
+            kw = {"progress": cfg.progress} if cfg.matching_method in ("ablation", "combined") else {}
+            matching = match(inp, cfg.matching_method, **kw)
+    elif spec.random_students and matching is not None and matching.method != "random":
+        matching = match_random(matching, student, seed=cfg.seed)
+    if matching is not None:
+        matching.check_models(teacher, student)
+
+    cache = TeacherCache(teacher_cache, matching if spec.uses_cka else None) if teacher_cache else None
+    if cache is not None and len(cache) != cfg.n_train:
+        raise UsageError(f"teacher_cache holds {len(cache)} examples, config.n_train is {cfg.n_train}")
+
+    cd = CircuitDistiller(student, None if spec.full_model else matching, teacher=teacher, config=cfg)
+    world, rank = 1, 0
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+        if cfg.batch_size % world:
+            raise UsageError(f"batch_size={cfg.batch_size} must be divisible by the world size {world}")
+        if world > 1:
+            cd.enable_ddp()
+    opt, sched = make_optimizer(cd, cfg)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    step, log, loop_state = 0, [], {}
+    ckpt = os.path.join(cfg.out, "ckpt.pt") if cfg.out else None
+    base_accuracy = None
+    if ckpt and os.path.isfile(ckpt):
+        identity["matching"] = _sha(matching.to_json()) if matching is not None else None
+        # read once: a checkpoint already checked before the models loaded is not read again
+        state = early_state if early_state is not None else _load_checkpoint(ckpt, identity, cfg)
+        with torch.no_grad():
+            for p, v in zip(cd.trainable_parameters(), state["params"]):
+                p.copy_(v)
+        opt.load_state_dict(state["optimizer"])
+        if state.get("scheduler") is not None:
+            sched.load_state_dict(state["scheduler"])
+        loop_state = dict(state.get("loop_state") or {})
+        gen.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])  # dropout and any other use of the global generator
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        if state.get("python_rng") is not None:
+            random.setstate(state["python_rng"])
+        step, log = state["step"], state["log"]
+        if state.get("n_eval") == cfg.n_eval:
+            base_accuracy = state.get("base_accuracy")
+        cd._lam = state.get("lam")
+    identity["matching"] = _sha(matching.to_json()) if matching is not None else None
+    if base_accuracy is None:  # the untrained student, reported beside the trained one
+        was = student.training
+        student.eval()
+        base_accuracy = sum(accuracy_per_example(student, s_test)) / len(s_test)
+        student.train(was)
+
+    def save(step_, log_):
+        if ckpt and rank == 0 and cfg.save_every and (step_ % cfg.save_every == 0 or step_ == cfg.steps):
+            os.makedirs(cfg.out, exist_ok=True)
+            write_json_atomic({"identity": identity, "step": step_}, os.path.join(cfg.out, "manifest.json"))
+            _atomic_save({"params": [p.detach().clone() for p in cd.trainable_parameters()],
+                          "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                          "loop_state": dict(loop_state), "generator": gen.get_state(),
+                          "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+                          "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                          "step": step_, "log": log_,
+                          "identity": identity, "base_accuracy": base_accuracy, "n_eval": cfg.n_eval,
+                          "lam": cd._lam}, ckpt)
+
+    s_val = None
+    if cfg.eval_every:  # accuracy during training is measured on validation prompts, never on the test set
+        s_val = task.encode(task.generate(cfg.n_val, seed=cfg.seed, split="val"), s_tok)
+    try:
+        log = train_loop(cd, opt, gen, cfg, s_train, t_train, cache, step=step, log=log, world=world, rank=rank,
+                         eval_batch=s_val, on_step=save, scheduler=sched, state=loop_state)
+    except BaseException:
+        if cd.slices is not None:  # leave the student a plain model (no parametrisations) for the caller
+            merge(cd.slices)
+        raise
+    student.eval()
+    if cd.slices is not None:
+        merge(cd.slices)
+    for p in student.parameters():
+        p.requires_grad_(False)
+    correct = accuracy_per_example(student, s_test)
+    metrics = {"method": cfg.method, "student_accuracy": sum(correct) / len(correct),
+               "student_base_accuracy": base_accuracy,
+               "trainable_params": cd.n_trainable,
+               "lam_effective": cd.lam if spec.uses_cka else None,
+               "steps_done": log[-1]["step"] if log else step, "stopped_early": loop_state.get("stopped_early"),
+               "trainable_fraction": cd.n_trainable / sum(p.numel() for p in student.parameters())}
+    circ_correct = []
+    if matching is not None:
+        means = mean_z(student, s_ref.input_ids.to(next(student.parameters()).device))
+        live = [(p.student, p.position) for p in matching.pairs]
+        circ_correct = circuit_correct(student, s_test, means, live, batch_size=128)
+        metrics["student_circuit_accuracy"] = sum(circ_correct) / len(circ_correct)
+        s_spec = get_adapter(student).spec
+        trained = s_spec.n_total_heads if spec.full_model else len(matching.student_heads())
+        metrics["trained_heads"] = trained
+        metrics["trained_heads_fraction"] = trained / s_spec.n_total_heads
+    if teacher is not None:
+        t_test = task.encode([p.clean for p in test_pairs], t_tok)
+        metrics["teacher_accuracy"] = sum(accuracy_per_example(teacher, t_test)) / len(t_test)
+    metrics["world_size"] = world
+    result = DistillResult(student, matching, circuit, metrics, log, correct, circ_correct)
+    if cfg.out and rank == 0:
+        save_result(result, cfg, s_tok, task=task, teacher=teacher_name, student=student_name,
+                    command=command)
+    if world > 1:
+        torch.distributed.barrier()
+    return result
+
+
+def _atomic_save(state: dict, path: str) -> None:
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _cfg_key(cfg: DistillConfig) -> dict:
+    """The config fields a checkpoint depends on: not where it is written, how often it logs, evaluates or saves,
+    nor ``steps`` (a run may be extended)."""
+    d = asdict(cfg)
+    for k in ("progress", "out", "overwrite", "resume", "steps", "log_every", "eval_every", "save_every", "n_eval",
+              "n_val", "device", "impl", "report_to", "early_stopping_patience"):
+        d.pop(k, None)
+    d["path_k"] = list(d["path_k"])
+    return d
+
+
+def _sha(obj) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _fingerprint(x) -> str | None:
+    """A model or cache path (resolved), or for a module: its class, config and first parameter values."""
+    if x is None:
+        return None
+    if isinstance(x, (str, os.PathLike)):
+        p = os.fspath(x)
+        return os.path.realpath(p) if os.path.exists(p) else p
+    h = hashlib.sha1(type(x).__name__.encode())
+    conf = getattr(x, "config", None)
+    if conf is not None and hasattr(conf, "to_dict"):
+        h.update(json.dumps(conf.to_dict(), sort_keys=True, default=str).encode())
+    for p in list(x.parameters())[:4]:
+        h.update(p.detach().float().flatten()[:4096].cpu().numpy().tobytes())
+    return "module:" + h.hexdigest()[:16]
+
+
+def _load_checkpoint(path: str, identity: dict, cfg: DistillConfig) -> dict:
+    """Read ``ckpt.pt`` and check that it belongs to this run: one line naming every differing field."""
+    try:
+        state = torch.load(path, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - truncated zip, pickle garbage, ...: one line
+        raise UsageError(f"out: {path} is not a readable checkpoint ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:120]}); delete it, or pass overwrite=True (--overwrite) to "
+                         "start over") from None
+    old = state.get("identity")
+    if not isinstance(old, dict):
+        raise UsageError(f"out: {path} was written by an older fastcd without a run identity; use another out or "
+                         "overwrite=True (--overwrite)")
+    diffs = []
+    for k in identity:
+        if k == "config":
+            for f in sorted(set(old["config"]) | set(identity["config"])):
+                if old["config"].get(f) != identity["config"].get(f):
+                    diffs.append((f, old["config"].get(f), identity["config"].get(f)))
+        elif old.get(k) != identity[k] and not (k == "matching" and identity[k] is None):
+            diffs.append((k, old.get(k), identity[k]))
+    if diffs:
+        detail = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, a, b in diffs[:4])
+        raise UsageError(f"out: {path} belongs to a run that differs in {[d[0] for d in diffs]} ({detail}); use "
+                         "another out, or overwrite=True (--overwrite) to start over")
+    if state["step"] > cfg.steps:
+        raise UsageError(f"out: {path} is at step {state['step']}, past steps={cfg.steps}; raise steps to extend "
+                         "the run, or overwrite=True (--overwrite) to start over")
+    return state
+
+
+def save_result(result: DistillResult, cfg: DistillConfig, tokenizer=None, *, task=None, teacher: str | None = None,
+                student: str | None = None, command: str | None = None) -> str:
+    """``OUT/student`` (save_pretrained, with a model card ``README.md``), ``OUT/matching.json``,
+    ``OUT/circuit.json``, ``OUT/log.json``."""
+    out = cfg.out
+    os.makedirs(out, exist_ok=True)
+    sdir = os.path.join(out, "student")
+    tmp = sdir + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    result.student.save_pretrained(tmp, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    from fastcd.card import model_card
+
+    with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
+        f.write(model_card(result, cfg, task=task, teacher=teacher, student=student, command=command))
+    shutil.rmtree(sdir, ignore_errors=True)
+    os.replace(tmp, sdir)
+    if result.matching is not None:
+        result.matching.save(os.path.join(out, "matching.json"))
+    if result.circuit is not None and result.circuit.heads:
+        result.circuit.save(os.path.join(out, "circuit.json"))
+    write_json_atomic({"config": _cfg_key(cfg), "metrics": result.metrics, "log": result.log},
+                      os.path.join(out, "log.json"))
+    return out
+
+
+__all__ = ["DistillResult", "distill", "resolve_task", "save_result"]

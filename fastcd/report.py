@@ -1,0 +1,304 @@
+"""The report of an experiment, rebuilt from its run records (``OUT/runs.jsonl``): per setting the accuracy mean
+with its 95% t-interval over seeds, exact McNemar tests pooled over seeds with Holm's correction
+(statsmodels), the diagnostics and recovery tables (``summary.md``, ``report.json``) and the figures."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict
+
+from fastcd.config import METHOD_SPECS
+from fastcd.experiment_config import ExperimentConfig
+from fastcd.io import write_json_atomic
+
+
+def _say(msg: str) -> None:
+    from fastcd.experiment_shared import say
+
+    say(msg)
+
+
+def read_runs(path: str) -> dict[str, dict]:
+    """The finished runs in ``runs.jsonl`` by key; a line cut short by a kill is skipped (that run reruns)."""
+    recs = {}
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(f):
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError:
+                    _say(f"{path} line {i + 1} is incomplete (a killed write); that run reruns")
+                    continue
+                recs[r["key"]] = r
+    return recs
+
+
+def append_record(path: str, rec: dict) -> None:
+    """One JSON line, flushed to disk; a line left unfinished by a kill is closed first so it cannot swallow it."""
+    with open(path, "a+b") as f:
+        if f.tell() > 0:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+        f.write((json.dumps(rec) + "\n").encode())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _bits(correct) -> str:
+    return "".join("1" if c else "0" for c in correct)
+
+
+def _unbits(s: str) -> list[bool]:
+    return [c == "1" for c in s]
+
+
+def _setting_label(s: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in s.items() if v is not None)
+
+
+# ------------------------------------------------------------------------------------------------
+# Report
+# ------------------------------------------------------------------------------------------------
+def mean_ci(values, level: float = 0.95) -> dict:
+    """Mean and the t-interval over seeds (no interval from one seed)."""
+    from scipy import stats
+
+    v = [float(x) for x in values]
+    n = len(v)
+    mean = sum(v) / n
+    if n < 2:
+        return {"mean": mean, "lo": None, "hi": None, "n": n}
+    sd = math.sqrt(sum((x - mean) ** 2 for x in v) / (n - 1))
+    h = stats.t.ppf(0.5 + level / 2, n - 1) * sd / math.sqrt(n)
+    return {"mean": mean, "lo": mean - h, "hi": mean + h, "sd": sd, "n": n}
+
+
+def _group_key(setting: dict) -> str:
+    s = {k: v for k, v in setting.items() if k not in ("matching", "lam")}
+    return _setting_label(s)
+
+
+def write_report(out: str, cfg: ExperimentConfig | None = None) -> dict:
+    """Rebuild ``report.json``, ``summary.md`` and the figures from ``runs.jsonl`` and the shared records."""
+    from statsmodels.stats.multitest import multipletests
+
+    exp_path = os.path.join(out, "experiment.json")
+    with open(exp_path) as f:
+        manifest = json.load(f)
+    cfg = cfg or ExperimentConfig.from_dict(manifest["config"])
+    recs = list(read_runs(os.path.join(out, "runs.jsonl")).values())
+    wanted = {s["key"] for s in cfg.run_specs()}
+    recs = [r for r in recs if r["key"] in wanted]
+    not_applicable = [{k: r[k] for k in ("method", "seed", "setting", "not_applicable")}
+                      for r in recs if "not_applicable" in r]
+    recs = [r for r in recs if "not_applicable" not in r]
+
+    def shared(name):
+        p = os.path.join(out, "shared", name)
+        return json.load(open(p)) if os.path.isfile(p) else None
+
+    base, teacher = shared("base_eval.json"), shared("teacher_eval.json")
+    # rows: one per (setting without lam/matching, method, matching, lam)
+    rows: dict[tuple, list] = {}
+    for r in recs:
+        s = r["setting"]
+        rows.setdefault((_group_key(s), r["method"], s.get("matching"), s.get("lam")), []).append(r)
+    table = []
+    for (group, method, rule, lam), rs in sorted(rows.items(), key=lambda kv: (kv[0][0], _order(kv[0][1]),
+                                                                                 str(kv[0][2]), str(kv[0][3]))):
+        rs = sorted(rs, key=lambda r: r["seed"])
+        acc = [r["accuracy"] for r in rs]
+        row = {"setting": group, "method": method, "matching": rule,
+               "label": METHOD_SPECS[method].label if method in METHOD_SPECS else method,
+               "lam": lam, "seeds": [r["seed"] for r in rs], "accuracy": mean_ci(acc), "per_seed": acc,
+               "trainable_fraction": rs[0]["trainable_fraction"],
+               "trained_heads_fraction": rs[0].get("trained_heads_fraction"),
+               "lam_effective": [r.get("lam_effective") for r in rs]}
+        if "circuit_accuracy" in rs[0]:
+            row["circuit_accuracy"] = mean_ci([r["circuit_accuracy"] for r in rs])
+        if rs[0].get("grad"):
+            row["grad_ratio"] = mean_ci([r["grad"]["ratio"] for r in rs])
+            row["grad_cosine"] = mean_ci([r["grad"]["cosine"] for r in rs])
+        final_cka = [r["log"][-1].get("mean_cka") for r in rs if r["log"] and "mean_cka" in r["log"][-1]]
+        if final_cka:
+            row["final_mean_cka"] = mean_ci(final_cka)
+        table.append(row)
+    # McNemar, pooled over seeds (paired by seed on the one test set), Holm over the family
+    tests = []
+    for (group, method, rule, lam), rs in rows.items():
+        if method != "ce+cka":
+            continue
+        ref = {r["seed"]: r for r in rs}
+        for (g2, m2, r2, l2), rs2 in rows.items():
+            if g2 != group or (m2, r2, l2) == (method, rule, lam):
+                continue
+            if not METHOD_SPECS[m2].full_model and r2 != rule:
+                continue
+            other = {r["seed"]: r for r in rs2}
+            common = sorted(set(ref) & set(other))
+            if not common:
+                continue
+            a = sum((_unbits(ref[s]["correct"]) for s in common), [])
+            b = sum((_unbits(other[s]["correct"]) for s in common), [])
+            tests.append({"setting": group, "a": f"ce+cka ({rule}, lam {lam})", "b": _name(m2, r2, l2),
+                          "seeds": common, **_mc(a, b)})
+        if base is not None:
+            common = sorted(ref)
+            a = sum((_unbits(ref[s]["correct"]) for s in common), [])
+            b = _unbits(base["correct"]) * len(common)
+            tests.append({"setting": group, "a": f"ce+cka ({rule}, lam {lam})", "b": "untrained student",
+                          "seeds": common, **_mc(a, b)})
+    if tests:
+        adj = multipletests([t["p_value"] for t in tests], method="holm")[1]
+        for t, p in zip(tests, adj):
+            t["p_holm"] = float(p)
+    import torch
+
+    specs = cfg.run_specs()
+    report = {"config": asdict(cfg), "runs_done": len(recs) + len(not_applicable), "runs_total": len(specs),
+              "not_applicable": not_applicable, "table": table,
+              "mcnemar": tests, "base": None if base is None else {k: v for k, v in base.items() if k != "correct"},
+              "teacher_accuracy": None if teacher is None else teacher["accuracy"],
+              "n_test": cfg.n_test, "circuit": shared("circuit.json"), "recovery": shared("recovery.json"),
+              "diagnostics": shared("diagnostics.json"), "cache": shared("cache.json"),
+              "torch": torch.__version__, "threads": torch.get_num_threads()}
+    write_json_atomic(report, os.path.join(out, "report.json"))
+    with open(os.path.join(out, "summary.md"), "w") as f:
+        f.write(format_report(report) + "\n")
+    if recs:
+        plot_report(report, recs, out)
+    return report
+
+
+def _mc(a, b) -> dict:
+    from fastcd.stats import mcnemar
+
+    t = mcnemar(a, b)
+    return {"a_only": t["b"], "b_only": t["c"], "p_value": t["p_value"], "n": len(a)}
+
+
+def _name(method: str, rule, lam) -> str:
+    extra = [x for x in (rule, None if lam is None else f"lam {lam}") if x]
+    return method + (f" ({', '.join(extra)})" if extra else "")
+
+
+def _order(method: str) -> int:
+    order = ["full-ce", "kd", "circuit-ce", "cka", "ce+rand-cka", "ce+perm-cka", "ce+cka"]
+    return order.index(method) if method in order else 99
+
+
+def _fmt_ci(c: dict | None, digits: int = 3) -> str:
+    if c is None:
+        return "-"
+    if c.get("lo") is None:
+        return f"{c['mean']:.{digits}f}"
+    return f"{c['mean']:.{digits}f} [{c['lo']:.{digits}f}, {c['hi']:.{digits}f}]"
+
+
+def format_report(report: dict) -> str:
+    c = report["config"]
+    lines = [f"# fastcd experiment: {c['teacher']} -> {c['student'] or c['teacher'] + ' (damaged copy)'}, "
+             f"{c['task']}", "",
+             f"{report['runs_done']} / {report['runs_total']} runs done. Test set: {report['n_test']} fixed prompts "
+             f"(seed-independent, {c.get('test_boxes') or c['n_boxes']} boxes), the same for every run; accuracy is "
+             "the mean over seeds with its 95% t-interval.", ""]
+    if report.get("teacher_accuracy") is not None:
+        lines.append(f"Teacher accuracy {report['teacher_accuracy']:.3f}; untrained student "
+                     f"{report['base']['accuracy']:.3f}" + "".join(
+                         f"; untrained circuit ({k[8:]}) {v:.3f}" for k, v in report["base"].items()
+                         if k.startswith("circuit_")) + ".")
+        lines.append("")
+    groups = list(dict.fromkeys(r["setting"] for r in report["table"]))
+    for g in groups:
+        lines += [f"## {g}", "", "| Method | Matching | lambda | Accuracy (95% CI) | per seed | Circuit acc. | "
+                  "Trainable params | Trained heads |", "|---|---|---|---|---|---|---|---|"]
+        for r in report["table"]:
+            if r["setting"] != g:
+                continue
+            lam = "-" if r["lam"] is None else (f"auto ({_mean_of(r['lam_effective']):.3g})" if r["lam"] == "auto"
+                                                 else str(r["lam"]))
+            th = "-" if r["trained_heads_fraction"] is None else f"{r['trained_heads_fraction']:.1%}"
+            lines.append(f"| {r['label']} | {r['matching'] or '-'} | {lam} | {_fmt_ci(r['accuracy'])} | "
+                         f"{' '.join(f'{x:.3f}' for x in r['per_seed'])} | {_fmt_ci(r.get('circuit_accuracy'))} | "
+                         f"{r['trainable_fraction']:.2%} | {th} |")
+        lines.append("")
+    if report["mcnemar"]:
+        lines += ["## McNemar (exact, pooled over seeds, Holm-corrected over all comparisons)", "",
+                  "| Setting | A | B | seeds | A right, B wrong | A wrong, B right | p | p (Holm) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for t in report["mcnemar"]:
+            lines.append(f"| {t['setting']} | {t['a']} | {t['b']} | {len(t['seeds'])} | {t['a_only']} | "
+                         f"{t['b_only']} | {t['p_value']:.3g} | {t['p_holm']:.3g} |")
+        lines.append("")
+    grads = [r for r in report["table"] if "grad_ratio" in r]
+    if grads:
+        lines += ["## Loss balance at the start (one batch per seed, lambda not applied) and the CKA reached", "",
+                  "| Setting | Method | Matching | grad(align)/grad(CE) | cosine | mean CKA of the pairs at the end |",
+                  "|---|---|---|---|---|---|"]
+        for r in grads:
+            lines.append(f"| {r['setting']} | {r['method']} | {r['matching']} | {_fmt_ci(r['grad_ratio'])} | "
+                         f"{_fmt_ci(r['grad_cosine'])} | {_fmt_ci(r.get('final_mean_cka'))} |")
+        cka_only = [r for r in report["table"] if r["method"] == "cka" and "final_mean_cka" in r]
+        for r in cka_only:
+            lines.append(f"| {r['setting']} | cka (align only) | {r['matching']} | - | - | "
+                         f"{_fmt_ci(r.get('final_mean_cka'))} |")
+        lines.append("")
+    if report.get("diagnostics"):
+        lines += ["## Matched pairs at the start: CKA vs random student heads and a Gaussian null", "",
+                  "| Matching | pairs | mean CKA | random heads (mean) | Gaussian null | pairs above random p95 |",
+                  "|---|---|---|---|---|---|"]
+        for rule, d in report["diagnostics"].items():
+            ps = d["pairs"]
+            above = sum(p["cka"] > p["random_heads_p95"] for p in ps)
+            lines.append(f"| {rule} (m={d['m']}) | {len(ps)} | {_mean_of([p['cka'] for p in ps]):.3f} | "
+                         f"{_mean_of([p['random_heads_mean'] for p in ps]):.3f} | "
+                         f"{_mean_of([p['gaussian_null_mean'] for p in ps]):.3f} | {above} / {len(ps)} |")
+        lines.append("")
+    if report.get("recovery"):
+        rec = report["recovery"]
+        lines += [f"## Positive control: re-initialised heads {', '.join(rec['reinit'])}", "",
+                  "| Rule | pairs that are the identity (all circuit units) | pairs whose teacher head was "
+                  "re-initialised that chose that same head in the student |", "|---|---|---|"]
+        for rule, d in rec.items():
+            if rule == "reinit":
+                continue
+            lines.append(f"| {rule} | {d['identity_share']:.0%} | {d['reinit_identity']} / {d['reinit_paired']} |")
+        lines.append("")
+    for r in report.get("not_applicable", []):
+        lines.append(f"Not applicable: {r['method']} seed {r['seed']} ({_setting_label(r['setting'])}): "
+                     f"{r['not_applicable']}")
+    lines.append(f"torch {report['torch']}, {report['threads']} threads.")
+    return "\n".join(lines)
+
+
+def _mean_of(v) -> float:
+    v = [x for x in v if x is not None]
+    return sum(v) / len(v) if v else float("nan")
+
+
+def plot_report(report: dict, recs: list[dict], out: str) -> list[str]:
+    """``accuracy.png`` (per method, each seed a dot, mean with its CI), ``sample_efficiency.png`` and
+    ``lambda.png`` (when those vary), ``curves.png`` (small multiples: one panel per loss part and validation
+    accuracy, colour by method, every run)."""
+    from fastcd.plots import accuracy_plot, curves_plot, sweep_plot
+
+    paths = [os.path.join(out, "accuracy.png")]
+    accuracy_plot(report, paths[0])
+    for var, fname, xlabel in (("n_train", "sample_efficiency.png", "training prompts (n_train)"),
+                               ("lam", "lambda.png", "lambda")):
+        if sweep_plot(report, recs, var, xlabel, os.path.join(out, fname)) is not None:
+            paths.append(os.path.join(out, fname))
+    logs: dict = {}
+    for r in recs:
+        logs.setdefault(r["method"], []).append(r["log"])
+    if curves_plot(logs, os.path.join(out, "curves.png"),
+                   title="training curves, every run and seed (colour = method; each panel its own scale)"):
+        paths.append(os.path.join(out, "curves.png"))
+    return paths
+

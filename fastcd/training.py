@@ -1,0 +1,186 @@
+"""The training loop that :func:`fastcd.distill` and ``fastcd experiment`` share.
+
+AdamW on the trainable slices, a transformers learning-rate schedule with warmup, optional gradient clipping,
+autocast (bf16/fp16), a non-finite guard, log rows streamed to ``OUT/log.jsonl`` (and TensorBoard when asked),
+validation accuracy every ``eval_every`` steps (never the test set) and early stopping on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+
+import torch
+
+from fastcd.config import DistillConfig
+from fastcd.distillation import CircuitDistiller, make_batch
+from fastcd.metrics import accuracy_per_example
+from fastcd.tasks.base import EncodedBatch
+
+
+def nonfinite(parts: dict, params) -> str | None:
+    """The first non-finite loss part, or "gradient" when a trainable gradient is NaN/inf; None when all finite."""
+    for k, v in parts.items():
+        if not math.isfinite(v):
+            return f"loss term {k!r} ({v})"
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):  # one device sync
+        return "gradient"
+    return None
+
+
+def warmup_steps(cfg: DistillConfig) -> int:
+    """``warmup_steps`` when set, else ``ceil(warmup_ratio * steps)`` (as in TrainingArguments)."""
+    return cfg.warmup_steps if cfg.warmup_steps > 0 else math.ceil(cfg.warmup_ratio * cfg.steps)
+
+
+def make_optimizer(cd: CircuitDistiller, cfg: DistillConfig):
+    """AdamW on the trainable parameters and its schedule (transformers' ``get_scheduler``)."""
+    from transformers import get_scheduler
+
+    opt = torch.optim.AdamW(cd.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    name = cfg.lr_scheduler
+    if name == "constant" and warmup_steps(cfg) > 0:
+        name = "constant_with_warmup"
+    sched = get_scheduler(name, opt, num_warmup_steps=warmup_steps(cfg), num_training_steps=cfg.steps)
+    return opt, sched
+
+
+class _Sinks:
+    """Where log rows go besides the returned list: ``OUT/log.jsonl`` (appended, flushed per row) and TensorBoard."""
+
+    def __init__(self, cfg: DistillConfig, rank: int, start_step: int):
+        self.f = self.tb = None
+        if cfg.out and rank == 0:
+            os.makedirs(cfg.out, exist_ok=True)
+            path = os.path.join(cfg.out, "log.jsonl")
+            if start_step == 0 and os.path.exists(path):
+                os.remove(path)  # a fresh run: rows of an earlier one must not mix in
+            self.f = open(path, "a", encoding="utf-8")
+            if cfg.report_to == "tensorboard":
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(os.path.join(cfg.out, "tensorboard"), purge_step=start_step + 1)
+
+    def write(self, row: dict) -> None:
+        if self.f is not None:
+            self.f.write(json.dumps(row) + "\n")
+            self.f.flush()
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, row["step"])
+
+    def close(self) -> None:
+        if self.f is not None:
+            self.f.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def train_loop(cd: CircuitDistiller, opt, gen: torch.Generator, cfg: DistillConfig, s_train: EncodedBatch,
+               t_train: EncodedBatch | None = None, cache=None, *, step: int = 0, log: list | None = None,
+               world: int = 1, rank: int = 0, eval_batch: EncodedBatch | None = None, on_step=None,
+               desc: str | None = None, scheduler=None, state: dict | None = None) -> list[dict]:
+    """``cfg.steps`` optimizer steps on batches drawn with ``gen`` from ``s_train`` (teacher side from ``t_train``
+    and the live teacher, or from ``cache``: anything with ``get(idx) -> (z, labels, logits)``).
+
+    Every step: forward under autocast (``cfg.mixed_precision``), backward (scaled for fp16), the non-finite
+    guard, clipping to ``cfg.max_grad_norm``, the optimizer and ``scheduler`` steps. A log row (loss parts, lr,
+    elapsed) every ``cfg.log_every`` steps; ``val_accuracy`` on ``eval_batch`` every ``cfg.eval_every`` steps, with
+    early stopping after ``cfg.early_stopping_patience`` evaluations without improvement. ``on_step(step, log)``
+    runs after every step (checkpointing). ``state`` (a dict) carries the early-stopping counters across a resume
+    and gets ``stopped_early`` set. Returns the log."""
+    from tqdm import tqdm
+
+    log = [] if log is None else log
+    state = {} if state is None else state
+    student = cd.student
+    student.train()
+    spec = cfg.spec
+    if cfg.lam == "auto" and cd._lam is None and spec.uses_cka:
+        # calibrated on 3 batches from their own generator, so the training batches are those of a fixed lambda
+        g = torch.Generator().manual_seed(cfg.seed + 7919)
+        batches = [make_batch(torch.randint(len(s_train), (cfg.batch_size,), generator=g).view(world, -1)[rank],
+                              s_train, t_train, cache) for _ in range(3)]
+        cd.calibrate_lambda(batches)
+    dev = next(student.parameters()).device
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
+    scaler = torch.amp.GradScaler("cuda") if cfg.mixed_precision == "fp16" else None
+    params = cd.trainable_parameters()
+    n_skipped = 0
+    t0 = time.time()
+    sinks = _Sinks(cfg, rank, step)
+    bar = tqdm(total=cfg.steps, initial=step, disable=not cfg.progress or rank != 0,
+               desc=desc or f"distill {cfg.method}")
+
+    def row(parts: dict) -> dict:
+        r = {"step": step, **parts, "lr": opt.param_groups[0]["lr"], "elapsed_s": round(time.time() - t0, 2)}
+        log.append(r)
+        return r
+
+    try:
+        while step < cfg.steps:
+            idx = torch.randint(len(s_train), (cfg.batch_size,), generator=gen)  # the global batch, same on all ranks
+            idx = idx.view(world, -1)[rank]  # this rank's shard
+            ctx = (torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext())
+            with ctx:
+                loss, parts = cd(make_batch(idx, s_train, t_train, cache))
+            opt.zero_grad(set_to_none=True)
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            if scaler is not None:
+                scaler.unscale_(opt)
+            bad = nonfinite(parts, params)
+            if bad:
+                msg = f"non-finite {bad} at step {step + 1} (method {cfg.method}, lr {cfg.lr})"
+                if cfg.on_nonfinite == "stop":
+                    raise FloatingPointError(f"distill: {msg}; stopped without saving a model (lower lr, check the "
+                                             "inputs, or on_nonfinite='skip' to skip such steps)")
+                n_skipped += 1
+                opt.zero_grad(set_to_none=True)
+                if scaler is not None:
+                    scaler.update()
+                step += 1
+                bar.update(1)
+                if n_skipped > max(3, cfg.steps // 10):
+                    raise FloatingPointError(f"distill: {msg}; {n_skipped} steps skipped, more than 10% of the run")
+                continue
+            if cfg.max_grad_norm > 0:
+                parts["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+            if scaler is not None:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
+            if scheduler is not None:
+                scheduler.step()
+            step += 1
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in parts.items() if k in ("ce", "cka_loss", "kd")})
+            r = row(parts) if (step % cfg.log_every == 0 or step == cfg.steps) else None
+            if eval_batch is not None and cfg.eval_every and step % cfg.eval_every == 0:
+                student.eval()
+                r = r or row(parts)  # an eval step that is not a log step gets its own row
+                r["val_accuracy"] = sum(accuracy_per_example(student, eval_batch)) / len(eval_batch)
+                student.train()
+                if r["val_accuracy"] > state.get("best_val", -1.0):
+                    state["best_val"], state["bad_evals"] = r["val_accuracy"], 0
+                else:
+                    state["bad_evals"] = state.get("bad_evals", 0) + 1
+            if r is not None:
+                sinks.write(r)
+            if on_step is not None:
+                on_step(step, log)
+            if cfg.early_stopping_patience and state.get("bad_evals", 0) >= cfg.early_stopping_patience:
+                state["stopped_early"] = step
+                break
+    finally:
+        bar.close()
+        sinks.close()
+    return log
+
+
+__all__ = ["make_optimizer", "nonfinite", "train_loop", "warmup_steps"]

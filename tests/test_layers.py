@@ -1,0 +1,86 @@
+"""The package's layering: a module imports only modules of its own stage or lower ones (at the top or inside a
+function), and no module under fastcd/ is much over 400 lines."""
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1] / "fastcd"
+
+# lowest first; a module may import its own stage and every stage above it in this list
+STAGES = [
+    {"errors", "io", "config", "cli_args"},
+    {"_ext", "_C", "reference", "models", "tokenizer", "tasks", "tasks.base", "tasks.protocol", "tasks.entity_tracking",
+     "tasks.tom"},
+    {"loading", "convert", "zoo", "hooks", "trainable", "cka", "kernels", "kernels.cka", "info", "stats"},
+    {"artifacts", "metrics"},
+    {"discover", "attribution", "path_patching", "match", "pretrain"},
+    {"distillation", "teacher_cache", "training", "card", "pipeline"},
+    {"experiment_config", "report", "plots", "experiment_shared", "experiment", "demo"},
+    {"cli", "__main__"},
+]
+STAGE = {m: i for i, s in enumerate(STAGES) for m in s}
+# torch-free modules the CLI's --help reads: they may name a higher module only inside a function (run time)
+RUNTIME_ONLY = {"config": {"cka", "loading"}, "cli_args": set()}
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = [p for p in rel.parts if p != "__init__"]
+    return ".".join(parts)
+
+
+def _imports(tree):
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("fastcd"):
+            names = [node.module[len("fastcd."):]] if node.module != "fastcd" else [a.name for a in node.names]
+            for n in names:
+                if n != "__version__":  # the package's version string, not a module
+                    yield n, node
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.startswith("fastcd."):
+                    yield a.name[len("fastcd."):], node
+
+
+def _top_level(tree):
+    return {id(n) for n in tree.body}
+
+
+def test_no_module_imports_a_higher_stage():
+    bad, unknown = [], []
+    for path in sorted(ROOT.rglob("*.py")):
+        mod = _module_name(path)
+        if mod == "" or mod not in STAGE:
+            if mod:
+                unknown.append(mod)
+            continue
+        tree = ast.parse(path.read_text())
+        top = _top_level(tree)
+        for target, node in _imports(tree):
+            target = target.split(".")[0] if target.split(".")[0] in ("tasks", "kernels") and target not in STAGE \
+                else target
+            if target not in STAGE:
+                unknown.append(f"{mod} -> {target}")
+                continue
+            if STAGE[target] > STAGE[mod]:
+                lazy_ok = target in RUNTIME_ONLY.get(mod, set()) and id(node) not in top
+                if not lazy_ok:
+                    bad.append(f"{mod} (stage {STAGE[mod]}) imports {target} (stage {STAGE[target]})")
+    assert not unknown, f"modules missing from the stage table: {unknown}"
+    assert not bad, bad
+
+
+def test_modules_stay_small():
+    sizes = {str(p.relative_to(ROOT)): len(p.read_text().splitlines()) for p in ROOT.rglob("*.py")}
+    big = {k: v for k, v in sizes.items() if v > 420}
+    assert not big, big
+
+
+def test_the_torch_free_modules_import_without_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys\nimport fastcd, fastcd.config, fastcd.cli_args, fastcd.experiment_config, fastcd.errors\n"
+            "assert 'torch' not in sys.modules\nprint('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

@@ -1,0 +1,55 @@
+"""The figures: pure matplotlib Figures (no global backend switch), one colour scale per figure, the matched
+cells found by (head, role)."""
+
+
+import numpy as np
+import pytest
+import torch
+
+from fastcd.artifacts import Matching, Pair
+from fastcd.models import Head
+from fastcd.plots import cka_matrix_plot, curves_plot, head_heatmaps, matching_cells
+
+
+def test_matching_cells_use_the_role_of_the_unit():
+    units = [(Head(0, 2), "last"), (Head(0, 2), "box_label"), (Head(1, 0), "last")]
+    students = [Head(0, 0), Head(0, 1), Head(1, 1)]
+    m = Matching([Pair(Head(0, 2), Head(1, 1), "box_label"), Pair(Head(0, 2), Head(0, 0), "last")], "given")
+    assert matching_cells(units, students, m) == [(1, 2), (0, 0)]  # row by (head, role), not by head
+
+
+def test_heatmaps_share_one_colour_scale_and_return_the_figure(tmp_path):
+    backend = __import__("matplotlib").get_backend()
+    panels = {"a": torch.tensor([[1e-4, 0.0], [0.0, 0.0]]), "b": torch.tensor([[-0.87, 0.1], [0.0, float("nan")]])}
+    fig = head_heatmaps(panels, tmp_path / "h.png", title="t", marked={"b": [Head(0, 0)]})
+    images = [im for ax in fig.axes for im in ax.get_images()]
+    clims = {im.get_clim() for im in images}
+    assert len(images) == 2 and len(clims) == 1  # one scale for every panel
+    assert np.allclose(clims.pop(), (-0.87, 0.87))  # symmetric, set by the largest |score| of the figure
+    assert sum(1 for ax in fig.axes if ax.get_label() == "<colorbar>") == 1
+    assert "relative change in p(answer)" in fig.axes[-1].get_ylabel()
+    assert (tmp_path / "h.png").read_bytes()[:4] == b"\x89PNG"
+    assert __import__("matplotlib").get_backend() == backend  # never switched
+
+
+def test_cka_plot_range_and_labels(tmp_path):
+    cka = np.array([[0.05, 0.2], [0.1, 0.15]])
+    fig = cka_matrix_plot(cka, ["L0H2 @last", "L0H2 @box_label"], ["L0H0", "L0H1"], tmp_path / "c.png",
+                          chosen=[(0, 1)])
+    ax = fig.axes[0]
+    assert ax.get_images()[0].get_clim() == (0.0, 0.2)  # 0 to the largest value, not 0-1
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["L0H2 @last", "L0H2 @box_label"]
+
+
+def test_curves_are_small_multiples_with_validation_accuracy(tmp_path):
+    log = [{"step": s, "ce": 3.0 / s, "cka_loss": 1.0, "mean_cka": 0.5, "val_accuracy": 0.1 * s} for s in (1, 2, 3)]
+    fig = curves_plot({"ce+cka": log, "circuit-ce": [{"step": 1, "ce": 2.0}]}, tmp_path / "k.png")
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == ["CE", "sum over pairs of (1 - CKA)", "mean CKA of the pairs", "validation accuracy"]
+    assert curves_plot({"x": [{"step": 1}]}, None) is None
+
+
+@pytest.mark.parametrize("n", [0])
+def test_no_panels_is_an_error(n):
+    with pytest.raises(ValueError, match="at least one score matrix"):
+        head_heatmaps({}, None)

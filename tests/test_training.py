@@ -1,0 +1,154 @@
+"""The training loop's features: LR schedule with warmup, gradient clipping, autocast, validation-based early
+stopping, log.jsonl streamed during training, TensorBoard, and the model card beside the saved student."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+from conftest import make_tiny
+
+from fastcd.artifacts import Matching, Pair
+from fastcd.config import DistillConfig
+from fastcd.distillation import CircuitDistiller
+from fastcd.models import Head
+from fastcd.pipeline import distill
+from fastcd.tasks import EntityTracking
+from fastcd.training import make_optimizer, train_loop
+
+TASK = EntityTracking(n_boxes=3)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from fastcd.tokenizer import build_word_tokenizer
+
+    return build_word_tokenizer()
+
+
+def _matching():
+    return Matching([Pair(Head(1, 2), Head(1, 1), "last", "g", {}), Pair(Head(0, 3), Head(0, 2), "query_label", "g",
+                                                                        {})], "given")
+
+
+def _run(tok, **kw):
+    base = dict(steps=6, batch_size=8, n_train=64, n_eval=16, lr=1e-2, progress=False, log_every=1)
+    base.update(kw)
+    teacher = make_tiny("llama", vocab_size=len(tok), seed=1)
+    student = make_tiny("llama", vocab_size=len(tok), seed=2)
+    return distill(teacher, student, TASK, matching=_matching(), config=DistillConfig(**base),
+                   student_tokenizer=tok, teacher_tokenizer=tok)
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine", "constant"])
+def test_lr_schedule_with_warmup_is_transformers_schedule(tok, name):
+    from transformers import get_scheduler
+
+    res = _run(tok, lr_scheduler=name, warmup_steps=2, steps=6)
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1e-2)
+    sched = get_scheduler("constant_with_warmup" if name == "constant" else name, opt, num_warmup_steps=2,
+                          num_training_steps=6)
+    want = []
+    for _ in range(6):  # the row of step k holds the lr after k scheduler steps (the next step's lr)
+        opt.step()
+        sched.step()
+        want.append(opt.param_groups[0]["lr"])
+    assert [r["lr"] for r in res.log] == pytest.approx(want)
+    assert want[0] == pytest.approx(0.5e-2) and want[1] == pytest.approx(1e-2)  # warmup: 1/2, then the peak
+    assert name == "constant" or want[-1] < 1e-2
+
+
+def test_warmup_ratio_and_validation(tok):
+    from fastcd.training import warmup_steps
+
+    assert warmup_steps(DistillConfig(steps=10, warmup_ratio=0.25)) == 3
+    assert warmup_steps(DistillConfig(steps=10, warmup_ratio=0.25, warmup_steps=1)) == 1
+    for field, value, msg in (("warmup_ratio", 1.0, "warmup_ratio must be < 1"),
+                              ("lr_scheduler", "step", "lr_scheduler must be one of"),
+                              ("max_grad_norm", -1.0, "max_grad_norm must be >= 0"),
+                              ("early_stopping_patience", 2, "early_stopping_patience needs eval_every"),
+                              ("mixed_precision", "fp16", "mixed_precision='fp16' needs a CUDA device")):
+        with pytest.raises(ValueError, match=msg):
+            DistillConfig(**{field: value}).validate()
+
+
+def test_gradient_clipping_bounds_the_update(tok):
+    """With SGD at lr 1 the update is the clipped gradient: its norm is max_grad_norm when the raw one is above."""
+    teacher = make_tiny("llama", vocab_size=len(tok), seed=1)
+    student = make_tiny("llama", vocab_size=len(tok), seed=2)
+    cfg = DistillConfig(method="ce+cka", steps=1, batch_size=8, n_train=16, max_grad_norm=1e-3, progress=False,
+                        log_every=1).validate()
+    cd = CircuitDistiller(student, _matching(), teacher=teacher, config=cfg)
+    enc = TASK.encode(TASK.generate(16, seed=0), tok)
+    before = [p.detach().clone() for p in cd.trainable_parameters()]
+    opt = torch.optim.SGD(cd.trainable_parameters(), lr=1.0)
+    log = train_loop(cd, opt, torch.Generator().manual_seed(0), cfg, enc, enc)
+    delta = torch.cat([(p.detach() - b).flatten() for p, b in zip(cd.trainable_parameters(), before)])
+    assert log[0]["grad_norm"] > 1e-3  # the raw norm, above the threshold
+    assert float(delta.norm()) == pytest.approx(1e-3, rel=1e-4)
+
+
+def test_bf16_autocast_trains_on_cpu(tok):
+    res = _run(tok, mixed_precision="bf16", steps=3)
+    assert all(math.isfinite(r["loss"]) for r in res.log)
+    assert 0 <= res.metrics["student_accuracy"] <= 1
+
+
+def test_early_stopping_on_validation_accuracy(tok):
+    res = _run(tok, lr=1e-12, eval_every=1, early_stopping_patience=2, steps=20)  # nothing improves
+    assert res.metrics["stopped_early"] == 3 and res.metrics["steps_done"] == 3
+    assert [r["step"] for r in res.log] == [1, 2, 3] and all("val_accuracy" in r for r in res.log)
+
+
+def test_log_jsonl_is_streamed_during_training(tmp_path, tok):
+    teacher = make_tiny("llama", vocab_size=len(tok), seed=1)
+    student = make_tiny("llama", vocab_size=len(tok), seed=2)
+    out = tmp_path / "run"
+    cfg = DistillConfig(steps=4, batch_size=8, n_train=32, progress=False, log_every=2, out=str(out)).validate()
+    cd = CircuitDistiller(student, _matching(), teacher=teacher, config=cfg)
+    enc = TASK.encode(TASK.generate(32, seed=0), tok)
+    opt, sched = make_optimizer(cd, cfg)
+    seen = []
+
+    def on_step(step, log):  # what a reader of log.jsonl sees while the run goes on
+        with open(out / "log.jsonl") as f:
+            seen.append((step, [json.loads(line)["step"] for line in f]))
+
+    log = train_loop(cd, opt, torch.Generator().manual_seed(0), cfg, enc, enc, on_step=on_step, scheduler=sched)
+    assert seen == [(1, []), (2, [2]), (3, [2]), (4, [2, 4])]
+    assert [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()] == log
+
+
+def test_tensorboard_logging(tmp_path, tok):
+    pytest.importorskip("tensorboard", reason="the tensorboard package is not installed (pip install tensorboard)")
+    _run(tok, steps=2, out=str(tmp_path / "run"), report_to="tensorboard")
+    events = [f for f in os.listdir(tmp_path / "run" / "tensorboard") if f.startswith("events.out.tfevents")]
+    assert events and os.path.getsize(tmp_path / "run" / "tensorboard" / events[0]) > 0
+
+
+def test_model_card_beside_the_saved_student(tmp_path, tok):
+    res = _run(tok, steps=2, out=str(tmp_path / "run"))
+    card = (tmp_path / "run" / "student" / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers")
+    for needle in ("method `ce+cka`", "entity-tracking", "L1H2", "L1H1", f"{res.metrics['student_accuracy']:.3f}",
+                   "Trainable:", "2 of 2 steps", "Command:"):
+        assert needle in card, needle
+
+
+def test_teacher_cache_reads_rows_lazily_across_shards(tmp_path, tok):
+    """Shards of 5 rows, any row order: the lazily read rows equal the in-memory teacher signals."""
+    from fastcd.teacher_cache import MemoryCache, TeacherCache, build_teacher_cache, teacher_signals
+
+    teacher = make_tiny("llama", vocab_size=len(tok), seed=1)
+    enc = TASK.encode(TASK.generate(23, seed=0), tok)
+    build_teacher_cache(teacher, enc, _matching(), str(tmp_path / "c"), shard_size=5, logits=True)
+    lazy, mem = TeacherCache(str(tmp_path / "c"), _matching()), MemoryCache(teacher_signals(teacher, enc, _matching(),
+                                                                                             logits=True))
+    assert len(lazy.index["shards"]) == 5 and len(lazy) == len(mem) == 23
+    idx = torch.tensor([22, 0, 7, 6, 13, 0, 19, 4])
+    for a, b in zip(lazy.get(idx), mem.get(idx)):
+        assert torch.equal(a, b)
+    with pytest.raises(IndexError, match="holds rows 0..22"):
+        lazy.get(torch.tensor([23]))
