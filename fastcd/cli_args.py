@@ -17,6 +17,8 @@ from fastcd.config import ALL_METHODS, METHODS, _f, parse_lam
 from fastcd.errors import UsageError
 
 TASKS = ("entity-tracking", "tom")
+TASK_HELP = ("the task: entity-tracking, tom, or your own as an import path module:TaskClass (a class following "
+             "fastcd.tasks.Task, see README)")
 
 
 def int_list(text: str) -> list[int]:
@@ -47,7 +49,7 @@ SPLITS = ("train", "val", "test")
 class DiscoverArgs:
     model: str = _f(None, "local Hugging Face model directory (with its tokenizer), a .gguf file, or a prepared "
                     "packaged model name (fastcd models)", required=True)
-    task: str = _f(None, "the task", choices=TASKS, required=True)
+    task: str = _f(None, TASK_HELP, required=True)
     out: str = _f(None, "circuit JSON path; the heatmap goes beside it as .png", required=True)
     method: str = _f("auto", "auto: the task's default (entity-tracking: roles = position-aware patching at each "
                      "role; tom: patching at the last token); patching (mean ablation), attribution, path "
@@ -80,6 +82,7 @@ class MatchArgs:
     student: str = _f(None, "student: HF directory, .gguf file or prepared model name", required=True)
     circuit: str = _f(None, "circuit JSON from `fastcd discover`", required=True)
     out: str = _f(None, "matching JSON path", required=True)
+    task: str | None = _f(None, "the task (default: the circuit's); a task of your own as module:TaskClass")
     method: str = _f("ablation", "ablation (the paper's rule), cka (one-to-one), combined, random (control)",
                      choices=("ablation", "cka", "combined", "random"))
     top_k: int | None = _f(None, "ablation: candidate student heads (default: circuit size)")
@@ -100,7 +103,7 @@ class MatchArgs:
 @dataclass
 class DistillArgs:
     student: str = _f(None, "student: HF directory, .gguf file or prepared model name", required=True)
-    task: str = _f(None, "the task", choices=TASKS, required=True)
+    task: str = _f(None, TASK_HELP, required=True)
     teacher: str | None = _f(None, "teacher: HF directory, .gguf file or prepared model name (omit with "
                              "--teacher-cache)")
     n_boxes: int = _f(7, "entity tracking: boxes per prompt")

@@ -209,3 +209,54 @@ def test_cli_unknown_flag_and_missing_required_are_one_line(capsys):
     assert len(err) == 1 and "required" in err[0]
     assert main(["demo", "--stepz", "3"]) == 2
     assert "unrecognized arguments: --stepz" in capsys.readouterr().err
+
+
+TASK_MODULE = '''
+from fastcd.tasks import Example, TaskBase
+from fastcd.tasks.base import generate_unique
+
+
+class Pets(TaskBase):
+    name, roles = "pets", ("query_name",)
+    names, pets = ("Ann", "Bob", "Cid", "Dee", "Eve", "Fay"), ("cat", "dog", "eel", "fox", "gnu", "hen")
+
+    def sample(self, rng):
+        (a, b), (p, q), i = rng.sample(self.names, 2), rng.sample(self.pets, 2), rng.randrange(2)
+        prompt = f"{a} owns a {p} . {b} owns a {q} . {(a, b)[i]} owns a"
+        start = prompt.rindex((a, b)[i])
+        return Example(self.name, prompt, (p, q)[i], {"spans": {"query_name": [start, start + 3]}})
+
+    def generate(self, n, seed=0, split="train"):
+        return generate_unique(self.sample, n, f"{self.name}/{seed}", split, self.name)
+
+    def corrupt(self, clean, rng):
+        return self.sample(rng)
+
+    def word_pools(self):
+        return {"names": self.names, "pets": self.pets}
+'''
+
+
+def test_cli_takes_a_task_of_your_own_by_import_path(tmp_path, monkeypatch, capsys):
+    from conftest import make_tiny
+
+    from fastcd.artifacts import Circuit, Matching
+    from fastcd.tokenizer import build_word_tokenizer
+
+    (tmp_path / "my_pets.py").write_text(TASK_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    tok = build_word_tokenizer(["Ann", "Bob", "Cid", "Dee", "Eve", "Fay", "cat", "dog", "eel", "fox", "gnu", "hen",
+                                "owns", "a", "."])
+    m = make_tiny("llama", n_layers=2, vocab_size=len(tok))
+    m.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    model = str(tmp_path / "model")
+    assert main(["discover", "--model", model, "--task", "my_pets:Pets", "--n-examples", "16",
+                 "--out", str(tmp_path / "c.json")]) == 0
+    c = Circuit.load(tmp_path / "c.json")
+    assert c.task == "pets" and {h.position for h in c.heads} == {"last"}
+    assert main(["match", "--teacher", model, "--student", model, "--circuit", str(tmp_path / "c.json"), "--task",
+                 "my_pets:Pets", "--method", "cka", "--n-examples", "16", "--out", str(tmp_path / "m.json")]) == 0
+    assert len(Matching.load(tmp_path / "m.json")) == len(c)
+    assert main(["discover", "--model", model, "--task", "my_pets:Nope", "--out", str(tmp_path / "x.json")]) == 2
+    assert "cannot import 'Nope' from 'my_pets'" in capsys.readouterr().err

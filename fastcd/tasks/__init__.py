@@ -20,9 +20,20 @@ TASKS = {"entity-tracking": EntityTracking, "tom": TheoryOfMind}
 
 
 def get_task(name: str, **kwargs):
-    """``get_task("entity-tracking", n_boxes=7)`` or ``get_task("tom")``."""
+    """``get_task("entity-tracking", n_boxes=7)``, ``get_task("tom")``, or a task of your own by import path:
+    ``get_task("mypackage.tasks:Pets")`` (a class is instantiated with ``kwargs``; an object is used as it is);
+    it must follow :class:`fastcd.tasks.Task`."""
+    if ":" in name:
+        import importlib
+
+        mod, _, attr = name.partition(":")
+        try:
+            obj = getattr(importlib.import_module(mod), attr)
+        except (ImportError, AttributeError) as e:
+            raise UsageError(f"task {name!r}: cannot import {attr!r} from {mod!r} ({type(e).__name__}: {e})") from None
+        return check_task(obj(**kwargs) if isinstance(obj, type) else obj, f"task {name!r}")
     if name not in TASKS:
-        raise UsageError(f"task must be one of {sorted(TASKS)}, got {name!r}")
+        raise UsageError(f"task must be one of {sorted(TASKS)} or an import path 'module:TaskClass', got {name!r}")
     return TASKS[name](**kwargs)
 
 
