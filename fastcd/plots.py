@@ -91,8 +91,12 @@ def head_heatmaps(panels: dict, path: str | os.PathLike | None = None, *, title:
     what = METRIC_LABELS.get(metric, metric)
     cbar = label or (f"relative change in {what}" if relative else f"change in {what}")
     fig.colorbar(im, ax=list(axes), fraction=0.046, label=cbar)
-    fig.suptitle((title + "\n" if title else "") + f"colour: {cbar} when the head is patched"
-                 + (f"; outlined: {marked_label}" if marked else ""), fontsize=9)
+    import textwrap
+
+    width_chars = int(fig.get_figwidth() * 11)  # about 11 characters of a 9-point title per inch
+    lines = ([title] if title else []) + [f"colour: {cbar} when the head is patched"
+                                          + (f"; outlined: {marked_label}" if marked else "")]
+    fig.suptitle("\n".join(textwrap.fill(x, width_chars) for x in lines), fontsize=9)
     _save(fig, path)
     return fig
 
@@ -112,7 +116,7 @@ def cka_matrix_plot(cka, rows: list[str], cols: list[str], path: str | os.PathLi
 
     c = np.asarray(cka, dtype=float)
     top = float(np.nanmax(c)) if np.isfinite(c).any() else 1.0
-    fig = _figure(max(4.0, 0.32 * len(cols) + 2.6), max(2.6, 0.34 * len(rows) + 1.8))
+    fig = _figure(max(4.0, 0.32 * len(cols) + 2.6), max(3.0, 0.34 * len(rows) + 1.8))
     ax = fig.subplots()
     im = ax.imshow(c, cmap="viridis", vmin=0.0, vmax=max(top, 1e-6), aspect="auto")
     ax.set_yticks(range(len(rows)), rows, fontsize=7)
@@ -121,7 +125,7 @@ def cka_matrix_plot(cka, rows: list[str], cols: list[str], path: str | os.PathLi
     for i, j in chosen:
         ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="red", lw=1.5))
     ax.set_xlabel("student head")
-    ax.set_ylabel("teacher circuit unit (head @ role)")
+    ax.set_ylabel("teacher unit (head @ role)")
     ax.set_title(title or f"linear CKA, teacher x student (red: {chosen_label})", fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.046, label=f"linear CKA (0 to max {top:.2f})")
     _save(fig, path)
