@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from fastcd.config import ALL_METHODS, METHODS, _f, parse_lam
+from fastcd.config import ALL_METHODS, METHODS, option, parse_lam
 from fastcd.errors import UsageError
 
 TASKS = ("entity-tracking", "tom")
@@ -47,153 +47,153 @@ SPLITS = ("train", "val", "test")
 
 @dataclass
 class DiscoverArgs:
-    model: str = _f(None, "local Hugging Face model directory (with its tokenizer), a .gguf file, or a prepared "
-                    "packaged model name (fastcd models)", required=True)
-    task: str = _f(None, TASK_HELP, required=True)
-    out: str = _f(None, "circuit JSON path; the heatmap goes beside it as .png", required=True)
-    method: str = _f("auto", "auto: the task's default (entity-tracking: roles = position-aware patching at each "
-                     "role; tom: patching at the last token); patching (mean ablation), attribution, path "
-                     "(Prakash et al.'s four-group path patching)",
-                     choices=("auto", "roles", "patching", "attribution", "path"))
-    mode: str = _f("mean", "patching/attribution: what replaces a head's z", choices=("mean", "corrupt", "zero"))
-    metric: str = _f("prob", "what a patch changes", choices=("prob", "logprob", "logit_diff", "accuracy"))
-    absolute: bool = _f(False, "absolute instead of relative metric change")
-    position: str | None = _f(None, "patching/attribution: position role to patch at, or all (default: the task's)")
-    top_k: int | None = _f(None, "circuit size: heads kept by patching/attribution (default 15%% of heads), per "
-                           "role for roles (default 3)")
-    path_k: list[int] = _f([4, 2, 2, 2], "path patching: heads per group (VF PT PD SR)")
-    threshold: float = _f(0.05, "roles: minimum relative drop to join the circuit")
-    recheck_top_k: int = _f(0, "attribution: re-score the top k exactly")
-    n_examples: int = _f(256, "prompts")
-    n_boxes: int = _f(7, "entity tracking: boxes per prompt")
-    seed: int = _f(0, "prompt seed")
-    split: str = _f("val", "prompt split", choices=SPLITS)
-    max_batch: int | None = _f(None, "rows per forward in batched patching (default: as many as "
-                               "FASTCD_MEMORY_BUDGET, 2G, allows)")
-    batch_size: int = _f(64, "prompts per forward")
-    device: str = _f("cpu", "device")
-    dtype: str | None = _f(None, "model dtype (float32, bf16, fp16); default: as stored")
-    evaluate: bool = _f(False, "also report circuit faithfulness (10 random circuits)")
+    model: str = option(None, "local Hugging Face model directory (with its tokenizer), a .gguf file, or a prepared "
+                       "packaged model name (fastcd models)", required=True)
+    task: str = option(None, TASK_HELP, required=True)
+    out: str = option(None, "circuit JSON path; the heatmap goes beside it as .png", required=True)
+    method: str = option("auto", "auto: the task's default (entity-tracking: roles = position-aware patching at each "
+                        "role; tom: patching at the last token); patching (mean ablation), attribution, path "
+                        "(Prakash et al.'s four-group path patching)",
+                        choices=("auto", "roles", "patching", "attribution", "path"))
+    mode: str = option("mean", "patching/attribution: what replaces a head's z", choices=("mean", "corrupt", "zero"))
+    metric: str = option("prob", "what a patch changes", choices=("prob", "logprob", "logit_diff", "accuracy"))
+    absolute: bool = option(False, "absolute instead of relative metric change")
+    position: str | None = option(None, "patching/attribution: position role to patch at, or all (default: the task's)")
+    top_k: int | None = option(None, "circuit size: heads kept by patching/attribution (default 15%% of heads), per "
+                              "role for roles (default 3)")
+    path_k: list[int] = option([4, 2, 2, 2], "path patching: heads per group (VF PT PD SR)")
+    threshold: float = option(0.05, "roles: minimum relative drop to join the circuit")
+    recheck_top_k: int = option(0, "attribution: re-score the top k exactly")
+    n_examples: int = option(256, "prompts")
+    n_boxes: int = option(7, "entity tracking: boxes per prompt")
+    seed: int = option(0, "prompt seed")
+    split: str = option("val", "prompt split", choices=SPLITS)
+    max_batch: int | None = option(None, "rows per forward in batched patching (default: as many as "
+                                  "FASTCD_MEMORY_BUDGET, 2G, allows)")
+    batch_size: int = option(64, "prompts per forward")
+    device: str = option("cpu", "device")
+    dtype: str | None = option(None, "model dtype (float32, bf16, fp16); default: as stored")
+    evaluate: bool = option(False, "also report circuit faithfulness (10 random circuits)")
 
 
 @dataclass
 class MatchArgs:
-    teacher: str = _f(None, "teacher: HF directory, .gguf file or prepared model name", required=True)
-    student: str = _f(None, "student: HF directory, .gguf file or prepared model name", required=True)
-    circuit: str = _f(None, "circuit JSON from `fastcd discover`", required=True)
-    out: str = _f(None, "matching JSON path", required=True)
-    task: str | None = _f(None, "the task (default: the circuit's); a task of your own as module:TaskClass")
-    method: str = _f("ablation", "ablation (the paper's rule), cka (one-to-one), combined, random (control)",
-                     choices=("ablation", "cka", "combined", "random"))
-    top_k: int | None = _f(None, "ablation: candidate student heads (default: circuit size)")
-    direction: str = _f("student_to_teacher", "ablation: each candidate student head to its nearest teacher unit "
-                        "(the paper's Eq. 5), or each teacher unit to its nearest student head",
-                        choices=("student_to_teacher", "teacher_to_student"))
-    ablation_metric: str = _f("accuracy", "ablation: what an ablation changes, accuracy (the paper's P) or "
-                              "p(answer) (continuous)", choices=("accuracy", "prob"))
-    weight: float = _f(0.5, "combined: weight of (1 - CKA) against d_abl")
-    impl: str | None = _f(None, "CKA scorer implementation: cpp, torch, python (default: cpp when built)")
-    n_examples: int = _f(256, "prompts")
-    n_boxes: int = _f(7, "entity tracking: boxes per prompt")
-    seed: int = _f(0, "prompt seed (and the random control's)")
-    split: str = _f("val", "prompt split", choices=SPLITS)
-    device: str = _f("cpu", "device")
+    teacher: str = option(None, "teacher: HF directory, .gguf file or prepared model name", required=True)
+    student: str = option(None, "student: HF directory, .gguf file or prepared model name", required=True)
+    circuit: str = option(None, "circuit JSON from `fastcd discover`", required=True)
+    out: str = option(None, "matching JSON path", required=True)
+    task: str | None = option(None, "the task (default: the circuit's); a task of your own as module:TaskClass")
+    method: str = option("ablation", "ablation (the paper's rule), cka (one-to-one), combined, random (control)",
+                        choices=("ablation", "cka", "combined", "random"))
+    top_k: int | None = option(None, "ablation: candidate student heads (default: circuit size)")
+    direction: str = option("student_to_teacher", "ablation: each candidate student head to its nearest teacher unit "
+                           "(the paper's Eq. 5), or each teacher unit to its nearest student head",
+                           choices=("student_to_teacher", "teacher_to_student"))
+    ablation_metric: str = option("accuracy", "ablation: what an ablation changes, accuracy (the paper's P) or "
+                                 "p(answer) (continuous)", choices=("accuracy", "prob"))
+    weight: float = option(0.5, "combined: weight of (1 - CKA) against d_abl")
+    impl: str | None = option(None, "CKA scorer implementation: cpp, torch, python (default: cpp when built)")
+    n_examples: int = option(256, "prompts")
+    n_boxes: int = option(7, "entity tracking: boxes per prompt")
+    seed: int = option(0, "prompt seed (and the random control's)")
+    split: str = option("val", "prompt split", choices=SPLITS)
+    device: str = option("cpu", "device")
 
 
 @dataclass
 class DistillArgs:
-    student: str = _f(None, "student: HF directory, .gguf file or prepared model name", required=True)
-    task: str = _f(None, TASK_HELP, required=True)
-    teacher: str | None = _f(None, "teacher: HF directory, .gguf file or prepared model name (omit with "
-                             "--teacher-cache)")
-    n_boxes: int = _f(7, "entity tracking: boxes per prompt")
-    circuit: str | None = _f(None, "circuit JSON (default: discover with --discovery)")
-    matching: str | None = _f(None, "matching JSON (default: match with --matching-method)")
-    teacher_cache: str | None = _f(None, "offline teacher cache directory")
-    build_teacher_cache: str | None = _f(None, "precompute the teacher cache into this directory, then train from "
-                                         "it")
+    student: str = option(None, "student: HF directory, .gguf file or prepared model name", required=True)
+    task: str = option(None, TASK_HELP, required=True)
+    teacher: str | None = option(None, "teacher: HF directory, .gguf file or prepared model name (omit with "
+                                "--teacher-cache)")
+    n_boxes: int = option(7, "entity tracking: boxes per prompt")
+    circuit: str | None = option(None, "circuit JSON (default: discover with --discovery)")
+    matching: str | None = option(None, "matching JSON (default: match with --matching-method)")
+    teacher_cache: str | None = option(None, "offline teacher cache directory")
+    build_teacher_cache: str | None = option(None, "precompute the teacher cache into this directory, then train from "
+                                            "it")
 
 
 @dataclass
 class DemoArgs:
-    task: str = _f("entity-tracking", "the task", choices=TASKS)
-    out: str = _f(os.path.join("fastcd-demo"), "report folder (git-ignored in this repository)")
-    teacher: str | None = _f(None, "teacher directory (default: the shipped checkpoint)")
-    student: str | None = _f(None, "student base directory (default: the shipped checkpoint)")
-    steps: int = _f(150, "optimizer steps per run")
-    batch_size: int = _f(32, "batch (also the CKA batch m)")
-    lr: float = _f(3e-3, "learning rate")
-    lam: float | str = _f(1.0, "CKA weight lambda of the CE + CKA methods, or 'auto'", type=parse_lam)
-    n_train: int = _f(4096, "training prompts")
-    n_eval: int = _f(500, "test prompts (one fixed set)")
-    n_discovery: int = _f(256, "prompts for discovery and matching")
-    seeds: list[int] = _f([0], "seeds, e.g. --seeds 0 1 2 (or 0,1,2)", type=int_list)
-    methods: list[str] = _f(list(METHODS), f"methods to run, e.g. --methods ce+cka circuit-ce (or a,b), among "
-                            f"{', '.join(METHODS)}", type=str_list)
-    direction: str = _f("student_to_teacher", "ablation matching direction (the paper's Eq. 5, many-to-one; "
-                        "teacher_to_student gives every circuit unit a partner)",
-                        choices=("student_to_teacher", "teacher_to_student"))
-    progress: bool = _f(True, "progress bars")
+    task: str = option("entity-tracking", "the task", choices=TASKS)
+    out: str = option(os.path.join("fastcd-demo"), "report folder (git-ignored in this repository)")
+    teacher: str | None = option(None, "teacher directory (default: the shipped checkpoint)")
+    student: str | None = option(None, "student base directory (default: the shipped checkpoint)")
+    steps: int = option(150, "optimizer steps per run")
+    batch_size: int = option(32, "batch (also the CKA batch m)")
+    lr: float = option(3e-3, "learning rate")
+    lam: float | str = option(1.0, "CKA weight lambda of the CE + CKA methods, or 'auto'", type=parse_lam)
+    n_train: int = option(4096, "training prompts")
+    n_eval: int = option(500, "test prompts (one fixed set)")
+    n_discovery: int = option(256, "prompts for discovery and matching")
+    seeds: list[int] = option([0], "seeds, e.g. --seeds 0 1 2 (or 0,1,2)", type=int_list)
+    methods: list[str] = option(list(METHODS), f"methods to run, e.g. --methods ce+cka circuit-ce (or a,b), among "
+                               f"{', '.join(METHODS)}", type=str_list)
+    direction: str = option("student_to_teacher", "ablation matching direction (the paper's Eq. 5, many-to-one; "
+                           "teacher_to_student gives every circuit unit a partner)",
+                           choices=("student_to_teacher", "teacher_to_student"))
+    progress: bool = option(True, "progress bars")
 
 
 @dataclass
 class ExperimentArgs:
-    out: str = _f(None, "the experiment directory (created; resumed when it exists)", required=True)
-    overwrite: bool = _f(False, "discard the runs and shared caches in OUT (needed when the shared fields changed)")
-    report_only: bool = _f(False, "rebuild the report and figures from OUT, run nothing")
-    progress: bool = _f(True, "progress bars")
+    out: str = option(None, "the experiment directory (created; resumed when it exists)", required=True)
+    overwrite: bool = option(False, "discard the runs and shared caches in OUT (needed when the shared fields changed)")
+    report_only: bool = option(False, "rebuild the report and figures from OUT, run nothing")
+    progress: bool = option(True, "progress bars")
 
 
 @dataclass
 class ModelsArgs:
-    dtype: str = _f("float32", "stored dtype of the converted weights")
-    json: bool = _f(False, "print the list as JSON")
+    dtype: str = option("float32", "stored dtype of the converted weights")
+    json: bool = option(False, "print the list as JSON")
 
 
 @dataclass
 class ConvertArgs:
-    dtype: str = _f("float32", "stored dtype: float32, bf16 or fp16")
-    overwrite: bool = _f(False, "replace OUT if it exists")
+    dtype: str = option("float32", "stored dtype: float32, bf16 or fp16")
+    overwrite: bool = option(False, "replace OUT if it exists")
 
 
 @dataclass
 class PretrainConfig:
     """A tiny Llama-architecture model trained from scratch on a task (``fastcd pretrain``)."""
 
-    task: str = _f("entity-tracking", "the task", choices=TASKS)
-    role: str = _f("teacher", "which checkpoint this is (names the run)", choices=("teacher", "student"))
-    out: str = _f("runs/pretrain", "run directory (checkpoints, log.jsonl, final/)")
-    seed: int = _f(0, "seed")
-    n_layers: int = _f(4, "decoder layers")
-    d_model: int = _f(128, "model width")
-    n_heads: int = _f(4, "attention heads")
-    n_kv_heads: int | None = _f(None, "key/value heads (GQA; default: n_heads)")
-    d_ff: int = _f(512, "MLP width")
-    steps: int = _f(20_000, "optimizer steps (the cosine schedule spans them)")
-    batch_size: int = _f(64, "sequences per step")
-    lr: float = _f(1e-3, "peak learning rate")
-    warmup: int = _f(300, "linear warmup steps")
-    min_lr_ratio: float = _f(0.1, "final learning rate / peak")
-    weight_decay: float = _f(0.01, "AdamW weight decay")
-    grad_clip: float = _f(1.0, "gradient-norm clip")
-    queries: int = _f(0, "queries per training sequence; 0 = every box / every question")
-    min_boxes: int = _f(2, "fewest boxes per prompt")
-    max_boxes: int = _f(7, "most boxes per prompt")
-    start_boxes: int = _f(2, "curriculum: the largest box count sampled at the start")
-    curriculum_threshold: float = _f(0.9, "advance when train accuracy at the current top box count exceeds it")
-    tom_start_level: int = _f(3, "ToM curriculum: 0 short stories with own-container questions, 1 full stories, "
-                              "2 + observed, 3 all question types")
-    tom_reverse: float = _f(0.0, "ToM: share of follow-up questions asked in reverse ('What contains the "
-                            "<drink>?'; training only)")
-    tom_reverse_form: str = _f("what", "ToM reverse question form", choices=("what", "mirror"))
-    init_from: str | None = _f(None, "warm start from this model directory (same tokenizer and architecture), e.g. a "
-                               "shipped checkpoint")
-    eval_every: int = _f(250, "validation period in steps")
-    eval_n: int = _f(512, "validation prompts")
-    save_every: int = _f(500, "checkpoint period in steps")
-    stop_at_accuracy: float | None = _f(None, "stop once val accuracy (on max_boxes prompts) reaches this")
-    stop_at_step: int | None = _f(None, "stop after this step (the learning-rate schedule still spans steps)")
-    threads: int | None = _f(None, "torch threads")
+    task: str = option("entity-tracking", "the task", choices=TASKS)
+    role: str = option("teacher", "which checkpoint this is (names the run)", choices=("teacher", "student"))
+    out: str = option("runs/pretrain", "run directory (checkpoints, log.jsonl, final/)")
+    seed: int = option(0, "seed")
+    n_layers: int = option(4, "decoder layers")
+    d_model: int = option(128, "model width")
+    n_heads: int = option(4, "attention heads")
+    n_kv_heads: int | None = option(None, "key/value heads (GQA; default: n_heads)")
+    d_ff: int = option(512, "MLP width")
+    steps: int = option(20_000, "optimizer steps (the cosine schedule spans them)")
+    batch_size: int = option(64, "sequences per step")
+    lr: float = option(1e-3, "peak learning rate")
+    warmup: int = option(300, "linear warmup steps")
+    min_lr_ratio: float = option(0.1, "final learning rate / peak")
+    weight_decay: float = option(0.01, "AdamW weight decay")
+    grad_clip: float = option(1.0, "gradient-norm clip")
+    queries: int = option(0, "queries per training sequence; 0 = every box / every question")
+    min_boxes: int = option(2, "fewest boxes per prompt")
+    max_boxes: int = option(7, "most boxes per prompt")
+    start_boxes: int = option(2, "curriculum: the largest box count sampled at the start")
+    curriculum_threshold: float = option(0.9, "advance when train accuracy at the current top box count exceeds it")
+    tom_start_level: int = option(3, "ToM curriculum: 0 short stories with own-container questions, 1 full stories, "
+                                 "2 + observed, 3 all question types")
+    tom_reverse: float = option(0.0, "ToM: share of follow-up questions asked in reverse ('What contains the "
+                               "<drink>?'; training only)")
+    tom_reverse_form: str = option("what", "ToM reverse question form", choices=("what", "mirror"))
+    init_from: str | None = option(None, "warm start from this model directory (same tokenizer and architecture), "
+                                   "e.g. a shipped checkpoint")
+    eval_every: int = option(250, "validation period in steps")
+    eval_n: int = option(512, "validation prompts")
+    save_every: int = option(500, "checkpoint period in steps")
+    stop_at_accuracy: float | None = option(None, "stop once val accuracy (on max_boxes prompts) reaches this")
+    stop_at_step: int | None = option(None, "stop after this step (the learning-rate schedule still spans steps)")
+    threads: int | None = option(None, "torch threads")
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> PretrainConfig:

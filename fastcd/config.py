@@ -55,7 +55,7 @@ def method_spec(method: str, what: str = "method") -> MethodSpec:
     return METHOD_SPECS[method]
 
 
-def _f(default, help: str, **kw):
+def option(default, help: str, **kw):
     """A dataclass field whose help text the CLI shows (``metadata["help"]``, as HfArgumentParser reads it)."""
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
@@ -78,56 +78,57 @@ def parse_lam(text):
 class DistillConfig:
     """Everything a distillation run needs; defaults are the CPU demo's."""
 
-    method: str = _f("ce+cka", f"distillation method, one of {METHODS}", choices=METHODS)
-    lam: float | str = _f(1.0, "weight of the summed (1 - CKA) term, or 'auto' (see lam_ratio)", type=parse_lam)
-    lam_ratio: float = _f(1.0, "lam=auto: lambda such that |grad align| = lam_ratio * |grad CE| at the start")
-    steps: int = _f(300, "optimizer steps (TrainingArguments: max_steps)")
-    batch_size: int = _f(32, "global batch; also the CKA batch m (per device: batch_size / world size)")
-    lr: float = _f(1e-3, "peak learning rate of AdamW (TrainingArguments: learning_rate)")
-    lr_scheduler: str = _f("constant", f"learning-rate schedule after warmup, one of {SCHEDULERS} (transformers' "
-                           "get_scheduler)", choices=SCHEDULERS)
-    warmup_steps: int = _f(0, "linear warmup steps (overrides warmup_ratio when > 0)")
-    warmup_ratio: float = _f(0.0, "warmup as a fraction of steps")
-    max_grad_norm: float = _f(0.0, "clip the trainable gradients to this global norm (0: no clipping)")
-    mixed_precision: str = _f("no", "autocast the student's forward: bf16 (CUDA or CPU) or fp16 (CUDA, with a "
-                              "gradient scaler)", choices=PRECISIONS)
-    weight_decay: float = _f(0.0, "AdamW weight decay")
-    labels: str = _f("teacher", "CE targets: the teacher's argmax answer or the gold answer",
-                     choices=("teacher", "gold"))
-    kd_weight: float = _f(0.0, "Hinton KD term weight (the kd method uses 1.0 when this is 0)")
-    kd_temperature: float = _f(2.0, "KD softmax temperature")
-    kv: str = _f("auto", "key/value slices: auto (a head's own k/v train, shared GQA groups stay frozen), frozen, "
-                 "trainable", choices=("auto", "frozen", "trainable"))
-    eps: float = _f(1e-8, "guard of the CKA denominator (a dead head)")
-    cka_estimator: str = _f("biased", "CKA estimator: biased (the paper's linear CKA) or unbiased (debiased HSIC; "
-                            "torch path)", choices=("biased", "unbiased"))
-    seed: int = _f(0, "training seed (training prompts, batches, initialisation); the test set does not depend on it")
-    n_train: int = _f(4096, "training prompts")
-    n_eval: int = _f(500, "test prompts: one fixed, seed-independent set, evaluated at the end")
-    n_val: int = _f(200, "validation prompts for accuracy during training (eval_every)")
-    eval_every: int = _f(0, "validation accuracy every this many steps (0: none); never the test set")
-    early_stopping_patience: int = _f(0, "stop after this many evaluations without a better validation accuracy "
-                                      "(0: off; needs eval_every)")
-    log_every: int = _f(10, "a log row (loss parts, lr) every this many steps; streamed to OUT/log.jsonl")
-    save_every: int = _f(0, "checkpoint period in steps (0: none); a run resumes from OUT/ckpt.pt")
-    report_to: str = _f("none", "also log to tensorboard (OUT/tensorboard; needs the tensorboard package)",
-                        choices=("none", "tensorboard"))
-    out: str | None = _f(None, "output directory (TrainingArguments: output_dir)")
-    matching_method: str = _f("ablation", "how matched student heads are found when no matching is given",
-                              choices=("ablation", "cka", "combined"))
-    discovery: str = _f("auto", "circuit discovery when no circuit is given: auto (the task's default), roles, "
-                        "patching, attribution, path", choices=("auto", "roles", "patching", "attribution", "path"))
-    path_k: list[int] = _f([4, 2, 2, 2], "path patching: top-k heads per group (VF, PT, PD, SR)")
-    top_k: int | None = _f(None, "patching/attribution: circuit size (default: the task's, e.g. 15%% of heads)")
-    n_discovery: int = _f(256, "prompts for discovery and matching")
-    teacher_dtype: str | None = _f(None, "teacher dtype (float32, bf16, fp16); default: as stored")
-    device: str | None = _f(None, "where teacher and student run (cuda, cpu); default: where they load")
-    impl: str | None = _f(None, "alignment-loss implementation: auto, torch, triton (see python -m fastcd.info)")
-    on_nonfinite: str = _f("stop", "a NaN/inf loss part or gradient: stop (one-line error, nothing saved) or skip",
-                           choices=("stop", "skip"))
-    overwrite: bool = _f(False, "discard a checkpoint in out and start over")
-    resume: bool = _f(False, "require a checkpoint in out (an error instead of a fresh start)")
-    progress: bool = _f(True, "progress bars")
+    method: str = option("ce+cka", f"distillation method, one of {METHODS}", choices=METHODS)
+    lam: float | str = option(1.0, "weight of the summed (1 - CKA) term, or 'auto' (see lam_ratio)", type=parse_lam)
+    lam_ratio: float = option(1.0, "lam=auto: lambda such that |grad align| = lam_ratio * |grad CE| at the start")
+    steps: int = option(300, "optimizer steps (TrainingArguments: max_steps)")
+    batch_size: int = option(32, "global batch; also the CKA batch m (per device: batch_size / world size)")
+    lr: float = option(1e-3, "peak learning rate of AdamW (TrainingArguments: learning_rate)")
+    lr_scheduler: str = option("constant", f"learning-rate schedule after warmup, one of {SCHEDULERS} (transformers' "
+                              "get_scheduler)", choices=SCHEDULERS)
+    warmup_steps: int = option(0, "linear warmup steps (overrides warmup_ratio when > 0)")
+    warmup_ratio: float = option(0.0, "warmup as a fraction of steps")
+    max_grad_norm: float = option(0.0, "clip the trainable gradients to this global norm (0: no clipping)")
+    mixed_precision: str = option("no", "autocast the student's forward: bf16 (CUDA or CPU) or fp16 (CUDA, with a "
+                                 "gradient scaler)", choices=PRECISIONS)
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    labels: str = option("teacher", "CE targets: the teacher's argmax answer or the gold answer",
+                        choices=("teacher", "gold"))
+    kd_weight: float = option(0.0, "Hinton KD term weight (the kd method uses 1.0 when this is 0)")
+    kd_temperature: float = option(2.0, "KD softmax temperature")
+    kv: str = option("auto", "key/value slices: auto (a head's own k/v train, shared GQA groups stay frozen), frozen, "
+                    "trainable", choices=("auto", "frozen", "trainable"))
+    eps: float = option(1e-8, "guard of the CKA denominator (a dead head)")
+    cka_estimator: str = option("biased", "CKA estimator: biased (the paper's linear CKA) or unbiased (debiased HSIC; "
+                               "torch path)", choices=("biased", "unbiased"))
+    seed: int = option(0, "training seed (training prompts, batches, initialisation); the test set does not "
+                          "depend on it")
+    n_train: int = option(4096, "training prompts")
+    n_eval: int = option(500, "test prompts: one fixed, seed-independent set, evaluated at the end")
+    n_val: int = option(200, "validation prompts for accuracy during training (eval_every)")
+    eval_every: int = option(0, "validation accuracy every this many steps (0: none); never the test set")
+    early_stopping_patience: int = option(0, "stop after this many evaluations without a better validation accuracy "
+                                         "(0: off; needs eval_every)")
+    log_every: int = option(10, "a log row (loss parts, lr) every this many steps; streamed to OUT/log.jsonl")
+    save_every: int = option(0, "checkpoint period in steps (0: none); a run resumes from OUT/ckpt.pt")
+    report_to: str = option("none", "also log to tensorboard (OUT/tensorboard; needs the tensorboard package)",
+                           choices=("none", "tensorboard"))
+    out: str | None = option(None, "output directory (TrainingArguments: output_dir)")
+    matching_method: str = option("ablation", "how matched student heads are found when no matching is given",
+                                 choices=("ablation", "cka", "combined"))
+    discovery: str = option("auto", "circuit discovery when no circuit is given: auto (the task's default), roles, "
+                           "patching, attribution, path", choices=("auto", "roles", "patching", "attribution", "path"))
+    path_k: list[int] = option([4, 2, 2, 2], "path patching: top-k heads per group (VF, PT, PD, SR)")
+    top_k: int | None = option(None, "patching/attribution: circuit size (default: the task's, e.g. 15%% of heads)")
+    n_discovery: int = option(256, "prompts for discovery and matching")
+    teacher_dtype: str | None = option(None, "teacher dtype (float32, bf16, fp16); default: as stored")
+    device: str | None = option(None, "where teacher and student run (cuda, cpu); default: where they load")
+    impl: str | None = option(None, "alignment-loss implementation: auto, torch, triton (see python -m fastcd.info)")
+    on_nonfinite: str = option("stop", "a NaN/inf loss part or gradient: stop (one-line error, nothing saved) or skip",
+                              choices=("stop", "skip"))
+    overwrite: bool = option(False, "discard a checkpoint in out and start over")
+    resume: bool = option(False, "require a checkpoint in out (an error instead of a fresh start)")
+    progress: bool = option(True, "progress bars")
 
     def validate(self) -> DistillConfig:
         """One-line errors naming the field and what was expected, before any work starts."""

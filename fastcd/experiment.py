@@ -25,10 +25,10 @@ import torch
 
 from fastcd.config import METHOD_SPECS
 from fastcd.errors import UsageError
-from fastcd.experiment_config import ExperimentConfig, NotApplicable, _distill_config
+from fastcd.experiment_config import ExperimentConfig, NotApplicable, distill_config_for
 from fastcd.experiment_shared import SharedSetup, say
 from fastcd.io import write_json_atomic
-from fastcd.report import _bits, _setting_label, append_record, read_runs, write_report
+from fastcd.report import append_record, bits, read_runs, setting_label, write_report
 from fastcd.trainable import reinit_heads  # noqa: F401  (re-exported)
 
 
@@ -96,7 +96,7 @@ class Experiment(SharedSetup):
         from fastcd.training import train_loop
 
         cfg = self.cfg
-        dcfg = _distill_config(cfg, spec)
+        dcfg = distill_config_for(cfg, spec)
         s = spec["setting"]
         torch.manual_seed(spec["seed"])
         self.student.load_state_dict(self.base_state)
@@ -131,7 +131,7 @@ class Experiment(SharedSetup):
             p.requires_grad_(False)
         correct = accuracy_per_example(self.student, self.s_test)
         rec = {"key": spec["key"], "method": spec["method"], "seed": spec["seed"], "setting": s,
-               "accuracy": sum(correct) / len(correct), "correct": _bits(correct),
+               "accuracy": sum(correct) / len(correct), "correct": bits(correct),
                "trainable_params": cd.n_trainable,
                "trainable_fraction": cd.n_trainable / sum(p.numel() for p in self.student.parameters()),
                "lam_effective": cd.lam if METHOD_SPECS[dcfg.method].uses_cka else None, "log": log,
@@ -170,7 +170,7 @@ class Experiment(SharedSetup):
             took.append(time.time() - t0)
             eta = sum(took) / len(took) * (len(todo) - i - 1)
             say(f"run {i + 1}/{len(todo)} ({spec['method']}, seed {spec['seed']}, "
-                 f"{_setting_label(spec['setting'])}): accuracy {rec['accuracy']:.3f} in {took[-1]:.0f} s; "
+                 f"{setting_label(spec['setting'])}): accuracy {rec['accuracy']:.3f} in {took[-1]:.0f} s; "
                  f"ETA {eta / 60:.0f} min")
             write_report(self.out, self.cfg)
         return write_report(self.out, self.cfg)

@@ -170,7 +170,7 @@ class ExperimentConfig:
         if self.circuit is not None and not os.path.isfile(self.circuit):
             raise InputFileError(f"circuit: no such file {self.circuit!r}")
         for spec in self.run_specs():  # each run's DistillConfig validates its own fields (steps, lr, lam, ...)
-            _distill_config(self, spec)
+            distill_config_for(self, spec)
         return self
 
     def shared_key(self) -> dict:
@@ -222,7 +222,7 @@ def _run_key(method: str, seed: int, setting: dict) -> str:
     return hashlib.sha1(body.encode()).hexdigest()[:12]
 
 
-def _distill_config(cfg: ExperimentConfig, spec: dict):
+def distill_config_for(cfg: ExperimentConfig, spec: dict):
     from fastcd.config import DistillConfig
 
     s = spec["setting"]

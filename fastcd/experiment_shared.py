@@ -16,7 +16,7 @@ from fastcd.config import TEST_SEED
 from fastcd.errors import UsageError
 from fastcd.experiment_config import POOL_SEED, ExperimentConfig, NotApplicable
 from fastcd.io import write_json_atomic
-from fastcd.report import _bits
+from fastcd.report import bits
 from fastcd.trainable import reinit_heads
 
 
@@ -109,7 +109,7 @@ class SharedSetup:
 
             say(f"teacher accuracy on the {len(self.t_test)} test prompts")
             tc = accuracy_per_example(teacher, self.t_test)
-            self._put_shared("teacher_eval.json", {"correct": _bits(tc), "accuracy": sum(tc) / len(tc)})
+            self._put_shared("teacher_eval.json", {"correct": bits(tc), "accuracy": sum(tc) / len(tc)})
         del teacher
         gc.collect()
         self.base_state = {k: v.detach().clone() for k, v in self.student.state_dict().items()}
@@ -267,7 +267,7 @@ class SharedSetup:
         if "correct" not in d:
             say(f"untrained student on the {len(self.s_test)} test prompts")
             c = accuracy_per_example(self.student, self.s_test)
-            d.update(correct=_bits(c), accuracy=sum(c) / len(c))
+            d.update(correct=bits(c), accuracy=sum(c) / len(c))
             changed = True
         if self.cfg.circuit_accuracy:
             self.means = mean_z(self.student, self.s_ref.input_ids)

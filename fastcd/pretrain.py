@@ -73,7 +73,7 @@ class SequenceMaker:
     def _et_text(self, rng: random.Random, level: int) -> tuple[str, int]:
         n = rng.randint(self.cfg.min_boxes, level)
         while True:
-            ex = self.et[n]._sample(rng)
+            ex = self.et[n].sample(rng)
             if split_of(ex.prompt) == "train":
                 break
         m = ex.meta
@@ -88,7 +88,7 @@ class SequenceMaker:
     def _tom_text(self, rng: random.Random, level: int = 3) -> tuple[str, int]:
         allowed = ("own", "observed", "unobserved")[: max(1, level)]
         while True:
-            ex = self.tom._sample(rng)
+            ex = self.tom.sample(rng)
             if split_of(ex.prompt) == "train" and ex.meta["question_type"] in allowed:
                 break
         m = ex.meta

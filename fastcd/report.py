@@ -50,7 +50,7 @@ def append_record(path: str, rec: dict) -> None:
         os.fsync(f.fileno())
 
 
-def _bits(correct) -> str:
+def bits(correct) -> str:
     return "".join("1" if c else "0" for c in correct)
 
 
@@ -58,7 +58,7 @@ def _unbits(s: str) -> list[bool]:
     return [c == "1" for c in s]
 
 
-def _setting_label(s: dict) -> str:
+def setting_label(s: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in s.items() if v is not None)
 
 
@@ -81,7 +81,7 @@ def mean_ci(values, level: float = 0.95) -> dict:
 
 def _group_key(setting: dict) -> str:
     s = {k: v for k, v in setting.items() if k not in ("matching", "lam")}
-    return _setting_label(s)
+    return setting_label(s)
 
 
 def write_report(out: str, cfg: ExperimentConfig | None = None) -> dict:
@@ -271,7 +271,7 @@ def format_report(report: dict) -> str:
             lines.append(f"| {rule} | {d['identity_share']:.0%} | {d['reinit_identity']} / {d['reinit_paired']} |")
         lines.append("")
     for r in report.get("not_applicable", []):
-        lines.append(f"Not applicable: {r['method']} seed {r['seed']} ({_setting_label(r['setting'])}): "
+        lines.append(f"Not applicable: {r['method']} seed {r['seed']} ({setting_label(r['setting'])}): "
                      f"{r['not_applicable']}")
     lines.append(f"torch {report['torch']}, {report['threads']} threads.")
     return "\n".join(lines)

@@ -93,7 +93,7 @@ class EntityTracking(TaskBase):
         meta["spans"] = spans
         return Example(EntityTracking.name, prompt, answer, meta)
 
-    def _sample(self, rng: random.Random, query_index: int | None = None) -> Example:
+    def sample(self, rng: random.Random, query_index: int | None = None) -> Example:
         objects = rng.sample(self.objects, self.n_boxes)
         labels = rng.sample(self.letters, self.n_boxes)
         qi = rng.randrange(self.n_boxes) if query_index is None else query_index
@@ -101,7 +101,7 @@ class EntityTracking(TaskBase):
 
     def generate(self, n: int, seed: int = 0, split: str = "train") -> list[Example]:
         """``n`` unique examples of ``split``, deterministic in ``seed``."""
-        return generate_unique(self._sample, n, f"{self.name}/{self.n_boxes}/{seed}", split, repr(self))
+        return generate_unique(self.sample, n, f"{self.name}/{self.n_boxes}/{seed}", split, repr(self))
 
     def corrupt(self, clean: Example, rng: random.Random) -> Example:
         """Another example whose queried box sits elsewhere, queried with a letter absent from its context."""

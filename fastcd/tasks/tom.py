@@ -78,7 +78,7 @@ class TheoryOfMind(TaskBase):
         self.instruction, self.few_shot, self._prefix = None, few_shot, ""
         if few_shot:  # solved stories in the bare template, each "Story: ..." when an instruction leads
             rng = random.Random(f"{self.name}/few-shot")
-            shots = [self._sample(rng, QUESTION_TYPES[i % len(QUESTION_TYPES)]) for i in range(few_shot)]
+            shots = [self.sample(rng, QUESTION_TYPES[i % len(QUESTION_TYPES)]) for i in range(few_shot)]
             story = "Story: " if instruction else ""
             self._prefix = "".join(f"{story}{ex.prompt} {ex.answer}\n\n" for ex in shots)
         self.instruction = instruction
@@ -140,7 +140,7 @@ class TheoryOfMind(TaskBase):
         }
         return Example(self.name, prompt, answer, meta)
 
-    def _sample(self, rng: random.Random, qtype: str | None = None) -> Example:
+    def sample(self, rng: random.Random, qtype: str | None = None) -> Example:
         chars = rng.sample(self.names, 2)
         conts = rng.sample(self.containers, 2)
         drinks = rng.sample(self.drinks, 2)
@@ -156,7 +156,7 @@ class TheoryOfMind(TaskBase):
 
     def generate(self, n: int, seed: int = 0, split: str = "train") -> list[Example]:
         """``n`` unique examples of ``split``, deterministic in ``seed``."""
-        return generate_unique(self._sample, n, f"{self.name}/{seed}", split, repr(self))
+        return generate_unique(self.sample, n, f"{self.name}/{seed}", split, repr(self))
 
     def corrupt(self, clean: Example, rng: random.Random) -> Example:
         m = clean.meta
