@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sys
+from contextlib import contextmanager
 
 from fastcd.errors import InputFileError, UsageError
 
@@ -24,14 +26,34 @@ def read_json(path: str | os.PathLike, what: str = "path"):
         raise UsageError(f"{what}: {path!r} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
 
 
+@contextmanager
+def atomic_target(path: str | os.PathLike, *, directory: bool = False):
+    """Yield a temporary sibling of ``path`` to write; on success move it onto ``path`` with ``os.replace`` (a
+    directory replaces the old one), on an error remove it. A reader never sees half a file or directory."""
+    path = os.fspath(path).rstrip("/")
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    if directory:
+        os.makedirs(tmp)
+    try:
+        yield tmp
+    except BaseException:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    if directory:
+        shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+
+
 def write_json_atomic(obj, path: str | os.PathLike, *, indent: int | None = 2) -> str:
     """Write ``obj`` as JSON through a temporary file and ``os.replace``: a reader never sees half a file."""
-    path = os.fspath(path)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=indent, default=str)
-    os.replace(tmp, path)
-    return path
+    with atomic_target(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=indent, default=str)
+    return os.fspath(path)
 
 
 _ANNOUNCED: set[str] = set()

@@ -7,7 +7,6 @@ import hashlib
 import json
 import os
 import random
-import shutil
 import sys
 from dataclasses import asdict, dataclass, field
 
@@ -20,7 +19,7 @@ from fastcd.discover import default_circuit
 from fastcd.distillation import CircuitDistiller, check_vocabularies
 from fastcd.errors import UsageError
 from fastcd.hooks import mean_z
-from fastcd.io import write_json_atomic
+from fastcd.io import atomic_target, write_json_atomic
 from fastcd.loading import check_model_path, load_model, load_tokenizer, spec_of
 from fastcd.match import MatchInputs, match, match_random
 from fastcd.metrics import accuracy_per_example, circuit_correct
@@ -286,9 +285,8 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
 
 
 def _atomic_save(state: dict, path: str) -> None:
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_target(path) as tmp:
+        torch.save(state, tmp)
 
 
 def _cfg_key(cfg: DistillConfig) -> dict:
@@ -358,18 +356,14 @@ def save_result(result: DistillResult, cfg: DistillConfig, tokenizer=None, *, ta
     ``OUT/circuit.json``, ``OUT/log.json``."""
     out = cfg.out
     os.makedirs(out, exist_ok=True)
-    sdir = os.path.join(out, "student")
-    tmp = sdir + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    result.student.save_pretrained(tmp, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
     from fastcd.card import model_card
 
-    with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
-        f.write(model_card(result, cfg, task=task, teacher=teacher, student=student, command=command))
-    shutil.rmtree(sdir, ignore_errors=True)
-    os.replace(tmp, sdir)
+    with atomic_target(os.path.join(out, "student"), directory=True) as tmp:
+        result.student.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
+            f.write(model_card(result, cfg, task=task, teacher=teacher, student=student, command=command))
     if result.matching is not None:
         result.matching.save(os.path.join(out, "matching.json"))
     if result.circuit is not None and result.circuit.heads:

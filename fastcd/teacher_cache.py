@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 
 import torch
 from torch import nn
@@ -17,6 +16,7 @@ from fastcd.artifacts import Matching
 from fastcd.distillation import gather_roles
 from fastcd.errors import InputFileError, UsageError
 from fastcd.hooks import capture_z
+from fastcd.io import atomic_target
 from fastcd.models import logits_at
 from fastcd.tasks.base import EncodedBatch
 
@@ -76,30 +76,26 @@ def build_teacher_cache(teacher: nn.Module, teacher_batch: EncodedBatch, matchin
 
     if shard_size < 1:
         raise UsageError(f"shard_size must be >= 1, got {shard_size}")
-    tmp = path.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    pairs = matching.pairs if matching is not None else []
-    sig = teacher_signals(teacher, teacher_batch, matching, logits=logits, batch_size=batch_size, progress=progress)
-    labels_t, z_t, lg_t = sig["labels"], sig["z"], sig["logits"]
-    n = len(labels_t)
-    shards = []
-    for k, s in enumerate(range(0, n, shard_size)):
-        e = min(n, s + shard_size)
-        tensors = {"labels": labels_t[s:e].contiguous()}
-        if z_t is not None:
-            tensors["z"] = z_t[:, s:e].contiguous()
-        if lg_t is not None:
-            tensors["logits"] = lg_t[s:e].contiguous()
-        name = f"shard_{k:05d}.safetensors"
-        save_file(tensors, os.path.join(tmp, name))
-        shards.append({"file": name, "start": s, "stop": e})
-    index = {"n": n, "shards": shards, "pairs": [p.to_json() for p in pairs], "logits": logits,
-             "vocab_sha": None if tokenizer is None else vocab_sha(tokenizer)}
-    with open(os.path.join(tmp, "index.json"), "w") as f:
-        json.dump(index, f, indent=2)
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
+    with atomic_target(path, directory=True) as tmp:
+        pairs = matching.pairs if matching is not None else []
+        sig = teacher_signals(teacher, teacher_batch, matching, logits=logits, batch_size=batch_size, progress=progress)
+        labels_t, z_t, lg_t = sig["labels"], sig["z"], sig["logits"]
+        n = len(labels_t)
+        shards = []
+        for k, s in enumerate(range(0, n, shard_size)):
+            e = min(n, s + shard_size)
+            tensors = {"labels": labels_t[s:e].contiguous()}
+            if z_t is not None:
+                tensors["z"] = z_t[:, s:e].contiguous()
+            if lg_t is not None:
+                tensors["logits"] = lg_t[s:e].contiguous()
+            name = f"shard_{k:05d}.safetensors"
+            save_file(tensors, os.path.join(tmp, name))
+            shards.append({"file": name, "start": s, "stop": e})
+        index = {"n": n, "shards": shards, "pairs": [p.to_json() for p in pairs], "logits": logits,
+                 "vocab_sha": None if tokenizer is None else vocab_sha(tokenizer)}
+        with open(os.path.join(tmp, "index.json"), "w") as f:
+            json.dump(index, f, indent=2)
     return path
 
 

@@ -119,12 +119,11 @@ class ContrastPair:
 
 def save_jsonl(items, path: str | os.PathLike) -> None:
     """Write examples or pairs, one JSON object per line."""
-    path = os.fspath(path)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    from fastcd.io import atomic_target
+
+    with atomic_target(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for it in items:
             f.write(json.dumps(it.to_json(), ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 def load_jsonl(path: str | os.PathLike) -> list[Example] | list[ContrastPair]:
