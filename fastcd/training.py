@@ -133,7 +133,9 @@ def train_loop(cd: CircuitDistiller, opt, gen: torch.Generator, cfg: DistillConf
             (scaler.scale(loss) if scaler is not None else loss).backward()
             if scaler is not None:
                 scaler.unscale_(opt)
-            bad = nonfinite(parts, params)
+            # under fp16 the gradient scaler skips steps whose gradients overflow (and lowers its scale): only
+            # a non-finite loss term stops or skips the run there
+            bad = nonfinite(parts, params if scaler is None else [])
             if bad:
                 msg = f"non-finite {bad} at step {step + 1} (method {cfg.method}, lr {cfg.lr})"
                 if cfg.on_nonfinite == "stop":
