@@ -20,6 +20,7 @@ from dataclasses import asdict
 
 import torch
 
+from fastcd.cli_args import DemoArgs
 from fastcd.config import METHOD_SPECS, METHODS, TEST_SEED, DistillConfig
 from fastcd.discover import default_circuit, make_source, patch_heads_batched
 from fastcd.distillation import CircuitDistiller
@@ -48,11 +49,16 @@ def _configs(methods, seed, **kw) -> dict:
                              **kw).validate() for m in methods}
 
 
-def run_demo(task_name: str = "entity-tracking", *, out: str = "fastcd-demo", teacher: str | None = None,
-             student: str | None = None, steps: int = 150, batch_size: int = 32, lr: float = 3e-3, lam=1.0,
-             n_train: int = 4096, n_eval: int = 500, n_discovery: int = 256, seeds=(0,),
-             methods=METHODS, direction: str = "student_to_teacher", progress: bool = True) -> dict:
-    """Run the demo; returns the report dict (also written to ``out/report.json``)."""
+_D = DemoArgs()  # the defaults live in one place: fastcd.cli_args.DemoArgs (the CLI's flags and this function)
+
+
+def run_demo(task_name: str = _D.task, *, out: str = _D.out, teacher: str | None = _D.teacher,
+             student: str | None = _D.student, steps: int = _D.steps, batch_size: int = _D.batch_size,
+             lr: float = _D.lr, lam=_D.lam, n_train: int = _D.n_train, n_eval: int = _D.n_eval,
+             n_discovery: int = _D.n_discovery, seeds=tuple(_D.seeds), methods=tuple(_D.methods),
+             direction: str = _D.direction, progress: bool = _D.progress) -> dict:
+    """Run the demo; returns the report dict (also written to ``out/report.json``). Defaults:
+    :class:`fastcd.cli_args.DemoArgs`."""
     from tqdm import tqdm
 
     t_start = time.time()
