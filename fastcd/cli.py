@@ -391,7 +391,7 @@ def main(argv=None) -> int:
     except UsageErrorExit as e:  # argparse: a flag is missing, unknown or of the wrong type
         print(str(e), file=sys.stderr)
         return 2
-    except (UsageError, FileNotFoundError, FloatingPointError) as e:
+    except (UsageError, FloatingPointError) as e:
         # a bad input, or a run that diverged: one line that names the argument; --debug shows the traceback
         if debug:
             raise
