@@ -60,7 +60,15 @@ def _name_of(x) -> str | None:
 
 
 def _command_line() -> str:
-    return " ".join([os.path.basename(sys.argv[0] or "python")] + sys.argv[1:])
+    """The command that made the run, for the model card: the CLI's own arguments, or the script that called
+    ``fastcd.distill()`` (no path of the machine: the script's file name)."""
+    prog = sys.argv[0] if sys.argv else ""
+    if prog in ("", "-", "-c"):
+        return "fastcd.distill(...) from an interactive session or `python -c`"
+    name = os.path.basename(prog)
+    if name in ("fastcd", "__main__.py", "cli.py"):
+        return " ".join(["fastcd"] + sys.argv[1:])
+    return " ".join(["python", name] + sys.argv[1:]) + "   # calls fastcd.distill(...)"
 
 
 def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, matching: Matching | None = None,
