@@ -4,6 +4,7 @@ on which task, which heads trained and how, the metrics, and the command that ma
 from __future__ import annotations
 
 import datetime
+import json
 from dataclasses import asdict
 
 
@@ -53,8 +54,6 @@ def model_card(result, cfg, *, task=None, teacher: str | None = None, student: s
     if command:
         lines += ["Command:", "", "```bash", command, "```", ""]
     lines += ["<details><summary>Full configuration</summary>", "", "```json"]
-    import json
-
     lines += [json.dumps(asdict(cfg), indent=1, default=str), "```", "", "</details>", ""]
     return "\n".join(lines)
 

@@ -184,7 +184,7 @@ def cka_matrix(a, b, *, impl: str | None = None, form: str = "auto", max_bytes: 
                          f"{' (Triton serves the alignment loss only)' if impl == 'triton' else ''}")
     if impl is None:
         impl = "cpp" if _ext.HAS_CPP else "torch"
-        from fastcd.loading import announce
+        from fastcd.io import announce
 
         announce(f"fastcd: CKA scorer uses {'fastcd._C (C++)' if impl == 'cpp' else 'the torch fallback'}")
     if impl == "cpp":

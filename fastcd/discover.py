@@ -18,9 +18,7 @@ from fastcd.artifacts import Circuit, CircuitHead
 from fastcd.errors import UsageError
 from fastcd.hooks import ALL, intervene, mean_z, position_mask, role_positions, run_with_z
 from fastcd.loading import rows_for_budget
-from fastcd.metrics import (  # noqa: F401  (METRICS, accuracy_per_example: re-exported for discovery users)
-    METRICS,
-    accuracy_per_example,
+from fastcd.metrics import (
     check_aligned,
     check_common,
     clean_metric,

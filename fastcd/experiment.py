@@ -29,25 +29,9 @@ from fastcd.experiment_config import ExperimentConfig, NotApplicable, distill_co
 from fastcd.experiment_shared import SharedSetup, say
 from fastcd.io import write_json_atomic
 from fastcd.report import append_record, bits, read_runs, setting_label, write_report
+from fastcd.teacher_cache import MemoryCache
 from fastcd.trainable import reinit_heads  # noqa: F401  (re-exported)
-
-
-class _CacheView:
-    """Rows ``rows`` of the pool's teacher cache and the z units of one matching (teacher side, in order)."""
-
-    def __init__(self, pool: dict, rows: torch.Tensor, units: list[int] | None):
-        self.rows = rows
-        self.labels = pool["labels"]
-        self.logits = pool.get("logits")
-        self.z = None if units is None else pool["z"][units]  # [P, N_pool, d]
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def get(self, idx: torch.Tensor):
-        r = self.rows[idx]
-        return (None if self.z is None else self.z[:, r], self.labels[r],
-                None if self.logits is None else self.logits[r])
+from fastcd.training import make_optimizer, train_loop
 
 
 class Experiment(SharedSetup):
@@ -93,7 +77,6 @@ class Experiment(SharedSetup):
         from fastcd.distillation import CircuitDistiller
         from fastcd.metrics import accuracy_per_example, circuit_correct
         from fastcd.trainable import merge
-        from fastcd.training import train_loop
 
         cfg = self.cfg
         dcfg = distill_config_for(cfg, spec)
@@ -106,7 +89,8 @@ class Experiment(SharedSetup):
         if matching is not None and METHOD_SPECS[dcfg.method].uses_cka:
             t_units = matching.meta.get("teacher_units") or [[str(p.teacher), p.position] for p in matching.pairs]
             units = [self.unit_index[(h, r)] for h, r in t_units]
-        view = _CacheView(self.pool, rows, units)
+        view = MemoryCache({"labels": self.pool["labels"], "logits": self.pool.get("logits"),
+                            "z": None if units is None else self.pool["z"][units]}, rows)  # this run's rows and units
         s_train = self.s_pool.index(rows)
         cd = CircuitDistiller(self.student, matching if not METHOD_SPECS[dcfg.method].full_model else None, config=dcfg)
         diag = {}
@@ -116,11 +100,11 @@ class Experiment(SharedSetup):
             g = torch.Generator().manual_seed(spec["seed"] + 1)
             b = make_batch(torch.randint(len(s_train), (dcfg.batch_size,), generator=g), s_train, None, view)
             diag = cd.gradient_ratio(b)
-        opt = torch.optim.AdamW(cd.trainable_parameters(), lr=dcfg.lr, weight_decay=dcfg.weight_decay)
+        opt, sched = make_optimizer(cd, dcfg)
         gen = torch.Generator().manual_seed(spec["seed"])
         t0 = time.time()
         try:
-            log = train_loop(cd, opt, gen, dcfg, s_train, None, view, eval_batch=self.s_val,
+            log = train_loop(cd, opt, gen, dcfg, s_train, None, view, eval_batch=self.s_val, scheduler=sched,
                              desc=f"{spec['method']} seed {spec['seed']}")
         finally:
             if cd.slices is not None:

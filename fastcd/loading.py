@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from fastcd.errors import InputFileError, UsageError, UsageTypeError
-from fastcd.io import announce  # noqa: F401  (re-exported: where loading says what it chose)
+from fastcd.io import announce
 from fastcd.models import ModelSpec, get_adapter, model_spec, unwrap
 
 logger = logging.getLogger("fastcd")
