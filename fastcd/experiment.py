@@ -50,14 +50,20 @@ class Experiment(SharedSetup):
         key = cfg.shared_key()
         if os.path.isfile(manifest) and not overwrite:
             with open(manifest) as f:
-                old = json.load(f)["shared"]
+                recorded = json.load(f)
+            old = recorded["shared"]
             # a field that an older fastcd did not write counts as its default value
             defaults = ExperimentConfig(teacher="").shared_key()
+            if "n_pool" not in old:  # written before the pool size was recorded: it was the largest n_train
+                n = recorded["config"]["n_train"]
+                old["n_pool"] = max(n) if isinstance(n, list) else n
             diff = sorted(k for k in set(old) | set(key) if old.get(k, defaults.get(k)) != key.get(k))
             if diff:
                 raise UsageError(f"out: {out!r} holds runs of an experiment that differs in {diff} "
                                  f"(e.g. {diff[0]}: {old.get(diff[0])!r} there, {key.get(diff[0])!r} now); use "
-                                 "another directory, or --overwrite to discard those runs")
+                                 "another directory, or --overwrite to discard those runs"
+                                 + ("; n_pool is the largest n_train, the pool every run draws its prompts from"
+                                    if "n_pool" in diff else ""))
         elif overwrite:
             for name in ("runs.jsonl", "report.json", "summary.md"):
                 if os.path.exists(os.path.join(out, name)):

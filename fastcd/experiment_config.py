@@ -179,6 +179,9 @@ class ExperimentConfig:
         for name in GRID + ("methods", "seeds", "threads", "n_val", "eval_every", "log_every", "diagnostics",
                             "diagnostics_m", "full_lr"):
             d.pop(name)
+        # every run draws its training rows from one pool of max(n_train) prompts: a larger n_train in the grid
+        # makes another pool, and the finished runs' rows would no longer be a subset of it
+        d["n_pool"] = max(self.values("n_train"))
         return d
 
     def run_specs(self) -> list[dict]:

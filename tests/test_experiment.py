@@ -148,6 +148,26 @@ def test_a_changed_shared_field_is_refused_by_name(small_run):
     out, _ = small_run
     with pytest.raises(ValueError, match=r"differs in \['n_test'\]"):
         Experiment(ExperimentConfig.from_dict(_cfg(n_test=30)), out)
+    # a larger n_train makes another training pool: the finished runs' prompts would not be drawn from it
+    with pytest.raises(ValueError, match=r"differs in \['n_pool'\].*largest n_train"):
+        Experiment(ExperimentConfig.from_dict(_cfg(n_train=[16, 48])), out)
+    path = os.path.join(out, "experiment.json")
+    kept = open(path).read()
+    Experiment(ExperimentConfig.from_dict(_cfg(n_train=[16, 32])), out)  # a smaller size from the same pool: fine
+    open(path, "w").write(kept)  # the later tests read the fixture's own manifest
+
+
+def test_a_manifest_without_the_pool_size_reads_it_from_its_config(small_run):
+    out, _ = small_run
+    path = os.path.join(out, "experiment.json")
+    manifest = json.load(open(path))
+    del manifest["shared"]["n_pool"]  # as written before the pool size was recorded
+    json.dump(manifest, open(path, "w"))
+    Experiment(ExperimentConfig.from_dict(_cfg()), out)
+    json.dump(manifest, open(path, "w"))
+    with pytest.raises(ValueError, match=r"differs in \['n_pool'\]"):
+        Experiment(ExperimentConfig.from_dict(_cfg(n_train=64)), out)
+    Experiment(ExperimentConfig.from_dict(_cfg()), out)  # back to the fixture's manifest
 
 
 def test_report_only_rebuilds_from_the_records(small_run):
