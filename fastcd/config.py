@@ -28,17 +28,20 @@ class MethodSpec:
     random_students: bool = False  # control: the matching's student heads re-drawn at random
     permuted_targets: bool = False  # control: matched student heads, teacher targets permuted (experiments only)
     in_distill: bool = True  # available in distill() (False: a control that ``fastcd experiment`` builds)
+    runs_as: str | None = None  # an experiment-only control: the distill() method it trains with
 
 
 METHOD_SPECS: dict[str, MethodSpec] = {s.name: s for s in (
     MethodSpec("full-ce", "Fully distilled, CE", full_model=True, uses_ce=True, uses_cka=False),
     MethodSpec("kd", "Fully distilled, logit KD", full_model=True, uses_ce=True, uses_cka=False),
     MethodSpec("circuit-ce", "Circuit, CE", full_model=False, uses_ce=True, uses_cka=False),
+    MethodSpec("rand-ce", "Random heads, CE (no CKA)", full_model=False, uses_ce=True, uses_cka=False,
+               random_students=True, in_distill=False, runs_as="circuit-ce"),
     MethodSpec("cka", "Circuit, Align CKA only", full_model=False, uses_ce=False, uses_cka=True),
     MethodSpec("ce+rand-cka", "Circuit, CE + CKA to random heads", full_model=False, uses_ce=True, uses_cka=True,
                random_students=True),
     MethodSpec("ce+perm-cka", "Circuit, CE + CKA to permuted teacher heads", full_model=False, uses_ce=True,
-               uses_cka=True, permuted_targets=True, in_distill=False),
+               uses_cka=True, permuted_targets=True, in_distill=False, runs_as="ce+cka"),
     MethodSpec("ce+cka", "Circuit, CE + Align CKA", full_model=False, uses_ce=True, uses_cka=True),
 )}
 METHODS = tuple(n for n, s in METHOD_SPECS.items() if s.in_distill)  # what distill() runs
@@ -141,7 +144,7 @@ class DistillConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise UsageError(f"{name} must be an integer >= {lo}, got {v!r}")
-        if self.lam == "auto" and self.method not in ("ce+cka", "ce+rand-cka"):
+        if self.lam == "auto" and not (spec.uses_ce and spec.uses_cka):
             raise UsageError(f'lam="auto" balances the CKA gradient against the CE gradient: it needs method '
                              f"'ce+cka' or 'ce+rand-cka', got {self.method!r}")
         for name in ("lam", "lam_ratio", "lr", "weight_decay", "kd_weight", "kd_temperature", "eps", "warmup_ratio",
@@ -166,7 +169,7 @@ class DistillConfig:
                               ("discovery", ("auto", "roles", "patching", "attribution", "path"))):
             if getattr(self, name) not in allowed:
                 raise UsageError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if self.method in ("cka", "ce+rand-cka", "ce+cka") and self.batch_size < 3:
+        if spec.uses_cka and self.batch_size < 3:
             raise UsageError(f"batch_size must be >= 3 for {self.method!r}: it is the CKA batch m, and with m=2 the "
                              f"centred Gram matrices are rank 1, so CKA is identically 1 (no alignment signal)")
         if self.cka_estimator == "unbiased" and spec.uses_cka and self.batch_size < 4:

@@ -229,7 +229,7 @@ def distill_config_for(cfg: ExperimentConfig, spec: dict):
     from fastcd.config import DistillConfig
 
     s = spec["setting"]
-    method = "ce+cka" if METHOD_SPECS[spec["method"]].permuted_targets else spec["method"]
+    method = METHOD_SPECS[spec["method"]].runs_as or spec["method"]  # a control trains as its distill() method
     return DistillConfig(method=method, lam=1.0 if s["lam"] is None else s["lam"], lam_ratio=cfg.lam_ratio,
                          cka_estimator=cfg.cka_estimator,
                          steps=s["steps"], batch_size=s["batch_size"], lr=s["lr"], n_train=s["n_train"],

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from fastcd.config import TEST_SEED
+from fastcd.config import METHOD_SPECS, TEST_SEED
 from fastcd.errors import UsageError
 from fastcd.experiment_config import POOL_SEED, ExperimentConfig, NotApplicable
 from fastcd.io import write_json_atomic
@@ -332,7 +332,8 @@ class SharedSetup:
         if rule is None:
             return None
         m = self.matchings[rule]
-        if spec["method"] == "ce+rand-cka":  # random student heads over the same teacher units
+        if METHOD_SPECS[spec["method"]].random_students:  # random student heads over the same teacher units
+            # (seeded by the run's seed alone: rand-ce and ce+rand-cka train the same heads on the same batches)
             pick = random.Random(spec["seed"]).sample(self.s_spec.all_heads(), len(m.pairs))
             return Matching([Pair(p.teacher, s, p.position, p.group) for p, s in zip(m.pairs, pick)], "random",
                             {"seed": spec["seed"], "teacher_side": rule})

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import os
 
+from fastcd.config import ALL_METHODS as METHOD_ORDER  # the order of the method table, also for colours
 from fastcd.errors import UsageError
 
-METHOD_ORDER = ("full-ce", "kd", "circuit-ce", "cka", "ce+rand-cka", "ce+perm-cka", "ce+cka")
 METRIC_LABELS = {"prob": "p(answer)", "logprob": "log p(answer)", "logit_diff": "logit difference",
                  "accuracy": "accuracy"}
 

@@ -9,7 +9,7 @@ import math
 import os
 from dataclasses import asdict
 
-from fastcd.config import METHOD_SPECS
+from fastcd.config import ALL_METHODS, METHOD_SPECS
 from fastcd.experiment_config import ExperimentConfig
 from fastcd.io import write_json_atomic
 
@@ -84,6 +84,10 @@ def _group_key(setting: dict) -> str:
     return setting_label(s)
 
 
+# McNemar comparisons besides CE + Align CKA against every other method (same setting and matching)
+CONTROL_PAIRS = (("ce+rand-cka", "rand-ce"), ("circuit-ce", "rand-ce"))
+
+
 def write_report(out: str, cfg: ExperimentConfig | None = None) -> dict:
     """Rebuild ``report.json``, ``summary.md`` and the figures from ``runs.jsonl`` and the shared records."""
     from statsmodels.stats.multitest import multipletests
@@ -154,6 +158,22 @@ def write_report(out: str, cfg: ExperimentConfig | None = None) -> dict:
             b = _unbits(base["correct"]) * len(common)
             tests.append({"setting": group, "a": f"ce+cka ({rule}, lam {lam})", "b": "untrained student",
                           "seeds": common, **_mc(a, b)})
+    # the random-head controls against each other: what the CKA term does on the same random heads, and
+    # whether the matched heads train better than random ones under CE alone
+    for a_m, b_m in CONTROL_PAIRS:
+        for (group, method, rule, lam), rs in rows.items():
+            if method != a_m:
+                continue
+            for (g2, m2, r2, l2), rs2 in rows.items():
+                if g2 != group or m2 != b_m or r2 != rule:
+                    continue
+                ref, other = {r["seed"]: r for r in rs}, {r["seed"]: r for r in rs2}
+                common = sorted(set(ref) & set(other))
+                if common:
+                    a = sum((_unbits(ref[s]["correct"]) for s in common), [])
+                    b = sum((_unbits(other[s]["correct"]) for s in common), [])
+                    tests.append({"setting": group, "a": _name(method, rule, lam), "b": _name(m2, r2, l2),
+                                  "seeds": common, **_mc(a, b)})
     if tests:
         adj = multipletests([t["p_value"] for t in tests], method="holm")[1]
         for t, p in zip(tests, adj):
@@ -189,8 +209,7 @@ def _name(method: str, rule, lam) -> str:
 
 
 def _order(method: str) -> int:
-    order = ["full-ce", "kd", "circuit-ce", "cka", "ce+rand-cka", "ce+perm-cka", "ce+cka"]
-    return order.index(method) if method in order else 99
+    return ALL_METHODS.index(method) if method in ALL_METHODS else 99
 
 
 def _fmt_ci(c: dict | None, digits: int = 3) -> str:

@@ -128,6 +128,29 @@ def test_controls_keep_one_side_of_the_matching(small_run):
     assert [(p[0], p[2]) for p in rand] == [(p[0], p[2]) for p in real]  # same teacher side, other students
 
 
+def test_random_head_ce_control_trains_the_same_heads_without_cka(small_run, tmp_path):
+    import shutil
+
+    out = str(tmp_path / "run")
+    shutil.copytree(small_run[0], out)
+    report = run_experiment(_cfg(methods=["circuit-ce", "ce+cka", "ce+rand-cka", "ce+perm-cka", "rand-ce"]), out,
+                            progress=False)
+    recs = list(read_runs(os.path.join(out, "runs.jsonl")).values())
+    for seed in (0, 1):
+        rc = next(r for r in recs if r["method"] == "rand-ce" and r["seed"] == seed)
+        rk = next(r for r in recs if r["method"] == "ce+rand-cka" and r["seed"] == seed)
+        cc = next(r for r in recs if r["method"] == "circuit-ce" and r["seed"] == seed)
+        assert [p[1:] for p in rc["pairs"]] == [p[1:] for p in rk["pairs"]]  # the same random student heads
+        assert rc["pairs"] != cc["pairs"]
+        assert rc["trainable_params"] == rk["trainable_params"]
+        assert rc["setting"]["lam"] is None and rc["lam_effective"] is None
+        assert all("cka_loss" not in row for row in rc["log"]) and all("cka_loss" in row for row in rk["log"])
+        assert rc["log"][0]["ce"] == rk["log"][0]["ce"]  # same heads, same first batch: same CE before any update
+    names = {(t["a"].split(" ")[0], t["b"].split(" ")[0]) for t in report["mcnemar"]}
+    assert {("ce+rand-cka", "rand-ce"), ("circuit-ce", "rand-ce"), ("ce+cka", "rand-ce")} <= names
+    assert "Random heads, CE (no CKA)" in open(os.path.join(out, "summary.md")).read()
+
+
 def test_resume_runs_only_what_is_missing(small_run, capsys):
     out, _ = small_run
     path = os.path.join(out, "runs.jsonl")
