@@ -185,8 +185,9 @@ def accuracy_plot(report: dict, path: str | os.PathLike | None = None):
             else:
                 ax.scatter([i], [a["mean"]], color=c, marker="_", s=200)
         _refs(ax, report)
-        ax.set_xticks(range(len(rs)), [f"{r['method']}\n{r['matching'] or ''}"
-                                       + (f"\nλ={r['lam']}" if r["lam"] is not None else "") for r in rs], fontsize=7)
+        ticks = ["\n".join(x for x in (r["method"], r["matching"], None if r["lam"] is None else f"λ={r['lam']}",
+                                       f"lr={r['own_lr']:g}" if r.get("own_lr") else None) if x) for r in rs]
+        ax.set_xticks(range(len(rs)), ticks, fontsize=7)
         ax.set_ylabel(f"test accuracy (n={report['n_test']})")
         ax.set_ylim(0, 1.02)
         ax.set_title(g, fontsize=8)

@@ -84,6 +84,15 @@ def _group_key(setting: dict) -> str:
     return setting_label(s)
 
 
+def _groups_of(rec: dict, cfg: ExperimentConfig) -> list[dict]:
+    """The settings (tables, panels, comparisons) a run belongs to. A full-model run at ``full_lr`` is shared by
+    every circuit lr of its setting (one run per seed serves them all), so it joins each of those groups."""
+    s = rec["setting"]
+    if cfg.full_lr is not None and rec["method"] in METHOD_SPECS and METHOD_SPECS[rec["method"]].full_model:
+        return [{**s, "lr": lr} for lr in cfg.values("lr")]
+    return [s]
+
+
 # McNemar comparisons besides CE + Align CKA against every other method (same setting and matching)
 CONTROL_PAIRS = (("ce+rand-cka", "rand-ce"), ("circuit-ce", "rand-ce"))
 
@@ -110,16 +119,22 @@ def write_report(out: str, cfg: ExperimentConfig | None = None) -> dict:
     base, teacher = shared("base_eval.json"), shared("teacher_eval.json")
     # rows: one per (setting without lam/matching, method, matching, lam)
     rows: dict[tuple, list] = {}
+    group_lr: dict[str, float] = {}
     for r in recs:
         s = r["setting"]
-        rows.setdefault((_group_key(s), r["method"], s.get("matching"), s.get("lam")), []).append(r)
+        for g in _groups_of(r, cfg):
+            group_lr[_group_key(g)] = g["lr"]
+            rows.setdefault((_group_key(g), r["method"], s.get("matching"), s.get("lam")), []).append(r)
     table = []
     for (group, method, rule, lam), rs in sorted(rows.items(), key=lambda kv: (kv[0][0], _order(kv[0][1]),
                                                                                  str(kv[0][2]), str(kv[0][3]))):
         rs = sorted(rs, key=lambda r: r["seed"])
         acc = [r["accuracy"] for r in rs]
-        row = {"setting": group, "method": method, "matching": rule,
-               "label": METHOD_SPECS[method].label if method in METHOD_SPECS else method,
+        label = METHOD_SPECS[method].label if method in METHOD_SPECS else method
+        own_lr = rs[0]["setting"]["lr"] if rs[0]["setting"]["lr"] != group_lr[group] else None  # at full_lr
+        if own_lr is not None:
+            label += f" (lr {own_lr:g})"
+        row = {"setting": group, "method": method, "matching": rule, "label": label, "own_lr": own_lr,
                "lam": lam, "seeds": [r["seed"] for r in rs], "accuracy": mean_ci(acc), "per_seed": acc,
                "trainable_fraction": rs[0]["trainable_fraction"],
                "trained_heads_fraction": rs[0].get("trained_heads_fraction"),

@@ -151,6 +151,24 @@ def test_random_head_ce_control_trains_the_same_heads_without_cka(small_run, tmp
     assert "Random heads, CE (no CKA)" in open(os.path.join(out, "summary.md")).read()
 
 
+def test_full_model_runs_at_full_lr_join_every_circuit_lr_setting(small_run, tmp_path):
+    import shutil
+
+    out = str(tmp_path / "run")
+    shutil.copytree(small_run[0], out)
+    report = run_experiment(_cfg(methods=["full-ce", "circuit-ce", "ce+cka"], seeds=[0], lr=[3e-3, 1e-3],
+                                 full_lr=1e-4), out, progress=False)
+    recs = [r for r in read_runs(os.path.join(out, "runs.jsonl")).values() if r["method"] == "full-ce"]
+    assert len(recs) == 1 and recs[0]["setting"]["lr"] == 1e-4  # one run per seed serves both settings
+    groups = {r["setting"] for r in report["table"]}
+    assert len(groups) == 2  # one table per circuit lr, no separate table for the full-model lr
+    for g in groups:
+        full = [r for r in report["table"] if r["setting"] == g and r["method"] == "full-ce"]
+        assert len(full) == 1 and full[0]["own_lr"] == 1e-4 and full[0]["label"].endswith("(lr 0.0001)")
+        # the paper's comparison, CE + Align CKA against full distillation, is tested in each setting
+        assert any(t["setting"] == g and t["b"] == "full-ce" for t in report["mcnemar"])
+
+
 def test_resume_runs_only_what_is_missing(small_run, capsys):
     out, _ = small_run
     path = os.path.join(out, "runs.jsonl")
