@@ -138,27 +138,34 @@ CURVE_PARTS = (("ce", "CE"), ("cka_loss", "sum over pairs of (1 - CKA)"), ("mean
 
 def curves_plot(logs: dict, path: str | os.PathLike | None = None, *, title: str = ""):
     """Training curves as small multiples: one panel per loss part (each its own scale) and one for validation
-    accuracy, colour by method. ``logs = {method: log}`` or ``{method: [log, log, ...]}`` (several seeds)."""
+    accuracy, colour by method. ``logs = {method: log}`` or ``{method: [log, log, ...]}`` (several seeds); a key may
+    be ``(method, variant)`` (e.g. the matching rule): the variant sets the line style."""
     colors = method_colors()
     runs = [(m, lg) for m, v in logs.items() for lg in (v if v and isinstance(v[0], list) else [v])]
     present = [(k, t) for k, t in CURVE_PARTS if any(k in row for _, lg in runs for row in lg)]
     if not present:
         return None
+    method = lambda key: key[0] if isinstance(key, tuple) else key  # noqa: E731
+    variants = list(dict.fromkeys(key[1] for key, _ in runs if isinstance(key, tuple)))
+    styles = dict(zip(variants, ("-", "--", ":", "-.") * 4))
+    style = lambda key: styles[key[1]] if isinstance(key, tuple) else "-"  # noqa: E731
     fig = _figure(3.1 * len(present) + 1.8, 2.9)
     axes = fig.subplots(1, len(present), squeeze=False)[0]
     for ax, (k, name) in zip(axes, present):
-        for m, lg in runs:
+        for key, lg in runs:
             xs = [row["step"] for row in lg if k in row]
             if xs:
-                ax.plot(xs, [row[k] for row in lg if k in row], color=colors.get(m, "C0"), alpha=0.7, lw=1,
-                        marker="o" if len(xs) < 4 else None, ms=3)
+                ax.plot(xs, [row[k] for row in lg if k in row], color=colors.get(method(key), "C0"), alpha=0.7,
+                        lw=1, ls=style(key), marker="o" if len(xs) < 4 else None, ms=3)
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("step")
         if k in ("val_accuracy", "mean_cka"):
             ax.set_ylim(0, 1.02)
     from matplotlib.lines import Line2D
 
-    handles = [Line2D([], [], color=colors.get(m, "C0"), label=m) for m in dict.fromkeys(m for m, _ in runs)]
+    handles = [Line2D([], [], color=colors.get(m, "C0"), label=m) for m in dict.fromkeys(method(k) for k, _ in runs)]
+    if len(variants) > 1:
+        handles += [Line2D([], [], color="black", ls=styles[v], label=str(v)) for v in variants]
     fig.legend(handles=handles, fontsize=7, loc="outside right center")
     fig.suptitle(title or "training curves (colour = method; each panel its own scale)", fontsize=9)
     _save(fig, path)

@@ -328,11 +328,15 @@ def plot_report(report: dict, recs: list[dict], out: str) -> list[str]:
                                ("lam", "lambda.png", "lambda")):
         if sweep_plot(report, recs, var, xlabel, os.path.join(out, fname)) is not None:
             paths.append(os.path.join(out, fname))
+    rules = {r["setting"].get("matching") for r in recs if r["setting"].get("matching")}
     logs: dict = {}
-    for r in recs:
-        logs.setdefault(r["method"], []).append(r["log"])
+    for r in recs:  # with several matchings, the line style tells them apart
+        rule = r["setting"].get("matching") or "no matching"
+        logs.setdefault((r["method"], rule) if len(rules) > 1 else r["method"], []).append(r["log"])
     if curves_plot(logs, os.path.join(out, "curves.png"),
-                   title="training curves, every run and seed (colour = method; each panel its own scale)"):
+                   title="training curves, every run and seed (colour = method, line style = matching; each panel "
+                         "its own scale)" if len(rules) > 1 else
+                   "training curves, every run and seed (colour = method; each panel its own scale)"):
         paths.append(os.path.join(out, "curves.png"))
     return paths
 

@@ -47,6 +47,15 @@ def test_curves_are_small_multiples_with_validation_accuracy(tmp_path):
     titles = [ax.get_title() for ax in fig.axes]
     assert titles == ["CE", "sum over pairs of (1 - CKA)", "mean CKA of the pairs", "validation accuracy"]
     assert curves_plot({"x": [{"step": 1}]}, None) is None
+    # (method, variant) keys: colour by method, line style by variant, both in the legend
+    run = [{"step": 1, "ce": 2.0}, {"step": 2, "ce": 1.0}]
+    fig = curves_plot({("ce+cka", "ablation"): [run], ("ce+cka", "cka"): [run], ("full-ce", "no matching"): [run]},
+                      None)
+    lines = fig.axes[0].get_lines()
+    assert [ln.get_linestyle() for ln in lines] == ["-", "--", ":"]
+    assert lines[0].get_color() == lines[1].get_color() != lines[2].get_color()
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["ce+cka", "full-ce", "ablation", "cka",
+                                                                 "no matching"]
 
 
 @pytest.mark.parametrize("n", [0])
