@@ -159,14 +159,9 @@ def write_report(out: str, cfg: ExperimentConfig | None = None) -> dict:
                 continue
             if not METHOD_SPECS[m2].full_model and r2 != rule:
                 continue
-            other = {r["seed"]: r for r in rs2}
-            common = sorted(set(ref) & set(other))
-            if not common:
-                continue
-            a = sum((_unbits(ref[s]["correct"]) for s in common), [])
-            b = sum((_unbits(other[s]["correct"]) for s in common), [])
-            tests.append({"setting": group, "a": f"ce+cka ({rule}, lam {lam})", "b": _name(m2, r2, l2),
-                          "seeds": common, **_mc(a, b)})
+            t = _pooled_test(rs, rs2)
+            if t is not None:
+                tests.append({"setting": group, "a": f"ce+cka ({rule}, lam {lam})", "b": _name(m2, r2, l2), **t})
         if base is not None:
             common = sorted(ref)
             a = sum((_unbits(ref[s]["correct"]) for s in common), [])
@@ -182,13 +177,9 @@ def write_report(out: str, cfg: ExperimentConfig | None = None) -> dict:
             for (g2, m2, r2, l2), rs2 in rows.items():
                 if g2 != group or m2 != b_m or r2 != rule:
                     continue
-                ref, other = {r["seed"]: r for r in rs}, {r["seed"]: r for r in rs2}
-                common = sorted(set(ref) & set(other))
-                if common:
-                    a = sum((_unbits(ref[s]["correct"]) for s in common), [])
-                    b = sum((_unbits(other[s]["correct"]) for s in common), [])
-                    tests.append({"setting": group, "a": _name(method, rule, lam), "b": _name(m2, r2, l2),
-                                  "seeds": common, **_mc(a, b)})
+                t = _pooled_test(rs, rs2)
+                if t is not None:
+                    tests.append({"setting": group, "a": _name(method, rule, lam), "b": _name(m2, r2, l2), **t})
     if tests:
         adj = multipletests([t["p_value"] for t in tests], method="holm")[1]
         for t, p in zip(tests, adj):
@@ -209,6 +200,17 @@ def write_report(out: str, cfg: ExperimentConfig | None = None) -> dict:
     if recs:
         plot_report(report, recs, out)
     return report
+
+
+def _pooled_test(rs_a: list[dict], rs_b: list[dict]) -> dict | None:
+    """McNemar of two methods' runs pooled over their common seeds (paired prompt by prompt); None if none."""
+    ref, other = {r["seed"]: r for r in rs_a}, {r["seed"]: r for r in rs_b}
+    common = sorted(set(ref) & set(other))
+    if not common:
+        return None
+    a = sum((_unbits(ref[s]["correct"]) for s in common), [])
+    b = sum((_unbits(other[s]["correct"]) for s in common), [])
+    return {"seeds": common, **_mc(a, b)}
 
 
 def _mc(a, b) -> dict:
