@@ -25,7 +25,7 @@ import torch
 
 from fastcd.config import METHOD_SPECS
 from fastcd.errors import UsageError
-from fastcd.experiment_config import ExperimentConfig, NotApplicable, distill_config_for
+from fastcd.experiment_config import ExperimentConfig, NotApplicable, distill_config_for, legacy_setting
 from fastcd.experiment_shared import SharedSetup, say
 from fastcd.io import write_json_atomic
 from fastcd.report import append_record, bits, read_runs, setting_label, write_report
@@ -47,7 +47,7 @@ class Experiment(SharedSetup):
             raise UsageError(f"out: {out!r} exists and is not a directory")
         os.makedirs(os.path.join(out, "shared"), exist_ok=True)
         manifest = os.path.join(out, "experiment.json")
-        key = cfg.shared_key()
+        key, legacy = cfg.shared_key(), None
         if os.path.isfile(manifest) and not overwrite:
             with open(manifest) as f:
                 recorded = json.load(f)
@@ -57,6 +57,7 @@ class Experiment(SharedSetup):
             if "n_pool" not in old:  # written before the pool size was recorded: it was the largest n_train
                 n = recorded["config"]["n_train"]
                 old["n_pool"] = max(n) if isinstance(n, list) else n
+            legacy = old.pop("cka_estimator", None)  # written before the estimator was a grid field
             diff = sorted(k for k in set(old) | set(key) if old.get(k, defaults.get(k)) != key.get(k))
             if diff:
                 raise UsageError(f"out: {out!r} holds runs of an experiment that differs in {diff} "
@@ -72,8 +73,10 @@ class Experiment(SharedSetup):
 
             shutil.rmtree(os.path.join(out, "shared"), ignore_errors=True)
             os.makedirs(os.path.join(out, "shared"))
-        write_json_atomic({"shared": key, "config": asdict(cfg)}, manifest, indent=1)
         self.runs_path = os.path.join(out, "runs.jsonl")
+        if os.path.isfile(manifest) and not overwrite and legacy is not None:
+            migrate_runs(self.runs_path, legacy)
+        write_json_atomic({"shared": key, "config": asdict(cfg)}, manifest, indent=1)
 
     # --- records ---------------------------------------------------------------------------------
     def done(self) -> dict[str, dict]:
@@ -164,6 +167,23 @@ class Experiment(SharedSetup):
                  f"ETA {eta / 60:.0f} min")
             write_report(self.out, self.cfg)
         return write_report(self.out, self.cfg)
+
+
+def migrate_runs(path: str, estimator: str) -> int:
+    """Rewrite ``runs.jsonl`` of an experiment made when one CKA estimator (``estimator``) held for all its runs:
+    each record gets the ``cka_estimator`` of its setting (None without a CKA term) and its key as made now
+    (unchanged for the biased estimator). Returns the number of records changed; the file is replaced atomically."""
+    if not os.path.isfile(path):
+        return 0
+    recs = list(read_runs(path).values())
+    changed = sum(legacy_setting(r, estimator) for r in recs)
+    if changed:
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in recs)
+        os.replace(tmp, path)
+        say(f"{path}: {changed} run records given cka_estimator={estimator!r} (recorded before it was a grid field)")
+    return changed
 
 
 def run_experiment(config: ExperimentConfig | str | dict, out: str, *, overwrite: bool = False,

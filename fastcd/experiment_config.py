@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass, field
 from fastcd.config import ALL_METHODS, METHOD_SPECS, TEST_SEED  # noqa: F401  (TEST_SEED: re-exported)
 from fastcd.errors import InputFileError, UsageError
 
-GRID = ("n_train", "lam", "steps", "lr", "batch_size", "matching")  # fields that may hold a list of values
+GRID = ("n_train", "lam", "steps", "lr", "batch_size", "matching", "cka_estimator")  # fields that may hold a list
+CKA_ESTIMATORS = ("biased", "unbiased")
 MATCHING_RULES = ("ablation", "cka", "combined", "identity")
 POOL_SEED = 1234  # the seed of the training pool every run subsamples
 
@@ -36,7 +37,8 @@ class ExperimentConfig:
     batch_size: int | list = 16
     matching: str | list = "ablation"
     lam_ratio: float = 1.0
-    cka_estimator: str = "biased"  # "biased" (the paper's) or "unbiased" (debiased CKA, torch path)
+    cka_estimator: str | list = "biased"  # "biased" (the paper's) or "unbiased" (debiased CKA, torch path); a
+    # list sweeps both: the runs without a CKA term are shared by every estimator
     full_lr: float | None = None  # lr of the full-model methods (full-ce, kd); default: lr. Whole-model AdamW
     # at a head-slice lr (1e-3) wrecks a pretrained model in a few steps; 1e-5 is usual
     n_test: int = 500
@@ -120,6 +122,9 @@ class ExperimentConfig:
         for v in self.values("matching"):
             if v not in MATCHING_RULES:
                 raise UsageError(f"matching must be among {MATCHING_RULES}, got {v!r}")
+        for v in self.values("cka_estimator"):
+            if v not in CKA_ESTIMATORS:
+                raise UsageError(f"cka_estimator must be among {CKA_ESTIMATORS}, got {v!r}")
         if "identity" in self.values("matching") and not self.positive_control:
             raise UsageError("matching 'identity' pairs a head with itself: it needs positive_control")
         if self.positive_control is None and self.student is None:
@@ -200,11 +205,24 @@ class ExperimentConfig:
                             s["lr"] = self.full_lr
                     if not (METHOD_SPECS[method].uses_cka and METHOD_SPECS[method].uses_ce):
                         s["lam"] = None
+                    if not METHOD_SPECS[method].uses_cka:
+                        s["cka_estimator"] = None
                     key = _run_key(method, seed, s)
                     if key not in seen:
                         seen.add(key)
                         out.append({"key": key, "method": method, "seed": seed, "setting": s})
         return out
+
+
+def legacy_setting(rec: dict, estimator: str) -> bool:
+    """Give a run recorded before ``cka_estimator`` was a grid field (one estimator for the whole experiment,
+    ``estimator``) its setting and key as recorded now; True if the record changed."""
+    s = rec.get("setting")
+    if s is None or "cka_estimator" in s or rec.get("method") not in METHOD_SPECS:
+        return False
+    s["cka_estimator"] = estimator if METHOD_SPECS[rec["method"]].uses_cka else None
+    rec["key"] = _run_key(rec["method"], rec["seed"], s)
+    return True
 
 
 class NotApplicable(ValueError):
@@ -221,6 +239,9 @@ def _number(name: str, v):
 
 
 def _run_key(method: str, seed: int, setting: dict) -> str:
+    # the biased estimator (and none) is left out of the key: runs recorded before the estimator became a grid
+    # field keep their keys
+    setting = {k: v for k, v in setting.items() if not (k == "cka_estimator" and v in (None, "biased"))}
     body = json.dumps({"method": method, "seed": seed, **setting}, sort_keys=True)
     return hashlib.sha1(body.encode()).hexdigest()[:12]
 
@@ -231,7 +252,7 @@ def distill_config_for(cfg: ExperimentConfig, spec: dict):
     s = spec["setting"]
     method = METHOD_SPECS[spec["method"]].runs_as or spec["method"]  # a control trains as its distill() method
     return DistillConfig(method=method, lam=1.0 if s["lam"] is None else s["lam"], lam_ratio=cfg.lam_ratio,
-                         cka_estimator=cfg.cka_estimator,
+                         cka_estimator=s.get("cka_estimator") or "biased",
                          steps=s["steps"], batch_size=s["batch_size"], lr=s["lr"], n_train=s["n_train"],
                          n_eval=cfg.n_test, seed=spec["seed"], kv=cfg.kv, log_every=cfg.log_every,
                          eval_every=cfg.eval_every, n_val=max(cfg.n_val, 1), progress=False,

@@ -193,6 +193,7 @@ def accuracy_plot(report: dict, path: str | os.PathLike | None = None):
                 ax.scatter([i], [a["mean"]], color=c, marker="_", s=200)
         _refs(ax, report)
         ticks = ["\n".join(x for x in (r["method"], r["matching"], None if r["lam"] is None else f"λ={r['lam']}",
+                                       "unbiased" if r.get("cka_estimator") == "unbiased" else None,
                                        f"lr={r['own_lr']:g}" if r.get("own_lr") else None) if x) for r in rs]
         ax.set_xticks(range(len(rs)), ticks, fontsize=7)
         ax.set_ylabel(f"test accuracy (n={report['n_test']})")
@@ -230,8 +231,10 @@ def sweep_plot(report: dict, recs: list[dict], var: str, xlabel: str, path: str 
     by: dict = {}
     for r in recs:
         if r["setting"].get(var) not in (None, "auto"):
-            by.setdefault((r["method"], r["setting"].get("matching")), {}).setdefault(r["setting"][var], []).append(
-                r["accuracy"])
+            rule = r["setting"].get("matching")
+            if r["setting"].get("cka_estimator") == "unbiased":  # a separate line per estimator
+                rule = f"{rule}, unbiased CKA" if rule else "unbiased CKA"
+            by.setdefault((r["method"], rule), {}).setdefault(r["setting"][var], []).append(r["accuracy"])
     order = {m: i for i, m in enumerate(METHOD_ORDER)}
     for j, ((m, rule), d) in enumerate(sorted(by.items(), key=lambda kv: (order.get(kv[0][0], 99), str(kv[0][1])))):
         xs = sorted(d)
@@ -241,7 +244,8 @@ def sweep_plot(report: dict, recs: list[dict], var: str, xlabel: str, path: str 
                [min(c["hi"], 1.0) - y if c["hi"] is not None else 0 for y, c in zip(ys, cis)]]
         shift = [x * (1 + 0.02 * (j - len(by) / 2)) for x in xs]  # spread the error bars a little
         ax.errorbar(shift, ys, yerr=err, marker="o", ms=4, capsize=2, color=colors.get(m, "C0"),
-                    ls=styles.get(rule, "-"), label=f"{m} ({rule})" if rule else m)
+                    ls=styles.get(rule, ":" if rule and "unbiased" in rule else "-"),
+                    label=f"{m} ({rule})" if rule else m)
     _refs(ax, report)
     ax.set_xscale("log")
     ax.set_xticks(vals, [str(v) for v in vals])

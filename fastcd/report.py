@@ -10,7 +10,7 @@ import os
 from dataclasses import asdict
 
 from fastcd.config import ALL_METHODS, METHOD_SPECS
-from fastcd.experiment_config import ExperimentConfig
+from fastcd.experiment_config import ExperimentConfig, legacy_setting
 from fastcd.io import write_json_atomic
 
 
@@ -80,7 +80,7 @@ def mean_ci(values, level: float = 0.95) -> dict:
 
 
 def _group_key(setting: dict) -> str:
-    s = {k: v for k, v in setting.items() if k not in ("matching", "lam")}
+    s = {k: v for k, v in setting.items() if k not in ("matching", "lam", "cka_estimator")}
     return setting_label(s)
 
 
@@ -106,6 +106,8 @@ def write_report(out: str, cfg: ExperimentConfig | None = None) -> dict:
         manifest = json.load(f)
     cfg = cfg or ExperimentConfig.from_dict(manifest["config"])
     recs = list(read_runs(os.path.join(out, "runs.jsonl")).values())
+    for r in recs:  # records made before the estimator was a grid field: the experiment's one estimator
+        legacy_setting(r, manifest["shared"].get("cka_estimator", "biased"))
     wanted = {s["key"] for s in cfg.run_specs()}
     recs = [r for r in recs if r["key"] in wanted]
     not_applicable = [{k: r[k] for k in ("method", "seed", "setting", "not_applicable")}
@@ -117,25 +119,29 @@ def write_report(out: str, cfg: ExperimentConfig | None = None) -> dict:
         return json.load(open(p)) if os.path.isfile(p) else None
 
     base, teacher = shared("base_eval.json"), shared("teacher_eval.json")
-    # rows: one per (setting without lam/matching, method, matching, lam)
+    # rows: one per (setting without lam/matching/estimator, method, matching, lam, estimator)
     rows: dict[tuple, list] = {}
     group_lr: dict[str, float] = {}
     for r in recs:
         s = r["setting"]
         for g in _groups_of(r, cfg):
             group_lr[_group_key(g)] = g["lr"]
-            rows.setdefault((_group_key(g), r["method"], s.get("matching"), s.get("lam")), []).append(r)
+            rows.setdefault((_group_key(g), r["method"], s.get("matching"), s.get("lam"), s.get("cka_estimator")),
+                            []).append(r)
     table = []
-    for (group, method, rule, lam), rs in sorted(rows.items(), key=lambda kv: (kv[0][0], _order(kv[0][1]),
-                                                                                 str(kv[0][2]), str(kv[0][3]))):
+    for (group, method, rule, lam, est), rs in sorted(rows.items(), key=lambda kv: (
+            kv[0][0], _order(kv[0][1]), str(kv[0][2]), str(kv[0][3]), str(kv[0][4]))):
         rs = sorted(rs, key=lambda r: r["seed"])
         acc = [r["accuracy"] for r in rs]
         label = METHOD_SPECS[method].label if method in METHOD_SPECS else method
         own_lr = rs[0]["setting"]["lr"] if rs[0]["setting"]["lr"] != group_lr[group] else None  # at full_lr
         if own_lr is not None:
             label += f" (lr {own_lr:g})"
+        if est == "unbiased":
+            label += " (unbiased CKA)"
         row = {"setting": group, "method": method, "matching": rule, "label": label, "own_lr": own_lr,
-               "lam": lam, "seeds": [r["seed"] for r in rs], "accuracy": mean_ci(acc), "per_seed": acc,
+               "lam": lam, "cka_estimator": est, "seeds": [r["seed"] for r in rs], "accuracy": mean_ci(acc),
+               "per_seed": acc,
                "trainable_fraction": rs[0]["trainable_fraction"],
                "trained_heads_fraction": rs[0].get("trained_heads_fraction"),
                "lam_effective": [r.get("lam_effective") for r in rs]}
@@ -149,37 +155,42 @@ def write_report(out: str, cfg: ExperimentConfig | None = None) -> dict:
             row["final_mean_cka"] = mean_ci(final_cka)
         table.append(row)
     # McNemar, pooled over seeds (paired by seed on the one test set), Holm over the family
-    tests = []
-    for (group, method, rule, lam), rs in rows.items():
+    tests, tested = [], set()
+
+    def add(ka, kb, rs_a, rs_b):  # one test per pair of rows, whichever side it comes from
+        if frozenset((ka, kb)) in tested:
+            return
+        tested.add(frozenset((ka, kb)))
+        t = _pooled_test(rs_a, rs_b)
+        if t is not None:
+            tests.append({"setting": ka[0], "a": _name(*ka[1:]), "b": _name(*kb[1:]), **t})
+
+    for ka, rs in rows.items():
+        group, method, rule = ka[:3]
         if method != "ce+cka":
             continue
         ref = {r["seed"]: r for r in rs}
-        for (g2, m2, r2, l2), rs2 in rows.items():
-            if g2 != group or (m2, r2, l2) == (method, rule, lam):
+        for kb, rs2 in rows.items():
+            if kb[0] != group or kb == ka:
                 continue
-            if not METHOD_SPECS[m2].full_model and r2 != rule:
+            if not METHOD_SPECS[kb[1]].full_model and kb[2] != rule:
                 continue
-            t = _pooled_test(rs, rs2)
-            if t is not None:
-                tests.append({"setting": group, "a": f"ce+cka ({rule}, lam {lam})", "b": _name(m2, r2, l2), **t})
+            add(ka, kb, rs, rs2)
         if base is not None:
             common = sorted(ref)
             a = sum((_unbits(ref[s]["correct"]) for s in common), [])
             b = _unbits(base["correct"]) * len(common)
-            tests.append({"setting": group, "a": f"ce+cka ({rule}, lam {lam})", "b": "untrained student",
+            tests.append({"setting": group, "a": _name(*ka[1:]), "b": "untrained student",
                           "seeds": common, **_mc(a, b)})
     # the random-head controls against each other: what the CKA term does on the same random heads, and
     # whether the matched heads train better than random ones under CE alone
     for a_m, b_m in CONTROL_PAIRS:
-        for (group, method, rule, lam), rs in rows.items():
-            if method != a_m:
+        for ka, rs in rows.items():
+            if ka[1] != a_m:
                 continue
-            for (g2, m2, r2, l2), rs2 in rows.items():
-                if g2 != group or m2 != b_m or r2 != rule:
-                    continue
-                t = _pooled_test(rs, rs2)
-                if t is not None:
-                    tests.append({"setting": group, "a": _name(method, rule, lam), "b": _name(m2, r2, l2), **t})
+            for kb, rs2 in rows.items():
+                if kb[0] == ka[0] and kb[1] == b_m and kb[2] == ka[2]:
+                    add(ka, kb, rs, rs2)
     if tests:
         adj = multipletests([t["p_value"] for t in tests], method="holm")[1]
         for t, p in zip(tests, adj):
@@ -220,8 +231,9 @@ def _mc(a, b) -> dict:
     return {"a_only": t["b"], "b_only": t["c"], "p_value": t["p_value"], "n": len(a)}
 
 
-def _name(method: str, rule, lam) -> str:
-    extra = [x for x in (rule, None if lam is None else f"lam {lam}") if x]
+def _name(method: str, rule, lam, est=None) -> str:
+    extra = [x for x in (rule, None if lam is None else f"lam {lam}", "unbiased CKA" if est == "unbiased" else None)
+             if x]
     return method + (f" ({', '.join(extra)})" if extra else "")
 
 
@@ -330,14 +342,18 @@ def plot_report(report: dict, recs: list[dict], out: str) -> list[str]:
                                ("lam", "lambda.png", "lambda")):
         if sweep_plot(report, recs, var, xlabel, os.path.join(out, fname)) is not None:
             paths.append(os.path.join(out, fname))
-    rules = {r["setting"].get("matching") for r in recs if r["setting"].get("matching")}
-    logs: dict = {}
-    for r in recs:  # with several matchings, the line style tells them apart
+
+    def variant(r):  # matching rule, and the estimator when not the default
         rule = r["setting"].get("matching") or "no matching"
-        logs.setdefault((r["method"], rule) if len(rules) > 1 else r["method"], []).append(r["log"])
+        return rule + (", unbiased CKA" if r["setting"].get("cka_estimator") == "unbiased" else "")
+
+    rules = {variant(r) for r in recs if r["setting"].get("matching")}
+    logs: dict = {}
+    for r in recs:  # with several matchings (or estimators), the line style tells them apart
+        logs.setdefault((r["method"], variant(r)) if len(rules) > 1 else r["method"], []).append(r["log"])
     if curves_plot(logs, os.path.join(out, "curves.png"),
-                   title="training curves, every run and seed (colour = method, line style = matching; each panel "
-                         "its own scale)" if len(rules) > 1 else
+                   title="training curves, every run and seed (colour = method, line style = matching/estimator; "
+                         "each panel its own scale)" if len(rules) > 1 else
                    "training curves, every run and seed (colour = method; each panel its own scale)"):
         paths.append(os.path.join(out, "curves.png"))
     return paths

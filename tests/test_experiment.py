@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -42,6 +43,8 @@ def _cfg(**kw) -> dict:
     ("task", "sorting", "task must be"),
     ("circuit", "/nonexistent/circuit.json", "circuit: no such file"),
     ("positions", ["last", "nowhere"], "positions must be a non-empty list of the task's roles"),
+    ("cka_estimator", "debiased", "cka_estimator must be among"),
+    ("cka_estimator", ["unbiased", "unbiased"], "cka_estimator must not repeat"),
 ])
 def test_config_errors_name_the_field(field, value, message):
     with pytest.raises((ValueError, FileNotFoundError), match=message):
@@ -79,6 +82,25 @@ def test_run_plan_shares_rule_free_methods_and_drops_unused_lambda():
     assert len(by["circuit-ce"]) == 2 and all(s["lam"] is None for s in by["circuit-ce"])
     assert len(by["ce+cka"]) == 4
     assert len({s["key"] for s in specs}) == len(specs) == 7
+
+
+def test_run_plan_sweeps_the_estimator_and_keeps_the_biased_keys():
+    from fastcd.experiment_config import _run_key
+
+    cfg = ExperimentConfig.from_dict(_cfg(methods=["circuit-ce", "cka", "ce+cka"], cka_estimator=["biased", "unbiased"],
+                                          seeds=[0]))
+    specs = cfg.run_specs()
+    est = sorted((s["method"], str(s["setting"]["cka_estimator"])) for s in specs)
+    assert est == [("ce+cka", "biased"), ("ce+cka", "unbiased"), ("circuit-ce", "None"), ("cka", "biased"),
+                   ("cka", "unbiased")]  # a run without a CKA term serves both estimators
+    for s in specs:  # a run recorded before the estimator was a grid field keeps its key when biased
+        without = {k: v for k, v in s["setting"].items() if k != "cka_estimator"}
+        assert (s["key"] == _run_key(s["method"], 0, without)) == (s["setting"]["cka_estimator"] != "unbiased")
+    by_est = {s["setting"]["cka_estimator"]: s for s in specs if s["method"] == "ce+cka"}
+    from fastcd.experiment_config import distill_config_for
+
+    assert distill_config_for(cfg, by_est["unbiased"]).cka_estimator == "unbiased"
+    assert distill_config_for(cfg, by_est["biased"]).cka_estimator == "biased"
 
 
 def test_mean_ci_is_the_t_interval():
@@ -209,6 +231,62 @@ def test_a_manifest_without_the_pool_size_reads_it_from_its_config(small_run):
     with pytest.raises(ValueError, match=r"differs in \['n_pool'\]"):
         Experiment(ExperimentConfig.from_dict(_cfg(n_train=64)), out)
     Experiment(ExperimentConfig.from_dict(_cfg()), out)  # back to the fixture's manifest
+
+
+def test_estimator_sweep_runs_only_the_new_estimator_and_tests_each_pair_once(small_run, tmp_path, capsys):
+    import shutil
+
+    out = str(tmp_path / "run")
+    shutil.copytree(small_run[0], out)
+    kw = dict(methods=["circuit-ce", "ce+cka", "ce+rand-cka", "ce+perm-cka"], cka_estimator=["biased", "unbiased"])
+    report = run_experiment(_cfg(**kw), out, progress=False)
+    assert "14 runs, 8 done, 6 to run" in capsys.readouterr().out  # circuit CE serves both estimators
+    recs = list(read_runs(os.path.join(out, "runs.jsonl")).values())
+    for seed in (0, 1):
+        b, u = (next(r for r in recs if r["method"] == "ce+cka" and r["seed"] == seed
+                     and r["setting"]["cka_estimator"] == e) for e in ("biased", "unbiased"))
+        assert b["log"][0]["ce"] == u["log"][0]["ce"]  # same heads and first batch
+        # before any update the debiased CKA of the same pairs reads lower than the biased one (bias towards 1)
+        assert u["log"][0]["mean_cka"] < b["log"][0]["mean_cka"]
+    rows = [r for r in report["table"] if r["method"] == "ce+cka"]
+    assert sorted(r["cka_estimator"] for r in rows) == ["biased", "unbiased"]
+    assert {r["label"] for r in rows} == {"Circuit, CE + Align CKA", "Circuit, CE + Align CKA (unbiased CKA)"}
+    pairs = [frozenset((t["a"], t["b"])) for t in report["mcnemar"]]
+    assert len(pairs) == len(set(pairs))  # every pair of rows tested once
+    assert frozenset(("ce+cka (cka, lam 1.0)", "ce+cka (cka, lam 1.0, unbiased CKA)")) in pairs
+    assert frozenset(("ce+cka (cka, lam 1.0, unbiased CKA)", "circuit-ce (cka)")) in pairs
+    assert "CE + Align CKA (unbiased CKA)" in open(os.path.join(out, "summary.md")).read()
+
+
+def test_a_manifest_from_before_the_estimator_sweep_relabels_its_runs(small_run, tmp_path, capsys):
+    import shutil
+
+    out = str(tmp_path / "run")
+    shutil.copytree(small_run[0], out)
+    # as written when one estimator held for the whole experiment: in the shared key, not in the runs' settings
+    path, runs = os.path.join(out, "experiment.json"), os.path.join(out, "runs.jsonl")
+    kw = dict(methods=["circuit-ce", "ce+cka", "ce+rand-cka", "ce+perm-cka"], cka_estimator="unbiased")
+    manifest = json.load(open(path))
+    manifest["config"] = asdict(ExperimentConfig.from_dict(_cfg(**kw)))
+    manifest["shared"]["cka_estimator"] = "unbiased"
+    json.dump(manifest, open(path, "w"))
+    old = list(read_runs(runs).values())
+    with open(runs, "w") as f:
+        for r in old:
+            r["setting"].pop("cka_estimator")
+            f.write(json.dumps(r) + "\n")
+    write_report(out)  # the report alone reads the old records by the manifest's estimator
+    assert json.load(open(os.path.join(out, "report.json")))["runs_done"] == 8  # seeds 0 and 1 of 4 methods
+    cfg = ExperimentConfig.from_dict(_cfg(**kw))
+    Experiment(cfg, out)
+    new = read_runs(runs)
+    assert {s["key"] for s in cfg.run_specs()} <= set(new)  # every old run found under its new key
+    for r in new.values():
+        uses = r["method"] != "circuit-ce"
+        assert r["setting"]["cka_estimator"] == ("unbiased" if uses else None)
+    assert "cka_estimator" not in json.load(open(path))["shared"]
+    run_experiment(_cfg(**kw), out, progress=False)
+    assert "8 runs, 8 done, 0 to run" in capsys.readouterr().out
 
 
 def test_report_only_rebuilds_from_the_records(small_run):
