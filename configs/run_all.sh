@@ -5,7 +5,7 @@
 #   fastcd models prepare qwen2.5-coder-0.5b && fastcd models prepare qwen2.5-coder-1.5b
 # Each experiment resumes from OUT_DIR/<name>/runs.jsonl when rerun; reports land in OUT_DIR/<name>/summary.md.
 # 2-core CPU budget (idle): toy control ~5 min, toy table ~10 min, each real control ~40 min, real table ~4 h, its follow-up ~1 h, the
-# unbiased rerun ~50 min.
+# unbiased rerun ~50 min, the lambda-10 rerun ~25 min.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-runs}
@@ -21,3 +21,7 @@ fastcd experiment configs/real_table1_followup.yaml --out "$out/real_table1_foll
 echo "== real_table1_unbiased"
 [ -d "$out/real_table1_unbiased" ] || cp -r "$out/real_table1_followup" "$out/real_table1_unbiased"
 fastcd experiment configs/real_table1_unbiased.yaml --out "$out/real_table1_unbiased" --no-progress
+# and at lambda 10
+echo "== real_table1_lam10"
+[ -d "$out/real_table1_lam10" ] || cp -r "$out/real_table1_followup" "$out/real_table1_lam10"
+fastcd experiment configs/real_table1_lam10.yaml --out "$out/real_table1_lam10" --no-progress
