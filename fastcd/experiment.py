@@ -74,7 +74,7 @@ class Experiment(SharedSetup):
             shutil.rmtree(os.path.join(out, "shared"), ignore_errors=True)
             os.makedirs(os.path.join(out, "shared"))
         self.runs_path = os.path.join(out, "runs.jsonl")
-        if os.path.isfile(manifest) and not overwrite and legacy is not None:
+        if legacy is not None:
             migrate_runs(self.runs_path, legacy)
         write_json_atomic({"shared": key, "config": asdict(cfg)}, manifest, indent=1)
 

@@ -216,6 +216,15 @@ def _refs(ax, report: dict) -> None:
         ax.axhline(b, color="grey", ls=":", lw=1, label=f"{b_label} {b:.2f}")
 
 
+def variant(setting: dict) -> str | None:
+    """A run's matching rule, with the CKA estimator when it is not the default (the line-style key of the
+    sweep and curves figures)."""
+    rule = setting.get("matching")
+    if setting.get("cka_estimator") == "unbiased":
+        return f"{rule}, unbiased CKA" if rule else "unbiased CKA"
+    return rule
+
+
 def sweep_plot(report: dict, recs: list[dict], var: str, xlabel: str, path: str | os.PathLike | None = None):
     """Test accuracy against a swept setting (``n_train``: sample efficiency; ``lam``), per method and matching
     rule, mean and 95% t-interval over seeds; None when the setting takes fewer than two values."""
@@ -231,10 +240,8 @@ def sweep_plot(report: dict, recs: list[dict], var: str, xlabel: str, path: str 
     by: dict = {}
     for r in recs:
         if r["setting"].get(var) not in (None, "auto"):
-            rule = r["setting"].get("matching")
-            if r["setting"].get("cka_estimator") == "unbiased":  # a separate line per estimator
-                rule = f"{rule}, unbiased CKA" if rule else "unbiased CKA"
-            by.setdefault((r["method"], rule), {}).setdefault(r["setting"][var], []).append(r["accuracy"])
+            per_value = by.setdefault((r["method"], variant(r["setting"])), {})
+            per_value.setdefault(r["setting"][var], []).append(r["accuracy"])
     order = {m: i for i, m in enumerate(METHOD_ORDER)}
     for j, ((m, rule), d) in enumerate(sorted(by.items(), key=lambda kv: (order.get(kv[0][0], 99), str(kv[0][1])))):
         xs = sorted(d)
@@ -260,4 +267,4 @@ def sweep_plot(report: dict, recs: list[dict], var: str, xlabel: str, path: str 
 
 
 __all__ = ["accuracy_plot", "cka_matrix_plot", "curves_plot", "head_heatmaps", "matching_cells", "method_colors",
-           "sweep_plot"]
+           "sweep_plot", "variant"]

@@ -334,7 +334,7 @@ def plot_report(report: dict, recs: list[dict], out: str) -> list[str]:
     """``accuracy.png`` (per method, each seed a dot, mean with its CI), ``sample_efficiency.png`` and
     ``lambda.png`` (when those vary), ``curves.png`` (small multiples: one panel per loss part and validation
     accuracy, colour by method, every run)."""
-    from fastcd.plots import accuracy_plot, curves_plot, sweep_plot
+    from fastcd.plots import accuracy_plot, curves_plot, sweep_plot, variant
 
     paths = [os.path.join(out, "accuracy.png")]
     accuracy_plot(report, paths[0])
@@ -342,15 +342,11 @@ def plot_report(report: dict, recs: list[dict], out: str) -> list[str]:
                                ("lam", "lambda.png", "lambda")):
         if sweep_plot(report, recs, var, xlabel, os.path.join(out, fname)) is not None:
             paths.append(os.path.join(out, fname))
-
-    def variant(r):  # matching rule, and the estimator when not the default
-        rule = r["setting"].get("matching") or "no matching"
-        return rule + (", unbiased CKA" if r["setting"].get("cka_estimator") == "unbiased" else "")
-
-    rules = {variant(r) for r in recs if r["setting"].get("matching")}
+    rules = {variant(r["setting"]) for r in recs if r["setting"].get("matching")}
     logs: dict = {}
     for r in recs:  # with several matchings (or estimators), the line style tells them apart
-        logs.setdefault((r["method"], variant(r)) if len(rules) > 1 else r["method"], []).append(r["log"])
+        key = (r["method"], variant(r["setting"]) or "no matching") if len(rules) > 1 else r["method"]
+        logs.setdefault(key, []).append(r["log"])
     if curves_plot(logs, os.path.join(out, "curves.png"),
                    title="training curves, every run and seed (colour = method, line style = matching/estimator; "
                          "each panel its own scale)" if len(rules) > 1 else
