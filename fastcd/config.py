@@ -144,6 +144,9 @@ class DistillConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise UsageError(f"{name} must be an integer >= {lo}, got {v!r}")
+        if self.batch_size > self.n_train:
+            raise UsageError(f"batch_size must be <= n_train (batches are drawn without replacement), got "
+                             f"batch_size {self.batch_size} with n_train {self.n_train}")
         if self.lam == "auto" and not (spec.uses_ce and spec.uses_cka):
             raise UsageError(f'lam="auto" balances the CKA gradient against the CE gradient: it needs method '
                              f"'ce+cka' or 'ce+rand-cka', got {self.method!r}")

@@ -151,7 +151,7 @@ def run_demo(task_name: str = _D.task, *, out: str = _D.out, teacher: str | None
             cd = CircuitDistiller(base, None if spec.full_model else m_run, config=cfg)
             opt, sched = make_optimizer(cd, cfg)
             try:
-                log = train_loop(cd, opt, torch.Generator().manual_seed(seed), cfg, s_train, None, cache,
+                log = train_loop(cd, opt, seed, cfg, s_train, None, cache,
                                  scheduler=sched)
             finally:
                 if cd.slices is not None:

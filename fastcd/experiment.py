@@ -16,6 +16,7 @@ report says whether the ablation/CKA matching recover that identity.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -31,7 +32,7 @@ from fastcd.io import write_json_atomic
 from fastcd.report import append_record, bits, read_runs, setting_label, write_report
 from fastcd.teacher_cache import MemoryCache
 from fastcd.trainable import reinit_heads  # noqa: F401  (re-exported)
-from fastcd.training import make_optimizer, train_loop
+from fastcd.training import batch_rows, make_optimizer, train_loop
 
 
 class Experiment(SharedSetup):
@@ -57,6 +58,7 @@ class Experiment(SharedSetup):
             if "n_pool" not in old:  # written before the pool size was recorded: it was the largest n_train
                 n = recorded["config"]["n_train"]
                 old["n_pool"] = max(n) if isinstance(n, list) else n
+            old.setdefault("pool", "shared")  # written when every seed trained on the same pool
             legacy = old.pop("cka_estimator", None)  # written before the estimator was a grid field
             diff = sorted(k for k in set(old) | set(key) if old.get(k, defaults.get(k)) != key.get(k))
             if diff:
@@ -64,7 +66,9 @@ class Experiment(SharedSetup):
                                  f"(e.g. {diff[0]}: {old.get(diff[0])!r} there, {key.get(diff[0])!r} now); use "
                                  "another directory, or --overwrite to discard those runs"
                                  + ("; n_pool is the largest n_train, the pool every run draws its prompts from"
-                                    if "n_pool" in diff else ""))
+                                    if "n_pool" in diff else "")
+                                 + ("; its runs shared one training pool across seeds, where each seed now trains "
+                                    "on its own prompts (a replication)" if "pool" in diff else ""))
         elif overwrite:
             for name in ("runs.jsonl", "report.json", "summary.md"):
                 if os.path.exists(os.path.join(out, name)):
@@ -93,7 +97,9 @@ class Experiment(SharedSetup):
         torch.manual_seed(spec["seed"])
         self.student.load_state_dict(self.base_state)
         matching = self._run_matching(spec)
-        rows = torch.randperm(len(self.s_pool), generator=torch.Generator().manual_seed(spec["seed"]))[:s["n_train"]]
+        per_seed = max(cfg.values("n_train"))  # this seed's own prompts; a smaller n_train takes a seeded subset
+        rows = self.seed_offset[spec["seed"]] + torch.randperm(
+            per_seed, generator=torch.Generator().manual_seed(spec["seed"]))[:s["n_train"]]
         units = None
         if matching is not None and METHOD_SPECS[dcfg.method].uses_cka:
             t_units = matching.meta.get("teacher_units") or [[str(p.teacher), p.position] for p in matching.pairs]
@@ -106,14 +112,12 @@ class Experiment(SharedSetup):
         if dcfg.method in ("ce+cka",) and cfg.diagnostics:
             from fastcd.distillation import make_batch
 
-            g = torch.Generator().manual_seed(spec["seed"] + 1)
-            b = make_batch(torch.randint(len(s_train), (dcfg.batch_size,), generator=g), s_train, None, view)
+            b = make_batch(batch_rows(len(s_train), dcfg.batch_size, 0, spec["seed"] + 1), s_train, None, view)
             diag = cd.gradient_ratio(b)
         opt, sched = make_optimizer(cd, dcfg)
-        gen = torch.Generator().manual_seed(spec["seed"])
         t0 = time.time()
         try:
-            log = train_loop(cd, opt, gen, dcfg, s_train, None, view, eval_batch=self.s_val, scheduler=sched,
+            log = train_loop(cd, opt, spec["seed"], dcfg, s_train, None, view, eval_batch=self.s_val, scheduler=sched,
                              desc=f"{spec['method']} seed {spec['seed']}")
         finally:
             if cd.slices is not None:
@@ -124,6 +128,7 @@ class Experiment(SharedSetup):
             p.requires_grad_(False)
         correct = accuracy_per_example(self.student, self.s_test)
         rec = {"key": spec["key"], "method": spec["method"], "seed": spec["seed"], "setting": s,
+               "train_prompts_sha": hashlib.sha256(s_train.input_ids.numpy().tobytes()).hexdigest()[:16],
                "accuracy": sum(correct) / len(correct), "correct": bits(correct),
                "trainable_params": cd.n_trainable,
                "trainable_fraction": cd.n_trainable / sum(p.numel() for p in self.student.parameters()),

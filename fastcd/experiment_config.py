@@ -16,7 +16,7 @@ from fastcd.errors import InputFileError, UsageError
 GRID = ("n_train", "lam", "steps", "lr", "batch_size", "matching", "cka_estimator")  # fields that may hold a list
 CKA_ESTIMATORS = ("biased", "unbiased")
 MATCHING_RULES = ("ablation", "cka", "combined", "identity")
-POOL_SEED = 1234  # the seed of the training pool every run subsamples
+POOL_SEED = 1234  # seed s trains on prompts drawn with POOL_SEED + s (its own pool)
 
 
 @dataclass
@@ -119,6 +119,10 @@ class ExperimentConfig:
                 raise UsageError(f"{name} must hold at least one value")
             if len(set(map(str, vals))) != len(vals):
                 raise UsageError(f"{name} must not repeat values, got {vals}")
+        bs, nt = self.values("batch_size"), self.values("n_train")
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in bs + nt) and max(bs) > min(nt):
+            raise UsageError(f"batch_size must be <= n_train in every setting (batches are drawn without "
+                             f"replacement), got batch_size {max(bs)} with n_train {min(nt)}")
         for v in self.values("matching"):
             if v not in MATCHING_RULES:
                 raise UsageError(f"matching must be among {MATCHING_RULES}, got {v!r}")
@@ -184,9 +188,10 @@ class ExperimentConfig:
         for name in GRID + ("methods", "seeds", "threads", "n_val", "eval_every", "log_every", "diagnostics",
                             "diagnostics_m", "full_lr"):
             d.pop(name)
-        # every run draws its training rows from one pool of max(n_train) prompts: a larger n_train in the grid
-        # makes another pool, and the finished runs' rows would no longer be a subset of it
+        # each seed draws its training rows from its own pool of max(n_train) prompts: a larger n_train in the grid
+        # makes other pools, and the finished runs' rows would no longer be a subset of them
         d["n_pool"] = max(self.values("n_train"))
+        d["pool"] = "per-seed"
         return d
 
     def run_specs(self) -> list[dict]:

@@ -68,8 +68,14 @@ class SharedSetup:
         self.test_task = self.task if (cfg.test_boxes or cfg.n_boxes) == cfg.n_boxes else adapt_task(
             mk(cfg.test_boxes), toks)
         self.tok, self.t_tok = tok, t_tok
-        n_pool = max(self.cfg.values("n_train"))
-        pool_ex = self.task.generate(n_pool, seed=POOL_SEED, split="train")
+        # each seed is a replication of the whole procedure: its own training prompts, drawn from its own
+        # generator (POOL_SEED + seed), max(n_train) of them; a run with a smaller n_train takes a subset of them
+        per_seed = max(self.cfg.values("n_train"))
+        pool_ex, self.seed_offset = [], {}
+        for seed in sorted(self.cfg.seeds):
+            self.seed_offset[seed] = len(pool_ex)
+            pool_ex += self.task.generate(per_seed, seed=POOL_SEED + seed, split="train")
+        n_pool = len(pool_ex)
         self.s_pool = self.task.encode(pool_ex, tok)
         self.t_pool = self.task.encode(pool_ex, t_tok) if t_tok is not tok else self.s_pool
         test_pairs = self.test_task.pairs(cfg.n_test, seed=TEST_SEED, split="test")
@@ -222,7 +228,8 @@ class SharedSetup:
 
     def _cache_ok(self, n_pool: int) -> bool:
         d = self._shared("cache.json")
-        return d is not None and d["n"] == n_pool and os.path.isdir(os.path.join(self.out, "shared", "cache"))
+        return (d is not None and d["n"] == n_pool and d.get("seeds") == sorted(self.cfg.seeds)
+                and os.path.isdir(os.path.join(self.out, "shared", "cache")))
 
     def _teacher_cache(self, teacher, n_pool: int) -> None:
         from safetensors.torch import load_file
@@ -235,8 +242,7 @@ class SharedSetup:
         path = os.path.join(self.out, "shared", "cache")
         need_logits = "kd" in self.cfg.methods
         d = self._shared("cache.json")
-        if not (d and d["n"] == n_pool and [tuple(u) for u in d["units"]] == units and d["logits"] >= need_logits
-                and os.path.isdir(path)):
+        if not (self._cache_ok(n_pool) and [tuple(u) for u in d["units"]] == units and d["logits"] >= need_logits):
             if teacher is None:
                 from fastcd.loading import load_model
 
@@ -246,7 +252,8 @@ class SharedSetup:
             pseudo = Matching([Pair(Head.parse(h), Head.parse(h), r) for h, r in units], "units")
             build_teacher_cache(teacher, self.t_pool, pseudo, path, logits=need_logits, progress=self.progress,
                                 tokenizer=self.t_tok, batch_size=32)
-            self._put_shared("cache.json", {"n": n_pool, "units": units, "logits": need_logits,
+            self._put_shared("cache.json", {"n": n_pool, "seeds": sorted(self.cfg.seeds), "units": units,
+                                            "logits": need_logits,
                                             "seconds": round(time.time() - t0, 1)})
         shards = [load_file(os.path.join(path, s)) for s in sorted(os.listdir(path)) if s.endswith(".safetensors")]
         self.pool = {"labels": torch.cat([s["labels"] for s in shards]),

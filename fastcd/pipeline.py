@@ -28,7 +28,7 @@ from fastcd.tasks.base import adapt_task
 from fastcd.tasks.protocol import check_task
 from fastcd.teacher_cache import TeacherCache, check_cache_vocabulary
 from fastcd.trainable import merge
-from fastcd.training import make_optimizer, train_loop
+from fastcd.training import BATCH_ORDER, make_optimizer, train_loop
 
 
 @dataclass
@@ -202,7 +202,6 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
         if world > 1:
             cd.enable_ddp()
     opt, sched = make_optimizer(cd, cfg)
-    gen = torch.Generator().manual_seed(cfg.seed)
     step, log, loop_state = 0, [], {}
     ckpt = os.path.join(cfg.out, "ckpt.pt") if cfg.out else None
     base_accuracy = None
@@ -217,7 +216,6 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
         if state.get("scheduler") is not None:
             sched.load_state_dict(state["scheduler"])
         loop_state = dict(state.get("loop_state") or {})
-        gen.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])  # dropout and any other use of the global generator
         if state.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -240,7 +238,7 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
             write_json_atomic({"identity": identity, "step": step_}, os.path.join(cfg.out, "manifest.json"))
             _atomic_save({"params": [p.detach().clone() for p in cd.trainable_parameters()],
                           "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                          "loop_state": dict(loop_state), "generator": gen.get_state(),
+                          "loop_state": dict(loop_state), "batch_order": BATCH_ORDER,
                           "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
                           "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                           "step": step_, "log": log_,
@@ -251,7 +249,7 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
     if cfg.eval_every:  # accuracy during training is measured on validation prompts, never on the test set
         s_val = task.encode(task.generate(cfg.n_val, seed=cfg.seed, split="val"), s_tok)
     try:
-        log = train_loop(cd, opt, gen, cfg, s_train, t_train, cache, step=step, log=log, world=world, rank=rank,
+        log = train_loop(cd, opt, cfg.seed, cfg, s_train, t_train, cache, step=step, log=log, world=world, rank=rank,
                          eval_batch=s_val, on_step=save, scheduler=sched, state=loop_state)
     except BaseException:
         if cd.slices is not None:  # leave the student a plain model (no parametrisations) for the caller
@@ -352,6 +350,9 @@ def _load_checkpoint(path: str, identity: dict, cfg: DistillConfig) -> dict:
         detail = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, a, b in diffs[:4])
         raise UsageError(f"out: {path} belongs to a run that differs in {[d[0] for d in diffs]} ({detail}); use "
                          "another out, or overwrite=True (--overwrite) to start over")
+    if state.get("batch_order") != BATCH_ORDER:
+        raise UsageError(f"out: {path} was written by a fastcd that drew batches with replacement; its run cannot "
+                         "go on with the same batches: use another out, or overwrite=True (--overwrite) to start over")
     if state["step"] > cfg.steps:
         raise UsageError(f"out: {path} is at step {state['step']}, past steps={cfg.steps}; raise steps to extend "
                          "the run, or overwrite=True (--overwrite) to start over")

@@ -12,6 +12,7 @@ from dataclasses import asdict
 from fastcd.config import ALL_METHODS, METHOD_SPECS
 from fastcd.experiment_config import ExperimentConfig, legacy_setting
 from fastcd.io import write_json_atomic
+from fastcd.stats import MIN_SEEDS_FOR_A_CLAIM, paired_seed_test
 
 
 def _say(msg: str) -> None:
@@ -163,7 +164,9 @@ def write_report(out: str, cfg: ExperimentConfig | None = None) -> dict:
         tested.add(frozenset((ka, kb)))
         t = _pooled_test(rs_a, rs_b)
         if t is not None:
-            tests.append({"setting": ka[0], "a": _name(*ka[1:]), "b": _name(*kb[1:]), **t})
+            tests.append({"setting": ka[0], "a": _name(*ka[1:]), "b": _name(*kb[1:]), **t,
+                          "seed_level": paired_seed_test({r["seed"]: r["accuracy"] for r in rs_a},
+                                                         {r["seed"]: r["accuracy"] for r in rs_b})})
 
     for ka, rs in rows.items():
         group, method, rule = ka[:3]
@@ -181,7 +184,9 @@ def write_report(out: str, cfg: ExperimentConfig | None = None) -> dict:
             a = sum((_unbits(ref[s]["correct"]) for s in common), [])
             b = _unbits(base["correct"]) * len(common)
             tests.append({"setting": group, "a": _name(*ka[1:]), "b": "untrained student",
-                          "seeds": common, **_mc(a, b)})
+                          "seeds": common, **_mc(a, b),
+                          "seed_level": paired_seed_test({s: ref[s]["accuracy"] for s in common},
+                                                         {s: base["accuracy"] for s in common})})
     # the random-head controls against each other: what the CKA term does on the same random heads, and
     # whether the matched heads train better than random ones under CE alone
     for a_m, b_m in CONTROL_PAIRS:
@@ -195,6 +200,10 @@ def write_report(out: str, cfg: ExperimentConfig | None = None) -> dict:
         adj = multipletests([t["p_value"] for t in tests], method="holm")[1]
         for t, p in zip(tests, adj):
             t["p_holm"] = float(p)
+        for name in ("p_t", "p_wilcoxon"):  # the seed-level family: the comparisons whose p is defined
+            have = [t["seed_level"] for t in tests if t["seed_level"][name] is not None]
+            for sl, p in zip(have, multipletests([sl[name] for sl in have], method="holm")[1] if have else []):
+                sl[name + "_holm"] = float(p)
     import torch
 
     specs = cfg.run_specs()
@@ -204,7 +213,8 @@ def write_report(out: str, cfg: ExperimentConfig | None = None) -> dict:
               "teacher_accuracy": None if teacher is None else teacher["accuracy"],
               "n_test": cfg.n_test, "circuit": shared("circuit.json"), "recovery": shared("recovery.json"),
               "diagnostics": shared("diagnostics.json"), "cache": shared("cache.json"),
-              "torch": torch.__version__, "threads": torch.get_num_threads()}
+              "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "seeds_are_replications": manifest["shared"].get("pool") == "per-seed"}
     write_json_atomic(report, os.path.join(out, "report.json"))
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(format_report(report) + "\n")
@@ -222,6 +232,30 @@ def _pooled_test(rs_a: list[dict], rs_b: list[dict]) -> dict | None:
     a = sum((_unbits(ref[s]["correct"]) for s in common), [])
     b = sum((_unbits(other[s]["correct"]) for s in common), [])
     return {"seeds": common, **_mc(a, b)}
+
+
+def seed_level_lines(tests: list[dict], replications: bool = True) -> list[str]:
+    """The primary comparisons: one accuracy difference per seed (a replication), paired t and Wilcoxon."""
+    def f(x, fmt=".3g"):
+        return "-" if x is None else format(x, fmt)
+
+    unit = ("each seed a replication with its own training prompts" if replications else
+            "WARNING: made before seeds had their own prompts: every seed trained on one shared pool, so the seeds "
+            "are not replications and the spread between them is the batch order's only")
+    lines = [f"## Seed-level comparisons (primary: one accuracy difference A - B per seed, {unit}; paired t-test "
+             "and exact Wilcoxon signed-rank, each Holm-corrected over "
+             f"the comparisons; MDE = the difference a paired t-test detects with 80% power at alpha 0.05; fewer "
+             f"than {MIN_SEEDS_FOR_A_CLAIM} seeds is marked: no claim rests on it)", "",
+             "| Setting | A | B | seeds | mean A - B [95% CI] | SD over seeds | p (t) | Holm | p (Wilcoxon) | Holm "
+             "| MDE |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for t in tests:
+        sl = t["seed_level"]
+        ci = "-" if sl["ci95"] is None else f" [{sl['ci95'][0]:+.3f}, {sl['ci95'][1]:+.3f}]"
+        few = "" if sl["n_seeds"] >= MIN_SEEDS_FOR_A_CLAIM else " (too few)"
+        lines.append(f"| {t['setting']} | {t['a']} | {t['b']} | {sl['n_seeds']}{few} | {f(sl['mean_diff'], '+.3f')}"
+                     f"{ci} | {f(sl['sd_diff'], '.3f')} | {f(sl['p_t'])} | {f(sl.get('p_t_holm'))} | "
+                     f"{f(sl['p_wilcoxon'])} | {f(sl.get('p_wilcoxon_holm'))} | {f(sl['mde'], '.3f')} |")
+    return lines + [""]
 
 
 def _mc(a, b) -> dict:
@@ -277,7 +311,9 @@ def format_report(report: dict) -> str:
                          f"{r['trainable_fraction']:.2%} | {th} |")
         lines.append("")
     if report["mcnemar"]:
-        lines += ["## McNemar (exact, pooled over seeds, Holm-corrected over all comparisons)", "",
+        lines += seed_level_lines(report["mcnemar"], report.get("seeds_are_replications", True))
+        lines += ["## McNemar (descriptive, secondary: exact, pooled over seeds prompt by prompt, Holm over all "
+                  "comparisons; it leaves out the variance between replications, so it is no test of a claim)", "",
                   "| Setting | A | B | seeds | A right, B wrong | A wrong, B right | p | p (Holm) |",
                   "|---|---|---|---|---|---|---|---|"]
         for t in report["mcnemar"]:

@@ -22,3 +22,42 @@ def mcnemar(correct_a, correct_b) -> dict:
     n10 = int((~a & b).sum())
     p = 1.0 if n01 + n10 == 0 else float(binomtest(n01, n01 + n10, 0.5).pvalue)
     return {"b": n01, "c": n10, "p_value": p}
+
+
+MIN_SEEDS_FOR_A_CLAIM = 6
+
+
+def paired_seed_test(acc_a: dict, acc_b: dict, *, alpha: float = 0.05, power: float = 0.8) -> dict:
+    """Seed-level comparison of two methods: each seed is one replication of the whole procedure (its own training
+    prompts, batch order and random heads), so the unit of analysis is the seed's accuracy difference a - b.
+
+    ``acc_a`` / ``acc_b``: ``{seed: accuracy}``; only common seeds count. Returns the mean difference with its 95%
+    t-interval, the paired t-test (primary) and the exact Wilcoxon signed-rank test (secondary, no normality
+    assumption; with n seeds its smallest two-sided p is 2 / 2**n), and ``mde``: the mean difference a two-sided
+    paired t-test at ``alpha`` detects with probability ``power`` for this many seeds and the observed SD of the
+    differences (statsmodels' ``TTestPower``). p-values and the MDE are None where undefined (fewer than 2 seeds,
+    or differences without spread)."""
+    from scipy import stats as st
+    from statsmodels.stats.power import TTestPower
+
+    if not (0 < alpha < 1 and 0 < power < 1):
+        raise UsageError(f"alpha and power must be in (0, 1), got {alpha} and {power}")
+    seeds = sorted(set(acc_a) & set(acc_b))
+    d = np.array([acc_a[s] - acc_b[s] for s in seeds], dtype=float)
+    n = len(d)
+    out = {"seeds": seeds, "n_seeds": n, "mean_diff": float(d.mean()) if n else None, "sd_diff": None,
+           "ci95": None, "p_t": None, "p_wilcoxon": None, "mde": None}
+    if n < 2:
+        return out
+    sd = float(d.std(ddof=1))
+    out["sd_diff"] = sd
+    if sd > 0:
+        half = float(st.t.ppf(0.975, n - 1)) * sd / np.sqrt(n)
+        out["ci95"] = [float(out["mean_diff"] - half), float(out["mean_diff"] + half)]
+        out["p_t"] = float(st.ttest_1samp(d, 0.0).pvalue)
+        out["mde"] = float(TTestPower().solve_power(nobs=n, alpha=alpha, power=power, alternative="two-sided")) * sd
+    if np.any(d != 0):
+        out["p_wilcoxon"] = float(st.wilcoxon(d, zero_method="wilcox", method="exact" if n <= 25 else "auto").pvalue)
+    elif sd == 0:
+        out["p_wilcoxon"] = 1.0  # every seed equal: no evidence of a difference
+    return out

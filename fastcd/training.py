@@ -20,6 +20,25 @@ from fastcd.distillation import CircuitDistiller, make_batch
 from fastcd.metrics import accuracy_per_example
 from fastcd.tasks.base import EncodedBatch
 
+BATCH_ORDER = "epochs"  # recorded in checkpoints: how batches are drawn (older fastcd drew with replacement)
+
+
+def batch_rows(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
+    """The rows of the global training batch at ``step`` (0-based): no batch holds a prompt twice.
+
+    Epochs over the ``n`` prompts, each a fresh permutation seeded by ``(seed, epoch)``, cut into
+    ``n // batch_size`` batches (``DataLoader(shuffle=True, drop_last=True)``): within an epoch every prompt is
+    drawn at most once, and the ``n % batch_size`` left out of an epoch differ from epoch to epoch. The rows depend
+    only on ``(n, batch_size, step, seed)``, so a resumed run draws exactly the batches of an uninterrupted one."""
+    if batch_size > n:
+        from fastcd.errors import UsageError
+
+        raise UsageError(f"batch_size must be <= the number of training prompts ({n}) for duplicate-free batches, "
+                         f"got {batch_size}")
+    epoch, j = divmod(step, n // batch_size)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)[j * batch_size:(j + 1) * batch_size]
+
 
 def nonfinite(parts: dict, params) -> str | None:
     """The first non-finite loss part, or "gradient" when a trainable gradient is NaN/inf; None when all finite."""
@@ -81,12 +100,13 @@ class _Sinks:
             self.tb.close()
 
 
-def train_loop(cd: CircuitDistiller, opt, gen: torch.Generator, cfg: DistillConfig, s_train: EncodedBatch,
+def train_loop(cd: CircuitDistiller, opt, seed: int, cfg: DistillConfig, s_train: EncodedBatch,
                t_train: EncodedBatch | None = None, cache=None, *, step: int = 0, log: list | None = None,
                world: int = 1, rank: int = 0, eval_batch: EncodedBatch | None = None, on_step=None,
                desc: str | None = None, scheduler=None, state: dict | None = None) -> list[dict]:
-    """``cfg.steps`` optimizer steps on batches drawn with ``gen`` from ``s_train`` (teacher side from ``t_train``
-    and the live teacher, or from ``cache``: anything with ``get(idx) -> (z, labels, logits)``).
+    """``cfg.steps`` optimizer steps on duplicate-free batches of ``s_train`` (:func:`batch_rows` with ``seed``)
+    (teacher side from ``t_train`` and the live teacher, or from ``cache``: anything with
+    ``get(idx) -> (z, labels, logits)``).
 
     Every step: forward under autocast (``cfg.mixed_precision``), backward (scaled for fp16), the non-finite
     guard, clipping to ``cfg.max_grad_norm``, the optimizer and ``scheduler`` steps. A log row (loss parts, lr,
@@ -103,9 +123,8 @@ def train_loop(cd: CircuitDistiller, opt, gen: torch.Generator, cfg: DistillConf
     spec = cfg.spec
     if cfg.lam == "auto" and cd._lam is None and spec.uses_cka:
         # calibrated on 3 batches from their own generator, so the training batches are those of a fixed lambda
-        g = torch.Generator().manual_seed(cfg.seed + 7919)
-        batches = [make_batch(torch.randint(len(s_train), (cfg.batch_size,), generator=g).view(world, -1)[rank],
-                              s_train, t_train, cache) for _ in range(3)]
+        batches = [make_batch(batch_rows(len(s_train), cfg.batch_size, i, seed + 7919).view(world, -1)[rank],
+                              s_train, t_train, cache) for i in range(3)]
         cd.calibrate_lambda(batches)
     dev = next(student.parameters()).device
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
@@ -124,7 +143,7 @@ def train_loop(cd: CircuitDistiller, opt, gen: torch.Generator, cfg: DistillConf
 
     try:
         while step < cfg.steps:
-            idx = torch.randint(len(s_train), (cfg.batch_size,), generator=gen)  # the global batch, same on all ranks
+            idx = batch_rows(len(s_train), cfg.batch_size, step, seed)  # the global batch, same on all ranks
             idx = idx.view(world, -1)[rank]  # this rank's shard
             ctx = (torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext())
             with ctx:
@@ -185,4 +204,4 @@ def train_loop(cd: CircuitDistiller, opt, gen: torch.Generator, cfg: DistillConf
     return log
 
 
-__all__ = ["make_optimizer", "nonfinite", "train_loop", "warmup_steps"]
+__all__ = ["BATCH_ORDER", "batch_rows", "make_optimizer", "nonfinite", "train_loop", "warmup_steps"]

@@ -50,7 +50,7 @@ def files(tmp_path):
 
 def _distill(*extra):
     return ["distill", "--teacher", T, "--student", S, "--task", "entity-tracking", "--steps", "1",
-            "--n-train", "8", "--n-eval", "4", *extra]
+            "--n-train", "8", "--batch-size", "8", "--n-eval", "4", *extra]
 
 
 CLI_CASES = {

@@ -45,6 +45,7 @@ def _cfg(**kw) -> dict:
     ("positions", ["last", "nowhere"], "positions must be a non-empty list of the task's roles"),
     ("cka_estimator", "debiased", "cka_estimator must be among"),
     ("cka_estimator", ["unbiased", "unbiased"], "cka_estimator must not repeat"),
+    ("batch_size", [8, 48], "batch_size must be <= n_train in every setting"),
 ])
 def test_config_errors_name_the_field(field, value, message):
     with pytest.raises((ValueError, FileNotFoundError), match=message):
@@ -218,6 +219,51 @@ def test_a_changed_shared_field_is_refused_by_name(small_run):
     kept = open(path).read()
     Experiment(ExperimentConfig.from_dict(_cfg(n_train=[16, 32])), out)  # a smaller size from the same pool: fine
     open(path, "w").write(kept)  # the later tests read the fixture's own manifest
+
+
+def test_each_seed_trains_on_its_own_prompts_and_its_methods_share_them(small_run):
+    """A seed is a replication of the whole procedure: its own training prompts (drawn with its own generator),
+    the same for every method of that seed (paired within the seed)."""
+    out, _ = small_run
+    recs = list(read_runs(os.path.join(out, "runs.jsonl")).values())
+    by_seed = {}
+    for r in recs:
+        by_seed.setdefault(r["seed"], set()).add(r["train_prompts_sha"])
+    assert {0, 1} <= set(by_seed) and all(len(v) == 1 for v in by_seed.values()), by_seed
+    assert len({v.pop() for v in by_seed.values()}) == len(by_seed)  # no two seeds train on the same prompts
+
+
+def test_a_directory_whose_seeds_shared_one_pool_is_refused(small_run):
+    out, _ = small_run
+    path = os.path.join(out, "experiment.json")
+    kept = open(path).read()
+    manifest = json.loads(kept)
+    del manifest["shared"]["pool"]  # as written when every seed trained on the same prompts
+    json.dump(manifest, open(path, "w"))
+    try:
+        with pytest.raises(ValueError, match=r"differs in \['pool'\].*own prompts"):
+            Experiment(ExperimentConfig.from_dict(_cfg()), out)
+    finally:
+        open(path, "w").write(kept)
+
+
+def test_seed_level_tests_are_primary_and_paired_over_seeds(small_run):
+    from scipy.stats import ttest_rel
+
+    out, report = small_run
+    recs = list(read_runs(os.path.join(out, "runs.jsonl")).values())
+    t = next(t for t in report["mcnemar"] if t["b"].startswith("circuit-ce"))
+    sl = t["seed_level"]
+    acc = {m: [r["accuracy"] for r in sorted(recs, key=lambda r: r["seed"]) if r["method"] == m and r["seed"] < 2]
+           for m in ("ce+cka", "circuit-ce")}  # the fixture's seeds (a later test adds seed 2 to the directory)
+    assert sl["seeds"] == [0, 1] and sl["n_seeds"] == 2
+    assert sl["mean_diff"] == pytest.approx(sum(acc["ce+cka"]) / 2 - sum(acc["circuit-ce"]) / 2)
+    if sl["p_t"] is not None:
+        assert sl["p_t"] == pytest.approx(ttest_rel(acc["ce+cka"], acc["circuit-ce"]).pvalue)
+        assert sl["p_t_holm"] >= sl["p_t"] - 1e-12 and sl["mde"] > 0
+    md = open(os.path.join(out, "summary.md")).read()
+    assert md.index("## Seed-level comparisons (primary") < md.index("## McNemar (descriptive, secondary")
+    assert "(too few)" in md  # fewer than 6 seeds behind every comparison here
 
 
 def test_a_manifest_without_the_pool_size_reads_it_from_its_config(small_run):

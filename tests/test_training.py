@@ -84,7 +84,7 @@ def test_gradient_clipping_bounds_the_update(tok):
     enc = TASK.encode(TASK.generate(16, seed=0), tok)
     before = [p.detach().clone() for p in cd.trainable_parameters()]
     opt = torch.optim.SGD(cd.trainable_parameters(), lr=1.0)
-    log = train_loop(cd, opt, torch.Generator().manual_seed(0), cfg, enc, enc)
+    log = train_loop(cd, opt, 0, cfg, enc, enc)
     delta = torch.cat([(p.detach() - b).flatten() for p, b in zip(cd.trainable_parameters(), before)])
     assert log[0]["grad_norm"] > 1e-3  # the raw norm, above the threshold
     assert float(delta.norm()) == pytest.approx(1e-3, rel=1e-4)
@@ -116,7 +116,7 @@ def test_log_jsonl_is_streamed_during_training(tmp_path, tok):
         with open(out / "log.jsonl") as f:
             seen.append((step, [json.loads(line)["step"] for line in f]))
 
-    log = train_loop(cd, opt, torch.Generator().manual_seed(0), cfg, enc, enc, on_step=on_step, scheduler=sched)
+    log = train_loop(cd, opt, 0, cfg, enc, enc, on_step=on_step, scheduler=sched)
     assert seen == [(1, []), (2, [2]), (3, [2]), (4, [2, 4])]
     assert [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()] == log
 
@@ -152,3 +152,37 @@ def test_teacher_cache_reads_rows_lazily_across_shards(tmp_path, tok):
         assert torch.equal(a, b)
     with pytest.raises(IndexError, match="holds rows 0..22"):
         lazy.get(torch.tensor([23]))
+
+
+def test_batches_hold_no_duplicate_prompt_and_epochs_cover_the_prompts():
+    from fastcd.training import batch_rows
+
+    n, bs = 10, 4
+    rows = [batch_rows(n, bs, step, seed=3) for step in range(12)]  # 6 epochs of 2 batches (drop-last)
+    assert all(len(set(r.tolist())) == bs for r in rows)
+    for e in range(6):
+        epoch = torch.cat(rows[2 * e:2 * e + 2]).tolist()
+        assert len(set(epoch)) == 8  # no prompt twice within an epoch
+    assert set(torch.cat(rows).tolist()) == set(range(n))  # the left-out rows change from epoch to epoch
+    assert torch.equal(batch_rows(n, bs, 7, seed=3), rows[7])  # a resumed run draws the same batch
+    assert not torch.equal(batch_rows(n, bs, 0, seed=4), rows[0])
+    with pytest.raises(ValueError, match=r"batch_size must be <= the number of training prompts \(3\)"):
+        batch_rows(3, 4, 0, seed=0)
+
+
+def test_batch_size_above_n_train_is_refused_before_any_work():
+    from fastcd.config import DistillConfig
+
+    with pytest.raises(ValueError, match="batch_size must be <= n_train"):
+        DistillConfig(method="ce+cka", batch_size=32, n_train=16).validate()
+
+
+def test_a_checkpoint_from_the_with_replacement_sampler_is_refused(tmp_path):
+    from fastcd.config import DistillConfig
+    from fastcd.pipeline import _load_checkpoint
+
+    identity = {"config": {"seed": 0}}
+    path = str(tmp_path / "ckpt.pt")
+    torch.save({"identity": identity, "step": 1, "generator": torch.Generator().get_state()}, path)
+    with pytest.raises(ValueError, match="drew batches with replacement"):
+        _load_checkpoint(path, identity, DistillConfig(steps=2))

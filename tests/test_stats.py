@@ -1,0 +1,43 @@
+"""Seed-level statistics: a paired comparison over replications, checked against scipy and statsmodels."""
+
+import math
+
+import numpy as np
+import pytest
+from scipy.stats import ttest_rel, wilcoxon
+from statsmodels.stats.power import TTestPower
+
+from fastcd.stats import paired_seed_test
+
+
+def test_paired_seed_test_equals_scipy_and_its_mde_has_80_percent_power():
+    rng = np.random.default_rng(0)
+    a = {s: float(x) for s, x in enumerate(0.6 + 0.03 * rng.standard_normal(8))}
+    b = {s: float(x) for s, x in enumerate(0.55 + 0.03 * rng.standard_normal(8))}
+    b[99] = 0.1  # a seed only one side has: not paired, left out
+    r = paired_seed_test(a, b)
+    xa, xb = [a[s] for s in range(8)], [b[s] for s in range(8)]
+    d = np.subtract(xa, xb)
+    assert r["seeds"] == list(range(8)) and r["n_seeds"] == 8
+    assert r["mean_diff"] == pytest.approx(d.mean()) and r["sd_diff"] == pytest.approx(d.std(ddof=1))
+    assert r["p_t"] == pytest.approx(ttest_rel(xa, xb).pvalue)
+    assert r["p_wilcoxon"] == pytest.approx(wilcoxon(d, method="exact").pvalue)
+    lo, hi = r["ci95"]
+    assert lo < r["mean_diff"] < hi
+    assert (lo > 0) == (r["p_t"] < 0.05)  # the interval and the test agree
+    power = TTestPower().power(effect_size=r["mde"] / r["sd_diff"], nobs=8, alpha=0.05, alternative="two-sided")
+    assert power == pytest.approx(0.8, abs=1e-6)
+    # with more seeds the same spread gives a smaller detectable effect
+    more = paired_seed_test({s: a[s % 8] + 1e-3 * s for s in range(16)}, {s: b[s % 8] for s in range(16)})
+    assert more["mde"] < r["mde"]
+
+
+def test_undefined_cases_say_none_instead_of_a_number():
+    one = paired_seed_test({0: 0.5}, {0: 0.4})
+    assert one["n_seeds"] == 1 and one["p_t"] is None and one["mde"] is None and one["ci95"] is None
+    flat = paired_seed_test({0: 0.5, 1: 0.5, 2: 0.5}, {0: 0.5, 1: 0.5, 2: 0.5})
+    assert flat["p_t"] is None and flat["p_wilcoxon"] == 1.0 and flat["mean_diff"] == 0.0
+    shifted = paired_seed_test({0: 0.6, 1: 0.6}, {0: 0.5, 1: 0.5})  # the same gain in every seed: no spread
+    assert shifted["p_t"] is None and math.isclose(shifted["mean_diff"], 0.1)
+    with pytest.raises(ValueError, match="alpha and power"):
+        paired_seed_test({0: 1.0}, {0: 1.0}, power=1.5)
