@@ -168,7 +168,8 @@ def cka_matrix_torch(a, b, *, chunk: int = 64, dtype=None) -> np.ndarray:
         n = g.norm(dim=1, keepdim=True)
         return torch.where(n > 0, g / n.clamp_min(1e-300), torch.zeros_like(g)).to(dtype or torch.float64)
 
-    return (unit(packed(a)) @ unit(packed(b)).T).double().cpu().numpy()
+    with torch.autocast(a.device.type, enabled=False):  # float32 rows would otherwise multiply in bf16
+        return (unit(packed(a)) @ unit(packed(b)).T).double().cpu().numpy()
 
 
 def cka_matrix(a, b, *, impl: str | None = None, form: str = "auto", max_bytes: int = 256 << 20,

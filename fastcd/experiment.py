@@ -59,6 +59,7 @@ class Experiment(SharedSetup):
                 n = recorded["config"]["n_train"]
                 old["n_pool"] = max(n) if isinstance(n, list) else n
             old.setdefault("pool", "shared")  # written when every seed trained on the same pool
+            old.setdefault("precision", "float32")  # written when every experiment computed in float32
             legacy = old.pop("cka_estimator", None)  # written before the estimator was a grid field
             diff = sorted(k for k in set(old) | set(key) if old.get(k, defaults.get(k)) != key.get(k))
             if diff:
@@ -68,7 +69,9 @@ class Experiment(SharedSetup):
                                  + ("; n_pool is the largest n_train, the pool every run draws its prompts from"
                                     if "n_pool" in diff else "")
                                  + ("; its runs shared one training pool across seeds, where each seed now trains "
-                                    "on its own prompts (a replication)" if "pool" in diff else ""))
+                                    "on its own prompts (a replication)" if "pool" in diff else "")
+                                 + ("; precision: set `precision: float32` in the config to go on in float32"
+                                    if "precision" in diff else ""))
         elif overwrite:
             for name in ("runs.jsonl", "report.json", "summary.md"):
                 if os.path.exists(os.path.join(out, name)):
@@ -92,7 +95,7 @@ class Experiment(SharedSetup):
         from fastcd.trainable import merge
 
         cfg = self.cfg
-        dcfg = distill_config_for(cfg, spec)
+        dcfg = distill_config_for(cfg, spec, self.precision)
         s = spec["setting"]
         torch.manual_seed(spec["seed"])
         self.student.load_state_dict(self.base_state)
@@ -126,7 +129,8 @@ class Experiment(SharedSetup):
         self.student.eval()
         for p in self.student.parameters():
             p.requires_grad_(False)
-        correct = accuracy_per_example(self.student, self.s_test)
+        with self.amp():
+            correct = accuracy_per_example(self.student, self.s_test)
         rec = {"key": spec["key"], "method": spec["method"], "seed": spec["seed"], "setting": s,
                "train_prompts_sha": hashlib.sha256(s_train.input_ids.numpy().tobytes()).hexdigest()[:16],
                "accuracy": sum(correct) / len(correct), "correct": bits(correct),
@@ -142,7 +146,8 @@ class Experiment(SharedSetup):
             if "teacher_units" in matching.meta:  # the permuted control: where each teacher target was read
                 rec["teacher_units"] = matching.meta["teacher_units"]
             if cfg.circuit_accuracy:
-                cc = circuit_correct(self.student, self.s_test, self.means, self._live(matching))
+                with self.amp():
+                    cc = circuit_correct(self.student, self.s_test, self.means, self._live(matching))
                 rec["circuit_accuracy"] = sum(cc) / len(cc)
         else:
             rec["trained_heads_fraction"] = 1.0

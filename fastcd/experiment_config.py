@@ -10,7 +10,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 
-from fastcd.config import ALL_METHODS, METHOD_SPECS, TEST_SEED  # noqa: F401  (TEST_SEED: re-exported)
+from fastcd.config import ALL_METHODS, COMPUTE_PRECISIONS, METHOD_SPECS, TEST_SEED  # noqa: F401  (TEST_SEED: re-exported)
 from fastcd.errors import InputFileError, UsageError
 
 GRID = ("n_train", "lam", "steps", "lr", "batch_size", "matching", "cka_estimator")  # fields that may hold a list
@@ -58,6 +58,7 @@ class ExperimentConfig:
     diagnostics_m: int = 256
     kv: str = "auto"
     teacher_dtype: str | None = None
+    precision: str = "auto"  # "auto" (bf16 on the CPU for real LMs), "float32" or "bf16": see resolve_precision
     threads: int | None = None
 
     @classmethod
@@ -123,6 +124,8 @@ class ExperimentConfig:
         if all(isinstance(v, int) and not isinstance(v, bool) for v in bs + nt) and max(bs) > min(nt):
             raise UsageError(f"batch_size must be <= n_train in every setting (batches are drawn without "
                              f"replacement), got batch_size {max(bs)} with n_train {min(nt)}")
+        if self.precision not in COMPUTE_PRECISIONS:
+            raise UsageError(f"precision must be one of {COMPUTE_PRECISIONS}, got {self.precision!r}")
         for v in self.values("matching"):
             if v not in MATCHING_RULES:
                 raise UsageError(f"matching must be among {MATCHING_RULES}, got {v!r}")
@@ -192,6 +195,12 @@ class ExperimentConfig:
         # makes other pools, and the finished runs' rows would no longer be a subset of them
         d["n_pool"] = max(self.values("n_train"))
         d["pool"] = "per-seed"
+        if self.precision == "auto" and self.teacher:  # what "auto" means for these models (reads their config)
+            from fastcd.config import resolve_precision
+            from fastcd.loading import spec_of
+
+            d["precision"] = resolve_precision("auto", spec_of(self.student if self.positive_control is None
+                                                                else self.teacher).d_model)
         return d
 
     def run_specs(self) -> list[dict]:
@@ -251,7 +260,8 @@ def _run_key(method: str, seed: int, setting: dict) -> str:
     return hashlib.sha1(body.encode()).hexdigest()[:12]
 
 
-def distill_config_for(cfg: ExperimentConfig, spec: dict):
+def distill_config_for(cfg: ExperimentConfig, spec: dict, precision: str = "float32"):
+    """The run's DistillConfig; ``precision`` is the experiment's resolved one (bf16: training under autocast)."""
     from fastcd.config import DistillConfig
 
     s = spec["setting"]
@@ -261,5 +271,6 @@ def distill_config_for(cfg: ExperimentConfig, spec: dict):
                          steps=s["steps"], batch_size=s["batch_size"], lr=s["lr"], n_train=s["n_train"],
                          n_eval=cfg.n_test, seed=spec["seed"], kv=cfg.kv, log_every=cfg.log_every,
                          eval_every=cfg.eval_every, n_val=max(cfg.n_val, 1), progress=False,
-                         kd_weight=1.0 if method == "kd" else 0.0).validate()
+                         kd_weight=1.0 if method == "kd" else 0.0,
+                         mixed_precision="bf16" if precision == "bf16" else "no").validate()
 

@@ -42,8 +42,28 @@ class SharedSetup:
         write_json_atomic(obj, os.path.join(self.out, "shared", name), indent=1)
 
     # --- the pipeline ------------------------------------------------------------------------------
+    def amp(self):
+        """Autocast bf16 on the CPU when the experiment's precision resolves to bf16 (every frozen forward)."""
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16")
+
     def prepare(self) -> None:
-        """Everything runs share: tokenised prompt sets, circuit, matchings, teacher cache, base evaluation."""
+        """Everything runs share: tokenised prompt sets, circuit, matchings, teacher cache, base evaluation.
+        Under the experiment's precision: with bf16, the teacher is loaded in bf16, the student keeps float32
+        weights, and every forward runs under bf16 autocast."""
+        from fastcd.config import resolve_precision
+        from fastcd.loading import spec_of
+
+        cfg = self.cfg
+        s_path = cfg.student if cfg.positive_control is None else cfg.teacher
+        self.precision = resolve_precision(cfg.precision, spec_of(s_path).d_model)
+        say(f"precision: {self.precision}" + (" (auto)" if cfg.precision == "auto" else ""))
+        with self.amp():
+            self._prepare()
+
+    def _teacher_dtype(self):
+        return self.cfg.teacher_dtype or ("bf16" if self.precision == "bf16" else None)
+
+    def _prepare(self) -> None:
         from fastcd.artifacts import Circuit, Matching
         from fastcd.loading import load_model, load_tokenizer, spec_of
         from fastcd.tasks import EntityTracking, TheoryOfMind, adapt_task
@@ -98,10 +118,10 @@ class SharedSetup:
         teacher = None
         if any(need.values()):
             say(f"loading the teacher {t_path} (needed for: {', '.join(k for k, v in need.items() if v)})")
-            teacher = load_model(t_path, dtype=cfg.teacher_dtype)
+            teacher = load_model(t_path, dtype=self._teacher_dtype())
             teacher.eval()
         self.circuit = self._circuit(teacher)
-        self.student = load_model(s_path)
+        self.student = load_model(s_path, dtype="float32" if self.precision == "bf16" else None)  # master weights
         self.student.eval()
         if cfg.positive_control:
             self.reinit = self._reinit_heads()
@@ -246,7 +266,7 @@ class SharedSetup:
             if teacher is None:
                 from fastcd.loading import load_model
 
-                teacher = load_model(self.cfg.teacher, dtype=self.cfg.teacher_dtype)
+                teacher = load_model(self.cfg.teacher, dtype=self._teacher_dtype())
             t0 = time.time()
             say(f"teacher cache: {n_pool} prompts, {len(units)} (head, role) units, logits={need_logits}")
             pseudo = Matching([Pair(Head.parse(h), Head.parse(h), r) for h, r in units], "units")

@@ -135,6 +135,13 @@ def cka_loss_ref(x, y, *, eps: float = 1e-8, upcast: bool = True, estimator: str
         raise UsageError(f"CKA needs a batch of m >= 2 examples, got m={x.shape[1]}")
     if estimator == "unbiased" and x.shape[1] < 4:
         raise UsageError(f"the unbiased HSIC estimator needs m >= 4 examples, got m={x.shape[1]}")
+    with torch.autocast(x.device.type, enabled=False):  # under autocast the matmuls below would run in bf16/fp16
+        return _cka_loss_body(x, y, eps, upcast, estimator)
+
+
+def _cka_loss_body(x, y, eps, upcast, estimator):
+    import torch
+
     if upcast:
         x, y = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x, (
             y.float() if y.dtype in (torch.float16, torch.bfloat16) else y)

@@ -46,6 +46,7 @@ def _cfg(**kw) -> dict:
     ("cka_estimator", "debiased", "cka_estimator must be among"),
     ("cka_estimator", ["unbiased", "unbiased"], "cka_estimator must not repeat"),
     ("batch_size", [8, 48], "batch_size must be <= n_train in every setting"),
+    ("precision", "half", "precision must be one of"),
 ])
 def test_config_errors_name_the_field(field, value, message):
     with pytest.raises((ValueError, FileNotFoundError), match=message):
@@ -264,6 +265,29 @@ def test_seed_level_tests_are_primary_and_paired_over_seeds(small_run):
     md = open(os.path.join(out, "summary.md")).read()
     assert md.index("## Seed-level comparisons (primary") < md.index("## McNemar (descriptive, secondary")
     assert "(too few)" in md  # fewer than 6 seeds behind every comparison here
+
+
+def test_precision_auto_is_bf16_for_real_widths_on_the_cpu_only():
+    from fastcd.config import resolve_precision
+
+    assert resolve_precision("auto", 896) == "bf16" and resolve_precision("auto", 576) == "bf16"
+    assert resolve_precision("auto", 64) == "float32"  # the shipped toy checkpoints
+    assert resolve_precision("auto", 896, "cuda") == "float32"  # on a GPU mixed_precision says it
+    assert resolve_precision("float32", 896) == "float32" and resolve_precision("bf16", 64) == "bf16"
+    with pytest.raises(ValueError, match="precision must be one of"):
+        resolve_precision("fp8", 64)
+
+
+def test_bf16_experiment_trains_under_autocast_and_records_its_precision(tmp_path, capsys):
+    out = str(tmp_path / "bf16")
+    report = run_experiment(_cfg(methods=["ce+cka"], seeds=[0], precision="bf16", n_test=16), out, progress=False)
+    assert "precision: bf16" in capsys.readouterr().out
+    rec = next(iter(read_runs(os.path.join(out, "runs.jsonl")).values()))
+    assert 0 <= rec["accuracy"] <= 1 and math.isfinite(rec["log"][-1]["loss"])
+    assert json.load(open(os.path.join(out, "experiment.json")))["shared"]["precision"] == "bf16"
+    assert report["runs_done"] == 1
+    with pytest.raises(ValueError, match=r"differs in \['precision'\]"):  # no mixing of precisions in one OUT
+        Experiment(ExperimentConfig.from_dict(_cfg(methods=["ce+cka"], seeds=[0], n_test=16)), out)
 
 
 def test_a_manifest_without_the_pool_size_reads_it_from_its_config(small_run):

@@ -204,3 +204,27 @@ def test_two_step_distillation_trains_only_the_matched_slices_and_reloads(smol_d
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, res.student(ids).logits, rtol=0, atol=0)
     shutil.rmtree(tmp_path / "run")
+
+
+def test_real_throughput_quick_runs_every_stage_and_variant(smol_dir, tmp_path):
+    """benchmarks/real_throughput.py --quick on SmolLM2: every stage in float32 and bf16 (a smoke: no timing
+    assertion), paired accuracy counts and label agreement present, JSON lines also written to --out."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "rt.jsonl"
+    p = subprocess.run([sys.executable, str(root / "benchmarks" / "real_throughput.py"), "--model", str(smol_dir),
+                        "--quick", "--out", str(out)], capture_output=True, text=True, cwd=root, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    got = {(r["stage"], r.get("variant")) for r in recs}
+    for stage in ("evaluation", "teacher cache"):
+        assert {(stage, v) for v in ("float32", "bf16-autocast", "bf16-weights")} <= got
+    assert {("ce+cka step", "float32"), ("ce+cka step", "bf16-autocast")} <= got
+    ev = [r for r in recs if r["stage"] == "evaluation" and r["variant"] != "float32"]
+    assert all(r["only_float32_right"] + r["only_bf16_right"] <= r["n"] for r in ev)
+    assert all(0 <= r["labels_equal_float32"] <= 1 for r in recs if r["stage"] == "teacher cache" and
+               r["variant"] != "float32")
+    assert all(r["seconds_per_step"] > 0 for r in recs if r["stage"] == "ce+cka step")

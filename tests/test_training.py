@@ -186,3 +186,22 @@ def test_a_checkpoint_from_the_with_replacement_sampler_is_refused(tmp_path):
     torch.save({"identity": identity, "step": 1, "generator": torch.Generator().get_state()}, path)
     with pytest.raises(ValueError, match="drew batches with replacement"):
         _load_checkpoint(path, identity, DistillConfig(steps=2))
+
+
+@pytest.mark.parametrize("estimator", ["biased", "unbiased"])
+def test_cka_loss_is_float32_under_bf16_autocast(estimator):
+    """Training under autocast bf16 (mixed_precision='bf16', the CPU default for real models) must not compute the
+    CKA Gram matrices in bf16: the loss and its gradient equal the float32 ones."""
+    from fastcd.cka import cka_loss
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 32, 16, generator=g, requires_grad=True)
+    y = x.detach() @ torch.randn(16, 24, generator=g) + 0.3 * torch.randn(3, 32, 24, generator=g)
+    ref, ref_cka = cka_loss(x, y, estimator=estimator, impl="torch")
+    (gx,) = torch.autograd.grad(ref, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, got_cka = cka_loss(x, y, estimator=estimator, impl="torch")
+    (gx2,) = torch.autograd.grad(got, x)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got_cka, ref_cka, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gx2, gx, rtol=1e-5, atol=1e-7)

@@ -1,0 +1,178 @@
+"""Real-model throughput on the CPU: float32 against bf16, measured side by side in one process.
+
+For a prepared model (``fastcd models prepare NAME``, or a converted directory), on entity-tracking prompts:
+
+    evaluation     ``accuracy_per_example`` over --n-eval test prompts: float32; bf16 autocast (float32 weights,
+                   what training and fastcd's frozen forwards use); bf16 weights. Time, accuracy, and the paired
+                   comparison with float32: prompts only float32 gets right / only bf16 gets right (exact McNemar).
+    teacher cache  ``teacher_signals`` (argmax labels and --pairs heads' z at the last token) over --n-cache
+                   training prompts, the same three variants: time, labels equal to float32's, z relative error,
+                   and each head's CKA between its bf16 z and its float32 z (1 = the same representation).
+    ce+cka step    one optimizer step of ``CircuitDistiller`` (the model as its own student, --pairs matched
+                   heads, teacher signals from the float32 cache), mixed_precision "no" against "bf16": the mean
+                   of --steps steps after one warm-up step.
+
+One JSON line per stage and variant on stdout (and appended to --out). Prefix reuse, attribution and
+circuit-search timings are not measured here yet. Not a test: it measures; --quick runs every path at tiny
+sizes (CI smoke on SmolLM2: tests/test_real_models.py).
+
+    python benchmarks/real_throughput.py --model qwen2.5-coder-0.5b --out real_throughput.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import time
+
+
+def _peak_mib() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+VARIANTS = ("float32", "bf16-autocast", "bf16-weights")
+
+
+def _variant(model, name):
+    """(model to run, context) for a variant; bf16-weights casts a copy of the weights once."""
+    import contextlib
+    import copy
+
+    import torch
+
+    if name == "float32":
+        return model, contextlib.nullcontext
+    if name == "bf16-autocast":
+        return model, lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+    return copy.deepcopy(model).to(torch.bfloat16), contextlib.nullcontext
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True, help="a prepared model name or a converted directory")
+    ap.add_argument("--boxes", type=int, default=7)
+    ap.add_argument("--n-eval", type=int, default=250)
+    ap.add_argument("--n-cache", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=16, help="training batch (the CKA batch m)")
+    ap.add_argument("--pairs", type=int, default=12, help="matched heads (the circuit size)")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="tiny sizes: every path once (smoke)")
+    ap.add_argument("--out", default=None, help="append the JSON lines to this file too")
+    a = ap.parse_args(argv)
+    if a.quick:
+        a.n_eval, a.n_cache, a.batch, a.pairs, a.steps, a.boxes = 8, 8, 4, 2, 1, 3
+
+    import torch
+    from scipy.stats import binomtest
+
+    import fastcd
+    from fastcd.artifacts import Matching, Pair
+    from fastcd.cka import cka_loss
+    from fastcd.config import DistillConfig
+    from fastcd.distillation import CircuitDistiller, make_batch
+    from fastcd.metrics import accuracy_per_example
+    from fastcd.models import Head, get_adapter
+    from fastcd.tasks import EntityTracking, adapt_task
+    from fastcd.teacher_cache import MemoryCache, teacher_signals
+    from fastcd.trainable import merge
+    from fastcd.training import batch_rows
+
+    cond = {"model": a.model, "boxes": a.boxes, "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cpu": platform.processor() or platform.machine()}
+
+    def emit(rec):
+        line = json.dumps({**cond, **rec, "peak_rss_mib": _peak_mib()})
+        print(line, flush=True)
+        if a.out:
+            with open(a.out, "a") as f:
+                f.write(line + "\n")
+
+    t0 = time.time()
+    model = fastcd.load_model(a.model, dtype="float32")
+    tok = fastcd.load_tokenizer(a.model)
+    model.eval()
+    emit({"stage": "load", "seconds": round(time.time() - t0, 1)})
+    task = adapt_task(EntityTracking(n_boxes=a.boxes), [tok])
+    test = task.encode(task.generate(a.n_eval, seed=0, split="test"), tok)
+    train = task.encode(task.generate(max(a.n_cache, a.batch), seed=1, split="train"), tok)
+    spec = get_adapter(model).spec
+    g = torch.Generator().manual_seed(0)
+    flat = torch.randperm(spec.n_layers * spec.n_heads, generator=g)[:a.pairs].tolist()
+    heads = [Head(h // spec.n_heads, h % spec.n_heads) for h in flat]
+    matching = Matching([Pair(h, h, "last") for h in heads], "bench")
+
+    # evaluation
+    ref = None
+    for name in VARIANTS:
+        m, ctx = _variant(model, name)
+        with torch.no_grad(), ctx():
+            t = time.time()
+            correct = accuracy_per_example(m, test, batch_size=32)
+            sec = time.time() - t
+        rec = {"stage": "evaluation", "variant": name, "n": len(test), "seconds": round(sec, 2),
+               "accuracy": sum(correct) / len(correct)}
+        if ref is None:
+            ref = correct
+        else:
+            only_fp32 = sum(x and not y for x, y in zip(ref, correct))
+            only_bf16 = sum(y and not x for x, y in zip(ref, correct))
+            rec.update(only_float32_right=only_fp32, only_bf16_right=only_bf16,
+                       mcnemar_p=1.0 if only_fp32 + only_bf16 == 0 else
+                       binomtest(only_fp32, only_fp32 + only_bf16, 0.5).pvalue)
+        emit(rec)
+        del m
+
+    # teacher cache
+    cache_batch = train.index(range(a.n_cache))
+    sig_ref = None
+    for name in VARIANTS:
+        m, ctx = _variant(model, name)
+        with torch.no_grad(), ctx():
+            t = time.time()
+            sig = teacher_signals(m, cache_batch, matching, batch_size=32)
+            sec = time.time() - t
+        rec = {"stage": "teacher cache", "variant": name, "n": a.n_cache, "seconds": round(sec, 2)}
+        if sig_ref is None:
+            sig_ref = sig
+        else:
+            rec["labels_equal_float32"] = float((sig["labels"] == sig_ref["labels"]).float().mean())
+            rec["z_rel_err"] = float((sig["z"] - sig_ref["z"]).norm() / sig_ref["z"].norm())
+            _, same = cka_loss(sig["z"].float(), sig_ref["z"], impl="torch")  # per head: bf16 z vs float32 z
+            zr = sig_ref["z"]  # [P, N, d]; a head whose float32 z is the same for every prompt has no CKA at all
+            spread = (zr - zr.mean(1, keepdim=True)).flatten(1).norm(dim=1) / zr.flatten(1).norm(dim=1).clamp_min(1e-30)
+            live = spread > 1e-4
+            rec["z_cka_to_float32"] = {"min": round(float(same[live].min()), 4) if live.any() else None,
+                                       "mean": round(float(same[live].mean()), 4) if live.any() else None,
+                                       "constant_heads_left_out": int((~live).sum())}
+        emit(rec)
+        del m
+
+    # ce+cka step: the model is its own student; teacher signals from the float32 cache
+    cache = MemoryCache(sig_ref)
+    rows = [batch_rows(len(cache_batch), a.batch, s, seed=0) for s in range(a.steps + 1)]
+    for prec in ("no", "bf16"):
+        cfg = DistillConfig(method="ce+cka", batch_size=a.batch, n_train=a.n_cache, mixed_precision=prec,
+                            progress=False)
+        cd = CircuitDistiller(model, matching, config=cfg)
+        opt = torch.optim.AdamW(cd.trainable_parameters(), lr=1e-5)
+        times = []
+        for i, idx in enumerate(rows):
+            t = time.time()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=prec == "bf16"):
+                loss, parts = cd(make_batch(idx, cache_batch, None, cache))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if i:  # the first step warms up
+                times.append(time.time() - t)
+        merge(cd.slices)
+        emit({"stage": "ce+cka step", "variant": "float32" if prec == "no" else "bf16-autocast",
+              "batch": a.batch, "pairs": a.pairs, "seconds_per_step": round(sum(times) / len(times), 3),
+              "trainable_params": cd.n_trainable, "last_loss": {k: round(v, 4) for k, v in parts.items()}})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
