@@ -48,9 +48,17 @@ METHODS = tuple(n for n, s in METHOD_SPECS.items() if s.in_distill)  # what dist
 ALL_METHODS = tuple(METHOD_SPECS)  # plus the experiment-only controls
 TEST_SEED = 0  # the seed of the test prompts, the same for every run whatever its training seed
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
-PRECISIONS = ("no", "bf16", "fp16")
+PRECISIONS = ("auto", "no", "bf16", "fp16")
 COMPUTE_PRECISIONS = ("auto", "float32", "bf16")  # fastcd experiment's `precision`
 BF16_MIN_D_MODEL = 512  # "auto" computes in bf16 on the CPU for models at least this wide (every real LM here)
+
+
+def resolve_mixed_precision(mixed_precision: str, d_model: int, device_type: str = "cpu") -> str:
+    """DistillConfig.mixed_precision with "auto" resolved: "bf16" where :func:`resolve_precision` says bf16, else
+    "no"; other values are kept."""
+    if mixed_precision != "auto":
+        return mixed_precision
+    return "bf16" if resolve_precision("auto", d_model, device_type) == "bf16" else "no"
 
 
 def resolve_precision(precision: str, d_model: int, device_type: str = "cpu") -> str:
@@ -105,7 +113,9 @@ class DistillConfig:
     warmup_steps: int = option(0, "linear warmup steps (overrides warmup_ratio when > 0)")
     warmup_ratio: float = option(0.0, "warmup as a fraction of steps")
     max_grad_norm: float = option(0.0, "clip the trainable gradients to this global norm (0: no clipping)")
-    mixed_precision: str = option("no", "autocast the student's forward: bf16 (CUDA or CPU) or fp16 (CUDA, with a "
+    mixed_precision: str = option("auto", "autocast: auto (bf16 on the CPU for real LMs, width >= 512: the teacher in "
+                                  "bf16, the student's forward and every frozen forward under bf16 autocast; "
+                                  "otherwise no), no, bf16 (CUDA or CPU) or fp16 (CUDA, with a "
                                  "gradient scaler)", choices=PRECISIONS)
     weight_decay: float = option(0.0, "AdamW weight decay")
     labels: str = option("teacher", "CE targets: the teacher's argmax answer or the gold answer",

@@ -8,13 +8,13 @@ import json
 import os
 import random
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
 
 from fastcd.artifacts import Circuit, Matching
-from fastcd.config import TEST_SEED, DistillConfig
+from fastcd.config import TEST_SEED, DistillConfig, resolve_mixed_precision
 from fastcd.discover import default_circuit
 from fastcd.distillation import CircuitDistiller, check_vocabularies
 from fastcd.errors import UsageError
@@ -133,9 +133,22 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
         t_spec = spec_of(teacher)
         for h in circuit.unique_heads():
             t_spec.check_head(h, "circuit head")
-    student = load_model(student, device=cfg.device, what="student")
-    teacher = None if teacher is None else load_model(teacher, dtype=cfg.teacher_dtype, device=cfg.device,
-                                                      what="teacher")
+    if cfg.mixed_precision == "auto":  # bf16 on the CPU for real LMs (config only: no weights read yet)
+        dev_type = torch.device(cfg.device).type if cfg.device else "cpu"
+        cfg = replace(cfg, mixed_precision=resolve_mixed_precision(
+            "auto", spec_of(student, "student").d_model, dev_type))
+    bf16 = cfg.mixed_precision == "bf16"
+    # bf16: a student read from disk keeps float32 master weights; the frozen teacher is loaded in bf16
+    student = load_model(student, device=cfg.device, what="student",
+                         dtype="float32" if bf16 and isinstance(student, (str, os.PathLike)) else None)
+    teacher = None if teacher is None else load_model(
+        teacher, dtype=cfg.teacher_dtype or ("bf16" if bf16 and isinstance(teacher, (str, os.PathLike)) else None),
+        device=cfg.device, what="teacher")
+    dev_type = next(student.parameters()).device.type
+
+    def amp():  # every frozen forward (discovery, matching, evaluation) under the run's autocast
+        return torch.autocast(dev_type, dtype=torch.bfloat16, enabled=bf16)
+
     if teacher is None and teacher_cache is None:
         raise UsageError("teacher is None: pass a teacher or a teacher_cache")
     if teacher is not None:
@@ -175,15 +188,17 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
         t_clean = task.encode([p.clean for p in dpairs], t_tok)
         t_corrupt = task.encode([p.corrupt for p in dpairs], t_tok)
         if circuit is None:
-            circuit, _, _ = default_circuit(teacher, task, t_clean, t_corrupt, method=cfg.discovery,
-                                            top_k=cfg.top_k, path_k=cfg.path_k, progress=cfg.progress)
+            with amp():
+                circuit, _, _ = default_circuit(teacher, task, t_clean, t_corrupt, method=cfg.discovery,
+                                                top_k=cfg.top_k, path_k=cfg.path_k, progress=cfg.progress)
         if spec.random_students:
             matching = match_random(circuit, student, seed=cfg.seed)
         else:
             inp = MatchInputs(teacher, student, circuit, t_clean, task.encode([p.clean for p in dpairs], s_tok),
                               t_corrupt, task.encode([p.corrupt for p in dpairs], s_tok))
             kw = {"progress": cfg.progress} if cfg.matching_method in ("ablation", "combined") else {}
-            matching = match(inp, cfg.matching_method, **kw)
+            with amp():
+                matching = match(inp, cfg.matching_method, **kw)
     elif spec.random_students and matching is not None and matching.method != "random":
         matching = match_random(matching, student, seed=cfg.seed)
     if matching is not None:
@@ -229,7 +244,8 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
     if base_accuracy is None:  # the untrained student, reported beside the trained one
         was = student.training
         student.eval()
-        base_accuracy = sum(accuracy_per_example(student, s_test)) / len(s_test)
+        with amp():
+            base_accuracy = sum(accuracy_per_example(student, s_test)) / len(s_test)
         student.train(was)
 
     def save(step_, log_):
@@ -260,7 +276,8 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
         merge(cd.slices)
     for p in student.parameters():
         p.requires_grad_(False)
-    correct = accuracy_per_example(student, s_test)
+    with amp():
+        correct = accuracy_per_example(student, s_test)
     metrics = {"method": cfg.method, "student_accuracy": sum(correct) / len(correct),
                "student_base_accuracy": base_accuracy,
                "trainable_params": cd.n_trainable,
@@ -269,9 +286,10 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
                "trainable_fraction": cd.n_trainable / sum(p.numel() for p in student.parameters())}
     circ_correct = []
     if matching is not None:
-        means = mean_z(student, s_ref.input_ids.to(next(student.parameters()).device))
         live = [(p.student, p.position) for p in matching.pairs]
-        circ_correct = circuit_correct(student, s_test, means, live, batch_size=128)
+        with amp():
+            means = mean_z(student, s_ref.input_ids.to(next(student.parameters()).device))
+            circ_correct = circuit_correct(student, s_test, means, live, batch_size=128)
         metrics["student_circuit_accuracy"] = sum(circ_correct) / len(circ_correct)
         s_spec = get_adapter(student).spec
         trained = s_spec.n_total_heads if spec.full_model else len(matching.student_heads())
@@ -279,7 +297,8 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
         metrics["trained_heads_fraction"] = trained / s_spec.n_total_heads
     if teacher is not None:
         t_test = task.encode([p.clean for p in test_pairs], t_tok)
-        metrics["teacher_accuracy"] = sum(accuracy_per_example(teacher, t_test)) / len(t_test)
+        with amp():
+            metrics["teacher_accuracy"] = sum(accuracy_per_example(teacher, t_test)) / len(t_test)
     metrics["world_size"] = world
     result = DistillResult(student, matching, circuit, metrics, log, correct, circ_correct)
     if cfg.out and rank == 0:

@@ -15,9 +15,10 @@ import time
 
 import torch
 
-from fastcd.config import DistillConfig
+from fastcd.config import DistillConfig, resolve_mixed_precision
 from fastcd.distillation import CircuitDistiller, make_batch
 from fastcd.metrics import accuracy_per_example
+from fastcd.models import get_adapter
 from fastcd.tasks.base import EncodedBatch
 
 BATCH_ORDER = "epochs"  # recorded in checkpoints: how batches are drawn (older fastcd drew with replacement)
@@ -127,8 +128,9 @@ def train_loop(cd: CircuitDistiller, opt, seed: int, cfg: DistillConfig, s_train
                               s_train, t_train, cache) for i in range(3)]
         cd.calibrate_lambda(batches)
     dev = next(student.parameters()).device
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
-    scaler = torch.amp.GradScaler("cuda") if cfg.mixed_precision == "fp16" else None
+    mp = resolve_mixed_precision(cfg.mixed_precision, get_adapter(student).spec.d_model, dev.type)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp)
+    scaler = torch.amp.GradScaler("cuda") if mp == "fp16" else None
     params = cd.trainable_parameters()
     n_skipped = 0
     t0 = time.time()

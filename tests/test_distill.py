@@ -608,3 +608,28 @@ def test_small_cka_batch_warns_with_the_biased_estimator(tok):
         cd = CircuitDistiller(student, _matching(), config=_cfg(method="ce+cka", batch_size=8,
                                                                 cka_estimator="unbiased"))
     merge(cd.slices)
+
+
+def _wide(vocab, seed):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=512, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=128))
+
+
+@pytest.mark.parametrize("width", ["wide", "toy"])
+def test_mixed_precision_auto_is_bf16_on_the_cpu_for_real_widths_only(tok, width):
+    """The default ``mixed_precision="auto"`` trains and evaluates a model at least 512 wide under bf16 autocast on
+    the CPU (float32 master weights), and a toy-width one in float32."""
+    wide = width == "wide"
+    teacher = _wide(len(tok), 1) if wide else make_tiny("llama", vocab_size=len(tok), seed=1)
+    student = _wide(len(tok), 2) if wide else make_tiny("llama", vocab_size=len(tok), seed=2)
+    seen = set()
+    student.model.layers[0].self_attn.q_proj.register_forward_hook(lambda m, i, o: seen.add(o.dtype))
+    pairs = [(Head(0, 1), Head(0, 2), "last")]
+    res = distill(teacher, student, TASK, matching=_matching(pairs),
+                  config=_cfg(steps=2, n_train=8, n_eval=8, lr=1e-3), student_tokenizer=tok, teacher_tokenizer=tok)
+    assert seen == ({torch.bfloat16} if wide else {torch.float32})
+    assert all(p.dtype == torch.float32 for p in res.student.parameters())
+    assert math.isfinite(res.log[-1]["loss"])
