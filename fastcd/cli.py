@@ -290,6 +290,12 @@ def _run_experiment(argv) -> int:
     from fastcd.report import write_report
 
     cfg = ExperimentConfig.from_file(ns.experiment_config)
+    if a.plan:
+        from fastcd.experiment import Experiment
+
+        Experiment(cfg.validate(), a.out, progress=a.progress).plan()
+        print(os.path.join(a.out, "plan.json"))
+        return 0
     if a.report_only:
         if not os.path.isfile(os.path.join(a.out, "experiment.json")):
             raise InputFileError(f"--out: {a.out!r} holds no experiment (no experiment.json)")

@@ -160,6 +160,7 @@ class Experiment(SharedSetup):
         todo = [s for s in specs if s["key"] not in done]
         say(f"{len(specs)} runs, {len(specs) - len(todo)} done, {len(todo)} to run")
         if todo:
+            self.plan()
             self.prepare()
         took = []
         for i, spec in enumerate(todo):
@@ -177,6 +178,41 @@ class Experiment(SharedSetup):
                  f"ETA {eta / 60:.0f} min")
             write_report(self.out, self.cfg)
         return write_report(self.out, self.cfg)
+
+
+    def plan(self) -> dict:
+        """Count the work left, calibrate on this machine (both models, in the experiment's precision), predict
+        each stage's time and the peak memory; printed, and kept in ``OUT/plan.json`` for the report."""
+        import gc
+
+        from fastcd.loading import load_model
+        from fastcd.plan import calibrate, count_work, format_plan, predict
+
+        cfg = self.cfg
+        self._resolve_precision()
+        self._prompts()
+        need = self._need()
+        done = set(self.done())
+        specs = [s for s in cfg.run_specs() if s["key"] not in done]
+        plan = {"work": count_work(cfg, done, need, self.n_pool), "precision": self.precision,
+                "planned_runs": [s["key"] for s in specs], "made": time.strftime("%Y-%m-%d %H:%M:%S")}
+        if specs or any(need.values()):
+            teacher = load_model(self.t_path, dtype=self._teacher_dtype())
+            student = load_model(self.s_path, dtype="float32")
+            t0 = time.time()
+            cal = calibrate(teacher, student, self.t_test, self.s_test,
+                            {s["setting"]["batch_size"] for s in specs} or {cfg.values("batch_size")[0]},
+                            cfg.circuit_size, self.amp, "bf16" if self.precision == "bf16" else "no")
+            cal["seconds"] = round(time.time() - t0, 1)
+            del teacher, student
+            gc.collect()
+            units = cfg.circuit_size * max(1, len(cfg.positions or []))  # the cached z: float32, [units, pool, d]
+            cache_gib = self.n_pool * units * self.t_spec.d_head * 4 / 2**30
+            plan["calibration"], plan["predicted"] = cal, predict(plan["work"], cal, cache_gib)
+            for line in format_plan(plan):
+                say(line)
+        write_json_atomic(plan, os.path.join(self.out, "plan.json"), indent=1)
+        return plan
 
 
 def migrate_runs(path: str, estimator: str) -> int:

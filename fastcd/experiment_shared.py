@@ -50,6 +50,11 @@ class SharedSetup:
         """Everything runs share: tokenised prompt sets, circuit, matchings, teacher cache, base evaluation.
         Under the experiment's precision: with bf16, the teacher is loaded in bf16, the student keeps float32
         weights, and every forward runs under bf16 autocast."""
+        self._resolve_precision()
+        with self.amp():
+            self._prepare()
+
+    def _resolve_precision(self) -> None:
         from fastcd.config import resolve_precision
         from fastcd.loading import spec_of
 
@@ -57,15 +62,30 @@ class SharedSetup:
         s_path = cfg.student if cfg.positive_control is None else cfg.teacher
         self.precision = resolve_precision(cfg.precision, spec_of(s_path).d_model)
         say(f"precision: {self.precision}" + (" (auto)" if cfg.precision == "auto" else ""))
-        with self.amp():
-            self._prepare()
 
     def _teacher_dtype(self):
-        return self.cfg.teacher_dtype or ("bf16" if self.precision == "bf16" else None)
+        """bf16 for a bf16 experiment, float32 for a float32 one (whatever dtype the checkpoint is stored in)."""
+        return self.cfg.teacher_dtype or ("bf16" if self.precision == "bf16" else "float32")
 
     def _prepare(self) -> None:
+        if not hasattr(self, "n_pool"):  # the plan may have made them already
+            self._prompts()
+        self._models()
+
+    def _need(self) -> dict:
+        """Which shared records are still to be made (each needs the teacher)."""
+        cfg = self.cfg
+        return {"circuit": self._shared("circuit.json") is None and not cfg.circuit,
+                "matchings": any(self._shared(f"matching_{r}.json") is None for r in cfg.values("matching")
+                                 if r != "identity" and r not in cfg.matching_files),
+                "cache": not self._cache_ok(self.n_pool),
+                "teacher_eval": self._shared("teacher_eval.json") is None,
+                "recovery": bool(cfg.positive_control) and self._shared("recovery.json") is None}
+
+    def _prompts(self) -> None:
+        """Tokenisers, tasks and every prompt set (no model weights)."""
         from fastcd.artifacts import Circuit, Matching
-        from fastcd.loading import load_model, load_tokenizer, spec_of
+        from fastcd.loading import load_tokenizer, spec_of
         from fastcd.tasks import EntityTracking, TheoryOfMind, adapt_task
 
         cfg = self.cfg
@@ -79,7 +99,7 @@ class SharedSetup:
                 t_spec.check_head(h, "circuit head")
         for path in cfg.matching_files.values():
             Matching.load(path).check_models(t_path, s_path)
-        self.t_spec, self.s_spec = t_spec, s_spec
+        self.t_spec, self.s_spec, self.t_path, self.s_path = t_spec, s_spec, t_path, s_path
         tok = load_tokenizer(s_path)
         t_tok = load_tokenizer(t_path) if t_path != s_path else tok
         mk = (lambda n: EntityTracking(n_boxes=n)) if cfg.task == "entity-tracking" else (lambda n: TheoryOfMind())
@@ -95,7 +115,7 @@ class SharedSetup:
         for seed in sorted(self.cfg.seeds):
             self.seed_offset[seed] = len(pool_ex)
             pool_ex += self.task.generate(per_seed, seed=POOL_SEED + seed, split="train")
-        n_pool = len(pool_ex)
+        self.n_pool = len(pool_ex)
         self.s_pool = self.task.encode(pool_ex, tok)
         self.t_pool = self.task.encode(pool_ex, t_tok) if t_tok is not tok else self.s_pool
         test_pairs = self.test_task.pairs(cfg.n_test, seed=TEST_SEED, split="test")
@@ -108,20 +128,20 @@ class SharedSetup:
         self.d_clean = [p.clean for p in dpairs]
         self.d_corrupt = [p.corrupt for p in dpairs]
 
+    def _models(self) -> None:
+        """Load the models, then the circuit, matchings, teacher cache and evaluations each run shares."""
+        from fastcd.loading import load_model
+
+        cfg, t_path, s_path, n_pool = self.cfg, self.t_path, self.s_path, self.n_pool
         rules = [r for r in cfg.values("matching")]
-        need = {"circuit": self._shared("circuit.json") is None and not cfg.circuit,
-                "matchings": any(self._shared(f"matching_{r}.json") is None for r in rules
-                                 if r != "identity" and r not in cfg.matching_files),
-                "cache": not self._cache_ok(n_pool),
-                "teacher_eval": self._shared("teacher_eval.json") is None,
-                "recovery": bool(cfg.positive_control) and self._shared("recovery.json") is None}
+        need = self._need()
         teacher = None
         if any(need.values()):
             say(f"loading the teacher {t_path} (needed for: {', '.join(k for k, v in need.items() if v)})")
             teacher = load_model(t_path, dtype=self._teacher_dtype())
             teacher.eval()
         self.circuit = self._circuit(teacher)
-        self.student = load_model(s_path, dtype="float32" if self.precision == "bf16" else None)  # master weights
+        self.student = load_model(s_path, dtype="float32")  # float32 master weights in either precision
         self.student.eval()
         if cfg.positive_control:
             self.reinit = self._reinit_heads()

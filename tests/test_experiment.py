@@ -439,3 +439,40 @@ def test_a_degenerate_permuted_control_is_recorded_not_fatal(tmp_path):
     assert report["runs_done"] == 2 and len(report["not_applicable"]) == 1
     assert "needs at least two distinct teacher units" in report["not_applicable"][0]["not_applicable"]
     assert "Not applicable: ce+perm-cka" in (tmp_path / "deg" / "summary.md").read_text()
+
+
+def test_plan_counts_the_work_left_calibrates_and_the_report_sets_it_beside_the_measured(tmp_path):
+    """`fastcd experiment CONFIG --plan`: counts that follow from the config, a calibration on this machine,
+    predicted seconds per stage; a run writes the plan first and its report puts the measured run time beside it."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    d = _cfg(methods=["circuit-ce", "ce+cka", "full-ce"], seeds=[0, 1], steps=[2, 3], n_test=16, n_val=8,
+             eval_every=2)
+    conf = tmp_path / "exp.yaml"
+    conf.write_text(yaml.safe_dump(d))
+    out = tmp_path / "run"
+    p = subprocess.run([sys.executable, "-m", "fastcd", "experiment", str(conf), "--out", str(out), "--plan"],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    plan = json.load(open(out / "plan.json"))
+    specs = ExperimentConfig.from_dict(d).run_specs()
+    w = plan["work"]
+    assert w["runs"] == len(specs) == 12  # 3 methods x 2 seeds x 2 step counts
+    assert w["steps"] == sum(s["setting"]["steps"] for s in specs) == 2 * 3 * (2 + 3)
+    circuit_runs = sum(1 for s in specs if s["method"] != "full-ce")
+    val = sum(8 * (s["setting"]["steps"] // 2) for s in specs)
+    assert w["student_forward_prompts"] == 16 * (len(specs) + circuit_runs) + val + 2 * 16
+    assert w["teacher_forward_prompts"] == 2 * 32 + 16  # the cache over both seeds' pools, the teacher's test
+    cal = plan["calibration"]
+    assert cal["teacher_s_per_prompt"] > 0 and cal["student_s_per_prompt"] > 0 and set(cal["step_s"]) == {"8"}
+    assert plan["predicted"]["total_seconds"] == pytest.approx(sum(plan["predicted"]["seconds"].values()), abs=0.2)
+    assert "runs to do" in p.stdout and not os.path.exists(out / "runs.jsonl")  # --plan runs nothing
+    report = run_experiment(d, str(out), progress=False)
+    pl = report["plan"]
+    assert pl["planned_runs"] == pl["planned_runs_done"] == 12
+    recs = read_runs(os.path.join(out, "runs.jsonl")).values()
+    assert pl["measured_runs_seconds"] == pytest.approx(sum(r["seconds"] for r in recs), abs=0.05)
+    assert "Cost plan" in open(out / "summary.md").read()

@@ -15,7 +15,7 @@ STAGES = [
     {"artifacts", "metrics"},
     {"discover", "attribution", "path_patching", "match", "pretrain"},
     {"distillation", "teacher_cache", "training", "card", "pipeline"},
-    {"experiment_config", "report", "plots", "experiment_shared", "experiment", "demo"},
+    {"experiment_config", "plan", "report", "plots", "experiment_shared", "experiment", "demo"},
     {"cli", "__main__"},
 ]
 STAGE = {m: i for i, s in enumerate(STAGES) for m in s}
