@@ -19,6 +19,8 @@ from fastcd.io import write_json_atomic
 from fastcd.report import bits
 from fastcd.trainable import reinit_heads
 
+CIRCUIT_EVAL_PROMPTS = 128  # the teacher circuit's faithfulness: the first 128 test prompts (12 forwards each)
+
 
 def say(msg: str) -> None:
     print(time.strftime("%H:%M:%S"), "experiment:", msg, flush=True)
@@ -80,6 +82,7 @@ class SharedSetup:
                                  if r != "identity" and r not in cfg.matching_files),
                 "cache": not self._cache_ok(self.n_pool),
                 "teacher_eval": self._shared("teacher_eval.json") is None,
+                "circuit_eval": self._shared("circuit_eval.json") is None,
                 "recovery": bool(cfg.positive_control) and self._shared("recovery.json") is None}
 
     def _prompts(self) -> None:
@@ -122,6 +125,7 @@ class SharedSetup:
         self.s_test = self.test_task.encode([p.clean for p in test_pairs], tok)
         self.s_ref = self.test_task.encode([p.corrupt for p in test_pairs], tok)
         self.t_test = self.test_task.encode([p.clean for p in test_pairs], t_tok) if t_tok is not tok else self.s_test
+        self.t_ref = self.test_task.encode([p.corrupt for p in test_pairs], t_tok) if t_tok is not tok else self.s_ref
         self.s_val = (self.task.encode(self.task.generate(cfg.n_val, seed=TEST_SEED, split="val"), tok)
                       if cfg.n_val else None)
         dpairs = self.task.pairs(cfg.n_discovery, seed=TEST_SEED, split="val")
@@ -156,6 +160,12 @@ class SharedSetup:
             say(f"teacher accuracy on the {len(self.t_test)} test prompts")
             tc = accuracy_per_example(teacher, self.t_test)
             self._put_shared("teacher_eval.json", {"correct": bits(tc), "accuracy": sum(tc) / len(tc)})
+        if need["circuit_eval"]:  # the teacher circuit's faithfulness, with 10 random circuits of its size and roles
+            from fastcd.metrics import faithfulness_record
+            n = min(len(self.t_test), CIRCUIT_EVAL_PROMPTS)
+            say(f"teacher circuit faithfulness on {n} test prompts")
+            self._put_shared("circuit_eval.json", faithfulness_record(
+                teacher, self.t_test.index(range(n)), self.t_ref.index(range(n)), self.circuit, split="test"))
         del teacher
         gc.collect()
         self.base_state = {k: v.detach().clone() for k, v in self.student.state_dict().items()}

@@ -195,3 +195,19 @@ def evaluate_circuit(model: nn.Module, clean: EncodedBatch, circuit: Circuit, *,
         "circuit_size": size,
         "n_heads_total": spec.n_total_heads,
     }
+
+
+CIRCUIT_PROTOCOL = ("mean ablation: every head outside the circuit at every position, a circuit head live only at its "
+                    "role, per-position means over the corrupted prompts")
+
+
+def faithfulness_record(model: nn.Module, clean: EncodedBatch, reference: EncodedBatch, circuit: Circuit, *,
+                        split: str, n_random: int = 10, seed: int = 0) -> dict:
+    """:func:`evaluate_circuit` with what a reader needs beside it: the spread of the random circuits, how many
+    prompts of which split, and the ablation protocol."""
+    import statistics
+
+    ev = evaluate_circuit(model, clean, circuit, reference=reference, n_random=n_random, seed=seed)
+    rand = ev["random_circuit_accuracies"]
+    return {**ev, "random_circuit_sd": statistics.stdev(rand) if len(rand) > 1 else None, "n_random": len(rand),
+            "n_prompts": len(clean), "split": split, "protocol": CIRCUIT_PROTOCOL}

@@ -12,6 +12,8 @@ benchmarks/RESULTS.md).
 
 from __future__ import annotations
 
+import json
+import os
 import resource
 import time
 
@@ -34,7 +36,8 @@ def count_work(cfg, done_keys: set, need: dict, n_pool: int) -> dict:
         eval_prompts += cfg.n_test * (2 if circuit else 1)  # accuracy, and circuit accuracy with the means
         if cfg.eval_every:
             eval_prompts += cfg.n_val * (st["steps"] // cfg.eval_every)
-    teacher = (n_pool if need.get("cache") else 0) + (cfg.n_test if need.get("teacher_eval") else 0)
+    teacher = ((n_pool if need.get("cache") else 0) + (cfg.n_test if need.get("teacher_eval") else 0)
+               + (12 * min(cfg.n_test, 128) if need.get("circuit_eval") else 0))  # full, circuit, 10 random
     student_base = (2 * cfg.n_test if cfg.circuit_accuracy else cfg.n_test) if specs else 0
     return {"runs": len(specs), "steps": sum(by_batch.values()), "steps_by_batch_size": by_batch,
             "teacher_forward_prompts": teacher, "student_forward_prompts": eval_prompts + student_base,
@@ -123,3 +126,21 @@ def format_plan(plan: dict) -> list[str]:
         lines.append(f"plan:   not timed: discovery on {w['discovery_prompts']} and matching on "
                      f"{w['matching_prompts']} prompt pairs")
     return lines
+
+
+def plan_vs_measured(out: str, recs: list[dict]) -> dict | None:
+    """The last cost plan (OUT/plan.json) beside the measured time of the runs it planned."""
+    path = os.path.join(out, "plan.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        plan = json.load(f)
+    if "predicted" not in plan:
+        return None
+    planned = set(plan.get("planned_runs", []))
+    secs = [r.get("seconds", 0.0) for r in recs if r["key"] in planned]
+    pred = plan["predicted"]["seconds"]
+    return {"made": plan.get("made"), "work": plan["work"], "predicted": plan["predicted"],
+            "predicted_runs_seconds": round(sum(v for k, v in pred.items() if not k.startswith("teacher")), 1),
+            "measured_runs_seconds": round(sum(secs), 1), "planned_runs_done": len(secs),
+            "planned_runs": len(planned)}

@@ -12,6 +12,7 @@ from dataclasses import asdict
 from fastcd.config import ALL_METHODS, METHOD_SPECS
 from fastcd.experiment_config import ExperimentConfig, legacy_setting
 from fastcd.io import write_json_atomic
+from fastcd.plan import plan_vs_measured
 from fastcd.stats import MIN_SEEDS_FOR_A_CLAIM, paired_seed_test
 
 
@@ -215,7 +216,8 @@ def write_report(out: str, cfg: ExperimentConfig | None = None) -> dict:
               "diagnostics": shared("diagnostics.json"), "cache": shared("cache.json"),
               "torch": torch.__version__, "threads": torch.get_num_threads(),
               "seeds_are_replications": manifest["shared"].get("pool") == "per-seed"}
-    report["plan"] = _plan_vs_measured(out, recs)
+    report["plan"] = plan_vs_measured(out, recs)
+    report["teacher_circuit"] = shared("circuit_eval.json")
     write_json_atomic(report, os.path.join(out, "report.json"))
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(format_report(report) + "\n")
@@ -233,24 +235,6 @@ def _pooled_test(rs_a: list[dict], rs_b: list[dict]) -> dict | None:
     a = sum((_unbits(ref[s]["correct"]) for s in common), [])
     b = sum((_unbits(other[s]["correct"]) for s in common), [])
     return {"seeds": common, **_mc(a, b)}
-
-
-def _plan_vs_measured(out: str, recs: list[dict]) -> dict | None:
-    """The last cost plan (OUT/plan.json) beside the measured time of the runs it planned."""
-    path = os.path.join(out, "plan.json")
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        plan = json.load(f)
-    if "predicted" not in plan:
-        return None
-    planned = set(plan.get("planned_runs", []))
-    secs = [r.get("seconds", 0.0) for r in recs if r["key"] in planned]
-    pred = plan["predicted"]["seconds"]
-    return {"made": plan.get("made"), "work": plan["work"], "predicted": plan["predicted"],
-            "predicted_runs_seconds": round(sum(v for k, v in pred.items() if not k.startswith("teacher")), 1),
-            "measured_runs_seconds": round(sum(secs), 1), "planned_runs_done": len(secs),
-            "planned_runs": len(planned)}
 
 
 def seed_level_lines(tests: list[dict], replications: bool = True) -> list[str]:
@@ -339,6 +323,13 @@ def format_report(report: dict) -> str:
             lines.append(f"| {t['setting']} | {t['a']} | {t['b']} | {len(t['seeds'])} | {t['a_only']} | "
                          f"{t['b_only']} | {t['p_value']:.3g} | {t['p_holm']:.3g} |")
         lines.append("")
+    tc = report.get("teacher_circuit")
+    if tc:
+        sd = f", SD {tc['random_circuit_sd']:.3f}" if tc.get("random_circuit_sd") is not None else ""
+        lines += [f"Teacher circuit ({tc['circuit_size']} of {tc['n_heads_total']} heads; {tc['protocol']}; "
+                  f"{tc['n_prompts']} {tc['split']} prompts): full accuracy {tc['full_accuracy']:.3f}, circuit "
+                  f"{tc['circuit_accuracy']:.3f}, faithfulness {tc['faithfulness']:.2f}; {tc['n_random']} random "
+                  f"circuits of the same size and roles {tc['random_circuit_accuracy']:.3f}{sd}.", ""]
     pl = report.get("plan")
     if pl:
         lines += [f"Cost plan ({pl['made']}): {pl['planned_runs']} runs predicted at "

@@ -222,6 +222,17 @@ def test_a_changed_shared_field_is_refused_by_name(small_run):
     open(path, "w").write(kept)  # the later tests read the fixture's own manifest
 
 
+def test_the_report_states_the_teacher_circuits_faithfulness(small_run):
+    out, report = small_run
+    tc = report["teacher_circuit"]
+    assert tc["faithfulness"] == pytest.approx(tc["circuit_accuracy"] / tc["full_accuracy"])
+    assert tc["n_random"] == len(tc["random_circuit_accuracies"]) == 10 and tc["random_circuit_sd"] >= 0
+    assert tc["n_prompts"] == 24 and tc["split"] == "test" and "mean ablation" in tc["protocol"]
+    teacher = json.load(open(os.path.join(out, "shared", "teacher_eval.json")))
+    assert tc["full_accuracy"] == pytest.approx(teacher["accuracy"])  # the same prompts, the same model
+    assert f"faithfulness {tc['faithfulness']:.2f}" in open(os.path.join(out, "summary.md")).read()
+
+
 def test_each_seed_trains_on_its_own_prompts_and_its_methods_share_them(small_run):
     """A seed is a replication of the whole procedure: its own training prompts (drawn with its own generator),
     the same for every method of that seed (paired within the seed)."""
@@ -465,7 +476,8 @@ def test_plan_counts_the_work_left_calibrates_and_the_report_sets_it_beside_the_
     circuit_runs = sum(1 for s in specs if s["method"] != "full-ce")
     val = sum(8 * (s["setting"]["steps"] // 2) for s in specs)
     assert w["student_forward_prompts"] == 16 * (len(specs) + circuit_runs) + val + 2 * 16
-    assert w["teacher_forward_prompts"] == 2 * 32 + 16  # the cache over both seeds' pools, the teacher's test
+    # the cache over both seeds' pools, the teacher's test accuracy, its circuit's faithfulness (12 passes)
+    assert w["teacher_forward_prompts"] == 2 * 32 + 16 + 12 * 16
     cal = plan["calibration"]
     assert cal["teacher_s_per_prompt"] > 0 and cal["student_s_per_prompt"] > 0 and set(cal["step_s"]) == {"8"}
     assert plan["predicted"]["total_seconds"] == pytest.approx(sum(plan["predicted"]["seconds"].values()), abs=0.2)
