@@ -228,3 +228,26 @@ def test_real_throughput_quick_runs_every_stage_and_variant(smol_dir, tmp_path):
     assert all(0 <= r["labels_equal_float32"] <= 1 for r in recs if r["stage"] == "teacher cache" and
                r["variant"] != "float32")
     assert all(r["seconds_per_step"] > 0 for r in recs if r["stage"] == "ce+cka step")
+
+
+def test_circuit_faithfulness_script_on_smollm2(smol_dir, tmp_path):
+    """benchmarks/circuit_faithfulness.py: one JSON record whose faithfulness is circuit / full accuracy."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from fastcd.artifacts import Circuit, CircuitHead
+
+    root = Path(__file__).resolve().parents[1]
+    circ = tmp_path / "c.json"
+    Circuit([CircuitHead(Head(20, 5), "given", "last", 1.0)], "entity-tracking", 30, 9).save(circ)
+    out = tmp_path / "eval.json"
+    p = subprocess.run([sys.executable, str(root / "benchmarks" / "circuit_faithfulness.py"), "--model",
+                        str(smol_dir), "--circuit", str(circ), "--boxes", "2", "--n", "4", "--n-random", "2",
+                        "--dtype", "float32", "--out", str(out)], capture_output=True, text=True, cwd=root,
+                       timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rec = json.loads(out.read_text())
+    assert rec["n_prompts"] == 4 and rec["n_random"] == 2 and rec["circuit_size"] == 1
+    if rec["full_accuracy"] > 0:
+        assert rec["faithfulness"] == pytest.approx(rec["circuit_accuracy"] / rec["full_accuracy"])

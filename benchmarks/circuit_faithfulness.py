@@ -1,0 +1,57 @@
+"""Faithfulness of a circuit JSON on a real model (``fastcd.metrics.faithfulness_record``), as one JSON object.
+
+    python benchmarks/circuit_faithfulness.py --model qwen2.5-coder-1.5b --circuit docs/real/teacher_circuit.json \
+        --boxes 7 --n 128 --out docs/real/teacher_circuit_eval.json
+
+Full and circuit accuracy on --n entity-tracking test pairs (the seed-independent test split), faithfulness, and
+--n-random random circuits of the same size and roles with their mean and SD; the model in --dtype (bf16 halves
+the time on an AVX-512-BF16 CPU, benchmarks/RESULTS.md). Not a test: it measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True, help="a prepared model name or a converted directory")
+    ap.add_argument("--circuit", required=True, help="a circuit JSON for that model")
+    ap.add_argument("--boxes", type=int, default=7)
+    ap.add_argument("--n", type=int, default=128, help="test pairs")
+    ap.add_argument("--n-random", type=int, default=10)
+    ap.add_argument("--dtype", default="bf16")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+
+    import torch
+
+    import fastcd
+    from fastcd.artifacts import Circuit
+    from fastcd.config import TEST_SEED
+    from fastcd.metrics import faithfulness_record
+    from fastcd.tasks import EntityTracking, adapt_task
+
+    circuit = Circuit.load(a.circuit)  # a bad file fails before the model loads
+    torch.set_grad_enabled(False)
+    t0 = time.time()
+    model = fastcd.load_model(a.model, dtype=a.dtype)
+    tok = fastcd.load_tokenizer(a.model)
+    task = adapt_task(EntityTracking(n_boxes=a.boxes), [tok])
+    pairs = task.pairs(a.n, seed=TEST_SEED, split="test")
+    clean, ref = (task.encode([getattr(p, k) for p in pairs], tok) for k in ("clean", "corrupt"))
+    rec = faithfulness_record(model, clean, ref, circuit, split="test", n_random=a.n_random)
+    rec.update(model=a.model, dtype=a.dtype, circuit_file=a.circuit, boxes=a.boxes,
+               seconds=round(time.time() - t0, 1), torch=torch.__version__, threads=torch.get_num_threads())
+    text = json.dumps(rec, indent=1)
+    print(text)
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
