@@ -70,14 +70,11 @@ def main(argv=None) -> int:
     import fastcd
     from fastcd.artifacts import Matching, Pair
     from fastcd.cka import cka_loss
-    from fastcd.config import DistillConfig
-    from fastcd.distillation import CircuitDistiller, make_batch
     from fastcd.metrics import accuracy_per_example
     from fastcd.models import Head, get_adapter
+    from fastcd.plan import time_steps
     from fastcd.tasks import EntityTracking, adapt_task
     from fastcd.teacher_cache import MemoryCache, teacher_signals
-    from fastcd.trainable import merge
-    from fastcd.training import batch_rows
 
     cond = {"model": a.model, "boxes": a.boxes, "torch": torch.__version__, "threads": torch.get_num_threads(),
             "cpu": platform.processor() or platform.machine()}
@@ -150,27 +147,12 @@ def main(argv=None) -> int:
         del m
 
     # ce+cka step: the model is its own student; teacher signals from the float32 cache
-    cache = MemoryCache(sig_ref)
-    rows = [batch_rows(len(cache_batch), a.batch, s, seed=0) for s in range(a.steps + 1)]
     for prec in ("no", "bf16"):
-        cfg = DistillConfig(method="ce+cka", batch_size=a.batch, n_train=a.n_cache, mixed_precision=prec,
-                            progress=False)
-        cd = CircuitDistiller(model, matching, config=cfg)
-        opt = torch.optim.AdamW(cd.trainable_parameters(), lr=1e-5)
-        times = []
-        for i, idx in enumerate(rows):
-            t = time.time()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=prec == "bf16"):
-                loss, parts = cd(make_batch(idx, cache_batch, None, cache))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if i:  # the first step warms up
-                times.append(time.time() - t)
-        merge(cd.slices)
+        sec, last, n_trainable = time_steps(model, matching, cache_batch.index(range(a.batch)), MemoryCache(sig_ref),
+                                            prec, steps=a.steps, lr=1e-5)
         emit({"stage": "ce+cka step", "variant": "float32" if prec == "no" else "bf16-autocast",
-              "batch": a.batch, "pairs": a.pairs, "seconds_per_step": round(sum(times) / len(times), 3),
-              "trainable_params": cd.n_trainable, "last_loss": {k: round(v, 4) for k, v in parts.items()}})
+              "batch": a.batch, "pairs": a.pairs, "seconds_per_step": round(sec, 3), "trainable_params": n_trainable,
+              "last_loss": {k: round(v, 4) for k, v in last.items() if k in ("ce", "cka_loss", "mean_cka", "loss")}})
     return 0
 
 

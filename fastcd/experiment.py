@@ -49,6 +49,8 @@ class Experiment(SharedSetup):
         os.makedirs(os.path.join(out, "shared"), exist_ok=True)
         manifest = os.path.join(out, "experiment.json")
         key, legacy = cfg.shared_key(), None
+        self.precision = key["precision"]  # "auto" resolved there, from the student's config
+        say(f"precision: {self.precision}" + (" (auto)" if cfg.precision == "auto" else ""))
         if os.path.isfile(manifest) and not overwrite:
             with open(manifest) as f:
                 recorded = json.load(f)
@@ -183,13 +185,10 @@ class Experiment(SharedSetup):
     def plan(self) -> dict:
         """Count the work left, calibrate on this machine (both models, in the experiment's precision), predict
         each stage's time and the peak memory; printed, and kept in ``OUT/plan.json`` for the report."""
-        import gc
-
         from fastcd.loading import load_model
         from fastcd.plan import calibrate, count_work, format_plan, predict
 
         cfg = self.cfg
-        self._resolve_precision()
         self._prompts()
         need = self._need()
         done = set(self.done())
@@ -204,8 +203,7 @@ class Experiment(SharedSetup):
                             {s["setting"]["batch_size"] for s in specs} or {cfg.values("batch_size")[0]},
                             cfg.circuit_size, self.amp, "bf16" if self.precision == "bf16" else "no")
             cal["seconds"] = round(time.time() - t0, 1)
-            del teacher, student
-            gc.collect()
+            self.preloaded = {"teacher": teacher, "student": student}  # prepare() goes on with them
             units = cfg.circuit_size * max(1, len(cfg.positions or []))  # the cached z: float32, [units, pool, d]
             cache_gib = self.n_pool * units * self.t_spec.d_head * 4 / 2**30
             plan["calibration"], plan["predicted"] = cal, predict(plan["work"], cal, cache_gib)

@@ -16,10 +16,9 @@ from fastcd.config import METHOD_SPECS, TEST_SEED
 from fastcd.errors import UsageError
 from fastcd.experiment_config import POOL_SEED, ExperimentConfig, NotApplicable
 from fastcd.io import write_json_atomic
+from fastcd.plan import CIRCUIT_EVAL_PROMPTS
 from fastcd.report import bits
 from fastcd.trainable import reinit_heads
-
-CIRCUIT_EVAL_PROMPTS = 128  # the teacher circuit's faithfulness: the first 128 test prompts (12 forwards each)
 
 
 def say(msg: str) -> None:
@@ -27,7 +26,8 @@ def say(msg: str) -> None:
 
 
 class SharedSetup:
-    """Mixin: ``self.cfg`` (an :class:`ExperimentConfig`) and ``self.out`` are set by the subclass."""
+    """Mixin: ``self.cfg`` (an :class:`ExperimentConfig`), ``self.out`` and ``self.precision`` (resolved) are set
+    by the subclass."""
 
     cfg: ExperimentConfig
     out: str
@@ -52,18 +52,8 @@ class SharedSetup:
         """Everything runs share: tokenised prompt sets, circuit, matchings, teacher cache, base evaluation.
         Under the experiment's precision: with bf16, the teacher is loaded in bf16, the student keeps float32
         weights, and every forward runs under bf16 autocast."""
-        self._resolve_precision()
         with self.amp():
             self._prepare()
-
-    def _resolve_precision(self) -> None:
-        from fastcd.config import resolve_precision
-        from fastcd.loading import spec_of
-
-        cfg = self.cfg
-        s_path = cfg.student if cfg.positive_control is None else cfg.teacher
-        self.precision = resolve_precision(cfg.precision, spec_of(s_path).d_model)
-        say(f"precision: {self.precision}" + (" (auto)" if cfg.precision == "auto" else ""))
 
     def _teacher_dtype(self):
         """bf16 for a bf16 experiment, float32 for a float32 one (whatever dtype the checkpoint is stored in)."""
@@ -139,13 +129,16 @@ class SharedSetup:
         cfg, t_path, s_path, n_pool = self.cfg, self.t_path, self.s_path, self.n_pool
         rules = [r for r in cfg.values("matching")]
         need = self._need()
+        pre, self.preloaded = getattr(self, "preloaded", {}), {}  # the models the plan loaded, if it ran
         teacher = None
         if any(need.values()):
             say(f"loading the teacher {t_path} (needed for: {', '.join(k for k, v in need.items() if v)})")
-            teacher = load_model(t_path, dtype=self._teacher_dtype())
+            teacher = pre.get("teacher") or load_model(t_path, dtype=self._teacher_dtype())
             teacher.eval()
         self.circuit = self._circuit(teacher)
-        self.student = load_model(s_path, dtype="float32")  # float32 master weights in either precision
+        # float32 master weights in either precision
+        self.student = pre.get("student") or load_model(s_path, dtype="float32")
+        del pre
         self.student.eval()
         if cfg.positive_control:
             self.reinit = self._reinit_heads()

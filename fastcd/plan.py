@@ -22,6 +22,8 @@ import torch
 from fastcd.config import METHOD_SPECS
 
 CALIBRATION_PROMPTS = 16
+CIRCUIT_EVAL_PROMPTS = 128  # the teacher circuit's faithfulness: the first 128 test prompts
+CIRCUIT_EVAL_PASSES = 12  # full model, the circuit, 10 random circuits (fastcd.metrics.faithfulness_record)
 
 
 def count_work(cfg, done_keys: set, need: dict, n_pool: int) -> dict:
@@ -37,7 +39,7 @@ def count_work(cfg, done_keys: set, need: dict, n_pool: int) -> dict:
         if cfg.eval_every:
             eval_prompts += cfg.n_val * (st["steps"] // cfg.eval_every)
     teacher = ((n_pool if need.get("cache") else 0) + (cfg.n_test if need.get("teacher_eval") else 0)
-               + (12 * min(cfg.n_test, 128) if need.get("circuit_eval") else 0))  # full, circuit, 10 random
+               + (CIRCUIT_EVAL_PASSES * min(cfg.n_test, CIRCUIT_EVAL_PROMPTS) if need.get("circuit_eval") else 0))
     student_base = (2 * cfg.n_test if cfg.circuit_accuracy else cfg.n_test) if specs else 0
     return {"runs": len(specs), "steps": sum(by_batch.values()), "steps_by_batch_size": by_batch,
             "teacher_forward_prompts": teacher, "student_forward_prompts": eval_prompts + student_base,
@@ -55,17 +57,38 @@ def _per_prompt(model, batch, amp) -> float:
     return (time.perf_counter() - t) / len(batch)
 
 
+def time_steps(student, matching, batch, cache, mixed_precision: str, steps: int, lr: float = 1e-6):
+    """Mean seconds of ``steps`` ce+cka steps of ``fastcd.training.train_loop`` on ``batch`` (all of it one batch,
+    teacher signals from ``cache``) after one warm-up step; also the last log row and the trainable parameters.
+    The slices are merged back into ``student`` (its weights change by the steps taken)."""
+    from fastcd.config import DistillConfig
+    from fastcd.distillation import CircuitDistiller
+    from fastcd.trainable import merge
+    from fastcd.training import make_optimizer, train_loop
+
+    cfg = DistillConfig(method="ce+cka", batch_size=len(batch), n_train=len(batch), steps=steps + 1, lr=lr,
+                        mixed_precision=mixed_precision, progress=False, log_every=1)
+    cd = CircuitDistiller(student, matching, config=cfg)
+    opt, _ = make_optimizer(cd, cfg)
+    stamps = []
+
+    def stamp(step, log):
+        stamps.append(time.perf_counter())
+
+    try:
+        log = train_loop(cd, opt, 0, cfg, batch, None, cache, on_step=stamp)
+    finally:
+        merge(cd.slices)
+    return (stamps[-1] - stamps[0]) / steps, log[-1], cd.n_trainable
+
+
 def calibrate(teacher, student, t_batch, s_batch, batch_sizes, n_pairs: int, amp, mixed_precision: str) -> dict:
     """Seconds per teacher / student forward prompt (batches of CALIBRATION_PROMPTS) and per ce+cka step at each
     batch size (``n_pairs`` heads of the student matched to heads of the teacher at the last token, teacher z from
     its own forward); the student's weights are restored afterwards."""
     from fastcd.artifacts import Matching, Pair
-    from fastcd.config import DistillConfig
-    from fastcd.distillation import CircuitDistiller, make_batch
     from fastcd.models import Head, get_adapter
     from fastcd.teacher_cache import MemoryCache, teacher_signals
-    from fastcd.trainable import merge
-    from fastcd.training import batch_rows
 
     n = CALIBRATION_PROMPTS
     out = {"teacher_s_per_prompt": _per_prompt(teacher, t_batch.index(range(min(n, len(t_batch)))), amp),
@@ -81,23 +104,10 @@ def calibrate(teacher, student, t_batch, s_batch, batch_sizes, n_pairs: int, amp
         m = min(b, len(s_batch))
         with torch.no_grad(), amp():
             cache = MemoryCache(teacher_signals(teacher, t_batch.index(range(m)), matching, batch_size=m))
-        cfg = DistillConfig(method="ce+cka", batch_size=m, n_train=m, mixed_precision=mixed_precision,
-                            progress=False)
-        cd = CircuitDistiller(student, matching, config=cfg)
-        opt = torch.optim.AdamW(cd.trainable_parameters(), lr=1e-6)
-        times = []
-        for i in range(3):  # the first step warms up; the mean of the other two
-            t = time.perf_counter()
-            with torch.autocast(next(student.parameters()).device.type, dtype=torch.bfloat16,
-                                enabled=mixed_precision == "bf16"):
-                loss, _ = cd(make_batch(batch_rows(m, m, i, seed=0), s_batch.index(range(m)), None, cache))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            times.append(time.perf_counter() - t)
-        merge(cd.slices)
-        out["step_s"][b] = sum(times[1:]) / 2 * b / m  # a grid batch larger than the calibration prompts: scaled
+        sec, _, _ = time_steps(student, matching, s_batch.index(range(m)), cache, mixed_precision, steps=2)
+        out["step_s"][b] = sec * b / m  # a grid batch larger than the calibration prompts: scaled
     student.load_state_dict(state)
+    student.eval()
     for p in student.parameters():
         p.requires_grad_(False)
     out["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -107,7 +117,7 @@ def calibrate(teacher, student, t_batch, s_batch, batch_sizes, n_pairs: int, amp
 def predict(work: dict, cal: dict, cache_gib: float) -> dict:
     """Predicted seconds per stage and the peak memory."""
     train = sum(cal["step_s"][b] * n for b, n in work["steps_by_batch_size"].items())
-    stages = {"teacher forwards (cache, teacher evaluation)": work["teacher_forward_prompts"]
+    stages = {"teacher forwards (cache, teacher evaluation, circuit faithfulness)": work["teacher_forward_prompts"]
               * cal["teacher_s_per_prompt"],
               "student evaluation (base, every run, validation)": work["student_forward_prompts"]
               * cal["student_s_per_prompt"],
