@@ -23,6 +23,7 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=128, help="test pairs")
     ap.add_argument("--n-random", type=int, default=10)
     ap.add_argument("--dtype", default="bf16")
+    ap.add_argument("--protocol", default="strict", help="strict (the paper's) or lenient (fastcd.metrics.PROTOCOLS)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
 
@@ -31,10 +32,13 @@ def main(argv=None) -> int:
     import fastcd
     from fastcd.artifacts import Circuit
     from fastcd.config import TEST_SEED
-    from fastcd.metrics import faithfulness_record
+    from fastcd.loading import spec_of
+    from fastcd.metrics import check_protocol, faithfulness_record
     from fastcd.tasks import EntityTracking, adapt_task
 
-    circuit = Circuit.load(a.circuit)  # a bad file fails before the model loads
+    circuit = Circuit.load(a.circuit)  # a bad file, or a circuit of another model, fails before the model loads
+    circuit.check_model(spec_of(a.model, "--model"), "--model")
+    check_protocol(a.protocol)
     torch.set_grad_enabled(False)
     t0 = time.time()
     model = fastcd.load_model(a.model, dtype=a.dtype)
@@ -42,7 +46,7 @@ def main(argv=None) -> int:
     task = adapt_task(EntityTracking(n_boxes=a.boxes), [tok])
     pairs = task.pairs(a.n, seed=TEST_SEED, split="test")
     clean, ref = (task.encode([getattr(p, k) for p in pairs], tok) for k in ("clean", "corrupt"))
-    rec = faithfulness_record(model, clean, ref, circuit, split="test", n_random=a.n_random)
+    rec = faithfulness_record(model, clean, ref, circuit, split="test", n_random=a.n_random, protocol=a.protocol)
     rec.update(model=a.model, dtype=a.dtype, circuit_file=a.circuit, boxes=a.boxes,
                seconds=round(time.time() - t0, 1), torch=torch.__version__, threads=torch.get_num_threads())
     text = json.dumps(rec, indent=1)

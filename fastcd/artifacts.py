@@ -63,6 +63,14 @@ class Circuit:
             lines.append(f"  {g} @ {chs[0].position}: " + ", ".join(f"{c.head}({c.score:+.3f})" for c in chs))
         return "\n".join(lines)
 
+    def check_model(self, spec, what: str = "model") -> None:
+        """One-line error when this circuit was found in a model of another shape than ``spec`` (a ModelSpec, read
+        from the config before any weights load)."""
+        if (self.n_layers, self.n_heads) != (spec.n_layers, spec.n_heads):
+            found = f" ({self.meta['model']})" if self.meta.get("model") else ""
+            raise UsageError(f"circuit is for a model of {self.n_layers} layers x {self.n_heads} heads{found}; {what} "
+                             f"has {spec.n_layers} x {spec.n_heads}: pass the circuit found in this model")
+
     def to_json(self) -> dict:
         return {"task": self.task, "n_layers": self.n_layers, "n_heads": self.n_heads,
                 "heads": [c.to_json() for c in self.heads], "meta": self.meta}

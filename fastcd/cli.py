@@ -123,48 +123,9 @@ def _run_discover(argv) -> int:
     from fastcd.cli_args import DiscoverArgs
 
     (a,), _ = _parse(_parser("fastcd discover", [DiscoverArgs]), argv, 1)
-    import torch
+    from fastcd.discover_run import run_discover
 
-    from fastcd.discover import default_circuit
-    from fastcd.loading import load_model, load_tokenizer, spec_of
-    from fastcd.metrics import evaluate_circuit
-    from fastcd.plots import head_heatmaps
-    from fastcd.tasks import adapt_task, get_task
-
-    if a.n_examples < 2:
-        raise UsageError(f"--n-examples must be >= 2, got {a.n_examples}")
-    if a.method == "path" and a.task != "entity-tracking":
-        raise UsageError("--method path is defined for entity-tracking only (use patching or attribution for tom)")
-    task = get_task(a.task, **({"n_boxes": a.n_boxes} if a.task == "entity-tracking" else {}))  # or module:Class
-    n_heads = spec_of(a.model, "--model").n_total_heads  # config only: checks that need no weights come first
-    if a.top_k is not None and not 1 <= a.top_k <= n_heads:
-        raise UsageError(f"--top-k must be in 1..{n_heads} (the number of heads), got {a.top_k}")
-    tok = load_tokenizer(a.model, "--model")
-    task = adapt_task(task, [tok])
-    model = load_model(a.model, dtype=a.dtype, device=a.device, what="--model")
-    pairs = task.pairs(a.n_examples, seed=a.seed, split=a.split)
-    clean = task.encode([p.clean for p in pairs], tok)
-    corrupt = task.encode([p.corrupt for p in pairs], tok)
-    circuit, panels, marked = default_circuit(
-        model, task, clean, corrupt, method=a.method, top_k=a.top_k, path_k=a.path_k, position=a.position,
-        mode=a.mode, metric=a.metric, relative=not a.absolute, threshold=a.threshold,
-        recheck_top_k=a.recheck_top_k, batch_size=a.batch_size, max_batch=a.max_batch, progress=True)
-    circuit.meta.update(model=os.path.basename(os.path.normpath(a.model)), n_examples=a.n_examples, seed=a.seed,
-                        split=a.split)
-    if a.evaluate:
-        with torch.no_grad():
-            circuit.meta["evaluation"] = evaluate_circuit(model, clean, circuit, reference=corrupt)
-    circuit.save(a.out)
-    png = os.path.splitext(a.out)[0] + ".png"
-    head_heatmaps(panels, png, title=f"{a.task}: head scores", marked=marked, metric=a.metric,
-                  relative=not a.absolute)
-    print(circuit)
-    if a.evaluate:
-        ev = circuit.meta["evaluation"]
-        print(f"full {ev['full_accuracy']:.3f}  circuit {ev['circuit_accuracy']:.3f}  "
-              f"random {ev['random_circuit_accuracy']:.3f}  faithfulness {ev['faithfulness']:.3f}")
-    print(f"wrote {a.out} and {png}")
-    return 0
+    return run_discover(a)
 
 
 def _run_match(argv) -> int:
@@ -179,9 +140,8 @@ def _run_match(argv) -> int:
     if a.impl is not None and a.method not in ("cka", "combined"):
         raise UsageError(f"--impl chooses the CKA scorer of --method cka/combined, not of {a.method!r}")
     circuit = Circuit.load(a.circuit)
-    t_spec = spec_of(a.teacher, "--teacher")  # config only: a circuit of another model fails before loading
-    for h in circuit.unique_heads():
-        t_spec.check_head(h, "circuit head")
+    spec_of_teacher = spec_of(a.teacher, "--teacher")  # config only: a circuit of another model fails before loading
+    circuit.check_model(spec_of_teacher, "--teacher")
     check_model_path(a.student, "--student")
     t_tok, s_tok = load_tokenizer(a.teacher, "--teacher"), load_tokenizer(a.student, "--student")
     name = a.task or circuit.task

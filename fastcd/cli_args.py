@@ -51,10 +51,11 @@ class DiscoverArgs:
                        "packaged model name (fastcd models)", required=True)
     task: str = option(None, TASK_HELP, required=True)
     out: str = option(None, "circuit JSON path; the heatmap goes beside it as .png", required=True)
-    method: str = option("auto", "auto: the task's default (entity-tracking: roles = position-aware patching at each "
-                        "role; tom: patching at the last token); patching (mean ablation), attribution, path "
-                        "(Prakash et al.'s four-group path patching)",
-                        choices=("auto", "roles", "patching", "attribution", "path"))
+    method: str = option("auto", "auto: the task's default (entity-tracking: roles = position-aware patching at the "
+                        "reference's three roles; tom: patching at the last token); patching (mean ablation), "
+                        "attribution, path (Prakash et al.'s four-group path patching), search (grow (head, role) "
+                        "units until --target faithfulness, then prune; writes the faithfulness curve)",
+                        choices=("auto", "roles", "patching", "attribution", "path", "search"))
     mode: str = option("mean", "patching/attribution: what replaces a head's z", choices=("mean", "corrupt", "zero"))
     metric: str = option("prob", "what a patch changes", choices=("prob", "logprob", "logit_diff", "accuracy"))
     absolute: bool = option(False, "absolute instead of relative metric change")
@@ -73,7 +74,16 @@ class DiscoverArgs:
     batch_size: int = option(64, "prompts per forward")
     device: str = option("cpu", "device")
     dtype: str | None = option(None, "model dtype (float32, bf16, fp16); default: as stored")
-    evaluate: bool = option(False, "also report circuit faithfulness (10 random circuits)")
+    evaluate: bool = option(False, "also report circuit faithfulness on --n-heldout test prompts (--n-random random "
+                           "circuits of the same size and roles; always on for --method search)")
+    protocol: str = option("strict", "circuit evaluation: strict (the paper's: every head outside the circuit "
+                           "mean-ablated at every position) or lenient (every head live away from the roles)",
+                           choices=("strict", "lenient"))
+    target: float = option(0.85, "search: the faithfulness to reach, in (0, 1]")
+    roles: list[str] | None = option(None, "search: the position roles units may sit at (default: every role the task "
+                                    "defines)")
+    n_heldout: int = option(128, "test prompts the faithfulness (and the search's curve) is measured on")
+    n_random: int = option(10, "random circuits of the same size and roles for the baseline")
 
 
 @dataclass

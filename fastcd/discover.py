@@ -353,7 +353,8 @@ def default_circuit(model: nn.Module, task, clean: EncodedBatch, corrupt: Encode
     """Find a circuit with the task's default policy, or the one ``method`` names.
 
     ``method="auto"`` takes ``task.discovery_defaults["method"]``: ``roles`` (position-aware patching at each of
-    the task's roles, top 3 per role above ``threshold``; entity tracking) or ``patching`` at
+    the task's ``reference_roles`` (else its roles), top 3 per role above ``threshold``; entity tracking: the
+    reference's three vital positions) or ``patching`` at
     ``task.discovery_defaults["position"]`` (ToM: the last token, the position the CKA term aligns) keeping
     ``top_k`` heads (default: 15% of them). ``attribution`` is patching's gradient approximation (with an exact
     recheck of the top ``recheck_top_k``); ``path`` is Prakash et al.'s four-group path patching (entity
@@ -381,7 +382,8 @@ def default_circuit(model: nn.Module, task, clean: EncodedBatch, corrupt: Encode
         return circuit, panels, {g: [c.head for c in circuit.groups().get(g, [])] for g in results}
     src = make_source(model, clean, mode, corrupt=corrupt, batch_size=batch_size)
     if method == "roles":
-        circuit, results = circuit_by_roles(model, clean, src, task.roles, k_per_role=top_k or 3,
+        roles = getattr(task, "reference_roles", None) or task.roles
+        circuit, results = circuit_by_roles(model, clean, src, roles, k_per_role=top_k or 3,
                                             threshold=threshold, metric=metric, task=name, max_batch=max_batch,
                                             progress=progress)
         panels = {f"@{r}": res.scores for r, res in results.items()}

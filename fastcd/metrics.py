@@ -127,11 +127,49 @@ def check_common(clean: EncodedBatch, metric: str, batch_size: int) -> None:
 
 
 
+PROTOCOLS = ("strict", "lenient")
+PROTOCOL_TEXT = {
+    "strict": ("mean ablation, strict (the reference's default, ablate_non_vital_pos=True; what the paper's Table 3 "
+               "used): every head outside the circuit at every position, a circuit head live only at its role, "
+               "per-position means over the reference prompts"),
+    "lenient": ("mean ablation, lenient (the reference's ablate_non_vital_pos=False): at the positions of the task's "
+                "roles only the circuit's (head, role) units live, every head live at every other position"),
+}
+
+
+def check_protocol(protocol: str) -> str:
+    if protocol not in PROTOCOLS:
+        raise UsageError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    return protocol
+
+
+def keep_masks(spec, batch: EncodedBatch, live, idx: torch.Tensor, protocol: str = "strict") -> torch.Tensor:
+    """bool ``[n_layers, rows, T, n_heads]``: where z stays as computed (True) rather than mean-ablated.
+
+    ``strict``: only the live ``(head, role)`` units at their role's positions (``all``: every position).
+    ``lenient``: every head at every position that is no role of ``batch``; at the roles' positions only the live
+    units.
+    """
+    check_protocol(protocol)
+    t = batch.input_ids.shape[1]
+    keep = torch.zeros(spec.n_layers, len(idx), t, spec.n_heads, dtype=torch.bool)
+    if protocol == "lenient":
+        vital = torch.zeros(len(idx), t, dtype=torch.bool)
+        for pos in batch.positions.values():
+            vital |= position_mask(pos[idx][:, None], len(idx), t)
+        keep |= ~vital[None, :, :, None]
+    for head, role in live:
+        keep[head.layer, :, :, head.head] |= position_mask(
+            None if role == ALL else role_positions(batch, role)[idx], len(idx), t)
+    return keep
+
+
 @torch.no_grad()
 def circuit_correct(model: nn.Module, clean: EncodedBatch, means: torch.Tensor,
-                    live: list[tuple[Head, str]], *, batch_size: int = 64) -> list[bool]:
-    """Per-example correctness with only ``live`` (head, position role) pairs active; every other head at every
-    position, and live heads at other positions, mean-ablated with per-position ``means`` [L, T, H, D]."""
+                    live: list[tuple[Head, str]], *, batch_size: int = 64, protocol: str = "strict") -> list[bool]:
+    """Per-example correctness with only ``live`` (head, position role) pairs active (:func:`keep_masks`): every
+    other z mean-ablated with per-position ``means`` [L, T, H, D]."""
+    check_protocol(protocol)
     spec = get_adapter(model).spec
     device = next(model.parameters()).device
     n, t = clean.input_ids.shape
@@ -140,10 +178,7 @@ def circuit_correct(model: nn.Module, clean: EncodedBatch, means: torch.Tensor,
     out: list[bool] = []
     for i in range(0, n, batch_size):
         idx = torch.arange(i, min(i + batch_size, n))
-        keep = torch.zeros(spec.n_layers, len(idx), t, spec.n_heads, dtype=torch.bool)
-        for head, role in live:
-            keep[head.layer, :, :, head.head] |= position_mask(
-                None if role == ALL else role_positions(clean, role)[idx], len(idx), t)
+        keep = keep_masks(spec, clean, live, idx, protocol)
         plan = {l: (~keep[l], means[l][None]) for l in range(spec.n_layers)}
         with intervene(model, plan):
             logits, _ = logits_at(model, clean.positions["last"][idx], input_ids=clean.input_ids[idx].to(device))
@@ -152,18 +187,29 @@ def circuit_correct(model: nn.Module, clean: EncodedBatch, means: torch.Tensor,
 
 
 def circuit_accuracy(model: nn.Module, clean: EncodedBatch, means: torch.Tensor,
-                     live: list[tuple[Head, str]], *, batch_size: int = 64) -> float:
+                     live: list[tuple[Head, str]], *, batch_size: int = 64, protocol: str = "strict") -> float:
     """Mean of :func:`circuit_correct`."""
-    hits = circuit_correct(model, clean, means, live, batch_size=batch_size)
+    hits = circuit_correct(model, clean, means, live, batch_size=batch_size, protocol=protocol)
     return sum(hits) / len(hits)
+
+
+def random_units(spec, live: list[tuple[Head, str]], rng: random.Random) -> list[tuple[Head, str]]:
+    """A random circuit of the same size and roles: for each role as many distinct random heads as ``live`` has
+    there (the reference's random baseline draws the same number of heads per group)."""
+    per_role: dict[str, int] = {}
+    for _, role in live:
+        per_role[role] = per_role.get(role, 0) + 1
+    heads = spec.all_heads()
+    return [(h, role) for role, k in per_role.items() for h in rng.sample(heads, k)]
 
 
 @torch.no_grad()
 def evaluate_circuit(model: nn.Module, clean: EncodedBatch, circuit: Circuit, *, reference: EncodedBatch,
-                     n_random: int = 10, seed: int = 0, batch_size: int = 64) -> dict:
+                     n_random: int = 10, seed: int = 0, batch_size: int = 64, protocol: str = "strict") -> dict:
     """Full-model, circuit-only and random-circuit accuracy and faithfulness (PAPER.md §2)."""
     if n_random < 1:
         raise UsageError(f"n_random must be >= 1, got {n_random}")
+    check_protocol(protocol)
     spec = get_adapter(model).spec
     if (circuit.n_layers, circuit.n_heads) != (spec.n_layers, spec.n_heads):
         raise UsageError(
@@ -176,38 +222,42 @@ def evaluate_circuit(model: nn.Module, clean: EncodedBatch, circuit: Circuit, *,
     full, _ = clean_metric(model, clean, "accuracy", None, batch_size)
     full_acc = float(full.mean())
     live = [(c.head, c.position) for c in circuit.heads]
-    circ = circuit_accuracy(model, clean, means, live, batch_size=batch_size)
+    kw = dict(batch_size=batch_size, protocol=protocol)
+    circ = circuit_accuracy(model, clean, means, live, **kw)
     rng = random.Random(seed)
-    all_heads = spec.all_heads()
-    size = len(circuit.unique_heads())
-    roles = [c.position for c in circuit.heads]
-    rand = []
-    for _ in range(n_random):
-        pick = rng.sample(all_heads, size)
-        rand.append(circuit_accuracy(model, clean, means, [(h, roles[i % len(roles)]) for i, h in enumerate(pick)],
-                                     batch_size=batch_size))
+    rand = [circuit_accuracy(model, clean, means, random_units(spec, live, rng), **kw) for _ in range(n_random)]
     return {
         "full_accuracy": full_acc,
         "circuit_accuracy": circ,
         "random_circuit_accuracy": sum(rand) / len(rand),
         "random_circuit_accuracies": rand,
         "faithfulness": circ / full_acc if full_acc > 0 else math.nan,
-        "circuit_size": size,
+        "circuit_size": len(circuit.unique_heads()),
+        "circuit_units": len(live),
         "n_heads_total": spec.n_total_heads,
+        "protocol": protocol,
     }
 
 
-CIRCUIT_PROTOCOL = ("mean ablation: every head outside the circuit at every position, a circuit head live only at its "
-                    "role, per-position means over the corrupted prompts")
+CIRCUIT_PROTOCOL = PROTOCOL_TEXT["strict"]
 
 
 def faithfulness_record(model: nn.Module, clean: EncodedBatch, reference: EncodedBatch, circuit: Circuit, *,
-                        split: str, n_random: int = 10, seed: int = 0) -> dict:
+                        split: str, n_random: int = 10, seed: int = 0, protocol: str = "strict") -> dict:
     """:func:`evaluate_circuit` with what a reader needs beside it: the spread of the random circuits, how many
     prompts of which split, and the ablation protocol."""
     import statistics
 
-    ev = evaluate_circuit(model, clean, circuit, reference=reference, n_random=n_random, seed=seed)
+    ev = evaluate_circuit(model, clean, circuit, reference=reference, n_random=n_random, seed=seed, protocol=protocol)
     rand = ev["random_circuit_accuracies"]
     return {**ev, "random_circuit_sd": statistics.stdev(rand) if len(rand) > 1 else None, "n_random": len(rand),
-            "n_prompts": len(clean), "split": split, "protocol": CIRCUIT_PROTOCOL}
+            "n_prompts": len(clean), "split": split, "protocol": protocol,
+            "protocol_text": PROTOCOL_TEXT[protocol]}
+
+
+def format_faithfulness(ev: dict) -> str:
+    """One line of a faithfulness record (:func:`faithfulness_record`, a search's record)."""
+    return (f"faithfulness ({ev['protocol']} protocol, {ev['n_prompts']} test prompts): full {ev['full_accuracy']:.3f}"
+            f"  circuit {ev['circuit_accuracy']:.3f}  faithfulness {ev['faithfulness']:.3f}  random "
+            f"{ev['random_circuit_accuracy']:.3f} (SD {ev['random_circuit_sd']:.3f}, {ev['n_random']} circuits)  size "
+            f"{ev['circuit_size']} of {ev['n_heads_total']} heads")

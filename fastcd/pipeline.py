@@ -130,9 +130,7 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
     if teacher_cache is not None and teacher is None:
         check_cache_vocabulary(teacher_cache, s_tok)
     if circuit is not None and teacher is not None:
-        t_spec = spec_of(teacher)
-        for h in circuit.unique_heads():
-            t_spec.check_head(h, "circuit head")
+        circuit.check_model(spec_of(teacher), "teacher")
     if cfg.mixed_precision == "auto":  # bf16 on the CPU for real LMs (config only: no weights read yet)
         dev_type = torch.device(cfg.device).type if cfg.device else "cpu"
         cfg = replace(cfg, mixed_precision=resolve_mixed_precision(

@@ -326,7 +326,8 @@ def format_report(report: dict) -> str:
     tc = report.get("teacher_circuit")
     if tc:
         sd = f", SD {tc['random_circuit_sd']:.3f}" if tc.get("random_circuit_sd") is not None else ""
-        lines += [f"Teacher circuit ({tc['circuit_size']} of {tc['n_heads_total']} heads; {tc['protocol']}; "
+        proto = tc.get("protocol_text", tc["protocol"])
+        lines += [f"Teacher circuit ({tc['circuit_size']} of {tc['n_heads_total']} heads; {proto}; "
                   f"{tc['n_prompts']} {tc['split']} prompts): full accuracy {tc['full_accuracy']:.3f}, circuit "
                   f"{tc['circuit_accuracy']:.3f}, faithfulness {tc['faithfulness']:.2f}; {tc['n_random']} random "
                   f"circuits of the same size and roles {tc['random_circuit_accuracy']:.3f}{sd}.", ""]

@@ -74,7 +74,7 @@ CLI_CASES = {
     "malformed-matching": (lambda f: _distill("--matching", str(f["malformed"]), "--out", str(f["out"])),
                            r"matching: .*malformed.json' is not valid JSON"),
     "circuit-from-larger-model": (lambda f: _distill("--circuit", str(f["bigcircuit"]), "--out", str(f["out"])),
-                                  r"circuit head L30H9 is out of range for this model"),
+                                  r"circuit is for a model of 40 layers x 40 heads; teacher has 2 x 4"),
     "out-is-a-file": (lambda f: _distill("--out", str(f["file"])), r"out: .* exists and is not a directory"),
     "seeds-not-integers": (lambda f: ["demo", "--seeds", "a,b", "--out", str(f["out"])],
                            r"argument --seeds: expected integers like 0,1,2 or 0 1 2, got 'a,b'"),

@@ -13,9 +13,9 @@ STAGES = [
      "tasks.tom"},
     {"loading", "convert", "zoo", "hooks", "trainable", "cka", "kernels", "kernels.cka", "info", "stats"},
     {"artifacts", "metrics"},
-    {"discover", "attribution", "path_patching", "match", "pretrain"},
+    {"discover", "attribution", "path_patching", "circuit_search", "match", "pretrain"},
     {"distillation", "teacher_cache", "training", "card", "pipeline"},
-    {"experiment_config", "plan", "report", "plots", "experiment_shared", "experiment", "demo"},
+    {"experiment_config", "plan", "report", "plots", "experiment_shared", "experiment", "demo", "discover_run"},
     {"cli", "__main__"},
 ]
 STAGE = {m: i for i, s in enumerate(STAGES) for m in s}

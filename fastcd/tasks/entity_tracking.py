@@ -4,9 +4,13 @@
 
 Position roles (PAPER.md §2): ``last`` (value fetchers, position transmitters), ``query_label`` (the
 queried letter after the context, position detectors) and ``box_label`` (the queried box's letter in the
-context, structure readers). Corrupt prompts follow Prakash's code: a different example whose queried box
-sits at another context position, with the query letter overwritten by a letter absent from its context,
-so the answer cannot be recovered.
+context, structure readers) are the reference's three vital positions (``REFERENCE_ROLES``, what discovery's
+``roles`` method patches at). Two more mark the rest of the queried clause where a model may bind object and
+box: ``object`` (the queried object in the context) and ``clause_end`` (the comma or period right after the
+queried box's letter). Qwen2.5-Coder-1.5B needs heads at both: with every head live at the reference's three
+roles only, its circuit accuracy is 0.00; with these two added, 0.97 (docs/RESULTS.md, "Faithful circuits").
+Corrupt prompts follow Prakash's code: a different example whose queried box sits at another context position,
+with the query letter overwritten by a letter absent from its context, so the answer cannot be recovered.
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ OBJECTS = (
     "sock", "spoon", "stone", "string", "table", "ticket", "tie", "toy", "tree", "watch", "wheel", "wire",
 )
 LETTERS = tuple(string.ascii_uppercase)
-ROLES = ("last", "query_label", "box_label")
+REFERENCE_ROLES = ("last", "query_label", "box_label")
+ROLES = REFERENCE_ROLES + ("object", "clause_end")
 _CLAUSE = re.compile(r"[Tt]he (\w+) is in Box (\w)")
 _QUERY = re.compile(r"Box (\w) contains the$")
 
@@ -44,6 +49,7 @@ class EntityTracking(TaskBase):
 
     name = "entity-tracking"
     roles = ROLES
+    reference_roles = REFERENCE_ROLES
     discovery_defaults = {"method": "roles"}  # position-aware patching at each role
 
     def __init__(self, n_boxes: int = 7, objects=OBJECTS, letters=LETTERS):
@@ -70,10 +76,11 @@ class EntityTracking(TaskBase):
     def render(objects, labels, query_label: str) -> Example:
         """The example for boxes ``labels[i]`` holding ``objects[i]`` and a query for ``query_label``."""
         parts, spans, pos = [], {}, 0
-        label_spans = []
+        label_spans, object_spans = [], []
         for i, (o, l) in enumerate(zip(objects, labels)):
             clause = f"{'The' if i == 0 else 'the'} {o} is in Box {l}"
             label_spans.append(pos + len(clause) - 1)
+            object_spans.append(pos + len("the "))
             parts.append(clause)
             pos += len(clause) + 2  # ", "
         context = ", ".join(parts) + "."
@@ -84,6 +91,8 @@ class EntityTracking(TaskBase):
         if query_label in labels:
             qi = labels.index(query_label)
             spans["box_label"] = [label_spans[qi], label_spans[qi] + 1]
+            spans["object"] = [object_spans[qi], object_spans[qi] + len(objects[qi])]
+            spans["clause_end"] = [label_spans[qi] + 1, label_spans[qi] + 2]  # "," or "."
             meta["query_index"] = qi
             meta["distractor"] = objects[(qi + 1) % len(objects)]  # another in-context object (logit_diff)
             answer = objects[qi]

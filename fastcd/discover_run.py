@@ -1,0 +1,79 @@
+"""`fastcd discover`: what the command does once its flags are parsed (:func:`run_discover`): find a circuit with
+one of :mod:`fastcd.discover`'s methods or :func:`fastcd.circuit_search.search_circuit`, measure its faithfulness on
+held-out test prompts, and write the circuit JSON with its figure beside it."""
+
+from __future__ import annotations
+
+import os
+
+from fastcd.errors import UsageError
+
+
+def run_discover(a) -> int:
+    """Run ``fastcd discover`` for parsed :class:`fastcd.cli_args.DiscoverArgs` ``a``; checks that need no
+    weights come first."""
+    import torch
+
+    from fastcd.config import TEST_SEED
+    from fastcd.loading import load_model, load_tokenizer, spec_of
+    from fastcd.tasks import adapt_task, get_task
+
+    if a.n_examples < 2:
+        raise UsageError(f"--n-examples must be >= 2, got {a.n_examples}")
+    if a.method == "path" and a.task != "entity-tracking":
+        raise UsageError("--method path is defined for entity-tracking only (use patching or attribution for tom)")
+    task = get_task(a.task, **({"n_boxes": a.n_boxes} if a.task == "entity-tracking" else {}))  # or module:Class
+    n_heads = spec_of(a.model, "--model").n_total_heads  # config only: checks that need no weights come first
+    if a.top_k is not None and not 1 <= a.top_k <= n_heads:
+        raise UsageError(f"--top-k must be in 1..{n_heads} (the number of heads), got {a.top_k}")
+    search = a.method == "search"
+    roles = list(a.roles) if a.roles else ["last", *[r for r in task.roles if r != "last"]]
+    if search or a.evaluate:
+        from fastcd.circuit_search import check_search_args  # bad settings fail before any weights load
+
+        check_search_args(target=a.target, roles=roles, task_roles=("last", *task.roles), n_heldout=a.n_heldout,
+                          n_random=a.n_random)
+    tok = load_tokenizer(a.model, "--model")
+    task = adapt_task(task, [tok])
+    model = load_model(a.model, dtype=a.dtype, device=a.device, what="--model")
+    pairs = task.pairs(a.n_examples, seed=a.seed, split=a.split)
+    clean, corrupt = (task.encode([getattr(p, k) for p in pairs], tok) for k in ("clean", "corrupt"))
+    hp = task.pairs(a.n_heldout, seed=TEST_SEED, split="test") if search or a.evaluate else []
+    held = [task.encode([getattr(p, k) for p in hp], tok) for k in ("clean", "corrupt")] if hp else None
+    png, model_name = os.path.splitext(a.out)[0] + ".png", os.path.basename(os.path.normpath(a.model))
+    meta = dict(model=model_name, n_examples=a.n_examples, seed=a.seed, split=a.split, dtype=a.dtype)
+    if search:
+        from fastcd.circuit_search import search_circuit
+        from fastcd.plots import faithfulness_curve_plot
+
+        res = search_circuit(model, clean, *held, roles=roles, target=a.target, protocol=a.protocol,
+                             n_random=a.n_random, seed=a.seed, batch_size=a.batch_size, task=task.name, progress=True)
+        circuit = res.circuit
+        boxes = f" ({task.n_boxes} boxes)" if hasattr(task, "n_boxes") else ""
+        circuit.meta.update(meta, n_boxes=getattr(task, "n_boxes", None), curve=res.curve)
+        faithfulness_curve_plot(res.curve, res.record, png, title=f"{model_name}, {a.task}{boxes}: circuit search, "
+                                f"{a.protocol} mean ablation, {a.n_heldout} held-out prompts")
+    else:
+        from fastcd.discover import default_circuit
+        from fastcd.metrics import faithfulness_record
+        from fastcd.plots import head_heatmaps
+
+        circuit, panels, marked = default_circuit(
+            model, task, clean, corrupt, method=a.method, top_k=a.top_k, path_k=a.path_k, position=a.position,
+            mode=a.mode, metric=a.metric, relative=not a.absolute, threshold=a.threshold,
+            recheck_top_k=a.recheck_top_k, batch_size=a.batch_size, max_batch=a.max_batch, progress=True)
+        circuit.meta.update(meta)
+        if a.evaluate:
+            with torch.no_grad():
+                circuit.meta["evaluation"] = faithfulness_record(model, *held, circuit, split="test",
+                                                                 n_random=a.n_random, protocol=a.protocol)
+        head_heatmaps(panels, png, title=f"{a.task}: head scores", marked=marked, metric=a.metric,
+                      relative=not a.absolute)
+    circuit.save(a.out)
+    print(circuit)
+    if circuit.meta.get("evaluation"):
+        from fastcd.metrics import format_faithfulness
+
+        print(format_faithfulness(circuit.meta["evaluation"]))
+    print(f"wrote {a.out} and {png}")
+    return 0

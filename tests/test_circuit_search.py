@@ -1,0 +1,196 @@
+"""Circuit evaluation protocols, the role-wise circuit search and its bad inputs (fastcd.circuit_search)."""
+
+import json
+import random
+
+import pytest
+import torch
+from conftest import make_tiny
+
+from fastcd.artifacts import Circuit, CircuitHead
+from fastcd.circuit_search import _soft_keep, check_search_args, search_circuit, unit_gradients
+from fastcd.cli import main
+from fastcd.metrics import circuit_accuracy, clean_metric, keep_masks, random_units
+from fastcd.models import Head, get_adapter, logits_at
+from fastcd.tasks import EntityTracking
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from fastcd.tokenizer import build_word_tokenizer
+
+    return build_word_tokenizer()
+
+
+def _batches(tok, n=24, boxes=3):
+    task = EntityTracking(n_boxes=boxes)
+    pairs = task.pairs(n, seed=0, split="val")
+    return task.encode([p.clean for p in pairs], tok), task.encode([p.corrupt for p in pairs], tok)
+
+
+def test_entity_tracking_roles_mark_the_queried_clause(tok):
+    clean, _ = _batches(tok, 16, boxes=5)
+    for i, ex in enumerate(clean.examples):
+        toks = tok.convert_ids_to_tokens(clean.input_ids[i].tolist())
+        assert toks[clean.positions["object"][i]] == ex.answer
+        assert toks[clean.positions["clause_end"][i]] in (",", ".")
+        assert clean.positions["clause_end"][i] == clean.positions["box_label"][i] + 1
+    assert EntityTracking.reference_roles == ("last", "query_label", "box_label")
+
+
+def test_keep_masks_strict_and_lenient(tok):
+    spec = get_adapter(make_tiny("llama", vocab_size=len(tok))).spec
+    clean, _ = _batches(tok, 6)
+    idx = torch.arange(6)
+    live = [(Head(1, 2), "last"), (Head(0, 1), "object")]
+    strict = keep_masks(spec, clean, live, idx, "strict")
+    assert int(strict.sum()) == 12  # one position per example per unit
+    assert bool(strict[1, torch.arange(6), clean.positions["last"], 2].all())
+    assert bool(strict[0, torch.arange(6), clean.positions["object"], 1].all())
+    lenient = keep_masks(spec, clean, live, idx, "lenient")
+    t = clean.input_ids.shape[1]
+    roles = len(clean.positions)  # last + the task's five roles, all distinct positions
+    assert int(lenient.sum()) == spec.n_layers * spec.n_heads * 6 * (t - roles) + 12
+    with pytest.raises(ValueError, match="protocol must be one of"):
+        keep_masks(spec, clean, live, idx, "loose")
+
+
+@pytest.mark.parametrize("protocol", ["strict", "lenient"])
+def test_every_unit_live_is_the_full_model(tok, protocol):
+    model = make_tiny("llama", vocab_size=len(tok))
+    spec = get_adapter(model).spec
+    clean, corrupt = _batches(tok)
+    from fastcd.hooks import mean_z
+
+    means = mean_z(model, corrupt.input_ids)
+    live = ([(h, "all") for h in spec.all_heads()] if protocol == "strict" else
+            [(h, r) for h in spec.all_heads() for r in clean.positions])
+    full = float(clean_metric(model, clean, "accuracy", None, 64)[0].mean())
+    assert circuit_accuracy(model, clean, means, live, protocol=protocol) == full
+    none = circuit_accuracy(model, clean, means, [], protocol=protocol)
+    assert 0 <= none <= 1
+
+
+def test_unit_gradients_match_finite_differences(tok):
+    """The reference for the search's scores: d log p / d keep by central differences (float64)."""
+    model = make_tiny("llama", vocab_size=len(tok)).double()
+    spec = get_adapter(model).spec
+    clean, corrupt = _batches(tok, 8)
+    from fastcd.hooks import mean_z
+
+    means = mean_z(model, corrupt.input_ids).double()
+    roles = ["last", "object", "box_label"]
+    live = [(Head(1, 0), "last")]
+    g = unit_gradients(model, clean, means, live, roles, batch_size=8)
+    idx = torch.arange(len(clean))
+    base = keep_masks(spec, clean, live, idx).double()
+
+    def f(keep):
+        with torch.no_grad(), _soft_keep(model, keep, means):
+            logits, _ = logits_at(model, clean.positions["last"], input_ids=clean.input_ids)
+        return float(logits.log_softmax(-1)[idx, clean.answer_ids].mean())  # float64 (metric_values casts to fp32)
+
+    eps = 1e-2  # Llama's RMSNorm computes in fp32 even in a float64 model: smaller steps drown in its rounding
+    for head, role in [(Head(1, 0), "last"), (Head(0, 3), "object"), (Head(1, 2), "box_label")]:
+        bump = torch.zeros_like(base)
+        bump[head.layer, idx, clean.positions[role], head.head] = eps
+        fd = (f(base + bump) - f(base - bump)) / (2 * eps)
+        assert g[head.layer, head.head, roles.index(role)].item() == pytest.approx(fd, rel=2e-3, abs=1e-6)
+
+
+def test_random_units_keep_size_and_roles():
+    from fastcd.models import ModelSpec
+
+    spec = ModelSpec("llama", n_layers=3, n_heads=4, n_kv_heads=4, d_head=8, d_model=32, vocab_size=10)
+    live = [(Head(0, 0), "last"), (Head(1, 1), "last"), (Head(0, 0), "object")]
+    r = random_units(spec, live, random.Random(0))
+    assert sorted(role for _, role in r) == ["last", "last", "object"]
+    assert len({h for h, role in r if role == "last"}) == 2
+
+
+def test_search_on_the_shipped_teacher_reaches_the_target():
+    """The shipped 7-box teacher (2 layers x 4 heads, accuracy 1.0): lenient protocol, target 0.85."""
+    from fastcd.loading import load_model, load_tokenizer
+    from fastcd.pretrain import shipped_checkpoint
+
+    path = shipped_checkpoint("et-teacher")
+    model, tk = load_model(path), load_tokenizer(path)
+    task = EntityTracking(n_boxes=7)
+    sp, hp = task.pairs(48, seed=0, split="val"), task.pairs(48, seed=1, split="test")
+    enc = [task.encode([getattr(p, k) for p in ps], tk) for ps, k in ((sp, "clean"), (hp, "clean"), (hp, "corrupt"))]
+    res = search_circuit(model, *enc, roles=task.roles, target=0.85, protocol="lenient", start=1, growth=2,
+                         n_random=4, n_random_curve=2)
+    rec = res.record
+    assert rec["reached"] and rec["search_faithfulness"] >= 0.85
+    assert rec["circuit_units"] < 8 * len(task.roles)  # smaller than every unit
+    assert rec["faithfulness"] > rec["random_circuit_accuracy"] / rec["full_accuracy"] + 0.3
+    grow = [r for r in res.curve if r["stage"] == "grow"]
+    assert grow[-1]["faithfulness"] > grow[0]["faithfulness"]
+    assert {r["stage"] for r in res.curve} >= {"grow", "pruned"}
+    assert rec["faithfulness"] == pytest.approx(rec["circuit_accuracy"] / rec["full_accuracy"])
+    assert res.circuit.meta["evaluation"] is rec and len(res.circuit.heads) == rec["circuit_units"]
+
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(target=0.0), "target must be a faithfulness in"), (dict(target=1.5), "target must be a faithfulness in"),
+    (dict(roles=["last", "nowhere"]), "roles must be a non-empty list of the task's roles"),
+    (dict(n_heldout=8), "n_heldout must be >= 20"), (dict(n_random=1), "n_random must be >= 2"),
+])
+def test_search_bad_inputs(kw, msg):
+    args = dict(target=0.85, roles=["last"], task_roles=("last", "object"), n_heldout=128, n_random=10) | kw
+    with pytest.raises(ValueError, match=msg):
+        check_search_args(**args)
+
+
+def _weightless_model(tmp_path):
+    """A saved tiny model without its weights: any command that loads it fails; checks must come first."""
+    from fastcd.tokenizer import build_word_tokenizer
+
+    tk = build_word_tokenizer()
+    m = make_tiny("llama", n_layers=3, vocab_size=len(tk))
+    m.save_pretrained(tmp_path / "model")
+    tk.save_pretrained(tmp_path / "model")
+    (tmp_path / "model" / "model.safetensors").unlink()
+    return tmp_path / "model"
+
+
+@pytest.mark.parametrize("flags, msg", [
+    (["--target", "1.5"], "target must be a faithfulness in (0, 1]"),
+    (["--roles", "last", "nowhere"], "roles must be a non-empty list of the task's roles"),
+    (["--n-heldout", "5"], "n_heldout must be >= 20"),
+    (["--n-random", "1"], "n_random must be >= 2"),
+])
+def test_cli_search_bad_inputs_fail_before_the_model_loads(tmp_path, capsys, flags, msg):
+    model = _weightless_model(tmp_path)
+    capsys.readouterr()
+    rc = main(["discover", "--model", str(model), "--task", "entity-tracking", "--method", "search",
+               "--out", str(tmp_path / "c.json"), *flags])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and msg in err[0], err
+
+
+def test_circuit_of_another_model_fails_before_loading(tmp_path, capsys):
+    model = _weightless_model(tmp_path)  # 3 x 4 heads
+    capsys.readouterr()
+    circ = tmp_path / "c.json"
+    Circuit([CircuitHead(Head(0, 1), "g", "last", 0.0)], "entity-tracking", 28, 12, {"model": "qwen"}).save(circ)
+    rc = main(["match", "--teacher", str(model), "--student", str(model), "--circuit", str(circ),
+               "--out", str(tmp_path / "m.json")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "circuit is for a model of 28 layers x 12 heads (qwen)" in err[0], err
+
+
+def test_cli_search_writes_circuit_curve_and_png(tmp_path, capsys):
+    from fastcd.pretrain import shipped_checkpoint
+
+    out = tmp_path / "search.json"
+    rc = main(["discover", "--model", shipped_checkpoint("et-teacher"), "--task", "entity-tracking", "--n-boxes", "5",
+               "--method", "search", "--protocol", "lenient", "--n-examples", "32", "--n-heldout", "32",
+               "--n-random", "3", "--out", str(out)])
+    assert rc == 0
+    d = json.loads(out.read_text())
+    ev = d["meta"]["evaluation"]
+    assert d["meta"]["method"] == "search" and ev["protocol"] == "lenient" and ev["n_prompts"] == 32
+    assert ev["n_random"] == 3 and len(ev["random_circuit_accuracies"]) == 3 and d["meta"]["curve"]
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "faithfulness (lenient protocol, 32 test prompts)" in capsys.readouterr().out
