@@ -16,6 +16,19 @@ def _acc(x) -> str:
     return "-" if x is None else f"{x:.3f}"
 
 
+def _circ(tc: dict | None) -> str:
+    return "-" if not tc else f"{tc['circuit_accuracy']:.3f} (faithfulness {tc['faithfulness']:.2f})"
+
+
+def _circuit_note(tc: dict | None) -> list[str]:
+    if not tc:
+        return []
+    sd = f" (SD {tc['random_circuit_sd']:.3f})" if tc.get("random_circuit_sd") is not None else ""
+    return [f"Teacher circuit: {tc['circuit_size']} of {tc['n_heads_total']} heads, {tc['protocol']} mean ablation, "
+            f"{tc['n_prompts']} {tc['split']} prompts; {tc['n_random']} random circuits of its size and roles: "
+            f"{tc['random_circuit_accuracy']:.3f}{sd}.", ""]
+
+
 def model_card(result, cfg, *, task=None, teacher: str | None = None, student: str | None = None,
                command: str | None = None) -> str:
     """Markdown with a YAML header (Hugging Face model-card style) for a :class:`fastcd.pipeline.DistillResult`."""
@@ -32,10 +45,10 @@ def model_card(result, cfg, *, task=None, teacher: str | None = None, student: s
              "## Result (one fixed test set of "
              f"{cfg.n_eval} prompts; accuracy = the argmax next token is the answer)", "",
              "| | accuracy | circuit accuracy |", "|---|---|---|",
-             f"| teacher | {_acc(m.get('teacher_accuracy'))} | - |",
+             f"| teacher | {_acc(m.get('teacher_accuracy'))} | {_circ(m.get('teacher_circuit'))} |",
              f"| student before | {_acc(m.get('student_base_accuracy'))} | - |",
              f"| student after | {_acc(m.get('student_accuracy'))} | {_acc(m.get('student_circuit_accuracy'))} |",
-             "",
+             "", *_circuit_note(m.get("teacher_circuit")),
              f"Trainable: {m.get('trainable_params', 0):,} parameters ({_pct(m.get('trainable_fraction'))} of the "
              f"student), {m.get('trained_heads', '-')} heads ({_pct(m.get('trained_heads_fraction'))}).", ""]
     if result.circuit is not None and result.circuit.heads:

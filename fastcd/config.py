@@ -147,6 +147,9 @@ class DistillConfig:
     path_k: list[int] = option([4, 2, 2, 2], "path patching: top-k heads per group (VF, PT, PD, SR)")
     top_k: int | None = option(None, "patching/attribution: circuit size (default: the task's, e.g. 15%% of heads)")
     n_discovery: int = option(256, "prompts for discovery and matching")
+    circuit_eval: bool = option(True, "measure the teacher circuit's faithfulness on the test prompts (full model, "
+                                "the circuit, 10 random circuits of its size and roles: 12 teacher passes; strict "
+                                "protocol) into metrics['teacher_circuit'] and OUT/circuit.json")
     teacher_dtype: str | None = option(None, "teacher dtype (float32, bf16, fp16); default: as stored")
     device: str | None = option(None, "where teacher and student run (cuda, cpu); default: where they load")
     impl: str | None = option(None, "alignment-loss implementation: auto, torch, triton (see python -m fastcd.info)")

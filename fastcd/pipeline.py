@@ -22,7 +22,7 @@ from fastcd.hooks import mean_z
 from fastcd.io import atomic_target, write_json_atomic
 from fastcd.loading import check_model_path, load_model, load_tokenizer, spec_of
 from fastcd.match import MatchInputs, match, match_random
-from fastcd.metrics import accuracy_per_example, circuit_correct
+from fastcd.metrics import accuracy_per_example, circuit_correct, faithfulness_record
 from fastcd.models import get_adapter
 from fastcd.tasks.base import adapt_task
 from fastcd.tasks.protocol import check_task
@@ -289,6 +289,8 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
             means = mean_z(student, s_ref.input_ids.to(next(student.parameters()).device))
             circ_correct = circuit_correct(student, s_test, means, live, batch_size=128)
         metrics["student_circuit_accuracy"] = sum(circ_correct) / len(circ_correct)
+        if metrics["student_accuracy"] > 0:
+            metrics["student_circuit_faithfulness"] = metrics["student_circuit_accuracy"] / metrics["student_accuracy"]
         s_spec = get_adapter(student).spec
         trained = s_spec.n_total_heads if spec.full_model else len(matching.student_heads())
         metrics["trained_heads"] = trained
@@ -297,6 +299,11 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
         t_test = task.encode([p.clean for p in test_pairs], t_tok)
         with amp():
             metrics["teacher_accuracy"] = sum(accuracy_per_example(teacher, t_test)) / len(t_test)
+        if cfg.circuit_eval and circuit is not None:
+            t_ref = task.encode([p.corrupt for p in test_pairs], t_tok)
+            with amp(), torch.no_grad():
+                metrics["teacher_circuit"] = faithfulness_record(teacher, t_test, t_ref, circuit, split="test")
+            circuit.meta["evaluation"] = metrics["teacher_circuit"]
     metrics["world_size"] = world
     result = DistillResult(student, matching, circuit, metrics, log, correct, circ_correct)
     if cfg.out and rank == 0:
@@ -317,7 +324,7 @@ def _cfg_key(cfg: DistillConfig) -> dict:
     nor ``steps`` (a run may be extended)."""
     d = asdict(cfg)
     for k in ("progress", "out", "overwrite", "resume", "steps", "log_every", "eval_every", "save_every", "n_eval",
-              "n_val", "device", "impl", "report_to", "early_stopping_patience"):
+              "n_val", "device", "impl", "report_to", "early_stopping_patience", "circuit_eval"):
         d.pop(k, None)
     d["path_k"] = list(d["path_k"])
     return d

@@ -149,6 +149,9 @@ def write_report(out: str, cfg: ExperimentConfig | None = None) -> dict:
                "lam_effective": [r.get("lam_effective") for r in rs]}
         if "circuit_accuracy" in rs[0]:
             row["circuit_accuracy"] = mean_ci([r["circuit_accuracy"] for r in rs])
+            row["per_seed_circuit"] = [r["circuit_accuracy"] for r in rs]
+            if all(r["accuracy"] > 0 for r in rs):  # the matched student circuit's faithfulness, run by run
+                row["circuit_faithfulness"] = mean_ci([r["circuit_accuracy"] / r["accuracy"] for r in rs])
         if rs[0].get("grad"):
             row["grad_ratio"] = mean_ci([r["grad"]["ratio"] for r in rs])
             row["grad_cosine"] = mean_ci([r["grad"]["cosine"] for r in rs])
@@ -296,13 +299,14 @@ def format_report(report: dict) -> str:
     if report.get("teacher_accuracy") is not None:
         lines.append(f"Teacher accuracy {report['teacher_accuracy']:.3f}; untrained student "
                      f"{report['base']['accuracy']:.3f}" + "".join(
-                         f"; untrained circuit ({k[8:]}) {v:.3f}" for k, v in report["base"].items()
-                         if k.startswith("circuit_")) + ".")
+                         f"; untrained circuit ({k[8:]}) {v:.3f} (faithfulness "
+                         f"{v / report['base']['accuracy'] if report['base']['accuracy'] else float('nan'):.2f})"
+                         for k, v in report["base"].items() if k.startswith("circuit_")) + ".")
         lines.append("")
     groups = list(dict.fromkeys(r["setting"] for r in report["table"]))
     for g in groups:
         lines += [f"## {g}", "", "| Method | Matching | lambda | Accuracy (95% CI) | per seed | Circuit acc. | "
-                  "Trainable params | Trained heads |", "|---|---|---|---|---|---|---|---|"]
+                  "Circuit faithfulness | Trainable params | Trained heads |", "|---|---|---|---|---|---|---|---|---|"]
         for r in report["table"]:
             if r["setting"] != g:
                 continue
@@ -311,7 +315,7 @@ def format_report(report: dict) -> str:
             th = "-" if r["trained_heads_fraction"] is None else f"{r['trained_heads_fraction']:.1%}"
             lines.append(f"| {r['label']} | {r['matching'] or '-'} | {lam} | {_fmt_ci(r['accuracy'])} | "
                          f"{' '.join(f'{x:.3f}' for x in r['per_seed'])} | {_fmt_ci(r.get('circuit_accuracy'))} | "
-                         f"{r['trainable_fraction']:.2%} | {th} |")
+                         f"{_fmt_ci(r.get('circuit_faithfulness'), 2)} | {r['trainable_fraction']:.2%} | {th} |")
         lines.append("")
     if report["mcnemar"]:
         lines += seed_level_lines(report["mcnemar"], report.get("seeds_are_replications", True))

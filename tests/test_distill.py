@@ -239,6 +239,14 @@ def test_distill_discovers_and_matches_when_not_given(tok):
                   student_tokenizer=tok, teacher_tokenizer=tok)
     assert res.circuit is not None and len(res.matching) >= 1
     assert "student_circuit_accuracy" in res.metrics and "teacher_accuracy" in res.metrics
+    tc = res.metrics["teacher_circuit"]  # the discovered circuit's faithfulness, also in its JSON
+    assert tc["n_random"] == 10 and tc["split"] == "test" and tc["protocol"] == "strict"
+    assert res.circuit.meta["evaluation"] is tc and tc["circuit_size"] == len(res.circuit.unique_heads())
+    if tc["full_accuracy"] > 0:
+        assert tc["faithfulness"] == pytest.approx(tc["circuit_accuracy"] / tc["full_accuracy"])
+    from fastcd.card import model_card
+
+    assert "faithfulness" in model_card(res, _cfg(steps=2))
 
 
 def test_bad_input(tok):

@@ -227,10 +227,17 @@ def test_the_report_states_the_teacher_circuits_faithfulness(small_run):
     tc = report["teacher_circuit"]
     assert tc["faithfulness"] == pytest.approx(tc["circuit_accuracy"] / tc["full_accuracy"])
     assert tc["n_random"] == len(tc["random_circuit_accuracies"]) == 10 and tc["random_circuit_sd"] >= 0
-    assert tc["n_prompts"] == 24 and tc["split"] == "test" and "mean ablation" in tc["protocol"]
+    assert tc["n_prompts"] == 24 and tc["split"] == "test" and tc["protocol"] == "strict"
+    assert "mean ablation" in tc["protocol_text"]
     teacher = json.load(open(os.path.join(out, "shared", "teacher_eval.json")))
     assert tc["full_accuracy"] == pytest.approx(teacher["accuracy"])  # the same prompts, the same model
-    assert f"faithfulness {tc['faithfulness']:.2f}" in open(os.path.join(out, "summary.md")).read()
+    summary = open(os.path.join(out, "summary.md")).read()
+    assert f"faithfulness {tc['faithfulness']:.2f}" in summary and "Circuit faithfulness" in summary
+    assert any("circuit_faithfulness" in row for row in report["table"])
+    for row in report["table"]:  # each matched student circuit's faithfulness, run by run
+        if "circuit_faithfulness" in row:
+            ratios = [c / a for c, a in zip(row["per_seed_circuit"], row["per_seed"])]
+            assert row["circuit_faithfulness"]["mean"] == pytest.approx(sum(ratios) / len(ratios))
 
 
 def test_each_seed_trains_on_its_own_prompts_and_its_methods_share_them(small_run):
