@@ -153,7 +153,8 @@ def _run_match(argv) -> int:
     clean, corrupt = [p.clean for p in pairs], [p.corrupt for p in pairs]
     inp = MatchInputs(teacher, student, circuit, task.encode(clean, t_tok), task.encode(clean, s_tok),
                       task.encode(corrupt, t_tok), task.encode(corrupt, s_tok))
-    kw = {"ablation": {"k": a.top_k, "direction": a.direction, "progress": True, "metric": a.ablation_metric},
+    kw = {"ablation": {"k": a.top_k, "direction": a.direction, "progress": True, "metric": a.ablation_metric,
+                       "student_position": a.student_position},
           "cka": {"impl": a.impl}, "combined": {"weight": a.weight, "impl": a.impl, "progress": True},
           "random": {"seed": a.seed}}[a.method]
     m = match(inp, a.method, **kw)

@@ -101,6 +101,9 @@ class MatchArgs:
                            choices=("student_to_teacher", "teacher_to_student"))
     ablation_metric: str = option("accuracy", "ablation: what an ablation changes, accuracy (the paper's P) or "
                                  "p(answer) (continuous)", choices=("accuracy", "prob"))
+    student_position: str = option("all", "ablation: where candidate student heads are ablated: all positions, or "
+                                   "roles (each teacher (head, role) unit matched among student heads ablated at that "
+                                   "same role)", choices=("all", "roles"))
     weight: float = option(0.5, "combined: weight of (1 - CKA) against d_abl")
     impl: str | None = option(None, "CKA scorer implementation: cpp, torch, python (default: cpp when built)")
     n_examples: int = option(256, "prompts")

@@ -32,6 +32,7 @@ from fastcd.tasks.base import EncodedBatch
 
 logger = logging.getLogger("fastcd")
 METHODS = ("ablation", "cka", "combined", "random")
+ROLES = "roles"  # student_position: ablate each candidate student head at each teacher unit's own role
 
 
 # ------------------------------------------------------------------------------------------------
@@ -111,14 +112,15 @@ def ablation_scores(inp: MatchInputs, *, student_position: str = ALL, max_batch:
     s_means = mean_z(inp.student, inp.student_ref.input_ids.to(s_dev))
     t_heads = _circuit_heads(inp.circuit)
     s_all = get_adapter(inp.student).spec.all_heads()
-    s_base, s_abl = ablation_accuracies(inp.student, inp.student_clean, [(h, student_position) for h in s_all],
+    s_roles = list(dict.fromkeys(r for _, r, _ in t_heads)) if student_position == ROLES else [student_position]
+    s_base, s_abl = ablation_accuracies(inp.student, inp.student_clean, [(h, r) for r in s_roles for h in s_all],
                                         s_means, max_batch=max_batch, progress=progress, metric=metric,
                                         desc="ablation matching, student heads")
     t_base, t_abl = ablation_accuracies(inp.teacher, inp.teacher_clean, [(h, r) for h, r, _ in t_heads], t_means,
                                         max_batch=max_batch, progress=progress, metric=metric,
                                         desc="ablation matching, teacher circuit heads")
     return {
-        "student_base": s_base, "teacher_base": t_base,
+        "student_base": s_base, "teacher_base": t_base, "student_roles": s_roles,  # student_drop: role by role
         "student_heads": s_all, "student_drop": [s_base - a for a in s_abl],  # Eq. 3
         "teacher_heads": t_heads, "teacher_drop": [s_base - a for a in t_abl],  # Eq. 4: student's baseline
         "student_ablated": s_abl, "teacher_ablated": t_abl,
@@ -128,12 +130,18 @@ def ablation_scores(inp: MatchInputs, *, student_position: str = ALL, max_batch:
 def match_ablation(inp: MatchInputs, *, k: int | None = None, direction: str = "student_to_teacher",
                    student_position: str = ALL, scores: dict | None = None, progress: bool = False,
                    metric: str = "accuracy") -> Matching:
-    """The paper's rule: nearest ablation drop (Eq. 5), many-to-one; ties to the earliest head."""
+    """The paper's rule: nearest ablation drop (Eq. 5), many-to-one; ties to the earliest head.
+
+    ``student_position``: where candidate student heads are ablated: ``all`` positions (default), one role, or
+    ``"roles"``: at each role the circuit uses, each teacher unit matched among student heads at its own role.
+    """
     if direction not in ("student_to_teacher", "teacher_to_student"):
         raise UsageError(f"direction must be 'student_to_teacher' or 'teacher_to_student', got {direction!r}")
     if metric not in ("accuracy", "prob"):
         raise UsageError(f"metric must be 'accuracy' (the paper's P) or 'prob' (continuous), got {metric!r}")
     sc = scores or ablation_scores(inp, student_position=student_position, progress=progress, metric=metric)
+    if student_position == ROLES:
+        return _match_ablation_roles(sc, k, direction, metric)
     s_heads, s_drop = sc["student_heads"], np.array(sc["student_drop"])
     t_heads, t_drop = sc["teacher_heads"], np.array(sc["teacher_drop"])
     k = len(t_heads) if k is None else k
@@ -160,6 +168,35 @@ def match_ablation(inp: MatchInputs, *, k: int | None = None, direction: str = "
     return Matching(pairs, "ablation", {"direction": direction, "k": k, "metric": metric,
                                         "student_base": sc["student_base"],
                                         "teacher_base": sc["teacher_base"], "student_position": student_position})
+
+
+def _match_ablation_roles(sc: dict, k: int | None, direction: str, metric: str) -> Matching:
+    """Eq. 5 role by role: a teacher unit (head, role) pairs only with a student head ablated at the same role.
+    Candidates at a role: the student heads with the largest drops there, as many as the circuit has units there
+    (``k``: that many per role instead)."""
+    s_heads, roles = sc["student_heads"], sc["student_roles"]
+    n = len(s_heads)
+    t_heads, t_drop = sc["teacher_heads"], np.array(sc["teacher_drop"])
+    if k is not None and (not isinstance(k, int) or not 1 <= k <= n):
+        raise UsageError(f"k must be in 1..{n} (the student's heads), got {k}")
+    pairs = []
+    for j, role in enumerate(roles):
+        s_drop = np.array(sc["student_drop"][j * n:(j + 1) * n])
+        units = [i for i, (_, r, _) in enumerate(t_heads) if r == role]
+        cand = sorted(range(n), key=lambda i: (-s_drop[i], i))[:k or len(units)]
+        if direction == "student_to_teacher":
+            near = _ext.nearest_indices(s_drop[cand], t_drop[units]).tolist()
+            links = [(units[u], cand[c]) for c, u in enumerate(near)]
+        else:
+            near = _ext.nearest_indices(t_drop[units], s_drop[cand]).tolist()
+            links = [(units[u], cand[c]) for u, c in enumerate(near)]
+        for ti, ci in links:
+            t, r, group = t_heads[ti]
+            pairs.append(Pair(t, s_heads[ci], r, group, {"d_abl": float(abs(s_drop[ci] - t_drop[ti])),
+                                                        "student_drop": float(s_drop[ci]),
+                                                        "teacher_drop": float(t_drop[ti])}))
+    return Matching(pairs, "ablation", {"direction": direction, "k": k, "metric": metric, "student_position": ROLES,
+                                        "student_base": sc["student_base"], "teacher_base": sc["teacher_base"]})
 
 
 @torch.no_grad()

@@ -253,3 +253,35 @@ def test_ablation_rule_on_a_continuous_metric_recovers_the_identity(tok):
     assert [(p.teacher, p.student) for p in m.pairs] == [(h, h) for h in heads]
     with pytest.raises(ValueError, match="metric must be 'accuracy'"):
         match_ablation(inp, metric="logit")
+
+
+def test_role_wise_ablation_matching_recovers_the_identity_at_each_role(tok):
+    """Role-wise units (a head at two roles) matched to the model itself with student_position='roles' and
+    p(answer): every unit pairs with its own head at its own role; each pair's student drop is the drop of that
+    head ablated at that role (checked against ablation_accuracies at that role alone)."""
+    from fastcd import load_model, mean_z
+    from fastcd.match import ablation_accuracies, ablation_scores
+    from fastcd.pretrain import shipped_checkpoint
+
+    model = load_model(shipped_checkpoint("et-teacher"))
+    task = EntityTracking(n_boxes=7)
+    pairs = task.pairs(64, seed=0, split="val")
+    clean = task.encode([p.clean for p in pairs], tok)
+    corrupt = task.encode([p.corrupt for p in pairs], tok)
+    # distinct drops at each role (p(answer), these 64 prompts): L0H2 0.89 and L1H2 0.80 at the last token, L0H2
+    # 0.11 and L0H3 0.45 at the queried box's label; L0H2 is a unit at both roles
+    units = [(Head(0, 2), "last"), (Head(1, 2), "last"), (Head(0, 2), "box_label"), (Head(0, 3), "box_label")]
+    circuit = Circuit([CircuitHead(h, r, r, 0.0) for h, r in units], "entity-tracking", 2, 4)
+    inp = MatchInputs(model, model, circuit, clean, clean, corrupt, corrupt)
+    sc = ablation_scores(inp, student_position="roles", metric="prob")
+    assert sc["student_roles"] == ["last", "box_label"] and len(sc["student_drop"]) == 2 * 8
+    m = match_ablation(inp, metric="prob", direction="teacher_to_student", k=8, student_position="roles", scores=sc)
+    assert [(p.teacher, p.student, p.position) for p in m.pairs] == [(h, h, r) for h, r in units]
+    base, abl = ablation_accuracies(model, clean, [(Head(0, 2), "box_label")], mean_z(model, corrupt.input_ids),
+                                    metric="prob")
+    obj = next(p for p in m.pairs if p.position == "box_label" and p.student == Head(0, 2))
+    assert obj.scores["student_drop"] == pytest.approx(base - abl[0], abs=1e-6)
+    assert m.meta["student_position"] == "roles"
+    fwd = match_ablation(inp, metric="prob", student_position="roles", scores=sc)  # k: units per role
+    assert sorted(p.position for p in fwd.pairs) == ["box_label", "box_label", "last", "last"]
+    assert all(p.student in {h for h, r in units if r == p.position} for p in fwd.pairs)  # candidates at its role
