@@ -194,3 +194,33 @@ def test_cli_search_writes_circuit_curve_and_png(tmp_path, capsys):
     assert ev["n_random"] == 3 and len(ev["random_circuit_accuracies"]) == 3 and d["meta"]["curve"]
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "faithfulness (lenient protocol, 32 test prompts)" in capsys.readouterr().out
+
+
+def test_circuit_protocols_script_on_the_shipped_teacher(tmp_path):
+    """benchmarks/circuit_protocols.py: the lenient record and the four all-heads checks, one JSON object."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from fastcd.pretrain import shipped_checkpoint
+
+    root = Path(__file__).resolve().parents[1]
+    circ = tmp_path / "c.json"
+    Circuit([CircuitHead(Head(0, 2), "g", "last", 0.0), CircuitHead(Head(0, 3), "g", "box_label", 0.0)],
+            "entity-tracking", 2, 4).save(circ)
+    out = tmp_path / "p.json"
+    p = subprocess.run([sys.executable, str(root / "benchmarks" / "circuit_protocols.py"), "--model",
+                        shipped_checkpoint("et-teacher"), "--circuit", str(circ), "--n", "24", "--n-random", "2",
+                        "--dtype", "float32", "--out", str(out)], capture_output=True, text=True, cwd=root, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rec = json.loads(out.read_text())
+    assert rec["lenient"]["protocol"] == "lenient" and rec["lenient"]["n_random"] == 2
+    checks = rec["all_heads_at_roles"]
+    assert set(checks) == {f"{r}/{p}" for r in ("reference_roles", "all_roles") for p in ("strict", "lenient")}
+    assert checks["all_roles/lenient"]["circuit_accuracy"] == pytest.approx(rec["full_accuracy"])  # nothing ablated
+    bad = tmp_path / "bad.json"
+    Circuit([CircuitHead(Head(0, 1), "g", "last", 0.0)], "entity-tracking", 28, 12).save(bad)
+    p = subprocess.run([sys.executable, str(root / "benchmarks" / "circuit_protocols.py"), "--model",
+                        shipped_checkpoint("et-teacher"), "--circuit", str(bad)], capture_output=True, text=True,
+                       cwd=root, timeout=600)
+    assert p.returncode != 0 and "circuit is for a model of 28 layers x 12 heads" in p.stderr
