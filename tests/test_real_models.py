@@ -251,6 +251,18 @@ def test_circuit_faithfulness_script_on_smollm2(smol_dir, tmp_path):
     assert rec["n_prompts"] == 4 and rec["n_random"] == 2 and rec["circuit_size"] == 1
     if rec["full_accuracy"] > 0:
         assert rec["faithfulness"] == pytest.approx(rec["circuit_accuracy"] / rec["full_accuracy"])
+    from fastcd.artifacts import Matching, Pair  # the matched student circuit: the matching's student side
+
+    mfile = tmp_path / "m.json"
+    Matching([Pair(Head(0, 0), Head(20, 5), "last", "g"), Pair(Head(0, 1), Head(3, 2), "object", "g")],
+             "cka").save(mfile)
+    p = subprocess.run([sys.executable, str(root / "benchmarks" / "circuit_faithfulness.py"), "--model",
+                        str(smol_dir), "--matching", str(mfile), "--boxes", "2", "--n", "4", "--n-random", "2",
+                        "--dtype", "float32", "--out", str(out)], capture_output=True, text=True, cwd=root,
+                       timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rec = json.loads(out.read_text())
+    assert rec["circuit_size"] == 2 and rec["circuit_units"] == 2 and rec["matching_file"] == str(mfile)
 
 
 def test_circuit_search_curve_on_smollm2(smol_dir, tok):
