@@ -12,8 +12,13 @@ For a prepared model (``fastcd models prepare NAME``, or a converted directory),
                    heads, teacher signals from the float32 cache), mixed_precision "no" against "bf16": the mean
                    of --steps steps after one warm-up step.
 
-One JSON line per stage and variant on stdout (and appended to --out). Prefix reuse, attribution and
-circuit-search timings are not measured here yet. Not a test: it measures; --quick runs every path at tiny
+    prefix reuse   evaluation of --n-tom theory-of-mind prompts (instruction + 3 shots: one long shared prefix)
+                   in bf16 weights with and without shared-prefix reuse (``FASTCD_PREFIX_REUSE``), beside the
+                   same number of entity-tracking prompts: seconds per prompt, the ToM/ET cost ratio, and whether
+                   the answers are the same.
+
+One JSON line per stage and variant on stdout (and appended to --out). Attribution and circuit-search timings are
+not measured here yet. Not a test: it measures; --quick runs every path at tiny
 sizes (CI smoke on SmolLM2: tests/test_real_models.py).
 
     python benchmarks/real_throughput.py --model qwen2.5-coder-0.5b --out real_throughput.jsonl
@@ -58,11 +63,12 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=16, help="training batch (the CKA batch m)")
     ap.add_argument("--pairs", type=int, default=12, help="matched heads (the circuit size)")
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--n-tom", type=int, default=64, help="theory-of-mind prompts for the prefix-reuse stage")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: every path once (smoke)")
     ap.add_argument("--out", default=None, help="append the JSON lines to this file too")
     a = ap.parse_args(argv)
     if a.quick:
-        a.n_eval, a.n_cache, a.batch, a.pairs, a.steps, a.boxes = 8, 8, 4, 2, 1, 3
+        a.n_eval, a.n_cache, a.batch, a.pairs, a.steps, a.boxes, a.n_tom = 8, 8, 4, 2, 1, 3, 8
 
     import torch
     from scipy.stats import binomtest
@@ -145,6 +151,38 @@ def main(argv=None) -> int:
                                        "constant_heads_left_out": int((~live).sum())}
         emit(rec)
         del m
+
+    # prefix reuse: few-shot ToM against entity tracking, bf16 weights
+    import os
+
+    from fastcd.models import shared_prefix_length
+    from fastcd.tasks import TheoryOfMind
+
+    tom = adapt_task(TheoryOfMind(instruction="causaltom", few_shot=3), [tok])
+    tb = tom.encode(tom.generate(a.n_tom, seed=0, split="test"), tok)
+    eb = test.index(range(min(a.n_tom, len(test))))
+    m, _ = _variant(model, "bf16-weights")
+    per, answers = {}, {}
+    for label, batch, reuse in (("entity tracking", eb, True), ("theory of mind", tb, False),
+                                ("theory of mind", tb, True)):
+        os.environ["FASTCD_PREFIX_REUSE"] = "1" if reuse else "0"
+        with torch.no_grad():
+            t = time.time()
+            answers[(label, reuse)] = accuracy_per_example(m, batch, batch_size=32)
+            sec = time.time() - t
+        per[(label, reuse)] = sec / len(batch)
+        rec = {"stage": "prefix reuse", "variant": "bf16-weights", "task": label, "prefix_reuse": reuse,
+               "n": len(batch), "tokens": int(batch.input_ids.shape[1]),
+               "shared_prefix_tokens": shared_prefix_length(batch.input_ids), "seconds": round(sec, 2),
+               "seconds_per_prompt": round(per[(label, reuse)], 4),
+               "accuracy": sum(answers[(label, reuse)]) / len(batch)}
+        if label == "theory of mind":
+            rec["cost_vs_entity_tracking"] = round(per[(label, reuse)] / per[("entity tracking", True)], 2)
+        if reuse and label == "theory of mind":
+            rec["same_correctness_as_without"] = answers[(label, True)] == answers[(label, False)]
+        emit(rec)
+    os.environ.pop("FASTCD_PREFIX_REUSE", None)
+    del m
 
     # ce+cka step: the model is its own student; teacher signals from the float32 cache
     for prec in ("no", "bf16"):

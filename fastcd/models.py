@@ -289,6 +289,13 @@ def accepts_logits_to_keep(model: nn.Module) -> bool:
 
 
 @functools.cache
+def _cache_argument(cls) -> str:
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
+@functools.cache
 def _class_accepts_logits_to_keep(cls) -> bool:
     import inspect
 
@@ -298,6 +305,46 @@ def _class_accepts_logits_to_keep(cls) -> bool:
         return False
 
 
+PREFIX_MIN = 32  # shared leading tokens worth a forward of their own (FASTCD_PREFIX_REUSE=0: never)
+
+
+def shared_prefix_length(input_ids: torch.Tensor) -> int:
+    """How many leading tokens every row of ``input_ids`` [n, T] shares (0 for a single row)."""
+    if input_ids.dim() != 2 or input_ids.shape[0] < 2:
+        return 0
+    return int((input_ids == input_ids[:1]).all(0).long().cumprod(0).sum())
+
+
+def _prefix_reusable(model: nn.Module, forward_kwargs: dict, pos: torch.Tensor) -> int:
+    """The prefix length to reuse, or 0: only for a plain no-grad ``input_ids`` forward with no hooks anywhere
+    (captures and interventions see whole sequences), every read position after the prefix, and a model that
+    returns a key/value cache."""
+    import os
+
+    if (set(forward_kwargs) != {"input_ids"} or torch.is_grad_enabled() or os.environ.get("FASTCD_PREFIX_REUSE") == "0"
+            or not accepts_logits_to_keep(model)):
+        return 0
+    p = shared_prefix_length(forward_kwargs["input_ids"])
+    if p < PREFIX_MIN or int(pos.min()) < p:
+        return 0
+    if any(m._forward_pre_hooks or m._forward_hooks for m in model.modules()):
+        return 0
+    return p
+
+
+def _prefix_logits_at(model: nn.Module, pos: torch.Tensor, input_ids: torch.Tensor, p: int):
+    """The shared prefix once (batch 1, its keys and values cached), then only the suffixes. Exact for causal
+    attention: a suffix token attends to the same prefix keys/values as in the full forward."""
+    n = input_ids.shape[0]
+    pre = model(input_ids=input_ids[:1, :p], use_cache=True, logits_to_keep=1)
+    name = _cache_argument(type(unwrap(model)))  # transformers >= 5.25 names it `cache`, before `past_key_values`
+    cache = pre[name]
+    cache.batch_repeat_interleave(n)
+    uniq, inv = torch.unique(pos - p, return_inverse=True)
+    out = model(input_ids=input_ids[:, p:], use_cache=True, logits_to_keep=uniq, **{name: cache})
+    return out.logits[torch.arange(n, device=input_ids.device), inv], out
+
+
 def logits_at(model: nn.Module, positions: torch.Tensor, **forward_kwargs):
     """``model(**forward_kwargs)`` with the lm_head applied only where logits are read.
 
@@ -305,6 +352,11 @@ def logits_at(model: nn.Module, positions: torch.Tensor, **forward_kwargs):
     batch, usually one for equal-length prompts), so the ``[n, T, vocab]`` tensor is never built; models without
     ``logits_to_keep`` fall back to the full logits. Returns ``(logits [n, vocab], output)``; ``output.logits``
     holds only the kept positions.
+
+    Shared-prefix reuse: in a no-grad forward of ``input_ids`` alone, with no hooks on the model, when every row
+    starts with the same ``PREFIX_MIN`` or more tokens (few-shot prompts: instruction and shots), the prefix runs
+    once and only the suffixes run over the batch, with its cached keys and values (exact up to float rounding;
+    ``FASTCD_PREFIX_REUSE=0`` turns it off).
     """
     mod = forward_kwargs.get("input_ids", forward_kwargs.get("inputs_embeds"))
     device = mod.device
@@ -313,6 +365,9 @@ def logits_at(model: nn.Module, positions: torch.Tensor, **forward_kwargs):
     if pos.shape[0] != n:
         raise UsageError(f"positions must hold one position per row ({n}), got {pos.shape[0]}")
     rows = torch.arange(n, device=device)
+    p = _prefix_reusable(model, forward_kwargs, pos)
+    if p:
+        return _prefix_logits_at(model, pos, forward_kwargs["input_ids"], p)
     if accepts_logits_to_keep(model):
         uniq, inv = torch.unique(pos, return_inverse=True)
         out = model(**forward_kwargs, logits_to_keep=uniq)

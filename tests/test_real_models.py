@@ -228,6 +228,28 @@ def test_real_throughput_quick_runs_every_stage_and_variant(smol_dir, tmp_path):
     assert all(0 <= r["labels_equal_float32"] <= 1 for r in recs if r["stage"] == "teacher cache" and
                r["variant"] != "float32")
     assert all(r["seconds_per_step"] > 0 for r in recs if r["stage"] == "ce+cka step")
+    pr = [r for r in recs if r["stage"] == "prefix reuse"]
+    assert [(r["task"], r["prefix_reuse"]) for r in pr] == [("entity tracking", True), ("theory of mind", False),
+                                                           ("theory of mind", True)]
+    assert pr[2]["shared_prefix_tokens"] >= 32 and "cost_vs_entity_tracking" in pr[2]
+
+
+def test_prefix_reuse_equals_the_full_forward_on_smollm2(smol_dir, tok, monkeypatch):
+    """Few-shot ToM prompts on a real LM: logits at the last token with the shared prefix computed once equal the
+    full forward's (float32), and the prefix is long."""
+    from fastcd.models import logits_at, shared_prefix_length
+    from fastcd.tasks import TheoryOfMind, adapt_task
+
+    model = load_model(smol_dir)
+    task = adapt_task(TheoryOfMind(instruction="causaltom", few_shot=3), [tok])
+    b = task.encode(task.generate(6, seed=0, split="test"), tok)
+    assert shared_prefix_length(b.input_ids) >= 100
+    with torch.no_grad():
+        got, _ = logits_at(model, b.positions["last"], input_ids=b.input_ids)
+        monkeypatch.setenv("FASTCD_PREFIX_REUSE", "0")
+        ref, _ = logits_at(model, b.positions["last"], input_ids=b.input_ids)
+    assert torch.allclose(got, ref, atol=2e-3, rtol=1e-3), (got - ref).abs().max()
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))
 
 
 def test_circuit_faithfulness_script_on_smollm2(smol_dir, tmp_path):

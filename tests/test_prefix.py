@@ -1,0 +1,95 @@
+"""Shared-prefix reuse in fastcd.models.logits_at: exact against the full forward, and used only where it is."""
+
+import pytest
+import torch
+from conftest import ARCHS, make_tiny
+
+from fastcd.hooks import capture_z
+from fastcd.models import PREFIX_MIN, logits_at, shared_prefix_length
+from fastcd.tasks import TheoryOfMind
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from fastcd.tokenizer import build_word_tokenizer
+
+    return build_word_tokenizer()
+
+
+def _batch(n=6, prefix=40, suffix=9, vocab=50, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    pre = torch.randint(3, vocab, (1, prefix), generator=g).repeat(n, 1)
+    return torch.cat([pre, torch.randint(3, vocab, (n, suffix), generator=g)], 1)
+
+
+def test_shared_prefix_length():
+    ids = _batch(prefix=40)
+    assert shared_prefix_length(ids) >= 40  # random suffixes may share a first token by chance
+    assert shared_prefix_length(ids[:1]) == 0
+    ids[2, 5] = (ids[0, 5] + 1) % 50
+    assert shared_prefix_length(ids) == 5
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_prefix_reuse_equals_the_full_forward(arch, monkeypatch):
+    model = make_tiny(arch, vocab_size=64).eval()
+    ids = _batch(vocab=64)
+    last = torch.full((ids.shape[0],), ids.shape[1] - 1)
+    mid = torch.tensor([42, 45, 48, 44, 43, 47])  # several read positions, all after the prefix
+    calls = []
+    orig = model.forward
+
+    def spy(*a, **kw):
+        calls.append(kw["input_ids"].shape)
+        return orig(*a, **kw)
+
+    monkeypatch.setattr(model, "forward", spy)
+    with torch.no_grad():
+        for pos in (last, mid):
+            calls.clear()
+            got, _ = logits_at(model, pos, input_ids=ids)
+            assert calls[0] == (1, shared_prefix_length(ids)) and calls[1][1] == ids.shape[1] - calls[0][1]
+            monkeypatch.setenv("FASTCD_PREFIX_REUSE", "0")
+            calls.clear()
+            ref, _ = logits_at(model, pos, input_ids=ids)
+            monkeypatch.delenv("FASTCD_PREFIX_REUSE")
+            assert calls == [ids.shape]  # one full forward
+            assert torch.allclose(got, ref, atol=1e-5, rtol=1e-4), (got - ref).abs().max()
+
+
+def test_no_reuse_with_hooks_grad_short_prefixes_or_early_positions(monkeypatch):
+    model = make_tiny("llama", vocab_size=64).eval()
+    ids = _batch(vocab=64)
+    shapes = []
+    orig = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **kw: shapes.append(kw["input_ids"].shape) or orig(*a, **kw))
+    last = torch.full((ids.shape[0],), ids.shape[1] - 1)
+    with torch.no_grad(), capture_z(model, detach=True) as cache:  # a capture sees whole sequences
+        logits_at(model, last, input_ids=ids)
+    assert shapes == [ids.shape] and cache.stack().shape[1] == ids.shape[1]
+    shapes.clear()
+    logits_at(model, last, input_ids=ids)  # grad enabled: training never reuses
+    short = _batch(prefix=PREFIX_MIN - 8, vocab=64)
+    with torch.no_grad():
+        logits_at(model, torch.full((6,), short.shape[1] - 1), input_ids=short)
+        logits_at(model, torch.full((6,), 10), input_ids=ids)  # a read position inside the prefix
+    assert shapes == [ids.shape, short.shape, ids.shape]
+
+
+def test_theory_of_mind_few_shot_evaluation_reuses_its_prefix(tok):
+    """Few-shot ToM prompts share the instruction and the shots: accuracy is the same with and without reuse."""
+    from fastcd.metrics import accuracy_per_example
+
+    task = TheoryOfMind(instruction="causaltom", few_shot=3)
+    b = task.encode(task.generate(12, seed=0, split="test"), tok)
+    assert shared_prefix_length(b.input_ids) >= PREFIX_MIN
+    model = make_tiny("llama", vocab_size=len(tok)).eval()
+    import os
+
+    with_reuse = accuracy_per_example(model, b)
+    os.environ["FASTCD_PREFIX_REUSE"] = "0"
+    try:
+        without = accuracy_per_example(model, b)
+    finally:
+        del os.environ["FASTCD_PREFIX_REUSE"]
+    assert with_reuse == without
