@@ -64,9 +64,13 @@ def main(argv=None) -> int:
     ap.add_argument("--pairs", type=int, default=12, help="matched heads (the circuit size)")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--n-tom", type=int, default=64, help="theory-of-mind prompts for the prefix-reuse stage")
+    ap.add_argument("--stages", default="evaluation,cache,prefix,step", help="comma-separated: which stages to run")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: every path once (smoke)")
     ap.add_argument("--out", default=None, help="append the JSON lines to this file too")
     a = ap.parse_args(argv)
+    stages = set(a.stages.split(","))
+    if not stages <= {"evaluation", "cache", "prefix", "step"}:
+        ap.error(f"--stages: choose among evaluation, cache, prefix, step; got {a.stages!r}")
     if a.quick:
         a.n_eval, a.n_cache, a.batch, a.pairs, a.steps, a.boxes, a.n_tom = 8, 8, 4, 2, 1, 3, 8
 
@@ -108,7 +112,7 @@ def main(argv=None) -> int:
 
     # evaluation
     ref = None
-    for name in VARIANTS:
+    for name in VARIANTS if "evaluation" in stages else ():
         m, ctx = _variant(model, name)
         with torch.no_grad(), ctx():
             t = time.time()
@@ -130,7 +134,7 @@ def main(argv=None) -> int:
     # teacher cache
     cache_batch = train.index(range(a.n_cache))
     sig_ref = None
-    for name in VARIANTS:
+    for name in VARIANTS if stages & {"cache", "step"} else ():
         m, ctx = _variant(model, name)
         with torch.no_grad(), ctx():
             t = time.time()
@@ -153,39 +157,40 @@ def main(argv=None) -> int:
         del m
 
     # prefix reuse: few-shot ToM against entity tracking, bf16 weights
-    import os
+    if "prefix" in stages:
+        import os
 
-    from fastcd.models import shared_prefix_length
-    from fastcd.tasks import TheoryOfMind
+        from fastcd.models import shared_prefix_length
+        from fastcd.tasks import TheoryOfMind
 
-    tom = adapt_task(TheoryOfMind(instruction="causaltom", few_shot=3), [tok])
-    tb = tom.encode(tom.generate(a.n_tom, seed=0, split="test"), tok)
-    eb = test.index(range(min(a.n_tom, len(test))))
-    m, _ = _variant(model, "bf16-weights")
-    per, answers = {}, {}
-    for label, batch, reuse in (("entity tracking", eb, True), ("theory of mind", tb, False),
-                                ("theory of mind", tb, True)):
-        os.environ["FASTCD_PREFIX_REUSE"] = "1" if reuse else "0"
-        with torch.no_grad():
-            t = time.time()
-            answers[(label, reuse)] = accuracy_per_example(m, batch, batch_size=32)
-            sec = time.time() - t
-        per[(label, reuse)] = sec / len(batch)
-        rec = {"stage": "prefix reuse", "variant": "bf16-weights", "task": label, "prefix_reuse": reuse,
-               "n": len(batch), "tokens": int(batch.input_ids.shape[1]),
-               "shared_prefix_tokens": shared_prefix_length(batch.input_ids), "seconds": round(sec, 2),
-               "seconds_per_prompt": round(per[(label, reuse)], 4),
-               "accuracy": sum(answers[(label, reuse)]) / len(batch)}
-        if label == "theory of mind":
-            rec["cost_vs_entity_tracking"] = round(per[(label, reuse)] / per[("entity tracking", True)], 2)
-        if reuse and label == "theory of mind":
-            rec["same_correctness_as_without"] = answers[(label, True)] == answers[(label, False)]
-        emit(rec)
-    os.environ.pop("FASTCD_PREFIX_REUSE", None)
-    del m
+        tom = adapt_task(TheoryOfMind(instruction="causaltom", few_shot=3), [tok])
+        tb = tom.encode(tom.generate(a.n_tom, seed=0, split="test"), tok)
+        eb = test.index(range(min(a.n_tom, len(test))))
+        m, _ = _variant(model, "bf16-weights")
+        per, answers = {}, {}
+        for label, batch, reuse in (("entity tracking", eb, True), ("theory of mind", tb, False),
+                                    ("theory of mind", tb, True)):
+            os.environ["FASTCD_PREFIX_REUSE"] = "1" if reuse else "0"
+            with torch.no_grad():
+                t = time.time()
+                answers[(label, reuse)] = accuracy_per_example(m, batch, batch_size=32)
+                sec = time.time() - t
+            per[(label, reuse)] = sec / len(batch)
+            rec = {"stage": "prefix reuse", "variant": "bf16-weights", "task": label, "prefix_reuse": reuse,
+                   "n": len(batch), "tokens": int(batch.input_ids.shape[1]),
+                   "shared_prefix_tokens": shared_prefix_length(batch.input_ids), "seconds": round(sec, 2),
+                   "seconds_per_prompt": round(per[(label, reuse)], 4),
+                   "accuracy": sum(answers[(label, reuse)]) / len(batch)}
+            if label == "theory of mind":
+                rec["cost_vs_entity_tracking"] = round(per[(label, reuse)] / per[("entity tracking", True)], 2)
+            if reuse and label == "theory of mind":
+                rec["same_correctness_as_without"] = answers[(label, True)] == answers[(label, False)]
+            emit(rec)
+        os.environ.pop("FASTCD_PREFIX_REUSE", None)
+        del m
 
     # ce+cka step: the model is its own student; teacher signals from the float32 cache
-    for prec in ("no", "bf16"):
+    for prec in ("no", "bf16") if "step" in stages else ():
         sec, last, n_trainable = time_steps(model, matching, cache_batch.index(range(a.batch)), MemoryCache(sig_ref),
                                             prec, steps=a.steps, lr=1e-5)
         emit({"stage": "ce+cka step", "variant": "float32" if prec == "no" else "bf16-autocast",
