@@ -51,8 +51,8 @@ def run_discover(a) -> int:
         circuit = res.circuit
         boxes = f" ({task.n_boxes} boxes)" if hasattr(task, "n_boxes") else ""
         circuit.meta.update(meta, n_boxes=getattr(task, "n_boxes", None), curve=res.curve)
-        faithfulness_curve_plot(res.curve, res.record, png, title=f"{model_name}, {a.task}{boxes}: circuit search, "
-                                f"{a.protocol} mean ablation, {a.n_heldout} held-out prompts")
+        faithfulness_curve_plot(res.curve, res.record, png, title=f"{model_name}, {a.task}{boxes}: circuit search\n"
+                                f"{a.protocol} mean ablation, {a.n_heldout} held-out test prompts")
     else:
         from fastcd.discover import default_circuit
         from fastcd.metrics import faithfulness_record

@@ -272,33 +272,39 @@ __all__ = ["accuracy_plot", "cka_matrix_plot", "curves_plot", "head_heatmaps", "
 
 def faithfulness_curve_plot(curve: list[dict], record: dict, path: str | os.PathLike | None = None, *,
                             title: str = ""):
-    """Faithfulness against circuit size (share of heads) for the searched circuits, random circuits of the same
-    size and roles beside each (mean, whiskers one SD), the target and the paper's 11-15% band."""
+    """Faithfulness against circuit size (share of heads): the growing circuits joined by a line, the bisection's
+    and the pruned circuit as their own markers (different circuits, not one curve), random circuits of each size
+    and roles (mean, whiskers one SD), the target and the paper's 11-15% band."""
     if not curve:
         raise UsageError("faithfulness_curve_plot: the curve is empty")
-    fig = _figure(6.4, 4.2)
+    fig = _figure(6.8, 4.6)
     ax = fig.add_subplot()
     full = record["full_accuracy"]
-    pts = sorted(curve, key=lambda r: (r["head_share"], r["units"]))
-    x = [100 * r["head_share"] for r in pts]
     ax.axvspan(11, 15, color="0.92", zorder=0, label="paper's circuit sizes (11-15% of heads)")
-    ax.axhline(record["target"], color="0.4", ls="--", lw=1, label=f"target {record['target']:.2f}")
-    ax.plot(x, [r["faithfulness"] for r in pts], "o-", color="C0", label="searched circuit")
-    ax.errorbar(x, [r["random_accuracy"] / full for r in pts], yerr=[(r["random_sd"] or 0) / full for r in pts],
-                fmt="s", color="C3", ms=4, capsize=2, label=f"random circuits, same size and roles "
-                f"({len(pts[0]['random_accuracies'])} each)")
-    for xi, r in zip(x, pts):
-        ax.annotate(f"{r['units']}u", (xi, r["faithfulness"]), textcoords="offset points", xytext=(3, 4), fontsize=7)
-    fin = 100 * record["head_share"]
-    ax.plot([fin], [record["faithfulness"]], "*", color="C2", ms=13,
-            label=f"final: {record['circuit_units']} units, {record['circuit_size']} heads, "
-                  f"faithfulness {record['faithfulness']:.2f}")
+    ax.axhline(record["target"], color="0.4", ls="--", lw=1, label=f"target {record['target']:.2f} (on the search "
+               "prompts)")
+    styles = {"grow": ("o-", "C0", "growing circuit"), "bisect": ("D", "C1", "bisection of the last step"),
+              "pruned": ("*", "C2", "pruned (final) circuit")}
+    for stage, (fmt, color, label) in styles.items():
+        pts = sorted((r for r in curve if r["stage"] == stage), key=lambda r: r["units"])
+        if not pts:
+            continue
+        x = [100 * r["head_share"] for r in pts]
+        ax.plot(x, [r["faithfulness"] for r in pts], fmt, color=color, ms=12 if stage == "pruned" else 6,
+                label=label + (f": {pts[-1]['units']} units, {pts[-1]['heads']} heads, faithfulness "
+                               f"{pts[-1]['faithfulness']:.2f}" if stage == "pruned" else ""))
+        for xi, r in zip(x, pts):
+            ax.annotate(f"{r['units']}u", (xi, r["faithfulness"]), textcoords="offset points", xytext=(4, 4),
+                        fontsize=7)
+    pts = sorted(curve, key=lambda r: r["head_share"])
+    ax.errorbar([100 * r["head_share"] for r in pts], [r["random_accuracy"] / full for r in pts],
+                yerr=[(r["random_sd"] or 0) / full for r in pts], fmt="s", color="C3", ms=4, capsize=2,
+                label=f"random circuits, same size and roles ({len(pts[0]['random_accuracies'])} per point)")
     ax.set_xlabel(f"circuit size: % of the model's {record['n_heads_total']} heads (label: (head, role) units)")
-    ax.set_ylabel(f"faithfulness (circuit / full accuracy {full:.2f})")
-    ax.set_ylim(-0.05, max(1.1, max(r["faithfulness"] for r in pts) + 0.05))
-    ax.set_xlim(0, max(16.0, max(x) * 1.08))
-    ax.legend(fontsize=7, loc="lower right")
-    ax.set_title(title or f"circuit search ({record['protocol']} mean ablation, {record['n_prompts']} held-out "
-                 f"prompts)", fontsize=9)
+    ax.set_ylabel(f"faithfulness on {record['n_prompts']} held-out prompts\n(circuit / full accuracy {full:.2f})")
+    ax.set_ylim(-0.05, max(1.1, max(r["faithfulness"] for r in curve) + 0.08))
+    ax.set_xlim(0, max(16.0, 100 * max(r["head_share"] for r in curve) * 1.1))
+    ax.legend(fontsize=7, loc="lower right", bbox_to_anchor=(0.995, 0.1))
+    ax.set_title(title or f"circuit search ({record['protocol']} mean ablation)", fontsize=9, wrap=True)
     _save(fig, path)
     return fig
