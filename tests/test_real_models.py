@@ -306,3 +306,20 @@ def test_circuit_search_curve_on_smollm2(smol_dir, tok):
     assert max(r["random_accuracy"] for r in res.curve) <= 0.15
     assert rec["circuit_accuracy"] > rec["random_circuit_accuracy"]
     assert rec["reached"] and rec["search_faithfulness"] >= 0.85 and rec["circuit_units"] <= grow[-1]["units"]
+
+
+def test_circuit_positions_script_on_smollm2(smol_dir):
+    """benchmarks/circuit_positions.py: one JSON line per position set, accuracies in [0, 1]."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.run([sys.executable, str(root / "benchmarks" / "circuit_positions.py"), "--model", str(smol_dir),
+                        "--boxes", "2", "--n", "4", "--dtype", "float32"], capture_output=True, text=True, cwd=root,
+                       timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    recs = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
+    assert len(recs) == 9 and recs[0]["n"] == 4
+    assert all(0 <= r["circuit_accuracy"] <= 1 for r in recs[1:])
+    assert recs[1]["live_roles"] == ["last", "query_label", "box_label"]
