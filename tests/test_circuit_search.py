@@ -118,8 +118,9 @@ def test_search_on_the_shipped_teacher_reaches_the_target():
     task = EntityTracking(n_boxes=7)
     sp, hp = task.pairs(48, seed=0, split="val"), task.pairs(48, seed=1, split="test")
     enc = [task.encode([getattr(p, k) for p in ps], tk) for ps, k in ((sp, "clean"), (hp, "clean"), (hp, "corrupt"))]
-    res = search_circuit(model, *enc, roles=task.roles, target=0.85, protocol="lenient", start=1, growth=2,
-                         n_random=4, n_random_curve=2)
+    with pytest.warns(UserWarning, match="answers only 48 of the 48 search prompts"):  # 48 < 50 right ones
+        res = search_circuit(model, *enc, roles=task.roles, target=0.85, protocol="lenient", start=1, growth=2,
+                             n_random=4, n_random_curve=2)
     rec = res.record
     assert rec["reached"] and rec["search_faithfulness"] >= 0.85
     assert rec["circuit_units"] < 8 * len(task.roles)  # smaller than every unit
