@@ -35,6 +35,7 @@ def main(argv=None) -> int:
     import fastcd
     from fastcd.artifacts import Circuit
     from fastcd.config import TEST_SEED
+    from fastcd.io import write_json_atomic
     from fastcd.loading import spec_of
     from fastcd.metrics import check_protocol, faithfulness_record
     from fastcd.tasks import EntityTracking, adapt_task
@@ -63,11 +64,9 @@ def main(argv=None) -> int:
     rec = faithfulness_record(model, clean, ref, circuit, split="test", n_random=a.n_random, protocol=a.protocol)
     rec.update(model=a.model, dtype=a.dtype, circuit_file=a.circuit, matching_file=a.matching, boxes=a.boxes,
                seconds=round(time.time() - t0, 1), torch=torch.__version__, threads=torch.get_num_threads())
-    text = json.dumps(rec, indent=1)
-    print(text)
+    print(json.dumps(rec, indent=1))
     if a.out:
-        with open(a.out, "w") as f:
-            f.write(text + "\n")
+        write_json_atomic(rec, a.out)
     return 0
 
 

@@ -140,7 +140,7 @@ def _units_to_circuit(units, spec, task: str, meta: dict) -> Circuit:
 def search_circuit(model: nn.Module, search: EncodedBatch, heldout: EncodedBatch, reference: EncodedBatch, *,
                    roles, target: float = 0.85, protocol: str = "strict", start: int = 8, growth: float = 2.0,
                    max_units: int | None = None, n_random: int = 10, n_random_curve: int = 3, prune: bool = True,
-                   max_prune_evals: int = 12, ranking: str = "adaptive", seed: int = 0, batch_size: int = 64,
+                   max_prune_evals: int = 12, seed: int = 0, batch_size: int = 64,
                    task: str = "entity-tracking", progress: bool = False) -> SearchResult:
     """Grow, bisect and prune a circuit of (head, role) units to the smallest that keeps ``target`` of the task.
 
@@ -155,18 +155,11 @@ def search_circuit(model: nn.Module, search: EncodedBatch, heldout: EncodedBatch
         start, growth: the first size in units and the factor each step grows by.
         max_units: stop growing there (default: every unit).
         n_random: random circuits for the final record; ``n_random_curve`` at each curve point.
-        ranking: ``adaptive`` (default): re-ranked before each growth step by the gain of restoring each unit
-            at the current circuit; ``full``: ranked once by each unit's removal cost with every unit at the roles
-            live (cheaper, but a model that is sure of its answers has near-zero log-probability gradients
-            there: on the shipped 7-box teacher, lenient protocol, ``adaptive`` reached 1.00 with 4 units and
-            ``full`` needed all 40).
 
     Returns:
         A :class:`SearchResult`; ``record`` holds the final faithfulness record and the search's cost.
     """
     check_protocol(protocol)
-    if ranking not in ("full", "adaptive"):
-        raise UsageError(f"ranking must be 'full' or 'adaptive', got {ranking!r}")
     roles = list(roles)
     check_search_args(target=target, roles=roles, task_roles=[r for r in search.positions], n_heldout=len(heldout),
                       n_random=n_random, growth=growth, start=start)
@@ -231,19 +224,9 @@ def search_circuit(model: nn.Module, search: EncodedBatch, heldout: EncodedBatch
             f" (random {row['random_accuracy']:.3f})")
         return row
 
-    static = None
-
     def ranked_outside(units) -> list:
-        nonlocal static
-        if ranking == "full":
-            if static is None:
-                evals["gradients"] += 1
-                static = unit_gradients(model, search, means, all_units, roles, protocol=protocol,
-                                        batch_size=min(batch_size, 32))
-            g = static
-        else:
-            evals["gradients"] += 1
-            g = unit_gradients(model, search, means, units, roles, protocol=protocol, batch_size=min(batch_size, 32))
+        evals["gradients"] += 1
+        g = unit_gradients(model, search, means, units, roles, protocol=protocol, batch_size=min(batch_size, 32))
         inside = set(units)
         cand = [(float(g[h.layer, h.head, j]), (h, r)) for h in spec.all_heads() for j, r in enumerate(roles)
                 if (h, r) not in inside]
@@ -272,11 +255,11 @@ def search_circuit(model: nn.Module, search: EncodedBatch, heldout: EncodedBatch
             fm = faith_search(prev + step[:mid])
             log(f"bisect: {len(prev) + mid} units: search faithfulness {fm:.3f}")
             if fm >= target:
-                hi = mid
+                hi, f_hi = mid, fm
             else:
                 lo = mid
         if hi < len(step):
-            units = prev + step[:hi]
+            units, f = prev + step[:hi], f_hi
             point(units, "bisect")
     # 3. prune: drop the units whose removal costs least, in chunks, while the target holds
     if reached and prune:
@@ -294,19 +277,20 @@ def search_circuit(model: nn.Module, search: EncodedBatch, heldout: EncodedBatch
             ft = faith_search(trial)
             log(f"prune: drop {chunk} -> {len(trial)} units: search faithfulness {ft:.3f}")
             if ft >= target:
-                units, cost = trial, []
+                units, cost, f = trial, [], ft
             else:
                 chunk //= 2
         point(units, "pruned")
-    # 4. the final record on held-out prompts, with n_random random circuits of the same size and roles
+    # 4. the final record on held-out prompts (the last curve point is the final circuit: its accuracy is known),
+    # with n_random random circuits of the same size and roles
+    assert curve[-1]["units"] == len(units)
     with torch.no_grad():
-        final_correct = circuit_correct(model, heldout, means, units, **kw)
         rand = [acc(heldout, random_units(spec, units, rng)) for _ in range(n_random)]
-    evals["heldout"] += 1 + n_random
-    c = sum(final_correct) / len(final_correct)
+    evals["heldout"] += n_random
+    c = curve[-1]["circuit_accuracy"]
     n_heads = len({h for h, _ in units})
     record = {
-        "target": target, "reached": reached, "ranking": ranking, "protocol": protocol,
+        "target": target, "reached": reached, "protocol": protocol,
         "protocol_text": PROTOCOL_TEXT[protocol],
         "roles": roles, "full_accuracy": full_h, "circuit_accuracy": c, "faithfulness": c / full_h,
         "random_circuit_accuracy": statistics.mean(rand), "random_circuit_sd": statistics.stdev(rand),
@@ -315,7 +299,7 @@ def search_circuit(model: nn.Module, search: EncodedBatch, heldout: EncodedBatch
         "units_per_role": {r: sum(1 for _, x in units if x == r) for r in roles},
         "all_heads_at_roles_faithfulness": ceiling,
         "n_prompts": len(heldout), "n_search_prompts": len(search), "search_full_accuracy": full_s,
-        "search_faithfulness": faith_search(units) if units else 0.0, "evaluations": evals,
+        "search_faithfulness": f, "evaluations": evals,
         "seconds": round(time.time() - t0, 1),
     }
     circuit = _units_to_circuit(units, spec, task, {"method": "search", "evaluation": record})
