@@ -79,6 +79,20 @@ def accuracy_per_example(model: nn.Module, batch: EncodedBatch, batch_size: int 
     return vals.bool().tolist()
 
 
+@torch.no_grad()
+def accuracy_and_ce(model: nn.Module, batch: EncodedBatch, batch_size: int = 256) -> tuple[list[bool], float]:
+    """One forward per chunk: whether each example's argmax at its last position is its answer, and the mean
+    cross-entropy of the answer there (nats)."""
+    device = next(model.parameters()).device
+    correct, ce = [], []
+    for i in range(0, len(batch), batch_size):
+        sub = batch.index(range(i, min(i + batch_size, len(batch))))
+        logits, _ = logits_at(model, sub.positions["last"], input_ids=sub.input_ids.to(device))
+        correct += metric_values(logits, sub, "accuracy").bool().tolist()
+        ce.append(-metric_values(logits, sub, "logprob").cpu())
+    return correct, float(torch.cat(ce).mean())
+
+
 def relative_change(patched: torch.Tensor, clean: torch.Tensor, metric: str, relative: bool) -> torch.Tensor:
     """Score of a patch: per-example ``(p - c) / c`` for ``prob`` (Prakash), else on the means."""
     if not relative:

@@ -133,7 +133,8 @@ def cka_matrix_plot(cka, rows: list[str], cols: list[str], path: str | os.PathLi
 
 
 CURVE_PARTS = (("ce", "CE"), ("cka_loss", "sum over pairs of (1 - CKA)"), ("mean_cka", "mean CKA of the pairs"),
-               ("kd", "KD"), ("val_accuracy", "validation accuracy"))
+               ("kd", "KD"), ("val_ce", "validation CE (answer token)"),
+               ("val_accuracy", "validation accuracy"))
 
 
 def curves_plot(logs: dict, path: str | os.PathLike | None = None, *, title: str = ""):

@@ -17,7 +17,7 @@ import torch
 
 from fastcd.config import DistillConfig, resolve_mixed_precision
 from fastcd.distillation import CircuitDistiller, make_batch
-from fastcd.metrics import accuracy_per_example
+from fastcd.metrics import accuracy_and_ce
 from fastcd.models import get_adapter
 from fastcd.tasks.base import EncodedBatch
 
@@ -111,7 +111,7 @@ def train_loop(cd: CircuitDistiller, opt, seed: int, cfg: DistillConfig, s_train
 
     Every step: forward under autocast (``cfg.mixed_precision``), backward (scaled for fp16), the non-finite
     guard, clipping to ``cfg.max_grad_norm``, the optimizer and ``scheduler`` steps. A log row (loss parts, lr,
-    elapsed) every ``cfg.log_every`` steps; ``val_accuracy`` on ``eval_batch`` every ``cfg.eval_every`` steps, with
+    elapsed) every ``cfg.log_every`` steps; ``val_accuracy`` and ``val_ce`` (mean answer CE) on ``eval_batch`` every ``cfg.eval_every`` steps, with
     early stopping after ``cfg.early_stopping_patience`` evaluations without improvement. ``on_step(step, log)``
     runs after every step (checkpointing). ``state`` (a dict) carries the early-stopping counters across a resume
     and gets ``stopped_early`` set. Returns the log."""
@@ -187,7 +187,8 @@ def train_loop(cd: CircuitDistiller, opt, seed: int, cfg: DistillConfig, s_train
             if eval_batch is not None and cfg.eval_every and step % cfg.eval_every == 0:
                 student.eval()
                 r = r or row(parts)  # an eval step that is not a log step gets its own row
-                r["val_accuracy"] = sum(accuracy_per_example(student, eval_batch)) / len(eval_batch)
+                val_correct, r["val_ce"] = accuracy_and_ce(student, eval_batch)
+                r["val_accuracy"] = sum(val_correct) / len(val_correct)
                 student.train()
                 if r["val_accuracy"] > state.get("best_val", -1.0):
                     state["best_val"], state["bad_evals"] = r["val_accuracy"], 0

@@ -13,6 +13,7 @@ from fastcd.artifacts import Matching, Pair
 from fastcd.config import DistillConfig
 from fastcd.distillation import CircuitDistiller
 from fastcd.models import Head
+from fastcd.tasks import EntityTracking
 from fastcd.pipeline import distill
 from fastcd.tasks import EntityTracking
 from fastcd.training import make_optimizer, train_loop
@@ -100,6 +101,19 @@ def test_early_stopping_on_validation_accuracy(tok):
     res = _run(tok, lr=1e-12, eval_every=1, early_stopping_patience=2, steps=20)  # nothing improves
     assert res.metrics["stopped_early"] == 3 and res.metrics["steps_done"] == 3
     assert [r["step"] for r in res.log] == [1, 2, 3] and all("val_accuracy" in r for r in res.log)
+    assert all(math.isfinite(r["val_ce"]) and r["val_ce"] > 0 for r in res.log)
+
+
+def test_accuracy_and_ce_is_one_forward_of_the_two_metrics(tok):
+    from fastcd.metrics import accuracy_and_ce, accuracy_per_example, clean_metric
+
+    model = make_tiny("llama", vocab_size=len(tok), seed=3)
+    task = EntityTracking(n_boxes=3)
+    enc = task.encode(task.generate(20, seed=5), tok)
+    correct, ce = accuracy_and_ce(model, enc, batch_size=7)  # uneven chunks
+    assert correct == accuracy_per_example(model, enc)
+    logprob, _ = clean_metric(model, enc, "logprob", None, 20)
+    assert ce == pytest.approx(float(-logprob.mean()), rel=1e-5)
 
 
 def test_log_jsonl_is_streamed_during_training(tmp_path, tok):
