@@ -26,7 +26,14 @@ import torch
 
 from fastcd.config import METHOD_SPECS
 from fastcd.errors import UsageError
-from fastcd.experiment_config import ExperimentConfig, NotApplicable, distill_config_for, legacy_setting
+from fastcd.experiment_config import (
+    ExperimentConfig,
+    NotApplicable,
+    chosen_lrs,
+    distill_config_for,
+    legacy_setting,
+    lr_choices,
+)
 from fastcd.experiment_shared import SharedSetup, say
 from fastcd.io import write_json_atomic
 from fastcd.report import append_record, bits, read_runs, setting_label, write_report
@@ -156,14 +163,34 @@ class Experiment(SharedSetup):
         rec["seconds"] = round(time.time() - t0, 1)
         return rec
 
+    def specs(self) -> list[dict]:
+        """The runs as far as they are known: with ``select_lr``, the seeds' runs appear once their tuning runs
+        have chosen an lr."""
+        return self.cfg.run_specs(chosen_lrs(self.cfg, self.done()))
+
     def run(self) -> dict:
-        specs = self.cfg.run_specs()
+        specs = self.specs()
         done = self.done()
         todo = [s for s in specs if s["key"] not in done]
-        say(f"{len(specs)} runs, {len(specs) - len(todo)} done, {len(todo)} to run")
+        say(f"{len(specs)} runs, {len(specs) - len(todo)} done, {len(todo)} to run"
+            + (f" (and {self.cfg.n_planned_runs() - len(specs)} after the lr selection)"
+               if self.cfg.n_planned_runs() > len(specs) else ""))
         if todo:
             self.plan()
             self.prepare()
+        while todo:
+            self._run_all(todo)
+            if self.cfg.select_lr:
+                for row in lr_choices(self.cfg, self.done()):
+                    if row["chosen"] is not None:
+                        say(f"lr for {row['method']} ({setting_label(row['setting'])}): {row['chosen']:g} (final "
+                            "validation accuracy " + ", ".join(f"{g['lr']:g}: {g['val_accuracy']:.3f}"
+                                                               for g in row["grid"]) + ")")
+            done = self.done()
+            todo = [s for s in self.specs() if s["key"] not in done]  # the seeds' runs, once the lr is chosen
+        return write_report(self.out, self.cfg)
+
+    def _run_all(self, todo: list[dict]) -> None:
         took = []
         for i, spec in enumerate(todo):
             t0 = time.time()
@@ -179,7 +206,6 @@ class Experiment(SharedSetup):
                  f"{setting_label(spec['setting'])}): accuracy {rec['accuracy']:.3f} in {took[-1]:.0f} s; "
                  f"ETA {eta / 60:.0f} min")
             write_report(self.out, self.cfg)
-        return write_report(self.out, self.cfg)
 
 
     def plan(self) -> dict:
@@ -192,19 +218,22 @@ class Experiment(SharedSetup):
         self._prompts()
         need = self._need()
         done = set(self.done())
-        specs = [s for s in cfg.run_specs() if s["key"] not in done]
-        plan = {"work": count_work(cfg, done, need, self.n_pool), "precision": self.precision,
+        specs = [s for s in cfg.run_specs(chosen_lrs(cfg, self.done())) if s["key"] not in done]
+        plan = {"work": count_work(cfg, done, need, self.n_pool, self.done()), "precision": self.precision,
                 "planned_runs": [s["key"] for s in specs], "made": time.strftime("%Y-%m-%d %H:%M:%S")}
         if specs or any(need.values()):
             teacher = load_model(self.t_path, dtype=self._teacher_dtype())
             student = load_model(self.s_path, dtype="float32")
             t0 = time.time()
+            from fastcd.artifacts import Circuit
+
+            n_units = len(Circuit.load(cfg.circuit).heads) if cfg.circuit else cfg.circuit_size  # pairs to align
             cal = calibrate(teacher, student, self.t_test, self.s_test,
                             {s["setting"]["batch_size"] for s in specs} or {cfg.values("batch_size")[0]},
-                            cfg.circuit_size, self.amp, "bf16" if self.precision == "bf16" else "no")
+                            n_units, self.amp, "bf16" if self.precision == "bf16" else "no")
             cal["seconds"] = round(time.time() - t0, 1)
             self.preloaded = {"teacher": teacher, "student": student}  # prepare() goes on with them
-            units = cfg.circuit_size * max(1, len(cfg.positions or []))  # the cached z: float32, [units, pool, d]
+            units = n_units * max(1, len(cfg.positions or []))  # the cached z: float32, [units, pool, d]
             cache_gib = self.n_pool * units * self.t_spec.d_head * 4 / 2**30
             plan["calibration"], plan["predicted"] = cal, predict(plan["work"], cal, cache_gib)
             for line in format_plan(plan):

@@ -39,8 +39,12 @@ class ExperimentConfig:
     lam_ratio: float = 1.0
     cka_estimator: str | list = "biased"  # "biased" (the paper's) or "unbiased" (debiased CKA, torch path); a
     # list sweeps both: the runs without a CKA term are shared by every estimator
-    full_lr: float | None = None  # lr of the full-model methods (full-ce, kd); default: lr. Whole-model AdamW
-    # at a head-slice lr (1e-3) wrecks a pretrained model in a few steps; 1e-5 is usual
+    full_lr: float | list | None = None  # lr of the full-model methods (full-ce, kd); default: lr. Whole-model
+    # AdamW at a head-slice lr (1e-3) wrecks a pretrained model in a few steps; 1e-5 is usual. With select_lr, a
+    # list: the full-model methods' grid (as many values as lr: the same tuning budget for every method)
+    select_lr: bool = False  # True: lr (a list) is a grid; the tune_seeds run every lr, each method's lr is the
+    # one with the best final validation accuracy there (ties: lower validation CE), and the seeds run only it
+    tune_seeds: list = field(default_factory=list)  # with select_lr: their runs choose the lr, never tested
     n_test: int = 500
     n_val: int = 0  # >0: validation accuracy every eval_every steps (training curves)
     eval_every: int = 0
@@ -114,6 +118,7 @@ class ExperimentConfig:
             raise UsageError(f"seeds must be a non-empty list of integers >= 0, got {self.seeds!r}")
         if len(set(self.seeds)) != len(self.seeds):
             raise UsageError(f"seeds must not repeat, got {self.seeds}")
+        self._check_selection()
         for name in GRID:
             vals = self.values(name)
             if not vals:
@@ -189,7 +194,7 @@ class ExperimentConfig:
         """The fields every finished run depends on; a rerun into the same OUT must agree on all of them."""
         d = asdict(self)
         for name in GRID + ("methods", "seeds", "threads", "n_val", "eval_every", "log_every", "diagnostics",
-                            "diagnostics_m", "full_lr"):
+                            "diagnostics_m", "full_lr", "select_lr", "tune_seeds"):
             d.pop(name)
         # each seed draws its training rows from its own pool of max(n_train) prompts: a larger n_train in the grid
         # makes other pools, and the finished runs' rows would no longer be a subset of them
@@ -203,29 +208,133 @@ class ExperimentConfig:
                                                                 else self.teacher).d_model)
         return d
 
-    def run_specs(self) -> list[dict]:
+    def all_seeds(self) -> list[int]:
+        """Every seed that trains (tuning seeds too): each draws its own training prompts into the pool."""
+        return sorted(set(self.seeds) | set(self.tune_seeds))
+
+    def _check_selection(self) -> None:
+        if not isinstance(self.select_lr, bool):
+            raise UsageError(f"select_lr must be true or false, got {self.select_lr!r}")
+        if not self.select_lr:
+            if self.tune_seeds:
+                raise UsageError("tune_seeds are for select_lr: true (they choose each method's lr)")
+            if isinstance(self.full_lr, list):
+                raise UsageError("full_lr may be a list only with select_lr: true (the full-model methods' lr grid)")
+            return
+        ts = self.tune_seeds
+        if not isinstance(ts, list) or not ts or any(not isinstance(x, int) or isinstance(x, bool) or x < 0
+                                                      for x in ts) or len(set(ts)) != len(ts):
+            raise UsageError(f"tune_seeds must be a non-empty list of distinct integers >= 0 with select_lr, "
+                             f"got {ts!r}")
+        if set(ts) & set(self.seeds):
+            raise UsageError(f"tune_seeds must not be among seeds (a seed that chose the lr is not a fair test of "
+                             f"it), both hold {sorted(set(ts) & set(self.seeds))}")
+        if len(self.values("lr")) < 2:
+            raise UsageError(f"select_lr needs lr to be a grid of at least 2 values, got {self.lr!r}")
+        if isinstance(self.full_lr, list) and len(self.full_lr) != len(self.values("lr")):
+            raise UsageError(f"full_lr must hold as many values as lr (the same tuning budget for every method), got "
+                             f"{len(self.full_lr)} and {len(self.values('lr'))}")
+        if not self.n_val:
+            raise UsageError("select_lr chooses on the validation split: set n_val and eval_every (> 0)")
+
+    def run_specs(self, chosen: dict | None = None) -> list[dict]:
         """Every run: ``{"key", "method", "seed", "setting": {grid field: value}}``, in execution order
-        (seed-major, so a stopped sweep has whole seeds done)."""
+        (seed-major, so a stopped sweep has whole seeds done). With ``select_lr``: the tuning runs (every lr of
+        the grid, ``tune_seeds``), then, for each method whose choice is in ``chosen`` (:func:`lr_choices`), the
+        ``seeds`` at that lr only."""
+        if not self.select_lr:
+            return self._specs(self.seeds)
+        return self._specs(self.tune_seeds) + (self._specs(self.seeds, chosen) if chosen else [])
+
+    def planned_specs(self, chosen: dict | None = None) -> list[dict]:
+        """:meth:`run_specs` with every lr choice not yet made stood in by a grid value: all the runs the
+        experiment will make (for counting its work and cost; the stand-ins' keys are not the final ones)."""
+        if not self.select_lr:
+            return self.run_specs()
+        fill = {tuning_key(s["method"], s["setting"]): s["setting"]["lr"] for s in self._specs(self.tune_seeds)}
+        return self.run_specs({**fill, **(chosen or {})})
+
+    def n_planned_runs(self) -> int:
+        return len(self.planned_specs())
+
+    def lr_grid(self, method: str) -> list:
+        if METHOD_SPECS[method].full_model and self.full_lr is not None:
+            return self.values("full_lr")
+        return self.values("lr")
+
+    def _specs(self, seeds: list, chosen: dict | None = None) -> list[dict]:
         out, seen = [], set()
         grid = list(itertools.product(*(self.values(n) for n in GRID)))
-        for seed in self.seeds:
+        for seed in seeds:
             for vals in grid:
                 setting = dict(zip(GRID, vals))
                 for method in self.methods:
                     s = dict(setting)
                     if METHOD_SPECS[method].full_model:  # no matching: one run per seed
                         s["matching"] = None
-                        if self.full_lr is not None:
-                            s["lr"] = self.full_lr
                     if not (METHOD_SPECS[method].uses_cka and METHOD_SPECS[method].uses_ce):
                         s["lam"] = None
                     if not METHOD_SPECS[method].uses_cka:
                         s["cka_estimator"] = None
+                    if chosen is not None:  # the lr this method's tuning runs chose (the grid's lr is ignored)
+                        s["lr"] = chosen.get(tuning_key(method, s))
+                        if s["lr"] is None:
+                            continue
+                    elif METHOD_SPECS[method].full_model and self.full_lr is not None:
+                        grid_lrs = self.lr_grid(method)
+                        s["lr"] = grid_lrs[self.values("lr").index(setting["lr"]) % len(grid_lrs)]
                     key = _run_key(method, seed, s)
                     if key not in seen:
                         seen.add(key)
                         out.append({"key": key, "method": method, "seed": seed, "setting": s})
         return out
+
+
+def tuning_key(method: str, setting: dict) -> str:
+    """What one lr choice is for: the method and its setting without lr (the choice is per setting)."""
+    return json.dumps({"method": method, **{k: v for k, v in setting.items() if k != "lr"}}, sort_keys=True)
+
+
+def lr_choices(cfg: ExperimentConfig, records: dict) -> list[dict]:
+    """The lr selection of ``select_lr`` from the finished runs (``{key: record}``): one row per method and setting,
+    ``{"method", "setting" (without lr), "grid": [{"lr", "val_accuracy", "val_ce", "seeds"}], "chosen"}``. A choice is
+    made when every lr of the grid has finished on every tuning seed: the highest mean final validation accuracy,
+    ties broken by the lower mean final validation CE, then by the smaller lr; ``chosen`` is None until then."""
+    rows: dict[str, dict] = {}
+    for spec in cfg.run_specs():  # the tuning runs
+        s = spec["setting"]
+        row = rows.setdefault(tuning_key(spec["method"], s), {
+            "method": spec["method"], "setting": {k: v for k, v in s.items() if k != "lr"}, "grid": {}})
+        g = row["grid"].setdefault(s["lr"], {"lr": s["lr"], "val_accuracy": None, "val_ce": None, "seeds": []})
+        rec = records.get(spec["key"])
+        if rec is None or "not_applicable" in rec:
+            continue
+        val = [r for r in rec["log"] if "val_accuracy" in r]
+        if not val:
+            raise UsageError(f"run {spec['key']} ({spec['method']}, seed {spec['seed']}) has no validation "
+                             "accuracy in its log: it was made without n_val/eval_every and cannot choose an lr")
+        g["seeds"].append(spec["seed"])
+        g.setdefault("_acc", []).append(val[-1]["val_accuracy"])
+        g.setdefault("_ce", []).append(val[-1].get("val_ce", float("inf")))
+    out = []
+    for row in rows.values():
+        grid = list(row["grid"].values())
+        for g in grid:
+            acc, ce = g.pop("_acc", []), g.pop("_ce", [])
+            if acc:
+                g["val_accuracy"], g["val_ce"] = sum(acc) / len(acc), sum(ce) / len(ce)
+        done = all(len(g["seeds"]) == len(cfg.tune_seeds) for g in grid)
+        best = min(grid, key=lambda g: (-g["val_accuracy"], g["val_ce"], g["lr"])) if done else None
+        out.append({**row, "grid": grid, "chosen": None if best is None else best["lr"]})
+    return out
+
+
+def chosen_lrs(cfg: ExperimentConfig, records: dict) -> dict:
+    """``{tuning_key: lr}`` for every choice made (see :func:`lr_choices`); empty without ``select_lr``."""
+    if not cfg.select_lr:
+        return {}
+    return {tuning_key(r["method"], r["setting"]): r["chosen"] for r in lr_choices(cfg, records)
+            if r["chosen"] is not None}
 
 
 def legacy_setting(rec: dict, estimator: str) -> bool:

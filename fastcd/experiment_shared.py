@@ -105,7 +105,7 @@ class SharedSetup:
         # generator (POOL_SEED + seed), max(n_train) of them; a run with a smaller n_train takes a subset of them
         per_seed = max(self.cfg.values("n_train"))
         pool_ex, self.seed_offset = [], {}
-        for seed in sorted(self.cfg.seeds):
+        for seed in self.cfg.all_seeds():
             self.seed_offset[seed] = len(pool_ex)
             pool_ex += self.task.generate(per_seed, seed=POOL_SEED + seed, split="train")
         self.n_pool = len(pool_ex)
@@ -271,7 +271,7 @@ class SharedSetup:
 
     def _cache_ok(self, n_pool: int) -> bool:
         d = self._shared("cache.json")
-        return (d is not None and d["n"] == n_pool and d.get("seeds") == sorted(self.cfg.seeds)
+        return (d is not None and d["n"] == n_pool and d.get("seeds") == self.cfg.all_seeds()
                 and os.path.isdir(os.path.join(self.out, "shared", "cache")))
 
     def _teacher_cache(self, teacher, n_pool: int) -> None:
@@ -295,7 +295,7 @@ class SharedSetup:
             pseudo = Matching([Pair(Head.parse(h), Head.parse(h), r) for h, r in units], "units")
             build_teacher_cache(teacher, self.t_pool, pseudo, path, logits=need_logits, progress=self.progress,
                                 tokenizer=self.t_tok, batch_size=32)
-            self._put_shared("cache.json", {"n": n_pool, "seeds": sorted(self.cfg.seeds), "units": units,
+            self._put_shared("cache.json", {"n": n_pool, "seeds": self.cfg.all_seeds(), "units": units,
                                             "logits": need_logits,
                                             "seconds": round(time.time() - t0, 1)})
         shards = [load_file(os.path.join(path, s)) for s in sorted(os.listdir(path)) if s.endswith(".safetensors")]

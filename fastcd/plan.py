@@ -26,9 +26,12 @@ CIRCUIT_EVAL_PROMPTS = 128  # the teacher circuit's faithfulness: the first 128 
 CIRCUIT_EVAL_PASSES = 12  # full model, the circuit, 10 random circuits (fastcd.metrics.faithfulness_record)
 
 
-def count_work(cfg, done_keys: set, need: dict, n_pool: int) -> dict:
-    """Runs, steps and forwards of what is left to do; ``need`` says which shared records are still missing."""
-    specs = [s for s in cfg.run_specs() if s["key"] not in done_keys]
+def count_work(cfg, done_keys: set, need: dict, n_pool: int, records: dict | None = None) -> dict:
+    """Runs, steps and forwards of what is left to do; ``need`` says which shared records are still missing. With
+    ``select_lr``, the seeds' runs whose lr is not chosen yet count too (``records``: the finished runs by key)."""
+    from fastcd.experiment_config import chosen_lrs
+
+    specs = [s for s in cfg.planned_specs(chosen_lrs(cfg, records or {})) if s["key"] not in done_keys]
     by_batch: dict[int, int] = {}
     eval_prompts = 0
     for s in specs:

@@ -173,6 +173,34 @@ def curves_plot(logs: dict, path: str | os.PathLike | None = None, *, title: str
     return fig
 
 
+def lr_selection_plot(selection: list[dict], path: str | os.PathLike | None = None):
+    """Final validation accuracy against lr (log axis) for every method of an lr selection, the chosen lr ringed;
+    None while no tuning run has finished."""
+    rows = [r for r in selection if any(g["val_accuracy"] is not None for g in r["grid"])]
+    if not rows:
+        return None
+    colors = method_colors()
+    fig = _figure(5.2, 3.2)
+    ax = fig.subplots()
+    for r in rows:
+        pts = [(g["lr"], g["val_accuracy"]) for g in r["grid"] if g["val_accuracy"] is not None]
+        extra = ", ".join(f"{k} {v}" if k == "n_train" else str(v) for k, v in r["setting"].items()
+                          if k in ("matching", "n_train") and v is not None)
+        ax.plot(*zip(*pts), marker="o", ms=4, color=colors.get(r["method"], "C0"),
+                label=r["method"] + (f" ({extra})" if extra else ""))
+        if r["chosen"] is not None:
+            ax.scatter([r["chosen"]], [dict(pts)[r["chosen"]]], s=110, facecolors="none",
+                       edgecolors=colors.get(r["method"], "C0"), lw=1.5)
+    ax.set_xscale("log")
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("final validation accuracy")
+    ax.set_title("learning-rate selection on the tuning seeds (ring: chosen)", fontsize=9)
+    ax.legend(fontsize=7, loc="best")
+    _save(fig, path)
+    return fig
+
+
 def accuracy_plot(report: dict, path: str | os.PathLike | None = None):
     """Test accuracy per method, one panel per setting: every seed a dot, the mean with its 95% t-interval."""
     colors = method_colors()

@@ -10,10 +10,10 @@ import os
 from dataclasses import asdict
 
 from fastcd.config import ALL_METHODS, METHOD_SPECS
-from fastcd.experiment_config import ExperimentConfig, legacy_setting
+from fastcd.experiment_config import ExperimentConfig, chosen_lrs, legacy_setting, lr_choices
 from fastcd.io import write_json_atomic
 from fastcd.plan import plan_vs_measured
-from fastcd.stats import MIN_SEEDS_FOR_A_CLAIM, paired_seed_test
+from fastcd.stats import paired_seed_test, seed_level_lines
 
 
 def _say(msg: str) -> None:
@@ -90,11 +90,14 @@ def _groups_of(rec: dict, cfg: ExperimentConfig) -> list[dict]:
     """The settings (tables, panels, comparisons) a run belongs to. A full-model run at ``full_lr`` is shared by
     every circuit lr of its setting (one run per seed serves them all), so it joins each of those groups."""
     s = rec["setting"]
+    if cfg.select_lr:  # each method at its own chosen lr: one group over the lr grid
+        return [{**s, "lr": SELECTED}]
     if cfg.full_lr is not None and rec["method"] in METHOD_SPECS and METHOD_SPECS[rec["method"]].full_model:
         return [{**s, "lr": lr} for lr in cfg.values("lr")]
     return [s]
 
 
+SELECTED = "chosen on validation"
 # McNemar comparisons besides CE + Align CKA against every other method (same setting and matching)
 CONTROL_PAIRS = (("ce+rand-cka", "rand-ce"), ("circuit-ce", "rand-ce"))
 
@@ -110,8 +113,12 @@ def write_report(out: str, cfg: ExperimentConfig | None = None) -> dict:
     recs = list(read_runs(os.path.join(out, "runs.jsonl")).values())
     for r in recs:  # records made before the estimator was a grid field: the experiment's one estimator
         legacy_setting(r, manifest["shared"].get("cka_estimator", "biased"))
-    wanted = {s["key"] for s in cfg.run_specs()}
+    by_key = {r["key"]: r for r in recs}
+    wanted = {s["key"] for s in cfg.run_specs(chosen_lrs(cfg, by_key))}
     recs = [r for r in recs if r["key"] in wanted]
+    selection = lr_choices(cfg, by_key) if cfg.select_lr else None
+    tuning = [r for r in recs if r["seed"] in cfg.tune_seeds]  # they chose the lr; never in a table or a test
+    recs = [r for r in recs if r["seed"] not in cfg.tune_seeds]
     not_applicable = [{k: r[k] for k in ("method", "seed", "setting", "not_applicable")}
                       for r in recs if "not_applicable" in r]
     recs = [r for r in recs if "not_applicable" not in r]
@@ -136,7 +143,7 @@ def write_report(out: str, cfg: ExperimentConfig | None = None) -> dict:
         rs = sorted(rs, key=lambda r: r["seed"])
         acc = [r["accuracy"] for r in rs]
         label = METHOD_SPECS[method].label if method in METHOD_SPECS else method
-        own_lr = rs[0]["setting"]["lr"] if rs[0]["setting"]["lr"] != group_lr[group] else None  # at full_lr
+        own_lr = rs[0]["setting"]["lr"] if rs[0]["setting"]["lr"] != group_lr[group] else None  # full_lr, selected
         if own_lr is not None:
             label += f" (lr {own_lr:g})"
         if est == "unbiased":
@@ -210,8 +217,8 @@ def write_report(out: str, cfg: ExperimentConfig | None = None) -> dict:
                 sl[name + "_holm"] = float(p)
     import torch
 
-    specs = cfg.run_specs()
-    report = {"config": asdict(cfg), "runs_done": len(recs) + len(not_applicable), "runs_total": len(specs),
+    report = {"config": asdict(cfg), "runs_done": len(recs) + len(tuning) + len(not_applicable),
+              "runs_total": cfg.n_planned_runs(), "lr_selection": selection,
               "not_applicable": not_applicable, "table": table,
               "mcnemar": tests, "base": None if base is None else {k: v for k, v in base.items() if k != "correct"},
               "teacher_accuracy": None if teacher is None else teacher["accuracy"],
@@ -238,30 +245,6 @@ def _pooled_test(rs_a: list[dict], rs_b: list[dict]) -> dict | None:
     a = sum((_unbits(ref[s]["correct"]) for s in common), [])
     b = sum((_unbits(other[s]["correct"]) for s in common), [])
     return {"seeds": common, **_mc(a, b)}
-
-
-def seed_level_lines(tests: list[dict], replications: bool = True) -> list[str]:
-    """The primary comparisons: one accuracy difference per seed (a replication), paired t and Wilcoxon."""
-    def f(x, fmt=".3g"):
-        return "-" if x is None else format(x, fmt)
-
-    unit = ("each seed a replication with its own training prompts" if replications else
-            "WARNING: made before seeds had their own prompts: every seed trained on one shared pool, so the seeds "
-            "are not replications and the spread between them is the batch order's only")
-    lines = [f"## Seed-level comparisons (primary: one accuracy difference A - B per seed, {unit}; paired t-test "
-             "and exact Wilcoxon signed-rank, each Holm-corrected over "
-             f"the comparisons; MDE = the difference a paired t-test detects with 80% power at alpha 0.05; fewer "
-             f"than {MIN_SEEDS_FOR_A_CLAIM} seeds is marked: no claim rests on it)", "",
-             "| Setting | A | B | seeds | mean A - B [95% CI] | SD over seeds | p (t) | Holm | p (Wilcoxon) | Holm "
-             "| MDE |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for t in tests:
-        sl = t["seed_level"]
-        ci = "-" if sl["ci95"] is None else f" [{sl['ci95'][0]:+.3f}, {sl['ci95'][1]:+.3f}]"
-        few = "" if sl["n_seeds"] >= MIN_SEEDS_FOR_A_CLAIM else " (too few)"
-        lines.append(f"| {t['setting']} | {t['a']} | {t['b']} | {sl['n_seeds']}{few} | {f(sl['mean_diff'], '+.3f')}"
-                     f"{ci} | {f(sl['sd_diff'], '.3f')} | {f(sl['p_t'])} | {f(sl.get('p_t_holm'))} | "
-                     f"{f(sl['p_wilcoxon'])} | {f(sl.get('p_wilcoxon_holm'))} | {f(sl['mde'], '.3f')} |")
-    return lines + [""]
 
 
 def _mc(a, b) -> dict:
@@ -303,6 +286,8 @@ def format_report(report: dict) -> str:
                          f"{v / report['base']['accuracy'] if report['base']['accuracy'] else float('nan'):.2f})"
                          for k, v in report["base"].items() if k.startswith("circuit_")) + ".")
         lines.append("")
+    if report.get("lr_selection"):
+        lines += lr_selection_lines(report["lr_selection"], c["tune_seeds"])
     groups = list(dict.fromkeys(r["setting"] for r in report["table"]))
     for g in groups:
         lines += [f"## {g}", "", "| Method | Matching | lambda | Accuracy (95% CI) | per seed | Circuit acc. | "
@@ -381,6 +366,19 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+def lr_selection_lines(selection: list[dict], tune_seeds: list) -> list[str]:
+    """The lr choice of every method: its final validation accuracy (and CE) at each lr of the grid."""
+    lines = [f"## Learning rates, chosen on the validation split by tuning seeds {tune_seeds} (never tested; "
+             "highest final validation accuracy, ties: lower validation CE)", "",
+             "| Method | Setting | final validation accuracy (CE) at each lr | chosen |", "|---|---|---|---|"]
+    for row in selection:
+        cells = "; ".join(f"{g['lr']:g}: " + ("pending" if g["val_accuracy"] is None else
+                                              f"{g['val_accuracy']:.3f} ({g['val_ce']:.2f})") for g in row["grid"])
+        chosen = "pending" if row["chosen"] is None else f"**{row['chosen']:g}**"
+        lines.append(f"| {row['method']} | {setting_label(row['setting'])} | {cells} | {chosen} |")
+    return lines + [""]
+
+
 def _mean_of(v) -> float:
     v = [x for x in v if x is not None]
     return sum(v) / len(v) if v else float("nan")
@@ -394,6 +392,11 @@ def plot_report(report: dict, recs: list[dict], out: str) -> list[str]:
 
     paths = [os.path.join(out, "accuracy.png")]
     accuracy_plot(report, paths[0])
+    if report.get("lr_selection"):
+        from fastcd.plots import lr_selection_plot
+
+        if lr_selection_plot(report["lr_selection"], os.path.join(out, "lr_selection.png")) is not None:
+            paths.append(os.path.join(out, "lr_selection.png"))
     for var, fname, xlabel in (("n_train", "sample_efficiency.png", "training prompts (n_train)"),
                                ("lam", "lambda.png", "lambda")):
         if sweep_plot(report, recs, var, xlabel, os.path.join(out, fname)) is not None:

@@ -61,3 +61,27 @@ def paired_seed_test(acc_a: dict, acc_b: dict, *, alpha: float = 0.05, power: fl
     elif sd == 0:
         out["p_wilcoxon"] = 1.0  # every seed equal: no evidence of a difference
     return out
+
+
+def seed_level_lines(tests: list[dict], replications: bool = True) -> list[str]:
+    """The primary comparisons: one accuracy difference per seed (a replication), paired t and Wilcoxon."""
+    def f(x, fmt=".3g"):
+        return "-" if x is None else format(x, fmt)
+
+    unit = ("each seed a replication with its own training prompts" if replications else
+            "WARNING: made before seeds had their own prompts: every seed trained on one shared pool, so the seeds "
+            "are not replications and the spread between them is the batch order's only")
+    lines = [f"## Seed-level comparisons (primary: one accuracy difference A - B per seed, {unit}; paired t-test "
+             "and exact Wilcoxon signed-rank, each Holm-corrected over "
+             f"the comparisons; MDE = the difference a paired t-test detects with 80% power at alpha 0.05; fewer "
+             f"than {MIN_SEEDS_FOR_A_CLAIM} seeds is marked: no claim rests on it)", "",
+             "| Setting | A | B | seeds | mean A - B [95% CI] | SD over seeds | p (t) | Holm | p (Wilcoxon) | Holm "
+             "| MDE |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for t in tests:
+        sl = t["seed_level"]
+        ci = "-" if sl["ci95"] is None else f" [{sl['ci95'][0]:+.3f}, {sl['ci95'][1]:+.3f}]"
+        few = "" if sl["n_seeds"] >= MIN_SEEDS_FOR_A_CLAIM else " (too few)"
+        lines.append(f"| {t['setting']} | {t['a']} | {t['b']} | {sl['n_seeds']}{few} | {f(sl['mean_diff'], '+.3f')}"
+                     f"{ci} | {f(sl['sd_diff'], '.3f')} | {f(sl['p_t'])} | {f(sl.get('p_t_holm'))} | "
+                     f"{f(sl['p_wilcoxon'])} | {f(sl.get('p_wilcoxon_holm'))} | {f(sl['mde'], '.3f')} |")
+    return lines + [""]

@@ -111,8 +111,9 @@ def train_loop(cd: CircuitDistiller, opt, seed: int, cfg: DistillConfig, s_train
 
     Every step: forward under autocast (``cfg.mixed_precision``), backward (scaled for fp16), the non-finite
     guard, clipping to ``cfg.max_grad_norm``, the optimizer and ``scheduler`` steps. A log row (loss parts, lr,
-    elapsed) every ``cfg.log_every`` steps; ``val_accuracy`` and ``val_ce`` (mean answer CE) on ``eval_batch`` every ``cfg.eval_every`` steps, with
-    early stopping after ``cfg.early_stopping_patience`` evaluations without improvement. ``on_step(step, log)``
+    elapsed) every ``cfg.log_every`` steps; ``val_accuracy`` and ``val_ce`` (mean answer CE) on ``eval_batch`` every
+    ``cfg.eval_every`` steps, with early stopping after ``cfg.early_stopping_patience`` evaluations without
+    improvement. ``on_step(step, log)``
     runs after every step (checkpointing). ``state`` (a dict) carries the early-stopping counters across a resume
     and gets ``stopped_early`` set. Returns the log."""
     from tqdm import tqdm

@@ -13,7 +13,6 @@ from fastcd.artifacts import Matching, Pair
 from fastcd.config import DistillConfig
 from fastcd.distillation import CircuitDistiller
 from fastcd.models import Head
-from fastcd.tasks import EntityTracking
 from fastcd.pipeline import distill
 from fastcd.tasks import EntityTracking
 from fastcd.training import make_optimizer, train_loop
