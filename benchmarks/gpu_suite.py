@@ -4,7 +4,7 @@ On a CUDA machine with the repository and carried wheels only (no registry), it 
 (``--budget-s``, default 420, stops the benchmark grid early and says so) and writes ``gpu_suite.json`` and
 ``gpu_suite.md`` into ``--out``:
 
-1. build: ``setup.py build_ext --inplace`` (the pybind11 extension; CUDA is not compiled, see README);
+1. build: ``setup.py build_ext --inplace`` (the pybind11 extension; CUDA is not compiled, see docs/INSTALL.md);
 2. the GPU-marked tests (``pytest -m gpu``);
 3. the CKA alignment loss: eager per-pair loop, batched eager, ``torch.compile`` and the Triton kernel, at
    P in {8, 64, 256} pairs, m in {32, 256, 2048} examples, d_head in {64, 128}, fp32 and bf16, forward and

@@ -6,13 +6,8 @@ with task CE + lambda * sum over pairs (1 - CKA(student head, teacher head)) (Wa
 ``import fastcd`` imports nothing heavy: every name below loads its module (and torch) on first use, so the
 command line's ``--help`` stays fast. Nothing here touches CUDA at import time.
 
-Stages, lowest first (a module imports only from its own stage or lower ones):
-  io, config, models, tokenizer, reference                 plain data, adapters, specifications
-  loading, hooks, trainable, tasks, cka, _ext             loading, per-head access, data, CKA
-  artifacts, metrics                                       Circuit/Matching, measuring a model
-  discover, path_patching, match                           finding circuits and correspondences
-  distillation, teacher_cache, training, card, pipeline    the loss, the cache, the loop, distill()
-  experiment_config, experiment, report, plots, demo, cli  sweeps, reports, figures, the command line
+The modules stand in stages (a module imports only from its own stage or lower ones): README.md, "Layout",
+the one table, which tests/test_layers.py checks against the code.
 """
 
 __version__ = "0.1.0"

@@ -18,7 +18,7 @@ from fastcd.errors import UsageError
 
 TASKS = ("entity-tracking", "tom")
 TASK_HELP = ("the task: entity-tracking, tom, or your own as an import path module:TaskClass (a class following "
-             "fastcd.tasks.Task, see README)")
+             "fastcd.tasks.Task, see docs/USAGE.md)")
 
 
 def int_list(text: str) -> list[int]:

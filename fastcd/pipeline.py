@@ -40,6 +40,13 @@ class DistillResult:
     log: list = field(default_factory=list)
     correct: list = field(default_factory=list)  # per test example, for McNemar
     circuit_correct: list = field(default_factory=list)
+    tokenizer: object = None  # the student's tokenizer: save_pretrained writes it beside the weights
+
+    def save_pretrained(self, path: str | os.PathLike, **kwargs) -> None:
+        """The trained student and its tokenizer, loadable with AutoModelForCausalLM and AutoTokenizer."""
+        self.student.save_pretrained(path, **kwargs)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(path)
 
 
 def resolve_task(task_or_dataset):
@@ -305,7 +312,7 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
                 metrics["teacher_circuit"] = faithfulness_record(teacher, t_test, t_ref, circuit, split="test")
             circuit.meta["evaluation"] = metrics["teacher_circuit"]
     metrics["world_size"] = world
-    result = DistillResult(student, matching, circuit, metrics, log, correct, circ_correct)
+    result = DistillResult(student, matching, circuit, metrics, log, correct, circ_correct, s_tok)
     if cfg.out and rank == 0:
         save_result(result, cfg, s_tok, task=task, teacher=teacher_name, student=student_name,
                     command=command)

@@ -169,6 +169,28 @@ def test_loss_decreases_and_student_loads_with_transformers(tmp_path, tok):
     assert Matching.load(tmp_path / "run" / "matching.json").to_json() == res.matching.to_json()
 
 
+def test_the_result_saves_a_complete_student_with_its_tokenizer(tmp_path, tok):
+    """``res.save_pretrained(dir)`` (README's line) writes the tokenizer beside the weights: the folder reloads with
+    AutoTokenizer (every token) and AutoModelForCausalLM, and greedy generation gives the student's own answer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    teacher = make_tiny("llama", vocab_size=len(tok), seed=1)
+    student = make_tiny("llama", vocab_size=len(tok), seed=2)
+    res = distill(teacher, student, TASK, matching=_matching(), config=_cfg(steps=2),
+                  student_tokenizer=tok, teacher_tokenizer=tok)
+    res.save_pretrained(tmp_path / "distilled")
+    tok2 = AutoTokenizer.from_pretrained(tmp_path / "distilled", local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "distilled", local_files_only=True)
+    assert len(tok2) == len(tok) and tok2.get_vocab() == tok.get_vocab()
+    prompt = TASK.generate(1, seed=3)[0].prompt
+    ids = tok2(prompt, return_tensors="pt").input_ids
+    assert ids.tolist() == tok(prompt, return_tensors="pt").input_ids.tolist()
+    out = model.generate(ids, max_new_tokens=1, do_sample=False)
+    with torch.no_grad():
+        want = res.student(ids).logits[0, -1].argmax()
+    assert int(out[0, -1]) == int(want)
+
+
 def test_offline_teacher_cache_matches_online(tmp_path, tok):
     cfg = _cfg(method="ce+cka", kd_weight=0.5)
     m = _matching()

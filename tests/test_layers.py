@@ -70,6 +70,19 @@ def test_no_module_imports_a_higher_stage():
     assert not bad, bad
 
 
+def test_readme_stage_table_is_this_one():
+    """README's layout block lists the same modules in the same stages as STAGES (one table, tested)."""
+    import re
+
+    text = (ROOT.parent / "README.md").read_text()
+    found = re.search(r"^```\n(0  .*?)^```", text, flags=re.S | re.M)
+    assert found, "README has no stage table (a block whose first line starts with '0  ')"
+    block = found.group(1)
+    readme = [set(line.split()[1:]) for line in block.strip().splitlines()]
+    assert [int(line.split()[0]) for line in block.strip().splitlines()] == list(range(len(STAGES)))
+    assert readme == STAGES
+
+
 def test_modules_stay_small():
     sizes = {str(p.relative_to(ROOT)): len(p.read_text().splitlines()) for p in ROOT.rglob("*.py")}
     big = {k: v for k, v in sizes.items() if v > 420}
