@@ -107,6 +107,9 @@ class DistillConfig:
     lam_ratio: float = option(1.0, "lam=auto: lambda such that |grad align| = lam_ratio * |grad CE| at the start")
     steps: int = option(300, "optimizer steps (TrainingArguments: max_steps)")
     batch_size: int = option(32, "global batch; also the CKA batch m (per device: batch_size / world size)")
+    micro_batch_size: int = option(0, "prompts per forward (0: the whole batch at once); a smaller value splits each "
+                                   "step into micro-batches with the CKA term still exact over the whole batch m "
+                                   "(two passes: gradient caching); must divide the per-device batch")
     lr: float = option(1e-3, "peak learning rate of AdamW (TrainingArguments: learning_rate)")
     lr_scheduler: str = option("constant", f"learning-rate schedule after warmup, one of {SCHEDULERS} (transformers' "
                               "get_scheduler)", choices=SCHEDULERS)
@@ -170,6 +173,13 @@ class DistillConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise UsageError(f"{name} must be an integer >= {lo}, got {v!r}")
+        if not isinstance(self.micro_batch_size, int) or isinstance(self.micro_batch_size, bool) \
+                or self.micro_batch_size < 0 or (self.micro_batch_size and self.batch_size % self.micro_batch_size):
+            raise UsageError(f"micro_batch_size must be 0 or an integer >= 1 that divides batch_size "
+                             f"{self.batch_size}, got {self.micro_batch_size!r}")
+        if self.micro_batch_size and self.mixed_precision == "fp16":
+            raise UsageError("micro_batch_size with mixed_precision='fp16' is not supported (the gradient scaler "
+                             "would scale each micro-batch); use bf16 or no")
         if self.batch_size > self.n_train:
             raise UsageError(f"batch_size must be <= n_train (batches are drawn without replacement), got "
                              f"batch_size {self.batch_size} with n_train {self.n_train}")

@@ -66,6 +66,36 @@ def all_gather_batch(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(all_gather(x.contiguous()), dim=1)
 
 
+def _rows(batch: DistillBatch, idx: torch.Tensor) -> DistillBatch:
+    """The sub-batch of rows ``idx`` (every per-row field)."""
+    def pick(t, dim=0):
+        return None if t is None else t.index_select(dim, idx.to(t.device))
+
+    return DistillBatch(batch.student_ids[idx], {k: v[idx] for k, v in batch.student_pos.items()}, batch.gold[idx],
+                        pick(batch.teacher_ids),
+                        None if batch.teacher_pos is None else {k: v[idx] for k, v in batch.teacher_pos.items()},
+                        pick(batch.teacher_z, 1), pick(batch.teacher_labels), pick(batch.teacher_logits))
+
+
+def _gather_plain(x: torch.Tensor, world: int) -> torch.Tensor:
+    """``[P, B_local, d]`` from every rank, concatenated along the batch (no autograd: pass 1 of backward_micro)."""
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, 1)
+
+
+def _rng_state():
+    return torch.get_rng_state(), (torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+
+def _set_rng_state(state) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state_all(state[1])
+
+
 def make_batch(idx, s_enc: EncodedBatch, t_enc: EncodedBatch | None, cache=None) -> DistillBatch:
     """The :class:`DistillBatch` of rows ``idx``: student side from ``s_enc``; teacher side from ``cache`` (anything
     with ``get(idx) -> (z, labels, logits)``) or, for a live teacher, from ``t_enc``."""
@@ -129,8 +159,9 @@ class CircuitDistiller(nn.Module):
 
                 warnings.warn(f"CKA batch m={m} with d_head={d}: two unrelated heads already score about "
                               f"{d / (m + d):.2f} with the biased estimator (about d/(m+d)), so the alignment "
-                              "signal is the small distance above that; use batch_size >= 4 * d_head or "
-                              "cka_estimator='unbiased'", stacklevel=2)
+                              "signal is the small distance above that; use batch_size >= 4 * d_head (micro_batch_size "
+                              "keeps a forward's memory small, the CKA term exact) or cka_estimator='unbiased'",
+                              stacklevel=2)
 
         self._forward_module = student  # the DDP wrapper under torchrun (see enable_ddp)
         self._ddp = False
@@ -206,17 +237,19 @@ class CircuitDistiller(nn.Module):
             return float(self.config.lam)
         return self._lam
 
-    def terms(self, batch: DistillBatch) -> dict[str, torch.Tensor]:
+    def terms(self, batch: DistillBatch, *, with_align: bool = True, keep_cache: bool = False) -> dict:
         """The loss terms as tensors on the graph: ``ce``, ``align`` (sum over pairs of 1 - CKA), ``cka`` (per
-        pair), ``kd``, each present when the method uses it."""
+        pair), ``kd``, each present when the method uses it. ``with_align=False`` leaves the alignment out;
+        ``keep_cache`` adds the student's captured z (``_cache``) and last-token logits (``_last``)."""
         cfg = self.config
-        need_cka = cfg.spec.uses_cka and (cfg.method == "cka" or cfg.lam == "auto" or cfg.lam > 0)
+        want_cka = cfg.spec.uses_cka and (cfg.method == "cka" or cfg.lam == "auto" or cfg.lam > 0)
+        need_cka = want_cka and with_align
         kd_w = cfg.effective_kd_weight
         t_z, t_labels, t_logits = self._teacher_signals(batch, need_cka, kd_w > 0)
         dev = next(self.student.parameters()).device
         b = batch.student_ids.shape[0]
         pairs = self.matching.pairs if self.matching is not None else []
-        s_heads = list(dict.fromkeys(p.student for p in pairs)) if need_cka else []
+        s_heads = list(dict.fromkeys(p.student for p in pairs)) if (need_cka or keep_cache) else []
         fused = (need_cka and not self._ddp and cfg.cka_estimator == "biased"
                  and choose_impl(dev, cfg.impl) == "triton")
         if fused:  # capture whole layers: their z views lie on the forward path, read in place by the kernel
@@ -226,6 +259,8 @@ class CircuitDistiller(nn.Module):
             last, _ = logits_at(self._forward_module, batch.student_pos["last"],
                                 input_ids=batch.student_ids.to(dev))  # [B, V]: lm_head on the last position only
         out: dict[str, torch.Tensor] = {}
+        if keep_cache:
+            out["_cache"], out["_last"] = cache, last
         if cfg.spec.uses_ce:
             target = batch.gold if cfg.labels == "gold" else t_labels
             out["ce"] = F.cross_entropy(last.float(), target.to(dev))
@@ -244,6 +279,86 @@ class CircuitDistiller(nn.Module):
             out["kd"] = F.kl_div(F.log_softmax(last.float() / t, -1), F.log_softmax(t_logits.to(dev) / t, -1),
                                  reduction="batchmean", log_target=True) * t * t
         return out
+
+    def backward_micro(self, batch: DistillBatch, micro: int, backward=None) -> tuple[float, dict[str, float]]:
+        """The gradients of one step on ``batch`` in micro-batches of ``micro`` prompts, equal to those of
+        ``cd(batch)[0].backward()`` (gradient caching): the CKA term depends on the activations only through sums
+        over the batch, so a no-grad pass collects every pair's student z for all m prompts (the teacher's signals
+        kept), the loss and its gradient with respect to those z are computed once on the stacked z (all-gathered
+        across ranks under DDP), and each micro-batch's forward and backward then injects that gradient beside its
+        share of CE and KD. The RNG state of each micro-batch is replayed, so dropout draws the same masks in both
+        passes. ``backward(loss)`` runs each micro-batch's backward (default ``loss.backward()``); DDP reduces
+        the gradients once, after the last. Returns ``(loss value, parts)`` as ``forward`` does."""
+        import contextlib
+
+        cfg = self.config
+        b = batch.student_ids.shape[0]
+        if micro >= b:
+            loss, parts = self(batch)
+            (backward or torch.Tensor.backward)(loss)
+            return parts["loss"], parts
+        chunks = [torch.arange(i, min(i + micro, b)) for i in range(0, b, micro)]
+        pairs = self.matching.pairs if self.matching is not None else []
+        need_cka = cfg.spec.uses_cka and (cfg.method == "cka" or cfg.lam == "auto" or cfg.lam > 0)
+        subs, states, xs, tzs = [], [], [], []
+        with torch.no_grad():  # pass 1: the teacher's signals and the student's z at the pairs' roles
+            for idx in chunks:
+                sub = _rows(batch, idx)
+                t_z, t_labels, t_logits = self._teacher_signals(sub, need_cka, cfg.effective_kd_weight > 0)
+                sub.teacher_z, sub.teacher_labels, sub.teacher_logits = t_z, t_labels, t_logits
+                sub.teacher_ids = sub.teacher_pos = None
+                subs.append(sub)
+                states.append(_rng_state())
+                if need_cka:
+                    dev = next(self.student.parameters()).device
+                    with capture_z(self.student, list(dict.fromkeys(p.student for p in pairs)), detach=True) as c:
+                        logits_at(self.student, sub.student_pos["last"], input_ids=sub.student_ids.to(dev))
+                    xs.append(gather_roles(c, [p.student for p in pairs], [p.position for p in pairs],
+                                           sub.student_pos, len(idx)).float())
+                    tzs.append(t_z.to(dev).float())
+        parts: dict[str, float] = {}
+        align_value = 0.0
+        if need_cka:
+            x_all, t_all = torch.cat(xs, 1), torch.cat(tzs, 1)  # [P, m_local, d]
+            world, rank = 1, 0
+            if self._ddp:
+                import torch.distributed as dist
+
+                world, rank = dist.get_world_size(), dist.get_rank()
+                x_all, t_all = _gather_plain(x_all, world), _gather_plain(t_all, world)
+            x_all.requires_grad_(True)
+            align, cka = cka_loss(x_all, t_all, eps=cfg.eps, impl=cfg.impl, estimator=cfg.cka_estimator)
+            (grad,) = torch.autograd.grad(self.lam * align, x_all)
+            m_local = b
+            grad = grad[:, rank * m_local:(rank + 1) * m_local] * world  # DDP averages the ranks' gradients
+            align_value = float(align.detach())
+            parts["cka_loss"], parts["mean_cka"] = align_value, float(cka.detach().mean())
+        ce = kd = 0.0
+        for k, (idx, sub) in enumerate(zip(chunks, subs)):  # pass 2: forward and backward per micro-batch
+            _set_rng_state(states[k])
+            last_chunk = k == len(chunks) - 1
+            sync = contextlib.nullcontext() if (last_chunk or not self._ddp) else self._forward_module.no_sync()
+            with sync:
+                t = self.terms(sub, with_align=False, keep_cache=need_cka)
+                share = len(idx) / b
+                loss = t["ce"] * share if "ce" in t else t["_last"].sum() * 0.0
+                if "kd" in t:
+                    loss = loss + cfg.effective_kd_weight * t["kd"] * share
+                    kd += float(t["kd"].detach()) * share
+                if "ce" in t:
+                    ce += float(t["ce"].detach()) * share
+                if need_cka:
+                    x = gather_roles(t["_cache"], [p.student for p in pairs], [p.position for p in pairs],
+                                     sub.student_pos, len(idx))
+                    loss = loss + (x.float() * grad[:, idx].to(x.device)).sum()
+                (backward or torch.Tensor.backward)(loss)
+        total = ce + (self.lam * align_value if need_cka else 0.0) + cfg.effective_kd_weight * kd
+        if cfg.spec.uses_ce:
+            parts["ce"] = ce
+        if cfg.effective_kd_weight > 0:
+            parts["kd"] = kd
+        parts["loss"] = total
+        return total, parts
 
     def gradient_ratio(self, batch: DistillBatch) -> dict[str, float]:
         """Gradient norms of the CE and alignment terms on the trainable parameters for one batch:

@@ -62,6 +62,7 @@ class ExperimentConfig:
     diagnostics_m: int = 256
     kv: str = "auto"
     teacher_dtype: str | None = None
+    micro_batch_size: int = 0  # prompts per forward; the CKA term stays exact over batch_size (gradient caching)
     precision: str = "auto"  # "auto" (bf16 on the CPU for real LMs), "float32" or "bf16": see resolve_precision
     threads: int | None = None
 
@@ -194,7 +195,7 @@ class ExperimentConfig:
         """The fields every finished run depends on; a rerun into the same OUT must agree on all of them."""
         d = asdict(self)
         for name in GRID + ("methods", "seeds", "threads", "n_val", "eval_every", "log_every", "diagnostics",
-                            "diagnostics_m", "full_lr", "select_lr", "tune_seeds"):
+                            "diagnostics_m", "full_lr", "select_lr", "tune_seeds", "micro_batch_size"):
             d.pop(name)
         # each seed draws its training rows from its own pool of max(n_train) prompts: a larger n_train in the grid
         # makes other pools, and the finished runs' rows would no longer be a subset of them
@@ -381,5 +382,6 @@ def distill_config_for(cfg: ExperimentConfig, spec: dict, precision: str = "floa
                          n_eval=cfg.n_test, seed=spec["seed"], kv=cfg.kv, log_every=cfg.log_every,
                          eval_every=cfg.eval_every, n_val=max(cfg.n_val, 1), progress=False,
                          kd_weight=1.0 if method == "kd" else 0.0,
-                         mixed_precision="bf16" if precision == "bf16" else "no").validate()
+                         mixed_precision="bf16" if precision == "bf16" else "no",
+                         micro_batch_size=cfg.micro_batch_size).validate()
 

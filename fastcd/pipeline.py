@@ -217,8 +217,9 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
     world, rank = 1, 0
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
-        if cfg.batch_size % world:
-            raise UsageError(f"batch_size={cfg.batch_size} must be divisible by the world size {world}")
+        if cfg.batch_size % world or (cfg.micro_batch_size and (cfg.batch_size // world) % cfg.micro_batch_size):
+            raise UsageError(f"batch_size={cfg.batch_size} must be divisible by the world size {world}, and the "
+                             f"per-device batch by micro_batch_size={cfg.micro_batch_size}")
         if world > 1:
             cd.enable_ddp()
     opt, sched = make_optimizer(cd, cfg)

@@ -149,10 +149,14 @@ def train_loop(cd: CircuitDistiller, opt, seed: int, cfg: DistillConfig, s_train
             idx = batch_rows(len(s_train), cfg.batch_size, step, seed)  # the global batch, same on all ranks
             idx = idx.view(world, -1)[rank]  # this rank's shard
             ctx = (torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext())
-            with ctx:
-                loss, parts = cd(make_batch(idx, s_train, t_train, cache))
             opt.zero_grad(set_to_none=True)
-            (scaler.scale(loss) if scaler is not None else loss).backward()
+            if cfg.micro_batch_size and cfg.micro_batch_size < len(idx):  # exact CKA over the batch, in pieces
+                with ctx:
+                    _, parts = cd.backward_micro(make_batch(idx, s_train, t_train, cache), cfg.micro_batch_size)
+            else:
+                with ctx:
+                    loss, parts = cd(make_batch(idx, s_train, t_train, cache))
+                (scaler.scale(loss) if scaler is not None else loss).backward()
             if scaler is not None:
                 scaler.unscale_(opt)
             # under fp16 the gradient scaler skips steps whose gradients overflow (and lowers its scale): only

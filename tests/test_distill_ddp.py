@@ -20,8 +20,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("method", ["ce+cka", "cka", "full-ce"])
-def test_ddp_two_processes_match_one(tmp_path, method):
+@pytest.mark.parametrize("method,micro", [("ce+cka", 0), ("cka", 0), ("full-ce", 0), ("ce+cka", 2)])
+def test_ddp_two_processes_match_one(tmp_path, method, micro):
+    """With ``micro`` > 0 the two ranks also split their 4 prompts into micro-batches of 2 (the CKA term exact over
+    the global 8 by gradient caching), against one process that takes the 8 in one forward."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
     single = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "one.pt"), method], env=env,
                             capture_output=True, text=True, timeout=300)
@@ -29,7 +31,7 @@ def test_ddp_two_processes_match_one(tmp_path, method):
     torchrun = shutil.which("torchrun")
     cmd = ([torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]) + [
         "--nproc_per_node=2", "--nnodes=1", "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(SCRIPT),
-        str(tmp_path / "two.pt"), method]
+        str(tmp_path / "two.pt"), method, str(micro)]
     double = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert double.returncode == 0, double.stderr[-3000:]
     a = torch.load(tmp_path / "one.pt")

@@ -17,7 +17,7 @@ from fastcd.tasks import EntityTracking  # noqa: E402
 from fastcd.tokenizer import build_word_tokenizer  # noqa: E402
 
 
-def main(out: str, method: str) -> None:
+def main(out: str, method: str, micro: int = 0) -> None:
     if "RANK" in os.environ:
         dist.init_process_group("gloo")
     torch.set_num_threads(1)
@@ -27,7 +27,7 @@ def main(out: str, method: str) -> None:
     m = Matching([Pair(Head(1, 2), Head(1, 1), "last", "g", {}), Pair(Head(0, 3), Head(0, 2), "query_label", "g", {})],
                  "given")
     cfg = DistillConfig(method=method, steps=5, batch_size=8, n_train=64, n_eval=8, lr=1e-2, progress=False,
-                        kd_weight=0.3)
+                        kd_weight=0.3, micro_batch_size=micro)
     res = distill(teacher, student, EntityTracking(n_boxes=3), matching=m, config=cfg, student_tokenizer=tok,
                   teacher_tokenizer=tok)
     if not dist.is_initialized() or dist.get_rank() == 0:
@@ -37,4 +37,4 @@ def main(out: str, method: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 0)
