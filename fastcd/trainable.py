@@ -1,7 +1,8 @@
 """Head-granular trainable parameters: only the matched student heads' slices train.
 
 Each touched weight is re-parametrised (``torch.nn.utils.parametrize``) as its frozen original with the
-trainable slices spliced in: ``W = cat(W[:s], P, W[e:])`` along the slice dimension. Gradients, optimizer
+trainable slices spliced in: ``W = cat(W[:s], P, W[e:])`` along the slice dimension, the slices ``P`` kept in
+float32 (master copies) and cast to the weight's dtype in the forward. Gradients, optimizer
 state and weight decay therefore exist for the slices alone, and every other element of the weight stays
 bit-identical. :func:`merge` writes the slices back and removes the parametrisations (before saving).
 """
@@ -30,8 +31,10 @@ class _SpliceSlices(nn.Module):
         if len(dims) != 1:
             raise UsageError(f"slices of one weight must share one dimension, got {sorted(dims)}")
         self.dim = dims.pop()
+        # float32 master slices whatever the weight's dtype: a bf16 student's updates (often below bf16's
+        # resolution at the weight's scale) accumulate in float32; the forward casts them to the weight's dtype
         self.params = nn.ParameterList(
-            [nn.Parameter(weight.detach().narrow(self.dim, s, e - s).clone()) for _, s, e in self.slices]
+            [nn.Parameter(weight.detach().narrow(self.dim, s, e - s).float().clone()) for _, s, e in self.slices]
         )
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:

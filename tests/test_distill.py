@@ -14,6 +14,7 @@ from fastcd.reference import cka_loss_ref
 from fastcd.stats import mcnemar
 from fastcd.tasks import EntityTracking
 from fastcd.teacher_cache import build_teacher_cache
+from fastcd.trainable import merge
 
 
 @pytest.fixture(scope="module")
@@ -663,3 +664,31 @@ def test_mixed_precision_auto_is_bf16_on_the_cpu_for_real_widths_only(tok, width
     assert seen == ({torch.bfloat16} if wide else {torch.float32})
     assert all(p.dtype == torch.float32 for p in res.student.parameters())
     assert math.isfinite(res.log[-1]["loss"])
+
+
+def test_a_bf16_student_trains_float32_master_slices(tok):
+    """The slices of a bf16 student are float32 master copies: Adam updates of 1e-5 (below bf16's resolution at the
+    weights' scale, so a bf16 parameter would not move) accumulate, and the trajectory follows the float32
+    student's from the same starting values (its forward in bf16 changes the gradients a little)."""
+    from fastcd.training import train_loop
+
+    runs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        teacher = make_tiny("llama", vocab_size=len(tok), seed=1)
+        student = make_tiny("llama", vocab_size=len(tok), seed=2)
+        with torch.no_grad():  # one starting point: the bf16-rounded weights, in either dtype
+            for p in student.parameters():
+                p.copy_(p.to(torch.bfloat16).float())
+        student = student.to(dtype)
+        cfg = _cfg(steps=4, lr=1e-5, batch_size=8, n_train=8)
+        cd = CircuitDistiller(student, _matching(), teacher=teacher, config=cfg)
+        assert all(p.dtype == torch.float32 for p in cd.trainable_parameters())
+        start = [p.detach().clone() for p in cd.trainable_parameters()]
+        enc = TASK.encode(TASK.generate(8, seed=0), tok)
+        train_loop(cd, torch.optim.Adam(cd.trainable_parameters(), lr=1e-5), 0, cfg, enc, enc)
+        runs[dtype] = torch.cat([(p.detach() - s).flatten() for p, s in zip(cd.trainable_parameters(), start)])
+        merge(cd.slices)
+        assert all(p.dtype == dtype for p in student.parameters())  # merged back in the student's own dtype
+    d32, d16 = runs[torch.float32], runs[torch.bfloat16]
+    assert 0.5 < float(d16.norm() / d32.norm()) < 2.0  # the bf16 student's slices moved as far
+    assert float(torch.nn.functional.cosine_similarity(d16, d32, dim=0)) > 0.8
