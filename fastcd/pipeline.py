@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 from torch import nn
 
+from fastcd.adapters import save_adapter
 from fastcd.artifacts import Circuit, Matching
 from fastcd.config import TEST_SEED, DistillConfig, resolve_mixed_precision
 from fastcd.discover import default_circuit
@@ -393,7 +394,7 @@ def _load_checkpoint(path: str, identity: dict, cfg: DistillConfig) -> dict:
 
 def save_result(result: DistillResult, cfg: DistillConfig, tokenizer=None, *, task=None, teacher: str | None = None,
                 student: str | None = None, command: str | None = None) -> str:
-    """``OUT/student`` (save_pretrained, with a model card ``README.md``), ``OUT/matching.json``,
+    """``OUT/student`` (save_pretrained, with a model card ``README.md``), ``OUT/adapter``, ``OUT/matching.json``,
     ``OUT/circuit.json``, ``OUT/log.json``."""
     out = cfg.out
     os.makedirs(out, exist_ok=True)
@@ -407,6 +408,8 @@ def save_result(result: DistillResult, cfg: DistillConfig, tokenizer=None, *, ta
             f.write(model_card(result, cfg, task=task, teacher=teacher, student=student, command=command))
     if result.matching is not None:
         result.matching.save(os.path.join(out, "matching.json"))
+        if not cfg.spec.full_model:  # the trained slices alone: fastcd.adapters.load_adapted(base, OUT/adapter)
+            save_adapter(result, os.path.join(out, "adapter"), kv=cfg.kv, base=student)
     if result.circuit is not None and result.circuit.heads:
         result.circuit.save(os.path.join(out, "circuit.json"))
     write_json_atomic({"config": _cfg_key(cfg), "metrics": result.metrics, "log": result.log},

@@ -12,7 +12,7 @@ STAGES = [
     {"_ext", "_C", "reference", "models", "tokenizer", "tasks", "tasks.base", "tasks.protocol", "tasks.entity_tracking",
      "tasks.tom"},
     {"loading", "convert", "zoo", "hooks", "trainable", "cka", "kernels", "kernels.cka", "info", "stats"},
-    {"artifacts", "metrics"},
+    {"artifacts", "metrics", "adapters"},
     {"discover", "attribution", "path_patching", "circuit_search", "match", "pretrain"},
     {"distillation", "teacher_cache", "training", "card", "pipeline"},
     {"experiment_config", "plan", "report", "plots", "experiment_shared", "experiment", "demo", "discover_run"},
