@@ -57,8 +57,8 @@ def check_model_path(path_or_name, what: str = "path", *, weights: bool = True) 
     path = os.fspath(zoo.resolve(os.fspath(path_or_name)))
     if not os.path.exists(path):
         raise InputFileError(
-            f"{what}: {path!r} is not a local directory or GGUF file; fastcd loads only local models "
-            f"(download the weights first, or name a packaged model: {', '.join(zoo.MODELS)})"
+            f"{what}: {path!r} is not a local directory or GGUF file (nor a Hugging Face Hub id 'org/name', "
+            f"nor a packaged model: {', '.join(zoo.MODELS)})"
         )
     gguf = find_gguf(path, what)
     check_architecture(path, what)  # from config.json / GGUF metadata, before any weight loads
@@ -71,13 +71,14 @@ def check_model_path(path_or_name, what: str = "path", *, weights: bool = True) 
 
 def load_model(path_or_module, *, dtype=None, device=None, attn_implementation: str | None = None,
                what: str = "path_or_module"):
-    """Load a causal LM from a local Hugging Face directory (never the network), or take a module as is.
+    """Load a causal LM from a local Hugging Face directory, a GGUF file, a packaged or Hub model, or take a module.
 
     Args:
         path_or_module: a directory with ``config.json`` and weights, a ``.gguf`` file (or a directory holding
             exactly one; dequantized, needs ``fastcd[gguf]``), the name of a prepared packaged model
-            (``fastcd models``), or an ``nn.Module``. The architecture is checked (config.json / GGUF metadata)
-            before any weight loads.
+            (``fastcd models``), a Hugging Face Hub id (``org/name``: from the local Hugging Face cache, or
+            downloaded unless ``HF_HUB_OFFLINE`` is set), or an ``nn.Module``. The architecture is checked
+            (config.json / GGUF metadata) before any weight loads.
         dtype: ``torch.dtype`` or a name (``"bf16"``, ``"float32"`` ...); None keeps the stored dtype (float32
             for GGUF).
         device: where to put the model (default: CPU).
@@ -193,8 +194,8 @@ def spec_of(path_or_module, what: str = "model") -> ModelSpec:
 
 
 def load_tokenizer(path: str | os.PathLike, what: str = "path"):
-    """The tokenizer stored in a local model directory, a GGUF file or a prepared packaged model (never the
-    network). Errors name ``what``."""
+    """The tokenizer stored in a local model directory, a GGUF file, a prepared packaged model or a Hub model's
+    snapshot (see :func:`load_model`). Errors name ``what``."""
     from transformers import AutoTokenizer
 
     from fastcd import zoo

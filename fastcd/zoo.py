@@ -149,8 +149,9 @@ def prepare(name: str, *, dtype: str = "float32", progress: bool = True, keep_gg
 
 
 def resolve(path_or_name):
-    """A known model name -> its prepared directory (one line saying how to prepare it when it is not);
-    anything else is returned unchanged."""
+    """A known model name -> its prepared directory (one line saying how to prepare it when it is not); a Hugging
+    Face Hub id (``org/name``, not a local path) -> its snapshot directory (:func:`hub_snapshot`); anything else is
+    returned unchanged."""
     if isinstance(path_or_name, str) and path_or_name in MODELS and not os.path.exists(path_or_name):
         d = prepared_dir(path_or_name)
         if d is None:
@@ -158,7 +159,42 @@ def resolve(path_or_name):
             raise InputFileError(f"model {path_or_name!r} is not prepared: run `fastcd models prepare "
                                     f"{path_or_name}`{after}")
         return d
+    if is_hub_id(path_or_name):
+        return hub_snapshot(path_or_name)
     return path_or_name
+
+
+def is_hub_id(x) -> bool:
+    """``org/name`` (one slash, Hub-legal characters, no leading ``.`` or ``/``) that is not a local path."""
+    import re
+
+    return (isinstance(x, str) and not os.path.exists(x)
+            and re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", x) is not None and ".." not in x)
+
+
+def hub_snapshot(repo_id: str) -> str:
+    """The local snapshot directory of a Hub model: from the Hugging Face cache (``HF_HUB_CACHE`` / ``HF_HOME``);
+    when it is not cached and ``HF_HUB_OFFLINE`` is not set, downloaded as transformers would."""
+    from huggingface_hub import snapshot_download
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    cache = os.environ.get("HF_HUB_CACHE") or None
+    try:
+        return snapshot_download(repo_id, local_files_only=True, cache_dir=cache)
+    except Exception as e:  # noqa: BLE001 - not in the cache (or a broken entry): the download decides
+        if offline:
+            from huggingface_hub import constants
+
+            raise InputFileError(f"model {repo_id!r}: not a local path, and not in the Hugging Face cache "
+                                 f"({cache or constants.HF_HUB_CACHE}) while HF_HUB_OFFLINE is set; download it "
+                                 f"first (`hf download {repo_id}`) or give its local directory") from None
+        local_error = e
+    try:
+        return snapshot_download(repo_id, cache_dir=cache)
+    except Exception as e:  # noqa: BLE001 - any hub/network error is one line naming the id
+        raise InputFileError(f"model {repo_id!r}: not a local path, not in the Hugging Face cache, and the download "
+                             f"failed ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
+                             f"cache lookup: {type(local_error).__name__}") from None
 
 
 def table() -> list[dict]:

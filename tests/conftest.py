@@ -8,6 +8,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# No test reaches the network: a Hugging Face Hub id resolves from the local cache only (tests/test_hub.py)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 # Guarded: nothing touches CUDA at import beyond this availability query.
 HAS_CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
