@@ -56,6 +56,12 @@ def model_card(result, cfg, *, task=None, teacher: str | None = None, student: s
     if result.matching is not None:
         lines += ["## Matching (teacher head -> trained student head, at a position role)", "", "```",
                   str(result.matching), "```", ""]
+        nf = result.matching.meta.get("noise_floor")
+        if nf and nf.get("pairs_within_null"):
+            lines += [f"Caveat: {nf['pairs_within_null']} of {len(result.matching)} pairs score at or below "
+                      f"{nf['null_p95']:.2f}, what two independent random heads reach at the matching's m = {nf['m']} "
+                      f"(biased CKA, null mean {nf['null_mean']:.2f}): those pairs are not distinguishable from "
+                      "chance.", ""]
     lam = m.get("lam_effective")
     lines += ["## Training", "",
               f"{m.get('steps_done', cfg.steps)} of {cfg.steps} steps"

@@ -18,7 +18,8 @@ import sys
 from fastcd.errors import InputFileError, UsageError
 
 COMMANDS = {
-    "discover": "find the teacher's circuit (role-wise, exact or attribution patching, path patching)",
+    "discover": "find the teacher's circuit (a search to a target faithfulness; role-wise, exact or attribution "
+                "patching; path patching)",
     "match": "pair teacher circuit heads with functionally corresponding student heads",
     "distill": "train the matched student heads (circuit distillation) or a baseline",
     "experiment": "methods x seeds x settings from one YAML/JSON config, resumable, with the report and figures",
@@ -69,8 +70,18 @@ def _parser(prog: str, dataclass_types, description: str | None = None):
         def error(self, message):
             raise UsageErrorExit(f"{self.prog}: error: {message}")
 
+    class Help(argparse.ArgumentDefaultsHelpFormatter):
+        """Each flag's default once: not after a help text that states its own default, and a ``--no_X`` flag
+        (HfArgumentParser's switch-off of a boolean X) says what it turns off."""
+
+        def _get_help_string(self, action):
+            h = action.help or ""
+            if any(o.startswith(("--no_", "--no-")) for o in action.option_strings):
+                return f"turn off: {h}"
+            return h if "default" in h.lower() else super()._get_help_string(action)
+
     p = Parser(dataclass_types, prog=prog, description=description or COMMANDS.get(prog.split()[-1]),
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+               formatter_class=Help)
     p.add_argument("--config", default=None, metavar="FILE",
                    help="a YAML or JSON file of flag values (keys as the flag names; the command line wins)")
     p.add_argument("--debug", action="store_true", help="show the traceback of every error")
@@ -218,7 +229,14 @@ def _run_distill(argv) -> int:
     if curves_plot({cfg.method: res.log}, png, title=f"{a.task}: {cfg.method} training curves") is None:
         png = None
     print(json.dumps(res.metrics, indent=2))
-    print(f"wrote {cfg.out}/student (with README.md), matching.json, log.json, log.jsonl"
+    m = res.metrics
+    if m.get("student_circuit_accuracy") is not None:
+        print(f"student accuracy {m['student_accuracy']:.3f}; student circuit accuracy "
+              f"{m['student_circuit_accuracy']:.3f} = the distilled student with only its matched heads live at "
+              "their roles (every other head mean-ablated at every position), a faithfulness of "
+              + (f"{m['student_circuit_faithfulness']:.2f}" if "student_circuit_faithfulness" in m else "-"))
+    adapter = ", adapter/" if os.path.isdir(os.path.join(cfg.out, "adapter")) else ""
+    print(f"wrote {cfg.out}/student (with README.md){adapter}, matching.json, log.json, log.jsonl"
           + (f", {os.path.basename(png)}" if png else ""))
     return 0
 

@@ -148,7 +148,8 @@ class DistillConfig:
     discovery: str = option("auto", "circuit discovery when no circuit is given: auto (the task's default), roles, "
                            "patching, attribution, path", choices=("auto", "roles", "patching", "attribution", "path"))
     path_k: list[int] = option([4, 2, 2, 2], "path patching: top-k heads per group (VF, PT, PD, SR)")
-    top_k: int | None = option(None, "patching/attribution: circuit size (default: the task's, e.g. 15%% of heads)")
+    top_k: int | None = option(None, "patching/attribution: circuit size (default: the task's own: 3 heads per "
+                                     "role for entity tracking, 15%% of the heads otherwise)")
     n_discovery: int = option(256, "prompts for discovery and matching")
     circuit_eval: bool = option(True, "measure the teacher circuit's faithfulness on the test prompts (full model, "
                                 "the circuit, 10 random circuits of its size and roles: 12 teacher passes; strict "

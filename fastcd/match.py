@@ -215,8 +215,10 @@ def head_activations(model: nn.Module, batch: EncodedBatch, heads: list[Head], r
     return torch.cat(outs, dim=1)
 
 
-def cka_scores(inp: MatchInputs, *, impl: str | None = None) -> tuple[np.ndarray, list, list[Head]]:
-    """``[n_teacher_circuit_heads, n_student_heads]`` CKA, each row at its teacher head's position role."""
+def cka_scores(inp: MatchInputs, *, impl: str | None = None, shapes: dict | None = None
+               ) -> tuple[np.ndarray, list, list[Head]]:
+    """``[n_teacher_circuit_heads, n_student_heads]`` CKA, each row at its teacher head's position role.
+    ``shapes`` (a dict) gets ``m`` (activation rows per head) and the teacher's and student's ``d_head``."""
     t_heads = _circuit_heads(inp.circuit)
     s_all = get_adapter(inp.student).spec.all_heads()
     out = np.zeros((len(t_heads), len(s_all)))
@@ -225,7 +227,44 @@ def cka_scores(inp: MatchInputs, *, impl: str | None = None) -> tuple[np.ndarray
         xt = head_activations(inp.teacher, inp.teacher_clean, [t_heads[i][0] for i in rows], role)  # unique per role
         xs = head_activations(inp.student, inp.student_clean, s_all, role)
         out[rows] = cka_matrix(xt.numpy(), xs.numpy(), impl=impl)
+        if shapes is not None:
+            shapes.update(m=min(shapes.get("m", xt.shape[1]), xt.shape[1]), d_teacher=xt.shape[2],
+                          d_student=xs.shape[2])
     return out, t_heads, s_all
+
+
+def cka_null(m: int, d_a: int, d_b: int, draws: int = 32, seed: int = 0) -> tuple[float, float]:
+    """Mean and 95th percentile of the biased linear CKA of two independent isotropic Gaussian activation matrices
+    ``[m, d_a]`` and ``[m, d_b]``: what two unrelated heads score by chance at this m (real unrelated heads, whose
+    effective rank is lower, usually score less)."""
+    from fastcd.cka import cka_matrix_torch
+
+    g = torch.Generator().manual_seed(seed)
+    v = torch.tensor([float(cka_matrix_torch(torch.randn(1, m, d_a, generator=g, dtype=torch.float64),
+                                             torch.randn(1, m, d_b, generator=g, dtype=torch.float64))[0, 0])
+                      for _ in range(draws)])
+    return float(v.mean()), float(v.quantile(0.95))
+
+
+def noise_floor(pairs: list, cka: np.ndarray, shapes: dict) -> dict:
+    """The matching's noise floor: the Gaussian null at its m and d_head, how many pairs score at or below its
+    95th percentile, and each teacher unit's median CKA over all student heads (what a typical head scores).
+    Warns when any pair is within the null's reach."""
+    import warnings
+
+    m, dt, ds = shapes["m"], shapes["d_teacher"], shapes["d_student"]
+    mean, p95 = cka_null(m, dt, ds)
+    low = [p for p in pairs if p.scores["cka"] <= p95]
+    floor = {"m": m, "null_mean": mean, "null_p95": p95, "pairs_within_null": len(low),
+             "median_over_student_heads": float(np.median(cka))}
+    if low:
+        d = max(dt, ds)
+        warnings.warn(f"CKA matching: {len(low)} of {len(pairs)} pairs score at or below {p95:.2f}, what two "
+                      f"independent random heads reach at m={m} activation rows (d_head {dt}/{ds}; biased linear CKA, "
+                      f"null mean {mean:.2f}; a typical student head scores {floor['median_over_student_heads']:.2f} "
+                      f"here): they are not distinguishable from chance. Use more prompts (m >= {4 * d} puts the null "
+                      "near 0.2)", stacklevel=3)
+    return floor
 
 
 def _assign(cost: np.ndarray) -> list[tuple[int, int]]:
@@ -237,13 +276,15 @@ def _assign(cost: np.ndarray) -> list[tuple[int, int]]:
 
 def match_cka(inp: MatchInputs, *, impl: str | None = None) -> Matching:
     """One-to-one assignment maximising total CKA between teacher circuit heads and student heads."""
-    cka, t_heads, s_all = cka_scores(inp, impl=impl)
+    shapes: dict = {}
+    cka, t_heads, s_all = cka_scores(inp, impl=impl, shapes=shapes)
     if len(t_heads) > len(s_all):
         raise UsageError(f"the circuit has {len(t_heads)} heads but the student only {len(s_all)}: "
                          "one-to-one assignment is impossible")
     pairs = [Pair(t_heads[i][0], s_all[j], t_heads[i][1], t_heads[i][2], {"cka": float(cka[i, j])})
              for i, j in _assign(1.0 - cka)]
-    return Matching(pairs, "cka", {"mean_cka": float(np.mean([p.scores["cka"] for p in pairs]))})
+    return Matching(pairs, "cka", {"mean_cka": float(np.mean([p.scores["cka"] for p in pairs])),
+                                   "noise_floor": noise_floor(pairs, cka, shapes)})
 
 
 def match_combined(inp: MatchInputs, *, weight: float = 0.5, impl: str | None = None,

@@ -260,3 +260,21 @@ def test_cli_takes_a_task_of_your_own_by_import_path(tmp_path, monkeypatch, caps
     assert len(Matching.load(tmp_path / "m.json")) == len(c)
     assert main(["discover", "--model", model, "--task", "my_pets:Nope", "--out", str(tmp_path / "x.json")]) == 2
     assert "cannot import 'Nope' from 'my_pets'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["distill", "discover", "match", "experiment", "demo", "pretrain"])
+def test_help_states_each_default_once_and_what_a_no_flag_turns_off(command, capsys):
+    import re
+
+    from fastcd.cli import main
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = capsys.readouterr().out
+    blocks = re.split(r"\n  (?=-)", text.split("options:", 1)[1])
+    assert len(blocks) > 3
+    for b in blocks:
+        flat = " ".join(b.split())
+        assert flat.lower().count("default:") <= 1, flat
+        if flat.startswith(("--no_", "--no-")):
+            assert "turn off:" in flat, flat

@@ -285,3 +285,30 @@ def test_role_wise_ablation_matching_recovers_the_identity_at_each_role(tok):
     fwd = match_ablation(inp, metric="prob", student_position="roles", scores=sc)  # k: units per role
     assert sorted(p.position for p in fwd.pairs) == ["box_label", "box_label", "last", "last"]
     assert all(p.student in {h for h, r in units if r == p.position} for p in fwd.pairs)  # candidates at its role
+
+
+def test_cka_matching_states_its_noise_floor_and_warns_within_it(tok):
+    """At m = 4 prompts and d_head 8, two unrelated random heads already score about 8/12 with the biased CKA: the
+    matching of two unrelated models warns, and its meta carries the Gaussian null and the count within it; the
+    identity matching (CKA 1) is far above it and does not warn."""
+    import warnings
+
+    from fastcd.match import cka_null
+
+    teacher, student = make_tiny("llama", vocab_size=len(tok), seed=1), make_tiny("llama", vocab_size=len(tok), seed=2)
+    with pytest.warns(UserWarning, match=r"pairs score at or below .* at m=4 activation rows \(d_head 8/8"):
+        m = match(_inputs(tok, teacher, student, n=4), "cka")
+    nf = m.meta["noise_floor"]
+    assert nf["m"] == 4 and nf["null_mean"] == pytest.approx(cka_null(4, 8, 8)[0])
+    assert 0.5 < nf["null_mean"] < 0.85  # about d / (m + d) = 0.67
+    assert nf["pairs_within_null"] == sum(p.scores["cka"] <= nf["null_p95"] for p in m.pairs) >= 1
+    from fastcd.card import model_card
+    from fastcd.config import DistillConfig
+    from fastcd.pipeline import DistillResult
+
+    card = model_card(DistillResult(student, m, None, {}), DistillConfig())  # the saved student's card says so
+    assert f"Caveat: {nf['pairs_within_null']} of 3 pairs score at or below" in card
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        same = match(_inputs(tok, teacher, teacher, n=64), "cka")
+    assert same.meta["noise_floor"]["pairs_within_null"] == 0 and same.meta["noise_floor"]["null_mean"] < 0.2
