@@ -215,11 +215,19 @@ def _run_distill(argv) -> int:
     if a.build_teacher_cache:
         if a.teacher is None or matching is None:
             raise UsageError("--build-teacher-cache needs --teacher and --matching")
-        teacher = load_model(a.teacher, dtype=cfg.teacher_dtype, what="--teacher")
-        enc = task.encode(task.generate(cfg.n_train, seed=cfg.seed, split="train"), t_tok)
-        cache = build_teacher_cache(teacher, enc, matching, a.build_teacher_cache,
-                                    logits=cfg.effective_kd_weight > 0, progress=cfg.progress, tokenizer=t_tok)
-        print(f"wrote teacher cache {cache}")
+        import torch.distributed as tdist
+
+        ranks = tdist.is_available() and tdist.is_initialized()
+        if not ranks or tdist.get_rank() == 0:  # one writer; under torchrun the other ranks wait for it
+            teacher = load_model(a.teacher, dtype=cfg.teacher_dtype, device=cfg.device, what="--teacher")
+            enc = task.encode(task.generate(cfg.n_train, seed=cfg.seed, split="train"), t_tok)
+            cache = build_teacher_cache(teacher, enc, matching, a.build_teacher_cache,
+                                        logits=cfg.effective_kd_weight > 0, progress=cfg.progress, tokenizer=t_tok)
+            del teacher
+            print(f"wrote teacher cache {cache}")
+        if ranks:
+            tdist.barrier()
+            cache = a.build_teacher_cache
     teacher = None if cache else a.teacher
     if teacher is None and cache is None:
         raise UsageError("give --teacher, --teacher-cache or --build-teacher-cache")

@@ -45,3 +45,41 @@ def test_ddp_two_processes_match_one(tmp_path, method, micro):
 
     init = make_tiny("llama", vocab_size=len(build_word_tokenizer()), seed=2).state_dict()
     assert any(not torch.equal(init[k], a[k]) for k in a)  # the runs did train
+
+
+def test_torchrun_builds_the_teacher_cache_once_and_matches_one_process(tmp_path):
+    """`fastcd distill --build-teacher-cache` under torchrun: rank 0 writes the cache (one writer, no clash on its
+    temporary path), the other rank waits, both train from it; the student equals one process's."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import make_tiny
+
+    from fastcd.artifacts import Matching, Pair
+    from fastcd.models import Head
+    from fastcd.tokenizer import build_word_tokenizer
+
+    tok = build_word_tokenizer()
+    make_tiny("llama", n_layers=3, vocab_size=len(tok)).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    Matching([Pair(Head(2, 1), Head(1, 0), "last", "g", {})], "given").save(tmp_path / "m.json")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    common = ["distill", "--teacher", str(tmp_path / "model"), "--student", str(tmp_path / "model"), "--task",
+              "entity-tracking", "--n-boxes", "3", "--matching", str(tmp_path / "m.json"), "--steps", "3",
+              "--batch-size", "8", "--n-train", "16", "--n-eval", "8", "--lr", "1e-2", "--no-progress"]
+    one = subprocess.run([sys.executable, "-m", "fastcd", *common, "--out", str(tmp_path / "one"),
+                          "--build-teacher-cache", str(tmp_path / "c1")], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    torchrun = shutil.which("torchrun")
+    cmd = ([torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]) + [
+        "--nproc_per_node=2", "--nnodes=1", "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m",
+        "fastcd", *common, "--out", str(tmp_path / "two"), "--build-teacher-cache", str(tmp_path / "c2")]
+    two = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("wrote teacher cache") == 1
+    assert sorted(os.listdir(tmp_path / "c2")) == sorted(os.listdir(tmp_path / "c1"))
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "one" / "student" / "model.safetensors")
+    b = load_file(tmp_path / "two" / "student" / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=2e-6, rtol=1e-5)
