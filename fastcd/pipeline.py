@@ -3,12 +3,10 @@ with resume that cannot mix runs, saving (``save_pretrained``) and a model card 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import random
 import sys
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -25,6 +23,17 @@ from fastcd.loading import check_model_path, load_model, load_tokenizer, spec_of
 from fastcd.match import MatchInputs, match, match_random
 from fastcd.metrics import accuracy_per_example, circuit_correct, faithfulness_record
 from fastcd.models import get_adapter
+from fastcd.resume import (
+    EARLY,
+    announce_resume,
+    cfg_key,
+    check_checkpoint,
+    data_identity,
+    fingerprint,
+    read_checkpoint,
+    save_checkpoint,
+    sha,
+)
 from fastcd.tasks.base import adapt_task
 from fastcd.tasks.protocol import check_task
 from fastcd.teacher_cache import TeacherCache, check_cache_vocabulary
@@ -139,6 +148,17 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
         check_cache_vocabulary(teacher_cache, s_tok)
     if circuit is not None and teacher is not None:
         circuit.check_model(spec_of(teacher), "teacher")
+    # the data the run uses (one fixed test set for every method and seed, so that runs compare paired)
+    train_ex = task.generate(cfg.n_train, seed=cfg.seed, split="train")
+    test_pairs = task.pairs(cfg.n_eval, seed=TEST_SEED, split="test")
+    val_ex = task.generate(cfg.n_val, seed=cfg.seed, split="val") if cfg.eval_every else []
+    # what a checkpoint must agree on to be resumed; what needs no weights is checked before any model loads
+    identity = {"config": cfg_key(cfg), "task": f"{type(task).__name__}:{sha(vars(task))}",
+                "data": data_identity({"train": train_ex, "val": val_ex, "test": test_pairs}),
+                "teacher_cache": fingerprint(teacher_cache), "matching": None}
+    state = read_checkpoint(ckpt_path) if ckpt_path and os.path.isfile(ckpt_path) else None
+    if state is not None:
+        check_checkpoint(state, ckpt_path, identity, cfg, EARLY)
     if cfg.mixed_precision == "auto":  # bf16 on the CPU for real LMs (config only: no weights read yet)
         dev_type = torch.device(cfg.device).type if cfg.device else "cpu"
         cfg = replace(cfg, mixed_precision=resolve_mixed_precision(
@@ -166,19 +186,12 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
     if top >= s_vocab:
         raise UsageError(f"student_tokenizer has token ids up to {top}, the student's embedding has "
                          f"{s_vocab} rows: they do not belong together")
-    # what a checkpoint must agree on to be resumed (the matching is added once it is known)
-    identity = {"config": _cfg_key(cfg), "teacher": _fingerprint(teacher), "student": _fingerprint(student),
-                "task": f"{type(task).__name__}:{_sha(vars(task))}",
-                "teacher_cache": _fingerprint(teacher_cache), "matching": None}
-    # a checkpoint of another run fails here, before discovery, matching or any training work (the random control
-    # re-draws its student heads later, so its matching identity is known only then)
-    if ckpt_path and os.path.isfile(ckpt_path) and matching is not None and not cfg.spec.random_students:
-        early_state = _load_checkpoint(ckpt_path, {**identity, "matching": _sha(matching.to_json())}, cfg)
-    else:
-        early_state = None
-    train_ex = task.generate(cfg.n_train, seed=cfg.seed, split="train")
-    # one fixed test set for every method and seed, so that runs compare paired on the same prompts
-    test_pairs = task.pairs(cfg.n_eval, seed=TEST_SEED, split="test")
+    identity.update(teacher=fingerprint(teacher), student=fingerprint(student))
+    # the models (and a given matching: the random control re-draws its student heads later) before any work
+    if state is not None:
+        known = matching is not None and not cfg.spec.random_students
+        check_checkpoint(state, ckpt_path, {**identity, "matching": sha(matching.to_json()) if known else None}, cfg,
+                         ("teacher", "student", "matching"))
     s_train = task.encode(train_ex, s_tok)
     t_train = task.encode(train_ex, t_tok) if teacher is not None else None
     s_test = task.encode([p.clean for p in test_pairs], s_tok)
@@ -227,10 +240,10 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
     step, log, loop_state = 0, [], {}
     ckpt = os.path.join(cfg.out, "ckpt.pt") if cfg.out else None
     base_accuracy = None
-    if ckpt and os.path.isfile(ckpt):
-        identity["matching"] = _sha(matching.to_json()) if matching is not None else None
-        # read once: a checkpoint already checked before the models loaded is not read again
-        state = early_state if early_state is not None else _load_checkpoint(ckpt, identity, cfg)
+    if state is not None:
+        identity["matching"] = sha(matching.to_json()) if matching is not None else None
+        check_checkpoint(state, ckpt, identity, cfg, ("matching",))
+        announce_resume(ckpt, state["step"], cfg.steps)
         with torch.no_grad():
             for p, v in zip(cd.trainable_parameters(), state["params"]):
                 p.copy_(v)
@@ -247,7 +260,7 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
         if state.get("n_eval") == cfg.n_eval:
             base_accuracy = state.get("base_accuracy")
         cd._lam = state.get("lam")
-    identity["matching"] = _sha(matching.to_json()) if matching is not None else None
+    identity["matching"] = sha(matching.to_json()) if matching is not None else None
     if base_accuracy is None:  # the untrained student, reported beside the trained one
         was = student.training
         student.eval()
@@ -258,19 +271,17 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
     def save(step_, log_):
         if ckpt and rank == 0 and cfg.save_every and (step_ % cfg.save_every == 0 or step_ == cfg.steps):
             os.makedirs(cfg.out, exist_ok=True)
-            write_json_atomic({"identity": identity, "step": step_}, os.path.join(cfg.out, "manifest.json"))
-            _atomic_save({"params": [p.detach().clone() for p in cd.trainable_parameters()],
+            save_checkpoint({"params": [p.detach().clone() for p in cd.trainable_parameters()],
                           "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                           "loop_state": dict(loop_state), "batch_order": BATCH_ORDER,
                           "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
                           "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                           "step": step_, "log": log_,
                           "identity": identity, "base_accuracy": base_accuracy, "n_eval": cfg.n_eval,
-                          "lam": cd._lam}, ckpt)
+                          "lam": cd._lam}, cfg.out, identity, step_)
 
-    s_val = None
-    if cfg.eval_every:  # accuracy during training is measured on validation prompts, never on the test set
-        s_val = task.encode(task.generate(cfg.n_val, seed=cfg.seed, split="val"), s_tok)
+    # accuracy during training is measured on validation prompts, never on the test set
+    s_val = task.encode(val_ex, s_tok) if cfg.eval_every else None
     try:
         log = train_loop(cd, opt, cfg.seed, cfg, s_train, t_train, cache, step=step, log=log, world=world, rank=rank,
                          eval_batch=s_val, on_step=save, scheduler=sched, state=loop_state)
@@ -323,75 +334,6 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
     return result
 
 
-def _atomic_save(state: dict, path: str) -> None:
-    with atomic_target(path) as tmp:
-        torch.save(state, tmp)
-
-
-def _cfg_key(cfg: DistillConfig) -> dict:
-    """The config fields a checkpoint depends on: not where it is written, how often it logs, evaluates or saves,
-    nor ``steps`` (a run may be extended)."""
-    d = asdict(cfg)
-    for k in ("progress", "out", "overwrite", "resume", "steps", "log_every", "eval_every", "save_every", "n_eval",
-              "n_val", "device", "impl", "report_to", "early_stopping_patience", "circuit_eval"):
-        d.pop(k, None)
-    d["path_k"] = list(d["path_k"])
-    return d
-
-
-def _sha(obj) -> str:
-    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _fingerprint(x) -> str | None:
-    """A model or cache path (resolved), or for a module: its class, config and first parameter values."""
-    if x is None:
-        return None
-    if isinstance(x, (str, os.PathLike)):
-        p = os.fspath(x)
-        return os.path.realpath(p) if os.path.exists(p) else p
-    h = hashlib.sha1(type(x).__name__.encode())
-    conf = getattr(x, "config", None)
-    if conf is not None and hasattr(conf, "to_dict"):
-        h.update(json.dumps(conf.to_dict(), sort_keys=True, default=str).encode())
-    for p in list(x.parameters())[:4]:
-        h.update(p.detach().float().flatten()[:4096].cpu().numpy().tobytes())
-    return "module:" + h.hexdigest()[:16]
-
-
-def _load_checkpoint(path: str, identity: dict, cfg: DistillConfig) -> dict:
-    """Read ``ckpt.pt`` and check that it belongs to this run: one line naming every differing field."""
-    try:
-        state = torch.load(path, weights_only=False)
-    except Exception as e:  # noqa: BLE001 - truncated zip, pickle garbage, ...: one line
-        raise UsageError(f"out: {path} is not a readable checkpoint ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:120]}); delete it, or pass overwrite=True (--overwrite) to "
-                         "start over") from None
-    old = state.get("identity")
-    if not isinstance(old, dict):
-        raise UsageError(f"out: {path} was written by an older fastcd without a run identity; use another out or "
-                         "overwrite=True (--overwrite)")
-    diffs = []
-    for k in identity:
-        if k == "config":
-            for f in sorted(set(old["config"]) | set(identity["config"])):
-                if old["config"].get(f) != identity["config"].get(f):
-                    diffs.append((f, old["config"].get(f), identity["config"].get(f)))
-        elif old.get(k) != identity[k] and not (k == "matching" and identity[k] is None):
-            diffs.append((k, old.get(k), identity[k]))
-    if diffs:
-        detail = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, a, b in diffs[:4])
-        raise UsageError(f"out: {path} belongs to a run that differs in {[d[0] for d in diffs]} ({detail}); use "
-                         "another out, or overwrite=True (--overwrite) to start over")
-    if state.get("batch_order") != BATCH_ORDER:
-        raise UsageError(f"out: {path} was written by a fastcd that drew batches with replacement; its run cannot "
-                         "go on with the same batches: use another out, or overwrite=True (--overwrite) to start over")
-    if state["step"] > cfg.steps:
-        raise UsageError(f"out: {path} is at step {state['step']}, past steps={cfg.steps}; raise steps to extend "
-                         "the run, or overwrite=True (--overwrite) to start over")
-    return state
-
-
 def save_result(result: DistillResult, cfg: DistillConfig, tokenizer=None, *, task=None, teacher: str | None = None,
                 student: str | None = None, command: str | None = None) -> str:
     """``OUT/student`` (save_pretrained, with a model card ``README.md``), ``OUT/adapter``, ``OUT/matching.json``,
@@ -412,7 +354,7 @@ def save_result(result: DistillResult, cfg: DistillConfig, tokenizer=None, *, ta
             save_adapter(result, os.path.join(out, "adapter"), kv=cfg.kv, base=student)
     if result.circuit is not None and result.circuit.heads:
         result.circuit.save(os.path.join(out, "circuit.json"))
-    write_json_atomic({"config": _cfg_key(cfg), "metrics": result.metrics, "log": result.log},
+    write_json_atomic({"config": cfg_key(cfg), "metrics": result.metrics, "log": result.log},
                       os.path.join(out, "log.json"))
     return out
 

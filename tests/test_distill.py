@@ -219,21 +219,21 @@ def test_resume_reaches_the_same_weights(tmp_path, tok, monkeypatch, sched):
     teacher = make_tiny("llama", vocab_size=len(tok), seed=1)
     straight = distill(teacher, make_tiny("llama", vocab_size=len(tok), seed=2), TASK, matching=m,
                        config=_cfg(steps=6, **sched), student_tokenizer=tok, teacher_tokenizer=tok)
-    real = D._atomic_save
+    real = D.save_checkpoint
     calls = {"n": 0}
 
-    def crash(state, path):
-        real(state, path)
+    def crash(*args):
+        real(*args)
         calls["n"] += 1
         if calls["n"] == 1:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(D, "_atomic_save", crash)
+    monkeypatch.setattr(D, "save_checkpoint", crash)
     cfg = _cfg(steps=6, save_every=3, out=str(tmp_path / "r"), **sched)
     with pytest.raises(KeyboardInterrupt):
         distill(teacher, make_tiny("llama", vocab_size=len(tok), seed=2), TASK, matching=m, config=cfg,
                 student_tokenizer=tok, teacher_tokenizer=tok)
-    monkeypatch.setattr(D, "_atomic_save", real)
+    monkeypatch.setattr(D, "save_checkpoint", real)
     resumed = distill(teacher, make_tiny("llama", vocab_size=len(tok), seed=2), TASK, matching=m, config=cfg,
                       student_tokenizer=tok, teacher_tokenizer=tok)
     a, b = straight.student.state_dict(), resumed.student.state_dict()
@@ -520,14 +520,14 @@ def test_auto_lambda_is_recorded_by_distill(tok):
 def _crash_after_first_save(monkeypatch):
     import fastcd.pipeline as D
 
-    real = D._atomic_save
+    real = D.save_checkpoint
 
-    def crash(state, path):
-        real(state, path)
-        monkeypatch.setattr(D, "_atomic_save", real)
+    def crash(*args):
+        real(*args)
+        monkeypatch.setattr(D, "save_checkpoint", real)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(D, "_atomic_save", crash)
+    monkeypatch.setattr(D, "save_checkpoint", crash)
 
 
 def test_resume_refuses_another_run_by_name(tmp_path, tok, monkeypatch):
@@ -543,7 +543,7 @@ def test_resume_refuses_another_run_by_name(tmp_path, tok, monkeypatch):
     with pytest.raises(ValueError, match=r"differs in \['student'\]"):
         distill(teacher, other_student, TASK, matching=_matching(), config=cfg, student_tokenizer=tok,
                 teacher_tokenizer=tok)
-    with pytest.raises(ValueError, match=r"differs in \['task'\]"):
+    with pytest.raises(ValueError, match=r"differs in \['data', 'task'\] \(training prompts differ: 64 of 64 changed"):
         distill(teacher, make_tiny("llama", vocab_size=len(tok), seed=2), EntityTracking(n_boxes=4),
                 matching=_matching(), config=cfg, student_tokenizer=tok, teacher_tokenizer=tok)
     with pytest.raises(ValueError, match=r"differs in \['matching'\]"):

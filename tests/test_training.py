@@ -192,13 +192,13 @@ def test_batch_size_above_n_train_is_refused_before_any_work():
 
 def test_a_checkpoint_from_the_with_replacement_sampler_is_refused(tmp_path):
     from fastcd.config import DistillConfig
-    from fastcd.pipeline import _load_checkpoint
+    from fastcd.resume import check_checkpoint, read_checkpoint
 
     identity = {"config": {"seed": 0}}
     path = str(tmp_path / "ckpt.pt")
     torch.save({"identity": identity, "step": 1, "generator": torch.Generator().get_state()}, path)
     with pytest.raises(ValueError, match="drew batches with replacement"):
-        _load_checkpoint(path, identity, DistillConfig(steps=2))
+        check_checkpoint(read_checkpoint(path), path, identity, DistillConfig(steps=2))
 
 
 @pytest.mark.parametrize("estimator", ["biased", "unbiased"])
