@@ -71,6 +71,10 @@ class Circuit:
             raise UsageError(f"circuit is for a model of {self.n_layers} layers x {self.n_heads} heads{found}; {what} "
                              f"has {spec.n_layers} x {spec.n_heads}: pass the circuit found in this model")
 
+    def check_task(self, task_name: str, allow: bool = False) -> None:
+        """One-line error when this circuit was found on another task (``allow``: deliberate cross-task use)."""
+        _check_task("circuit", self.task, self.meta.get("model"), task_name, allow)
+
     def to_json(self) -> dict:
         return {"task": self.task, "n_layers": self.n_layers, "n_heads": self.n_heads,
                 "heads": [c.to_json() for c in self.heads], "meta": self.meta}
@@ -154,6 +158,10 @@ class Matching:
     def load(cls, path) -> Matching:
         return cls.from_json(read_json(path, "matching"))
 
+    def check_task(self, task_name: str, allow: bool = False) -> None:
+        """One-line error when this matching was made for another task (recorded in ``meta["task"]``)."""
+        _check_task("matching", self.meta.get("task"), None, task_name, allow)
+
     def check_models(self, teacher, student) -> None:
         """A clear error when a pair names a head that the models lack. Models or paths (checked from their
         config, before any weight loads); None skips that side."""
@@ -168,6 +176,14 @@ class Matching:
                 ss.check_head(p.student, "matching student head")
 
 
+
+
+def _check_task(what: str, made_for: str | None, model: str | None, task_name: str, allow: bool) -> None:
+    if made_for and made_for != task_name and not allow:
+        on = f" on {model!r}" if model else ""
+        raise UsageError(f"{what}: made for task {made_for!r}{on}, this run's task is {task_name!r}; use the {what} "
+                         f"of this task, or allow_foreign_artifacts=True (--allow-foreign-artifacts) to use it "
+                         "deliberately (recorded in the run's manifest)")
 
 
 __all__ = ["Circuit", "CircuitHead", "Matching", "Pair"]

@@ -155,6 +155,8 @@ class DistillConfig:
                                 "the circuit, 10 random circuits of its size and roles: 12 teacher passes; strict "
                                 "protocol) into metrics['teacher_circuit'] and OUT/circuit.json")
     teacher_dtype: str | None = option(None, "teacher dtype (float32, bf16, fp16); default: as stored")
+    allow_foreign_artifacts: bool = option(False, "use a circuit or matching made for another task (deliberate "
+                                           "cross-task use; recorded in the run's manifest)")
     device: str | None = option(None, "where teacher and student run (cuda, cpu); default: where they load")
     impl: str | None = option(None, "alignment-loss implementation: auto, torch, triton (see python -m fastcd.info)")
     on_nonfinite: str = option("stop", "a NaN/inf loss part or gradient: stop (one-line error, nothing saved) or skip",

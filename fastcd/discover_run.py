@@ -15,7 +15,7 @@ def run_discover(a) -> int:
     import torch
 
     from fastcd.config import TEST_SEED
-    from fastcd.loading import load_model, load_tokenizer, spec_of
+    from fastcd.loading import check_model_path, load_model, load_tokenizer, spec_of
     from fastcd.tasks import adapt_task, get_task
 
     if a.n_examples < 2:
@@ -33,6 +33,7 @@ def run_discover(a) -> int:
 
         check_search_args(target=a.target, roles=roles, task_roles=("last", *task.roles), n_heldout=a.n_heldout,
                           n_random=a.n_random)
+    check_model_path(a.model, "--model")  # config, architecture and weights before the tokenizer loads
     tok = load_tokenizer(a.model, "--model")
     task = adapt_task(task, [tok])
     model = load_model(a.model, dtype=a.dtype, device=a.device, what="--model")

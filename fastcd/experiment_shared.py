@@ -88,10 +88,14 @@ class SharedSetup:
         s_path = cfg.student if cfg.positive_control is None else cfg.teacher
         t_spec, s_spec = spec_of(t_path), spec_of(s_path)  # config only: a bad path fails here, in seconds
         if cfg.circuit:
-            for h in Circuit.load(cfg.circuit).unique_heads():
+            c = Circuit.load(cfg.circuit)
+            c.check_task(cfg.task)
+            for h in c.unique_heads():
                 t_spec.check_head(h, "circuit head")
         for path in cfg.matching_files.values():
-            Matching.load(path).check_models(t_path, s_path)
+            m = Matching.load(path)
+            m.check_task(cfg.task)
+            m.check_models(t_path, s_path)
         self.t_spec, self.s_spec, self.t_path, self.s_path = t_spec, s_spec, t_path, s_path
         tok = load_tokenizer(s_path)
         t_tok = load_tokenizer(t_path) if t_path != s_path else tok

@@ -45,6 +45,7 @@ def parse_dtype(dtype) -> torch.dtype | None:
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "tokenizer_config.json")
 
 
 def check_model_path(path_or_name, what: str = "path", *, weights: bool = True) -> str:
@@ -207,4 +208,7 @@ def load_tokenizer(path: str | os.PathLike, what: str = "path"):
     gguf = find_gguf(path, what)
     if gguf is not None:
         return load_gguf_tokenizer(gguf)
+    if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        raise InputFileError(f"{what}: {path!r} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save the "
+                             "model's tokenizer there (tokenizer.save_pretrained) or pass one")
     return AutoTokenizer.from_pretrained(path, local_files_only=True)

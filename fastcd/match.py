@@ -324,10 +324,7 @@ def match(inp: MatchInputs, method: str = "ablation", **kwargs) -> Matching:
     """Dispatch to the matchers: ``ablation``, ``cka``, ``combined`` or ``random``."""
     if method not in METHODS:
         raise UsageError(f"method must be one of {METHODS}, got {method!r}")
-    if method == "ablation":
-        return match_ablation(inp, **kwargs)
-    if method == "cka":
-        return match_cka(inp, **kwargs)
-    if method == "combined":
-        return match_combined(inp, **kwargs)
-    return match_random(inp.circuit, inp.student, **kwargs)
+    fn = {"ablation": match_ablation, "cka": match_cka, "combined": match_combined}.get(method)
+    m = fn(inp, **kwargs) if fn is not None else match_random(inp.circuit, inp.student, **kwargs)
+    m.meta.setdefault("task", inp.circuit.task)  # what it was made for: a run of another task refuses it
+    return m

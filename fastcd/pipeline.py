@@ -146,6 +146,9 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
                                  f"{task.name} task has the roles {sorted(roles)}")
     if teacher_cache is not None and teacher is None:
         check_cache_vocabulary(teacher_cache, s_tok)
+    for art in (circuit, matching):  # made for this task (a ToM circuit in an entity-tracking run is refused)
+        if art is not None:
+            art.check_task(task.name, cfg.allow_foreign_artifacts)
     if circuit is not None and teacher is not None:
         circuit.check_model(spec_of(teacher), "teacher")
     # the data the run uses (one fixed test set for every method and seed, so that runs compare paired)

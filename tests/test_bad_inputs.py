@@ -34,6 +34,11 @@ def files(tmp_path):
     shutil.copytree(S, d["trunc"])
     w = d["trunc"] / "model.safetensors"
     w.write_bytes(w.read_bytes()[:1000])
+    d["notok"] = tmp_path / "notok"  # config and weights, no tokenizer
+    d["notok"].mkdir()
+    for f in os.listdir(S):
+        if not f.startswith(("tokenizer", "special_tokens", "vocab")):
+            shutil.copy(os.path.join(S, f), d["notok"])
     d["badrole"] = tmp_path / "badrole.json"
     d["badrole"].write_text(json.dumps({"method": "x", "pairs": [
         {"teacher": "L0H1", "student": "L0H1", "position": "nowhere"}]}))
@@ -42,6 +47,9 @@ def files(tmp_path):
     d["bigcircuit"] = tmp_path / "circuit.json"
     d["bigcircuit"].write_text(json.dumps({"task": "entity-tracking", "n_layers": 40, "n_heads": 40, "heads": [
         {"head": "L30H9", "group": "heads", "position": "last", "score": -1.0}], "meta": {}}))
+    d["tomcircuit"] = tmp_path / "tom_circuit.json"  # the toy teacher's shape, found on theory of mind
+    d["tomcircuit"].write_text(json.dumps({"task": "tom", "n_layers": 2, "n_heads": 4, "heads": [
+        {"head": "L1H2", "group": "heads", "position": "last", "score": -1.0}], "meta": {"model": "tom-teacher"}}))
     d["file"] = tmp_path / "a_file"
     d["file"].write_text("x")
     d["out"] = tmp_path / "out"
@@ -62,6 +70,12 @@ CLI_CASES = {
     "no-weights": (lambda f: ["distill", "--teacher", T, "--student", str(f["noweights"]), "--task",
                               "entity-tracking", "--out", str(f["out"])],
                    r"student: .* has a config.json but no weights"),
+    "discover-no-weights": (lambda f: ["discover", "--model", str(f["noweights"]), "--task", "entity-tracking",
+                                       "--out", str(f["out"])],
+                            r"--model: .* has a config.json but no weights"),
+    "no-tokenizer": (lambda f: ["distill", "--teacher", T, "--student", str(f["notok"]), "--task",
+                                "entity-tracking", "--out", str(f["out"])],
+                     r"--student: .* has no tokenizer \(none of tokenizer.json"),
     "not-a-model-dir": (lambda f: ["distill", "--teacher", T, "--student", str(f["empty"]), "--task",
                                    "entity-tracking", "--out", str(f["out"])],
                         r"--student: .* has no config.json and no .gguf file"),
@@ -75,6 +89,9 @@ CLI_CASES = {
                            r"matching: .*malformed.json' is not valid JSON"),
     "circuit-from-larger-model": (lambda f: _distill("--circuit", str(f["bigcircuit"]), "--out", str(f["out"])),
                                   r"circuit is for a model of 40 layers x 40 heads; teacher has 2 x 4"),
+    "circuit-of-another-task": (lambda f: _distill("--circuit", str(f["tomcircuit"]), "--out", str(f["out"])),
+                                r"circuit: made for task 'tom' on 'tom-teacher', this run's task is "
+                                r"'entity-tracking'; .*--allow-foreign-artifacts"),
     "out-is-a-file": (lambda f: _distill("--out", str(f["file"])), r"out: .* exists and is not a directory"),
     "seeds-not-integers": (lambda f: ["demo", "--seeds", "a,b", "--out", str(f["out"])],
                            r"argument --seeds: expected integers like 0,1,2 or 0 1 2, got 'a,b'"),

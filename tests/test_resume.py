@@ -117,3 +117,24 @@ def test_data_identity_describes_what_changed():
     assert describe_data_diff(old, new) == ["training prompts differ: 1 of 10 changed (first: prompt 6)",
                                             "test prompts differ: 10 there, 9 now"]
     assert describe_data_diff(old, old) == []
+
+
+def test_a_foreign_circuit_runs_only_when_allowed_and_the_manifest_says_so(tmp_path):
+    from fastcd.artifacts import Circuit, CircuitHead
+
+    tok = build_word_tokenizer()
+    teacher = make_tiny("llama", vocab_size=len(tok), seed=1)
+    circuit = Circuit([CircuitHead(Head(1, 2), "heads", "last", -1.0)], "tom", 2, 4, {"model": "tom-teacher"})
+    m = Matching([Pair(Head(1, 2), Head(1, 1), "last", "g", {})], "given", {"task": "tom"})
+    for art in ({"circuit": circuit}, {"matching": m}):
+        cfg = DistillConfig(steps=1, batch_size=8, n_train=8, n_eval=4, progress=False, method="ce+cka")
+        with pytest.raises(ValueError, match=r"made for task 'tom'.*this run's task is 'entity-tracking'"):
+            D.distill(teacher, make_tiny("llama", vocab_size=len(tok), seed=2), EntityTracking(n_boxes=3),
+                      **art, **({} if "matching" in art else {"matching": Matching(m.pairs, "given")}),
+                      config=cfg, student_tokenizer=tok, teacher_tokenizer=tok)
+    cfg = DistillConfig(steps=2, batch_size=8, n_train=8, n_eval=4, progress=False, save_every=1,
+                        allow_foreign_artifacts=True, out=str(tmp_path / "run"))
+    D.distill(teacher, make_tiny("llama", vocab_size=len(tok), seed=2), EntityTracking(n_boxes=3), circuit=circuit,
+              matching=m, config=cfg, student_tokenizer=tok, teacher_tokenizer=tok)
+    man = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert man["identity"]["config"]["allow_foreign_artifacts"] is True
