@@ -107,8 +107,10 @@ class ExperimentConfig:
         return list(v) if isinstance(v, (list, tuple)) else [v]
 
     def validate(self) -> ExperimentConfig:
-        if self.task not in ("entity-tracking", "tom"):
-            raise UsageError(f"task must be 'entity-tracking' or 'tom', got {self.task!r}")
+        from fastcd.tasks.dataset import is_dataset_path
+
+        if self.task not in ("entity-tracking", "tom") and not is_dataset_path(self.task):
+            raise UsageError(f"task must be 'entity-tracking', 'tom' or a JSONL file of examples, got {self.task!r}")
         known = ALL_METHODS
         bad = [m for m in self.methods if m not in known]
         if bad or not self.methods:
@@ -159,14 +161,18 @@ class ExperimentConfig:
             from fastcd.tasks.entity_tracking import ROLES as ET_ROLES
             from fastcd.tasks.tom import ROLES as TOM_ROLES
 
-            roles = ET_ROLES if self.task == "entity-tracking" else TOM_ROLES
+            roles = {"entity-tracking": ET_ROLES, "tom": TOM_ROLES}.get(self.task_name())
+            if roles is None:
+                from fastcd.tasks.dataset import DatasetTask
+
+                roles = DatasetTask(self.task).roles
             if not isinstance(self.positions, list) or not self.positions or any(r not in roles
                                                                                  for r in self.positions):
                 raise UsageError(f"positions must be a non-empty list of the task's roles {roles}, got "
                                  f"{self.positions!r}")
         if self.discovery not in ("attribution", "roles"):
             raise UsageError(f"discovery must be 'attribution' or 'roles', got {self.discovery!r}")
-        if self.discovery == "roles" and self.task != "entity-tracking":
+        if self.discovery == "roles" and self.task_name() != "entity-tracking":
             raise UsageError("discovery 'roles' is for entity tracking; use 'attribution' for tom")
         for name, lo in (("n_boxes", 2), ("n_test", 10), ("n_val", 0), ("eval_every", 0), ("log_every", 1),
                          ("n_discovery", 2), ("circuit_size", 1), ("diagnostics_m", 4)):
@@ -208,6 +214,12 @@ class ExperimentConfig:
             d["precision"] = resolve_precision("auto", spec_of(self.student if self.positive_control is None
                                                                 else self.teacher).d_model)
         return d
+
+    def task_name(self) -> str:
+        """The task's name: ``task`` itself, or the ``task`` field of a JSONL dataset's examples."""
+        from fastcd.tasks.dataset import DatasetTask, is_dataset_path
+
+        return DatasetTask(self.task).name if is_dataset_path(self.task) else self.task
 
     def all_seeds(self) -> list[int]:
         """Every seed that trains (tuning seeds too): each draws its own training prompts into the pool."""

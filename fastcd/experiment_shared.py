@@ -79,7 +79,7 @@ class SharedSetup:
         """Tokenisers, tasks and every prompt set (no model weights)."""
         from fastcd.artifacts import Circuit, Matching
         from fastcd.loading import load_tokenizer, spec_of
-        from fastcd.tasks import EntityTracking, TheoryOfMind, adapt_task
+        from fastcd.tasks import DatasetTask, EntityTracking, TheoryOfMind, adapt_task
 
         cfg = self.cfg
         if cfg.threads:
@@ -89,17 +89,23 @@ class SharedSetup:
         t_spec, s_spec = spec_of(t_path), spec_of(s_path)  # config only: a bad path fails here, in seconds
         if cfg.circuit:
             c = Circuit.load(cfg.circuit)
-            c.check_task(cfg.task)
+            c.check_task(cfg.task_name())
             for h in c.unique_heads():
                 t_spec.check_head(h, "circuit head")
         for path in cfg.matching_files.values():
             m = Matching.load(path)
-            m.check_task(cfg.task)
+            m.check_task(cfg.task_name())
             m.check_models(t_path, s_path)
         self.t_spec, self.s_spec, self.t_path, self.s_path = t_spec, s_spec, t_path, s_path
         tok = load_tokenizer(s_path)
         t_tok = load_tokenizer(t_path) if t_path != s_path else tok
-        mk = (lambda n: EntityTracking(n_boxes=n)) if cfg.task == "entity-tracking" else (lambda n: TheoryOfMind())
+        if cfg.task == "entity-tracking":
+            mk = lambda n: EntityTracking(n_boxes=n)  # noqa: E731
+        elif cfg.task == "tom":
+            mk = lambda n: TheoryOfMind()  # noqa: E731
+        else:  # your own prompts (a JSONL file): one task, whatever the box counts
+            data = DatasetTask(cfg.task)
+            mk = lambda n: data  # noqa: E731
         toks = [tok] if t_tok is tok else [tok, t_tok]
         self.task = adapt_task(mk(cfg.n_boxes), toks)
         self.test_task = self.task if (cfg.test_boxes or cfg.n_boxes) == cfg.n_boxes else adapt_task(

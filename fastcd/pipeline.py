@@ -60,11 +60,14 @@ class DistillResult:
 
 
 def resolve_task(task_or_dataset):
-    """A task name (``entity-tracking``, ``tom``) or any object that follows :class:`fastcd.tasks.Task`."""
-    from fastcd.tasks import get_task
+    """A task name (``entity-tracking``, ``tom``), a JSONL file or list of examples
+    (:class:`fastcd.tasks.DatasetTask`), or any object that follows :class:`fastcd.tasks.Task`."""
+    from fastcd.tasks import DatasetTask, get_task
 
-    if isinstance(task_or_dataset, str):
-        return get_task(task_or_dataset)
+    if isinstance(task_or_dataset, (list, tuple)):  # your own examples (or clean/corrupt pairs)
+        return DatasetTask(list(task_or_dataset))
+    if isinstance(task_or_dataset, (str, os.PathLike)):
+        return get_task(os.fspath(task_or_dataset))
     return check_task(task_or_dataset, "task_or_dataset")
 
 

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1] / "fastcd"
 STAGES = [
     {"errors", "io", "config", "cli_args"},
     {"_ext", "_C", "reference", "models", "tokenizer", "tasks", "tasks.base", "tasks.protocol", "tasks.entity_tracking",
-     "tasks.tom"},
+     "tasks.tom", "tasks.dataset"},
     {"loading", "convert", "zoo", "hooks", "trainable", "cka", "kernels", "kernels.cka", "info", "stats"},
     {"artifacts", "metrics", "adapters"},
     {"discover", "attribution", "path_patching", "circuit_search", "match", "pretrain"},

@@ -12,6 +12,7 @@ from fastcd.tasks.base import (
     split_of,
     word_token_id,
 )
+from fastcd.tasks.dataset import DatasetTask, is_dataset_path
 from fastcd.tasks.entity_tracking import EntityTracking
 from fastcd.tasks.protocol import Task, TaskBase, check_task
 from fastcd.tasks.tom import TheoryOfMind
@@ -23,6 +24,8 @@ def get_task(name: str, **kwargs):
     """``get_task("entity-tracking", n_boxes=7)``, ``get_task("tom")``, or a task of your own by import path:
     ``get_task("mypackage.tasks:Pets")`` (a class is instantiated with ``kwargs``; an object is used as it is);
     it must follow :class:`fastcd.tasks.Task`."""
+    if is_dataset_path(name):  # your own prompts, one JSON object per line
+        return DatasetTask(name)
     if ":" in name:
         import importlib
 
@@ -33,12 +36,14 @@ def get_task(name: str, **kwargs):
             raise UsageError(f"task {name!r}: cannot import {attr!r} from {mod!r} ({type(e).__name__}: {e})") from None
         return check_task(obj(**kwargs) if isinstance(obj, type) else obj, f"task {name!r}")
     if name not in TASKS:
-        raise UsageError(f"task must be one of {sorted(TASKS)} or an import path 'module:TaskClass', got {name!r}")
+        raise UsageError(f"task must be one of {sorted(TASKS)}, an import path 'module:TaskClass' or a JSONL file of "
+                         f"examples, got {name!r}")
     return TASKS[name](**kwargs)
 
 
 __all__ = [
-    "SPLITS", "TASKS", "ContrastPair", "EncodedBatch", "EntityTracking", "Example", "Task", "TaskBase", "TheoryOfMind",
+    "SPLITS", "TASKS", "ContrastPair", "DatasetTask", "EncodedBatch", "EntityTracking", "Example", "Task", "TaskBase",
+    "TheoryOfMind",
     "adapt_task", "check_task", "get_task",
     "load_jsonl", "save_jsonl", "split_of", "word_token_id",
 ]
