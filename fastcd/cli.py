@@ -157,6 +157,7 @@ def _run_match(argv) -> int:
     t_tok, s_tok = load_tokenizer(a.teacher, "--teacher"), load_tokenizer(a.student, "--student")
     name = a.task or circuit.task
     task = get_task(name, **({"n_boxes": a.n_boxes} if name == "entity-tracking" else {}))
+    circuit.check_task(task.name)  # a circuit found on another task pairs heads for the wrong mechanism
     task = adapt_task(task, [t_tok, s_tok])
     teacher = load_model(a.teacher, device=a.device, what="--teacher")
     student = load_model(a.student, device=a.device, what="--student")
