@@ -23,6 +23,7 @@ from fastcd.loading import check_model_path, load_model, load_tokenizer, spec_of
 from fastcd.match import MatchInputs, match, match_random
 from fastcd.metrics import accuracy_per_example, circuit_correct, faithfulness_record
 from fastcd.models import get_adapter
+from fastcd.ranks import broadcast_artifacts, check_ranks_agree, is_rank0
 from fastcd.resume import (
     EARLY,
     announce_resume,
@@ -206,7 +207,9 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
     # --- circuit and matching -------------------------------------------------------------------------
     spec = cfg.spec
     needs_matching = not spec.full_model
-    if needs_matching and matching is None:
+    if needs_matching and matching is None and not is_rank0():  # under torchrun: rank 0 discovers and matches
+        circuit, matching = broadcast_artifacts(None, None)
+    elif needs_matching and matching is None:
         if teacher is None:
             raise UsageError("matching must be given when training from a teacher cache")
         dpairs = task.pairs(cfg.n_discovery, seed=cfg.seed, split="val")
@@ -224,10 +227,12 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
             kw = {"progress": cfg.progress} if cfg.matching_method in ("ablation", "combined") else {}
             with amp():
                 matching = match(inp, cfg.matching_method, **kw)
+        circuit, matching = broadcast_artifacts(circuit, matching)
     elif spec.random_students and matching is not None and matching.method != "random":
         matching = match_random(matching, student, seed=cfg.seed)
     if matching is not None:
         matching.check_models(teacher, student)
+    check_ranks_agree(circuit=circuit, matching=matching)  # every rank trains the same heads
 
     cache = TeacherCache(teacher_cache, matching if spec.uses_cka else None) if teacher_cache else None
     if cache is not None and len(cache) != cfg.n_train:

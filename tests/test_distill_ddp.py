@@ -20,18 +20,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("method,micro", [("ce+cka", 0), ("cka", 0), ("full-ce", 0), ("ce+cka", 2)])
-def test_ddp_two_processes_match_one(tmp_path, method, micro):
-    """With ``micro`` > 0 the two ranks also split their 4 prompts into micro-batches of 2 (the CKA term exact over
+@pytest.mark.parametrize("method,micro,mode", [("ce+cka", 0, "given"), ("cka", 0, "given"), ("full-ce", 0, "given"),
+                                               ("ce+cka", 2, "given"), ("ce+cka", 0, "discover")])
+def test_ddp_two_processes_match_one(tmp_path, method, micro, mode):
+    """With ``mode="discover"`` no matching is given: rank 0 discovers and matches, the other rank receives them.
+    With ``micro`` > 0 the two ranks also split their 4 prompts into micro-batches of 2 (the CKA term exact over
     the global 8 by gradient caching), against one process that takes the 8 in one forward."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
-    single = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "one.pt"), method], env=env,
+    single = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "one.pt"), method, "0", mode], env=env,
                             capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr[-3000:]
     torchrun = shutil.which("torchrun")
     cmd = ([torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]) + [
         "--nproc_per_node=2", "--nnodes=1", "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(SCRIPT),
-        str(tmp_path / "two.pt"), method, str(micro)]
+        str(tmp_path / "two.pt"), method, str(micro), mode]
     double = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert double.returncode == 0, double.stderr[-3000:]
     a = torch.load(tmp_path / "one.pt")
@@ -83,3 +85,14 @@ def test_torchrun_builds_the_teacher_cache_once_and_matches_one_process(tmp_path
     b = load_file(tmp_path / "two" / "student" / "model.safetensors")
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=2e-6, rtol=1e-5)
+
+
+def test_ranks_holding_different_matchings_stop_with_one_line(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    torchrun = shutil.which("torchrun")
+    cmd = ([torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]) + [
+        "--nproc_per_node=2", "--nnodes=1", "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(SCRIPT),
+        str(tmp_path / "two.pt"), "ce+cka", "0", "disagree"]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0
+    assert "matching: rank 1 holds another matching than rank 0 (ranks [1] differ)" in p.stderr

@@ -14,7 +14,7 @@ STAGES = [
     {"loading", "convert", "zoo", "hooks", "trainable", "cka", "kernels", "kernels.cka", "info", "stats"},
     {"artifacts", "metrics", "adapters"},
     {"discover", "attribution", "path_patching", "circuit_search", "match", "pretrain"},
-    {"distillation", "teacher_cache", "training", "card", "resume", "pipeline"},
+    {"distillation", "teacher_cache", "training", "card", "resume", "ranks", "pipeline"},
     {"experiment_config", "plan", "report", "plots", "experiment_shared", "experiment", "demo", "discover_run"},
     {"cli", "__main__"},
 ]
