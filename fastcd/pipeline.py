@@ -3,6 +3,7 @@ with resume that cannot mix runs, saving (``save_pretrained``) and a model card 
 
 from __future__ import annotations
 
+import gc
 import os
 import random
 import sys
@@ -23,7 +24,7 @@ from fastcd.loading import check_model_path, load_model, load_tokenizer, spec_of
 from fastcd.match import MatchInputs, match, match_random
 from fastcd.metrics import accuracy_per_example, circuit_correct, faithfulness_record
 from fastcd.models import get_adapter
-from fastcd.ranks import broadcast_artifacts, check_ranks_agree, is_rank0
+from fastcd.ranks import broadcast_artifacts, check_ranks_agree, is_rank0, ranked
 from fastcd.resume import (
     EARLY,
     announce_resume,
@@ -37,7 +38,7 @@ from fastcd.resume import (
 )
 from fastcd.tasks.base import adapt_task
 from fastcd.tasks.protocol import check_task
-from fastcd.teacher_cache import TeacherCache, check_cache_vocabulary
+from fastcd.teacher_cache import MemoryCache, TeacherCache, check_cache_vocabulary, teacher_signals
 from fastcd.trainable import merge
 from fastcd.training import BATCH_ORDER, make_optimizer, train_loop
 
@@ -238,6 +239,24 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
     if cache is not None and len(cache) != cfg.n_train:
         raise UsageError(f"teacher_cache holds {len(cache)} examples, config.n_train is {cfg.n_train}")
 
+    teacher_metrics: dict = {}  # the frozen teacher on the test set (and its circuit's faithfulness), before training
+    if teacher is not None:
+        t_test = task.encode([p.clean for p in test_pairs], t_tok)
+        with amp():
+            teacher_metrics["teacher_accuracy"] = sum(accuracy_per_example(teacher, t_test)) / len(t_test)
+        if cfg.circuit_eval and circuit is not None:
+            t_ref = task.encode([p.corrupt for p in test_pairs], t_tok)
+            with amp(), torch.no_grad():
+                teacher_metrics["teacher_circuit"] = faithfulness_record(teacher, t_test, t_ref, circuit, split="test")
+            circuit.meta["evaluation"] = teacher_metrics["teacher_circuit"]
+    if cache is None and teacher is not None and cfg.effective_kd_weight == 0 and not ranked():
+        # the cheap path: the frozen teacher runs once over the training prompts (labels and the matched heads' z,
+        # in memory) instead of on every step, and is released before training
+        with amp(), torch.no_grad():
+            cache = MemoryCache(teacher_signals(teacher, t_train, matching if spec.uses_cka else None,
+                                                progress=cfg.progress))
+        teacher = None
+        gc.collect()
     cd = CircuitDistiller(student, None if spec.full_model else matching, teacher=teacher, config=cfg)
     world, rank = 1, 0
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -326,15 +345,7 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
         trained = s_spec.n_total_heads if spec.full_model else len(matching.student_heads())
         metrics["trained_heads"] = trained
         metrics["trained_heads_fraction"] = trained / s_spec.n_total_heads
-    if teacher is not None:
-        t_test = task.encode([p.clean for p in test_pairs], t_tok)
-        with amp():
-            metrics["teacher_accuracy"] = sum(accuracy_per_example(teacher, t_test)) / len(t_test)
-        if cfg.circuit_eval and circuit is not None:
-            t_ref = task.encode([p.corrupt for p in test_pairs], t_tok)
-            with amp(), torch.no_grad():
-                metrics["teacher_circuit"] = faithfulness_record(teacher, t_test, t_ref, circuit, split="test")
-            circuit.meta["evaluation"] = metrics["teacher_circuit"]
+    metrics.update(teacher_metrics)
     metrics["world_size"] = world
     result = DistillResult(student, matching, circuit, metrics, log, correct, circ_correct, s_tok)
     if cfg.out and rank == 0:

@@ -692,3 +692,23 @@ def test_a_bf16_student_trains_float32_master_slices(tok):
     d32, d16 = runs[torch.float32], runs[torch.bfloat16]
     assert 0.5 < float(d16.norm() / d32.norm()) < 2.0  # the bf16 student's slices moved as far
     assert float(torch.nn.functional.cosine_similarity(d16, d32, dim=0)) > 0.8
+
+
+def test_the_teacher_runs_once_over_the_training_prompts_not_on_every_step(tok):
+    """The cheap path: a frozen teacher's labels and matched z are computed once (in memory) and the teacher is
+    released before training, so its forwards do not grow with the steps (KD, which needs its logits, keeps it)."""
+    calls = {}
+    for steps in (2, 6):
+        teacher = make_tiny("llama", vocab_size=len(tok), seed=1)
+        n = {"forwards": 0}
+        teacher.register_forward_hook(lambda *a, n=n: n.__setitem__("forwards", n["forwards"] + 1))
+        distill(teacher, make_tiny("llama", vocab_size=len(tok), seed=2), TASK, matching=_matching(),
+                config=_cfg(steps=steps, circuit_eval=False), student_tokenizer=tok, teacher_tokenizer=tok)
+        calls[steps] = n["forwards"]
+    assert calls[2] == calls[6] <= 3  # test-set accuracy and one pass over the 64 training prompts
+    teacher = make_tiny("llama", vocab_size=len(tok), seed=1)
+    n = {"forwards": 0}
+    teacher.register_forward_hook(lambda *a: n.__setitem__("forwards", n["forwards"] + 1))
+    distill(teacher, make_tiny("llama", vocab_size=len(tok), seed=2), TASK, matching=_matching(),
+            config=_cfg(steps=6, method="kd", circuit_eval=False), student_tokenizer=tok, teacher_tokenizer=tok)
+    assert n["forwards"] >= 6  # KD reads the teacher's logits on every step
