@@ -137,6 +137,15 @@ CURVE_PARTS = (("ce", "CE"), ("cka_loss", "sum over pairs of (1 - CKA)"), ("mean
                ("val_accuracy", "validation accuracy"))
 
 
+def running_mean(ys: list, window: int) -> list:
+    """The mean of the last ``window`` values at each point (fewer at the start)."""
+    out, acc = [], 0.0
+    for i, y in enumerate(ys):
+        acc += y - (ys[i - window] if i >= window else 0.0)
+        out.append(acc / min(i + 1, window))
+    return out
+
+
 def curves_plot(logs: dict, path: str | os.PathLike | None = None, *, title: str = ""):
     """Training curves as small multiples: one panel per loss part (each its own scale) and one for validation
     accuracy, colour by method. ``logs = {method: log}`` or ``{method: [log, log, ...]}`` (several seeds); a key may
@@ -155,9 +164,13 @@ def curves_plot(logs: dict, path: str | os.PathLike | None = None, *, title: str
     for ax, (k, name) in zip(axes, present):
         for key, lg in runs:
             xs = [row["step"] for row in lg if k in row]
-            if xs:
-                ax.plot(xs, [row[k] for row in lg if k in row], color=colors.get(method(key), "C0"), alpha=0.7,
-                        lw=1, ls=style(key), marker="o" if len(xs) < 4 else None, ms=3)
+            ys = [row[k] for row in lg if k in row]
+            c = colors.get(method(key), "C0")
+            if xs and not k.startswith("val_") and len(xs) >= 8:  # one batch per point: faint, with its running mean
+                ax.plot(xs, ys, color=c, alpha=0.2, lw=0.8, ls=style(key))
+                ax.plot(xs, running_mean(ys, max(2, len(ys) // 10)), color=c, alpha=0.9, lw=1.3, ls=style(key))
+            elif xs:
+                ax.plot(xs, ys, color=c, alpha=0.8, lw=1, ls=style(key), marker="o" if len(xs) < 12 else None, ms=3)
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("step")
         if k in ("val_accuracy", "mean_cka"):
@@ -168,7 +181,8 @@ def curves_plot(logs: dict, path: str | os.PathLike | None = None, *, title: str
     if len(variants) > 1:
         handles += [Line2D([], [], color="black", ls=styles[v], label=str(v)) for v in variants]
     fig.legend(handles=handles, fontsize=7, loc="outside right center")
-    fig.suptitle(title or "training curves (colour = method; each panel its own scale)", fontsize=9)
+    fig.suptitle(title or "training curves (colour = method; each panel its own scale; per-batch values faint, their "
+                 "running mean solid)", fontsize=9)
     _save(fig, path)
     return fig
 

@@ -62,3 +62,16 @@ def test_curves_are_small_multiples_with_validation_accuracy(tmp_path):
 def test_no_panels_is_an_error(n):
     with pytest.raises(ValueError, match="at least one score matrix"):
         head_heatmaps({}, None)
+
+
+def test_per_batch_curves_are_faint_with_their_running_mean_and_validation_is_drawn_as_measured():
+    from fastcd.plots import running_mean
+
+    assert running_mean([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    log = [{"step": s, "ce": float(s % 3), **({"val_accuracy": s / 40} if s % 10 == 0 else {})} for s in range(1, 41)]
+    fig = curves_plot({"ce+cka": log}, None)
+    ce, val = fig.axes
+    raw, smooth = ce.get_lines()
+    assert raw.get_alpha() < smooth.get_alpha() and list(raw.get_ydata()) == [float(s % 3) for s in range(1, 41)]
+    assert list(smooth.get_ydata()) == running_mean([float(s % 3) for s in range(1, 41)], 4)
+    assert [ln.get_marker() for ln in val.get_lines()] == ["o"] and len(val.get_lines()[0].get_xdata()) == 4
