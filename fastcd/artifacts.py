@@ -178,6 +178,39 @@ class Matching:
 
 
 
+def prompts_sha(examples) -> str:
+    """A hash of the prompts and answers an artifact was made from (the order counts)."""
+    import hashlib
+    import json
+
+    body = json.dumps([[e.prompt, e.answer] for e in examples])
+    return hashlib.sha1(body.encode()).hexdigest()[:16]
+
+
+def provenance(task, models: dict, examples) -> dict:
+    """What a circuit, matching or teacher cache was made from: the task's name and settings, the models'
+    identities (:func:`fastcd.loading.model_identity`) and the prompts."""
+    import hashlib
+    import json
+
+    settings = hashlib.sha1(json.dumps(vars(task), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return {"task": task.name, "task_settings": settings, **models, "prompts": prompts_sha(examples),
+            "n_prompts": len(examples)}
+
+
+def check_provenance(what: str, prov: dict | None, models: dict, allow: bool = False) -> None:
+    """One line when ``prov`` (an artifact's provenance) names another model than ``models`` (role -> identity of
+    this run's model; None: not known, e.g. a module) for the same role."""
+    if not prov or allow:
+        return
+    for role, mine in models.items():
+        theirs = prov.get(role)
+        if theirs and mine and theirs != mine:
+            raise UsageError(f"{what}: made with another {role} ({theirs}) than this run's ({mine}): the heads it "
+                             f"names are another model's; use the {what} made for this {role}, or "
+                             "allow_foreign_artifacts=True (--allow-foreign-artifacts) to use it deliberately")
+
+
 def _check_task(what: str, made_for: str | None, model: str | None, task_name: str, allow: bool) -> None:
     if made_for and made_for != task_name and not allow:
         on = f" on {model!r}" if model else ""

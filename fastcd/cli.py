@@ -170,8 +170,13 @@ def _run_match(argv) -> int:
           "cka": {"impl": a.impl}, "combined": {"weight": a.weight, "impl": a.impl, "progress": True},
           "random": {"seed": a.seed}}[a.method]
     m = match(inp, a.method, **kw)
+    from fastcd.artifacts import provenance
+    from fastcd.loading import model_identity
+
     m.meta.update(teacher=os.path.basename(os.path.normpath(a.teacher)),
-                  student=os.path.basename(os.path.normpath(a.student)), n_examples=a.n_examples)
+                  student=os.path.basename(os.path.normpath(a.student)), n_examples=a.n_examples,
+                  provenance=provenance(task, {"teacher": model_identity(a.teacher),
+                                               "student": model_identity(a.student)}, clean))
     m.save(a.out)
     print(m)
     print(f"wrote {a.out}")
@@ -222,8 +227,13 @@ def _run_distill(argv) -> int:
         if not ranks or tdist.get_rank() == 0:  # one writer; under torchrun the other ranks wait for it
             teacher = load_model(a.teacher, dtype=cfg.teacher_dtype, device=cfg.device, what="--teacher")
             enc = task.encode(task.generate(cfg.n_train, seed=cfg.seed, split="train"), t_tok)
+            from fastcd.artifacts import provenance
+            from fastcd.loading import model_identity
+
+            ex = task.generate(cfg.n_train, seed=cfg.seed, split="train")
             cache = build_teacher_cache(teacher, enc, matching, a.build_teacher_cache,
-                                        logits=cfg.effective_kd_weight > 0, progress=cfg.progress, tokenizer=t_tok)
+                                        logits=cfg.effective_kd_weight > 0, progress=cfg.progress, tokenizer=t_tok,
+                                        provenance=provenance(task, {"teacher": model_identity(a.teacher)}, ex))
             del teacher
             print(f"wrote teacher cache {cache}")
         if ranks:

@@ -14,6 +14,7 @@ def run_discover(a) -> int:
     weights come first."""
     import torch
 
+    from fastcd.artifacts import provenance
     from fastcd.config import TEST_SEED
     from fastcd.loading import check_model_path, load_model, load_tokenizer, spec_of
     from fastcd.tasks import adapt_task, get_task
@@ -42,7 +43,10 @@ def run_discover(a) -> int:
     hp = task.pairs(a.n_heldout, seed=TEST_SEED, split="test") if search or a.evaluate else []
     held = [task.encode([getattr(p, k) for p in hp], tok) for k in ("clean", "corrupt")] if hp else None
     png, model_name = os.path.splitext(a.out)[0] + ".png", os.path.basename(os.path.normpath(a.model))
-    meta = dict(model=model_name, n_examples=a.n_examples, seed=a.seed, split=a.split, dtype=a.dtype)
+    from fastcd.loading import model_identity
+
+    meta = dict(model=model_name, n_examples=a.n_examples, seed=a.seed, split=a.split, dtype=a.dtype,
+                provenance=provenance(task, {"model": model_identity(a.model)}, [p.clean for p in pairs]))
     if search:
         from fastcd.circuit_search import search_circuit
         from fastcd.plots import faithfulness_curve_plot

@@ -99,13 +99,9 @@ class SharedSetup:
         self.t_spec, self.s_spec, self.t_path, self.s_path = t_spec, s_spec, t_path, s_path
         tok = load_tokenizer(s_path)
         t_tok = load_tokenizer(t_path) if t_path != s_path else tok
-        if cfg.task == "entity-tracking":
-            mk = lambda n: EntityTracking(n_boxes=n)  # noqa: E731
-        elif cfg.task == "tom":
-            mk = lambda n: TheoryOfMind()  # noqa: E731
-        else:  # your own prompts (a JSONL file): one task, whatever the box counts
-            data = DatasetTask(cfg.task)
-            mk = lambda n: data  # noqa: E731
+        data = DatasetTask(cfg.task) if cfg.task not in ("entity-tracking", "tom") else None  # your own prompts
+        mk = {"entity-tracking": lambda n: EntityTracking(n_boxes=n), "tom": lambda n: TheoryOfMind()}.get(
+            cfg.task, lambda n: data)  # a dataset is one task, whatever the box counts
         toks = [tok] if t_tok is tok else [tok, t_tok]
         self.task = adapt_task(mk(cfg.n_boxes), toks)
         self.test_task = self.task if (cfg.test_boxes or cfg.n_boxes) == cfg.n_boxes else adapt_task(

@@ -5,6 +5,7 @@ attention implementation, dtypes, devices and the memory budget for batched pass
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 
@@ -68,6 +69,43 @@ def check_model_path(path_or_name, what: str = "path", *, weights: bool = True) 
         raise InputFileError(f"{what}: {path!r} has a config.json but no weights (model.safetensors, "
                                 "pytorch_model.bin or their sharded index)")
     return path
+
+
+def model_identity(path_or_name) -> str | None:
+    """What a model directory or GGUF file holds, cheaply (no weights loaded): a hash of its config (without
+    ``_name_or_path``) and of 16 chunks of 64 KiB spread over each weight file, with their sizes. A copy of the same
+    checkpoint elsewhere has the same identity; a fine-tuned one (same shapes, other weights) does not. None for a
+    module or a path that does not resolve."""
+    import hashlib
+
+    from fastcd import zoo
+
+    if not isinstance(path_or_name, (str, os.PathLike)):
+        return None
+    try:
+        path = os.fspath(zoo.resolve(os.fspath(path_or_name)))
+    except (InputFileError, UsageError):
+        return None
+    h = hashlib.sha1()
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            conf = json.load(f)
+        conf.pop("_name_or_path", None)
+        conf.pop("transformers_version", None)
+        h.update(json.dumps(conf, sort_keys=True).encode())
+        files = sorted(f for f in os.listdir(path) if f.endswith((".safetensors", ".bin")))
+    elif os.path.isfile(path):
+        path, files = os.path.dirname(os.path.abspath(path)), [os.path.basename(path)]
+    else:
+        return None
+    for name in files:
+        fp, size = os.path.join(path, name), os.path.getsize(os.path.join(path, name))
+        h.update(f"{name}:{size}".encode())
+        with open(fp, "rb") as f:
+            for k in range(16):
+                f.seek(size * k // 16)
+                h.update(f.read(65536))
+    return "model:" + h.hexdigest()[:16]
 
 
 def load_model(path_or_module, *, dtype=None, device=None, attn_implementation: str | None = None,

@@ -13,14 +13,14 @@ import torch
 from torch import nn
 
 from fastcd.adapters import save_adapter
-from fastcd.artifacts import Circuit, Matching
+from fastcd.artifacts import Circuit, Matching, check_provenance, prompts_sha
 from fastcd.config import TEST_SEED, DistillConfig, resolve_mixed_precision
 from fastcd.discover import default_circuit
 from fastcd.distillation import CircuitDistiller, check_vocabularies
 from fastcd.errors import UsageError
 from fastcd.hooks import mean_z
-from fastcd.io import atomic_target, write_json_atomic
-from fastcd.loading import check_model_path, load_model, load_tokenizer, spec_of
+from fastcd.io import atomic_target, read_json, write_json_atomic
+from fastcd.loading import check_model_path, load_model, load_tokenizer, model_identity, spec_of
 from fastcd.match import MatchInputs, match, match_random
 from fastcd.metrics import accuracy_per_example, circuit_correct, faithfulness_record
 from fastcd.models import get_adapter
@@ -151,15 +151,27 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
                                  f"{task.name} task has the roles {sorted(roles)}")
     if teacher_cache is not None and teacher is None:
         check_cache_vocabulary(teacher_cache, s_tok)
+    allow = cfg.allow_foreign_artifacts
     for art in (circuit, matching):  # made for this task (a ToM circuit in an entity-tracking run is refused)
         if art is not None:
-            art.check_task(task.name, cfg.allow_foreign_artifacts)
+            art.check_task(task.name, allow)
+    ids = {"teacher": model_identity(teacher), "student": model_identity(student)}  # paths only: no weights read
+    if circuit is not None:  # ... and with these models
+        check_provenance("circuit", circuit.meta.get("provenance"), {"model": ids["teacher"]}, allow)
+    if matching is not None:
+        check_provenance("matching", matching.meta.get("provenance"), ids, allow)
     if circuit is not None and teacher is not None:
         circuit.check_model(spec_of(teacher), "teacher")
     # the data the run uses (one fixed test set for every method and seed, so that runs compare paired)
     train_ex = task.generate(cfg.n_train, seed=cfg.seed, split="train")
     test_pairs = task.pairs(cfg.n_eval, seed=TEST_SEED, split="test")
     val_ex = task.generate(cfg.n_val, seed=cfg.seed, split="val") if cfg.eval_every else []
+    prov = read_json(os.path.join(teacher_cache, "index.json"), "teacher_cache").get("provenance") \
+        if teacher_cache else None
+    if prov and prov.get("prompts") != prompts_sha(train_ex) and not allow:
+        raise UsageError(f"teacher_cache: made from other training prompts than this run's ({prov.get('n_prompts')} "
+                         f"there, {len(train_ex)} here, other content or order); rebuild it for this run "
+                         "(--build-teacher-cache), or allow_foreign_artifacts=True")
     # what a checkpoint must agree on to be resumed; what needs no weights is checked before any model loads
     identity = {"config": cfg_key(cfg), "task": f"{type(task).__name__}:{sha(vars(task))}",
                 "data": data_identity({"train": train_ex, "val": val_ex, "test": test_pairs}),

@@ -68,10 +68,10 @@ class MemoryCache:
 
 def build_teacher_cache(teacher: nn.Module, teacher_batch: EncodedBatch, matching: Matching | None, path: str, *,
                         shard_size: int = 1024, logits: bool = False, batch_size: int = 128,
-                        progress: bool = False, tokenizer=None) -> str:
+                        progress: bool = False, tokenizer=None, provenance: dict | None = None) -> str:
     """Precompute the teacher's matched heads' z (at each pair's role), labels and optionally last-token
     logits for every example (:func:`teacher_signals`), into ``path/shard_*.safetensors`` plus
-    ``path/index.json``."""
+    ``path/index.json`` (with ``provenance``: what it was made from, see :func:`fastcd.artifacts.provenance`)."""
     from safetensors.torch import save_file
 
     if shard_size < 1:
@@ -93,7 +93,7 @@ def build_teacher_cache(teacher: nn.Module, teacher_batch: EncodedBatch, matchin
             save_file(tensors, os.path.join(tmp, name))
             shards.append({"file": name, "start": s, "stop": e})
         index = {"n": n, "shards": shards, "pairs": [p.to_json() for p in pairs], "logits": logits,
-                 "vocab_sha": None if tokenizer is None else vocab_sha(tokenizer)}
+                 "vocab_sha": None if tokenizer is None else vocab_sha(tokenizer), "provenance": provenance}
         with open(os.path.join(tmp, "index.json"), "w") as f:
             json.dump(index, f, indent=2)
     return path
