@@ -175,10 +175,10 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
     # what a checkpoint must agree on to be resumed; what needs no weights is checked before any model loads
     identity = {"config": cfg_key(cfg), "task": f"{type(task).__name__}:{sha(vars(task))}",
                 "data": data_identity({"train": train_ex, "val": val_ex, "test": test_pairs}),
-                "teacher_cache": fingerprint(teacher_cache), "matching": None}
+                "teacher_cache": fingerprint(teacher_cache), "matching": None, **ids}
     state = read_checkpoint(ckpt_path) if ckpt_path and os.path.isfile(ckpt_path) else None
-    if state is not None:
-        check_checkpoint(state, ckpt_path, identity, cfg, EARLY)
+    if state is not None:  # models given as paths are known by their files: checked here too, before they load
+        check_checkpoint(state, ckpt_path, identity, cfg, EARLY + tuple(k for k, v in ids.items() if v))
     if cfg.mixed_precision == "auto":  # bf16 on the CPU for real LMs (config only: no weights read yet)
         dev_type = torch.device(cfg.device).type if cfg.device else "cpu"
         cfg = replace(cfg, mixed_precision=resolve_mixed_precision(
@@ -206,7 +206,7 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
     if top >= s_vocab:
         raise UsageError(f"student_tokenizer has token ids up to {top}, the student's embedding has "
                          f"{s_vocab} rows: they do not belong together")
-    identity.update(teacher=fingerprint(teacher), student=fingerprint(student))
+    identity.update({k: identity[k] or fingerprint(m) for k, m in (("teacher", teacher), ("student", student))})
     # the models (and a given matching: the random control re-draws its student heads later) before any work
     if state is not None:
         known = matching is not None and not cfg.spec.random_students

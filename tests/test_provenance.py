@@ -81,3 +81,31 @@ def test_a_teacher_cache_of_other_prompts_is_refused(dirs):
                         provenance=provenance(TASK, {"teacher": model_identity(str(tmp / "teacher"))}, mine))
     distill(None, str(tmp / "student"), TASK, matching=m, teacher_cache=str(tmp / "cache2"), config=cfg,
             student_tokenizer=tok)
+
+
+def test_a_resume_with_another_model_directory_is_refused_before_it_loads(dirs, monkeypatch):
+    import fastcd.pipeline as D
+
+    tmp, tok = dirs
+    m = Matching([Pair(Head(1, 2), Head(1, 1), "last", "g", {})], "given")
+    cfg = DistillConfig(steps=3, batch_size=8, n_train=8, n_eval=4, progress=False, circuit_eval=False, save_every=1,
+                        out=str(tmp / "run"))
+    real = D.save_checkpoint
+
+    def crash(*args):
+        real(*args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(D, "save_checkpoint", crash)
+    with pytest.raises(KeyboardInterrupt):
+        distill(str(tmp / "teacher"), str(tmp / "student"), TASK, matching=m, config=cfg, student_tokenizer=tok,
+                teacher_tokenizer=tok)
+    monkeypatch.setattr(D, "save_checkpoint", real)
+
+    def no_models(*a, **k):
+        raise AssertionError("a model loaded before the resume identity was checked")
+
+    monkeypatch.setattr(D, "load_model", no_models)
+    with pytest.raises(ValueError, match=r"differs in \['student'\] \(student: 'model:\w+' there, 'model:\w+' now\)"):
+        distill(str(tmp / "teacher"), str(tmp / "other"), TASK, matching=m, config=cfg, student_tokenizer=tok,
+                teacher_tokenizer=tok)
