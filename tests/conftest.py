@@ -88,3 +88,18 @@ def word_tokenizer():
     from fastcd.tokenizer import build_word_tokenizer
 
     return build_word_tokenizer()
+
+
+def crash_after_first_save(monkeypatch):
+    """Make the next ``distill`` die (KeyboardInterrupt) right after writing its first checkpoint; the one after
+    that saves normally again."""
+    import fastcd.pipeline as D
+
+    real = D.save_checkpoint
+
+    def crash(*args):
+        real(*args)
+        monkeypatch.setattr(D, "save_checkpoint", real)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(D, "save_checkpoint", crash)

@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_tiny
+from conftest import crash_after_first_save, make_tiny
 
 from fastcd.artifacts import Matching, Pair
 from fastcd.config import DistillConfig
@@ -518,16 +518,7 @@ def test_auto_lambda_is_recorded_by_distill(tok):
 
 
 def _crash_after_first_save(monkeypatch):
-    import fastcd.pipeline as D
-
-    real = D.save_checkpoint
-
-    def crash(*args):
-        real(*args)
-        monkeypatch.setattr(D, "save_checkpoint", real)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(D, "save_checkpoint", crash)
+    crash_after_first_save(monkeypatch)
 
 
 def test_resume_refuses_another_run_by_name(tmp_path, tok, monkeypatch):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from conftest import make_tiny
+from conftest import crash_after_first_save, make_tiny
 
 from fastcd.artifacts import Circuit, CircuitHead, Matching, Pair, provenance
 from fastcd.config import DistillConfig
@@ -90,17 +90,10 @@ def test_a_resume_with_another_model_directory_is_refused_before_it_loads(dirs, 
     m = Matching([Pair(Head(1, 2), Head(1, 1), "last", "g", {})], "given")
     cfg = DistillConfig(steps=3, batch_size=8, n_train=8, n_eval=4, progress=False, circuit_eval=False, save_every=1,
                         out=str(tmp / "run"))
-    real = D.save_checkpoint
-
-    def crash(*args):
-        real(*args)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(D, "save_checkpoint", crash)
+    crash_after_first_save(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         distill(str(tmp / "teacher"), str(tmp / "student"), TASK, matching=m, config=cfg, student_tokenizer=tok,
                 teacher_tokenizer=tok)
-    monkeypatch.setattr(D, "save_checkpoint", real)
 
     def no_models(*a, **k):
         raise AssertionError("a model loaded before the resume identity was checked")

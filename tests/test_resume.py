@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_tiny
+from conftest import crash_after_first_save, make_tiny
 
 import fastcd.pipeline as D
 from fastcd.artifacts import Matching, Pair
@@ -46,16 +46,9 @@ def test_a_resume_onto_changed_prompts_is_refused_before_models_load(tmp_path, m
     data = tmp_path / "prompts.jsonl"
     save_jsonl(EntityTracking(n_boxes=3).generate(16, seed=0, split="train"), data)
     task = FileTask(data)
-    real = D.save_checkpoint
-
-    def crash(*args):
-        real(*args)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(D, "save_checkpoint", crash)
+    crash_after_first_save(monkeypatch)
     with pytest.raises(KeyboardInterrupt):  # killed right after the step-2 checkpoint
         _run(task, tmp_path / "run", 6, tok, teacher)
-    monkeypatch.setattr(D, "save_checkpoint", real)
     man = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert man["step"] == 2 and (tmp_path / "run" / "ckpt.pt").is_file()
     # three prompts of the file change; the task object does not
@@ -77,16 +70,9 @@ def test_an_unchanged_resume_says_where_it_resumes_from(tmp_path, monkeypatch, c
     tok = build_word_tokenizer()
     teacher = make_tiny("llama", vocab_size=len(tok), seed=1)
     task = EntityTracking(n_boxes=3)
-    real = D.save_checkpoint
-
-    def crash(*args):
-        real(*args)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(D, "save_checkpoint", crash)
+    crash_after_first_save(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         _run(task, tmp_path / "r", 4, tok, teacher)
-    monkeypatch.setattr(D, "save_checkpoint", real)
     capsys.readouterr()
     res = _run(task, tmp_path / "r", 4, tok, teacher)
     assert f"resuming from step 2 of 4 ({tmp_path / 'r' / 'ckpt.pt'})" in capsys.readouterr().err
