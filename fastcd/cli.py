@@ -153,6 +153,7 @@ def _run_match(argv) -> int:
     circuit = Circuit.load(a.circuit)
     spec_of_teacher = spec_of(a.teacher, "--teacher")  # config only: a circuit of another model fails before loading
     circuit.check_model(spec_of_teacher, "--teacher")
+    check_model_path(a.teacher, "--teacher")  # config, architecture and weights of both, before either loads
     check_model_path(a.student, "--student")
     t_tok, s_tok = load_tokenizer(a.teacher, "--teacher"), load_tokenizer(a.student, "--student")
     name = a.task or circuit.task
