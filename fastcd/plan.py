@@ -156,4 +156,4 @@ def plan_vs_measured(out: str, recs: list[dict]) -> dict | None:
     return {"made": plan.get("made"), "work": plan["work"], "predicted": plan["predicted"],
             "predicted_runs_seconds": round(sum(v for k, v in pred.items() if not k.startswith("teacher")), 1),
             "measured_runs_seconds": round(sum(secs), 1), "planned_runs_done": len(secs),
-            "planned_runs": len(planned)}
+            "planned_runs": plan["work"].get("runs", len(planned))}  # with select_lr: also the runs not chosen yet

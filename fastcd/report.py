@@ -226,7 +226,7 @@ def write_report(out: str, cfg: ExperimentConfig | None = None) -> dict:
               "diagnostics": shared("diagnostics.json"), "cache": shared("cache.json"),
               "torch": torch.__version__, "threads": torch.get_num_threads(),
               "seeds_are_replications": manifest["shared"].get("pool") == "per-seed"}
-    report["plan"] = plan_vs_measured(out, recs)
+    report["plan"] = plan_vs_measured(out, recs + tuning)
     report["teacher_circuit"] = shared("circuit_eval.json")
     write_json_atomic(report, os.path.join(out, "report.json"))
     with open(os.path.join(out, "summary.md"), "w") as f:
