@@ -206,8 +206,12 @@ def lr_selection_plot(selection: list[dict], path: str | os.PathLike | None = No
             ax.scatter([r["chosen"]], [dict(pts)[r["chosen"]]], s=110, facecolors="none",
                        edgecolors=colors.get(r["method"], "C0"), lw=1.5)
     ax.set_xscale("log")
+    grid = [g["lr"] for r in selection for g in r["grid"]]
+    ax.set_xlim(min(grid) / 1.5, max(grid) * 1.5)  # the whole grid, finished or not
+    ax.set_xticks(sorted(set(grid)), [f"{x:g}" for x in sorted(set(grid))])
+    ax.minorticks_off()
     ax.set_ylim(0, 1.02)
-    ax.set_xlabel("learning rate")
+    ax.set_xlabel("learning rate (the grid; a missing point: its run has not finished)")
     ax.set_ylabel("final validation accuracy")
     ax.set_title("learning-rate selection on the tuning seeds (ring: chosen)", fontsize=9)
     ax.legend(fontsize=7, loc="best")

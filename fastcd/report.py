@@ -233,6 +233,13 @@ def write_report(out: str, cfg: ExperimentConfig | None = None) -> dict:
         f.write(format_report(report) + "\n")
     if recs:
         plot_report(report, recs, out)
+    if tuning:  # the lr selection and the tuning runs' curves (line style: lr), before any seed has run
+        from fastcd.plots import curves_plot, lr_selection_plot
+
+        lr_selection_plot(selection, os.path.join(out, "lr_selection.png"))
+        curves_plot({(r["method"], f"lr {r['setting']['lr']:g}"): [r["log"]] for r in tuning},
+                    os.path.join(out, "tuning_curves.png"),
+                    title="tuning runs (never tested): colour = method, line style = lr; per-batch values faint")
     return report
 
 
@@ -392,11 +399,6 @@ def plot_report(report: dict, recs: list[dict], out: str) -> list[str]:
 
     paths = [os.path.join(out, "accuracy.png")]
     accuracy_plot(report, paths[0])
-    if report.get("lr_selection"):
-        from fastcd.plots import lr_selection_plot
-
-        if lr_selection_plot(report["lr_selection"], os.path.join(out, "lr_selection.png")) is not None:
-            paths.append(os.path.join(out, "lr_selection.png"))
     for var, fname, xlabel in (("n_train", "sample_efficiency.png", "training prompts (n_train)"),
                                ("lam", "lambda.png", "lambda")):
         if sweep_plot(report, recs, var, xlabel, os.path.join(out, fname)) is not None:
