@@ -78,7 +78,7 @@ class SharedSetup:
     def _prompts(self) -> None:
         """Tokenisers, tasks and every prompt set (no model weights)."""
         from fastcd.artifacts import Circuit, Matching
-        from fastcd.loading import load_tokenizer, spec_of
+        from fastcd.loading import check_model_path, load_tokenizer, spec_of
         from fastcd.tasks import DatasetTask, EntityTracking, TheoryOfMind, adapt_task
 
         cfg = self.cfg
@@ -86,7 +86,9 @@ class SharedSetup:
             torch.set_num_threads(cfg.threads)
         t_path = cfg.teacher
         s_path = cfg.student if cfg.positive_control is None else cfg.teacher
-        t_spec, s_spec = spec_of(t_path), spec_of(s_path)  # config only: a bad path fails here, in seconds
+        for path, what in ((t_path, "teacher"), (s_path, "student")):  # config, architecture, weights: seconds
+            check_model_path(path, what)
+        t_spec, s_spec = spec_of(t_path), spec_of(s_path)
         if cfg.circuit:
             c = Circuit.load(cfg.circuit)
             c.check_task(cfg.task_name())
