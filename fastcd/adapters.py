@@ -24,6 +24,7 @@ from fastcd.artifacts import Matching
 from fastcd.errors import InputFileError, UsageError
 from fastcd.io import atomic_target
 from fastcd.models import Head, get_adapter
+from fastcd.trainable import trains_kv
 
 FORMAT = "fastcd-circuit-adapter/1"
 SHAPE_FIELDS = ("model_type", "n_layers", "n_heads", "n_kv_heads", "d_head", "d_model", "vocab_size")
@@ -40,12 +41,6 @@ def _shape(model: nn.Module) -> dict:
     return {k: getattr(s, k) for k in SHAPE_FIELDS}
 
 
-def _resolve_kv(model: nn.Module, kv: str) -> bool:
-    if kv not in ("auto", "frozen", "trainable"):
-        raise UsageError(f"kv must be one of ('auto', 'frozen', 'trainable'), got {kv!r}")
-    return kv == "trainable" or (kv == "auto" and get_adapter(model).spec.group_size == 1)
-
-
 def save_adapter(result, path: str | os.PathLike, *, kv: str = "auto", base: str | None = None) -> dict:
     """Write the trained slices of ``result`` (a :class:`fastcd.pipeline.DistillResult` of a circuit method, or
     anything with ``student`` and ``matching``) to the directory ``path``; returns the ``adapter.json`` record.
@@ -57,7 +52,7 @@ def save_adapter(result, path: str | os.PathLike, *, kv: str = "auto", base: str
                          "a full-model method trains every weight, so it has no adapter)")
     if (getattr(result, "metrics", None) or {}).get("trained_heads_fraction") == 1.0:
         raise UsageError("result: a full-model method trains every weight; it has no circuit adapter")
-    own_kv = _resolve_kv(student, kv)
+    own_kv = trains_kv(student, kv)
     heads = sorted(matching.student_heads())
     adapter = get_adapter(student)
     tensors, slices = {}, []

@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass, field
 
 from fastcd.errors import UsageError
-from fastcd.io import read_json, write_json_atomic
+from fastcd.io import read_json, short_sha, write_json_atomic
 from fastcd.models import Head
 
 
@@ -180,21 +180,13 @@ class Matching:
 
 def prompts_sha(examples) -> str:
     """A hash of the prompts and answers an artifact was made from (the order counts)."""
-    import hashlib
-    import json
-
-    body = json.dumps([[e.prompt, e.answer] for e in examples])
-    return hashlib.sha1(body.encode()).hexdigest()[:16]
+    return short_sha([[e.prompt, e.answer] for e in examples])
 
 
 def provenance(task, models: dict, examples) -> dict:
     """What a circuit, matching or teacher cache was made from: the task's name and settings, the models'
     identities (:func:`fastcd.loading.model_identity`) and the prompts."""
-    import hashlib
-    import json
-
-    settings = hashlib.sha1(json.dumps(vars(task), sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return {"task": task.name, "task_settings": settings, **models, "prompts": prompts_sha(examples),
+    return {"task": task.name, "task_settings": short_sha(vars(task)), **models, "prompts": prompts_sha(examples),
             "n_prompts": len(examples)}
 
 

@@ -329,8 +329,7 @@ class CircuitDistiller(nn.Module):
             x_all.requires_grad_(True)
             align, cka = cka_loss(x_all, t_all, eps=cfg.eps, impl=cfg.impl, estimator=cfg.cka_estimator)
             (grad,) = torch.autograd.grad(self.lam * align, x_all)
-            m_local = b
-            grad = grad[:, rank * m_local:(rank + 1) * m_local] * world  # DDP averages the ranks' gradients
+            grad = grad[:, rank * b:(rank + 1) * b] * world  # this rank's rows; DDP averages the ranks' gradients
             align_value = float(align.detach())
             parts["cka_loss"], parts["mean_cka"] = align_value, float(cka.detach().mean())
         ce = kd = 0.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -67,3 +68,8 @@ def announce(msg: str) -> None:
     logging.getLogger("fastcd").info(msg)
     if os.environ.get("FASTCD_QUIET", "0") != "1":
         print(msg, file=sys.stderr)
+
+
+def short_sha(obj) -> str:
+    """16 hex characters of the sha1 of ``obj`` as sorted JSON (identities, provenance)."""
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]

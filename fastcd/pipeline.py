@@ -36,6 +36,7 @@ from fastcd.resume import (
     save_checkpoint,
     sha,
 )
+from fastcd.tasks import DatasetTask, get_task
 from fastcd.tasks.base import adapt_task
 from fastcd.tasks.protocol import check_task
 from fastcd.teacher_cache import MemoryCache, TeacherCache, check_cache_vocabulary, teacher_signals
@@ -64,8 +65,6 @@ class DistillResult:
 def resolve_task(task_or_dataset):
     """A task name (``entity-tracking``, ``tom``), a JSONL file or list of examples
     (:class:`fastcd.tasks.DatasetTask`), or any object that follows :class:`fastcd.tasks.Task`."""
-    from fastcd.tasks import DatasetTask, get_task
-
     if isinstance(task_or_dataset, (list, tuple)):  # your own examples (or clean/corrupt pairs)
         return DatasetTask(list(task_or_dataset))
     if isinstance(task_or_dataset, (str, os.PathLike)):

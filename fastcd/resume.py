@@ -18,7 +18,7 @@ import torch
 
 from fastcd.config import DistillConfig
 from fastcd.errors import UsageError
-from fastcd.io import announce, atomic_target
+from fastcd.io import announce, atomic_target, short_sha
 from fastcd.training import BATCH_ORDER
 
 EARLY = ("config", "task", "data", "teacher_cache")  # checked before any model loads
@@ -36,8 +36,7 @@ def cfg_key(cfg: DistillConfig) -> dict:
     return d
 
 
-def sha(obj) -> str:
-    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+sha = short_sha
 
 
 def fingerprint(x) -> str | None:

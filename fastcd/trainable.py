@@ -75,6 +75,13 @@ def _merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return [(s, e) for s, e in out]
 
 
+def trains_kv(model: nn.Module, kv: str) -> bool:
+    """Whether the ``kv`` policy trains a matched head's key/value slices in ``model`` (``auto``: only without GQA)."""
+    if kv not in KV_POLICIES:
+        raise UsageError(f"kv must be one of {KV_POLICIES}, got {kv!r}")
+    return kv == "trainable" or (kv == "auto" and get_adapter(model).spec.group_size == 1)
+
+
 def make_trainable(model: nn.Module, heads: list[Head], *, kv: str = "auto") -> TrainableSlices:
     """Freeze ``model`` and make only ``heads``' q rows, o columns (and q bias) trainable, plus their key/value
     slices by the ``kv`` policy.
@@ -85,20 +92,17 @@ def make_trainable(model: nn.Module, heads: list[Head], *, kv: str = "auto") -> 
             and training it would move them too; ``"frozen"``: never; ``"trainable"``: each matched head's KV
             group trains, GQA or not.
     """
-    if kv not in KV_POLICIES:
-        raise UsageError(f"kv must be one of {KV_POLICIES}, got {kv!r}")
+    own_kv = trains_kv(model, kv)
     if not heads:
         raise UsageError("heads must not be empty: nothing would train")
     adapter = get_adapter(model)
-    if kv == "auto":
-        kv = "trainable" if adapter.spec.group_size == 1 else "frozen"
     heads = sorted({adapter.spec.check_head(h, "trainable head") for h in heads})
     n_total = sum(p.numel() for p in model.parameters())
     for p in model.parameters():
         p.requires_grad_(False)
     by_param: dict[int, tuple[nn.Parameter, int, list[tuple[int, int]]]] = {}
     for h in heads:
-        for sl in adapter.head_slices(h, kv=(kv == "trainable")):
+        for sl in adapter.head_slices(h, kv=own_kv):
             key = id(sl.param)
             entry = by_param.setdefault(key, (sl.param, sl.dim, []))
             if entry[1] != sl.dim:
