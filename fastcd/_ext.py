@@ -9,6 +9,9 @@ from __future__ import annotations
 import os
 import warnings
 
+import numpy as np
+
+from fastcd import reference
 from fastcd.errors import UsageError
 
 _C = None
@@ -51,10 +54,6 @@ def nearest_indices(query, keys, *, impl: str | None = None):
     Returns:
         ``np.ndarray`` of int64, shape ``(n,)``.
     """
-    import numpy as np
-
-    from fastcd import reference
-
     impl = impl or ("cpp" if HAS_CPP else "python")
     if impl == "cpp":
         if not HAS_CPP:

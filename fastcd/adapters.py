@@ -23,6 +23,7 @@ from torch import nn
 from fastcd.artifacts import Matching
 from fastcd.errors import InputFileError, UsageError
 from fastcd.io import atomic_target
+from fastcd.loading import load_model
 from fastcd.models import Head, get_adapter
 from fastcd.trainable import trains_kv
 
@@ -126,7 +127,6 @@ def apply_adapter(model: nn.Module, path: str | os.PathLike, *, check_base: bool
 
 def load_adapted(base, adapter: str | os.PathLike, **load_kwargs) -> nn.Module:
     """``load_model(base, **load_kwargs)`` with the adapter applied (the distilled student)."""
-    from fastcd.loading import load_model
 
     read_adapter(adapter)  # a bad adapter fails before the base loads
     return apply_adapter(load_model(base, **load_kwargs), adapter)

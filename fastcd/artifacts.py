@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from fastcd.errors import UsageError
 from fastcd.io import read_json, short_sha, write_json_atomic
+from fastcd.loading import spec_of
 from fastcd.models import Head
 
 
@@ -165,7 +166,6 @@ class Matching:
     def check_models(self, teacher, student) -> None:
         """A clear error when a pair names a head that the models lack. Models or paths (checked from their
         config, before any weight loads); None skips that side."""
-        from fastcd.loading import spec_of
 
         ts = None if teacher is None else spec_of(teacher)
         ss = None if student is None else spec_of(student)

@@ -12,7 +12,7 @@ from torch import nn
 from fastcd.discover import PatchingResult, PatchSource, patch_heads_batched
 from fastcd.errors import UsageError
 from fastcd.hooks import capture_z, position_mask, role_positions
-from fastcd.metrics import check_common, clean_metric, metric_values
+from fastcd.metrics import check_patching_args, clean_metric, metric_values
 from fastcd.models import get_adapter, logits_at
 from fastcd.tasks.base import EncodedBatch
 
@@ -27,7 +27,7 @@ def attribution_patching(model: nn.Module, clean: EncodedBatch, source: PatchSou
     per chunk. For the relative ``prob`` score, ``(p' - p) / p ≈ grad(log p) · Δz``, so the log-probability
     gradient is used. ``recheck_top_k`` re-scores the k most negative heads exactly.
     """
-    check_common(clean, metric, batch_size)
+    check_patching_args(clean, metric, batch_size)
     if metric in ("accuracy", "candidate_accuracy"):
         raise UsageError(f"metric={metric!r} has no gradient; use prob, logprob or logit_diff for attribution")
     spec = get_adapter(model).spec

@@ -1,11 +1,20 @@
-"""The model card written beside a distilled student (``OUT/student/README.md``): what was distilled from what,
-on which task, which heads trained and how, the metrics, and the command that made it."""
+"""A run's folder: the model card written beside a distilled student (``OUT/student/README.md``: what was distilled
+from what, on which task, which heads trained and how, the metrics, and the command that made it) and
+:func:`save_result`, which writes the whole folder."""
 
 from __future__ import annotations
 
 import datetime
 import json
+import os
+import sys
 from dataclasses import asdict
+
+from fastcd import __version__
+from fastcd.adapters import save_adapter
+from fastcd.io import atomic_target, write_json_atomic
+from fastcd.plots import curves_plot
+from fastcd.resume import cfg_key
 
 
 def _pct(x) -> str:
@@ -32,7 +41,6 @@ def _circuit_note(tc: dict | None) -> list[str]:
 def model_card(result, cfg, *, task=None, teacher: str | None = None, student: str | None = None,
                command: str | None = None) -> str:
     """Markdown with a YAML header (Hugging Face model-card style) for a :class:`fastcd.pipeline.DistillResult`."""
-    from fastcd import __version__
 
     m = result.metrics
     task_name = getattr(task, "name", None) or "task"
@@ -78,3 +86,49 @@ def model_card(result, cfg, *, task=None, teacher: str | None = None, student: s
 
 
 __all__ = ["model_card"]
+
+
+def _name_of(x) -> str | None:
+    if x is None:
+        return None
+    if isinstance(x, (str, os.PathLike)):
+        return os.path.basename(os.path.normpath(os.fspath(x)))
+    return getattr(getattr(x, "config", None), "_name_or_path", None) or type(x).__name__
+
+
+def _command_line() -> str:
+    """The command that made the run, for the model card: the CLI's own arguments, or the script that called
+    ``fastcd.distill()`` (no path of the machine: the script's file name)."""
+    prog = sys.argv[0] if sys.argv else ""
+    if prog in ("", "-", "-c"):
+        return "fastcd.distill(...) from an interactive session or `python -c`"
+    name = os.path.basename(prog)
+    if name in ("fastcd", "__main__.py", "cli.py"):
+        return " ".join(["fastcd"] + sys.argv[1:])
+    return " ".join(["python", name] + sys.argv[1:]) + "   # calls fastcd.distill(...)"
+
+
+def save_result(result, cfg, tokenizer=None, *, task=None, teacher: str | None = None,
+                student: str | None = None, command: str | None = None) -> str:
+    """``OUT/student`` (save_pretrained, with a model card ``README.md``), ``OUT/adapter``, ``OUT/matching.json``,
+    ``OUT/circuit.json``, ``OUT/log.json``, ``OUT/curves.png``: the same files from the API and the CLI."""
+    out = cfg.out
+    os.makedirs(out, exist_ok=True)
+    with atomic_target(os.path.join(out, "student"), directory=True) as tmp:
+        result.student.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
+            f.write(model_card(result, cfg, task=task, teacher=teacher, student=student, command=command))
+    if result.matching is not None:
+        result.matching.save(os.path.join(out, "matching.json"))
+        if not cfg.spec.full_model:  # the trained slices alone: fastcd.adapters.load_adapted(base, OUT/adapter)
+            save_adapter(result, os.path.join(out, "adapter"), kv=cfg.kv, base=student)
+    if result.circuit is not None and result.circuit.heads:
+        result.circuit.save(os.path.join(out, "circuit.json"))
+    write_json_atomic({"config": cfg_key(cfg), "metrics": result.metrics, "log": result.log},
+                      os.path.join(out, "log.json"))
+
+    curves_plot({cfg.method: result.log}, os.path.join(out, "curves.png"),
+                title=f"{getattr(task, 'name', 'task')}: {cfg.method} training curves")
+    return out

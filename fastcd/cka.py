@@ -28,7 +28,8 @@ import torch
 
 from fastcd import _ext
 from fastcd.errors import UsageError
-from fastcd.reference import ESTIMATORS, check_cka_inputs, cka_loss_ref, cka_matrix_ref
+from fastcd.io import announce
+from fastcd.reference import ESTIMATORS, check_cka_inputs, cka_loss_gather_ref, cka_loss_ref, cka_matrix_ref
 
 IMPLS = ("torch", "triton", "cpp", "python")  # the one vocabulary
 LOSS_IMPLS = ("torch", "triton")
@@ -132,7 +133,6 @@ def cka_loss_gathered(xs: torch.Tensor, pos_s: torch.Tensor, head_s: torch.Tenso
         from fastcd.kernels.cka import cka_loss_triton
 
         return cka_loss_triton(xs, pos_s, head_s, y, pos_t, head_t, ds=ds, dt=dt, eps=eps)
-    from fastcd.reference import cka_loss_gather_ref
 
     return cka_loss_gather_ref(xs, pos_s, head_s, y, pos_t, head_t, ds=ds, dt=dt, eps=eps, estimator=estimator)
 
@@ -185,7 +185,6 @@ def cka_matrix(a, b, *, impl: str | None = None, form: str = "auto", max_bytes: 
                          f"{' (Triton serves the alignment loss only)' if impl == 'triton' else ''}")
     if impl is None:
         impl = "cpp" if _ext.HAS_CPP else "torch"
-        from fastcd.io import announce
 
         announce(f"fastcd: CKA scorer uses {'fastcd._C (C++)' if impl == 'cpp' else 'the torch fallback'}")
     if impl == "cpp":

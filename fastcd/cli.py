@@ -143,45 +143,9 @@ def _run_match(argv) -> int:
     from fastcd.cli_args import MatchArgs
 
     (a,), _ = _parse(_parser("fastcd match", [MatchArgs]), argv, 1)
-    from fastcd.artifacts import Circuit
-    from fastcd.loading import check_model_path, load_model, load_tokenizer, spec_of
-    from fastcd.match import MatchInputs, match
-    from fastcd.tasks import adapt_task, get_task
+    from fastcd.match_run import run_match
 
-    if a.impl is not None and a.method not in ("cka", "combined"):
-        raise UsageError(f"--impl chooses the CKA scorer of --method cka/combined, not of {a.method!r}")
-    circuit = Circuit.load(a.circuit)
-    spec_of_teacher = spec_of(a.teacher, "--teacher")  # config only: a circuit of another model fails before loading
-    circuit.check_model(spec_of_teacher, "--teacher")
-    check_model_path(a.teacher, "--teacher")  # config, architecture and weights of both, before either loads
-    check_model_path(a.student, "--student")
-    t_tok, s_tok = load_tokenizer(a.teacher, "--teacher"), load_tokenizer(a.student, "--student")
-    name = a.task or circuit.task
-    task = get_task(name, **({"n_boxes": a.n_boxes} if name == "entity-tracking" else {}))
-    circuit.check_task(task.name)  # a circuit found on another task pairs heads for the wrong mechanism
-    task = adapt_task(task, [t_tok, s_tok])
-    teacher = load_model(a.teacher, device=a.device, what="--teacher")
-    student = load_model(a.student, device=a.device, what="--student")
-    pairs = task.pairs(a.n_examples, seed=a.seed, split=a.split)
-    clean, corrupt = [p.clean for p in pairs], [p.corrupt for p in pairs]
-    inp = MatchInputs(teacher, student, circuit, task.encode(clean, t_tok), task.encode(clean, s_tok),
-                      task.encode(corrupt, t_tok), task.encode(corrupt, s_tok))
-    kw = {"ablation": {"k": a.top_k, "direction": a.direction, "progress": True, "metric": a.ablation_metric,
-                       "student_position": a.student_position},
-          "cka": {"impl": a.impl}, "combined": {"weight": a.weight, "impl": a.impl, "progress": True},
-          "random": {"seed": a.seed}}[a.method]
-    m = match(inp, a.method, **kw)
-    from fastcd.artifacts import provenance
-    from fastcd.loading import model_identity
-
-    m.meta.update(teacher=os.path.basename(os.path.normpath(a.teacher)),
-                  student=os.path.basename(os.path.normpath(a.student)), n_examples=a.n_examples,
-                  provenance=provenance(task, {"teacher": model_identity(a.teacher),
-                                               "student": model_identity(a.student)}, clean))
-    m.save(a.out)
-    print(m)
-    print(f"wrote {a.out}")
-    return 0
+    return run_match(a)
 
 
 def _run_distill(argv) -> int:
@@ -195,7 +159,6 @@ def _run_distill(argv) -> int:
     from fastcd.artifacts import Circuit, Matching
     from fastcd.loading import check_model_path, load_model, load_tokenizer
     from fastcd.pipeline import distill
-    from fastcd.plots import curves_plot
     from fastcd.tasks import adapt_task, get_task
     from fastcd.teacher_cache import build_teacher_cache
 
@@ -219,7 +182,7 @@ def _run_distill(argv) -> int:
     t_tok = load_tokenizer(a.teacher, "--teacher") if a.teacher else None
     task = adapt_task(task, [s_tok] if t_tok is None else [s_tok, t_tok])  # the pools distill() will use
     cache = a.teacher_cache
-    if a.build_teacher_cache:
+    if a.build_teacher_cache and not a.plan:
         if a.teacher is None or matching is None:
             raise UsageError("--build-teacher-cache needs --teacher and --matching")
         import torch.distributed as tdist
@@ -243,11 +206,14 @@ def _run_distill(argv) -> int:
     teacher = None if cache else a.teacher
     if teacher is None and cache is None:
         raise UsageError("give --teacher, --teacher-cache or --build-teacher-cache")
+    if a.plan and a.build_teacher_cache:
+        teacher, cache = a.teacher, None  # the plan counts the cache as built once before training
     res = distill(teacher, a.student, task, circuit=circuit, matching=matching, config=cfg,
-                  teacher_tokenizer=t_tok, student_tokenizer=s_tok, teacher_cache=cache)
+                  teacher_tokenizer=t_tok, student_tokenizer=s_tok, teacher_cache=cache, plan_only=a.plan)
+    if a.plan:
+        return 0
     png = os.path.join(cfg.out, "curves.png")
-    if curves_plot({cfg.method: res.log}, png, title=f"{a.task}: {cfg.method} training curves") is None:
-        png = None
+    png = png if os.path.isfile(png) else None
     print(json.dumps(res.metrics, indent=2))
     m = res.metrics
     if m.get("student_circuit_accuracy") is not None:

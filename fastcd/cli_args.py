@@ -84,6 +84,8 @@ class DiscoverArgs:
                                     "defines)")
     n_heldout: int = option(128, "test prompts the faithfulness (and the search's curve) is measured on")
     n_random: int = option(10, "random circuits of the same size and roles for the baseline")
+    plan: bool = option(False, "print the plan (each stage's work, predicted time and peak memory; timed by a short "
+                        "calibration after the models load) and stop")
 
 
 @dataclass
@@ -111,6 +113,8 @@ class MatchArgs:
     seed: int = option(0, "prompt seed (and the random control's)")
     split: str = option("val", "prompt split", choices=SPLITS)
     device: str = option("cpu", "device")
+    plan: bool = option(False, "print the plan (each stage's work, predicted time and peak memory; timed by a short "
+                        "calibration after the models load) and stop")
 
 
 @dataclass
@@ -125,6 +129,8 @@ class DistillArgs:
     teacher_cache: str | None = option(None, "offline teacher cache directory")
     build_teacher_cache: str | None = option(None, "precompute the teacher cache into this directory, then train from "
                                             "it")
+    plan: bool = option(False, "print the plan (each stage's work, predicted time and peak memory; timed by a short "
+                        "calibration after the models load) and stop")
 
 
 @dataclass

@@ -11,7 +11,7 @@ batch m), ``lr_scheduler`` = ``lr_scheduler_type``; ``warmup_steps``, ``warmup_r
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 
 from fastcd.errors import UsageError
 
@@ -51,6 +51,9 @@ SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 COMPUTE_PRECISIONS = ("auto", "float32", "bf16")  # fastcd experiment's `precision`
 BF16_MIN_D_MODEL = 512  # "auto" computes in bf16 on the CPU for models at least this wide (every real LM here)
+# cpu_defaults: what the listed defaults become on a CPU for a real LM (width >= BF16_MIN_D_MODEL), so that the
+# default 1.5B -> 0.5B run finishes in the time docs/MODELS.md states; a field set to another value is kept
+CPU_REAL_DEFAULTS = {"n_discovery": 32, "n_train": 512, "steps": 100, "batch_size": 16, "n_eval": 250}
 
 
 def resolve_mixed_precision(mixed_precision: str, d_model: int, device_type: str = "cpu") -> str:
@@ -164,6 +167,10 @@ class DistillConfig:
     overwrite: bool = option(False, "discard a checkpoint in out and start over")
     resume: bool = option(False, "require a checkpoint in out (an error instead of a fresh start)")
     progress: bool = option(True, "progress bars")
+    cpu_defaults: bool = option(True, "on a CPU with a real LM (width >= 512), the fields left at the defaults "
+                                "listed here take the CPU values " + ", ".join(
+                                    f"{k} {v}" for k, v in CPU_REAL_DEFAULTS.items())
+                                + " (the run's plan says which); --no-cpu-defaults keeps the listed ones")
 
     def validate(self) -> DistillConfig:
         """One-line errors naming the field and what was expected, before any work starts."""
@@ -244,6 +251,19 @@ class DistillConfig:
         if self.mixed_precision == "fp16" and dev.type != "cuda":
             raise UsageError(f"mixed_precision='fp16' needs a CUDA device (device={self.device!r}); use bf16 or no")
         return self
+
+    def scaled_for(self, d_model: int, device_type: str) -> tuple[DistillConfig, list[str]]:
+        """This config with the CPU values (``cpu_defaults``) in the fields left at their listed defaults, and one
+        line per field changed; unchanged on a GPU, for a small model, or with ``cpu_defaults=False``."""
+        if not self.cpu_defaults or device_type != "cpu" or d_model < BF16_MIN_D_MODEL:
+            return self, []
+        listed = {f.name: f.default for f in fields(self)}
+        new = {k: v for k, v in CPU_REAL_DEFAULTS.items() if getattr(self, k) == listed[k]}
+        if "batch_size" in new and new["batch_size"] > self.n_train and "n_train" not in new:
+            del new["batch_size"]
+        notes = [f"{k} {listed[k]} -> {v}" for k, v in new.items()]
+        return replace(self, **new), ([f"CPU defaults for a real LM: {', '.join(notes)} (--no-cpu-defaults keeps "
+                                       "the listed values)"] if notes else [])
 
     @property
     def spec(self) -> MethodSpec:

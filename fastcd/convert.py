@@ -15,6 +15,7 @@ import os
 import shutil
 
 from fastcd.errors import InputFileError, UsageError
+from fastcd.io import status
 
 # GGUF ``general.architecture`` -> transformers ``model_type`` for the families fastcd has adapters for
 GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gpt2": "gpt2",
@@ -172,7 +173,7 @@ def convert_gguf(src: str | os.PathLike, out: str | os.PathLike, *, dtype="float
         load_gguf_checkpoint,
     )
 
-    from fastcd.loading import parse_dtype
+    from fastcd.models import parse_dtype
 
     torch_dtype = parse_dtype(dtype)
     if torch_dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -189,6 +190,8 @@ def convert_gguf(src: str | os.PathLike, out: str | os.PathLike, *, dtype="float
     check_architecture(src_file, "src", reader)
     gguf_arch = gguf_info(src_file, reader)["architecture"]
     d, name = os.path.dirname(os.path.abspath(src_file)), os.path.basename(src_file)
+    status(f"fastcd: convert: reading the GGUF metadata and tokenizer of {name} "
+           f"({os.path.getsize(src_file) / 2**20:,.0f} MB; about half a minute for a 1B model)")
     config = AutoConfig.from_pretrained(d, gguf_file=name, local_files_only=True)
     if hasattr(config, "quantization_config"):
         del config.quantization_config

@@ -22,7 +22,8 @@ import torch
 
 from fastcd.cli_args import DemoArgs
 from fastcd.config import METHOD_SPECS, METHODS, TEST_SEED, DistillConfig
-from fastcd.discover import default_circuit, make_source, patch_heads_batched
+from fastcd.discover import make_source, patch_heads_batched
+from fastcd.discover_policy import default_circuit
 from fastcd.distillation import CircuitDistiller
 from fastcd.errors import UsageError
 from fastcd.hooks import mean_z

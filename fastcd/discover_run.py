@@ -6,7 +6,17 @@ from __future__ import annotations
 
 import os
 
+from fastcd.artifacts import provenance
+from fastcd.circuit_search import check_search_args, search_circuit
+from fastcd.config import TEST_SEED
+from fastcd.cost import discover_stages, per_prompt_s, simple_plan, weight_bytes
+from fastcd.discover_policy import default_circuit
 from fastcd.errors import UsageError
+from fastcd.loading import check_model_path, load_model, load_tokenizer, model_identity, spec_of
+from fastcd.metrics import faithfulness_record, format_faithfulness
+from fastcd.plots import faithfulness_curve_plot, head_heatmaps
+from fastcd.stages import Stages
+from fastcd.tasks import adapt_task, get_task
 
 
 def run_discover(a) -> int:
@@ -14,10 +24,6 @@ def run_discover(a) -> int:
     weights come first."""
     import torch
 
-    from fastcd.artifacts import provenance
-    from fastcd.config import TEST_SEED
-    from fastcd.loading import check_model_path, load_model, load_tokenizer, spec_of
-    from fastcd.tasks import adapt_task, get_task
 
     if a.n_examples < 2:
         raise UsageError(f"--n-examples must be >= 2, got {a.n_examples}")
@@ -30,46 +36,54 @@ def run_discover(a) -> int:
     search = a.method == "search"
     roles = list(a.roles) if a.roles else ["last", *[r for r in task.roles if r != "last"]]
     if search or a.evaluate:
-        from fastcd.circuit_search import check_search_args  # bad settings fail before any weights load
 
         check_search_args(target=a.target, roles=roles, task_roles=("last", *task.roles), n_heldout=a.n_heldout,
                           n_random=a.n_random)
     check_model_path(a.model, "--model")  # config, architecture and weights before the tokenizer loads
     tok = load_tokenizer(a.model, "--model")
     task = adapt_task(task, [tok])
-    model = load_model(a.model, dtype=a.dtype, device=a.device, what="--model")
-    pairs = task.pairs(a.n_examples, seed=a.seed, split=a.split)
-    clean, corrupt = (task.encode([getattr(p, k) for p in pairs], tok) for k in ("clean", "corrupt"))
-    hp = task.pairs(a.n_heldout, seed=TEST_SEED, split="test") if search or a.evaluate else []
-    held = [task.encode([getattr(p, k) for p in hp], tok) for k in ("clean", "corrupt")] if hp else None
+
+    stages, spec = Stages(), spec_of(a.model, "--model")
+    with stages("load", f"{os.path.basename(os.path.normpath(a.model))} ({weight_bytes(a.model)[1] / 2**30:.2f} GiB)"):
+        model = load_model(a.model, dtype=a.dtype, device=a.device, what="--model")
+    with stages("tokenisation", f"{a.n_examples} prompt pairs" + (f" and {a.n_heldout} held-out pairs"
+                                                                  if search or a.evaluate else "")):
+        pairs = task.pairs(a.n_examples, seed=a.seed, split=a.split)
+        clean, corrupt = (task.encode([getattr(p, k) for p in pairs], tok) for k in ("clean", "corrupt"))
+        hp = task.pairs(a.n_heldout, seed=TEST_SEED, split="test") if search or a.evaluate else []
+        held = [task.encode([getattr(p, k) for p in hp], tok) for k in ("clean", "corrupt")] if hp else None
+    with stages("calibration", "a forward of 16 prompts"):
+        sec = per_prompt_s(model, clean)
+    stages.say_plan(simple_plan(f"discover ({a.method}) on {a.model}", discover_stages(a, spec, task),
+                                sum(p.numel() * p.element_size() for p in model.parameters()),
+                                {"teacher": sec, "student": sec}))
+    if a.plan:
+        return 0
     png, model_name = os.path.splitext(a.out)[0] + ".png", os.path.basename(os.path.normpath(a.model))
-    from fastcd.loading import model_identity
 
     meta = dict(model=model_name, n_examples=a.n_examples, seed=a.seed, split=a.split, dtype=a.dtype,
                 provenance=provenance(task, {"model": model_identity(a.model)}, [p.clean for p in pairs]))
     if search:
-        from fastcd.circuit_search import search_circuit
-        from fastcd.plots import faithfulness_curve_plot
 
-        res = search_circuit(model, clean, *held, roles=roles, target=a.target, protocol=a.protocol,
-                             n_random=a.n_random, seed=a.seed, batch_size=a.batch_size, task=task.name, progress=True)
+        with stages("discovery", stages.what("discovery")):  # the search measures its own held-out record
+            res = search_circuit(model, clean, *held, roles=roles, target=a.target, protocol=a.protocol,
+                                 n_random=a.n_random, seed=a.seed, batch_size=a.batch_size, task=task.name,
+                                 progress=True)
         circuit = res.circuit
         boxes = f" ({task.n_boxes} boxes)" if hasattr(task, "n_boxes") else ""
         circuit.meta.update(meta, n_boxes=getattr(task, "n_boxes", None), curve=res.curve)
         faithfulness_curve_plot(res.curve, res.record, png, title=f"{model_name}, {a.task}{boxes}: circuit search\n"
                                 f"{a.protocol} mean ablation, {a.n_heldout} held-out test prompts")
     else:
-        from fastcd.discover import default_circuit
-        from fastcd.metrics import faithfulness_record
-        from fastcd.plots import head_heatmaps
 
-        circuit, panels, marked = default_circuit(
-            model, task, clean, corrupt, method=a.method, top_k=a.top_k, path_k=a.path_k, position=a.position,
-            mode=a.mode, metric=a.metric, relative=not a.absolute, threshold=a.threshold,
-            recheck_top_k=a.recheck_top_k, batch_size=a.batch_size, max_batch=a.max_batch, progress=True)
+        with stages("discovery", stages.what("discovery")):
+            circuit, panels, marked = default_circuit(
+                model, task, clean, corrupt, method=a.method, top_k=a.top_k, path_k=a.path_k, position=a.position,
+                mode=a.mode, metric=a.metric, relative=not a.absolute, threshold=a.threshold,
+                recheck_top_k=a.recheck_top_k, batch_size=a.batch_size, max_batch=a.max_batch, progress=True)
         circuit.meta.update(meta)
         if a.evaluate:
-            with torch.no_grad():
+            with torch.no_grad(), stages("evaluation", stages.what("evaluation")):
                 circuit.meta["evaluation"] = faithfulness_record(model, *held, circuit, split="test",
                                                                  n_random=a.n_random, protocol=a.protocol)
         head_heatmaps(panels, png, title=f"{a.task}: head scores", marked=marked, metric=a.metric,
@@ -77,7 +91,6 @@ def run_discover(a) -> int:
     circuit.save(a.out)
     print(circuit)
     if circuit.meta.get("evaluation"):
-        from fastcd.metrics import format_faithfulness
 
         print(format_faithfulness(circuit.meta["evaluation"]))
     print(f"wrote {a.out} and {png}")

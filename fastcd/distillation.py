@@ -237,6 +237,15 @@ class CircuitDistiller(nn.Module):
             return float(self.config.lam)
         return self._lam
 
+    @property
+    def calibrated_lam(self) -> float | None:
+        """What :meth:`calibrate_lambda` set for lam="auto" (else None); a checkpoint keeps it for the resume."""
+        return self._lam
+
+    @calibrated_lam.setter
+    def calibrated_lam(self, value: float | None) -> None:
+        self._lam = None if value is None else float(value)
+
     def terms(self, batch: DistillBatch, *, with_align: bool = True, keep_cache: bool = False) -> dict:
         """The loss terms as tensors on the graph: ``ce``, ``align`` (sum over pairs of 1 - CKA), ``cka`` (per
         pair), ``kd``, each present when the method uses it. ``with_align=False`` leaves the alignment out;

@@ -24,21 +24,29 @@ from dataclasses import asdict
 
 import torch
 
+from fastcd.artifacts import Circuit
 from fastcd.config import METHOD_SPECS
+from fastcd.distillation import CircuitDistiller, make_batch
 from fastcd.errors import UsageError
 from fastcd.experiment_config import (
     ExperimentConfig,
     NotApplicable,
     chosen_lrs,
     distill_config_for,
-    legacy_setting,
     lr_choices,
+    upgrade_old_record,
 )
 from fastcd.experiment_shared import SharedSetup, say
-from fastcd.io import write_json_atomic
-from fastcd.report import append_record, bits, read_runs, setting_label, write_report
+from fastcd.io import bits, write_json_atomic
+from fastcd.loading import load_model
+from fastcd.metrics import accuracy_per_example, circuit_correct
+from fastcd.plan import calibrate, count_work, format_plan, predict
+from fastcd.report import append_record, read_runs, setting_label, write_report
 from fastcd.teacher_cache import MemoryCache
-from fastcd.trainable import reinit_heads  # noqa: F401  (re-exported)
+from fastcd.trainable import (
+    merge,
+    reinit_heads,  # noqa: F401  (re-exported)
+)
 from fastcd.training import batch_rows, make_optimizer, train_loop
 
 
@@ -99,9 +107,6 @@ class Experiment(SharedSetup):
         return read_runs(self.runs_path)
 
     def run_one(self, spec: dict) -> dict:
-        from fastcd.distillation import CircuitDistiller
-        from fastcd.metrics import accuracy_per_example, circuit_correct
-        from fastcd.trainable import merge
 
         cfg = self.cfg
         dcfg = distill_config_for(cfg, spec, self.precision)
@@ -122,7 +127,6 @@ class Experiment(SharedSetup):
         cd = CircuitDistiller(self.student, matching if not METHOD_SPECS[dcfg.method].full_model else None, config=dcfg)
         diag = {}
         if dcfg.method in ("ce+cka",) and cfg.diagnostics:
-            from fastcd.distillation import make_batch
 
             b = make_batch(batch_rows(len(s_train), dcfg.batch_size, 0, spec["seed"] + 1), s_train, None, view)
             diag = cd.gradient_ratio(b)
@@ -211,8 +215,6 @@ class Experiment(SharedSetup):
     def plan(self) -> dict:
         """Count the work left, calibrate on this machine (both models, in the experiment's precision), predict
         each stage's time and the peak memory; printed, and kept in ``OUT/plan.json`` for the report."""
-        from fastcd.loading import load_model
-        from fastcd.plan import calibrate, count_work, format_plan, predict
 
         cfg = self.cfg
         self._prompts()
@@ -225,7 +227,6 @@ class Experiment(SharedSetup):
             teacher = load_model(self.t_path, dtype=self._teacher_dtype())
             student = load_model(self.s_path, dtype="float32")
             t0 = time.time()
-            from fastcd.artifacts import Circuit
 
             n_units = len(Circuit.load(cfg.circuit).heads) if cfg.circuit else cfg.circuit_size  # pairs to align
             cal = calibrate(teacher, student, self.t_test, self.s_test,
@@ -249,7 +250,7 @@ def migrate_runs(path: str, estimator: str) -> int:
     if not os.path.isfile(path):
         return 0
     recs = list(read_runs(path).values())
-    changed = sum(legacy_setting(r, estimator) for r in recs)
+    changed = sum(upgrade_old_record(r, estimator) for r in recs)
     if changed:
         tmp = path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:

@@ -350,7 +350,7 @@ def chosen_lrs(cfg: ExperimentConfig, records: dict) -> dict:
             if r["chosen"] is not None}
 
 
-def legacy_setting(rec: dict, estimator: str) -> bool:
+def upgrade_old_record(rec: dict, estimator: str) -> bool:
     """Give a run recorded before ``cka_estimator`` was a grid field (one estimator for the whole experiment,
     ``estimator``) its setting and key as recorded now; True if the record changed."""
     s = rec.get("setting")

@@ -12,12 +12,21 @@ import time
 
 import torch
 
+from fastcd.artifacts import Circuit, Matching, Pair
+from fastcd.cka import cka_matrix_torch
 from fastcd.config import METHOD_SPECS, TEST_SEED
+from fastcd.discover_policy import default_circuit
 from fastcd.errors import UsageError
 from fastcd.experiment_config import POOL_SEED, ExperimentConfig, NotApplicable
-from fastcd.io import write_json_atomic
+from fastcd.hooks import Head, capture_z, mean_z
+from fastcd.io import bits, write_json_atomic
+from fastcd.loading import check_model_path, load_model, load_tokenizer, spec_of
+from fastcd.match import MatchInputs, match
+from fastcd.metrics import accuracy_per_example, circuit_correct, faithfulness_record
+from fastcd.models import logits_at
 from fastcd.plan import CIRCUIT_EVAL_PROMPTS
-from fastcd.report import bits
+from fastcd.tasks import DatasetTask, EntityTracking, TheoryOfMind, adapt_task
+from fastcd.teacher_cache import build_teacher_cache
 from fastcd.trainable import reinit_heads
 
 
@@ -77,9 +86,6 @@ class SharedSetup:
 
     def _prompts(self) -> None:
         """Tokenisers, tasks and every prompt set (no model weights)."""
-        from fastcd.artifacts import Circuit, Matching
-        from fastcd.loading import check_model_path, load_tokenizer, spec_of
-        from fastcd.tasks import DatasetTask, EntityTracking, TheoryOfMind, adapt_task
 
         cfg = self.cfg
         if cfg.threads:
@@ -132,7 +138,6 @@ class SharedSetup:
 
     def _models(self) -> None:
         """Load the models, then the circuit, matchings, teacher cache and evaluations each run shares."""
-        from fastcd.loading import load_model
 
         cfg, t_path, s_path, n_pool = self.cfg, self.t_path, self.s_path, self.n_pool
         rules = [r for r in cfg.values("matching")]
@@ -156,13 +161,11 @@ class SharedSetup:
             self._recovery(teacher)
         self._teacher_cache(teacher, n_pool)
         if need["teacher_eval"]:
-            from fastcd.metrics import accuracy_per_example
 
             say(f"teacher accuracy on the {len(self.t_test)} test prompts")
             tc = accuracy_per_example(teacher, self.t_test)
             self._put_shared("teacher_eval.json", {"correct": bits(tc), "accuracy": sum(tc) / len(tc)})
         if need["circuit_eval"]:  # the teacher circuit's faithfulness, with 10 random circuits of its size and roles
-            from fastcd.metrics import faithfulness_record
             n = min(len(self.t_test), CIRCUIT_EVAL_PROMPTS)
             say(f"teacher circuit faithfulness on {n} test prompts")
             self._put_shared("circuit_eval.json", faithfulness_record(
@@ -175,7 +178,6 @@ class SharedSetup:
             self._diagnostics()
 
     def _circuit(self, teacher):
-        from fastcd.artifacts import Circuit
 
         cfg = self.cfg
         if cfg.circuit:
@@ -183,7 +185,6 @@ class SharedSetup:
         d = self._shared("circuit.json")
         if d is not None:
             return Circuit.from_json(d)
-        from fastcd.discover import default_circuit
 
         t0 = time.time()
         clean = self.task.encode(self.d_clean, self.t_tok)
@@ -200,7 +201,6 @@ class SharedSetup:
         return circuit
 
     def _reinit_heads(self) -> list:
-        from fastcd.hooks import Head
 
         r = self.cfg.positive_control["reinit"]
         if isinstance(r, int):
@@ -211,7 +211,6 @@ class SharedSetup:
         return [self.s_spec.check_head(Head.parse(h), "positive_control.reinit head") for h in r]
 
     def _match_inputs(self, teacher):
-        from fastcd.match import MatchInputs
 
         t_clean = self.task.encode(self.d_clean, self.t_tok)
         t_corrupt = self.task.encode(self.d_corrupt, self.t_tok)
@@ -220,8 +219,6 @@ class SharedSetup:
         return MatchInputs(teacher, self.student, self.circuit, t_clean, s_clean, t_corrupt, s_corrupt)
 
     def _matching(self, rule: str, teacher):
-        from fastcd.artifacts import Matching, Pair
-        from fastcd.match import match
 
         if rule == "identity":  # every circuit unit (head, role) of a re-initialised head, aligned to itself
             units = {}
@@ -244,7 +241,6 @@ class SharedSetup:
 
     def _at_positions(self, m):
         """With ``positions``: every (teacher, student) pair aligned at each listed role (multi-position CKA)."""
-        from fastcd.artifacts import Matching, Pair
 
         if not self.cfg.positions:
             return m
@@ -254,7 +250,6 @@ class SharedSetup:
 
     def _recovery(self, teacher) -> None:
         """Positive control: does each matching rule pair the re-initialised heads with themselves?"""
-        from fastcd.match import match
 
         out = {"reinit": [str(h) for h in self.reinit]}
         for rule in self.cfg.recovery_rules:
@@ -285,9 +280,6 @@ class SharedSetup:
     def _teacher_cache(self, teacher, n_pool: int) -> None:
         from safetensors.torch import load_file
 
-        from fastcd.artifacts import Matching, Pair
-        from fastcd.hooks import Head
-        from fastcd.teacher_cache import build_teacher_cache
 
         units = self._units()
         path = os.path.join(self.out, "shared", "cache")
@@ -295,7 +287,6 @@ class SharedSetup:
         d = self._shared("cache.json")
         if not (self._cache_ok(n_pool) and [tuple(u) for u in d["units"]] == units and d["logits"] >= need_logits):
             if teacher is None:
-                from fastcd.loading import load_model
 
                 teacher = load_model(self.cfg.teacher, dtype=self._teacher_dtype())
             t0 = time.time()
@@ -317,8 +308,6 @@ class SharedSetup:
         return [(p.student, p.position) for p in matching.pairs]
 
     def _base_eval(self) -> None:
-        from fastcd.hooks import mean_z
-        from fastcd.metrics import accuracy_per_example, circuit_correct
 
         d = self._shared("base_eval.json") or {}
         changed = False
@@ -340,9 +329,6 @@ class SharedSetup:
 
     def _diagnostics(self) -> None:
         """Per pair at the start: CKA on m pool prompts vs a Gaussian null and random student heads."""
-        from fastcd.cka import cka_matrix_torch
-        from fastcd.hooks import capture_z
-        from fastcd.models import logits_at
 
         d = self._shared("diagnostics.json") or {}
         todo = [r for r in self.matchings if r not in d]
@@ -384,7 +370,6 @@ class SharedSetup:
 
     # --- one run ---------------------------------------------------------------------------------
     def _run_matching(self, spec: dict):
-        from fastcd.artifacts import Matching, Pair
 
         rule = spec["setting"]["matching"]
         if rule is None:

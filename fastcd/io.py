@@ -70,6 +70,21 @@ def announce(msg: str) -> None:
         print(msg, file=sys.stderr)
 
 
+def status(msg: str) -> None:
+    """One status line on stderr (``fastcd: ...``), as a stage starts or ends; ``FASTCD_QUIET=1`` silences it."""
+    if os.environ.get("FASTCD_QUIET", "0") != "1":
+        print(msg, file=sys.stderr, flush=True)
+
+
+def bits(correct) -> str:
+    """Per-example correctness as a string of 0/1 (how run records keep it)."""
+    return "".join("1" if c else "0" for c in correct)
+
+
+def unbits(s: str) -> list[bool]:
+    return [c == "1" for c in s]
+
+
 def short_sha(obj) -> str:
     """16 hex characters of the sha1 of ``obj`` as sorted JSON (identities, provenance)."""
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -12,9 +12,11 @@ import os
 import torch
 from torch import nn
 
+from fastcd import zoo
+from fastcd.convert import check_architecture, find_gguf, load_gguf_model, load_gguf_tokenizer
 from fastcd.errors import InputFileError, UsageError, UsageTypeError
 from fastcd.io import announce
-from fastcd.models import ModelSpec, get_adapter, model_spec, unwrap
+from fastcd.models import ModelSpec, get_adapter, model_spec, parse_dtype, unwrap  # noqa: F401  (parse_dtype: re-exported)
 
 logger = logging.getLogger("fastcd")
 
@@ -30,20 +32,6 @@ def pick_attn_implementation(device: str | torch.device | None) -> str:
     return "sdpa"
 
 
-_DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64,
-}
-
-
-def parse_dtype(dtype) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if isinstance(dtype, str) and dtype in _DTYPES:
-        return _DTYPES[dtype]
-    raise UsageError(f"dtype must be a torch.dtype or one of {sorted(_DTYPES)}, got {dtype!r}")
-
-
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "tokenizer_config.json")
@@ -53,8 +41,6 @@ def check_model_path(path_or_name, what: str = "path", *, weights: bool = True) 
     """Resolve a model argument (directory, GGUF file, packaged model name) and check, before anything loads,
     that it exists, names a supported architecture and (for a Hugging Face directory) holds weights. Errors name
     ``what`` (e.g. ``"teacher"``). Returns the resolved path."""
-    from fastcd import zoo
-    from fastcd.convert import check_architecture, find_gguf
 
     path = os.fspath(zoo.resolve(os.fspath(path_or_name)))
     if not os.path.exists(path):
@@ -78,7 +64,6 @@ def model_identity(path_or_name) -> str | None:
     module or a path that does not resolve."""
     import hashlib
 
-    from fastcd import zoo
 
     if not isinstance(path_or_name, (str, os.PathLike)):
         return None
@@ -137,7 +122,6 @@ def load_model(path_or_module, *, dtype=None, device=None, attn_implementation: 
     if not isinstance(path_or_module, (str, os.PathLike)):
         raise UsageTypeError(f"path_or_module must be a local directory path or an nn.Module, got "
                              f"{type(path_or_module)}")
-    from fastcd.convert import find_gguf, load_gguf_model
 
     check_device(device, "device")
     path = check_model_path(path_or_module, what)
@@ -216,7 +200,6 @@ def spec_of(path_or_module, what: str = "model") -> ModelSpec:
         return model_spec(path_or_module)
     from transformers import AutoConfig
 
-    from fastcd.convert import find_gguf
 
     path = check_model_path(path_or_module, what, weights=False)  # config only: no weights needed
     gguf = find_gguf(path, what)
@@ -237,8 +220,6 @@ def load_tokenizer(path: str | os.PathLike, what: str = "path"):
     snapshot (see :func:`load_model`). Errors name ``what``."""
     from transformers import AutoTokenizer
 
-    from fastcd import zoo
-    from fastcd.convert import find_gguf, load_gguf_tokenizer
 
     path = os.fspath(zoo.resolve(os.fspath(path)))
     if not os.path.exists(path):

@@ -24,7 +24,8 @@ from torch import nn
 
 from fastcd import _ext
 from fastcd.artifacts import Circuit, Matching, Pair
-from fastcd.cka import cka_matrix
+from fastcd.cka import cka_matrix, cka_matrix_torch
+from fastcd.discover import PatchSource, patch_heads_batched
 from fastcd.errors import UsageError
 from fastcd.hooks import ALL, capture_z, mean_z, role_positions
 from fastcd.models import Head, get_adapter, logits_at
@@ -49,7 +50,6 @@ def ablation_accuracies(model: nn.Module, clean: EncodedBatch, heads: list[tuple
     (head, example) stacked along the batch, each ablating only its own head, with layer skipping and the lm_head
     on the last position only; one call per position role (``max_batch`` None: from the memory budget).
     """
-    from fastcd.discover import PatchSource, patch_heads_batched
 
     n, t = clean.input_ids.shape
     if not clean.equal_length or means.shape[1] != t:
@@ -237,7 +237,6 @@ def cka_null(m: int, d_a: int, d_b: int, draws: int = 32, seed: int = 0) -> tupl
     """Mean and 95th percentile of the biased linear CKA of two independent isotropic Gaussian activation matrices
     ``[m, d_a]`` and ``[m, d_b]``: what two unrelated heads score by chance at this m (real unrelated heads, whose
     effective rank is lower, usually score less)."""
-    from fastcd.cka import cka_matrix_torch
 
     g = torch.Generator().manual_seed(seed)
     v = torch.tensor([float(cka_matrix_torch(torch.randn(1, m, d_a, generator=g, dtype=torch.float64),

@@ -131,7 +131,7 @@ def clean_metric(model, clean, metric, distractor_ids, batch_size) -> tuple[torc
     return torch.cat(vals), fw
 
 
-def check_common(clean: EncodedBatch, metric: str, batch_size: int) -> None:
+def check_patching_args(clean: EncodedBatch, metric: str, batch_size: int) -> None:
     if metric not in METRICS:
         raise UsageError(f"metric must be one of {METRICS}, got {metric!r}")
     if batch_size < 1:

@@ -26,6 +26,21 @@ _GPT2_LIKE = ("gpt2",)
 SUPPORTED_ARCHITECTURES = tuple(sorted(_LLAMA_LIKE + _GPT2_LIKE))
 
 
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64,
+}
+
+
+def parse_dtype(dtype) -> torch.dtype | None:
+    """A dtype argument: None, a torch.dtype, or one of the names in ``_DTYPES`` (float32, bf16, ...)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and dtype in _DTYPES:
+        return _DTYPES[dtype]
+    raise UsageError(f"dtype must be a torch.dtype or one of {sorted(_DTYPES)}, got {dtype!r}")
+
+
 class Head(NamedTuple):
     """One attention head: ``Head(layer, head)``, printed ``L{layer}H{head}``."""
 

@@ -31,7 +31,7 @@ from fastcd.discover import PatchingResult, PatchSource
 from fastcd.errors import UsageError
 from fastcd.hooks import intervene, role_positions, run_with_z
 from fastcd.loading import rows_for_budget
-from fastcd.metrics import check_common, clean_metric, metric_values, relative_change
+from fastcd.metrics import check_patching_args, clean_metric, metric_values, relative_change
 from fastcd.models import Head, get_adapter, logits_at
 from fastcd.tasks.base import EncodedBatch
 
@@ -117,7 +117,7 @@ def path_patch(model: nn.Module, clean: EncodedBatch, corrupt_z: torch.Tensor, *
     Returns:
         A :class:`PatchingResult`; senders that cannot reach any receiver (same or later layer) are NaN.
     """
-    check_common(clean, metric, batch_size)
+    check_patching_args(clean, metric, batch_size)
     if receiver_input not in ("logits", "q", "v"):
         raise UsageError(f"receiver_input must be 'logits', 'q' or 'v', got {receiver_input!r}")
     if receiver_input != "logits" and not receivers:

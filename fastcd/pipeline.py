@@ -6,20 +6,20 @@ from __future__ import annotations
 import gc
 import os
 import random
-import sys
 from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
-from fastcd.adapters import save_adapter
 from fastcd.artifacts import Circuit, Matching, check_provenance, prompts_sha
-from fastcd.config import TEST_SEED, DistillConfig, resolve_mixed_precision
-from fastcd.discover import default_circuit
+from fastcd.card import _command_line, _name_of, save_result
+from fastcd.config import BF16_MIN_D_MODEL, TEST_SEED, DistillConfig, resolve_mixed_precision
+from fastcd.cost import CALIBRATION_PROMPTS, calibrate, distill_plan, time_plan
+from fastcd.discover_policy import default_circuit
 from fastcd.distillation import CircuitDistiller, check_vocabularies
 from fastcd.errors import UsageError
 from fastcd.hooks import mean_z
-from fastcd.io import atomic_target, read_json, write_json_atomic
+from fastcd.io import read_json
 from fastcd.loading import check_model_path, load_model, load_tokenizer, model_identity, spec_of
 from fastcd.match import MatchInputs, match, match_random
 from fastcd.metrics import accuracy_per_example, circuit_correct, faithfulness_record
@@ -36,6 +36,7 @@ from fastcd.resume import (
     save_checkpoint,
     sha,
 )
+from fastcd.stages import Stages
 from fastcd.tasks import DatasetTask, get_task
 from fastcd.tasks.base import adapt_task
 from fastcd.tasks.protocol import check_task
@@ -72,41 +73,23 @@ def resolve_task(task_or_dataset):
     return check_task(task_or_dataset, "task_or_dataset")
 
 
-def _name_of(x) -> str | None:
-    if x is None:
-        return None
-    if isinstance(x, (str, os.PathLike)):
-        return os.path.basename(os.path.normpath(os.fspath(x)))
-    return getattr(getattr(x, "config", None), "_name_or_path", None) or type(x).__name__
-
-
-def _command_line() -> str:
-    """The command that made the run, for the model card: the CLI's own arguments, or the script that called
-    ``fastcd.distill()`` (no path of the machine: the script's file name)."""
-    prog = sys.argv[0] if sys.argv else ""
-    if prog in ("", "-", "-c"):
-        return "fastcd.distill(...) from an interactive session or `python -c`"
-    name = os.path.basename(prog)
-    if name in ("fastcd", "__main__.py", "cli.py"):
-        return " ".join(["fastcd"] + sys.argv[1:])
-    return " ".join(["python", name] + sys.argv[1:]) + "   # calls fastcd.distill(...)"
-
-
 def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, matching: Matching | None = None,
             config: DistillConfig | None = None, *, teacher_tokenizer=None, student_tokenizer=None,
-            teacher_cache: str | None = None) -> DistillResult:
+            teacher_cache: str | None = None, plan_only: bool = False) -> DistillResult:
     """Run circuit distillation end to end.
 
     Args:
         teacher, student: local HF directories or modules. ``teacher`` may be None with ``teacher_cache``.
         task_or_dataset: ``"entity-tracking"``, ``"tom"`` or a task object: a built-in one
             (``EntityTracking(n_boxes=5)``) or any object that follows :class:`fastcd.tasks.Task`.
-        circuit: the teacher circuit; discovered when None with :func:`fastcd.discover.default_circuit`
+        circuit: the teacher circuit; discovered when None with :func:`fastcd.discover_policy.default_circuit`
             (``config.discovery``; the task's default policy).
         matching: teacher->student pairs; computed with ``config.matching_method`` when None.
         config: :class:`DistillConfig`.
         teacher_tokenizer, student_tokenizer: default: loaded from the model directories.
         teacher_cache: an offline teacher cache directory (see :func:`build_teacher_cache`).
+        plan_only: return the run's cost plan (a dict: each stage's work, predicted seconds, peak memory) after
+            loading the models and a short calibration, before any work.
 
     Returns:
         :class:`DistillResult` with the trained student (merged, ready for ``save_pretrained``), the matching,
@@ -122,6 +105,9 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
     for arg, what in ((student, "student"), (teacher, "teacher")):  # paths, architectures, weights: seconds
         if isinstance(arg, (str, os.PathLike)):
             check_model_path(arg, what)
+    dev0 = (next(student.parameters()).device.type if isinstance(student, nn.Module)
+            else torch.device(cfg.device).type if cfg.device else "cpu")
+    cfg, scaled = cfg.scaled_for(spec_of(student, "student").d_model, dev0)  # CPU defaults for a real LM
     ckpt_path = os.path.join(cfg.out, "ckpt.pt") if cfg.out else None
     if ckpt_path and os.path.isfile(ckpt_path) and cfg.overwrite:
         os.remove(ckpt_path)
@@ -179,16 +165,22 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
     if state is not None:  # models given as paths are known by their files: checked here too, before they load
         check_checkpoint(state, ckpt_path, identity, cfg, EARLY + tuple(k for k, v in ids.items() if v))
     if cfg.mixed_precision == "auto":  # bf16 on the CPU for real LMs (config only: no weights read yet)
-        dev_type = torch.device(cfg.device).type if cfg.device else "cpu"
-        cfg = replace(cfg, mixed_precision=resolve_mixed_precision(
-            "auto", spec_of(student, "student").d_model, dev_type))
+        cfg = replace(cfg, mixed_precision=resolve_mixed_precision("auto", spec_of(student, "student").d_model, dev0))
     bf16 = cfg.mixed_precision == "bf16"
-    # bf16: a student read from disk keeps float32 master weights; the frozen teacher is loaded in bf16
-    student = load_model(student, device=cfg.device, what="student",
-                         dtype="float32" if bf16 and isinstance(student, (str, os.PathLike)) else None)
-    teacher = None if teacher is None else load_model(
-        teacher, dtype=cfg.teacher_dtype or ("bf16" if bf16 and isinstance(teacher, (str, os.PathLike)) else None),
-        device=cfg.device, what="teacher")
+    # the plan: each stage's work now (no weights read), timed after loading for a real LM (or with plan_only)
+    cached = teacher_cache is not None or (teacher is not None and cfg.effective_kd_weight == 0 and not ranked())
+    plan = distill_plan(cfg, task, teacher=teacher, student=student, circuit=circuit, matching=matching,
+                        cached=cached, scaled=scaled, seq_len=task.encode(train_ex[:1], s_tok).input_ids.shape[1])
+    timed = teacher is not None and (plan_only or spec_of(student, "student").d_model >= BF16_MIN_D_MODEL)
+    stages = Stages(None, quiet=not is_rank0())
+    if not timed:
+        stages.say_plan(plan)
+    with stages("load", plan["stages"][0]["what"]):  # bf16: the student keeps float32 master weights
+        student = load_model(student, device=cfg.device, what="student",
+                             dtype="float32" if bf16 and isinstance(student, (str, os.PathLike)) else None)
+        teacher = None if teacher is None else load_model(
+            teacher, dtype=cfg.teacher_dtype or ("bf16" if bf16 and isinstance(teacher, (str, os.PathLike)) else None),
+            device=cfg.device, what="teacher")
     dev_type = next(student.parameters()).device.type
 
     def amp():  # every frozen forward (discovery, matching, evaluation) under the run's autocast
@@ -211,8 +203,18 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
         known = matching is not None and not cfg.spec.random_students
         check_checkpoint(state, ckpt_path, {**identity, "matching": sha(matching.to_json()) if known else None}, cfg,
                          ("teacher", "student", "matching"))
-    s_train = task.encode(train_ex, s_tok)
-    t_train = task.encode(train_ex, t_tok) if teacher is not None else None
+    with stages("tokenisation", f"{len(train_ex) + len(val_ex) + 2 * len(test_pairs):,} prompts"):
+        s_train = task.encode(train_ex, s_tok)
+        t_train = task.encode(train_ex, t_tok) if teacher is not None else None
+    if timed:  # a short calibration on this machine times the plan
+        n_pairs = len(matching.pairs) if matching else len(circuit.heads) if circuit else 9
+        with stages("calibration", f"{CALIBRATION_PROMPTS} prompts through each model and 2 training steps"):
+            cal = calibrate(teacher, student, t_train.index(range(min(CALIBRATION_PROMPTS, len(t_train)))),
+                            s_train.index(range(min(CALIBRATION_PROMPTS, len(s_train)))), [cfg.batch_size], n_pairs,
+                            amp, cfg.mixed_precision)
+        stages.say_plan(time_plan(plan, cal, cfg.batch_size))
+    if plan_only:
+        return plan
     s_test = task.encode([p.clean for p in test_pairs], s_tok)
     s_ref = task.encode([p.corrupt for p in test_pairs], s_tok)
 
@@ -228,7 +230,7 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
         t_clean = task.encode([p.clean for p in dpairs], t_tok)
         t_corrupt = task.encode([p.corrupt for p in dpairs], t_tok)
         if circuit is None:
-            with amp():
+            with amp(), stages("discovery", stages.what("discovery")):
                 circuit, _, _ = default_circuit(teacher, task, t_clean, t_corrupt, method=cfg.discovery,
                                                 top_k=cfg.top_k, path_k=cfg.path_k, progress=cfg.progress)
         if spec.random_students:
@@ -237,7 +239,7 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
             inp = MatchInputs(teacher, student, circuit, t_clean, task.encode([p.clean for p in dpairs], s_tok),
                               t_corrupt, task.encode([p.corrupt for p in dpairs], s_tok))
             kw = {"progress": cfg.progress} if cfg.matching_method in ("ablation", "combined") else {}
-            with amp():
+            with amp(), stages("matching", stages.what("matching")):
                 matching = match(inp, cfg.matching_method, **kw)
         circuit, matching = broadcast_artifacts(circuit, matching)
     elif spec.random_students and matching is not None and matching.method != "random":
@@ -253,17 +255,16 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
     teacher_metrics: dict = {}  # the frozen teacher on the test set (and its circuit's faithfulness), before training
     if teacher is not None:
         t_test = task.encode([p.clean for p in test_pairs], t_tok)
-        with amp():
+        with amp(), torch.no_grad(), stages("teacher evaluation", stages.what("teacher evaluation")):
             teacher_metrics["teacher_accuracy"] = sum(accuracy_per_example(teacher, t_test)) / len(t_test)
-        if cfg.circuit_eval and circuit is not None:
-            t_ref = task.encode([p.corrupt for p in test_pairs], t_tok)
-            with amp(), torch.no_grad():
+            if cfg.circuit_eval and circuit is not None:
+                t_ref = task.encode([p.corrupt for p in test_pairs], t_tok)
                 teacher_metrics["teacher_circuit"] = faithfulness_record(teacher, t_test, t_ref, circuit, split="test")
-            circuit.meta["evaluation"] = teacher_metrics["teacher_circuit"]
+                circuit.meta["evaluation"] = teacher_metrics["teacher_circuit"]
     if cache is None and teacher is not None and cfg.effective_kd_weight == 0 and not ranked():
         # the cheap path: the frozen teacher runs once over the training prompts (labels and the matched heads' z,
         # in memory) instead of on every step, and is released before training
-        with amp(), torch.no_grad():
+        with amp(), torch.no_grad(), stages("teacher cache", stages.what("teacher cache")):
             cache = MemoryCache(teacher_signals(teacher, t_train, matching if spec.uses_cka else None,
                                                 progress=cfg.progress))
         teacher = None
@@ -300,12 +301,12 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
         step, log = state["step"], state["log"]
         if state.get("n_eval") == cfg.n_eval:
             base_accuracy = state.get("base_accuracy")
-        cd._lam = state.get("lam")
+        cd.calibrated_lam = state.get("lam")
     identity["matching"] = sha(matching.to_json()) if matching is not None else None
     if base_accuracy is None:  # the untrained student, reported beside the trained one
         was = student.training
         student.eval()
-        with amp():
+        with amp(), stages("base evaluation", stages.what("base evaluation")):
             base_accuracy = sum(accuracy_per_example(student, s_test)) / len(s_test)
         student.train(was)
 
@@ -319,13 +320,14 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
                           "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                           "step": step_, "log": log_,
                           "identity": identity, "base_accuracy": base_accuracy, "n_eval": cfg.n_eval,
-                          "lam": cd._lam}, cfg.out, identity, step_)
+                          "lam": cd.calibrated_lam}, cfg.out, identity, step_)
 
     # accuracy during training is measured on validation prompts, never on the test set
     s_val = task.encode(val_ex, s_tok) if cfg.eval_every else None
     try:
-        log = train_loop(cd, opt, cfg.seed, cfg, s_train, t_train, cache, step=step, log=log, world=world, rank=rank,
-                         eval_batch=s_val, on_step=save, scheduler=sched, state=loop_state)
+        with stages("training", stages.what("training")):
+            log = train_loop(cd, opt, cfg.seed, cfg, s_train, t_train, cache, step=step, log=log, world=world,
+                             rank=rank, eval_batch=s_val, on_step=save, scheduler=sched, state=loop_state)
     except BaseException:
         if cd.slices is not None:  # leave the student a plain model (no parametrisations) for the caller
             merge(cd.slices)
@@ -335,20 +337,19 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
         merge(cd.slices)
     for p in student.parameters():
         p.requires_grad_(False)
-    with amp():
+    circ_correct, live = [], [(p.student, p.position) for p in matching.pairs] if matching is not None else None
+    with amp(), stages("evaluation", stages.what("evaluation")):
         correct = accuracy_per_example(student, s_test)
+        if live is not None:
+            means = mean_z(student, s_ref.input_ids.to(next(student.parameters()).device))
+            circ_correct = circuit_correct(student, s_test, means, live, batch_size=128)
     metrics = {"method": cfg.method, "student_accuracy": sum(correct) / len(correct),
                "student_base_accuracy": base_accuracy,
                "trainable_params": cd.n_trainable,
                "lam_effective": cd.lam if spec.uses_cka else None,
                "steps_done": log[-1]["step"] if log else step, "stopped_early": loop_state.get("stopped_early"),
                "trainable_fraction": cd.n_trainable / sum(p.numel() for p in student.parameters())}
-    circ_correct = []
     if matching is not None:
-        live = [(p.student, p.position) for p in matching.pairs]
-        with amp():
-            means = mean_z(student, s_ref.input_ids.to(next(student.parameters()).device))
-            circ_correct = circuit_correct(student, s_test, means, live, batch_size=128)
         metrics["student_circuit_accuracy"] = sum(circ_correct) / len(circ_correct)
         if metrics["student_accuracy"] > 0:
             metrics["student_circuit_faithfulness"] = metrics["student_circuit_accuracy"] / metrics["student_accuracy"]
@@ -358,38 +359,15 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
         metrics["trained_heads_fraction"] = trained / s_spec.n_total_heads
     metrics.update(teacher_metrics)
     metrics["world_size"] = world
+    metrics["stages"] = stages.records  # seconds and peak memory per stage, the plan's prediction beside them
     result = DistillResult(student, matching, circuit, metrics, log, correct, circ_correct, s_tok)
     if cfg.out and rank == 0:
-        save_result(result, cfg, s_tok, task=task, teacher=teacher_name, student=student_name,
-                    command=command)
+        with stages("saving", f"the run folder {cfg.out}"):
+            save_result(result, cfg, s_tok, task=task, teacher=teacher_name, student=student_name,
+                        command=command)
     if world > 1:
         torch.distributed.barrier()
     return result
-
-
-def save_result(result: DistillResult, cfg: DistillConfig, tokenizer=None, *, task=None, teacher: str | None = None,
-                student: str | None = None, command: str | None = None) -> str:
-    """``OUT/student`` (save_pretrained, with a model card ``README.md``), ``OUT/adapter``, ``OUT/matching.json``,
-    ``OUT/circuit.json``, ``OUT/log.json``."""
-    out = cfg.out
-    os.makedirs(out, exist_ok=True)
-    from fastcd.card import model_card
-
-    with atomic_target(os.path.join(out, "student"), directory=True) as tmp:
-        result.student.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
-            f.write(model_card(result, cfg, task=task, teacher=teacher, student=student, command=command))
-    if result.matching is not None:
-        result.matching.save(os.path.join(out, "matching.json"))
-        if not cfg.spec.full_model:  # the trained slices alone: fastcd.adapters.load_adapted(base, OUT/adapter)
-            save_adapter(result, os.path.join(out, "adapter"), kv=cfg.kv, base=student)
-    if result.circuit is not None and result.circuit.heads:
-        result.circuit.save(os.path.join(out, "circuit.json"))
-    write_json_atomic({"config": cfg_key(cfg), "metrics": result.metrics, "log": result.log},
-                      os.path.join(out, "log.json"))
-    return out
 
 
 __all__ = ["DistillResult", "distill", "resolve_task", "save_result"]

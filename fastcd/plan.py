@@ -14,14 +14,11 @@ from __future__ import annotations
 
 import json
 import os
-import resource
-import time
-
-import torch
 
 from fastcd.config import METHOD_SPECS
+from fastcd.cost import CALIBRATION_PROMPTS, calibrate, time_steps  # noqa: F401  (the experiment's calibration)
+from fastcd.experiment_config import chosen_lrs
 
-CALIBRATION_PROMPTS = 16
 CIRCUIT_EVAL_PROMPTS = 128  # the teacher circuit's faithfulness: the first 128 test prompts
 CIRCUIT_EVAL_PASSES = 12  # full model, the circuit, 10 random circuits (fastcd.metrics.faithfulness_record)
 
@@ -29,7 +26,6 @@ CIRCUIT_EVAL_PASSES = 12  # full model, the circuit, 10 random circuits (fastcd.
 def count_work(cfg, done_keys: set, need: dict, n_pool: int, records: dict | None = None) -> dict:
     """Runs, steps and forwards of what is left to do; ``need`` says which shared records are still missing. With
     ``select_lr``, the seeds' runs whose lr is not chosen yet count too (``records``: the finished runs by key)."""
-    from fastcd.experiment_config import chosen_lrs
 
     specs = [s for s in cfg.planned_specs(chosen_lrs(cfg, records or {})) if s["key"] not in done_keys]
     by_batch: dict[int, int] = {}
@@ -48,73 +44,6 @@ def count_work(cfg, done_keys: set, need: dict, n_pool: int, records: dict | Non
             "teacher_forward_prompts": teacher, "student_forward_prompts": eval_prompts + student_base,
             "discovery_prompts": cfg.n_discovery if need.get("circuit") else 0,
             "matching_prompts": cfg.n_discovery if need.get("matchings") else 0}
-
-
-def _per_prompt(model, batch, amp) -> float:
-    from fastcd.metrics import accuracy_per_example
-
-    with torch.no_grad(), amp():
-        accuracy_per_example(model, batch.index(range(min(2, len(batch)))))  # warm-up
-        t = time.perf_counter()
-        accuracy_per_example(model, batch, batch_size=len(batch))
-    return (time.perf_counter() - t) / len(batch)
-
-
-def time_steps(student, matching, batch, cache, mixed_precision: str, steps: int, lr: float = 1e-6):
-    """Mean seconds of ``steps`` ce+cka steps of ``fastcd.training.train_loop`` on ``batch`` (all of it one batch,
-    teacher signals from ``cache``) after one warm-up step; also the last log row and the trainable parameters.
-    The slices are merged back into ``student`` (its weights change by the steps taken)."""
-    from fastcd.config import DistillConfig
-    from fastcd.distillation import CircuitDistiller
-    from fastcd.trainable import merge
-    from fastcd.training import make_optimizer, train_loop
-
-    cfg = DistillConfig(method="ce+cka", batch_size=len(batch), n_train=len(batch), steps=steps + 1, lr=lr,
-                        mixed_precision=mixed_precision, progress=False, log_every=1)
-    cd = CircuitDistiller(student, matching, config=cfg)
-    opt, _ = make_optimizer(cd, cfg)
-    stamps = []
-
-    def stamp(step, log):
-        stamps.append(time.perf_counter())
-
-    try:
-        log = train_loop(cd, opt, 0, cfg, batch, None, cache, on_step=stamp)
-    finally:
-        merge(cd.slices)
-    return (stamps[-1] - stamps[0]) / steps, log[-1], cd.n_trainable
-
-
-def calibrate(teacher, student, t_batch, s_batch, batch_sizes, n_pairs: int, amp, mixed_precision: str) -> dict:
-    """Seconds per teacher / student forward prompt (batches of CALIBRATION_PROMPTS) and per ce+cka step at each
-    batch size (``n_pairs`` heads of the student matched to heads of the teacher at the last token, teacher z from
-    its own forward); the student's weights are restored afterwards."""
-    from fastcd.artifacts import Matching, Pair
-    from fastcd.models import Head, get_adapter
-    from fastcd.teacher_cache import MemoryCache, teacher_signals
-
-    n = CALIBRATION_PROMPTS
-    out = {"teacher_s_per_prompt": _per_prompt(teacher, t_batch.index(range(min(n, len(t_batch)))), amp),
-           "student_s_per_prompt": _per_prompt(student, s_batch.index(range(min(n, len(s_batch)))), amp),
-           "step_s": {}}
-    ts, ss = get_adapter(teacher).spec, get_adapter(student).spec
-    k = max(1, min(n_pairs, ts.n_total_heads, ss.n_total_heads))
-    pairs = [Pair(Head(i % ts.n_layers, i // ts.n_layers % ts.n_heads),
-                  Head(i % ss.n_layers, i // ss.n_layers % ss.n_heads), "last") for i in range(k)]
-    matching = Matching(pairs, "calibration")
-    state = {k_: v.detach().clone() for k_, v in student.state_dict().items()}
-    for b in sorted(batch_sizes):
-        m = min(b, len(s_batch))
-        with torch.no_grad(), amp():
-            cache = MemoryCache(teacher_signals(teacher, t_batch.index(range(m)), matching, batch_size=m))
-        sec, _, _ = time_steps(student, matching, s_batch.index(range(m)), cache, mixed_precision, steps=2)
-        out["step_s"][b] = sec * b / m  # a grid batch larger than the calibration prompts: scaled
-    student.load_state_dict(state)
-    student.eval()
-    for p in student.parameters():
-        p.requires_grad_(False)
-    out["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    return out
 
 
 def predict(work: dict, cal: dict, cache_gib: float) -> dict:

@@ -12,6 +12,7 @@ import os
 
 from fastcd.config import ALL_METHODS as METHOD_ORDER  # the order of the method table, also for colours
 from fastcd.errors import UsageError
+from fastcd.stats import mean_ci
 
 METRIC_LABELS = {"prob": "p(answer)", "logprob": "log p(answer)", "logit_diff": "logit difference",
                  "accuracy": "accuracy"}
@@ -275,7 +276,6 @@ def variant(setting: dict) -> str | None:
 def sweep_plot(report: dict, recs: list[dict], var: str, xlabel: str, path: str | os.PathLike | None = None):
     """Test accuracy against a swept setting (``n_train``: sample efficiency; ``lam``), per method and matching
     rule, mean and 95% t-interval over seeds; None when the setting takes fewer than two values."""
-    from fastcd.report import mean_ci
 
     vals = sorted({r["setting"][var] for r in recs if r["setting"].get(var) not in (None, "auto")})
     if len(vals) < 2:

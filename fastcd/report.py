@@ -5,19 +5,19 @@ with its 95% t-interval over seeds, exact McNemar tests pooled over seeds with H
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import asdict
 
 from fastcd.config import ALL_METHODS, METHOD_SPECS
-from fastcd.experiment_config import ExperimentConfig, chosen_lrs, legacy_setting, lr_choices
-from fastcd.io import write_json_atomic
+from fastcd.experiment_config import ExperimentConfig, chosen_lrs, lr_choices, upgrade_old_record
+from fastcd.experiment_shared import say
+from fastcd.io import unbits, write_json_atomic
 from fastcd.plan import plan_vs_measured
-from fastcd.stats import paired_seed_test, seed_level_lines
+from fastcd.plots import accuracy_plot, curves_plot, lr_selection_plot, sweep_plot, variant
+from fastcd.stats import mcnemar, mean_ci, paired_seed_test, seed_level_lines
 
 
 def _say(msg: str) -> None:
-    from fastcd.experiment_shared import say
 
     say(msg)
 
@@ -52,14 +52,6 @@ def append_record(path: str, rec: dict) -> None:
         os.fsync(f.fileno())
 
 
-def bits(correct) -> str:
-    return "".join("1" if c else "0" for c in correct)
-
-
-def _unbits(s: str) -> list[bool]:
-    return [c == "1" for c in s]
-
-
 def setting_label(s: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in s.items() if v is not None)
 
@@ -67,20 +59,6 @@ def setting_label(s: dict) -> str:
 # ------------------------------------------------------------------------------------------------
 # Report
 # ------------------------------------------------------------------------------------------------
-def mean_ci(values, level: float = 0.95) -> dict:
-    """Mean and the t-interval over seeds (no interval from one seed)."""
-    from scipy import stats
-
-    v = [float(x) for x in values]
-    n = len(v)
-    mean = sum(v) / n
-    if n < 2:
-        return {"mean": mean, "lo": None, "hi": None, "n": n}
-    sd = math.sqrt(sum((x - mean) ** 2 for x in v) / (n - 1))
-    h = stats.t.ppf(0.5 + level / 2, n - 1) * sd / math.sqrt(n)
-    return {"mean": mean, "lo": mean - h, "hi": mean + h, "sd": sd, "n": n}
-
-
 def _group_key(setting: dict) -> str:
     s = {k: v for k, v in setting.items() if k not in ("matching", "lam", "cka_estimator")}
     return setting_label(s)
@@ -112,7 +90,7 @@ def write_report(out: str, cfg: ExperimentConfig | None = None) -> dict:
     cfg = cfg or ExperimentConfig.from_dict(manifest["config"])
     recs = list(read_runs(os.path.join(out, "runs.jsonl")).values())
     for r in recs:  # records made before the estimator was a grid field: the experiment's one estimator
-        legacy_setting(r, manifest["shared"].get("cka_estimator", "biased"))
+        upgrade_old_record(r, manifest["shared"].get("cka_estimator", "biased"))
     by_key = {r["key"]: r for r in recs}
     wanted = {s["key"] for s in cfg.run_specs(chosen_lrs(cfg, by_key))}
     recs = [r for r in recs if r["key"] in wanted]
@@ -192,8 +170,8 @@ def write_report(out: str, cfg: ExperimentConfig | None = None) -> dict:
             add(ka, kb, rs, rs2)
         if base is not None:
             common = sorted(ref)
-            a = sum((_unbits(ref[s]["correct"]) for s in common), [])
-            b = _unbits(base["correct"]) * len(common)
+            a = sum((unbits(ref[s]["correct"]) for s in common), [])
+            b = unbits(base["correct"]) * len(common)
             tests.append({"setting": group, "a": _name(*ka[1:]), "b": "untrained student",
                           "seeds": common, **_mc(a, b),
                           "seed_level": paired_seed_test({s: ref[s]["accuracy"] for s in common},
@@ -234,7 +212,6 @@ def write_report(out: str, cfg: ExperimentConfig | None = None) -> dict:
     if recs:
         plot_report(report, recs, out)
     if tuning:  # the lr selection and the tuning runs' curves (line style: lr), before any seed has run
-        from fastcd.plots import curves_plot, lr_selection_plot
 
         lr_selection_plot(selection, os.path.join(out, "lr_selection.png"))
         curves_plot({(r["method"], f"lr {r['setting']['lr']:g}"): [r["log"]] for r in tuning},
@@ -249,13 +226,12 @@ def _pooled_test(rs_a: list[dict], rs_b: list[dict]) -> dict | None:
     common = sorted(set(ref) & set(other))
     if not common:
         return None
-    a = sum((_unbits(ref[s]["correct"]) for s in common), [])
-    b = sum((_unbits(other[s]["correct"]) for s in common), [])
+    a = sum((unbits(ref[s]["correct"]) for s in common), [])
+    b = sum((unbits(other[s]["correct"]) for s in common), [])
     return {"seeds": common, **_mc(a, b)}
 
 
 def _mc(a, b) -> dict:
-    from fastcd.stats import mcnemar
 
     t = mcnemar(a, b)
     return {"a_only": t["b"], "b_only": t["c"], "p_value": t["p_value"], "n": len(a)}
@@ -395,7 +371,6 @@ def plot_report(report: dict, recs: list[dict], out: str) -> list[str]:
     """``accuracy.png`` (per method, each seed a dot, mean with its CI), ``sample_efficiency.png`` and
     ``lambda.png`` (when those vary), ``curves.png`` (small multiples: one panel per loss part and validation
     accuracy, colour by method, every run)."""
-    from fastcd.plots import accuracy_plot, curves_plot, sweep_plot, variant
 
     paths = [os.path.join(out, "accuracy.png")]
     accuracy_plot(report, paths[0])

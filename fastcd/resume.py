@@ -18,7 +18,7 @@ import torch
 
 from fastcd.config import DistillConfig
 from fastcd.errors import UsageError
-from fastcd.io import announce, atomic_target, short_sha
+from fastcd.io import announce, atomic_target, short_sha, write_json_atomic
 from fastcd.training import BATCH_ORDER
 
 EARLY = ("config", "task", "data", "teacher_cache")  # checked before any model loads
@@ -138,7 +138,6 @@ def save_checkpoint(state: dict, out: str, identity: dict, step: int) -> None:
     not there (a kill between the two leaves the previous manifest, which a resume does not read)."""
     with atomic_target(os.path.join(out, "ckpt.pt")) as tmp:
         torch.save(state, tmp)
-    from fastcd.io import write_json_atomic
 
     write_json_atomic({"identity": identity, "step": step}, os.path.join(out, "manifest.json"))
 

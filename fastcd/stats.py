@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from fastcd.errors import UsageError
@@ -85,3 +87,17 @@ def seed_level_lines(tests: list[dict], replications: bool = True) -> list[str]:
                      f"{ci} | {f(sl['sd_diff'], '.3f')} | {f(sl['p_t'])} | {f(sl.get('p_t_holm'))} | "
                      f"{f(sl['p_wilcoxon'])} | {f(sl.get('p_wilcoxon_holm'))} | {f(sl['mde'], '.3f')} |")
     return lines + [""]
+
+
+def mean_ci(values, level: float = 0.95) -> dict:
+    """Mean and the t-interval over seeds (no interval from one seed)."""
+    from scipy import stats
+
+    v = [float(x) for x in values]
+    n = len(v)
+    mean = sum(v) / n
+    if n < 2:
+        return {"mean": mean, "lo": None, "hi": None, "n": n}
+    sd = math.sqrt(sum((x - mean) ** 2 for x in v) / (n - 1))
+    h = stats.t.ppf(0.5 + level / 2, n - 1) * sd / math.sqrt(n)
+    return {"mean": mean, "lo": mean - h, "hi": mean + h, "sd": sd, "n": n}

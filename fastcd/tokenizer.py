@@ -8,13 +8,13 @@ front of every encoded text. Wrapped as a ``PreTrainedTokenizerFast`` so it save
 from __future__ import annotations
 
 from fastcd.errors import UsageError
+from fastcd.tasks import EntityTracking, TheoryOfMind
 
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>")
 
 
 def task_vocabulary() -> list[str]:
     """Every word the built-in tasks can produce, sorted (so the ids are stable)."""
-    from fastcd.tasks import EntityTracking, TheoryOfMind
 
     words = EntityTracking().vocabulary() | TheoryOfMind().vocabulary()
     return sorted(words)

@@ -17,6 +17,7 @@ import torch
 
 from fastcd.config import DistillConfig, resolve_mixed_precision
 from fastcd.distillation import CircuitDistiller, make_batch
+from fastcd.errors import UsageError
 from fastcd.metrics import accuracy_and_ce
 from fastcd.models import get_adapter
 from fastcd.tasks.base import EncodedBatch
@@ -32,7 +33,6 @@ def batch_rows(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
     drawn at most once, and the ``n % batch_size`` left out of an epoch differ from epoch to epoch. The rows depend
     only on ``(n, batch_size, step, seed)``, so a resumed run draws exactly the batches of an uninterrupted one."""
     if batch_size > n:
-        from fastcd.errors import UsageError
 
         raise UsageError(f"batch_size must be <= the number of training prompts ({n}) for duplicate-free batches, "
                          f"got {batch_size}")
@@ -123,7 +123,7 @@ def train_loop(cd: CircuitDistiller, opt, seed: int, cfg: DistillConfig, s_train
     student = cd.student
     student.train()
     spec = cfg.spec
-    if cfg.lam == "auto" and cd._lam is None and spec.uses_cka:
+    if cfg.lam == "auto" and cd.calibrated_lam is None and spec.uses_cka:
         # calibrated on 3 batches from their own generator, so the training batches are those of a fixed lambda
         batches = [make_batch(batch_rows(len(s_train), cfg.batch_size, i, seed + 7919).view(world, -1)[rank],
                               s_train, t_train, cache) for i in range(3)]

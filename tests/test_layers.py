@@ -10,12 +10,13 @@ ROOT = Path(__file__).resolve().parents[1] / "fastcd"
 STAGES = [
     {"errors", "io", "config", "cli_args"},
     {"_ext", "_C", "reference", "models", "tokenizer", "tasks", "tasks.base", "tasks.protocol", "tasks.entity_tracking",
-     "tasks.tom", "tasks.dataset"},
-    {"loading", "convert", "zoo", "hooks", "trainable", "cka", "kernels", "kernels.cka", "info", "stats"},
+     "tasks.tom", "tasks.registry", "tasks.dataset"},
+    {"loading", "convert", "zoo", "hooks", "trainable", "cka", "kernels", "kernels.cka", "info", "stats", "plots",
+     "stages"},
     {"artifacts", "metrics", "adapters"},
-    {"discover", "attribution", "path_patching", "circuit_search", "match", "pretrain"},
-    {"distillation", "teacher_cache", "training", "card", "resume", "ranks", "pipeline"},
-    {"experiment_config", "plan", "report", "plots", "experiment_shared", "experiment", "demo", "discover_run"},
+    {"discover", "attribution", "path_patching", "discover_policy", "circuit_search", "match", "pretrain"},
+    {"distillation", "teacher_cache", "training", "card", "resume", "ranks", "cost", "pipeline"},
+    {"experiment_config", "plan", "report", "experiment_shared", "experiment", "demo", "discover_run", "match_run"},
     {"cli", "__main__"},
 ]
 STAGE = {m: i for i, s in enumerate(STAGES) for m in s}
@@ -68,6 +69,60 @@ def test_no_module_imports_a_higher_stage():
                     bad.append(f"{mod} (stage {STAGE[mod]}) imports {target} (stage {STAGE[target]})")
     assert not unknown, f"modules missing from the stage table: {unknown}"
     assert not bad, bad
+
+
+# where a module may import a fastcd module inside a function instead of at the top, and why
+LAZY_OK = {
+    "": "fastcd/__init__.py loads every public name on first use (import fastcd stays torch-free)",
+    "cli": "torch-free --help: each command imports its module when it runs",
+    "config": "torch-free (the CLI's parsers read it); validate() imports the torch-side checks",
+    "cli_args": "torch-free (the CLI's parsers read it)",
+    "experiment_config": "torch-free (fastcd experiment --help and --plan read it)",
+    "convert": "torch-free until a conversion runs (fastcd models lists without torch)",
+    "info": "reports what imports, so it tries each module",
+}
+OPTIONAL = ("_C", "kernels")  # the C++ extension and the Triton kernels: optional, imported where used
+
+
+def test_in_function_imports_are_listed():
+    """Every other module imports fastcd modules at its top; in-function imports only where LAZY_OK says why, or of
+    the optional extension and kernels."""
+    bad = []
+    for path in sorted(ROOT.rglob("*.py")):
+        mod = _module_name(path)
+        if mod in LAZY_OK or mod.startswith("kernels"):
+            continue
+        tree = ast.parse(path.read_text())
+        top = _top_level(tree)
+        for target, node in _imports(tree):
+            if id(node) not in top and not target.startswith(OPTIONAL):
+                bad.append(f"{mod} imports {target} inside a function (line {node.lineno})")
+    assert not bad, bad
+
+
+def test_no_import_circles():
+    """No two modules import each other, directly or through others, even inside a function: every module can be
+    read (and imported) after the ones it names."""
+    graph = {}
+    for path in sorted(ROOT.rglob("*.py")):
+        mod = _module_name(path)
+        graph[mod] = {t for t, _ in _imports(ast.parse(path.read_text())) if t != mod}
+    graph = {m: {t for t in deps if t in graph} for m, deps in graph.items()}
+    state, cycles = {}, []
+
+    def visit(m, path):
+        state[m] = 1
+        for t in sorted(graph[m]):
+            if state.get(t) == 1:
+                cycles.append(path[path.index(t):] + [t] if t in path else [m, t])
+            elif t not in state:
+                visit(t, path + [t])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+    assert not cycles, cycles
 
 
 def test_readme_stage_table_is_this_one():

@@ -323,3 +323,38 @@ def test_circuit_positions_script_on_smollm2(smol_dir):
     assert len(recs) == 9 and recs[0]["n"] == 4
     assert all(0 <= r["circuit_accuracy"] <= 1 for r in recs[1:])
     assert recs[1]["live_roles"] == ["last", "query_label", "box_label"]
+
+
+def test_readme_first_real_run_prints_every_stage(tmp_path, monkeypatch):
+    """README's first real run, as written (its SmolLM2 block: `fastcd models prepare`, then `fastcd distill`, in a
+    fresh folder with a fresh FASTCD_HOME; the package is installed): the conversion and every stage of the run
+    print a start and an end line, the plan comes before the work, and the run folder is complete."""
+    import os
+    import re
+    import shlex
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = next(b for b in re.findall(r"```bash\n(.*?)```", text, flags=re.S) if "smollm2-135m --student" in b)
+    lines = block.replace("\\\n", " ").splitlines()
+    runs = [shlex.split(x) for x in lines if x.startswith("fastcd ")]
+    prepare = [x for x in lines if x.startswith("pip ") and "fastcd models prepare smollm2-135m" in x]
+    assert prepare and len(runs) == 1 and runs[0][:2] == ["fastcd", "distill"]
+    monkeypatch.chdir(tmp_path)
+    env = {**os.environ, "FASTCD_HOME": str(tmp_path / "home"), "FASTCD_QUIET": "0"}
+    prep = subprocess.run([sys.executable, "-m", "fastcd", "models", "prepare", "smollm2-135m"], capture_output=True,
+                          text=True, timeout=900, env=env)
+    assert prep.returncode == 0 and "fastcd: convert: reading the GGUF metadata" in prep.stderr, prep.stderr[-2000:]
+    proc = subprocess.run([sys.executable, "-m", "fastcd", *runs[0][1:]], capture_output=True, text=True,
+                          timeout=1800, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    err = proc.stderr
+    assert err.index("plan: ce+cka") < err.index("fastcd: discovery: ")
+    for name in ("load", "tokenisation", "calibration", "discovery", "matching", "teacher evaluation",
+                 "teacher cache", "base evaluation", "training", "evaluation", "saving"):
+        assert f"fastcd: {name}: " in err and f"fastcd: {name}: done in " in err, name
+    out = tmp_path / "smol-run"
+    assert {"student", "adapter", "matching.json", "circuit.json", "log.json", "curves.png"} <= set(os.listdir(out))
+    assert "student circuit accuracy" in proc.stdout

@@ -15,9 +15,8 @@ from fastcd.tasks.base import (
 from fastcd.tasks.dataset import DatasetTask, is_dataset_path
 from fastcd.tasks.entity_tracking import EntityTracking
 from fastcd.tasks.protocol import Task, TaskBase, check_task
+from fastcd.tasks.registry import TASKS
 from fastcd.tasks.tom import TheoryOfMind
-
-TASKS = {"entity-tracking": EntityTracking, "tom": TheoryOfMind}
 
 
 def get_task(name: str, **kwargs):

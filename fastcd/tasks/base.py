@@ -25,6 +25,8 @@ from typing import Any
 import torch
 
 from fastcd.errors import InputFileError, UsageError
+from fastcd.io import announce as say
+from fastcd.io import atomic_target
 
 SPLITS = ("train", "val", "test")
 # Share of the hash space per split: a prompt's split depends on the prompt alone, so the splits never
@@ -119,7 +121,6 @@ class ContrastPair:
 
 def save_jsonl(items, path: str | os.PathLike) -> None:
     """Write examples or pairs, one JSON object per line."""
-    from fastcd.io import atomic_target
 
     with atomic_target(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for it in items:
@@ -253,7 +254,6 @@ def adapt_task(task, tokenizers, *, announce: bool = True):
                          f"({short}): {e}") from None
     out.dropped = dropped
     if dropped and announce:
-        from fastcd.io import announce as say
 
         say(f"fastcd: {task.name} word pools adapted to {len(tokenizers)} tokenizer(s): "
             + ", ".join(f"{name} {len(kept[name])}/{len(pools[name])} kept (dropped {', '.join(d)})"

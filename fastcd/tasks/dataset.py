@@ -17,6 +17,7 @@ import random
 from fastcd.errors import UsageError
 from fastcd.tasks.base import ContrastPair, Example, check_split, load_jsonl, split_of
 from fastcd.tasks.protocol import TaskBase
+from fastcd.tasks.registry import TASKS
 
 
 class DatasetTask(TaskBase):
@@ -39,8 +40,6 @@ class DatasetTask(TaskBase):
             raise UsageError(f"dataset {self.source}: its examples name several tasks {names}; a dataset is one task")
         self.name = names[0]
         if base is None:
-            from fastcd.tasks import TASKS
-
             base = TASKS[self.name]() if self.name in TASKS else None
         self.base = base
         if base is not None:

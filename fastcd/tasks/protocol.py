@@ -26,7 +26,7 @@ class Task(Protocol):
     - ``word_pools()`` / ``with_pools(**pools)``: the sampled word pools, and a copy with other pools
       (:func:`adapt_task` cuts them to words that are single tokens for teacher and student).
     - ``discovery_defaults``: the default circuit-discovery policy (``{"method": "roles"}`` or ``{"method":
-      "patching", "position": "last"}``, see :func:`fastcd.discover.default_circuit`).
+      "patching", "position": "last"}``, see :func:`fastcd.discover_policy.default_circuit`).
     - ``training_text(example)``: the text a language model is pretrained on (prompt and answer).
     """
 

@@ -1,0 +1,63 @@
+"""`fastcd match`: what the command does once its flags are parsed (:func:`run_match`): pair the teacher circuit's
+units with student heads by one of :mod:`fastcd.match`'s rules and write the matching JSON, with a plan and a status
+line for every stage."""
+
+from __future__ import annotations
+
+import os
+
+from fastcd.artifacts import Circuit, provenance
+from fastcd.cost import match_stages, per_prompt_s, simple_plan, weight_bytes
+from fastcd.errors import UsageError
+from fastcd.loading import check_model_path, load_model, load_tokenizer, model_identity, spec_of
+from fastcd.match import MatchInputs, match
+from fastcd.stages import Stages
+from fastcd.tasks import adapt_task, get_task
+
+
+def run_match(a) -> int:
+    """Run ``fastcd match`` for parsed :class:`fastcd.cli_args.MatchArgs` ``a``; checks that need no weights come
+    first."""
+
+    if a.impl is not None and a.method not in ("cka", "combined"):
+        raise UsageError(f"--impl chooses the CKA scorer of --method cka/combined, not of {a.method!r}")
+    circuit = Circuit.load(a.circuit)
+    spec_of_teacher = spec_of(a.teacher, "--teacher")  # config only: a circuit of another model fails before loading
+    circuit.check_model(spec_of_teacher, "--teacher")
+    check_model_path(a.teacher, "--teacher")  # config, architecture and weights of both, before either loads
+    check_model_path(a.student, "--student")
+    t_tok, s_tok = load_tokenizer(a.teacher, "--teacher"), load_tokenizer(a.student, "--student")
+    name = a.task or circuit.task
+    task = get_task(name, **({"n_boxes": a.n_boxes} if name == "entity-tracking" else {}))
+    circuit.check_task(task.name)  # a circuit found on another task pairs heads for the wrong mechanism
+    task = adapt_task(task, [t_tok, s_tok])
+    stages = Stages()
+    sizes = weight_bytes(a.teacher)[1] + weight_bytes(a.student)[1]
+    with stages("load", f"teacher and student ({sizes / 2**30:.2f} GiB)"):
+        teacher = load_model(a.teacher, device=a.device, what="--teacher")
+        student = load_model(a.student, device=a.device, what="--student")
+    with stages("tokenisation", f"{a.n_examples} prompt pairs for each model"):
+        pairs = task.pairs(a.n_examples, seed=a.seed, split=a.split)
+        clean, corrupt = [p.clean for p in pairs], [p.corrupt for p in pairs]
+        inp = MatchInputs(teacher, student, circuit, task.encode(clean, t_tok), task.encode(clean, s_tok),
+                          task.encode(corrupt, t_tok), task.encode(corrupt, s_tok))
+    with stages("calibration", "a forward of 16 prompts through each model"):
+        sec = {"teacher": per_prompt_s(teacher, inp.teacher_clean), "student": per_prompt_s(student, inp.student_clean)}
+    stages.say_plan(simple_plan(f"match ({a.method}) {a.teacher} -> {a.student}",
+                                match_stages(a, spec_of(student, "--student"), circuit), sizes, sec))
+    if a.plan:
+        return 0
+    kw = {"ablation": {"k": a.top_k, "direction": a.direction, "progress": True, "metric": a.ablation_metric,
+                       "student_position": a.student_position},
+          "cka": {"impl": a.impl}, "combined": {"weight": a.weight, "impl": a.impl, "progress": True},
+          "random": {"seed": a.seed}}[a.method]
+    with stages("matching", stages.what("matching")):
+        m = match(inp, a.method, **kw)
+    m.meta.update(teacher=os.path.basename(os.path.normpath(a.teacher)),
+                  student=os.path.basename(os.path.normpath(a.student)), n_examples=a.n_examples,
+                  provenance=provenance(task, {"teacher": model_identity(a.teacher),
+                                               "student": model_identity(a.student)}, clean))
+    m.save(a.out)
+    print(m)
+    print(f"wrote {a.out}")
+    return 0

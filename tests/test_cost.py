@@ -1,0 +1,141 @@
+"""The run's plan before the work and the status line of every stage (fastcd.cost, fastcd.stages), the CPU
+defaults for real LMs (DistillConfig.cpu_defaults), and the run folder the API writes."""
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import make_tiny
+
+from fastcd.config import CPU_REAL_DEFAULTS, DistillConfig
+from fastcd.cost import ROW_COST, discovery_rows, weight_bytes
+from fastcd.pipeline import distill
+from fastcd.stages import Stages, format_run_plan
+from fastcd.tasks import EntityTracking
+
+TASK = EntityTracking(n_boxes=3)
+STAGES = ["load", "discovery", "matching", "teacher evaluation", "teacher cache", "base evaluation", "training",
+          "evaluation"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from fastcd.tokenizer import build_word_tokenizer
+
+    return build_word_tokenizer()
+
+
+def _cfg(**kw):
+    base = dict(steps=4, batch_size=8, n_train=32, n_eval=16, n_discovery=12, lr=1e-2, progress=False,
+                discovery="path", path_k=[2, 1, 1, 1], eval_every=2, n_val=8)
+    base.update(kw)
+    return DistillConfig(**base)
+
+
+def _pair(tok):
+    return make_tiny("llama", vocab_size=len(tok), seed=1, n_layers=3), make_tiny("llama", vocab_size=len(tok), seed=2)
+
+
+def test_plan_only_counts_every_stage_and_times_it(tok):
+    """``plan_only`` returns the plan after a calibration, before any work: every stage with its work (the counts
+    follow the config) and a prediction, the peak memory, and nothing written."""
+    teacher, student = _pair(tok)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    cfg = _cfg()
+    plan = distill(teacher, student, TASK, config=cfg, student_tokenizer=tok, teacher_tokenizer=tok, plan_only=True)
+    by = {st["stage"]: st for st in plan["stages"]}
+    assert list(by) == STAGES
+    heads = 3 * 4  # the tiny teacher: 3 layers x 4 heads
+    rows, fw = discovery_rows("path", cfg.n_discovery, heads, 3, cfg.path_k)
+    assert by["discovery"]["work"] == {"teacher_rows": rows, "teacher": fw}
+    assert by["teacher cache"]["work"] == {"teacher": cfg.n_train}
+    assert by["teacher evaluation"]["work"] == {"teacher": cfg.n_eval + 12 * cfg.n_eval}
+    assert by["training"]["work"] == {"steps": cfg.steps, "student": cfg.n_val * (cfg.steps // cfg.eval_every)}
+    assert by["evaluation"]["work"] == {"student": 3 * cfg.n_eval}
+    assert all(st["predicted_s"] >= 0 for st in plan["stages"] if st["work"])
+    assert "predicted_s" not in by["load"] and plan["peak_gib"] > 0 and plan["predicted_s"] >= 0
+    assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())  # the calibration undone
+
+
+def test_every_stage_prints_a_status_line_and_is_measured_in_the_log(tok, tmp_path, capsys):
+    teacher, student = _pair(tok)
+    out = tmp_path / "run"
+    res = distill(teacher, student, TASK, config=_cfg(out=str(out)), student_tokenizer=tok, teacher_tokenizer=tok)
+    err = capsys.readouterr().err
+    assert err.index("plan: ce+cka") < err.index("fastcd: load:")  # the plan comes before the work
+    for name in STAGES + ["tokenisation", "saving"]:
+        assert f"fastcd: {name}: " in err and f"fastcd: {name}: done in " in err, name
+    with open(out / "log.json") as f:
+        logged = json.load(f)["metrics"]["stages"]
+    for name in STAGES:
+        rec = res.metrics["stages"][name]
+        assert rec["seconds"] >= 0 and rec["peak_rss_gib"] > 0
+        assert logged[name]["seconds"] == rec["seconds"]
+
+
+def test_the_api_run_folder_has_the_cli_files(tok, tmp_path):
+    """``distill(config=DistillConfig(out=...))`` writes what ``fastcd distill --out`` lists, curves included."""
+    teacher, student = _pair(tok)
+    out = tmp_path / "run"
+    distill(teacher, student, TASK, config=_cfg(out=str(out), circuit_eval=False), student_tokenizer=tok,
+            teacher_tokenizer=tok)
+    assert {"student", "adapter", "matching.json", "circuit.json", "log.json", "log.jsonl", "curves.png"} <= set(
+        os.listdir(out))
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cpu_defaults_scale_only_what_was_left_at_its_default():
+    cfg, notes = DistillConfig().scaled_for(896, "cpu")
+    assert {k: getattr(cfg, k) for k in CPU_REAL_DEFAULTS} == CPU_REAL_DEFAULTS and "n_train 4096 -> 512" in notes[0]
+    cfg, notes = DistillConfig(steps=7, n_train=64).scaled_for(896, "cpu")
+    assert cfg.steps == 7 and cfg.n_train == 64 and cfg.n_discovery == CPU_REAL_DEFAULTS["n_discovery"]
+    for kw, width, dev in (({"cpu_defaults": False}, 896, "cpu"), ({}, 896, "cuda"), ({}, 128, "cpu")):
+        cfg, notes = DistillConfig(**kw).scaled_for(width, dev)
+        assert cfg == DistillConfig(**kw) and notes == []
+
+
+def test_a_real_width_run_plans_with_the_cpu_defaults(tok):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def wide(seed):
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=512, intermediate_size=64,
+                                            num_hidden_layers=1, num_attention_heads=8, num_key_value_heads=2))
+
+    plan = distill(wide(1), wide(2), TASK, config=DistillConfig(progress=False, discovery="attribution"),
+                   student_tokenizer=tok, teacher_tokenizer=tok, plan_only=True)
+    assert plan["scaled"] and "n_discovery 256 -> 32" in plan["scaled"][0]
+    by = {st["stage"]: st for st in plan["stages"]}
+    assert by["teacher cache"]["work"]["teacher"] == CPU_REAL_DEFAULTS["n_train"]
+    assert by["training"]["work"]["steps"] == CPU_REAL_DEFAULTS["steps"]
+    assert "calibrated" in plan["timing"]
+
+
+def test_a_long_or_large_plan_says_so_before_the_work():
+    st = [{"stage": "training", "what": "x", "cheaper": "--steps", "work": {"steps": 10}, "predicted_s": 7200.0}]
+    lines = format_run_plan({"title": "t", "stages": st, "peak_gib": 30.0, "available_gib": 20.0})
+    assert "predicted 120.0 min" in lines[0] and "(cheaper: --steps)" in lines[1]
+    assert lines[-1].startswith("plan: warning:") and "2.0 h" in lines[-1] and "exceeds the free memory" in lines[-1]
+    st[0]["predicted_s"] = 60.0
+    assert "warning" not in format_run_plan({"title": "t", "stages": st, "peak_gib": 1.0, "available_gib": 20.0})[-1]
+
+
+def test_stages_record_time_memory_and_the_prediction(capsys):
+    s = Stages({"stages": [{"stage": "a", "what": "the a stage", "cheaper": "", "work": {"teacher": 1},
+                            "predicted_s": 5.0}]})
+    with s("a", s.what("a")):
+        x = torch.ones(1 << 20)
+    del x
+    err = capsys.readouterr().err
+    assert "fastcd: a: the a stage" in err and "done in 0 s (planned 5 s), peak memory" in err
+    assert s.records["a"]["predicted_s"] == 5.0 and s.records["a"]["peak_rss_gib"] > 0
+
+
+def test_weight_bytes_reads_the_safetensors_headers(tmp_path, tok):
+    model = make_tiny("llama", vocab_size=len(tok))
+    model.save_pretrained(tmp_path / "m", safe_serialization=True)
+    n = sum(p.numel() for p in model.parameters())
+    got_n, got_b = weight_bytes(str(tmp_path / "m"))
+    assert got_n == n and got_b == 4 * n and weight_bytes(model) == (n, 4 * n)
+    assert 0 < ROW_COST <= 1
