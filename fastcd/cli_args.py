@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from fastcd.config import ALL_METHODS, METHODS, option, parse_lam
+from fastcd.config import ALL_METHODS, MATCH_METHODS, METHODS, option, parse_lam
 from fastcd.errors import UsageError
 
 TASKS = ("entity-tracking", "tom")
@@ -96,7 +96,7 @@ class MatchArgs:
     out: str = option(None, "matching JSON path", required=True)
     task: str | None = option(None, "the task (default: the circuit's); a task of your own as module:TaskClass")
     method: str = option("ablation", "ablation (the paper's rule), cka (one-to-one), combined, random (control)",
-                        choices=("ablation", "cka", "combined", "random"))
+                        choices=MATCH_METHODS)
     top_k: int | None = option(None, "ablation: candidate student heads (default: circuit size)")
     direction: str = option("student_to_teacher", "ablation: each candidate student head to its nearest teacher unit "
                            "(the paper's Eq. 5), or each teacher unit to its nearest student head",

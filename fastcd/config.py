@@ -48,6 +48,15 @@ METHODS = tuple(n for n, s in METHOD_SPECS.items() if s.in_distill)  # what dist
 ALL_METHODS = tuple(METHOD_SPECS)  # plus the experiment-only controls
 TEST_SEED = 0  # the seed of the test prompts, the same for every run whatever its training seed
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+# each vocabulary once; the CLI's choices, the experiment's fields and every check read these
+CKA_ESTIMATORS = ("biased", "unbiased")
+MATCHING_METHODS = ("ablation", "cka", "combined")  # how distill() and the experiment match heads
+MATCH_METHODS = (*MATCHING_METHODS, "random")  # fastcd match, with the random control
+DISCOVERY_METHODS = ("roles", "patching", "attribution", "path")
+KV_POLICIES = ("auto", "frozen", "trainable")
+LABELS = ("teacher", "gold")
+ON_NONFINITE = ("stop", "skip")
+REPORT_TO = ("none", "tensorboard")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 COMPUTE_PRECISIONS = ("auto", "float32", "bf16")  # fastcd experiment's `precision`
 BF16_MIN_D_MODEL = 512  # "auto" computes in bf16 on the CPU for models at least this wide (every real LM here)
@@ -125,14 +134,14 @@ class DistillConfig:
                                  "gradient scaler)", choices=PRECISIONS)
     weight_decay: float = option(0.0, "AdamW weight decay")
     labels: str = option("teacher", "CE targets: the teacher's argmax answer or the gold answer",
-                        choices=("teacher", "gold"))
+                        choices=LABELS)
     kd_weight: float = option(0.0, "Hinton KD term weight (the kd method uses 1.0 when this is 0)")
     kd_temperature: float = option(2.0, "KD softmax temperature")
     kv: str = option("auto", "key/value slices: auto (a head's own k/v train, shared GQA groups stay frozen), frozen, "
-                    "trainable", choices=("auto", "frozen", "trainable"))
+                    "trainable", choices=KV_POLICIES)
     eps: float = option(1e-8, "guard of the CKA denominator (a dead head)")
     cka_estimator: str = option("biased", "CKA estimator: biased (the paper's linear CKA) or unbiased (debiased HSIC; "
-                               "torch path)", choices=("biased", "unbiased"))
+                               "torch path)", choices=CKA_ESTIMATORS)
     seed: int = option(0, "training seed (training prompts, batches, initialisation); the test set does not "
                           "depend on it")
     n_train: int = option(4096, "training prompts")
@@ -144,12 +153,12 @@ class DistillConfig:
     log_every: int = option(10, "a log row (loss parts, lr) every this many steps; streamed to OUT/log.jsonl")
     save_every: int = option(0, "checkpoint period in steps (0: none); a run resumes from OUT/ckpt.pt")
     report_to: str = option("none", "also log to tensorboard (OUT/tensorboard; needs the tensorboard package)",
-                           choices=("none", "tensorboard"))
+                           choices=REPORT_TO)
     out: str | None = option(None, "output directory (TrainingArguments: output_dir)")
     matching_method: str = option("ablation", "how matched student heads are found when no matching is given",
-                                 choices=("ablation", "cka", "combined"))
+                                 choices=MATCHING_METHODS)
     discovery: str = option("auto", "circuit discovery when no circuit is given: auto (the task's default), roles, "
-                           "patching, attribution, path", choices=("auto", "roles", "patching", "attribution", "path"))
+                           "patching, attribution, path", choices=("auto", *DISCOVERY_METHODS))
     path_k: list[int] = option([4, 2, 2, 2], "path patching: top-k heads per group (VF, PT, PD, SR)")
     top_k: int | None = option(None, "patching/attribution: circuit size (default: the task's own: 3 heads per "
                                      "role for entity tracking, 15%% of the heads otherwise)")
@@ -163,7 +172,7 @@ class DistillConfig:
     device: str | None = option(None, "where teacher and student run (cuda, cpu); default: where they load")
     impl: str | None = option(None, "alignment-loss implementation: auto, torch, triton (see python -m fastcd.info)")
     on_nonfinite: str = option("stop", "a NaN/inf loss part or gradient: stop (one-line error, nothing saved) or skip",
-                              choices=("stop", "skip"))
+                              choices=ON_NONFINITE)
     overwrite: bool = option(False, "discard a checkpoint in out and start over")
     resume: bool = option(False, "require a checkpoint in out (an error instead of a fresh start)")
     progress: bool = option(True, "progress bars")
@@ -211,11 +220,9 @@ class DistillConfig:
         if self.warmup_ratio >= 1:
             raise UsageError(f"warmup_ratio must be < 1 (a fraction of steps), got {self.warmup_ratio}")
         for name, allowed in (("lr_scheduler", SCHEDULERS), ("mixed_precision", PRECISIONS),
-                              ("cka_estimator", ("biased", "unbiased")), ("on_nonfinite", ("stop", "skip")),
-                              ("labels", ("teacher", "gold")), ("kv", ("auto", "frozen", "trainable")),
-                              ("report_to", ("none", "tensorboard")),
-                              ("matching_method", ("ablation", "cka", "combined")),
-                              ("discovery", ("auto", "roles", "patching", "attribution", "path"))):
+                              ("cka_estimator", CKA_ESTIMATORS), ("on_nonfinite", ON_NONFINITE),
+                              ("labels", LABELS), ("kv", KV_POLICIES), ("report_to", REPORT_TO),
+                              ("matching_method", MATCHING_METHODS), ("discovery", ("auto", *DISCOVERY_METHODS))):
             if getattr(self, name) not in allowed:
                 raise UsageError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if spec.uses_cka and self.batch_size < 3:

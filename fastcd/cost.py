@@ -3,8 +3,9 @@
 The cost model (shared by ``fastcd experiment --plan`` and the plan that ``distill``/``discover``/``match`` print
 first): a short calibration in the run's precision times a teacher and a student forward per prompt (batches of
 CALIBRATION_PROMPTS) and one ce+cka step at the batch size; a stage's prediction is its forward prompts (or
-patching rows, or steps) times that unit time. Patching rows are counted at ROW_COST of a forward: a batched row
-restarts at the patched layer and reuses the clean prefix (:func:`fastcd.discover.patch_heads_batched`). Peak
+patching rows, or steps) times that unit time. A batched patching row reuses the clean prefix before its role's
+earliest position (:func:`fastcd.discover.patch_heads_batched`), so it costs ROW_COST x the share of the prompt
+after that position of a forward prompt (the whole prompt for ablation at every position). Peak
 memory is the models' bytes (from the safetensors headers: no weights read) plus the activations the calibration
 step held, scaled to the batch. :class:`fastcd.stages.Stages` prints the plan, then one status line as each stage
 starts and one as it ends with its seconds and peak memory beside the prediction, and keeps them for the run's log.
@@ -34,8 +35,10 @@ from fastcd.trainable import merge
 from fastcd.training import make_optimizer, train_loop
 
 CALIBRATION_PROMPTS = 16
-ROW_COST = 0.1  # a batched patching row against one prompt of a 16-prompt forward (measured 0.08-0.1 on SmolLM2-135M
-# and Qwen2.5-Coder-1.5B role-wise patching: rows run in large batches from the patched layer on; the log shows it)
+ROW_COST = 1.0  # a batched row against a forward prompt, per share of the prompt it recomputes (measured on
+# Qwen2.5-Coder-1.5B, 7 boxes, 32 prompts: 0.35 s per row at box_label, 0.017 at query_label, 0.009 at the last token,
+# 0.39 s per prompt in a 16-prompt forward)
+MIN_ROW_SHARE = 0.02
 BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I8": 1, "U8": 1, "BOOL": 1}
 DTYPE_BYTES = {"float32": 4, "float16": 2, "fp16": 2, "bfloat16": 2, "bf16": 2}
 
@@ -66,7 +69,6 @@ def weight_bytes(path_or_module) -> tuple[int, int]:
 
 
 def _per_prompt(model, batch, amp) -> float:
-
     with torch.no_grad(), amp():
         accuracy_per_example(model, batch.index(range(min(2, len(batch)))))  # warm-up
         t = time.perf_counter()
@@ -154,6 +156,19 @@ def discovery_rows(method: str, n: int, n_heads: int, n_roles: int, path_k=(4, 2
 UNITS = ("teacher", "student", "teacher_rows", "student_rows", "steps")
 
 
+def row_share(batch, roles) -> float:
+    """The mean share of a prompt a batched patching row recomputes over ``roles`` (None or "all": every position,
+    the whole prompt): the tokens from the role's earliest position in ``batch`` on."""
+    t = batch.input_ids.shape[1]
+    shares = []
+    for r in roles:
+        if r is None or r == "all" or r not in batch.positions:
+            shares.append(1.0)
+        else:
+            shares.append(max(MIN_ROW_SHARE, (t - int(batch.positions[r].min())) / t))
+    return sum(shares) / len(shares)
+
+
 def stage(name: str, what: str, cheaper: str = "", **work) -> dict:
     """One planned stage: its ``work`` in UNITS (teacher / student forward prompts, teacher / student patching
     rows, optimizer steps; none: not timed), a description and the flag that makes it cheaper."""
@@ -161,13 +176,16 @@ def stage(name: str, what: str, cheaper: str = "", **work) -> dict:
 
 
 def predict_stages(stages: list[dict], cal: dict | None, batch_size: int | None = None) -> None:
-    """Fill each stage's ``predicted_s`` from the calibration ``cal`` (None: counts only)."""
+    """Fill each stage's ``predicted_s`` from the calibration ``cal`` (None: counts only); a stage's patching rows
+    count at ROW_COST x its ``row_share`` (teacher / student) of a forward prompt."""
     if cal is None:
         return
-    unit_s = {"teacher": cal["teacher_s_per_prompt"], "student": cal["student_s_per_prompt"],
-              "teacher_rows": cal["teacher_s_per_prompt"] * ROW_COST,
-              "student_rows": cal["student_s_per_prompt"] * ROW_COST, "steps": cal["step_s"].get(batch_size)}
     for st in stages:
+        share = st.get("row_share", {})
+        unit_s = {"teacher": cal["teacher_s_per_prompt"], "student": cal["student_s_per_prompt"],
+                  "teacher_rows": cal["teacher_s_per_prompt"] * ROW_COST * share.get("teacher", 1.0),
+                  "student_rows": cal["student_s_per_prompt"] * ROW_COST * share.get("student", 1.0),
+                  "steps": cal["step_s"].get(batch_size)}
         if st["work"] and all(unit_s[k] is not None for k in st["work"]):
             st["predicted_s"] = round(sum(n * unit_s[k] for k, n in st["work"].items()), 1)
 
@@ -176,11 +194,21 @@ def _count(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n:,}"
 
 
+def discovery_roles(task, method: str, position: str | None = None) -> list:
+    """The position roles a discovery ``method`` patches at for ``task`` (None: every position)."""
+    if method == "roles":
+        return list(getattr(task, "reference_roles", None) or task.roles)
+    if method in ("patching", "attribution"):
+        return [position or dict(getattr(task, "discovery_defaults", None) or {}).get("position", "last")]
+    return [None]  # path patching: senders at every position
+
+
 def distill_plan(cfg, task, *, teacher, student, seq_len: int, circuit=None, matching=None, cached: bool,
-                 scaled: list[str] = ()) -> dict:
+                 scaled: list[str] = (), sample=None) -> dict:
     """The stages of one ``distill`` run with their work (no weights read: model sizes from the safetensors
     headers), and the peak memory from the models' bytes; :func:`predict_stages` times it after a calibration.
-    ``cached``: the teacher's signals come from a cache (given, or built once before training)."""
+    ``cached``: the teacher's signals come from a cache (given, or built once before training); ``sample``: a few
+    discovery prompts encoded for the teacher (where the roles sit: what a patching row recomputes)."""
 
     s_spec = spec_of(student, "student")
     t_spec = spec_of(teacher, "teacher") if teacher is not None else None
@@ -198,10 +226,12 @@ def distill_plan(cfg, task, *, teacher, student, seq_len: int, circuit=None, mat
     defaults = dict(getattr(task, "discovery_defaults", None) or {"method": "patching"})
     if needs and matching is None and circuit is None and t_spec is not None:
         method = defaults.get("method", "patching") if cfg.discovery == "auto" else cfg.discovery
-        n_roles = len(getattr(task, "reference_roles", None) or getattr(task, "roles", ()) or ("last",))
-        rows, fw = discovery_rows(method, n, t_spec.n_total_heads, n_roles, cfg.path_k)
+        roles = discovery_roles(task, method)
+        rows, fw = discovery_rows(method, n, t_spec.n_total_heads, len(roles), cfg.path_k)
         st.append(stage("discovery", f"{method} on {n} prompt pairs, {rows:,} teacher patching rows",
                         "a saved --circuit, or a smaller --n-discovery", teacher_rows=rows, teacher=fw))
+        if sample is not None:
+            st[-1]["row_share"] = {"teacher": row_share(sample, roles)}
     if needs and matching is None and t_spec is not None and not spec.random_students:
         if cfg.matching_method == "cka":
             st.append(stage("matching", f"CKA of every student head against the circuit on {n} prompts",
@@ -212,6 +242,9 @@ def distill_plan(cfg, task, *, teacher, student, seq_len: int, circuit=None, mat
             st.append(stage("matching", f"{cfg.matching_method}: {rows:,} student and {units * n:,} teacher "
                             "ablation rows", "a saved --matching, or --matching-method cka", student_rows=rows,
                             teacher_rows=units * n, teacher=n, student=n))
+            if sample is not None:  # student heads ablated at every position; teacher units at their roles
+                roles = [c.position for c in circuit.heads] if circuit else discovery_roles(task, defaults["method"])
+                st[-1]["row_share"] = {"student": 1.0, "teacher": row_share(sample, roles)}
     if t_spec is not None:
         circ = 12 * min(cfg.n_eval, 128) if cfg.circuit_eval and needs else 0
         st.append(stage("teacher evaluation", f"{cfg.n_eval} test prompts" + (f", circuit faithfulness {circ:,} "
@@ -244,8 +277,9 @@ def distill_plan(cfg, task, *, teacher, student, seq_len: int, circuit=None, mat
             "available_gib": available_gib(), "seq_len": seq_len}
 
 
-def discover_stages(a, spec, task) -> list[dict]:
-    """The stages of ``fastcd discover`` (parsed :class:`fastcd.cli_args.DiscoverArgs` ``a``) on a model of ``spec``."""
+def discover_stages(a, spec, task, sample=None) -> list[dict]:
+    """The stages of ``fastcd discover`` (parsed :class:`fastcd.cli_args.DiscoverArgs` ``a``) on a model of ``spec``
+    (``sample``: encoded prompts, for what a patching row recomputes)."""
     n, held = a.n_examples, a.n_heldout
     if a.method == "search":
         units = spec.n_total_heads * len(a.roles or ("last", *[r for r in task.roles if r != "last"]))
@@ -256,28 +290,36 @@ def discover_stages(a, spec, task) -> list[dict]:
                       "--n-examples, --n-heldout", teacher=fw)]
     else:
         method = task.discovery_defaults.get("method", "patching") if a.method == "auto" else a.method
-        n_roles = len(getattr(task, "reference_roles", None) or task.roles)
-        rows, fw = discovery_rows(method, n, spec.n_total_heads, n_roles, a.path_k)
+        roles = discovery_roles(task, method, a.position)
+        rows, fw = discovery_rows(method, n, spec.n_total_heads, len(roles), a.path_k)
         st = [stage("discovery", f"{method} on {n} prompt pairs, {rows:,} patching rows", "--n-examples, or "
                     "--method attribution", teacher_rows=rows, teacher=fw)]
+        if sample is not None:
+            st[0]["row_share"] = {"teacher": row_share(sample, roles)}
     if a.evaluate:
         st.append(stage("evaluation", f"faithfulness on {held} held-out prompts: full model, the circuit and "
                         f"{a.n_random} random circuits", "--n-heldout, --n-random", teacher=(a.n_random + 2) * held))
     return st
 
 
-def match_stages(a, s_spec, circuit) -> list[dict]:
-    """The stages of ``fastcd match`` (parsed :class:`fastcd.cli_args.MatchArgs` ``a``)."""
+def match_stages(a, s_spec, circuit, samples=None) -> list[dict]:
+    """The stages of ``fastcd match`` (parsed :class:`fastcd.cli_args.MatchArgs` ``a``; ``samples``: the teacher's
+    and the student's encoded prompts, for what a patching row recomputes)."""
     n = a.n_examples
     if a.method == "random":
         return [stage("matching", "random student heads", "")]
     if a.method == "cka":
         return [stage("matching", f"CKA of every student head against the circuit on {n} prompts", "",
                       teacher=n, student=n)]
-    units = len({(c.head, c.position) for c in circuit.heads})
-    rows = s_spec.n_total_heads * n * (units if a.student_position == "roles" else 1)
-    return [stage("matching", f"{a.method}: {rows:,} student and {units * n:,} teacher ablation rows on {n} prompts",
-                  "--n-examples, or --method cka", student_rows=rows, teacher_rows=units * n, teacher=n, student=n)]
+    units, roles = len({(c.head, c.position) for c in circuit.heads}), list({c.position: 0 for c in circuit.heads})
+    by_roles = a.student_position == "roles"
+    rows = s_spec.n_total_heads * n * (len(roles) if by_roles else 1)
+    st = stage("matching", f"{a.method}: {rows:,} student and {units * n:,} teacher ablation rows on {n} prompts",
+               "--n-examples, or --method cka", student_rows=rows, teacher_rows=units * n, teacher=n, student=n)
+    if samples is not None:
+        st["row_share"] = {"teacher": row_share(samples[0], [c.position for c in circuit.heads]),
+                           "student": row_share(samples[1], roles) if by_roles else 1.0}
+    return [st]
 
 
 def simple_plan(title: str, stages: list[dict], model_bytes: int, s_per_prompt: dict) -> dict:

@@ -24,20 +24,17 @@ from fastcd.cli_args import DemoArgs
 from fastcd.config import METHOD_SPECS, METHODS, TEST_SEED, DistillConfig
 from fastcd.discover import make_source, patch_heads_batched
 from fastcd.discover_policy import default_circuit
-from fastcd.distillation import CircuitDistiller
 from fastcd.errors import UsageError
 from fastcd.hooks import mean_z
 from fastcd.loading import load_model, load_tokenizer
 from fastcd.match import MatchInputs, cka_scores, match, match_random
 from fastcd.metrics import accuracy_per_example, circuit_correct
-from fastcd.models import get_adapter
 from fastcd.plots import cka_matrix_plot, curves_plot, head_heatmaps, matching_cells
 from fastcd.pretrain import shipped_checkpoint
-from fastcd.stats import mcnemar
+from fastcd.stats import holm, mcnemar
 from fastcd.tasks import EntityTracking, TheoryOfMind
 from fastcd.teacher_cache import MemoryCache, teacher_signals
-from fastcd.trainable import merge
-from fastcd.training import make_optimizer, train_loop
+from fastcd.training import train_and_evaluate
 
 CHECKPOINTS = {"entity-tracking": ("et-teacher", "et-student"), "tom": ("tom-teacher", "tom-student")}
 
@@ -139,8 +136,6 @@ def run_demo(task_name: str = _D.task, *, out: str = _D.out, teacher: str | None
     curves = {}
     bar = tqdm(total=len(seeds) * len(methods), disable=not progress, desc="demo: distillation runs")
     t0 = time.time()
-    n_params = sum(p.numel() for p in base.parameters())
-    n_heads = get_adapter(base).spec.n_total_heads
     for seed in seeds:
         s_train = task.encode(task.generate(n_train, seed=seed, split="train"), tok)
         cache = MemoryCache(teacher_signals(t_model, s_train, matching, logits="kd" in methods))
@@ -149,27 +144,14 @@ def run_demo(task_name: str = _D.task, *, out: str = _D.out, teacher: str | None
             base.load_state_dict(base_state)
             m_run = match_random(matching, base, seed=seed) if spec.random_students else matching
             torch.manual_seed(seed)
-            cd = CircuitDistiller(base, None if spec.full_model else m_run, config=cfg)
-            opt, sched = make_optimizer(cd, cfg)
-            try:
-                log = train_loop(cd, opt, seed, cfg, s_train, None, cache,
-                                 scheduler=sched)
-            finally:
-                if cd.slices is not None:
-                    merge(cd.slices)
-            base.eval()
-            for p in base.parameters():
-                p.requires_grad_(False)
-            correct = accuracy_per_example(base, s_test)
-            circ = circuit_correct(base, s_test, mean_z(base, s_ref.input_ids),
-                                   [(p.student, p.position) for p in m_run.pairs])
-            metrics = {"student_accuracy": sum(correct) / len(correct),
-                       "student_circuit_accuracy": sum(circ) / len(circ),
-                       "trainable_fraction": cd.n_trainable / n_params,
-                       "trained_heads_fraction": 1.0 if spec.full_model else len(m_run.student_heads()) / n_heads}
-            runs[method].append({"seed": seed, "metrics": metrics, "correct": correct, "circuit_correct": circ})
+            run = train_and_evaluate(base, m_run, cfg, seed, s_train, s_test, cache=cache, s_ref=s_ref)
+            metrics = {"student_accuracy": run.accuracy, "student_circuit_accuracy": run.circuit_accuracy,
+                       "trainable_fraction": run.trainable_fraction,
+                       "trained_heads_fraction": run.trained_heads_fraction}
+            runs[method].append({"seed": seed, "metrics": metrics, "correct": run.correct,
+                                 "circuit_correct": run.circuit_correct})
             if seed == seeds[0]:
-                curves[method] = log
+                curves[method] = run.log
             bar.update(1)
     bar.close()
     base.load_state_dict(base_state)
@@ -191,10 +173,8 @@ def run_demo(task_name: str = _D.task, *, out: str = _D.out, teacher: str | None
             if m != "ce+cka":
                 tests[f"ce+cka vs {m}"] = mcnemar(ref, sum((r["correct"] for r in runs[m]), []))
         tests["ce+cka vs base"] = mcnemar(ref, b_correct * len(seeds))
-        from statsmodels.stats.multitest import multipletests
-
-        for t, p in zip(tests.values(), multipletests([t["p_value"] for t in tests.values()], method="holm")[1]):
-            t["p_holm"] = float(p)
+        for t, p in zip(tests.values(), holm(t["p_value"] for t in tests.values())):
+            t["p_holm"] = p
     curves_plot(curves, os.path.join(out, "curves.png"), title=f"{task_name}: training curves (seed {seeds[0]})")
     report = {
         "task": task_name, "teacher": os.path.basename(teacher_dir), "student": os.path.basename(student_dir),
@@ -236,8 +216,8 @@ def format_table(report: dict) -> str:
         lines.append(f"| {row['label']} | {row['full']:.3f} | {row['circuit']:.3f} | {tp} | {th} |")
     if report["mcnemar"]:
         lines += ["", f"McNemar (exact, pooled over {len(c['seeds'])} seed(s) on the same test prompts, "
-                  "Holm-corrected; b = only CE + Align CKA right, c = only the other right): " + "; ".join(
-                      f"{k}: p={v['p_value']:.3g}, Holm {v['p_holm']:.3g} (b={v['b']}, c={v['c']})"
+                  "Holm-corrected; a_only = only CE + Align CKA right, b_only = only the other right): " + "; ".join(
+                      f"{k}: p={v['p_value']:.3g}, Holm {v['p_holm']:.3g} (a_only={v['a_only']}, b_only={v['b_only']})"
                       for k, v in report["mcnemar"].items())]
     lines += ["", f"Conditions: matching {c.get('matching_direction', '-')}, {c['steps']} steps, "
               f"batch {c['batch_size']}, lr {c['lr']}, lambda {c['lambda']}, "

@@ -342,5 +342,4 @@ def circuit_by_roles(model: nn.Module, clean: EncodedBatch, source: PatchSource,
 # ------------------------------------------------------------------------------------------------
 # The default discovery policy (the CLI's `fastcd discover` and distill() both use it)
 # ------------------------------------------------------------------------------------------------
-DISCOVERY_METHODS = ("roles", "patching", "attribution", "path")
 CIRCUIT_SHARE = 0.15  # patching/attribution keep this share of the heads by default (the paper's 11-15%)

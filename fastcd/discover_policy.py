@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from fastcd.attribution import attribution_patching
+from fastcd.config import DISCOVERY_METHODS
 from fastcd.discover import (
     CIRCUIT_SHARE,
-    DISCOVERY_METHODS,
     circuit_by_roles,
     circuit_from_scores,
     make_source,

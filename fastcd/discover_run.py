@@ -36,7 +36,6 @@ def run_discover(a) -> int:
     search = a.method == "search"
     roles = list(a.roles) if a.roles else ["last", *[r for r in task.roles if r != "last"]]
     if search or a.evaluate:
-
         check_search_args(target=a.target, roles=roles, task_roles=("last", *task.roles), n_heldout=a.n_heldout,
                           n_random=a.n_random)
     check_model_path(a.model, "--model")  # config, architecture and weights before the tokenizer loads
@@ -54,7 +53,7 @@ def run_discover(a) -> int:
         held = [task.encode([getattr(p, k) for p in hp], tok) for k in ("clean", "corrupt")] if hp else None
     with stages("calibration", "a forward of 16 prompts"):
         sec = per_prompt_s(model, clean)
-    stages.say_plan(simple_plan(f"discover ({a.method}) on {a.model}", discover_stages(a, spec, task),
+    stages.say_plan(simple_plan(f"discover ({a.method}) on {a.model}", discover_stages(a, spec, task, clean),
                                 sum(p.numel() * p.element_size() for p in model.parameters()),
                                 {"teacher": sec, "student": sec}))
     if a.plan:
@@ -64,7 +63,6 @@ def run_discover(a) -> int:
     meta = dict(model=model_name, n_examples=a.n_examples, seed=a.seed, split=a.split, dtype=a.dtype,
                 provenance=provenance(task, {"model": model_identity(a.model)}, [p.clean for p in pairs]))
     if search:
-
         with stages("discovery", stages.what("discovery")):  # the search measures its own held-out record
             res = search_circuit(model, clean, *held, roles=roles, target=a.target, protocol=a.protocol,
                                  n_random=a.n_random, seed=a.seed, batch_size=a.batch_size, task=task.name,
@@ -75,7 +73,6 @@ def run_discover(a) -> int:
         faithfulness_curve_plot(res.curve, res.record, png, title=f"{model_name}, {a.task}{boxes}: circuit search\n"
                                 f"{a.protocol} mean ablation, {a.n_heldout} held-out test prompts")
     else:
-
         with stages("discovery", stages.what("discovery")):
             circuit, panels, marked = default_circuit(
                 model, task, clean, corrupt, method=a.method, top_k=a.top_k, path_k=a.path_k, position=a.position,
@@ -91,7 +88,6 @@ def run_discover(a) -> int:
     circuit.save(a.out)
     print(circuit)
     if circuit.meta.get("evaluation"):
-
         print(format_faithfulness(circuit.meta["evaluation"]))
     print(f"wrote {a.out} and {png}")
     return 0

@@ -26,7 +26,7 @@ import torch
 
 from fastcd.artifacts import Circuit
 from fastcd.config import METHOD_SPECS
-from fastcd.distillation import CircuitDistiller, make_batch
+from fastcd.distillation import make_batch
 from fastcd.errors import UsageError
 from fastcd.experiment_config import (
     ExperimentConfig,
@@ -39,15 +39,13 @@ from fastcd.experiment_config import (
 from fastcd.experiment_shared import SharedSetup, say
 from fastcd.io import bits, write_json_atomic
 from fastcd.loading import load_model
-from fastcd.metrics import accuracy_per_example, circuit_correct
 from fastcd.plan import calibrate, count_work, format_plan, predict
 from fastcd.report import append_record, read_runs, setting_label, write_report
 from fastcd.teacher_cache import MemoryCache
 from fastcd.trainable import (
-    merge,
     reinit_heads,  # noqa: F401  (re-exported)
 )
-from fastcd.training import batch_rows, make_optimizer, train_loop
+from fastcd.training import batch_rows, train_and_evaluate
 
 
 class Experiment(SharedSetup):
@@ -107,7 +105,6 @@ class Experiment(SharedSetup):
         return read_runs(self.runs_path)
 
     def run_one(self, spec: dict) -> dict:
-
         cfg = self.cfg
         dcfg = distill_config_for(cfg, spec, self.precision)
         s = spec["setting"]
@@ -124,46 +121,29 @@ class Experiment(SharedSetup):
         view = MemoryCache({"labels": self.pool["labels"], "logits": self.pool.get("logits"),
                             "z": None if units is None else self.pool["z"][units]}, rows)  # this run's rows and units
         s_train = self.s_pool.index(rows)
-        cd = CircuitDistiller(self.student, matching if not METHOD_SPECS[dcfg.method].full_model else None, config=dcfg)
         diag = {}
-        if dcfg.method in ("ce+cka",) and cfg.diagnostics:
 
-            b = make_batch(batch_rows(len(s_train), dcfg.batch_size, 0, spec["seed"] + 1), s_train, None, view)
-            diag = cd.gradient_ratio(b)
-        opt, sched = make_optimizer(cd, dcfg)
+        def diagnose(cd, opt, sched):  # the gradient ratio at the start, on a batch of its own
+            if dcfg.method == "ce+cka" and cfg.diagnostics:
+                diag.update(cd.gradient_ratio(make_batch(batch_rows(len(s_train), dcfg.batch_size, 0, spec["seed"] + 1),
+                                                         s_train, None, view)))
+
         t0 = time.time()
-        try:
-            log = train_loop(cd, opt, spec["seed"], dcfg, s_train, None, view, eval_batch=self.s_val, scheduler=sched,
-                             desc=f"{spec['method']} seed {spec['seed']}")
-        finally:
-            if cd.slices is not None:
-                merge(cd.slices)
-        train_s = time.time() - t0
-        self.student.eval()
-        for p in self.student.parameters():
-            p.requires_grad_(False)
-        with self.amp():
-            correct = accuracy_per_example(self.student, self.s_test)
+        run = train_and_evaluate(self.student, matching, dcfg, spec["seed"], s_train, self.s_test, cache=view,
+                                 prepare=diagnose, eval_batch=self.s_val, desc=f"{spec['method']} seed {spec['seed']}",
+                                 means=self.means if cfg.circuit_accuracy else None, amp=self.amp)
         rec = {"key": spec["key"], "method": spec["method"], "seed": spec["seed"], "setting": s,
                "train_prompts_sha": hashlib.sha256(s_train.input_ids.numpy().tobytes()).hexdigest()[:16],
-               "accuracy": sum(correct) / len(correct), "correct": bits(correct),
-               "trainable_params": cd.n_trainable,
-               "trainable_fraction": cd.n_trainable / sum(p.numel() for p in self.student.parameters()),
-               "lam_effective": cd.lam if METHOD_SPECS[dcfg.method].uses_cka else None, "log": log,
-               "train_seconds": round(train_s, 1), "grad": diag}
+               "accuracy": run.accuracy, "correct": bits(run.correct), "trainable_params": run.n_trainable,
+               "trainable_fraction": run.trainable_fraction, "lam_effective": run.lam_effective, "log": run.log,
+               "train_seconds": run.train_seconds, "grad": diag, "trained_heads_fraction": run.trained_heads_fraction}
         if matching is not None:
-            n_heads = self.s_spec.n_total_heads
             rec["trained_heads"] = len(matching.student_heads())
-            rec["trained_heads_fraction"] = rec["trained_heads"] / n_heads
             rec["pairs"] = [[str(p.teacher), str(p.student), p.position] for p in matching.pairs]
             if "teacher_units" in matching.meta:  # the permuted control: where each teacher target was read
                 rec["teacher_units"] = matching.meta["teacher_units"]
-            if cfg.circuit_accuracy:
-                with self.amp():
-                    cc = circuit_correct(self.student, self.s_test, self.means, self._live(matching))
-                rec["circuit_accuracy"] = sum(cc) / len(cc)
-        else:
-            rec["trained_heads_fraction"] = 1.0
+            if run.circuit_accuracy is not None:  # ablated with the untrained student's means (fixed per experiment)
+                rec["circuit_accuracy"] = run.circuit_accuracy
         rec["seconds"] = round(time.time() - t0, 1)
         return rec
 

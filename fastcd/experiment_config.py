@@ -10,12 +10,18 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 
-from fastcd.config import ALL_METHODS, COMPUTE_PRECISIONS, METHOD_SPECS, TEST_SEED  # noqa: F401  (TEST_SEED: re-exported)
+from fastcd.config import (  # noqa: F401  (TEST_SEED: re-exported)
+    ALL_METHODS,
+    CKA_ESTIMATORS,
+    COMPUTE_PRECISIONS,
+    MATCHING_METHODS,
+    METHOD_SPECS,
+    TEST_SEED,
+)
 from fastcd.errors import InputFileError, UsageError
 
 GRID = ("n_train", "lam", "steps", "lr", "batch_size", "matching", "cka_estimator")  # fields that may hold a list
-CKA_ESTIMATORS = ("biased", "unbiased")
-MATCHING_RULES = ("ablation", "cka", "combined", "identity")
+MATCHING_RULES = (*MATCHING_METHODS, "identity")
 POOL_SEED = 1234  # seed s trains on prompts drawn with POOL_SEED + s (its own pool)
 
 

@@ -161,7 +161,6 @@ class SharedSetup:
             self._recovery(teacher)
         self._teacher_cache(teacher, n_pool)
         if need["teacher_eval"]:
-
             say(f"teacher accuracy on the {len(self.t_test)} test prompts")
             tc = accuracy_per_example(teacher, self.t_test)
             self._put_shared("teacher_eval.json", {"correct": bits(tc), "accuracy": sum(tc) / len(tc)})
@@ -178,7 +177,6 @@ class SharedSetup:
             self._diagnostics()
 
     def _circuit(self, teacher):
-
         cfg = self.cfg
         if cfg.circuit:
             return Circuit.load(cfg.circuit)
@@ -201,7 +199,6 @@ class SharedSetup:
         return circuit
 
     def _reinit_heads(self) -> list:
-
         r = self.cfg.positive_control["reinit"]
         if isinstance(r, int):
             heads = self.circuit.unique_heads()
@@ -211,7 +208,6 @@ class SharedSetup:
         return [self.s_spec.check_head(Head.parse(h), "positive_control.reinit head") for h in r]
 
     def _match_inputs(self, teacher):
-
         t_clean = self.task.encode(self.d_clean, self.t_tok)
         t_corrupt = self.task.encode(self.d_corrupt, self.t_tok)
         s_clean = self.task.encode(self.d_clean, self.tok) if self.tok is not self.t_tok else t_clean
@@ -219,7 +215,6 @@ class SharedSetup:
         return MatchInputs(teacher, self.student, self.circuit, t_clean, s_clean, t_corrupt, s_corrupt)
 
     def _matching(self, rule: str, teacher):
-
         if rule == "identity":  # every circuit unit (head, role) of a re-initialised head, aligned to itself
             units = {}
             for c in self.circuit.heads:
@@ -287,7 +282,6 @@ class SharedSetup:
         d = self._shared("cache.json")
         if not (self._cache_ok(n_pool) and [tuple(u) for u in d["units"]] == units and d["logits"] >= need_logits):
             if teacher is None:
-
                 teacher = load_model(self.cfg.teacher, dtype=self._teacher_dtype())
             t0 = time.time()
             say(f"teacher cache: {n_pool} prompts, {len(units)} (head, role) units, logits={need_logits}")
@@ -308,7 +302,6 @@ class SharedSetup:
         return [(p.student, p.position) for p in matching.pairs]
 
     def _base_eval(self) -> None:
-
         d = self._shared("base_eval.json") or {}
         changed = False
         if "correct" not in d:
@@ -370,7 +363,6 @@ class SharedSetup:
 
     # --- one run ---------------------------------------------------------------------------------
     def _run_matching(self, spec: dict):
-
         rule = spec["setting"]["matching"]
         if rule is None:
             return None

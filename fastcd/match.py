@@ -25,6 +25,7 @@ from torch import nn
 from fastcd import _ext
 from fastcd.artifacts import Circuit, Matching, Pair
 from fastcd.cka import cka_matrix, cka_matrix_torch
+from fastcd.config import MATCH_METHODS
 from fastcd.discover import PatchSource, patch_heads_batched
 from fastcd.errors import UsageError
 from fastcd.hooks import ALL, capture_z, mean_z, role_positions
@@ -32,7 +33,7 @@ from fastcd.models import Head, get_adapter, logits_at
 from fastcd.tasks.base import EncodedBatch
 
 logger = logging.getLogger("fastcd")
-METHODS = ("ablation", "cka", "combined", "random")
+METHODS = MATCH_METHODS  # fastcd.config holds the vocabulary
 ROLES = "roles"  # student_position: ablate each candidate student head at each teacher unit's own role
 
 

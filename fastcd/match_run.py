@@ -44,7 +44,8 @@ def run_match(a) -> int:
     with stages("calibration", "a forward of 16 prompts through each model"):
         sec = {"teacher": per_prompt_s(teacher, inp.teacher_clean), "student": per_prompt_s(student, inp.student_clean)}
     stages.say_plan(simple_plan(f"match ({a.method}) {a.teacher} -> {a.student}",
-                                match_stages(a, spec_of(student, "--student"), circuit), sizes, sec))
+                                match_stages(a, spec_of(student, "--student"), circuit,
+                                             (inp.teacher_clean, inp.student_clean)), sizes, sec))
     if a.plan:
         return 0
     kw = {"ablation": {"k": a.top_k, "direction": a.direction, "progress": True, "metric": a.ablation_metric,

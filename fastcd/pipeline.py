@@ -16,13 +16,12 @@ from fastcd.card import _command_line, _name_of, save_result
 from fastcd.config import BF16_MIN_D_MODEL, TEST_SEED, DistillConfig, resolve_mixed_precision
 from fastcd.cost import CALIBRATION_PROMPTS, calibrate, distill_plan, time_plan
 from fastcd.discover_policy import default_circuit
-from fastcd.distillation import CircuitDistiller, check_vocabularies
+from fastcd.distillation import check_vocabularies
 from fastcd.errors import UsageError
-from fastcd.hooks import mean_z
 from fastcd.io import read_json
 from fastcd.loading import check_model_path, load_model, load_tokenizer, model_identity, spec_of
 from fastcd.match import MatchInputs, match, match_random
-from fastcd.metrics import accuracy_per_example, circuit_correct, faithfulness_record
+from fastcd.metrics import accuracy_per_example, faithfulness_record
 from fastcd.models import get_adapter
 from fastcd.ranks import broadcast_artifacts, check_ranks_agree, is_rank0, ranked
 from fastcd.resume import (
@@ -41,8 +40,7 @@ from fastcd.tasks import DatasetTask, get_task
 from fastcd.tasks.base import adapt_task
 from fastcd.tasks.protocol import check_task
 from fastcd.teacher_cache import MemoryCache, TeacherCache, check_cache_vocabulary, teacher_signals
-from fastcd.trainable import merge
-from fastcd.training import BATCH_ORDER, make_optimizer, train_loop
+from fastcd.training import BATCH_ORDER, evaluate_run, run_result, train_run
 
 
 @dataclass
@@ -170,7 +168,8 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
     # the plan: each stage's work now (no weights read), timed after loading for a real LM (or with plan_only)
     cached = teacher_cache is not None or (teacher is not None and cfg.effective_kd_weight == 0 and not ranked())
     plan = distill_plan(cfg, task, teacher=teacher, student=student, circuit=circuit, matching=matching,
-                        cached=cached, scaled=scaled, seq_len=task.encode(train_ex[:1], s_tok).input_ids.shape[1])
+                        cached=cached, scaled=scaled, seq_len=task.encode(train_ex[:1], s_tok).input_ids.shape[1],
+                        sample=task.encode([p.clean for p in task.pairs(8, seed=cfg.seed, split="val")], t_tok))
     timed = teacher is not None and (plan_only or spec_of(student, "student").d_model >= BF16_MIN_D_MODEL)
     stages = Stages(None, quiet=not is_rank0())
     if not timed:
@@ -269,98 +268,83 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
                                                 progress=cfg.progress))
         teacher = None
         gc.collect()
-    cd = CircuitDistiller(student, None if spec.full_model else matching, teacher=teacher, config=cfg)
     world, rank = 1, 0
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
         if cfg.batch_size % world or (cfg.micro_batch_size and (cfg.batch_size // world) % cfg.micro_batch_size):
             raise UsageError(f"batch_size={cfg.batch_size} must be divisible by the world size {world}, and the "
                              f"per-device batch by micro_batch_size={cfg.micro_batch_size}")
-        if world > 1:
-            cd.enable_ddp()
-    opt, sched = make_optimizer(cd, cfg)
-    step, log, loop_state = 0, [], {}
     ckpt = os.path.join(cfg.out, "ckpt.pt") if cfg.out else None
-    base_accuracy = None
+    identity["matching"] = sha(matching.to_json()) if matching is not None else None
+    step, log, loop_state, base_accuracy = 0, [], {}, None
     if state is not None:
-        identity["matching"] = sha(matching.to_json()) if matching is not None else None
         check_checkpoint(state, ckpt, identity, cfg, ("matching",))
         announce_resume(ckpt, state["step"], cfg.steps)
-        with torch.no_grad():
-            for p, v in zip(cd.trainable_parameters(), state["params"]):
-                p.copy_(v)
-        opt.load_state_dict(state["optimizer"])
-        if state.get("scheduler") is not None:
-            sched.load_state_dict(state["scheduler"])
-        loop_state = dict(state.get("loop_state") or {})
-        torch.set_rng_state(state["torch_rng"])  # dropout and any other use of the global generator
-        if state.get("cuda_rng") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        if state.get("python_rng") is not None:
-            random.setstate(state["python_rng"])
-        step, log = state["step"], state["log"]
+        step, log, loop_state = state["step"], state["log"], dict(state.get("loop_state") or {})
         if state.get("n_eval") == cfg.n_eval:
             base_accuracy = state.get("base_accuracy")
-        cd.calibrated_lam = state.get("lam")
-    identity["matching"] = sha(matching.to_json()) if matching is not None else None
     if base_accuracy is None:  # the untrained student, reported beside the trained one
         was = student.training
         student.eval()
         with amp(), stages("base evaluation", stages.what("base evaluation")):
             base_accuracy = sum(accuracy_per_example(student, s_test)) / len(s_test)
         student.train(was)
+    held = {}
+
+    def prepare(cd, opt, sched):  # DDP, and a resumed run's parameters, optimizer, schedule, generators and lambda
+        held.update(cd=cd, opt=opt, sched=sched)
+        if world > 1:
+            cd.enable_ddp()
+        if state is None:
+            return
+        with torch.no_grad():
+            for p, v in zip(cd.trainable_parameters(), state["params"]):
+                p.copy_(v)
+        opt.load_state_dict(state["optimizer"])
+        if state.get("scheduler") is not None:
+            sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])  # dropout and any other use of the global generator
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        if state.get("python_rng") is not None:
+            random.setstate(state["python_rng"])
+        cd.calibrated_lam = state.get("lam")
 
     def save(step_, log_):
         if ckpt and rank == 0 and cfg.save_every and (step_ % cfg.save_every == 0 or step_ == cfg.steps):
             os.makedirs(cfg.out, exist_ok=True)
+            cd, opt, sched = held["cd"], held["opt"], held["sched"]
             save_checkpoint({"params": [p.detach().clone() for p in cd.trainable_parameters()],
-                          "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                          "loop_state": dict(loop_state), "batch_order": BATCH_ORDER,
-                          "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
-                          "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                          "step": step_, "log": log_,
-                          "identity": identity, "base_accuracy": base_accuracy, "n_eval": cfg.n_eval,
-                          "lam": cd.calibrated_lam}, cfg.out, identity, step_)
+                             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                             "loop_state": dict(loop_state), "batch_order": BATCH_ORDER,
+                             "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+                             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                             "step": step_, "log": log_, "identity": identity, "base_accuracy": base_accuracy,
+                             "n_eval": cfg.n_eval, "lam": cd.calibrated_lam}, cfg.out, identity, step_)
 
     # accuracy during training is measured on validation prompts, never on the test set
     s_val = task.encode(val_ex, s_tok) if cfg.eval_every else None
-    try:
-        with stages("training", stages.what("training")):
-            log = train_loop(cd, opt, cfg.seed, cfg, s_train, t_train, cache, step=step, log=log, world=world,
-                             rank=rank, eval_batch=s_val, on_step=save, scheduler=sched, state=loop_state)
-    except BaseException:
-        if cd.slices is not None:  # leave the student a plain model (no parametrisations) for the caller
-            merge(cd.slices)
-        raise
-    student.eval()
-    if cd.slices is not None:
-        merge(cd.slices)
-    for p in student.parameters():
-        p.requires_grad_(False)
-    circ_correct, live = [], [(p.student, p.position) for p in matching.pairs] if matching is not None else None
-    with amp(), stages("evaluation", stages.what("evaluation")):
-        correct = accuracy_per_example(student, s_test)
-        if live is not None:
-            means = mean_z(student, s_ref.input_ids.to(next(student.parameters()).device))
-            circ_correct = circuit_correct(student, s_test, means, live, batch_size=128)
-    metrics = {"method": cfg.method, "student_accuracy": sum(correct) / len(correct),
-               "student_base_accuracy": base_accuracy,
-               "trainable_params": cd.n_trainable,
-               "lam_effective": cd.lam if spec.uses_cka else None,
+    with stages("training", stages.what("training")):
+        cd, log, train_s = train_run(student, matching, cfg, cfg.seed, s_train, cache=cache, t_train=t_train,
+                                     teacher=teacher, prepare=prepare, step=step, log=log, world=world, rank=rank,
+                                     eval_batch=s_val, on_step=save, state=loop_state)
+    with stages("evaluation", stages.what("evaluation")):
+        correct, circ_correct = evaluate_run(student, matching, s_test, s_ref=s_ref, amp=amp)
+    run = run_result(cd, matching, log, correct, circ_correct, train_s)
+    metrics = {"method": cfg.method, "student_accuracy": run.accuracy, "student_base_accuracy": base_accuracy,
+               "trainable_params": run.n_trainable, "lam_effective": run.lam_effective,
                "steps_done": log[-1]["step"] if log else step, "stopped_early": loop_state.get("stopped_early"),
-               "trainable_fraction": cd.n_trainable / sum(p.numel() for p in student.parameters())}
+               "trainable_fraction": run.trainable_fraction}
     if matching is not None:
-        metrics["student_circuit_accuracy"] = sum(circ_correct) / len(circ_correct)
+        metrics["student_circuit_accuracy"] = run.circuit_accuracy
         if metrics["student_accuracy"] > 0:
             metrics["student_circuit_faithfulness"] = metrics["student_circuit_accuracy"] / metrics["student_accuracy"]
-        s_spec = get_adapter(student).spec
-        trained = s_spec.n_total_heads if spec.full_model else len(matching.student_heads())
-        metrics["trained_heads"] = trained
-        metrics["trained_heads_fraction"] = trained / s_spec.n_total_heads
+        metrics["trained_heads"] = run.trained_heads or get_adapter(student).spec.n_total_heads
+        metrics["trained_heads_fraction"] = run.trained_heads_fraction
     metrics.update(teacher_metrics)
     metrics["world_size"] = world
     metrics["stages"] = stages.records  # seconds and peak memory per stage, the plan's prediction beside them
-    result = DistillResult(student, matching, circuit, metrics, log, correct, circ_correct, s_tok)
+    result = DistillResult(student, matching, circuit, metrics, log, correct, circ_correct or [], s_tok)
     if cfg.out and rank == 0:
         with stages("saving", f"the run folder {cfg.out}"):
             save_result(result, cfg, s_tok, task=task, teacher=teacher_name, student=student_name,

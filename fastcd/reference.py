@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 
+from fastcd.config import CKA_ESTIMATORS
 from fastcd.errors import UsageError
 
 
@@ -164,7 +165,7 @@ def _cka_loss_body(x, y, eps, upcast, estimator):
     return (1.0 - cka).sum(), cka
 
 
-ESTIMATORS = ("biased", "unbiased")
+ESTIMATORS = CKA_ESTIMATORS  # fastcd.config holds the vocabulary
 
 
 def _frobenius(x):

@@ -14,11 +14,10 @@ from fastcd.experiment_shared import say
 from fastcd.io import unbits, write_json_atomic
 from fastcd.plan import plan_vs_measured
 from fastcd.plots import accuracy_plot, curves_plot, lr_selection_plot, sweep_plot, variant
-from fastcd.stats import mcnemar, mean_ci, paired_seed_test, seed_level_lines
+from fastcd.stats import holm, mcnemar, mean_ci, paired_seed_test, seed_level_lines
 
 
 def _say(msg: str) -> None:
-
     say(msg)
 
 
@@ -82,8 +81,6 @@ CONTROL_PAIRS = (("ce+rand-cka", "rand-ce"), ("circuit-ce", "rand-ce"))
 
 def write_report(out: str, cfg: ExperimentConfig | None = None) -> dict:
     """Rebuild ``report.json``, ``summary.md`` and the figures from ``runs.jsonl`` and the shared records."""
-    from statsmodels.stats.multitest import multipletests
-
     exp_path = os.path.join(out, "experiment.json")
     with open(exp_path) as f:
         manifest = json.load(f)
@@ -173,7 +170,7 @@ def write_report(out: str, cfg: ExperimentConfig | None = None) -> dict:
             a = sum((unbits(ref[s]["correct"]) for s in common), [])
             b = unbits(base["correct"]) * len(common)
             tests.append({"setting": group, "a": _name(*ka[1:]), "b": "untrained student",
-                          "seeds": common, **_mc(a, b),
+                          "seeds": common, **mcnemar(a, b),
                           "seed_level": paired_seed_test({s: ref[s]["accuracy"] for s in common},
                                                          {s: base["accuracy"] for s in common})})
     # the random-head controls against each other: what the CKA term does on the same random heads, and
@@ -186,13 +183,12 @@ def write_report(out: str, cfg: ExperimentConfig | None = None) -> dict:
                 if kb[0] == ka[0] and kb[1] == b_m and kb[2] == ka[2]:
                     add(ka, kb, rs, rs2)
     if tests:
-        adj = multipletests([t["p_value"] for t in tests], method="holm")[1]
-        for t, p in zip(tests, adj):
-            t["p_holm"] = float(p)
+        for t, p in zip(tests, holm(t["p_value"] for t in tests)):
+            t["p_holm"] = p
         for name in ("p_t", "p_wilcoxon"):  # the seed-level family: the comparisons whose p is defined
             have = [t["seed_level"] for t in tests if t["seed_level"][name] is not None]
-            for sl, p in zip(have, multipletests([sl[name] for sl in have], method="holm")[1] if have else []):
-                sl[name + "_holm"] = float(p)
+            for sl, p in zip(have, holm(sl[name] for sl in have)):
+                sl[name + "_holm"] = p
     import torch
 
     report = {"config": asdict(cfg), "runs_done": len(recs) + len(tuning) + len(not_applicable),
@@ -228,13 +224,7 @@ def _pooled_test(rs_a: list[dict], rs_b: list[dict]) -> dict | None:
         return None
     a = sum((unbits(ref[s]["correct"]) for s in common), [])
     b = sum((unbits(other[s]["correct"]) for s in common), [])
-    return {"seeds": common, **_mc(a, b)}
-
-
-def _mc(a, b) -> dict:
-
-    t = mcnemar(a, b)
-    return {"a_only": t["b"], "b_only": t["c"], "p_value": t["p_value"], "n": len(a)}
+    return {"seeds": common, **mcnemar(a, b)}
 
 
 def _name(method: str, rule, lam, est=None) -> str:

@@ -12,7 +12,8 @@ from fastcd.errors import UsageError
 def mcnemar(correct_a, correct_b) -> dict:
     """Exact McNemar test between two methods' per-example correctness on the same prompts.
 
-    Returns ``{"b": a right & b wrong, "c": a wrong & b right, "p_value": two-sided exact binomial p}``.
+    Returns ``{"a_only": a right & b wrong, "b_only": a wrong & b right, "p_value": two-sided exact binomial p,
+    "n": prompts}`` (the one schema of every McNemar record: demo, experiment reports).
     """
     from scipy.stats import binomtest
 
@@ -23,7 +24,15 @@ def mcnemar(correct_a, correct_b) -> dict:
     n01 = int((a & ~b).sum())
     n10 = int((~a & b).sum())
     p = 1.0 if n01 + n10 == 0 else float(binomtest(n01, n01 + n10, 0.5).pvalue)
-    return {"b": n01, "c": n10, "p_value": p}
+    return {"a_only": n01, "b_only": n10, "p_value": p, "n": int(a.size)}
+
+
+def holm(p_values) -> list[float]:
+    """Holm-adjusted p-values of a family (statsmodels' ``multipletests(method="holm")``); [] for no tests."""
+    from statsmodels.stats.multitest import multipletests
+
+    p_values = list(p_values)
+    return [float(p) for p in multipletests(p_values, method="holm")[1]] if p_values else []
 
 
 MIN_SEEDS_FOR_A_CLAIM = 6

@@ -12,15 +12,18 @@ import json
 import math
 import os
 import time
+from dataclasses import dataclass
 
 import torch
 
 from fastcd.config import DistillConfig, resolve_mixed_precision
 from fastcd.distillation import CircuitDistiller, make_batch
 from fastcd.errors import UsageError
-from fastcd.metrics import accuracy_and_ce
+from fastcd.hooks import mean_z
+from fastcd.metrics import accuracy_and_ce, accuracy_per_example, circuit_correct
 from fastcd.models import get_adapter
 from fastcd.tasks.base import EncodedBatch
+from fastcd.trainable import merge
 
 BATCH_ORDER = "epochs"  # recorded in checkpoints: how batches are drawn (older fastcd drew with replacement)
 
@@ -33,7 +36,6 @@ def batch_rows(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
     drawn at most once, and the ``n % batch_size`` left out of an epoch differ from epoch to epoch. The rows depend
     only on ``(n, batch_size, step, seed)``, so a resumed run draws exactly the batches of an uninterrupted one."""
     if batch_size > n:
-
         raise UsageError(f"batch_size must be <= the number of training prompts ({n}) for duplicate-free batches, "
                          f"got {batch_size}")
     epoch, j = divmod(step, n // batch_size)
@@ -212,4 +214,81 @@ def train_loop(cd: CircuitDistiller, opt, seed: int, cfg: DistillConfig, s_train
     return log
 
 
-__all__ = ["BATCH_ORDER", "batch_rows", "make_optimizer", "nonfinite", "train_loop", "warmup_steps"]
+@dataclass
+class RunResult:
+    """One trained and evaluated run (what :func:`train_and_evaluate` returns)."""
+
+    log: list
+    correct: list  # per test prompt (for McNemar)
+    circuit_correct: list | None  # with only the matched heads live at their roles (None: not measured)
+    n_trainable: int
+    trainable_fraction: float
+    lam_effective: float | None
+    train_seconds: float
+    trained_heads: int | None  # the matched student heads (None: the full model trains)
+    trained_heads_fraction: float
+
+    @property
+    def accuracy(self) -> float:
+        return sum(self.correct) / len(self.correct)
+
+    @property
+    def circuit_accuracy(self) -> float | None:
+        return None if self.circuit_correct is None else sum(self.circuit_correct) / len(self.circuit_correct)
+
+
+def train_run(student, matching, cfg: DistillConfig, seed: int, s_train: EncodedBatch, *, cache=None,
+              t_train: EncodedBatch | None = None, teacher=None, prepare=None, **loop_kw):
+    """Train one run: a :class:`CircuitDistiller` on ``matching``'s student heads (every parameter for a full-model
+    method), AdamW and its schedule (:func:`make_optimizer`), :func:`train_loop`, the slices merged back (also on
+    an error), the student left in eval mode and frozen. ``prepare(cd, opt, scheduler)`` runs before the loop (a
+    resume's state, DDP, diagnostics); ``loop_kw`` goes to :func:`train_loop`. Returns ``(cd, log, seconds)``."""
+    cd = CircuitDistiller(student, None if cfg.spec.full_model else matching, teacher=teacher, config=cfg)
+    opt, sched = make_optimizer(cd, cfg)
+    if prepare is not None:
+        prepare(cd, opt, sched)
+    t0 = time.time()
+    try:
+        log = train_loop(cd, opt, seed, cfg, s_train, t_train, cache, scheduler=sched, **loop_kw)
+    finally:
+        if cd.slices is not None:  # leave the student a plain model (no parametrisations)
+            merge(cd.slices)
+    student.eval()
+    for p in student.parameters():
+        p.requires_grad_(False)
+    return cd, log, round(time.time() - t0, 1)
+
+
+def evaluate_run(student, matching, s_test: EncodedBatch, *, s_ref=None, means=None, amp=contextlib.nullcontext):
+    """The trained student's per-prompt correctness on ``s_test`` and, with a matching, its circuit correctness:
+    the matched heads live at their roles, every other head mean-ablated with ``means`` or, given ``s_ref``, the
+    trained student's own means on those prompts (None when neither is given)."""
+    circ = None
+    with amp():
+        correct = accuracy_per_example(student, s_test)
+        if matching is not None and (means is not None or s_ref is not None):
+            if means is None:
+                means = mean_z(student, s_ref.input_ids.to(next(student.parameters()).device))
+            circ = circuit_correct(student, s_test, means, [(p.student, p.position) for p in matching.pairs])
+    return correct, circ
+
+
+def run_result(cd, matching, log, correct, circ, train_s: float) -> RunResult:
+    spec, student = cd.config.spec, cd.student
+    n_heads = get_adapter(student).spec.n_total_heads
+    trained = None if spec.full_model or matching is None else len(matching.student_heads())
+    return RunResult(log, correct, circ, cd.n_trainable, cd.n_trainable / sum(p.numel() for p in student.parameters()),
+                     cd.lam if spec.uses_cka else None, train_s, trained, 1.0 if trained is None else trained / n_heads)
+
+
+def train_and_evaluate(student, matching, cfg: DistillConfig, seed: int, s_train: EncodedBatch, s_test: EncodedBatch,
+                       *, s_ref=None, means=None, amp=contextlib.nullcontext, **kw) -> RunResult:
+    """One run, the same in ``distill``, ``fastcd experiment`` and the demo: :func:`train_run`, then
+    :func:`evaluate_run`."""
+    cd, log, train_s = train_run(student, matching, cfg, seed, s_train, **kw)
+    correct, circ = evaluate_run(student, matching, s_test, s_ref=s_ref, means=means, amp=amp)
+    return run_result(cd, matching, log, correct, circ, train_s)
+
+
+__all__ = ["BATCH_ORDER", "RunResult", "batch_rows", "evaluate_run", "make_optimizer", "nonfinite", "run_result",
+           "train_and_evaluate", "train_loop", "train_run", "warmup_steps"]

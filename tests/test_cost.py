@@ -9,7 +9,7 @@ import torch
 from conftest import make_tiny
 
 from fastcd.config import CPU_REAL_DEFAULTS, DistillConfig
-from fastcd.cost import ROW_COST, discovery_rows, weight_bytes
+from fastcd.cost import MIN_ROW_SHARE, ROW_COST, discovery_rows, predict_stages, row_share, stage, weight_bytes
 from fastcd.pipeline import distill
 from fastcd.stages import Stages, format_run_plan
 from fastcd.tasks import EntityTracking
@@ -139,3 +139,20 @@ def test_weight_bytes_reads_the_safetensors_headers(tmp_path, tok):
     got_n, got_b = weight_bytes(str(tmp_path / "m"))
     assert got_n == n and got_b == 4 * n and weight_bytes(model) == (n, 4 * n)
     assert 0 < ROW_COST <= 1
+
+
+def test_a_patching_row_costs_the_share_of_the_prompt_after_its_role(tok):
+    """Batched patching reuses the clean prefix before a role's earliest position: a row at the last token costs
+    about one token's share of a forward, a row at every position the whole prompt; the plan times rows so."""
+    enc = TASK.encode([p.clean for p in TASK.pairs(4, seed=0, split="val")], tok)
+    t = enc.input_ids.shape[1]
+    first = int(enc.positions["box_label"].min())
+    assert row_share(enc, ["box_label"]) == pytest.approx((t - first) / t)
+    assert row_share(enc, ["last"]) == pytest.approx(max(MIN_ROW_SHARE, 1 / t))
+    assert row_share(enc, [None]) == row_share(enc, ["all"]) == 1.0
+    assert row_share(enc, ["last", None]) == pytest.approx((row_share(enc, ["last"]) + 1.0) / 2)
+    st = [stage("discovery", "x", teacher_rows=1000), stage("matching", "y", teacher_rows=1000)]
+    st[0]["row_share"] = {"teacher": 0.5}
+    predict_stages(st, {"teacher_s_per_prompt": 0.2, "student_s_per_prompt": 0.1, "step_s": {}})
+    assert st[0]["predicted_s"] == pytest.approx(1000 * 0.2 * ROW_COST * 0.5)
+    assert st[1]["predicted_s"] == pytest.approx(1000 * 0.2 * ROW_COST)

@@ -340,7 +340,7 @@ def test_mcnemar():
     a = [True] * 30 + [False] * 10
     b = [True] * 20 + [False] * 20
     r = mcnemar(a, b)
-    assert (r["b"], r["c"]) == (10, 0) and r["p_value"] < 0.01
+    assert (r["a_only"], r["b_only"], r["n"]) == (10, 0, len(a)) and r["p_value"] < 0.01
     assert mcnemar(a, a)["p_value"] == 1.0
     with pytest.raises(ValueError, match="one length"):
         mcnemar([True], [True, False])

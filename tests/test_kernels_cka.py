@@ -7,7 +7,7 @@ is at most twice that of PyTorch in the same dtype, plus a small floor).
 
 import pytest
 import torch
-from conftest import HAS_CUDA, gpu
+from conftest import gpu
 
 from fastcd.reference import cka_loss_gather_ref
 
@@ -114,9 +114,23 @@ def test_kernel_matches_reference_gpu(dtype, p, m, d):
     assert gk <= 2 * gt + 1e-5 * ref_grad.abs().max()
 
 
-def test_gpu_marker_is_guarded():
-    """The GPU tests above skip cleanly here; their CPU siblings are the interpreter tests."""
-    assert HAS_CUDA == torch.cuda.is_available()
+def test_every_gpu_test_has_a_cpu_sibling():
+    """Each test under the ``gpu`` marker (skipped cleanly without CUDA) has a CPU sibling on the same contract in
+    its module: the same name with ``_cpu`` for ``_gpu``."""
+    import ast
+    from pathlib import Path
+
+    missing, n_gpu = [], 0
+    for path in sorted(Path(__file__).parent.glob("test_*.py")):
+        tree = ast.parse(path.read_text())
+        names = {f.name for f in tree.body if isinstance(f, ast.FunctionDef)}
+        for f in tree.body:
+            if isinstance(f, ast.FunctionDef) and any(isinstance(d, ast.Name) and d.id == "gpu"
+                                                      for d in f.decorator_list):
+                n_gpu += 1
+                if not f.name.endswith("_gpu") or f.name[:-4] + "_cpu" not in names:
+                    missing.append(f"{path.name}::{f.name}")
+    assert n_gpu >= 1 and not missing, missing
 
 
 def test_distiller_triton_path_matches_torch_cpu():

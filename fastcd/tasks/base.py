@@ -1,7 +1,6 @@
 """Task examples, clean/corrupt pairs, deterministic splits, JSONL I/O and encoding to token ids.
 
 JSONL schema (one object per line)::
-
     {"task": "entity-tracking", "prompt": "The apple is in Box F, ... Box F contains the",
      "answer": "apple", "meta": {...}}
 
@@ -254,7 +253,6 @@ def adapt_task(task, tokenizers, *, announce: bool = True):
                          f"({short}): {e}") from None
     out.dropped = dropped
     if dropped and announce:
-
         say(f"fastcd: {task.name} word pools adapted to {len(tokenizers)} tokenizer(s): "
             + ", ".join(f"{name} {len(kept[name])}/{len(pools[name])} kept (dropped {', '.join(d)})"
                         for name, d in dropped.items()))
