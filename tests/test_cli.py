@@ -278,3 +278,29 @@ def test_help_states_each_default_once_and_what_a_no_flag_turns_off(command, cap
         assert flat.lower().count("default:") <= 1, flat
         if flat.startswith(("--no_", "--no-")):
             assert "turn off:" in flat, flat
+
+
+def test_cli_plan_prints_the_stages_and_stops(tmp_path, capsys):
+    """``--plan`` on discover, match and distill: the plan block with every stage, a status line for the loading,
+    exit 0, and nothing written."""
+    from fastcd.artifacts import Circuit, CircuitHead
+    from fastcd.models import Head
+
+    model = _save_tiny(tmp_path)
+    common = ["--n-boxes", "3"]
+    assert main(["discover", "--model", str(model), "--task", "entity-tracking", *common, "--n-examples", "12",
+                 "--out", str(tmp_path / "c.json"), "--plan"]) == 0
+    err = capsys.readouterr().err
+    assert "plan: discover (auto)" in err and "plan:   discovery " in err and "fastcd: load: done in" in err
+    Circuit([CircuitHead(Head(1, 0), "heads", "last", 0.0)], "entity-tracking", 3, 4).save(tmp_path / "given.json")
+    assert main(["match", "--teacher", str(model), "--student", str(model), "--circuit", str(tmp_path / "given.json"),
+                 *common, "--n-examples", "12", "--out", str(tmp_path / "m.json"), "--plan"]) == 0
+    err = capsys.readouterr().err
+    assert "plan: match (ablation)" in err and "plan:   matching " in err
+    assert main(["distill", "--teacher", str(model), "--student", str(model), "--task", "entity-tracking", *common,
+                 "--n-train", "16", "--batch-size", "4", "--n-eval", "8", "--n-discovery", "8", "--out",
+                 str(tmp_path / "run"), "--plan"]) == 0
+    err = capsys.readouterr().err
+    for name in ("discovery", "matching", "teacher evaluation", "teacher cache", "training", "evaluation"):
+        assert f"plan:   {name} " in err, name
+    assert not any((tmp_path / f).exists() for f in ("c.json", "c.png", "m.json", "run"))
