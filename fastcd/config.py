@@ -14,6 +14,17 @@ import math
 from dataclasses import dataclass, field, fields, replace
 
 from fastcd.errors import UsageError
+from fastcd.vocab import (  # noqa: F401  (each vocabulary's home is fastcd.vocab; re-exported here)
+    CKA_ESTIMATORS,
+    DISCOVERY_METHODS,
+    KV_POLICIES,
+    LABELS,
+    MATCH_METHODS,
+    MATCHING_METHODS,
+    ON_NONFINITE,
+    REPORT_TO,
+    SCHEDULERS,
+)
 
 
 @dataclass(frozen=True)
@@ -47,16 +58,6 @@ METHOD_SPECS: dict[str, MethodSpec] = {s.name: s for s in (
 METHODS = tuple(n for n, s in METHOD_SPECS.items() if s.in_distill)  # what distill() runs
 ALL_METHODS = tuple(METHOD_SPECS)  # plus the experiment-only controls
 TEST_SEED = 0  # the seed of the test prompts, the same for every run whatever its training seed
-SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
-# each vocabulary once; the CLI's choices, the experiment's fields and every check read these
-CKA_ESTIMATORS = ("biased", "unbiased")
-MATCHING_METHODS = ("ablation", "cka", "combined")  # how distill() and the experiment match heads
-MATCH_METHODS = (*MATCHING_METHODS, "random")  # fastcd match, with the random control
-DISCOVERY_METHODS = ("roles", "patching", "attribution", "path")
-KV_POLICIES = ("auto", "frozen", "trainable")
-LABELS = ("teacher", "gold")
-ON_NONFINITE = ("stop", "skip")
-REPORT_TO = ("none", "tensorboard")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 COMPUTE_PRECISIONS = ("auto", "float32", "bf16")  # fastcd experiment's `precision`
 BF16_MIN_D_MODEL = 512  # "auto" computes in bf16 on the CPU for models at least this wide (every real LM here)

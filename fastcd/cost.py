@@ -53,16 +53,18 @@ def weight_bytes(path_or_module) -> tuple[int, int]:
     n = b = 0
     files = [f for f in os.listdir(path) if f.endswith(".safetensors")] if os.path.isdir(path) else []
     for name in files:
-        with open(os.path.join(path, name), "rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(size))
-        for k, v in header.items():
-            if k != "__metadata__":
-                count = 1
-                for d in v["shape"]:
-                    count *= d
-                n += count
-                b += count * BYTES.get(v["dtype"], 4)
+        try:
+            with open(os.path.join(path, name), "rb") as f:
+                (size,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(size))
+            counts = [(math.prod(v["shape"]), BYTES.get(v["dtype"], 4)) for k, v in header.items()
+                      if k != "__metadata__"]
+        except (OSError, ValueError, TypeError, KeyError, AttributeError, struct.error):
+            size = os.path.getsize(os.path.join(path, name))  # a damaged file: its size stands in (loading names it)
+            n, b = n + size // 4, b + size
+            continue
+        n += sum(c for c, _ in counts)
+        b += sum(c * k for c, k in counts)
     if not files:  # a GGUF file or .bin weights: the file size stands for the bytes
         n = b = os.path.getsize(path) if os.path.isfile(path) else 0
     return n, b

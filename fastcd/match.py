@@ -33,7 +33,7 @@ from fastcd.models import Head, get_adapter, logits_at
 from fastcd.tasks.base import EncodedBatch
 
 logger = logging.getLogger("fastcd")
-METHODS = MATCH_METHODS  # fastcd.config holds the vocabulary
+METHODS = MATCH_METHODS  # fastcd.vocab holds the vocabulary
 ROLES = "roles"  # student_position: ablate each candidate student head at each teacher unit's own role
 
 

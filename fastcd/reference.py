@@ -7,8 +7,8 @@ import math
 
 import numpy as np
 
-from fastcd.config import CKA_ESTIMATORS
 from fastcd.errors import UsageError
+from fastcd.vocab import CKA_ESTIMATORS
 
 
 def nearest_indices_ref(query, keys) -> np.ndarray:
@@ -165,7 +165,7 @@ def _cka_loss_body(x, y, eps, upcast, estimator):
     return (1.0 - cka).sum(), cka
 
 
-ESTIMATORS = CKA_ESTIMATORS  # fastcd.config holds the vocabulary
+ESTIMATORS = CKA_ESTIMATORS  # fastcd.vocab holds the vocabulary
 
 
 def _frobenius(x):

@@ -156,3 +156,11 @@ def test_a_patching_row_costs_the_share_of_the_prompt_after_its_role(tok):
     predict_stages(st, {"teacher_s_per_prompt": 0.2, "student_s_per_prompt": 0.1, "step_s": {}})
     assert st[0]["predicted_s"] == pytest.approx(1000 * 0.2 * ROW_COST * 0.5)
     assert st[1]["predicted_s"] == pytest.approx(1000 * 0.2 * ROW_COST)
+
+
+def test_weight_bytes_of_a_damaged_file_is_its_size(tmp_path):
+    """A truncated safetensors file does not stop the plan (its size stands in); loading names the damage."""
+    (tmp_path / "m").mkdir()
+    data = b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\": {\"dtype\""
+    (tmp_path / "m" / "model.safetensors").write_bytes(data)
+    assert weight_bytes(str(tmp_path / "m")) == (len(data) // 4, len(data))

@@ -8,7 +8,7 @@ ROOT = Path(__file__).resolve().parents[1] / "fastcd"
 
 # lowest first; a module may import its own stage and every stage above it in this list
 STAGES = [
-    {"errors", "io", "config", "cli_args"},
+    {"errors", "io", "vocab", "config", "cli_args"},
     {"_ext", "_C", "reference", "models", "tokenizer", "tasks", "tasks.base", "tasks.protocol", "tasks.entity_tracking",
      "tasks.tom", "tasks.registry", "tasks.dataset"},
     {"loading", "convert", "zoo", "hooks", "trainable", "cka", "kernels", "kernels.cka", "info", "stats", "plots",
