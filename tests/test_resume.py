@@ -86,9 +86,7 @@ def test_the_manifest_is_written_after_its_checkpoint(tmp_path, monkeypatch):
     def crash_in_manifest(*a, **k):
         raise KeyboardInterrupt
 
-    import fastcd.io
-
-    monkeypatch.setattr(fastcd.io, "write_json_atomic", crash_in_manifest)
+    monkeypatch.setattr(R, "write_json_atomic", crash_in_manifest)
     with pytest.raises(KeyboardInterrupt):
         R.save_checkpoint({"step": 3}, str(tmp_path), {"config": {}}, 3)
     assert (tmp_path / "ckpt.pt").is_file() and not (tmp_path / "manifest.json").exists()
