@@ -248,7 +248,7 @@ def distill_plan(cfg, task, *, teacher, student, seq_len: int, circuit=None, mat
                 roles = [c.position for c in circuit.heads] if circuit else discovery_roles(task, defaults["method"])
                 st[-1]["row_share"] = {"student": 1.0, "teacher": row_share(sample, roles)}
     if t_spec is not None:
-        circ = 12 * min(cfg.n_eval, 128) if cfg.circuit_eval and needs else 0
+        circ = 13 * cfg.n_eval if cfg.circuit_eval and needs else 0  # means, full model, circuit, 10 random circuits
         st.append(stage("teacher evaluation", f"{cfg.n_eval} test prompts" + (f", circuit faithfulness {circ:,} "
                         "prompt passes" if circ else ""), "--no-circuit-eval" if circ else "", teacher=cfg.n_eval
                         + circ))

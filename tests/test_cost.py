@@ -50,7 +50,7 @@ def test_plan_only_counts_every_stage_and_times_it(tok):
     rows, fw = discovery_rows("path", cfg.n_discovery, heads, 3, cfg.path_k)
     assert by["discovery"]["work"] == {"teacher_rows": rows, "teacher": fw}
     assert by["teacher cache"]["work"] == {"teacher": cfg.n_train}
-    assert by["teacher evaluation"]["work"] == {"teacher": cfg.n_eval + 12 * cfg.n_eval}
+    assert by["teacher evaluation"]["work"] == {"teacher": cfg.n_eval + 13 * cfg.n_eval}
     assert by["training"]["work"] == {"steps": cfg.steps, "student": cfg.n_val * (cfg.steps // cfg.eval_every)}
     assert by["evaluation"]["work"] == {"student": 3 * cfg.n_eval}
     assert all(st["predicted_s"] >= 0 for st in plan["stages"] if st["work"])
