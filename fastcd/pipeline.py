@@ -240,6 +240,7 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
             kw = {"progress": cfg.progress} if cfg.matching_method in ("ablation", "combined") else {}
             with amp(), stages("matching", stages.what("matching")):
                 matching = match(inp, cfg.matching_method, **kw)
+            del inp  # it holds the teacher, which leaves memory before training
         circuit, matching = broadcast_artifacts(circuit, matching)
     elif spec.random_students and matching is not None and matching.method != "random":
         matching = match_random(matching, student, seed=cfg.seed)

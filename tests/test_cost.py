@@ -164,3 +164,27 @@ def test_weight_bytes_of_a_damaged_file_is_its_size(tmp_path):
     data = b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\": {\"dtype\""
     (tmp_path / "m" / "model.safetensors").write_bytes(data)
     assert weight_bytes(str(tmp_path / "m")) == (len(data) // 4, len(data))
+
+
+def test_the_teacher_leaves_memory_before_training(tok, tmp_path, monkeypatch):
+    """On the cheap path the teacher (loaded from disk by distill) is gone before the first training step: no object
+    of its class is alive when training starts (the student is of another architecture)."""
+    import gc
+
+    import fastcd.pipeline as P
+
+    teacher = make_tiny("qwen2", vocab_size=len(tok), seed=1, n_layers=3)
+    teacher.save_pretrained(tmp_path / "teacher")
+    del teacher
+    seen = []
+    real = P.train_run
+
+    def spy(*a, **k):
+        gc.collect()
+        seen.append(sum(type(o).__name__ == "Qwen2ForCausalLM" for o in gc.get_objects()))
+        return real(*a, **k)
+
+    monkeypatch.setattr(P, "train_run", spy)
+    distill(str(tmp_path / "teacher"), make_tiny("llama", vocab_size=len(tok), seed=2), TASK,
+            config=_cfg(matching_method="ablation", discovery="path"), student_tokenizer=tok, teacher_tokenizer=tok)
+    assert seen == [0]
