@@ -349,7 +349,3 @@ def time_plan(plan: dict, cal: dict, batch_size: int) -> dict:
     plan["peak_gib"] = round(max(cal["models_gib"] + plan["patching_gib"], train, cal["peak_rss_gib"]), 2)
     plan["timing"] = f"calibrated in {cal.get('seconds', 0):.0f} s on this machine"
     return plan
-
-
-def models_gib(teacher_bytes: float, student_bytes: float) -> float:
-    return (teacher_bytes + student_bytes) / 2**30

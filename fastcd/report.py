@@ -17,10 +17,6 @@ from fastcd.plots import accuracy_plot, curves_plot, lr_selection_plot, sweep_pl
 from fastcd.stats import holm, mcnemar, mean_ci, paired_seed_test, seed_level_lines
 
 
-def _say(msg: str) -> None:
-    say(msg)
-
-
 def read_runs(path: str) -> dict[str, dict]:
     """The finished runs in ``runs.jsonl`` by key; a line cut short by a kill is skipped (that run reruns)."""
     recs = {}
@@ -33,7 +29,7 @@ def read_runs(path: str) -> dict[str, dict]:
                 try:
                     r = json.loads(line)
                 except json.JSONDecodeError:
-                    _say(f"{path} line {i + 1} is incomplete (a killed write); that run reruns")
+                    say(f"{path} line {i + 1} is incomplete (a killed write); that run reruns")
                     continue
                 recs[r["key"]] = r
     return recs
