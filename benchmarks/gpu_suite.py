@@ -23,7 +23,6 @@ Run: ``python benchmarks/gpu_suite.py --out OUT`` (GPU) or ``python benchmarks/g
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import subprocess
@@ -306,10 +305,10 @@ def main(argv=None) -> int:
     res["scorer"] = bench_scorer(device, args.smoke)
     res["cka_loss"] = bench_cka_loss(device, args.smoke, deadline)
     res["seconds"] = round(time.time() - t_start, 1)
-    with open(os.path.join(args.out, "gpu_suite.json"), "w") as f:
-        json.dump(res, f, indent=1)
-    with open(os.path.join(args.out, "gpu_suite.md"), "w") as f:
-        f.write(markdown(res))
+    from fastcd.io import write_json_atomic, write_text_atomic
+
+    write_json_atomic(res, os.path.join(args.out, "gpu_suite.json"), indent=1)
+    write_text_atomic(markdown(res), os.path.join(args.out, "gpu_suite.md"))
     print(markdown(res))
     return 0
 

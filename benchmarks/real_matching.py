@@ -77,6 +77,7 @@ def main(argv=None) -> int:
 
     import fastcd
     from fastcd.artifacts import Matching
+    from fastcd.io import write_json_atomic
     from fastcd.match import MatchInputs, match
     from fastcd.tasks import EntityTracking, adapt_task
 
@@ -87,8 +88,7 @@ def main(argv=None) -> int:
 
     def save_summary():
         summary["peak_rss_mb"] = max(summary.get("peak_rss_mb", 0), _peak_mb())
-        with open(summary_path, "w") as f:
-            json.dump(summary, f, indent=1)
+        write_json_atomic(summary, summary_path, indent=1)
 
     s_tok = fastcd.load_tokenizer(args.student)
     student = fastcd.load_model(args.student, dtype="float32")

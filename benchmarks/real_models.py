@@ -201,6 +201,8 @@ def main(argv=None) -> int:
     for stage in args.stages.split(","):
         if stage not in STAGES:
             p.error(f"--stages: unknown stage {stage!r}; choose from {sorted(STAGES)}")
+    from fastcd.io import write_json_atomic
+
     for stage in args.stages.split(","):
         proc = subprocess.run([sys.executable, __file__, *(argv or sys.argv[1:]), "--stage", stage],
                               stdout=subprocess.PIPE, text=True)
@@ -212,9 +214,7 @@ def main(argv=None) -> int:
         data = json.load(open(args.out)) if os.path.isfile(args.out) else {}
         data.setdefault(args.model, {})[stage] = {**res, "threads": __import__("torch").get_num_threads(),
                                                   "date": time.strftime("%Y-%m-%d")}
-        with open(args.out + ".tmp", "w") as f:
-            json.dump(data, f, indent=1)
-        os.replace(args.out + ".tmp", args.out)
+        write_json_atomic(data, args.out, indent=1)
         print(stage, json.dumps(res), flush=True)
     return 0
 

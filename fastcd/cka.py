@@ -28,7 +28,7 @@ import torch
 
 from fastcd import _ext
 from fastcd.errors import UsageError
-from fastcd.io import announce
+from fastcd.io import status_once
 from fastcd.reference import ESTIMATORS, check_cka_inputs, cka_loss_gather_ref, cka_loss_ref, cka_matrix_ref
 
 IMPLS = ("torch", "triton", "cpp", "python")  # the one vocabulary
@@ -186,7 +186,7 @@ def cka_matrix(a, b, *, impl: str | None = None, form: str = "auto", max_bytes: 
     if impl is None:
         impl = "cpp" if _ext.HAS_CPP else "torch"
 
-        announce(f"fastcd: CKA scorer uses {'fastcd._C (C++)' if impl == 'cpp' else 'the torch fallback'}")
+        status_once(f"fastcd: CKA scorer uses {'fastcd._C (C++)' if impl == 'cpp' else 'the torch fallback'}")
     if impl == "cpp":
         if not _ext.HAS_CPP:
             raise RuntimeError(f"impl='cpp' was asked for but fastcd._C is not built ({_ext.CPP_ERROR})")

@@ -58,7 +58,7 @@ def _parser(prog: str, dataclass_types, description: str | None = None):
     class Parser(HfArgumentParser):
         @staticmethod
         def _parse_dataclass_field(parser, field):
-            if "help" not in field.metadata:  # internal fields (e.g. PretrainConfig.extra) are not flags
+            if "help" not in field.metadata:  # internal fields (e.g. PretrainArgs.extra) are not flags
                 return
             custom = field.metadata.get("type")
             HfArgumentParser._parse_dataclass_field(parser, field)
@@ -155,7 +155,6 @@ def _run_distill(argv) -> int:
     (a, cfg), _ = _parse(_parser("fastcd distill", [DistillArgs, DistillConfig], DESCRIPTIONS["distill"]), argv, 2)
     if not cfg.out:
         raise UsageError("--out is required: the output directory")
-    cfg.validate()
     from fastcd.artifacts import Circuit, Matching
     from fastcd.loading import check_model_path, load_model, load_tokenizer
     from fastcd.pipeline import distill
@@ -231,16 +230,13 @@ def _run_demo(argv) -> int:
     from fastcd.cli_args import DemoArgs, flat
 
     (a,), _ = _parse(_parser("fastcd demo", [DemoArgs], DESCRIPTIONS["demo"]), argv, 1)
-    a.seeds, a.methods = flat(a.seeds), flat(a.methods)
-    from fastcd.demo import format_table, run_demo
+    from fastcd.demo import format_demo, run_demo
 
-    report = run_demo(a.task, out=a.out, teacher=a.teacher, student=a.student, steps=a.steps,
-                      batch_size=a.batch_size, lr=a.lr, lam=a.lam, n_train=a.n_train, n_eval=a.n_eval,
-                      n_discovery=a.n_discovery, seeds=tuple(a.seeds), methods=tuple(a.methods),
-                      direction=a.direction, progress=a.progress)
-    print(format_table(report))
-    print(f"report: {a.out}/ (report.json, summary.md, teacher_circuit.png, student_heads.png, matching.png, "
-          "curves.png)")
+    over = {k: getattr(a, k) for k in ("teacher", "student", "steps", "batch_size", "lr", "lam", "n_train",
+                                       "n_test", "n_discovery")}
+    over.update(seeds=flat(a.seeds) if a.seeds else None, methods=flat(a.methods) if a.methods else None)
+    report = run_demo(a.task, out=a.out, overwrite=a.overwrite, progress=a.progress, **over)
+    print(format_demo(report, a.out))
     return 0
 
 
@@ -272,9 +268,9 @@ def _run_experiment(argv) -> int:
 
 
 def _run_pretrain(argv) -> int:
-    from fastcd.cli_args import PretrainConfig
+    from fastcd.cli_args import PretrainArgs
 
-    p = _parser("fastcd pretrain", [PretrainConfig])
+    p = _parser("fastcd pretrain", [PretrainArgs])
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     (cfg,), ns = _parse(p, argv, 1)
     from fastcd.pretrain import pretrain

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from fastcd.config import ALL_METHODS, MATCH_METHODS, METHODS, option, parse_lam
+from fastcd.config import ALL_METHODS, MATCH_METHODS, option, parse_lam
 from fastcd.errors import UsageError
 
 TASKS = ("entity-tracking", "tom")
@@ -135,23 +135,25 @@ class DistillArgs:
 
 @dataclass
 class DemoArgs:
-    task: str = option("entity-tracking", "the task", choices=TASKS)
-    out: str = option(os.path.join("fastcd-demo"), "report folder (git-ignored in this repository)")
+    """``fastcd demo``: the shipped config (fastcd/demo_configs/TASK.yaml) with what you change here; unset flags
+    keep the config's values."""
+
+    task: str = option("entity-tracking", "the task (its shipped config)", choices=TASKS)
+    out: str = option("fastcd-demo", "report folder (resumed when it holds this demo's runs)")
+    overwrite: bool = option(False, "discard the runs in --out of another configuration")
     teacher: str | None = option(None, "teacher directory (default: the shipped checkpoint)")
     student: str | None = option(None, "student base directory (default: the shipped checkpoint)")
-    steps: int = option(150, "optimizer steps per run")
-    batch_size: int = option(32, "batch (also the CKA batch m)")
-    lr: float = option(3e-3, "learning rate")
-    lam: float | str = option(1.0, "CKA weight lambda of the CE + CKA methods, or 'auto'", type=parse_lam)
-    n_train: int = option(4096, "training prompts")
-    n_eval: int = option(500, "test prompts (one fixed set)")
-    n_discovery: int = option(256, "prompts for discovery and matching")
-    seeds: list[int] = option([0], "seeds, e.g. --seeds 0 1 2 (or 0,1,2)", type=int_list)
-    methods: list[str] = option(list(METHODS), f"methods to run, e.g. --methods ce+cka circuit-ce (or a,b), among "
-                               f"{', '.join(METHODS)}", type=str_list)
-    direction: str = option("student_to_teacher", "ablation matching direction (the paper's Eq. 5, many-to-one; "
-                           "teacher_to_student gives every circuit unit a partner)",
-                           choices=("student_to_teacher", "teacher_to_student"))
+    steps: int | None = option(None, "optimizer steps per run (config: 150)")
+    batch_size: int | None = option(None, "batch, also the CKA batch m (config: 32)")
+    lr: float | None = option(None, "learning rate (config: 3e-3)")
+    lam: float | str | None = option(None, "CKA weight lambda of the CE + CKA methods, or 'auto' (config: 1.0)",
+                                     type=parse_lam)
+    n_train: int | None = option(None, "training prompts per seed (config: 4096)")
+    n_test: int | None = option(None, "test prompts, one fixed set (config: 500)")
+    n_discovery: int | None = option(None, "prompts for discovery and matching (config: 256)")
+    seeds: list[int] | None = option(None, "seeds, e.g. --seeds 0 1 2 or 0,1,2 (config: 0)", type=int_list)
+    methods: list[str] | None = option(None, f"methods, e.g. --methods ce+cka circuit-ce (or a,b), among "
+                                       f"{', '.join(ALL_METHODS)} (config: the six of distill())", type=str_list)
     progress: bool = option(True, "progress bars")
 
 
@@ -178,7 +180,7 @@ class ConvertArgs:
 
 
 @dataclass
-class PretrainConfig:
+class PretrainArgs:
     """A tiny Llama-architecture model trained from scratch on a task (``fastcd pretrain``)."""
 
     task: str = option("entity-tracking", "the task", choices=TASKS)
@@ -217,7 +219,7 @@ class PretrainConfig:
     threads: int | None = option(None, "torch threads")
     extra: dict = field(default_factory=dict)
 
-    def validate(self) -> PretrainConfig:
+    def validate(self) -> PretrainArgs:
         if self.task not in ("entity-tracking", "tom"):
             raise UsageError(f"task must be 'entity-tracking' or 'tom', got {self.task!r}")
         if self.role not in ("teacher", "student"):
@@ -249,4 +251,4 @@ class PretrainConfig:
 
 __all__ = ["ALL_METHODS", "ConvertArgs", "DemoArgs", "DiscoverArgs", "DistillArgs", "ExperimentArgs", "MatchArgs",
            "ModelsArgs",
-           "PretrainConfig"]
+           "PretrainArgs"]

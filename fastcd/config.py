@@ -99,15 +99,23 @@ def option(default, help: str, **kw):
     return field(default=default, metadata={"help": help, **kw})
 
 
-def parse_lam(text):
-    """``lam`` from the command line or a config: a number or ``auto``."""
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        return float(text)
-    if text == "auto":
-        return "auto"
+def parse_number(text, name: str) -> float:
+    """A float field from the command line or a config file (YAML 1.1 reads ``3e-3`` as a string)."""
+    if isinstance(text, bool):
+        raise UsageError(f"{name} must be a number, got {text!r}")
     try:
         return float(text)
     except (TypeError, ValueError):
+        raise UsageError(f"{name} must be a number, got {text!r}") from None
+
+
+def parse_lam(text):
+    """``lam`` from the command line or a config: a number or ``auto``."""
+    if text == "auto":
+        return "auto"
+    try:
+        return parse_number(text, "lam")
+    except UsageError:
         raise UsageError(f"lam must be a number or 'auto', got {text!r}") from None
 
 
@@ -182,7 +190,22 @@ class DistillConfig:
                                     f"{k} {v}" for k, v in CPU_REAL_DEFAULTS.items())
                                 + " (the run's plan says which); --no-cpu-defaults keeps the listed ones")
 
+    def __post_init__(self) -> None:  # checked once, where the config is built (the CLI, your code, replace())
+        self.validate()
+
+    def _fields(self) -> tuple:
+        return tuple(repr(getattr(self, f.name)) for f in fields(self))
+
+    def checked(self) -> DistillConfig:
+        """This config, validated again only if a field changed in place since it was last validated (what
+        ``distill()`` and :class:`~fastcd.distillation.CircuitDistiller` call: a config is checked once)."""
+        if getattr(self, "_checked", None) != self._fields():
+            self.validate()
+        return self
+
     def validate(self) -> DistillConfig:
+        """Check every field (one line naming the field on a bad value); run when the config is built, and again
+        by hand after changing a field in place."""
         """One-line errors naming the field and what was expected, before any work starts."""
         spec = method_spec(self.method)
         if not spec.in_distill:
@@ -258,6 +281,7 @@ class DistillConfig:
             choose_impl(dev, self.impl)
         if self.mixed_precision == "fp16" and dev.type != "cuda":
             raise UsageError(f"mixed_precision='fp16' needs a CUDA device (device={self.device!r}); use bf16 or no")
+        self._checked = self._fields()
         return self
 
     def scaled_for(self, d_model: int, device_type: str) -> tuple[DistillConfig, list[str]]:

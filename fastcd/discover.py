@@ -16,8 +16,7 @@ from torch import nn
 
 from fastcd.artifacts import Circuit, CircuitHead
 from fastcd.errors import UsageError
-from fastcd.hooks import ALL, intervene, mean_z, position_mask, role_positions, run_with_z
-from fastcd.loading import rows_for_budget
+from fastcd.hooks import ALL, intervene, mean_z, position_mask, role_positions, rows_for_budget, run_with_z
 from fastcd.metrics import (
     check_aligned,
     check_patching_args,
@@ -208,7 +207,7 @@ def patch_heads_batched(model: nn.Module, clean: EncodedBatch, source: PatchSour
 
     Rows ``(head k, example i)`` are stacked along the batch, each row patching only its own head, in
     forwards of at most ``max_batch`` rows (the memory bound; None: as many as ``FASTCD_MEMORY_BUDGET``,
-    default 2 GiB, allows, :func:`fastcd.models.rows_for_budget`). Same scores as :func:`patch_heads_loop`.
+    default 2 GiB, allows, :func:`fastcd.hooks.rows_for_budget`). Same scores as :func:`patch_heads_loop`.
     With ``skip_layers`` (Llama-like models), a forward that patches layer l starts from the clean residual
     stream at layer l instead of recomputing layers 0..l-1, which are unchanged by the patch; the clean
     residual streams are kept, ``[n_layers, n, T, d_model]``. With ``reuse_prefix`` and a position role, the

@@ -130,7 +130,7 @@ class CircuitDistiller(nn.Module):
     def __init__(self, student: nn.Module, matching: Matching | None, *, teacher: nn.Module | None = None,
                  config: DistillConfig | None = None):
         super().__init__()
-        self.config = (config or DistillConfig()).validate()
+        self.config = (config or DistillConfig()).checked()
         self.student = student
         object.__setattr__(self, "teacher", teacher)  # not a submodule: never trained, never in state_dict
         method = self.config.method

@@ -34,13 +34,12 @@ from fastcd.experiment_config import (
     chosen_lrs,
     distill_config_for,
     lr_choices,
-    upgrade_old_record,
 )
-from fastcd.experiment_shared import SharedSetup, say
-from fastcd.io import bits, write_json_atomic
+from fastcd.io import correct_as_bits, experiment_status, write_json_atomic
 from fastcd.loading import load_model
 from fastcd.plan import calibrate, count_work, format_plan, predict
 from fastcd.report import append_record, read_runs, setting_label, write_report
+from fastcd.shared_work import SharedWork
 from fastcd.teacher_cache import MemoryCache
 from fastcd.trainable import (
     reinit_heads,  # noqa: F401  (re-exported)
@@ -48,7 +47,7 @@ from fastcd.trainable import (
 from fastcd.training import batch_rows, train_and_evaluate
 
 
-class Experiment(SharedSetup):
+class Experiment:
     """The shared state of one experiment directory; :meth:`run` trains what is missing."""
 
     def __init__(self, cfg: ExperimentConfig, out: str, *, overwrite: bool = False, progress: bool = True):
@@ -61,22 +60,15 @@ class Experiment(SharedSetup):
             raise UsageError(f"out: {out!r} exists and is not a directory")
         os.makedirs(os.path.join(out, "shared"), exist_ok=True)
         manifest = os.path.join(out, "experiment.json")
-        key, legacy = cfg.shared_key(), None
+        key = cfg.shared_key()
         self.precision = key["precision"]  # "auto" resolved there, from the student's config
-        say(f"precision: {self.precision}" + (" (auto)" if cfg.precision == "auto" else ""))
+        self.work = SharedWork(cfg, out, self.precision, progress)
+        experiment_status(f"precision: {self.precision}" + (" (auto)" if cfg.precision == "auto" else ""))
         if os.path.isfile(manifest) and not overwrite:
             with open(manifest) as f:
                 recorded = json.load(f)
             old = recorded["shared"]
-            # a field that an older fastcd did not write counts as its default value
-            defaults = ExperimentConfig(teacher="").shared_key()
-            if "n_pool" not in old:  # written before the pool size was recorded: it was the largest n_train
-                n = recorded["config"]["n_train"]
-                old["n_pool"] = max(n) if isinstance(n, list) else n
-            old.setdefault("pool", "shared")  # written when every seed trained on the same pool
-            old.setdefault("precision", "float32")  # written when every experiment computed in float32
-            legacy = old.pop("cka_estimator", None)  # written before the estimator was a grid field
-            diff = sorted(k for k in set(old) | set(key) if old.get(k, defaults.get(k)) != key.get(k))
+            diff = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k))
             if diff:
                 raise UsageError(f"out: {out!r} holds runs of an experiment that differs in {diff} "
                                  f"(e.g. {diff[0]}: {old.get(diff[0])!r} there, {key.get(diff[0])!r} now); use "
@@ -96,8 +88,6 @@ class Experiment(SharedSetup):
             shutil.rmtree(os.path.join(out, "shared"), ignore_errors=True)
             os.makedirs(os.path.join(out, "shared"))
         self.runs_path = os.path.join(out, "runs.jsonl")
-        if legacy is not None:
-            migrate_runs(self.runs_path, legacy)
         write_json_atomic({"shared": key, "config": asdict(cfg)}, manifest, indent=1)
 
     # --- records ---------------------------------------------------------------------------------
@@ -109,18 +99,19 @@ class Experiment(SharedSetup):
         dcfg = distill_config_for(cfg, spec, self.precision)
         s = spec["setting"]
         torch.manual_seed(spec["seed"])
-        self.student.load_state_dict(self.base_state)
-        matching = self._run_matching(spec)
+        self.work.student.load_state_dict(self.work.base_state)
+        matching = self.work.matching_for(spec)
         per_seed = max(cfg.values("n_train"))  # this seed's own prompts; a smaller n_train takes a seeded subset
-        rows = self.seed_offset[spec["seed"]] + torch.randperm(
+        rows = self.work.seed_offset[spec["seed"]] + torch.randperm(
             per_seed, generator=torch.Generator().manual_seed(spec["seed"]))[:s["n_train"]]
         units = None
         if matching is not None and METHOD_SPECS[dcfg.method].uses_cka:
             t_units = matching.meta.get("teacher_units") or [[str(p.teacher), p.position] for p in matching.pairs]
-            units = [self.unit_index[(h, r)] for h, r in t_units]
-        view = MemoryCache({"labels": self.pool["labels"], "logits": self.pool.get("logits"),
-                            "z": None if units is None else self.pool["z"][units]}, rows)  # this run's rows and units
-        s_train = self.s_pool.index(rows)
+            units = [self.work.unit_index[(h, r)] for h, r in t_units]
+        pool = self.work.pool
+        view = MemoryCache({"labels": pool["labels"], "logits": pool.get("logits"),
+                            "z": None if units is None else pool["z"][units]}, rows)  # this run's rows and units
+        s_train = self.work.s_pool.index(rows)
         diag = {}
 
         def diagnose(cd, opt, sched):  # the gradient ratio at the start, on a batch of its own
@@ -129,12 +120,13 @@ class Experiment(SharedSetup):
                                                          s_train, None, view)))
 
         t0 = time.time()
-        run = train_and_evaluate(self.student, matching, dcfg, spec["seed"], s_train, self.s_test, cache=view,
-                                 prepare=diagnose, eval_batch=self.s_val, desc=f"{spec['method']} seed {spec['seed']}",
-                                 means=self.means if cfg.circuit_accuracy else None, amp=self.amp)
+        w = self.work
+        run = train_and_evaluate(w.student, matching, dcfg, spec["seed"], s_train, w.s_test, cache=view,
+                                 prepare=diagnose, eval_batch=w.s_val, desc=f"{spec['method']} seed {spec['seed']}",
+                                 means=w.means if cfg.circuit_accuracy else None, amp=w.amp)
         rec = {"key": spec["key"], "method": spec["method"], "seed": spec["seed"], "setting": s,
                "train_prompts_sha": hashlib.sha256(s_train.input_ids.numpy().tobytes()).hexdigest()[:16],
-               "accuracy": run.accuracy, "correct": bits(run.correct), "trainable_params": run.n_trainable,
+               "accuracy": run.accuracy, "correct": correct_as_bits(run.correct), "trainable_params": run.n_trainable,
                "trainable_fraction": run.trainable_fraction, "lam_effective": run.lam_effective, "log": run.log,
                "train_seconds": run.train_seconds, "grad": diag, "trained_heads_fraction": run.trained_heads_fraction}
         if matching is not None:
@@ -156,18 +148,19 @@ class Experiment(SharedSetup):
         specs = self.specs()
         done = self.done()
         todo = [s for s in specs if s["key"] not in done]
-        say(f"{len(specs)} runs, {len(specs) - len(todo)} done, {len(todo)} to run"
+        experiment_status(f"{len(specs)} runs, {len(specs) - len(todo)} done, {len(todo)} to run"
             + (f" (and {self.cfg.n_planned_runs() - len(specs)} after the lr selection)"
                if self.cfg.n_planned_runs() > len(specs) else ""))
         if todo:
             self.plan()
-            self.prepare()
+            self.work.prepare()
         while todo:
             self._run_all(todo)
             if self.cfg.select_lr:
                 for row in lr_choices(self.cfg, self.done()):
                     if row["chosen"] is not None:
-                        say(f"lr for {row['method']} ({setting_label(row['setting'])}): {row['chosen']:g} (final "
+                        experiment_status(
+                            f"lr for {row['method']} ({setting_label(row['setting'])}): {row['chosen']:g} (final "
                             "validation accuracy " + ", ".join(f"{g['lr']:g}: {g['val_accuracy']:.3f}"
                                                                for g in row["grid"]) + ")")
             done = self.done()
@@ -186,7 +179,7 @@ class Experiment(SharedSetup):
             append_record(self.runs_path, rec)
             took.append(time.time() - t0)
             eta = sum(took) / len(took) * (len(todo) - i - 1)
-            say(f"run {i + 1}/{len(todo)} ({spec['method']}, seed {spec['seed']}, "
+            experiment_status(f"run {i + 1}/{len(todo)} ({spec['method']}, seed {spec['seed']}, "
                  f"{setting_label(spec['setting'])}): accuracy {rec['accuracy']:.3f} in {took[-1]:.0f} s; "
                  f"ETA {eta / 60:.0f} min")
             write_report(self.out, self.cfg)
@@ -197,47 +190,30 @@ class Experiment(SharedSetup):
         each stage's time and the peak memory; printed, and kept in ``OUT/plan.json`` for the report."""
 
         cfg = self.cfg
-        self._prompts()
-        need = self._need()
+        self.work.prompts()
+        need = self.work.need()
         done = set(self.done())
         specs = [s for s in cfg.run_specs(chosen_lrs(cfg, self.done())) if s["key"] not in done]
-        plan = {"work": count_work(cfg, done, need, self.n_pool, self.done()), "precision": self.precision,
+        plan = {"work": count_work(cfg, done, need, self.work.n_pool, self.done()), "precision": self.precision,
                 "planned_runs": [s["key"] for s in specs], "made": time.strftime("%Y-%m-%d %H:%M:%S")}
         if specs or any(need.values()):
-            teacher = load_model(self.t_path, dtype=self._teacher_dtype())
-            student = load_model(self.s_path, dtype="float32")
+            teacher = load_model(self.work.t_path, dtype=self.work.teacher_dtype())
+            student = load_model(self.work.s_path, dtype="float32")
             t0 = time.time()
 
             n_units = len(Circuit.load(cfg.circuit).heads) if cfg.circuit else cfg.circuit_size  # pairs to align
-            cal = calibrate(teacher, student, self.t_test, self.s_test,
+            cal = calibrate(teacher, student, self.work.t_test, self.work.s_test,
                             {s["setting"]["batch_size"] for s in specs} or {cfg.values("batch_size")[0]},
-                            n_units, self.amp, "bf16" if self.precision == "bf16" else "no")
+                            n_units, self.work.amp, "bf16" if self.precision == "bf16" else "no")
             cal["seconds"] = round(time.time() - t0, 1)
-            self.preloaded = {"teacher": teacher, "student": student}  # prepare() goes on with them
+            self.work.preloaded = {"teacher": teacher, "student": student}  # prepare() goes on with them
             units = n_units * max(1, len(cfg.positions or []))  # the cached z: float32, [units, pool, d]
-            cache_gib = self.n_pool * units * self.t_spec.d_head * 4 / 2**30
+            cache_gib = self.work.n_pool * units * self.work.t_spec.d_head * 4 / 2**30
             plan["calibration"], plan["predicted"] = cal, predict(plan["work"], cal, cache_gib)
             for line in format_plan(plan):
-                say(line)
+                experiment_status(line)
         write_json_atomic(plan, os.path.join(self.out, "plan.json"), indent=1)
         return plan
-
-
-def migrate_runs(path: str, estimator: str) -> int:
-    """Rewrite ``runs.jsonl`` of an experiment made when one CKA estimator (``estimator``) held for all its runs:
-    each record gets the ``cka_estimator`` of its setting (None without a CKA term) and its key as made now
-    (unchanged for the biased estimator). Returns the number of records changed; the file is replaced atomically."""
-    if not os.path.isfile(path):
-        return 0
-    recs = list(read_runs(path).values())
-    changed = sum(upgrade_old_record(r, estimator) for r in recs)
-    if changed:
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in recs)
-        os.replace(tmp, path)
-        say(f"{path}: {changed} run records given cka_estimator={estimator!r} (recorded before it was a grid field)")
-    return changed
 
 
 def run_experiment(config: ExperimentConfig | str | dict, out: str, *, overwrite: bool = False,

@@ -17,8 +17,11 @@ from fastcd.config import (  # noqa: F401  (TEST_SEED: re-exported)
     MATCHING_METHODS,
     METHOD_SPECS,
     TEST_SEED,
+    parse_lam,
+    parse_number,
 )
 from fastcd.errors import InputFileError, UsageError
+from fastcd.vocab import EXPERIMENT_DISCOVERY
 
 GRID = ("n_train", "lam", "steps", "lr", "batch_size", "matching", "cka_estimator")  # fields that may hold a list
 MATCHING_RULES = (*MATCHING_METHODS, "identity")
@@ -56,7 +59,8 @@ class ExperimentConfig:
     eval_every: int = 0
     log_every: int = 5
     n_discovery: int = 32
-    discovery: str = "attribution"  # "attribution" (with an exact recheck of the top heads) or "roles"
+    discovery: str = "attribution"  # "attribution" (with an exact recheck of the top circuit_size heads), "roles"
+    # (position-aware patching at the task's roles) or "auto" (the task's own policy: fastcd.default_circuit)
     circuit_size: int = 12
     circuit: str | None = None  # a circuit JSON to use instead of discovering one
     matching_files: dict = field(default_factory=dict)  # rule -> a matching JSON to use instead of computing it
@@ -101,11 +105,11 @@ class ExperimentConfig:
         if "teacher" not in data:
             raise UsageError("config: 'teacher' is required (a model directory, GGUF file or packaged model name)")
         data = dict(data)
-        for name in ("lr", "lam", "lam_ratio", "full_lr"):  # YAML 1.1 reads 3e-3 (no dot) as a string
-            v = data.get(name)
-            data[name] = [_number(name, x) for x in v] if isinstance(v, list) else _number(name, v)
-            if data[name] is None:
-                data.pop(name)
+        for name in ("lr", "lam", "lam_ratio", "full_lr"):  # parsed as the CLI parses them (config.py)
+            v = data.pop(name, None)
+            if v is not None:
+                parse = parse_lam if name == "lam" else (lambda x, name=name: parse_number(x, name))
+                data[name] = [parse(x) for x in v] if isinstance(v, list) else parse(v)
         return cls(**data).validate()
 
     def values(self, name: str) -> list:
@@ -176,8 +180,8 @@ class ExperimentConfig:
                                                                                  for r in self.positions):
                 raise UsageError(f"positions must be a non-empty list of the task's roles {roles}, got "
                                  f"{self.positions!r}")
-        if self.discovery not in ("attribution", "roles"):
-            raise UsageError(f"discovery must be 'attribution' or 'roles', got {self.discovery!r}")
+        if self.discovery not in EXPERIMENT_DISCOVERY:
+            raise UsageError(f"discovery must be one of {EXPERIMENT_DISCOVERY}, got {self.discovery!r}")
         if self.discovery == "roles" and self.task_name() != "entity-tracking":
             raise UsageError("discovery 'roles' is for entity tracking; use 'attribution' for tom")
         for name, lo in (("n_boxes", 2), ("n_test", 10), ("n_val", 0), ("eval_every", 0), ("log_every", 1),
@@ -356,28 +360,8 @@ def chosen_lrs(cfg: ExperimentConfig, records: dict) -> dict:
             if r["chosen"] is not None}
 
 
-def upgrade_old_record(rec: dict, estimator: str) -> bool:
-    """Give a run recorded before ``cka_estimator`` was a grid field (one estimator for the whole experiment,
-    ``estimator``) its setting and key as recorded now; True if the record changed."""
-    s = rec.get("setting")
-    if s is None or "cka_estimator" in s or rec.get("method") not in METHOD_SPECS:
-        return False
-    s["cka_estimator"] = estimator if METHOD_SPECS[rec["method"]].uses_cka else None
-    rec["key"] = _run_key(rec["method"], rec["seed"], s)
-    return True
-
-
 class NotApplicable(ValueError):
     """A run that cannot be made for this matching (e.g. a permuted control with a single teacher unit)."""
-
-
-def _number(name: str, v):
-    if isinstance(v, str) and v != "auto":
-        try:
-            return float(v)
-        except ValueError:
-            raise UsageError(f"{name} must be a number{' or auto' if name == 'lam' else ''}, got {v!r}") from None
-    return v
 
 
 def _run_key(method: str, seed: int, setting: dict) -> str:
@@ -401,5 +385,5 @@ def distill_config_for(cfg: ExperimentConfig, spec: dict, precision: str = "floa
                          eval_every=cfg.eval_every, n_val=max(cfg.n_val, 1), progress=False,
                          kd_weight=1.0 if method == "kd" else 0.0,
                          mixed_precision="bf16" if precision == "bf16" else "no",
-                         micro_batch_size=cfg.micro_batch_size).validate()
+                         micro_batch_size=cfg.micro_batch_size)
 

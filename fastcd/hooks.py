@@ -8,6 +8,7 @@ also when the body raises.
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 from fastcd.errors import UsageError
-from fastcd.models import Head, ModelSpec, accepts_logits_to_keep, get_adapter
+from fastcd.models import Head, ModelSpec, accepts_logits_to_keep, get_adapter, model_spec, unwrap
 
 ALL = "all"  # position role: every position
 
@@ -333,3 +334,30 @@ def patch(model: nn.Module, heads: Iterable[Head], source_z: torch.Tensor, *, po
     plan = {layer: (mask, source_z[layer]) for layer, mask in masks.items()}
     with intervene(model, plan):
         yield
+
+
+def memory_budget() -> int:
+    """Bytes one batched forward may use for activations: ``$FASTCD_MEMORY_BUDGET`` (e.g. ``4G``, ``512M``,
+    bytes), default 2 GiB."""
+    raw = os.environ.get("FASTCD_MEMORY_BUDGET", "2G").strip().upper()
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    try:
+        if raw and raw[-1] in mult:
+            return int(float(raw[:-1]) * mult[raw[-1]])
+        return int(raw)
+    except ValueError:
+        raise UsageError(f"FASTCD_MEMORY_BUDGET must be bytes or a size like '4G', got {raw!r}") from None
+
+
+def rows_for_budget(model: nn.Module, seq_len: int, *, budget: int | None = None, cap: int = 4096) -> int:
+    """How many prompt rows of length ``seq_len`` one no-grad forward may take within the memory budget.
+
+    Per row and layer: the residual stream and its normed copies (~6 x d_model), the MLP (3 x d_ff), attention
+    scores (n_heads x T, eager) and the patch plan (n_heads x d_head), times T, plus one row of logits."""
+    s = model_spec(model)
+    cfg = unwrap(model).config
+    d_ff = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * s.d_model
+    item = next(model.parameters()).element_size()
+    per_row = item * (seq_len * (6 * s.d_model + 3 * d_ff + s.n_heads * seq_len + s.n_heads * s.d_head)
+                      + s.vocab_size)
+    return int(max(1, min(cap, (budget or memory_budget()) // per_row)))

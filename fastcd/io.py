@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import sys
+import time
 from contextlib import contextmanager
 
 from fastcd.errors import InputFileError, UsageError
@@ -44,9 +45,22 @@ def atomic_target(path: str | os.PathLike, *, directory: bool = False):
         elif os.path.exists(tmp):
             os.remove(tmp)
         raise
-    if directory:
-        shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
+    if directory and os.path.exists(path):  # the old directory steps aside first: never a moment with neither
+        old = path + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+
+
+def write_text_atomic(text: str, path: str | os.PathLike) -> str:
+    """Write ``text`` (UTF-8) through a temporary file and ``os.replace``: a reader never sees half a file."""
+    with atomic_target(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+    return os.fspath(path)
 
 
 def write_json_atomic(obj, path: str | os.PathLike, *, indent: int | None = 2) -> str:
@@ -57,17 +71,22 @@ def write_json_atomic(obj, path: str | os.PathLike, *, indent: int | None = 2) -
     return os.fspath(path)
 
 
-_ANNOUNCED: set[str] = set()
+_SAID_ONCE: set[str] = set()
 
 
-def announce(msg: str) -> None:
+def status_once(msg: str) -> None:
     """Say ``msg`` once per process on stderr (and to the ``fastcd`` logger); ``FASTCD_QUIET=1`` silences it."""
-    if msg in _ANNOUNCED:
+    if msg in _SAID_ONCE:
         return
-    _ANNOUNCED.add(msg)
+    _SAID_ONCE.add(msg)
     logging.getLogger("fastcd").info(msg)
     if os.environ.get("FASTCD_QUIET", "0") != "1":
         print(msg, file=sys.stderr)
+
+
+def experiment_status(msg: str) -> None:
+    """One timestamped line of an experiment's progress on stdout (``HH:MM:SS experiment: ...``)."""
+    print(time.strftime("%H:%M:%S"), "experiment:", msg, flush=True)
 
 
 def status(msg: str) -> None:
@@ -76,12 +95,13 @@ def status(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def bits(correct) -> str:
+def correct_as_bits(correct) -> str:
     """Per-example correctness as a string of 0/1 (how run records keep it)."""
     return "".join("1" if c else "0" for c in correct)
 
 
-def unbits(s: str) -> list[bool]:
+def correct_from_bits(s: str) -> list[bool]:
+    """The inverse of :func:`correct_as_bits`."""
     return [c == "1" for c in s]
 
 

@@ -15,8 +15,8 @@ from torch import nn
 from fastcd import zoo
 from fastcd.convert import check_architecture, find_gguf, load_gguf_model, load_gguf_tokenizer
 from fastcd.errors import InputFileError, UsageError, UsageTypeError
-from fastcd.io import announce
-from fastcd.models import ModelSpec, get_adapter, model_spec, parse_dtype, unwrap  # noqa: F401  (parse_dtype: re-exported)
+from fastcd.io import status_once
+from fastcd.models import ModelSpec, get_adapter, model_spec, parse_dtype  # noqa: F401  (parse_dtype: re-exported)
 
 logger = logging.getLogger("fastcd")
 
@@ -129,7 +129,7 @@ def load_model(path_or_module, *, dtype=None, device=None, attn_implementation: 
     from transformers import AutoModelForCausalLM
 
     impl = attn_implementation or pick_attn_implementation(device)
-    announce(f"fastcd: attention implementation {impl} (flash-attn on CUDA when installed, sdpa otherwise)")
+    status_once(f"fastcd: attention implementation {impl} (flash-attn on CUDA when installed, sdpa otherwise)")
     if gguf is not None:
         model = load_gguf_model(gguf, dtype=dtype, attn_implementation=impl)
     else:
@@ -166,32 +166,6 @@ def check_device(device, what: str = "device") -> None:
     elif dev.type == "mps" and not torch.backends.mps.is_available():
         raise UsageError(f"{what}: 'mps' was asked for but MPS is not available here")
 
-
-def memory_budget() -> int:
-    """Bytes one batched forward may use for activations: ``$FASTCD_MEMORY_BUDGET`` (e.g. ``4G``, ``512M``,
-    bytes), default 2 GiB."""
-    raw = os.environ.get("FASTCD_MEMORY_BUDGET", "2G").strip().upper()
-    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    try:
-        if raw and raw[-1] in mult:
-            return int(float(raw[:-1]) * mult[raw[-1]])
-        return int(raw)
-    except ValueError:
-        raise UsageError(f"FASTCD_MEMORY_BUDGET must be bytes or a size like '4G', got {raw!r}") from None
-
-
-def rows_for_budget(model: nn.Module, seq_len: int, *, budget: int | None = None, cap: int = 4096) -> int:
-    """How many prompt rows of length ``seq_len`` one no-grad forward may take within the memory budget.
-
-    Per row and layer: the residual stream and its normed copies (~6 x d_model), the MLP (3 x d_ff), attention
-    scores (n_heads x T, eager) and the patch plan (n_heads x d_head), times T, plus one row of logits."""
-    s = model_spec(model)
-    cfg = unwrap(model).config
-    d_ff = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * s.d_model
-    item = next(model.parameters()).element_size()
-    per_row = item * (seq_len * (6 * s.d_model + 3 * d_ff + s.n_heads * seq_len + s.n_heads * s.d_head)
-                      + s.vocab_size)
-    return int(max(1, min(cap, (budget or memory_budget()) // per_row)))
 
 def spec_of(path_or_module, what: str = "model") -> ModelSpec:
     """The shape facts of a model without loading its weights (config.json or GGUF metadata), or of a module.

@@ -29,8 +29,7 @@ from torch import nn
 from fastcd.artifacts import Circuit, CircuitHead
 from fastcd.discover import PatchingResult, PatchSource
 from fastcd.errors import UsageError
-from fastcd.hooks import intervene, role_positions, run_with_z
-from fastcd.loading import rows_for_budget
+from fastcd.hooks import intervene, role_positions, rows_for_budget, run_with_z
 from fastcd.metrics import check_patching_args, clean_metric, metric_values, relative_change
 from fastcd.models import Head, get_adapter, logits_at
 from fastcd.tasks.base import EncodedBatch

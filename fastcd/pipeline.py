@@ -56,9 +56,9 @@ class DistillResult:
 
     def save_pretrained(self, path: str | os.PathLike, **kwargs) -> None:
         """The trained student and its tokenizer, loadable with AutoModelForCausalLM and AutoTokenizer."""
-        self.student.save_pretrained(path, **kwargs)
+        self.student.save_pretrained(path, **kwargs)  # in place: into the caller's directory, as transformers does
         if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(path)
+            self.tokenizer.save_pretrained(path)  # in place: beside the weights
 
 
 def resolve_task(task_or_dataset):
@@ -94,7 +94,7 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
         the circuit, metrics (student, student circuit and teacher accuracy, trainable share), and the log.
     """
 
-    cfg = (config or DistillConfig()).validate()
+    cfg = (config or DistillConfig()).checked()
     command = _command_line()
     torch.manual_seed(cfg.seed)
     task = resolve_task(task_or_dataset)

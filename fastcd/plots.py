@@ -12,6 +12,7 @@ import os
 
 from fastcd.config import ALL_METHODS as METHOD_ORDER  # the order of the method table, also for colours
 from fastcd.errors import UsageError
+from fastcd.io import atomic_target
 from fastcd.stats import mean_ci
 
 METRIC_LABELS = {"prob": "p(answer)", "logprob": "log p(answer)", "logit_diff": "logit difference",
@@ -25,8 +26,10 @@ def _figure(w: float, h: float):
 
 
 def _save(fig, path) -> None:
-    if path is not None:
-        fig.savefig(os.fspath(path), dpi=110)
+    if path is not None:  # through a temporary file: a reader never sees half a figure
+        ext = os.path.splitext(os.fspath(path))[1].lstrip(".") or "png"
+        with atomic_target(path) as tmp:
+            fig.savefig(tmp, dpi=110, format=ext)
 
 
 def method_colors() -> dict:

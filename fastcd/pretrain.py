@@ -21,14 +21,15 @@ from dataclasses import asdict
 
 import torch
 
-from fastcd.cli_args import PretrainConfig
+from fastcd.cli_args import PretrainArgs
 from fastcd.errors import InputFileError, UsageError
+from fastcd.io import atomic_target, write_json_atomic
 from fastcd.metrics import accuracy_per_example
 from fastcd.tasks import EntityTracking, TheoryOfMind, split_of
 from fastcd.tokenizer import build_word_tokenizer
 
 
-def _warm_start(cfg: PretrainConfig, tokenizer):
+def _warm_start(cfg: PretrainArgs, tokenizer):
     """The model of ``cfg.init_from``, after checking that it has ``cfg``'s architecture and vocabulary."""
     from transformers import LlamaForCausalLM
 
@@ -44,7 +45,7 @@ def _warm_start(cfg: PretrainConfig, tokenizer):
     return model
 
 
-def make_model(cfg: PretrainConfig, tokenizer):
+def make_model(cfg: PretrainArgs, tokenizer):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     mc = LlamaConfig(
@@ -60,7 +61,7 @@ def make_model(cfg: PretrainConfig, tokenizer):
 class SequenceMaker:
     """Training sequences with several supervised queries after one context."""
 
-    def __init__(self, cfg: PretrainConfig, tokenizer):
+    def __init__(self, cfg: PretrainArgs, tokenizer):
         self.cfg, self.tok = cfg, tokenizer
         vocab = tokenizer.get_vocab()
         self.tom = TheoryOfMind()
@@ -146,7 +147,7 @@ def evaluate(model, tokenizer, task, n: int, split: str = "val", batch_size: int
     return out
 
 
-def _lr_at(cfg: PretrainConfig, step: int) -> float:
+def _lr_at(cfg: PretrainArgs, step: int) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
@@ -154,20 +155,13 @@ def _lr_at(cfg: PretrainConfig, step: int) -> float:
 
 
 def _save_atomic(model, tokenizer, state: dict, path: str) -> None:
-    tmp = path + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    torch.save(state, os.path.join(tmp, "state.pt"))
-    old = path + ".old"
-    shutil.rmtree(old, ignore_errors=True)
-    if os.path.exists(path):
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_target(path, directory=True) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        torch.save(state, os.path.join(tmp, "state.pt"))
 
 
-def pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
+def pretrain(cfg: PretrainArgs, progress: bool = True) -> dict:
     """Train (or resume) a tiny model; returns the final evaluation."""
     from tqdm import tqdm
     from transformers import LlamaForCausalLM
@@ -257,8 +251,7 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
     model.eval()
     test = evaluate(model, tokenizer, task, max(cfg.eval_n, 1000), split="test")
     _save_atomic(model, tokenizer, {"config": asdict(cfg), "test": test, "steps": step}, final)
-    with open(os.path.join(cfg.out, "result.json"), "w") as f:
-        json.dump({"config": asdict(cfg), "test": test, "steps": step}, f, indent=2)
+    write_json_atomic({"config": asdict(cfg), "test": test, "steps": step}, os.path.join(cfg.out, "result.json"))
     return test
 
 
@@ -272,18 +265,13 @@ def export_checkpoint(src: str, dest: str, *, log: str | None = None, info: dict
     (``info``: command, steps, accuracies)."""
     if not os.path.isfile(os.path.join(src, "model.safetensors")):
         raise InputFileError(f"src: {src!r} holds no model.safetensors")
-    tmp = dest.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    for name in CHECKPOINT_FILES:
-        if os.path.isfile(os.path.join(src, name)):
-            shutil.copy2(os.path.join(src, name), os.path.join(tmp, name))
-    if log:
-        shutil.copy2(log, os.path.join(tmp, "train_log.jsonl"))
-    with open(os.path.join(tmp, "fastcd_checkpoint.json"), "w") as f:
-        json.dump(info or {}, f, indent=2)
-    shutil.rmtree(dest, ignore_errors=True)
-    os.replace(tmp, dest)
+    with atomic_target(dest, directory=True) as tmp:
+        for name in CHECKPOINT_FILES:
+            if os.path.isfile(os.path.join(src, name)):
+                shutil.copy2(os.path.join(src, name), os.path.join(tmp, name))
+        if log:
+            shutil.copy2(log, os.path.join(tmp, "train_log.jsonl"))
+        write_json_atomic(info or {}, os.path.join(tmp, "fastcd_checkpoint.json"))
     return dest
 
 

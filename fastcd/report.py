@@ -9,9 +9,8 @@ import os
 from dataclasses import asdict
 
 from fastcd.config import ALL_METHODS, METHOD_SPECS
-from fastcd.experiment_config import ExperimentConfig, chosen_lrs, lr_choices, upgrade_old_record
-from fastcd.experiment_shared import say
-from fastcd.io import unbits, write_json_atomic
+from fastcd.experiment_config import ExperimentConfig, chosen_lrs, lr_choices
+from fastcd.io import correct_from_bits, experiment_status, write_json_atomic, write_text_atomic
 from fastcd.plan import plan_vs_measured
 from fastcd.plots import accuracy_plot, curves_plot, lr_selection_plot, sweep_plot, variant
 from fastcd.stats import holm, mcnemar, mean_ci, paired_seed_test, seed_level_lines
@@ -29,7 +28,7 @@ def read_runs(path: str) -> dict[str, dict]:
                 try:
                     r = json.loads(line)
                 except json.JSONDecodeError:
-                    say(f"{path} line {i + 1} is incomplete (a killed write); that run reruns")
+                    experiment_status(f"{path} line {i + 1} is incomplete (a killed write); that run reruns")
                     continue
                 recs[r["key"]] = r
     return recs
@@ -82,8 +81,6 @@ def write_report(out: str, cfg: ExperimentConfig | None = None) -> dict:
         manifest = json.load(f)
     cfg = cfg or ExperimentConfig.from_dict(manifest["config"])
     recs = list(read_runs(os.path.join(out, "runs.jsonl")).values())
-    for r in recs:  # records made before the estimator was a grid field: the experiment's one estimator
-        upgrade_old_record(r, manifest["shared"].get("cka_estimator", "biased"))
     by_key = {r["key"]: r for r in recs}
     wanted = {s["key"] for s in cfg.run_specs(chosen_lrs(cfg, by_key))}
     recs = [r for r in recs if r["key"] in wanted]
@@ -163,8 +160,8 @@ def write_report(out: str, cfg: ExperimentConfig | None = None) -> dict:
             add(ka, kb, rs, rs2)
         if base is not None:
             common = sorted(ref)
-            a = sum((unbits(ref[s]["correct"]) for s in common), [])
-            b = unbits(base["correct"]) * len(common)
+            a = sum((correct_from_bits(ref[s]["correct"]) for s in common), [])
+            b = correct_from_bits(base["correct"]) * len(common)
             tests.append({"setting": group, "a": _name(*ka[1:]), "b": "untrained student",
                           "seeds": common, **mcnemar(a, b),
                           "seed_level": paired_seed_test({s: ref[s]["accuracy"] for s in common},
@@ -199,8 +196,7 @@ def write_report(out: str, cfg: ExperimentConfig | None = None) -> dict:
     report["plan"] = plan_vs_measured(out, recs + tuning)
     report["teacher_circuit"] = shared("circuit_eval.json")
     write_json_atomic(report, os.path.join(out, "report.json"))
-    with open(os.path.join(out, "summary.md"), "w") as f:
-        f.write(format_report(report) + "\n")
+    write_text_atomic(format_report(report) + "\n", os.path.join(out, "summary.md"))
     if recs:
         plot_report(report, recs, out)
     if tuning:  # the lr selection and the tuning runs' curves (line style: lr), before any seed has run
@@ -218,8 +214,8 @@ def _pooled_test(rs_a: list[dict], rs_b: list[dict]) -> dict | None:
     common = sorted(set(ref) & set(other))
     if not common:
         return None
-    a = sum((unbits(ref[s]["correct"]) for s in common), [])
-    b = sum((unbits(other[s]["correct"]) for s in common), [])
+    a = sum((correct_from_bits(ref[s]["correct"]) for s in common), [])
+    b = sum((correct_from_bits(other[s]["correct"]) for s in common), [])
     return {"seeds": common, **mcnemar(a, b)}
 
 

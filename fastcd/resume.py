@@ -18,7 +18,7 @@ import torch
 
 from fastcd.config import DistillConfig
 from fastcd.errors import UsageError
-from fastcd.io import announce, atomic_target, short_sha, write_json_atomic
+from fastcd.io import atomic_target, short_sha, status_once, write_json_atomic
 from fastcd.training import BATCH_ORDER
 
 EARLY = ("config", "task", "data", "teacher_cache")  # checked before any model loads
@@ -143,7 +143,7 @@ def save_checkpoint(state: dict, out: str, identity: dict, step: int) -> None:
 
 
 def announce_resume(path: str, step: int, steps: int) -> None:
-    announce(f"resuming from step {step} of {steps} ({path})")
+    status_once(f"resuming from step {step} of {steps} ({path})")
 
 
 __all__ = ["EARLY", "announce_resume", "cfg_key", "check_checkpoint", "data_identity", "describe_data_diff",

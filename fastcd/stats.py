@@ -90,7 +90,7 @@ def seed_level_lines(tests: list[dict], replications: bool = True) -> list[str]:
              "| MDE |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for t in tests:
         sl = t["seed_level"]
-        ci = "-" if sl["ci95"] is None else f" [{sl['ci95'][0]:+.3f}, {sl['ci95'][1]:+.3f}]"
+        ci = "" if sl["ci95"] is None else f" [{sl['ci95'][0]:+.3f}, {sl['ci95'][1]:+.3f}]"
         few = "" if sl["n_seeds"] >= MIN_SEEDS_FOR_A_CLAIM else " (too few)"
         lines.append(f"| {t['setting']} | {t['a']} | {t['b']} | {sl['n_seeds']}{few} | {f(sl['mean_diff'], '+.3f')}"
                      f"{ci} | {f(sl['sd_diff'], '.3f')} | {f(sl['p_t'])} | {f(sl.get('p_t_holm'))} | "

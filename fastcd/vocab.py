@@ -6,6 +6,7 @@ CKA_ESTIMATORS = ("biased", "unbiased")
 MATCHING_METHODS = ("ablation", "cka", "combined")  # how distill() and the experiment match heads
 MATCH_METHODS = (*MATCHING_METHODS, "random")  # fastcd match, with the random control
 DISCOVERY_METHODS = ("roles", "patching", "attribution", "path")
+EXPERIMENT_DISCOVERY = ("attribution", "roles", "auto")  # what an experiment config's `discovery` may name
 KV_POLICIES = ("auto", "frozen", "trainable")
 LABELS = ("teacher", "gold")
 ON_NONFINITE = ("stop", "skip")

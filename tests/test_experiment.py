@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict
 
 import pytest
 import torch
@@ -252,15 +251,30 @@ def test_each_seed_trains_on_its_own_prompts_and_its_methods_share_them(small_ru
     assert len({v.pop() for v in by_seed.values()}) == len(by_seed)  # no two seeds train on the same prompts
 
 
-def test_a_directory_whose_seeds_shared_one_pool_is_refused(small_run):
+def _drop(field):
+    return lambda shared: shared.pop(field)
+
+
+def _set(field, value):
+    return lambda shared: shared.__setitem__(field, value)
+
+
+@pytest.mark.parametrize("edit, msg", [
+    (_drop("pool"), r"differs in \['pool'\].*own prompts"),  # written when every seed trained on the same prompts
+    (_drop("n_pool"), r"differs in \['n_pool'\]"),  # a manifest missing a field is refused, not guessed
+    (_set("cka_estimator", "unbiased"), r"differs in \['cka_estimator'\]"),  # an older format: one estimator
+])
+def test_a_directory_whose_manifest_differs_is_refused(small_run, edit, msg):
+    """The committed records were migrated once; a manifest that differs from the config (another design, a
+    missing field, an older fastcd's format) is refused with the field that differs, never guessed."""
     out, _ = small_run
     path = os.path.join(out, "experiment.json")
     kept = open(path).read()
     manifest = json.loads(kept)
-    del manifest["shared"]["pool"]  # as written when every seed trained on the same prompts
+    edit(manifest["shared"])
     json.dump(manifest, open(path, "w"))
     try:
-        with pytest.raises(ValueError, match=r"differs in \['pool'\].*own prompts"):
+        with pytest.raises(ValueError, match=msg):
             Experiment(ExperimentConfig.from_dict(_cfg()), out)
     finally:
         open(path, "w").write(kept)
@@ -308,17 +322,11 @@ def test_bf16_experiment_trains_under_autocast_and_records_its_precision(tmp_pat
         Experiment(ExperimentConfig.from_dict(_cfg(methods=["ce+cka"], seeds=[0], n_test=16)), out)
 
 
-def test_a_manifest_without_the_pool_size_reads_it_from_its_config(small_run):
+def test_a_directory_with_another_pool_size_is_refused(small_run):
     out, _ = small_run
-    path = os.path.join(out, "experiment.json")
-    manifest = json.load(open(path))
-    del manifest["shared"]["n_pool"]  # as written before the pool size was recorded
-    json.dump(manifest, open(path, "w"))
-    Experiment(ExperimentConfig.from_dict(_cfg()), out)
-    json.dump(manifest, open(path, "w"))
-    with pytest.raises(ValueError, match=r"differs in \['n_pool'\]"):
+    Experiment(ExperimentConfig.from_dict(_cfg()), out)  # the fixture's own config resumes
+    with pytest.raises(ValueError, match=r"differs in \['n_pool'\].*n_pool is the largest n_train"):
         Experiment(ExperimentConfig.from_dict(_cfg(n_train=64)), out)
-    Experiment(ExperimentConfig.from_dict(_cfg()), out)  # back to the fixture's manifest
 
 
 def test_estimator_sweep_runs_only_the_new_estimator_and_tests_each_pair_once(small_run, tmp_path, capsys):
@@ -344,37 +352,6 @@ def test_estimator_sweep_runs_only_the_new_estimator_and_tests_each_pair_once(sm
     assert frozenset(("ce+cka (cka, lam 1.0)", "ce+cka (cka, lam 1.0, unbiased CKA)")) in pairs
     assert frozenset(("ce+cka (cka, lam 1.0, unbiased CKA)", "circuit-ce (cka)")) in pairs
     assert "CE + Align CKA (unbiased CKA)" in open(os.path.join(out, "summary.md")).read()
-
-
-def test_a_manifest_from_before_the_estimator_sweep_relabels_its_runs(small_run, tmp_path, capsys):
-    import shutil
-
-    out = str(tmp_path / "run")
-    shutil.copytree(small_run[0], out)
-    # as written when one estimator held for the whole experiment: in the shared key, not in the runs' settings
-    path, runs = os.path.join(out, "experiment.json"), os.path.join(out, "runs.jsonl")
-    kw = dict(methods=["circuit-ce", "ce+cka", "ce+rand-cka", "ce+perm-cka"], cka_estimator="unbiased")
-    manifest = json.load(open(path))
-    manifest["config"] = asdict(ExperimentConfig.from_dict(_cfg(**kw)))
-    manifest["shared"]["cka_estimator"] = "unbiased"
-    json.dump(manifest, open(path, "w"))
-    old = list(read_runs(runs).values())
-    with open(runs, "w") as f:
-        for r in old:
-            r["setting"].pop("cka_estimator")
-            f.write(json.dumps(r) + "\n")
-    write_report(out)  # the report alone reads the old records by the manifest's estimator
-    assert json.load(open(os.path.join(out, "report.json")))["runs_done"] == 8  # seeds 0 and 1 of 4 methods
-    cfg = ExperimentConfig.from_dict(_cfg(**kw))
-    Experiment(cfg, out)
-    new = read_runs(runs)
-    assert {s["key"] for s in cfg.run_specs()} <= set(new)  # every old run found under its new key
-    for r in new.values():
-        uses = r["method"] != "circuit-ce"
-        assert r["setting"]["cka_estimator"] == ("unbiased" if uses else None)
-    assert "cka_estimator" not in json.load(open(path))["shared"]
-    run_experiment(_cfg(**kw), out, progress=False)
-    assert "8 runs, 8 done, 0 to run" in capsys.readouterr().out
 
 
 def test_report_only_rebuilds_from_the_records(small_run):

@@ -16,7 +16,7 @@ STAGES = [
     {"artifacts", "metrics", "adapters"},
     {"discover", "attribution", "path_patching", "discover_policy", "circuit_search", "match", "pretrain"},
     {"distillation", "teacher_cache", "training", "card", "resume", "ranks", "cost", "pipeline"},
-    {"experiment_config", "plan", "report", "experiment_shared", "experiment", "demo", "discover_run", "match_run"},
+    {"experiment_config", "plan", "report", "shared_work", "experiment", "demo", "discover_run", "match_run"},
     {"cli", "__main__"},
 ]
 STAGE = {m: i for i, s in enumerate(STAGES) for m in s}

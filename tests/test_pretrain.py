@@ -6,12 +6,12 @@ import torch
 from safetensors.torch import load_file
 
 from fastcd import pretrain as pt
-from fastcd.pretrain import PretrainConfig, SequenceMaker, pretrain
+from fastcd.pretrain import PretrainArgs, SequenceMaker, pretrain
 from fastcd.tokenizer import build_word_tokenizer
 
 
 def _cfg(out, task="entity-tracking"):
-    return PretrainConfig(task=task, role="teacher", out=str(out), n_layers=1, d_model=16, n_heads=2, d_ff=32,
+    return PretrainArgs(task=task, role="teacher", out=str(out), n_layers=1, d_model=16, n_heads=2, d_ff=32,
                           steps=6, batch_size=4, warmup=2, eval_every=3, eval_n=8, save_every=3, max_boxes=3,
                           start_boxes=2)
 
@@ -79,11 +79,11 @@ def test_tom_eval_reports_question_types(tmp_path):
 
 def test_config_validation():
     with pytest.raises(ValueError, match="task must be"):
-        PretrainConfig(task="x").validate()
+        PretrainArgs(task="x").validate()
     with pytest.raises(ValueError, match="boxes must satisfy"):
-        PretrainConfig(start_boxes=9).validate()
+        PretrainArgs(start_boxes=9).validate()
     with pytest.raises(ValueError, match="lr must be > 0"):
-        PretrainConfig(lr=0).validate()
+        PretrainArgs(lr=0).validate()
 
 
 def test_warm_start_begins_from_the_given_weights(tmp_path):
@@ -110,7 +110,7 @@ def test_warm_start_refuses_another_architecture(tmp_path):
     with pytest.raises(ValueError, match=r"init_from: .*d_model.*\(16, 32\)"):
         pretrain(cfg, progress=False)
     with pytest.raises(ValueError, match="init_from must be a model directory"):
-        PretrainConfig(init_from=str(tmp_path / "nowhere")).validate()
+        PretrainArgs(init_from=str(tmp_path / "nowhere")).validate()
 
 
 def test_tom_curriculum_levels():
@@ -130,7 +130,7 @@ def test_tom_curriculum_levels():
     texts = [maker._tom_text(rng, 3)[0] for _ in range(60)]
     assert any("unknown" in t for t in texts)
     with pytest.raises(ValueError, match="tom_start_level must be 0, 1, 2 or 3"):
-        PretrainConfig(tom_start_level=4).validate()
+        PretrainArgs(tom_start_level=4).validate()
 
 
 @pytest.mark.parametrize("form", ["what", "mirror"])
@@ -155,9 +155,9 @@ def test_tom_reverse_questions_answer_the_container(form):
                 assert f"{word} and fills it with {answer}." in story
     assert 40 <= n_rev <= 100  # about half of the 7 x 20 follow-ups
     with pytest.raises(ValueError, match="tom_reverse must be in"):
-        PretrainConfig(tom_reverse=1.0).validate()
+        PretrainArgs(tom_reverse=1.0).validate()
     with pytest.raises(ValueError, match="tom_reverse_form must be"):
-        PretrainConfig(tom_reverse_form="x").validate()
+        PretrainArgs(tom_reverse_form="x").validate()
 
 
 def test_stop_at_step_keeps_the_schedule(tmp_path):
@@ -172,4 +172,4 @@ def test_stop_at_step_keeps_the_schedule(tmp_path):
     log_b = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log_b] == [3] and log_a[0]["loss"] == log_b[0]["loss"]
     with pytest.raises(ValueError, match=r"stop_at_step must be in \[1, steps=6\]"):
-        PretrainConfig(steps=6, stop_at_step=7).validate()
+        PretrainArgs(steps=6, stop_at_step=7).validate()

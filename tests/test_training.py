@@ -74,6 +74,22 @@ def test_warmup_ratio_and_validation(tok):
             DistillConfig(**{field: value}).validate()
 
 
+def test_a_config_is_validated_once_where_it_is_built_and_again_only_after_a_change(tok, monkeypatch):
+    with pytest.raises(ValueError, match="lr must be > 0"):  # at construction, before any model is touched
+        DistillConfig(lr=-1.0)
+    calls = []
+    real = DistillConfig.validate
+    monkeypatch.setattr(DistillConfig, "validate", lambda self: calls.append(1) or real(self))
+    cfg = DistillConfig(method="ce+cka", steps=1, batch_size=8, n_train=16, progress=False)
+    student = make_tiny("llama", vocab_size=len(tok), seed=2)
+    CircuitDistiller(student, _matching(), config=cfg)
+    assert len(calls) == 1  # built once, not re-checked by the distiller
+    cfg.lr = -1.0  # changed in place: checked again where it is used
+    with pytest.raises(ValueError, match="lr must be > 0"):
+        CircuitDistiller(student, _matching(), config=cfg)
+    assert len(calls) == 2
+
+
 def test_gradient_clipping_bounds_the_update(tok):
     """With SGD at lr 1 the update is the clipped gradient: its norm is max_grad_norm when the raw one is above."""
     teacher = make_tiny("llama", vocab_size=len(tok), seed=1)

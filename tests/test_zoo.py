@@ -108,7 +108,7 @@ def test_adapt_task_drops_and_reports(word_tokenizer):
     task = EntityTracking(n_boxes=3, objects=list(EntityTracking().objects[:6]) + ["spaceship", "zeppelin"])
     with pytest.raises(ValueError, match=r"objects: 2 \(spaceship, zeppelin\)"):
         task.check_tokenizer(word_tokenizer)
-    ad = adapt_task(task, [word_tokenizer], announce=False)
+    ad = adapt_task(task, [word_tokenizer], status_once=False)
     assert ad.dropped == {"objects": ["spaceship", "zeppelin"]} and len(ad.objects) == 6
     ad.check_tokenizer(word_tokenizer)
     assert adapt_task(EntityTracking(), [word_tokenizer]).dropped == {}
@@ -116,7 +116,7 @@ def test_adapt_task_drops_and_reports(word_tokenizer):
     with pytest.raises(ValueError, match="too few single-token words remain.*objects"):
         adapt_task(few, [word_tokenizer])
     tom = TheoryOfMind(names=TheoryOfMind().names + ("Zebulon",))
-    assert adapt_task(tom, [word_tokenizer], announce=False).dropped == {"names": ["Zebulon"]}
+    assert adapt_task(tom, [word_tokenizer], status_once=False).dropped == {"names": ["Zebulon"]}
 
 
 def test_candidate_scoring_and_tom_formats(word_tokenizer):
@@ -159,7 +159,7 @@ def test_cli_models_and_convert_errors(tmp_path):
 
 
 def test_batch_rows_come_from_the_memory_budget(monkeypatch):
-    from fastcd.loading import memory_budget, rows_for_budget
+    from fastcd.hooks import memory_budget, rows_for_budget
 
     m = make_tiny("llama")
     small = rows_for_budget(m, 50, budget=1 << 20)

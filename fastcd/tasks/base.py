@@ -24,8 +24,8 @@ from typing import Any
 import torch
 
 from fastcd.errors import InputFileError, UsageError
-from fastcd.io import announce as say
 from fastcd.io import atomic_target
+from fastcd.io import status_once as say
 
 SPLITS = ("train", "val", "test")
 # Share of the hash space per split: a prompt's split depends on the prompt alone, so the splits never
@@ -225,7 +225,7 @@ def single_token_words(words, tokenizers, forms=SPACED) -> tuple[tuple, tuple]:
     return tuple(kept), tuple(dropped)
 
 
-def adapt_task(task, tokenizers, *, announce: bool = True):
+def adapt_task(task, tokenizers, *, status_once: bool = True):
     """The task with each word pool cut to the words that are single tokens for *every* tokenizer in play
     (teacher and student), and ``task.dropped = {pool: dropped words}``.
 
@@ -252,7 +252,7 @@ def adapt_task(task, tokenizers, *, announce: bool = True):
         raise UsageError(f"task {task.name}: too few single-token words remain after adapting to the tokenizers "
                          f"({short}): {e}") from None
     out.dropped = dropped
-    if dropped and announce:
+    if dropped and status_once:
         say(f"fastcd: {task.name} word pools adapted to {len(tokenizers)} tokenizer(s): "
             + ", ".join(f"{name} {len(kept[name])}/{len(pools[name])} kept (dropped {', '.join(d)})"
                         for name, d in dropped.items()))

@@ -1,6 +1,7 @@
-"""The shared half of an experiment (:class:`fastcd.experiment.Experiment` inherits it): what every run reuses,
-computed once and kept in ``OUT/shared``: the prompt sets, the circuit, each matching, the recovery report of a
-positive control, the teacher cache over the training pool, the base evaluation and the diagnostics."""
+"""What every run of an experiment reuses, computed once and kept in ``OUT/shared``
+(:class:`SharedWork`, held by :class:`fastcd.experiment.Experiment`): the prompt sets, the circuit, each matching,
+the recovery report of a positive control, the teacher cache over the training pool, the base evaluation and the
+diagnostics."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from fastcd.discover_policy import default_circuit
 from fastcd.errors import UsageError
 from fastcd.experiment_config import POOL_SEED, ExperimentConfig, NotApplicable
 from fastcd.hooks import Head, capture_z, mean_z
-from fastcd.io import bits, write_json_atomic
+from fastcd.io import correct_as_bits, experiment_status, write_json_atomic
 from fastcd.loading import check_model_path, load_model, load_tokenizer, spec_of
 from fastcd.match import MatchInputs, match
 from fastcd.metrics import accuracy_per_example, circuit_correct, faithfulness_record
@@ -30,17 +31,19 @@ from fastcd.teacher_cache import build_teacher_cache
 from fastcd.trainable import reinit_heads
 
 
-def say(msg: str) -> None:
-    print(time.strftime("%H:%M:%S"), "experiment:", msg, flush=True)
+def live_units(matching: Matching) -> list:
+    """The (student head, position) units a matching trains: what a circuit-accuracy evaluation keeps live."""
+    return [(p.student, p.position) for p in matching.pairs]
 
 
-class SharedSetup:
-    """Mixin: ``self.cfg`` (an :class:`ExperimentConfig`), ``self.out`` and ``self.precision`` (resolved) are set
-    by the subclass."""
+class SharedWork:
+    """The shared work of the experiment in ``out`` (config ``cfg``, resolved ``precision``): :meth:`prompts`
+    makes the prompt sets (no weights), :meth:`prepare` everything else, loading the models once;
+    :meth:`matching_for` gives one run its matching."""
 
-    cfg: ExperimentConfig
-    out: str
-    progress: bool
+    def __init__(self, cfg: ExperimentConfig, out: str, precision: str, progress: bool = True):
+        self.cfg, self.out, self.precision, self.progress = cfg, out, precision, progress
+        self.preloaded: dict = {}  # models the plan's calibration loaded, for prepare() to go on with
 
     def _shared(self, name: str):
         p = os.path.join(self.out, "shared", name)
@@ -62,18 +65,15 @@ class SharedSetup:
         Under the experiment's precision: with bf16, the teacher is loaded in bf16, the student keeps float32
         weights, and every forward runs under bf16 autocast."""
         with self.amp():
-            self._prepare()
+            if not hasattr(self, "n_pool"):  # the plan may have made them already
+                self.prompts()
+            self._models()
 
-    def _teacher_dtype(self):
+    def teacher_dtype(self):
         """bf16 for a bf16 experiment, float32 for a float32 one (whatever dtype the checkpoint is stored in)."""
         return self.cfg.teacher_dtype or ("bf16" if self.precision == "bf16" else "float32")
 
-    def _prepare(self) -> None:
-        if not hasattr(self, "n_pool"):  # the plan may have made them already
-            self._prompts()
-        self._models()
-
-    def _need(self) -> dict:
+    def need(self) -> dict:
         """Which shared records are still to be made (each needs the teacher)."""
         cfg = self.cfg
         return {"circuit": self._shared("circuit.json") is None and not cfg.circuit,
@@ -84,7 +84,7 @@ class SharedSetup:
                 "circuit_eval": self._shared("circuit_eval.json") is None,
                 "recovery": bool(cfg.positive_control) and self._shared("recovery.json") is None}
 
-    def _prompts(self) -> None:
+    def prompts(self) -> None:
         """Tokenisers, tasks and every prompt set (no model weights)."""
 
         cfg = self.cfg
@@ -141,12 +141,13 @@ class SharedSetup:
 
         cfg, t_path, s_path, n_pool = self.cfg, self.t_path, self.s_path, self.n_pool
         rules = [r for r in cfg.values("matching")]
-        need = self._need()
-        pre, self.preloaded = getattr(self, "preloaded", {}), {}  # the models the plan loaded, if it ran
+        need = self.need()
+        pre, self.preloaded = self.preloaded, {}  # the models the plan loaded, if it ran
         teacher = None
         if any(need.values()):
-            say(f"loading the teacher {t_path} (needed for: {', '.join(k for k, v in need.items() if v)})")
-            teacher = pre.get("teacher") or load_model(t_path, dtype=self._teacher_dtype())
+            why = ", ".join(k for k, v in need.items() if v)
+            experiment_status(f"loading the teacher {t_path} (needed for: {why})")
+            teacher = pre.get("teacher") or load_model(t_path, dtype=self.teacher_dtype())
             teacher.eval()
         self.circuit = self._circuit(teacher)
         # float32 master weights in either precision
@@ -161,12 +162,12 @@ class SharedSetup:
             self._recovery(teacher)
         self._teacher_cache(teacher, n_pool)
         if need["teacher_eval"]:
-            say(f"teacher accuracy on the {len(self.t_test)} test prompts")
+            experiment_status(f"teacher accuracy on the {len(self.t_test)} test prompts")
             tc = accuracy_per_example(teacher, self.t_test)
-            self._put_shared("teacher_eval.json", {"correct": bits(tc), "accuracy": sum(tc) / len(tc)})
+            self._put_shared("teacher_eval.json", {"correct": correct_as_bits(tc), "accuracy": sum(tc) / len(tc)})
         if need["circuit_eval"]:  # the teacher circuit's faithfulness, with 10 random circuits of its size and roles
             n = min(len(self.t_test), CIRCUIT_EVAL_PROMPTS)
-            say(f"teacher circuit faithfulness on {n} test prompts")
+            experiment_status(f"teacher circuit faithfulness on {n} test prompts")
             self._put_shared("circuit_eval.json", faithfulness_record(
                 teacher, self.t_test.index(range(n)), self.t_ref.index(range(n)), self.circuit, split="test"))
         del teacher
@@ -188,10 +189,10 @@ class SharedSetup:
         clean = self.task.encode(self.d_clean, self.t_tok)
         corrupt = self.task.encode(self.d_corrupt, self.t_tok)
         if cfg.discovery == "attribution":
-            say(f"discovery: attribution patching over {len(clean)} prompts, exact recheck of the top "
+            experiment_status(f"discovery: attribution patching over {len(clean)} prompts, exact recheck of the top "
                 f"{cfg.circuit_size}")
         circuit, _, _ = default_circuit(teacher, self.task, clean, corrupt, method=cfg.discovery,
-                                        top_k=None if cfg.discovery == "roles" else cfg.circuit_size,
+                                        top_k=cfg.circuit_size if cfg.discovery == "attribution" else None,
                                         position="last", recheck_top_k=cfg.circuit_size, batch_size=16,
                                         progress=self.progress)
         circuit.meta.update(method=cfg.discovery, n_examples=len(clean), seconds=round(time.time() - t0, 1))
@@ -227,7 +228,7 @@ class SharedSetup:
         if d is not None:
             return self._at_positions(Matching.from_json(d))
         t0 = time.time()
-        say(f"matching: rule {rule!r}")
+        experiment_status(f"matching: rule {rule!r}")
         kw = {"progress": self.progress} if rule in ("ablation", "combined") else {}
         m = match(self._match_inputs(teacher), rule, **kw)
         m.meta["seconds"] = round(time.time() - t0, 1)
@@ -249,7 +250,7 @@ class SharedSetup:
         out = {"reinit": [str(h) for h in self.reinit]}
         for rule in self.cfg.recovery_rules:
             t0 = time.time()
-            say(f"positive control: recovering the identity with rule {rule!r}")
+            experiment_status(f"positive control: recovering the identity with rule {rule!r}")
             kw = {"progress": self.progress} if rule in ("ablation", "combined") else {}
             m = match(self._match_inputs(teacher), rule, **kw)
             ident = [p.teacher == p.student for p in m.pairs]
@@ -282,9 +283,9 @@ class SharedSetup:
         d = self._shared("cache.json")
         if not (self._cache_ok(n_pool) and [tuple(u) for u in d["units"]] == units and d["logits"] >= need_logits):
             if teacher is None:
-                teacher = load_model(self.cfg.teacher, dtype=self._teacher_dtype())
+                teacher = load_model(self.cfg.teacher, dtype=self.teacher_dtype())
             t0 = time.time()
-            say(f"teacher cache: {n_pool} prompts, {len(units)} (head, role) units, logits={need_logits}")
+            experiment_status(f"teacher cache: {n_pool} prompts, {len(units)} (head, role) units, logits={need_logits}")
             pseudo = Matching([Pair(Head.parse(h), Head.parse(h), r) for h, r in units], "units")
             build_teacher_cache(teacher, self.t_pool, pseudo, path, logits=need_logits, progress=self.progress,
                                 tokenizer=self.t_tok, batch_size=32)
@@ -298,22 +299,19 @@ class SharedSetup:
             self.pool["logits"] = torch.cat([s["logits"] for s in shards])
         self.unit_index = {u: i for i, u in enumerate(units)}
 
-    def _live(self, matching) -> list:
-        return [(p.student, p.position) for p in matching.pairs]
-
     def _base_eval(self) -> None:
         d = self._shared("base_eval.json") or {}
         changed = False
         if "correct" not in d:
-            say(f"untrained student on the {len(self.s_test)} test prompts")
+            experiment_status(f"untrained student on the {len(self.s_test)} test prompts")
             c = accuracy_per_example(self.student, self.s_test)
-            d.update(correct=bits(c), accuracy=sum(c) / len(c))
+            d.update(correct=correct_as_bits(c), accuracy=sum(c) / len(c))
             changed = True
         if self.cfg.circuit_accuracy:
             self.means = mean_z(self.student, self.s_ref.input_ids)
             for rule, m in self.matchings.items():
                 if f"circuit_{rule}" not in d:
-                    cc = circuit_correct(self.student, self.s_test, self.means, self._live(m))
+                    cc = circuit_correct(self.student, self.s_test, self.means, live_units(m))
                     d[f"circuit_{rule}"] = sum(cc) / len(cc)
                     changed = True
         if changed:
@@ -329,7 +327,7 @@ class SharedSetup:
             self.diag = d
             return
         m = min(self.cfg.diagnostics_m, len(self.s_pool))
-        say(f"diagnostics: CKA at the start on {m} pool prompts")
+        experiment_status(f"diagnostics: CKA at the start on {m} pool prompts")
         sub = self.s_pool.index(range(m))
         heads = self.s_spec.all_heads()
         roles = sorted({p.position for mt in self.matchings.values() for p in mt.pairs})
@@ -362,7 +360,7 @@ class SharedSetup:
         self.diag = d
 
     # --- one run ---------------------------------------------------------------------------------
-    def _run_matching(self, spec: dict):
+    def matching_for(self, spec: dict):
         rule = spec["setting"]["matching"]
         if rule is None:
             return None
