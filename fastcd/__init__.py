@@ -21,6 +21,7 @@ _LAZY = {
     "SUPPORTED_ARCHITECTURES": "fastcd.models", "Head": "fastcd.models", "ModelSpec": "fastcd.models",
     "get_adapter": "fastcd.models", "logits_at": "fastcd.models", "model_spec": "fastcd.models",
     "load_model": "fastcd.loading", "load_tokenizer": "fastcd.loading", "spec_of": "fastcd.loading",
+    "resolve_model": "fastcd.loading", "ModelRef": "fastcd.loading",
     "EntityTracking": "fastcd.tasks", "TheoryOfMind": "fastcd.tasks", "Task": "fastcd.tasks",
     "adapt_task": "fastcd.tasks", "get_task": "fastcd.tasks",
     "build_word_tokenizer": "fastcd.tokenizer",

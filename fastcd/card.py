@@ -13,6 +13,7 @@ from dataclasses import asdict
 from fastcd import __version__
 from fastcd.adapters import save_adapter
 from fastcd.io import atomic_target, write_json_atomic
+from fastcd.loading import ModelRef
 from fastcd.plots import curves_plot
 from fastcd.resume import cfg_key
 
@@ -91,6 +92,8 @@ __all__ = ["model_card"]
 def _name_of(x) -> str | None:
     if x is None:
         return None
+    if isinstance(x, ModelRef):
+        return x.name
     if isinstance(x, (str, os.PathLike)):
         return os.path.basename(os.path.normpath(os.fspath(x)))
     return getattr(getattr(x, "config", None), "_name_or_path", None) or type(x).__name__

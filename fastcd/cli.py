@@ -156,7 +156,7 @@ def _run_distill(argv) -> int:
     if not cfg.out:
         raise UsageError("--out is required: the output directory")
     from fastcd.artifacts import Circuit, Matching
-    from fastcd.loading import check_model_path, load_model, load_tokenizer
+    from fastcd.loading import load_model, load_tokenizer, resolve_model
     from fastcd.pipeline import distill
     from fastcd.tasks import adapt_task, get_task
     from fastcd.teacher_cache import build_teacher_cache
@@ -174,9 +174,8 @@ def _run_distill(argv) -> int:
     task = get_task(a.task, **({"n_boxes": a.n_boxes} if a.task == "entity-tracking" else {}))  # or module:Class
     circuit = Circuit.load(a.circuit) if a.circuit else None
     matching = Matching.load(a.matching) if a.matching else None
-    check_model_path(a.student, "--student")
-    if a.teacher:
-        check_model_path(a.teacher, "--teacher")
+    a.student = resolve_model(a.student, "--student")  # resolved and checked once; distill() takes the result
+    a.teacher = resolve_model(a.teacher, "--teacher") if a.teacher else None
     s_tok = load_tokenizer(a.student, "--student")
     t_tok = load_tokenizer(a.teacher, "--teacher") if a.teacher else None
     task = adapt_task(task, [s_tok] if t_tok is None else [s_tok, t_tok])  # the pools distill() will use

@@ -4,6 +4,7 @@ attention implementation, dtypes, devices and the memory budget for batched pass
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import logging
@@ -57,6 +58,57 @@ def check_model_path(path_or_name, what: str = "path", *, weights: bool = True) 
     return path
 
 
+class ModelRef(os.PathLike):
+    """A model argument (directory, GGUF file, packaged name, Hub id) resolved and checked once, at the entry
+    point (:func:`resolve_model`): where it lives (``path``, ``gguf``), what the user called it (``name``), and,
+    computed on first use and kept, its ``spec``, ``identity`` (for resume and provenance) and ``tokenizer``.
+    It is path-like: every function that takes a model path takes it, and skips the resolution and the checks."""
+
+    def __init__(self, arg, what: str = "model"):
+        self.arg, self.what = os.fspath(arg), what
+        self.path = check_model_path(self.arg, what)
+        self.gguf = find_gguf(self.path, what)
+        self.name = os.path.basename(os.path.normpath(self.arg))  # as the user named it (a packaged name stays)
+
+    def __fspath__(self) -> str:
+        return self.path
+
+    def __str__(self) -> str:
+        return self.path
+
+    def __repr__(self) -> str:
+        return f"ModelRef({self.arg!r} -> {self.path!r})"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, ModelRef) and other.path == self.path
+
+    def __hash__(self) -> int:
+        return hash(self.path)
+
+    @functools.cached_property
+    def spec(self) -> ModelSpec:
+        return _spec_from(self.path, self.gguf)
+
+    @functools.cached_property
+    def identity(self) -> str | None:
+        return model_identity(self.path)
+
+    @functools.cached_property
+    def tokenizer(self):
+        return load_tokenizer(self.path, self.what)
+
+
+def resolve_model(arg, what: str = "model"):
+    """``arg`` as a :class:`ModelRef` (resolved and checked once; one line naming ``what`` if it is not a model);
+    a module or a ModelRef is returned as it is."""
+    if isinstance(arg, (ModelRef, nn.Module)):
+        return arg
+    if not isinstance(arg, (str, os.PathLike)):
+        raise UsageTypeError(f"{what} must be a model directory, GGUF file, packaged model name, Hub id or an "
+                             f"nn.Module, got {type(arg).__name__}")
+    return ModelRef(arg, what)
+
+
 def model_identity(path_or_name) -> str | None:
     """What a model directory or GGUF file holds, cheaply (no weights loaded): a hash of its config (without
     ``_name_or_path``) and of 16 chunks of 64 KiB spread over each weight file, with their sizes. A copy of the same
@@ -65,6 +117,8 @@ def model_identity(path_or_name) -> str | None:
     import hashlib
 
 
+    if isinstance(path_or_name, ModelRef):
+        return path_or_name.identity
     if not isinstance(path_or_name, (str, os.PathLike)):
         return None
     try:
@@ -124,8 +178,8 @@ def load_model(path_or_module, *, dtype=None, device=None, attn_implementation: 
                              f"{type(path_or_module)}")
 
     check_device(device, "device")
-    path = check_model_path(path_or_module, what)
-    gguf = find_gguf(path, what)
+    ref = resolve_model(path_or_module, what)
+    path, gguf = ref.path, ref.gguf
     from transformers import AutoModelForCausalLM
 
     impl = attn_implementation or pick_attn_implementation(device)
@@ -172,11 +226,15 @@ def spec_of(path_or_module, what: str = "model") -> ModelSpec:
     Errors name ``what``."""
     if isinstance(path_or_module, nn.Module):
         return model_spec(path_or_module)
+    if isinstance(path_or_module, ModelRef):
+        return path_or_module.spec
+    path = check_model_path(path_or_module, what, weights=False)  # config only: no weights needed
+    return _spec_from(path, find_gguf(path, what))
+
+
+def _spec_from(path: str, gguf: str | None) -> ModelSpec:
     from transformers import AutoConfig
 
-
-    path = check_model_path(path_or_module, what, weights=False)  # config only: no weights needed
-    gguf = find_gguf(path, what)
     if gguf is None:
         cfg = AutoConfig.from_pretrained(path, local_files_only=True)
     else:
@@ -194,7 +252,8 @@ def load_tokenizer(path: str | os.PathLike, what: str = "path"):
     snapshot (see :func:`load_model`). Errors name ``what``."""
     from transformers import AutoTokenizer
 
-
+    if isinstance(path, ModelRef):
+        return path.tokenizer
     path = os.fspath(zoo.resolve(os.fspath(path)))
     if not os.path.exists(path):
         raise InputFileError(f"{what}: {path!r} is not a local directory or GGUF file")

@@ -19,7 +19,7 @@ from fastcd.discover_policy import default_circuit
 from fastcd.distillation import check_vocabularies
 from fastcd.errors import UsageError
 from fastcd.io import read_json
-from fastcd.loading import check_model_path, load_model, load_tokenizer, model_identity, spec_of
+from fastcd.loading import load_model, load_tokenizer, model_identity, resolve_model, spec_of
 from fastcd.match import MatchInputs, match, match_random
 from fastcd.metrics import accuracy_per_example, faithfulness_record
 from fastcd.models import get_adapter
@@ -100,9 +100,10 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
     task = resolve_task(task_or_dataset)
     if cfg.out and os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise UsageError(f"out: {cfg.out!r} exists and is not a directory")
-    for arg, what in ((student, "student"), (teacher, "teacher")):  # paths, architectures, weights: seconds
-        if isinstance(arg, (str, os.PathLike)):
-            check_model_path(arg, what)
+    # each model argument resolved and checked once (path, architecture, weights: seconds); below, every
+    # function takes the ModelRef and neither resolves nor checks it again
+    student = resolve_model(student, "student")
+    teacher = None if teacher is None else resolve_model(teacher, "teacher")
     dev0 = (next(student.parameters()).device.type if isinstance(student, nn.Module)
             else torch.device(cfg.device).type if cfg.device else "cpu")
     cfg, scaled = cfg.scaled_for(spec_of(student, "student").d_model, dev0)  # CPU defaults for a real LM

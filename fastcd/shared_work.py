@@ -21,7 +21,7 @@ from fastcd.errors import UsageError
 from fastcd.experiment_config import POOL_SEED, ExperimentConfig, NotApplicable
 from fastcd.hooks import Head, capture_z, mean_z
 from fastcd.io import correct_as_bits, experiment_status, write_json_atomic
-from fastcd.loading import check_model_path, load_model, load_tokenizer, spec_of
+from fastcd.loading import load_model, load_tokenizer, resolve_model, spec_of
 from fastcd.match import MatchInputs, match
 from fastcd.metrics import accuracy_per_example, circuit_correct, faithfulness_record
 from fastcd.models import logits_at
@@ -90,10 +90,8 @@ class SharedWork:
         cfg = self.cfg
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        t_path = cfg.teacher
-        s_path = cfg.student if cfg.positive_control is None else cfg.teacher
-        for path, what in ((t_path, "teacher"), (s_path, "student")):  # config, architecture, weights: seconds
-            check_model_path(path, what)
+        t_path = resolve_model(cfg.teacher, "teacher")  # resolved and checked once: config, architecture, weights
+        s_path = resolve_model(cfg.student, "student") if cfg.positive_control is None else t_path
         t_spec, s_spec = spec_of(t_path), spec_of(s_path)
         if cfg.circuit:
             c = Circuit.load(cfg.circuit)

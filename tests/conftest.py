@@ -84,6 +84,14 @@ def tiny_model(request):
 
 
 @pytest.fixture(scope="session")
+def tok():
+    """The shipped word-level tokenizer (the toy tasks' vocabulary)."""
+    from fastcd.tokenizer import build_word_tokenizer
+
+    return build_word_tokenizer()
+
+
+@pytest.fixture(scope="session")
 def word_tokenizer():
     from fastcd.tokenizer import build_word_tokenizer
 

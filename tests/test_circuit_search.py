@@ -181,6 +181,7 @@ def test_circuit_of_another_model_fails_before_loading(tmp_path, capsys):
     assert rc == 2 and len(err) == 1 and "circuit is for a model of 28 layers x 12 heads (qwen)" in err[0], err
 
 
+@pytest.mark.slow
 def test_cli_search_writes_circuit_curve_and_png(tmp_path, capsys):
     from fastcd.pretrain import shipped_checkpoint
 
@@ -197,6 +198,7 @@ def test_cli_search_writes_circuit_curve_and_png(tmp_path, capsys):
     assert "faithfulness (lenient protocol, 32 test prompts)" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_circuit_protocols_script_on_the_shipped_teacher(tmp_path):
     """benchmarks/circuit_protocols.py: the lenient record and the four all-heads checks, one JSON object."""
     import subprocess

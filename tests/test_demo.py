@@ -36,6 +36,7 @@ def test_the_demo_flags_say_the_shipped_values():
     assert shipped["methods"] == ["full-ce", "kd", "circuit-ce", "cka", "ce+rand-cka", "ce+cka"]  # distill()'s six
 
 
+@pytest.mark.slow
 def test_short_demo_writes_the_report_and_resumes(tmp_path, capsys):
     out = tmp_path / "demo"
     report = run_demo("entity-tracking", out=str(out), methods=["circuit-ce", "ce+cka", "ce+rand-cka"],
@@ -66,6 +67,7 @@ def test_demo_bad_input_fails_before_any_work(tmp_path, capsys):
     assert not os.path.exists(tmp_path / "x" / "report.json")
 
 
+@pytest.mark.slow
 def test_short_tom_demo_from_the_cli(tmp_path, capsys):
     out = tmp_path / "tom"
     rc = main(["demo", "--task", "tom", "--out", str(out), "--steps", "3", "--batch-size", "8", "--n-train", "64",

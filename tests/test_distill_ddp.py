@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # two processes per test (torchrun)
+
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_distill.py"
 
 

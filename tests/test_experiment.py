@@ -174,6 +174,7 @@ def test_random_head_ce_control_trains_the_same_heads_without_cka(small_run, tmp
     assert "Random heads, CE (no CKA)" in open(os.path.join(out, "summary.md")).read()
 
 
+@pytest.mark.slow
 def test_full_model_runs_at_full_lr_join_every_circuit_lr_setting(small_run, tmp_path):
     import shutil
 
@@ -192,6 +193,7 @@ def test_full_model_runs_at_full_lr_join_every_circuit_lr_setting(small_run, tmp
         assert any(t["setting"] == g and t["b"] == "full-ce" for t in report["mcnemar"])
 
 
+@pytest.mark.slow
 def test_resume_runs_only_what_is_missing(small_run, capsys):
     out, _ = small_run
     path = os.path.join(out, "runs.jsonl")
@@ -329,6 +331,7 @@ def test_a_directory_with_another_pool_size_is_refused(small_run):
         Experiment(ExperimentConfig.from_dict(_cfg(n_train=64)), out)
 
 
+@pytest.mark.slow
 def test_estimator_sweep_runs_only_the_new_estimator_and_tests_each_pair_once(small_run, tmp_path, capsys):
     import shutil
 
@@ -400,6 +403,7 @@ def test_positive_control_identity_and_recovery(tmp_path):
     json.dumps(report)
 
 
+@pytest.mark.slow
 def test_alignment_at_several_positions(tmp_path):
     """positions: every matched pair is aligned at each listed role; the teacher cache holds those units."""
     report = run_experiment(_cfg(methods=["ce+cka"], seeds=[0], positions=["last", "box_label"]),
@@ -410,6 +414,7 @@ def test_alignment_at_several_positions(tmp_path):
     assert report["runs_done"] == 1
 
 
+@pytest.mark.slow
 def test_permuted_control_over_roles_of_one_head(tmp_path):
     """One damaged head at two roles: the permuted control aligns each position to the head's other role
     (it used to collapse into the identity pairs)."""
@@ -436,6 +441,7 @@ def test_a_degenerate_permuted_control_is_recorded_not_fatal(tmp_path):
     assert "Not applicable: ce+perm-cka" in (tmp_path / "deg" / "summary.md").read_text()
 
 
+@pytest.mark.slow
 def test_plan_counts_the_work_left_calibrates_and_the_report_sets_it_beside_the_measured(tmp_path):
     """`fastcd experiment CONFIG --plan`: counts that follow from the config, a calibration on this machine,
     predicted seconds per stage; a run writes the plan first and its report puts the measured run time beside it."""

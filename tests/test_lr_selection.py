@@ -85,6 +85,7 @@ def test_the_choice_is_the_best_final_validation_accuracy_then_the_lower_ce():
         lr_choices(cfg, recs)
 
 
+@pytest.mark.slow
 def test_a_selecting_experiment_end_to_end(tmp_path, capsys):
     out = str(tmp_path / "run")
     report = run_experiment(_sel(), out, progress=False)

@@ -74,6 +74,7 @@ def test_micro_batches_give_the_one_shot_gradient(kind, method, estimator, kd, m
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_training_with_micro_batches_reaches_the_same_student():
     tok = build_word_tokenizer()
     m = Matching([Pair(t, s, r, "g", {}) for t, s, r in PAIRS], "given")

@@ -14,7 +14,7 @@ from fastcd import zoo
 from fastcd.loading import load_model, load_tokenizer
 from fastcd.models import Head, get_adapter, logits_at
 
-pytestmark = pytest.mark.real_model
+pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 
 NAME = "smollm2-135m"
 if not zoo.installed(NAME):

@@ -8,11 +8,13 @@ import json
 import pytest
 import torch
 from conftest import crash_after_first_save, make_tiny
+from distill_helpers import TASK, given_matching, small_config
 
 import fastcd.pipeline as D
 from fastcd.artifacts import Matching, Pair
 from fastcd.config import DistillConfig
 from fastcd.models import Head
+from fastcd.pipeline import distill
 from fastcd.resume import data_identity, describe_data_diff
 from fastcd.tasks import EntityTracking, load_jsonl, save_jsonl
 from fastcd.tokenizer import build_word_tokenizer
@@ -122,3 +124,137 @@ def test_a_foreign_circuit_runs_only_when_allowed_and_the_manifest_says_so(tmp_p
               matching=m, config=cfg, student_tokenizer=tok, teacher_tokenizer=tok)
     man = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert man["identity"]["config"]["allow_foreign_artifacts"] is True
+
+
+@pytest.mark.parametrize("sched", [{}, {"lr_scheduler": "linear", "warmup_steps": 2, "max_grad_norm": 0.5}])
+def test_resume_reaches_the_same_weights(tmp_path, tok, monkeypatch, sched):
+    """A run killed after its first checkpoint and resumed ends bit-identical to a straight run (with a warmup +
+    linear schedule and clipping too: the scheduler state is checkpointed)."""
+    import fastcd.pipeline as D
+
+    m = given_matching()
+    teacher = make_tiny("llama", vocab_size=len(tok), seed=1)
+    straight = distill(teacher, make_tiny("llama", vocab_size=len(tok), seed=2), TASK, matching=m,
+                       config=small_config(steps=6, **sched), student_tokenizer=tok, teacher_tokenizer=tok)
+    real = D.save_checkpoint
+    calls = {"n": 0}
+
+    def crash(*args):
+        real(*args)
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(D, "save_checkpoint", crash)
+    cfg = small_config(steps=6, save_every=3, out=str(tmp_path / "r"), **sched)
+    with pytest.raises(KeyboardInterrupt):
+        distill(teacher, make_tiny("llama", vocab_size=len(tok), seed=2), TASK, matching=m, config=cfg,
+                student_tokenizer=tok, teacher_tokenizer=tok)
+    monkeypatch.setattr(D, "save_checkpoint", real)
+    resumed = distill(teacher, make_tiny("llama", vocab_size=len(tok), seed=2), TASK, matching=m, config=cfg,
+                      student_tokenizer=tok, teacher_tokenizer=tok)
+    a, b = straight.student.state_dict(), resumed.student.state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert [r["lr"] for r in resumed.log] == [r["lr"] for r in straight.log]
+
+
+def _crash_after_first_save(monkeypatch):
+    crash_after_first_save(monkeypatch)
+
+
+def test_resume_refuses_another_run_by_name(tmp_path, tok, monkeypatch):
+    """A checkpoint resumes only the run that wrote it: another student, task, matching or lr is named."""
+    teacher = make_tiny("llama", vocab_size=len(tok), seed=1)
+    out = str(tmp_path / "r")
+    cfg = small_config(steps=6, save_every=2, out=out)
+    _crash_after_first_save(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        distill(teacher, make_tiny("llama", vocab_size=len(tok), seed=2), TASK, matching=given_matching(), config=cfg,
+                student_tokenizer=tok, teacher_tokenizer=tok)
+    other_student = make_tiny("llama", vocab_size=len(tok), seed=3)
+    with pytest.raises(ValueError, match=r"differs in \['student'\]"):
+        distill(teacher, other_student, TASK, matching=given_matching(), config=cfg, student_tokenizer=tok,
+                teacher_tokenizer=tok)
+    with pytest.raises(ValueError, match=r"differs in \['data', 'task'\] \(training prompts differ: 64 of 64 changed"):
+        distill(teacher, make_tiny("llama", vocab_size=len(tok), seed=2), EntityTracking(n_boxes=4),
+                matching=given_matching(), config=cfg, student_tokenizer=tok, teacher_tokenizer=tok)
+    with pytest.raises(ValueError, match=r"differs in \['matching'\]"):
+        distill(teacher, make_tiny("llama", vocab_size=len(tok), seed=2), TASK,
+                matching=given_matching(((Head(1, 2), Head(1, 3), "last"),)), config=cfg, student_tokenizer=tok,
+                teacher_tokenizer=tok)
+    with pytest.raises(ValueError, match=r"differs in \['lr'\] \(lr: 0.01 there, 0.02 now\)"):
+        distill(teacher, make_tiny("llama", vocab_size=len(tok), seed=2), TASK, matching=given_matching(),
+                config=small_config(steps=6, save_every=2, out=out, lr=2e-2), student_tokenizer=tok,
+                teacher_tokenizer=tok)
+    # the same run under another spelling of its directory, and with more steps: resumes
+    res = distill(teacher, make_tiny("llama", vocab_size=len(tok), seed=2), TASK, matching=given_matching(),
+                  config=small_config(steps=8, save_every=2, out=out + "/../r"), student_tokenizer=tok,
+                  teacher_tokenizer=tok)
+    assert res.log[-1]["step"] == 8
+    with pytest.raises(ValueError, match="is at step 8, past steps=4"):
+        distill(teacher, make_tiny("llama", vocab_size=len(tok), seed=2), TASK, matching=given_matching(),
+                config=small_config(steps=4, save_every=2, out=out), student_tokenizer=tok, teacher_tokenizer=tok)
+    # overwrite starts over
+    res = distill(teacher, make_tiny("llama", vocab_size=len(tok), seed=3), TASK, matching=given_matching(),
+                  config=small_config(steps=2, save_every=2, out=out, overwrite=True), student_tokenizer=tok,
+                  teacher_tokenizer=tok)
+    assert [r["step"] for r in res.log] == [1, 2]
+
+
+def test_corrupt_checkpoint_and_out_file_are_one_line_errors(tmp_path, tok):
+    teacher = make_tiny("llama", vocab_size=len(tok), seed=1)
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "ckpt.pt").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(ValueError, match="is not a readable checkpoint"):
+        distill(teacher, make_tiny("llama", vocab_size=len(tok), seed=2), TASK, matching=given_matching(),
+                config=small_config(save_every=2, out=str(out)), student_tokenizer=tok, teacher_tokenizer=tok)
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(ValueError, match="exists and is not a directory"):
+        distill(teacher, make_tiny("llama", vocab_size=len(tok), seed=2), TASK, matching=given_matching(),
+                config=small_config(out=str(f)), student_tokenizer=tok, teacher_tokenizer=tok)
+
+
+def test_resume_with_dropout_is_bit_identical(tmp_path, tok, monkeypatch):
+    """The global RNG (dropout) is checkpointed: a killed and resumed run equals a straight one."""
+    def student():
+        m = make_tiny("llama", vocab_size=len(tok), seed=2)
+        m.config.attention_dropout = 0.3
+        for layer in m.model.layers:
+            layer.self_attn.attention_dropout = 0.3
+        return m
+
+    teacher = make_tiny("llama", vocab_size=len(tok), seed=1)
+    straight = distill(teacher, student(), TASK, matching=given_matching(), config=small_config(steps=4),
+                       student_tokenizer=tok,
+                       teacher_tokenizer=tok)
+    cfg = small_config(steps=4, save_every=2, out=str(tmp_path / "d"))
+    _crash_after_first_save(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        distill(teacher, student(), TASK, matching=given_matching(), config=cfg, student_tokenizer=tok,
+                teacher_tokenizer=tok)
+    torch.manual_seed(12345)  # whatever ran in between
+    torch.rand(7)
+    resumed = distill(teacher, student(), TASK, matching=given_matching(), config=cfg, student_tokenizer=tok,
+                      teacher_tokenizer=tok)
+    for k, v in straight.student.state_dict().items():
+        assert torch.equal(v, resumed.student.state_dict()[k]), k
+
+
+def test_resume_flag_needs_a_checkpoint_and_manifest_is_written(tmp_path, tok):
+    teacher = make_tiny("llama", vocab_size=len(tok), seed=1)
+    out = tmp_path / "r"
+    with pytest.raises(ValueError, match="resume: there is no checkpoint to resume"):
+        distill(teacher, make_tiny("llama", vocab_size=len(tok), seed=2), TASK, matching=given_matching(),
+                config=small_config(steps=2, save_every=1, out=str(out), resume=True), student_tokenizer=tok,
+                teacher_tokenizer=tok)
+    distill(teacher, make_tiny("llama", vocab_size=len(tok), seed=2), TASK, matching=given_matching(),
+            config=small_config(steps=2, save_every=1, out=str(out)), student_tokenizer=tok, teacher_tokenizer=tok)
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["step"] == 2 and man["identity"]["config"]["lr"] == 0.01 and man["identity"]["matching"]
+    res = distill(teacher, make_tiny("llama", vocab_size=len(tok), seed=2), TASK, matching=given_matching(),
+                  config=small_config(steps=3, save_every=1, out=str(out), resume=True), student_tokenizer=tok,
+                  teacher_tokenizer=tok)
+    assert res.log[-1]["step"] == 3

@@ -7,7 +7,7 @@ import pytest
 from scipy.stats import ttest_rel, wilcoxon
 from statsmodels.stats.power import TTestPower
 
-from fastcd.stats import paired_seed_test
+from fastcd.stats import mcnemar, paired_seed_test
 
 
 def test_paired_seed_test_equals_scipy_and_its_mde_has_80_percent_power():
@@ -41,3 +41,13 @@ def test_undefined_cases_say_none_instead_of_a_number():
     assert shifted["p_t"] is None and math.isclose(shifted["mean_diff"], 0.1)
     with pytest.raises(ValueError, match="alpha and power"):
         paired_seed_test({0: 1.0}, {0: 1.0}, power=1.5)
+
+
+def test_mcnemar():
+    a = [True] * 30 + [False] * 10
+    b = [True] * 20 + [False] * 20
+    r = mcnemar(a, b)
+    assert (r["a_only"], r["b_only"], r["n"]) == (10, 0, len(a)) and r["p_value"] < 0.01
+    assert mcnemar(a, a)["p_value"] == 1.0
+    with pytest.raises(ValueError, match="one length"):
+        mcnemar([True], [True, False])

@@ -1,0 +1,49 @@
+"""fastcd.loading: a model argument is resolved and checked once (ModelRef), and every loader takes the result."""
+
+import os
+
+import pytest
+
+from fastcd import loading
+from fastcd.artifacts import Circuit, Matching, Pair
+from fastcd.config import DistillConfig
+from fastcd.loading import ModelRef, load_model, load_tokenizer, model_identity, resolve_model, spec_of
+from fastcd.models import Head
+from fastcd.pipeline import distill
+from fastcd.pretrain import shipped_checkpoint
+from fastcd.tasks import EntityTracking
+
+
+def test_a_model_ref_holds_what_the_loaders_would_find():
+    path = shipped_checkpoint("et-student")
+    ref = resolve_model(path, "student")
+    assert isinstance(ref, ModelRef) and os.fspath(ref) == ref.path and ref.gguf is None
+    assert ref.name == "et-student" and resolve_model(ref) is ref
+    assert ref.spec == spec_of(path) and spec_of(ref) is ref.spec
+    assert ref.identity == model_identity(path) is not None and model_identity(ref) == ref.identity
+    assert load_tokenizer(ref) is load_tokenizer(ref)  # loaded once, kept
+    assert ref == resolve_model(path) and len({ref, resolve_model(path)}) == 1  # the same model: equal
+    assert load_model(ref).config.num_hidden_layers == ref.spec.n_layers
+
+
+def test_a_bad_model_argument_is_one_line_naming_it(tmp_path):
+    with pytest.raises(TypeError, match="teacher must be a model directory"):
+        resolve_model(3, "teacher")
+    with pytest.raises(FileNotFoundError, match="teacher: .*nowhere"):
+        resolve_model(str(tmp_path / "nowhere"), "teacher")
+
+
+def test_distill_resolves_and_checks_each_model_once(monkeypatch):
+    """Following distill(student=PATH) through the code: the architecture check (config.json read) and the
+    resolution run once per model, not once per loader (it used to be seven times)."""
+    calls = []
+    real = loading.check_architecture
+    monkeypatch.setattr(loading, "check_architecture", lambda path, what: calls.append(what) or real(path, what))
+    circuit = Circuit.from_json({"task": "entity-tracking", "n_layers": 2, "n_heads": 4,
+                                 "heads": [{"head": "L0H2", "group": "last", "position": "last", "score": -0.9}]})
+    matching = Matching([Pair(Head(0, 2), Head(0, 2), "last")], "given", {"task": "entity-tracking"})
+    res = distill(shipped_checkpoint("et-teacher"), shipped_checkpoint("et-student"), EntityTracking(n_boxes=3),
+                  circuit=circuit, matching=matching,
+                  config=DistillConfig(method="ce+cka", steps=1, batch_size=8, n_train=8, n_eval=10, progress=False))
+    assert sorted(calls) == ["student", "teacher"]
+    assert 0 <= res.metrics["student_accuracy"] <= 1
