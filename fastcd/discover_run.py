@@ -12,7 +12,7 @@ from fastcd.config import TEST_SEED
 from fastcd.cost import discover_stages, per_prompt_s, simple_plan, weight_bytes
 from fastcd.discover_policy import default_circuit
 from fastcd.errors import UsageError
-from fastcd.loading import load_model, load_tokenizer, model_identity, resolve_model, spec_of
+from fastcd.loading import check_model_path, load_model, load_tokenizer, model_identity, resolve_model, spec_of
 from fastcd.metrics import faithfulness_record, format_faithfulness
 from fastcd.plots import faithfulness_curve_plot, head_heatmaps
 from fastcd.stages import Stages
@@ -30,7 +30,7 @@ def run_discover(a) -> int:
     if a.method == "path" and a.task != "entity-tracking":
         raise UsageError("--method path is defined for entity-tracking only (use patching or attribution for tom)")
     task = get_task(a.task, **({"n_boxes": a.n_boxes} if a.task == "entity-tracking" else {}))  # or module:Class
-    a.model = resolve_model(a.model, "--model")  # resolved and checked once (config, architecture, weights)
+    a.model = resolve_model(a.model, "--model", weights=False)  # resolved once; config only: no weights needed
     n_heads = a.model.spec.n_total_heads
     if a.top_k is not None and not 1 <= a.top_k <= n_heads:
         raise UsageError(f"--top-k must be in 1..{n_heads} (the number of heads), got {a.top_k}")
@@ -39,6 +39,7 @@ def run_discover(a) -> int:
     if search or a.evaluate:
         check_search_args(target=a.target, roles=roles, task_roles=("last", *task.roles), n_heldout=a.n_heldout,
                           n_random=a.n_random)
+    check_model_path(a.model, "--model")  # the weights are there, before the tokenizer loads
     tok = load_tokenizer(a.model, "--model")
     task = adapt_task(task, [tok])
 

@@ -41,8 +41,12 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.mo
 def check_model_path(path_or_name, what: str = "path", *, weights: bool = True) -> str:
     """Resolve a model argument (directory, GGUF file, packaged model name) and check, before anything loads,
     that it exists, names a supported architecture and (for a Hugging Face directory) holds weights. Errors name
-    ``what`` (e.g. ``"teacher"``). Returns the resolved path."""
-
+    ``what`` (e.g. ``"teacher"``). Returns the resolved path. A :class:`ModelRef` was resolved and checked where it
+    entered: only its weights are checked, once."""
+    if isinstance(path_or_name, ModelRef):
+        if weights:
+            path_or_name.check_weights()
+        return path_or_name.path
     path = os.fspath(zoo.resolve(os.fspath(path_or_name)))
     if not os.path.exists(path):
         raise InputFileError(
@@ -51,11 +55,16 @@ def check_model_path(path_or_name, what: str = "path", *, weights: bool = True) 
         )
     gguf = find_gguf(path, what)
     check_architecture(path, what)  # from config.json / GGUF metadata, before any weight loads
-    if weights and gguf is None and not any(os.path.isfile(os.path.join(path, f)) for f in WEIGHT_FILES) and not any(
+    if weights:
+        _check_weights(path, gguf, what)
+    return path
+
+
+def _check_weights(path: str, gguf: str | None, what: str) -> None:
+    if gguf is None and not any(os.path.isfile(os.path.join(path, f)) for f in WEIGHT_FILES) and not any(
             f.endswith(".safetensors") for f in os.listdir(path)):
         raise InputFileError(f"{what}: {path!r} has a config.json but no weights (model.safetensors, "
-                                "pytorch_model.bin or their sharded index)")
-    return path
+                             "pytorch_model.bin or their sharded index)")
 
 
 class ModelRef(os.PathLike):
@@ -64,11 +73,20 @@ class ModelRef(os.PathLike):
     computed on first use and kept, its ``spec``, ``identity`` (for resume and provenance) and ``tokenizer``.
     It is path-like: every function that takes a model path takes it, and skips the resolution and the checks."""
 
-    def __init__(self, arg, what: str = "model"):
+    def __init__(self, arg, what: str = "model", *, weights: bool = True):
         self.arg, self.what = os.fspath(arg), what
-        self.path = check_model_path(self.arg, what)
+        self.path = check_model_path(self.arg, what, weights=False)
         self.gguf = find_gguf(self.path, what)
         self.name = os.path.basename(os.path.normpath(self.arg))  # as the user named it (a packaged name stays)
+        self._weights_checked = False
+        if weights:
+            self.check_weights()
+
+    def check_weights(self) -> None:
+        """One line naming ``what`` when the directory holds no weights (once; cheap: a directory listing)."""
+        if not self._weights_checked:
+            _check_weights(self.path, self.gguf, self.what)
+            self._weights_checked = True
 
     def __fspath__(self) -> str:
         return self.path
@@ -98,15 +116,16 @@ class ModelRef(os.PathLike):
         return load_tokenizer(self.path, self.what)
 
 
-def resolve_model(arg, what: str = "model"):
+def resolve_model(arg, what: str = "model", *, weights: bool = True):
     """``arg`` as a :class:`ModelRef` (resolved and checked once; one line naming ``what`` if it is not a model);
-    a module or a ModelRef is returned as it is."""
+    a module or a ModelRef is returned as it is. ``weights=False`` checks the config only (an entry point that
+    checks its other arguments first calls ``check_model_path(ref)`` before anything loads)."""
     if isinstance(arg, (ModelRef, nn.Module)):
         return arg
     if not isinstance(arg, (str, os.PathLike)):
         raise UsageTypeError(f"{what} must be a model directory, GGUF file, packaged model name, Hub id or an "
                              f"nn.Module, got {type(arg).__name__}")
-    return ModelRef(arg, what)
+    return ModelRef(arg, what, weights=weights)
 
 
 def model_identity(path_or_name) -> str | None:
@@ -179,6 +198,7 @@ def load_model(path_or_module, *, dtype=None, device=None, attn_implementation: 
 
     check_device(device, "device")
     ref = resolve_model(path_or_module, what)
+    ref.check_weights()
     path, gguf = ref.path, ref.gguf
     from transformers import AutoModelForCausalLM
 

@@ -33,7 +33,6 @@ from fastcd.models import Head, get_adapter, logits_at
 from fastcd.tasks.base import EncodedBatch
 
 logger = logging.getLogger("fastcd")
-METHODS = MATCH_METHODS  # fastcd.vocab holds the vocabulary
 ROLES = "roles"  # student_position: ablate each candidate student head at each teacher unit's own role
 
 
@@ -322,8 +321,8 @@ def match_random(circuit_or_matching: Circuit | Matching, student: nn.Module, *,
 
 def match(inp: MatchInputs, method: str = "ablation", **kwargs) -> Matching:
     """Dispatch to the matchers: ``ablation``, ``cka``, ``combined`` or ``random``."""
-    if method not in METHODS:
-        raise UsageError(f"method must be one of {METHODS}, got {method!r}")
+    if method not in MATCH_METHODS:
+        raise UsageError(f"method must be one of {MATCH_METHODS}, got {method!r}")
     fn = {"ablation": match_ablation, "cka": match_cka, "combined": match_combined}.get(method)
     m = fn(inp, **kwargs) if fn is not None else match_random(inp.circuit, inp.student, **kwargs)
     m.meta.setdefault("task", inp.circuit.task)  # what it was made for: a run of another task refuses it

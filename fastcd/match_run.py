@@ -9,7 +9,7 @@ import os
 from fastcd.artifacts import Circuit, provenance
 from fastcd.cost import match_stages, per_prompt_s, simple_plan, weight_bytes
 from fastcd.errors import UsageError
-from fastcd.loading import load_model, load_tokenizer, model_identity, resolve_model, spec_of
+from fastcd.loading import check_model_path, load_model, load_tokenizer, model_identity, resolve_model, spec_of
 from fastcd.match import MatchInputs, match
 from fastcd.stages import Stages
 from fastcd.tasks import adapt_task, get_task
@@ -22,9 +22,12 @@ def run_match(a) -> int:
     if a.impl is not None and a.method not in ("cka", "combined"):
         raise UsageError(f"--impl chooses the CKA scorer of --method cka/combined, not of {a.method!r}")
     circuit = Circuit.load(a.circuit)
-    # each model resolved and checked once (config, architecture, weights), before either loads
-    a.teacher, a.student = resolve_model(a.teacher, "--teacher"), resolve_model(a.student, "--student")
-    circuit.check_model(a.teacher.spec, "--teacher")  # a circuit of another model fails before loading
+    # each model resolved once: config only first, so that a circuit of another model fails before anything loads
+    a.teacher = resolve_model(a.teacher, "--teacher", weights=False)
+    a.student = resolve_model(a.student, "--student", weights=False)
+    circuit.check_model(a.teacher.spec, "--teacher")
+    check_model_path(a.teacher, "--teacher")  # then the weights of both, before either loads
+    check_model_path(a.student, "--student")
     t_tok, s_tok = load_tokenizer(a.teacher, "--teacher"), load_tokenizer(a.student, "--student")
     name = a.task or circuit.task
     task = get_task(name, **({"n_boxes": a.n_boxes} if name == "entity-tracking" else {}))

@@ -91,14 +91,21 @@ def test_cli_discover_bad_input(tmp_path, capsys):
     assert rc == 2 and "not a local directory" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("method", ["ablation", "cka", "combined", "random"])
-def test_cli_match(tmp_path, method, capsys):
-    from fastcd.artifacts import Matching
-
-    model = _save_tiny(tmp_path)
-    circuit = tmp_path / "c.json"
+@pytest.fixture(scope="module")
+def discovered(tmp_path_factory):
+    """A tiny model and its circuit, discovered once for every matching rule's case."""
+    d = tmp_path_factory.mktemp("discovered")
+    model, circuit = _save_tiny(d), d / "c.json"
     assert main(["discover", "--model", str(model), "--task", "entity-tracking", "--n-boxes", "3", "--n-examples",
                  "12", "--method", "patching", "--top-k", "3", "--out", str(circuit)]) == 0
+    return model, circuit
+
+
+@pytest.mark.parametrize("method", ["ablation", "cka", "combined", "random"])
+def test_cli_match(discovered, tmp_path, method, capsys):
+    from fastcd.artifacts import Matching
+
+    model, circuit = discovered
     out = tmp_path / "m.json"
     assert main(["match", "--teacher", str(model), "--student", str(model), "--circuit", str(circuit), "--method",
                  method, "--n-boxes", "3", "--n-examples", "12", "--out", str(out)]) == 0

@@ -47,3 +47,20 @@ def test_distill_resolves_and_checks_each_model_once(monkeypatch):
                   config=DistillConfig(method="ce+cka", steps=1, batch_size=8, n_train=8, n_eval=10, progress=False))
     assert sorted(calls) == ["student", "teacher"]
     assert 0 <= res.metrics["student_accuracy"] <= 1
+
+
+def test_a_config_only_ref_checks_its_weights_before_anything_loads(tmp_path):
+    import shutil
+
+    src = shipped_checkpoint("et-student")
+    d = tmp_path / "weightless"
+    d.mkdir()
+    for f in os.listdir(src):
+        if not f.endswith(".safetensors"):
+            shutil.copy2(os.path.join(src, f), d / f)
+    with pytest.raises(FileNotFoundError, match="student: .* no weights"):
+        resolve_model(str(d), "student")
+    ref = resolve_model(str(d), "student", weights=False)  # config only: the spec is there
+    assert ref.spec == spec_of(src)
+    with pytest.raises(FileNotFoundError, match="student: .* no weights"):
+        load_model(ref)
