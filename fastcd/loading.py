@@ -70,7 +70,8 @@ def _check_weights(path: str, gguf: str | None, what: str) -> None:
 class ModelRef(os.PathLike):
     """A model argument (directory, GGUF file, packaged name, Hub id) resolved and checked once, at the entry
     point (:func:`resolve_model`): where it lives (``path``, ``gguf``), what the user called it (``name``), and,
-    computed on first use and kept, its ``spec``, ``identity`` (for resume and provenance) and ``tokenizer``.
+    computed on first use and kept, its ``spec``, ``stored_dtype``, ``identity`` (for resume and provenance) and
+    ``tokenizer``.
     It is path-like: every function that takes a model path takes it, and skips the resolution and the checks."""
 
     def __init__(self, arg, what: str = "model", *, weights: bool = True):
@@ -114,6 +115,16 @@ class ModelRef(os.PathLike):
     @functools.cached_property
     def tokenizer(self):
         return load_tokenizer(self.path, self.what)
+
+    @functools.cached_property
+    def stored_dtype(self) -> str | None:
+        """The dtype the weights are stored in (config.json's ``dtype`` / ``torch_dtype``); None for a GGUF file
+        (quantized; dequantized to float32 unless ``load_model(dtype=...)`` says otherwise) or when unrecorded."""
+        if self.gguf is not None:
+            return None
+        with open(os.path.join(self.path, "config.json"), encoding="utf-8") as f:
+            conf = json.load(f)
+        return conf.get("dtype") or conf.get("torch_dtype")
 
 
 def resolve_model(arg, what: str = "model", *, weights: bool = True):

@@ -24,6 +24,7 @@ def test_a_model_ref_holds_what_the_loaders_would_find():
     assert load_tokenizer(ref) is load_tokenizer(ref)  # loaded once, kept
     assert ref == resolve_model(path) and len({ref, resolve_model(path)}) == 1  # the same model: equal
     assert load_model(ref).config.num_hidden_layers == ref.spec.n_layers
+    assert ref.stored_dtype == "float32"  # the shipped toy checkpoints are stored in float32
 
 
 def test_a_bad_model_argument_is_one_line_naming_it(tmp_path):
