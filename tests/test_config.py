@@ -1,4 +1,4 @@
-"""fastcd.config.DistillConfig: every bad field is one line naming it."""
+"""fastcd.config: every bad DistillConfig field is one line naming it; the compute precision each width resolves to."""
 
 import pytest
 
@@ -20,3 +20,14 @@ def test_config_validation_names_the_field(field, value, message):
     with pytest.raises(ValueError, match=message):
         DistillConfig(**{field: value}).validate()
     assert DistillConfig(method="circuit-ce", batch_size=2).validate()  # no CKA term: m=2 is fine
+
+
+def test_precision_auto_is_bf16_for_real_widths_on_the_cpu_only():
+    from fastcd.config import resolve_precision
+
+    assert resolve_precision("auto", 896) == "bf16" and resolve_precision("auto", 576) == "bf16"
+    assert resolve_precision("auto", 64) == "float32"  # the shipped toy checkpoints
+    assert resolve_precision("auto", 896, "cuda") == "float32"  # on a GPU mixed_precision says it
+    assert resolve_precision("float32", 896) == "float32" and resolve_precision("bf16", 64) == "bf16"
+    with pytest.raises(ValueError, match="precision must be one of"):
+        resolve_precision("fp8", 64)

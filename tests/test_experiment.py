@@ -1,4 +1,5 @@
-"""``fastcd experiment``: config validation, run planning, resume, pairing on one test set, statistics, controls."""
+"""``fastcd experiment`` end to end: resume, pairing on one test set, statistics, controls, precision (its
+config and run plan: test_experiment_config.py)."""
 
 from __future__ import annotations
 
@@ -7,108 +8,11 @@ import math
 import os
 
 import pytest
-import torch
+from experiment_helpers import _cfg
 
 from fastcd.experiment import Experiment, run_experiment
 from fastcd.experiment_config import ExperimentConfig
-from fastcd.pretrain import shipped_checkpoint
-from fastcd.report import mean_ci, read_runs, write_report
-from fastcd.trainable import reinit_heads
-
-TEACHER = shipped_checkpoint("et-teacher")
-STUDENT = shipped_checkpoint("et-student")
-
-
-def _cfg(**kw) -> dict:
-    base = dict(teacher=TEACHER, student=STUDENT, n_boxes=5, methods=["circuit-ce", "ce+cka"], seeds=[0, 1],
-                n_train=32, steps=2, batch_size=8, lr=3e-3, matching="cka", n_test=24, n_discovery=16,
-                discovery="roles", log_every=1, diagnostics_m=16)
-    base.update(kw)
-    return base
-
-
-@pytest.mark.parametrize("field,value,message", [
-    ("methods", ["ce+kca"], "methods must be"),
-    ("seeds", [0, 0], "seeds must not repeat"),
-    ("seeds", [], "seeds must be"),
-    ("matching", "nearest", "matching must be among"),
-    ("matching", "identity", "needs positive_control"),
-    ("lr", "fast", "lr must be a number"),
-    ("lr", -1.0, "lr must be > 0"),
-    ("steps", [2, 2], "steps must not repeat"),
-    ("steps", 0, "steps must be an integer >= 1"),
-    ("n_val", 10, "n_val and eval_every go together"),
-    ("positive_control", {"reinit": 0}, "positive_control.reinit"),
-    ("task", "sorting", "task must be"),
-    ("circuit", "/nonexistent/circuit.json", "circuit: no such file"),
-    ("positions", ["last", "nowhere"], "positions must be a non-empty list of the task's roles"),
-    ("cka_estimator", "debiased", "cka_estimator must be among"),
-    ("cka_estimator", ["unbiased", "unbiased"], "cka_estimator must not repeat"),
-    ("batch_size", [8, 48], "batch_size must be <= n_train in every setting"),
-    ("precision", "half", "precision must be one of"),
-])
-def test_config_errors_name_the_field(field, value, message):
-    with pytest.raises((ValueError, FileNotFoundError), match=message):
-        ExperimentConfig.from_dict(_cfg(**{field: value}))
-
-
-def test_config_unknown_field_and_missing_teacher():
-    with pytest.raises(ValueError, match=r"unknown field\(s\) \['stpes'\]"):
-        ExperimentConfig.from_dict(_cfg(stpes=3))
-    d = _cfg()
-    del d["teacher"]
-    with pytest.raises(ValueError, match="'teacher' is required"):
-        ExperimentConfig.from_dict(d)
-
-
-def test_yaml_file_with_yaml11_numbers(tmp_path):
-    p = tmp_path / "c.yaml"
-    p.write_text(f"teacher: {TEACHER}\nstudent: {STUDENT}\nlr: 3e-3\nlam: [1e-1, 1]\n")
-    cfg = ExperimentConfig.from_file(str(p))
-    assert cfg.lr == 3e-3 and cfg.lam == [0.1, 1.0]
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("teacher: [unclosed\n")
-    with pytest.raises(ValueError, match="not valid YAML"):
-        ExperimentConfig.from_file(str(bad))
-
-
-def test_run_plan_shares_rule_free_methods_and_drops_unused_lambda():
-    cfg = ExperimentConfig.from_dict(_cfg(methods=["full-ce", "circuit-ce", "ce+cka"], matching=["ablation", "cka"],
-                                          lam=[0.5, 2.0], seeds=[0]))
-    specs = cfg.run_specs()
-    by = {}
-    for s in specs:
-        by.setdefault(s["method"], []).append(s["setting"])
-    assert len(by["full-ce"]) == 1 and by["full-ce"][0]["matching"] is None and by["full-ce"][0]["lam"] is None
-    assert len(by["circuit-ce"]) == 2 and all(s["lam"] is None for s in by["circuit-ce"])
-    assert len(by["ce+cka"]) == 4
-    assert len({s["key"] for s in specs}) == len(specs) == 7
-
-
-def test_run_plan_sweeps_the_estimator_and_keeps_the_biased_keys():
-    from fastcd.experiment_config import _run_key
-
-    cfg = ExperimentConfig.from_dict(_cfg(methods=["circuit-ce", "cka", "ce+cka"], cka_estimator=["biased", "unbiased"],
-                                          seeds=[0]))
-    specs = cfg.run_specs()
-    est = sorted((s["method"], str(s["setting"]["cka_estimator"])) for s in specs)
-    assert est == [("ce+cka", "biased"), ("ce+cka", "unbiased"), ("circuit-ce", "None"), ("cka", "biased"),
-                   ("cka", "unbiased")]  # a run without a CKA term serves both estimators
-    for s in specs:  # a run recorded before the estimator was a grid field keeps its key when biased
-        without = {k: v for k, v in s["setting"].items() if k != "cka_estimator"}
-        assert (s["key"] == _run_key(s["method"], 0, without)) == (s["setting"]["cka_estimator"] != "unbiased")
-    by_est = {s["setting"]["cka_estimator"]: s for s in specs if s["method"] == "ce+cka"}
-    from fastcd.experiment_config import distill_config_for
-
-    assert distill_config_for(cfg, by_est["unbiased"]).cka_estimator == "unbiased"
-    assert distill_config_for(cfg, by_est["biased"]).cka_estimator == "biased"
-
-
-def test_mean_ci_is_the_t_interval():
-    c = mean_ci([0.5, 0.7])
-    assert c["mean"] == pytest.approx(0.6)
-    assert c["hi"] - c["mean"] == pytest.approx(12.7062 * 0.1 * math.sqrt(2) / math.sqrt(2), rel=1e-4)
-    assert mean_ci([0.4])["lo"] is None
+from fastcd.report import read_runs, write_report
 
 
 @pytest.fixture(scope="module")
@@ -301,17 +205,6 @@ def test_seed_level_tests_are_primary_and_paired_over_seeds(small_run):
     assert "(too few)" in md  # fewer than 6 seeds behind every comparison here
 
 
-def test_precision_auto_is_bf16_for_real_widths_on_the_cpu_only():
-    from fastcd.config import resolve_precision
-
-    assert resolve_precision("auto", 896) == "bf16" and resolve_precision("auto", 576) == "bf16"
-    assert resolve_precision("auto", 64) == "float32"  # the shipped toy checkpoints
-    assert resolve_precision("auto", 896, "cuda") == "float32"  # on a GPU mixed_precision says it
-    assert resolve_precision("float32", 896) == "float32" and resolve_precision("bf16", 64) == "bf16"
-    with pytest.raises(ValueError, match="precision must be one of"):
-        resolve_precision("fp8", 64)
-
-
 def test_bf16_experiment_trains_under_autocast_and_records_its_precision(tmp_path, capsys):
     out = str(tmp_path / "bf16")
     report = run_experiment(_cfg(methods=["ce+cka"], seeds=[0], precision="bf16", n_test=16), out, progress=False)
@@ -363,27 +256,6 @@ def test_report_only_rebuilds_from_the_records(small_run):
     write_report(out)
     text = open(os.path.join(out, "summary.md")).read()
     assert "McNemar" in text and "Circuit, CE + Align CKA" in text
-
-
-def test_reinit_heads_touches_only_that_heads_slices():
-    from fastcd.hooks import Head
-    from fastcd.loading import load_model
-
-    m = load_model(TEACHER)
-    before = {k: v.clone() for k, v in m.state_dict().items()}
-    reinit_heads(m, [Head(0, 2)], seed=0)
-    after = m.state_dict()
-    changed = {k for k in before if not torch.equal(before[k], after[k])}
-    d = m.config.hidden_size // m.config.num_attention_heads
-    assert changed and all(".layers.0.self_attn." in k for k in changed)
-    for k in changed:
-        diff = (before[k] != after[k])
-        if "o_proj" in k:
-            cols = diff.any(0).nonzero().flatten()
-            assert cols.min() >= 2 * d and cols.max() < 3 * d
-        else:
-            rows = diff.any(-1).nonzero().flatten() if diff.ndim == 2 else diff.nonzero().flatten()
-            assert rows.min() >= 2 * d and rows.max() < 3 * d
 
 
 def test_positive_control_identity_and_recovery(tmp_path):

@@ -7,7 +7,7 @@ import pytest
 from scipy.stats import ttest_rel, wilcoxon
 from statsmodels.stats.power import TTestPower
 
-from fastcd.stats import mcnemar, paired_seed_test
+from fastcd.stats import mcnemar, mean_ci, paired_seed_test
 
 
 def test_paired_seed_test_equals_scipy_and_its_mde_has_80_percent_power():
@@ -51,3 +51,10 @@ def test_mcnemar():
     assert mcnemar(a, a)["p_value"] == 1.0
     with pytest.raises(ValueError, match="one length"):
         mcnemar([True], [True, False])
+
+
+def test_mean_ci_is_the_t_interval():
+    c = mean_ci([0.5, 0.7])
+    assert c["mean"] == pytest.approx(0.6)
+    assert c["hi"] - c["mean"] == pytest.approx(12.7062 * 0.1 * math.sqrt(2) / math.sqrt(2), rel=1e-4)
+    assert mean_ci([0.4])["lo"] is None
