@@ -1,4 +1,3 @@
-import json
 
 import pytest
 import torch
@@ -153,23 +152,6 @@ def test_metric_and_input_errors(tok):
         patch_heads_batched(model, ragged, make_source(model, clean, "zero"))
     with pytest.raises(ValueError, match="one token length"):
         make_source(model, clean, "corrupt", corrupt=ragged)
-
-
-def test_circuit_json_roundtrip_and_errors(tmp_path):
-    c = Circuit([CircuitHead(Head(1, 2), "value_fetcher", "last", -0.5),
-                 CircuitHead(Head(0, 3), "position_detector", "query_label", -0.1)], "entity-tracking", 2, 4)
-    c.save(tmp_path / "c.json")
-    d = json.loads((tmp_path / "c.json").read_text())
-    assert d["heads"][0]["head"] == "L1H2"
-    back = Circuit.load(tmp_path / "c.json")
-    assert back.to_json() == c.to_json()
-    assert "value_fetcher @ last: L1H2(-0.500)" in str(back)
-    with pytest.raises(ValueError, match="at least one head"):
-        Circuit([], "entity-tracking", 2, 4)
-    with pytest.raises(ValueError, match="out of range"):
-        Circuit([CircuitHead(Head(5, 0), "g", "all", 0.0)], "entity-tracking", 2, 4)
-    with pytest.raises(ValueError, match="missing key"):
-        Circuit.from_json({"task": "x"})
 
 
 def test_evaluate_circuit(tok):

@@ -4,7 +4,7 @@ import torch
 from conftest import make_tiny
 
 from fastcd import _ext
-from fastcd.artifacts import Circuit, CircuitHead, Matching, Pair
+from fastcd.artifacts import Circuit, CircuitHead
 from fastcd.cka import cka_matrix
 from fastcd.match import MatchInputs, match, match_ablation, match_random
 from fastcd.models import Head
@@ -191,21 +191,6 @@ def test_combined_and_random(tok):
     assert len({p.student for p in r1.pairs}) == 3
     with pytest.raises(ValueError, match="method must be one of"):
         match(inp, "hungarian")
-
-
-def test_matching_json_table_and_model_check(tmp_path, tok):
-    m = Matching([Pair(Head(5, 1), Head(3, 8), "last", "value_fetcher", {"cka": 0.9})], "cka")
-    m.save(tmp_path / "m.json")
-    back = Matching.load(tmp_path / "m.json")
-    assert back.to_json() == m.to_json()
-    assert "L5H1 -> L3H8" in str(back)
-    t = make_tiny("llama", vocab_size=len(tok))
-    with pytest.raises(ValueError, match="matching teacher head L5H1 is out of range"):
-        back.check_models(t, t)
-    with pytest.raises(ValueError, match="at least one pair"):
-        Matching([], "cka")
-    with pytest.raises(ValueError, match="missing key"):
-        Matching.from_json({"pairs": [{"teacher": "L0H0"}]})
 
 
 def test_ablation_accuracies_equal_one_ablated_forward_per_head(tok):
