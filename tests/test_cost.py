@@ -1,5 +1,5 @@
-"""The run's plan before the work and the status line of every stage (fastcd.cost, fastcd.stages), the CPU
-defaults for real LMs (DistillConfig.cpu_defaults), and the run folder the API writes."""
+"""The run's plan before the work and every stage measured in a real run (fastcd.cost; the stage lines alone:
+test_stages.py), the CPU defaults for real LMs (DistillConfig.cpu_defaults), and the run folder the API writes."""
 
 import contextlib
 import json
@@ -12,7 +12,6 @@ from conftest import make_tiny
 from fastcd.config import CPU_REAL_DEFAULTS, DistillConfig
 from fastcd.cost import MIN_ROW_SHARE, ROW_COST, discovery_rows, predict_stages, row_share, stage, weight_bytes
 from fastcd.pipeline import distill
-from fastcd.stages import Stages, format_run_plan
 from fastcd.tasks import EntityTracking
 
 TASK = EntityTracking(n_boxes=3)
@@ -111,26 +110,6 @@ def test_a_real_width_run_plans_with_the_cpu_defaults(tok):
     assert by["teacher cache"]["work"]["teacher"] == CPU_REAL_DEFAULTS["n_train"]
     assert by["training"]["work"]["steps"] == CPU_REAL_DEFAULTS["steps"]
     assert "calibrated" in plan["timing"]
-
-
-def test_a_long_or_large_plan_says_so_before_the_work():
-    st = [{"stage": "training", "what": "x", "cheaper": "--steps", "work": {"steps": 10}, "predicted_s": 7200.0}]
-    lines = format_run_plan({"title": "t", "stages": st, "peak_gib": 30.0, "available_gib": 20.0})
-    assert "predicted 120.0 min" in lines[0] and "(cheaper: --steps)" in lines[1]
-    assert lines[-1].startswith("plan: warning:") and "2.0 h" in lines[-1] and "exceeds the free memory" in lines[-1]
-    st[0]["predicted_s"] = 60.0
-    assert "warning" not in format_run_plan({"title": "t", "stages": st, "peak_gib": 1.0, "available_gib": 20.0})[-1]
-
-
-def test_stages_record_time_memory_and_the_prediction(capsys):
-    s = Stages({"stages": [{"stage": "a", "what": "the a stage", "cheaper": "", "work": {"teacher": 1},
-                            "predicted_s": 5.0}]})
-    with s("a", s.what("a")):
-        x = torch.ones(1 << 20)
-    del x
-    err = capsys.readouterr().err
-    assert "fastcd: a: the a stage" in err and "done in 0 s (planned 5 s), peak memory" in err
-    assert s.records["a"]["predicted_s"] == 5.0 and s.records["a"]["peak_rss_gib"] > 0
 
 
 def test_weight_bytes_reads_the_safetensors_headers(tmp_path, tok):

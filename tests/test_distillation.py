@@ -10,7 +10,6 @@ from fastcd.config import DistillConfig
 from fastcd.distillation import CircuitDistiller, DistillBatch
 from fastcd.models import Head
 from fastcd.pipeline import distill
-from fastcd.teacher_cache import build_teacher_cache
 from fastcd.trainable import merge
 
 
@@ -126,29 +125,6 @@ def test_second_distiller_on_one_student_is_a_clear_error(tok):
     CircuitDistiller(student, given_matching(), config=small_config())
     with pytest.raises(ValueError, match="already parametrised.*merge"):
         CircuitDistiller(student, given_matching(), config=small_config())
-
-
-def test_teacher_cache_vocabulary_is_checked(tmp_path, tok):
-    """Labels in a cache are teacher token ids: another student vocabulary fails in one line, before training."""
-    from fastcd.tokenizer import build_word_tokenizer
-
-    teacher = make_tiny("llama", vocab_size=len(tok), seed=1)
-    cfg = small_config(steps=2, n_train=32)
-    enc = TASK.encode(TASK.generate(cfg.n_train, seed=cfg.seed, split="train"), tok)
-    other = build_word_tokenizer(["apple", "Box"])  # recorded as the teacher's: its ids mean other tokens
-    wrong = build_teacher_cache(teacher, enc, given_matching(), str(tmp_path / "w"), tokenizer=other)
-    with pytest.raises(ValueError, match="built with a tokenizer whose vocabulary differs from the student's"):
-        distill(None, make_tiny("llama", vocab_size=len(tok), seed=2), TASK, matching=given_matching(), config=cfg,
-                student_tokenizer=tok, teacher_cache=wrong)
-    path = build_teacher_cache(teacher, enc, given_matching(), str(tmp_path / "c"), tokenizer=tok)
-    from fastcd.teacher_cache import check_cache_vocabulary
-
-    small = make_tiny("llama", vocab_size=20, seed=2)  # same tokenizer, too small an embedding
-    with pytest.raises(ValueError, match=r"student_tokenizer has token ids up to \d+, the student's embedding has 20"):
-        distill(None, small, TASK, matching=given_matching(), config=cfg, student_tokenizer=tok, teacher_cache=path)
-    with pytest.raises(ValueError, match=r"holds label id \d+, outside the student's vocabulary of 1"):
-        check_cache_vocabulary(path, tok, vocab_size=1)
-    check_cache_vocabulary(path, tok, vocab_size=len(tok))
 
 
 def test_gradient_ratio_and_auto_lambda(tok):

@@ -13,7 +13,6 @@ from fastcd.config import DistillConfig
 from fastcd.distillation import CircuitDistiller, check_vocabularies
 from fastcd.models import Head
 from fastcd.pipeline import distill
-from fastcd.teacher_cache import build_teacher_cache
 
 
 def test_loss_decreases_and_student_loads_with_transformers(tmp_path, tok):
@@ -55,23 +54,6 @@ def test_the_result_saves_a_complete_student_with_its_tokenizer(tmp_path, tok):
     with torch.no_grad():
         want = res.student(ids).logits[0, -1].argmax()
     assert int(out[0, -1]) == int(want)
-
-
-def test_offline_teacher_cache_matches_online(tmp_path, tok):
-    cfg = small_config(method="ce+cka", kd_weight=0.5)
-    m = given_matching()
-    teacher = make_tiny("llama", vocab_size=len(tok), seed=1)
-    online = distill(teacher, make_tiny("llama", vocab_size=len(tok), seed=2), TASK, matching=m, config=cfg,
-                     student_tokenizer=tok, teacher_tokenizer=tok)
-    train = TASK.encode(TASK.generate(cfg.n_train, seed=cfg.seed, split="train"), tok)
-    build_teacher_cache(teacher, train, m, str(tmp_path / "cache"), shard_size=20, logits=True)
-    assert len(list((tmp_path / "cache").glob("shard_*.safetensors"))) == 4
-    offline = distill(None, make_tiny("llama", vocab_size=len(tok), seed=2), TASK, matching=m, config=cfg,
-                      student_tokenizer=tok, teacher_cache=str(tmp_path / "cache"))
-    a, b = online.student.state_dict(), offline.student.state_dict()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
-    assert [r["loss"] for r in online.log] == pytest.approx([r["loss"] for r in offline.log], rel=1e-5)
 
 
 @pytest.mark.parametrize("method", ["full-ce", "circuit-ce", "cka", "ce+rand-cka", "kd"])
@@ -138,20 +120,6 @@ def test_eval_every_need_not_be_a_multiple_of_log_every(tok):
                   student_tokenizer=tok, teacher_tokenizer=tok)
     assert [r["step"] for r in res.log] == [2, 3, 4, 5]
     assert "val_accuracy" in res.log[1] and res.log[1]["step"] == 3
-
-
-def test_rand_cka_and_kd_train_from_a_teacher_cache(tmp_path, tok):
-    """The cache holds the teacher side only: the random-pairing control (other student heads, same teacher
-    heads) and KD (logits) both train from it."""
-    teacher = make_tiny("llama", vocab_size=len(tok), seed=1)
-    cfg = small_config(steps=2, n_train=32)
-    enc = TASK.encode(TASK.generate(cfg.n_train, seed=cfg.seed, split="train"), tok)
-    path = build_teacher_cache(teacher, enc, given_matching(), str(tmp_path / "c"), logits=True)
-    for method in ("ce+rand-cka", "kd"):
-        res = distill(None, make_tiny("llama", vocab_size=len(tok), seed=2), TASK, matching=given_matching(),
-                      config=small_config(steps=2, n_train=32, method=method), student_tokenizer=tok,
-                      teacher_cache=path)
-        assert len(res.log) == 2 and all(math.isfinite(r["loss"]) for r in res.log)
 
 
 def test_tom_default_discovery_keeps_the_most_harmful_share_at_the_last_token(tok):

@@ -1,0 +1,66 @@
+"""fastcd.teacher_cache: an offline cache trains the same student as the online teacher, serves the controls and
+KD, and refuses a cache made with another vocabulary."""
+
+import math
+
+import pytest
+import torch
+from conftest import make_tiny
+from distill_helpers import TASK, given_matching, small_config
+
+from fastcd.pipeline import distill
+from fastcd.teacher_cache import build_teacher_cache
+
+
+def test_offline_teacher_cache_matches_online(tmp_path, tok):
+    cfg = small_config(method="ce+cka", kd_weight=0.5)
+    m = given_matching()
+    teacher = make_tiny("llama", vocab_size=len(tok), seed=1)
+    online = distill(teacher, make_tiny("llama", vocab_size=len(tok), seed=2), TASK, matching=m, config=cfg,
+                     student_tokenizer=tok, teacher_tokenizer=tok)
+    train = TASK.encode(TASK.generate(cfg.n_train, seed=cfg.seed, split="train"), tok)
+    build_teacher_cache(teacher, train, m, str(tmp_path / "cache"), shard_size=20, logits=True)
+    assert len(list((tmp_path / "cache").glob("shard_*.safetensors"))) == 4
+    offline = distill(None, make_tiny("llama", vocab_size=len(tok), seed=2), TASK, matching=m, config=cfg,
+                      student_tokenizer=tok, teacher_cache=str(tmp_path / "cache"))
+    a, b = online.student.state_dict(), offline.student.state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+    assert [r["loss"] for r in online.log] == pytest.approx([r["loss"] for r in offline.log], rel=1e-5)
+
+
+def test_rand_cka_and_kd_train_from_a_teacher_cache(tmp_path, tok):
+    """The cache holds the teacher side only: the random-pairing control (other student heads, same teacher
+    heads) and KD (logits) both train from it."""
+    teacher = make_tiny("llama", vocab_size=len(tok), seed=1)
+    cfg = small_config(steps=2, n_train=32)
+    enc = TASK.encode(TASK.generate(cfg.n_train, seed=cfg.seed, split="train"), tok)
+    path = build_teacher_cache(teacher, enc, given_matching(), str(tmp_path / "c"), logits=True)
+    for method in ("ce+rand-cka", "kd"):
+        res = distill(None, make_tiny("llama", vocab_size=len(tok), seed=2), TASK, matching=given_matching(),
+                      config=small_config(steps=2, n_train=32, method=method), student_tokenizer=tok,
+                      teacher_cache=path)
+        assert len(res.log) == 2 and all(math.isfinite(r["loss"]) for r in res.log)
+
+
+def test_teacher_cache_vocabulary_is_checked(tmp_path, tok):
+    """Labels in a cache are teacher token ids: another student vocabulary fails in one line, before training."""
+    from fastcd.tokenizer import build_word_tokenizer
+
+    teacher = make_tiny("llama", vocab_size=len(tok), seed=1)
+    cfg = small_config(steps=2, n_train=32)
+    enc = TASK.encode(TASK.generate(cfg.n_train, seed=cfg.seed, split="train"), tok)
+    other = build_word_tokenizer(["apple", "Box"])  # recorded as the teacher's: its ids mean other tokens
+    wrong = build_teacher_cache(teacher, enc, given_matching(), str(tmp_path / "w"), tokenizer=other)
+    with pytest.raises(ValueError, match="built with a tokenizer whose vocabulary differs from the student's"):
+        distill(None, make_tiny("llama", vocab_size=len(tok), seed=2), TASK, matching=given_matching(), config=cfg,
+                student_tokenizer=tok, teacher_cache=wrong)
+    path = build_teacher_cache(teacher, enc, given_matching(), str(tmp_path / "c"), tokenizer=tok)
+    from fastcd.teacher_cache import check_cache_vocabulary
+
+    small = make_tiny("llama", vocab_size=20, seed=2)  # same tokenizer, too small an embedding
+    with pytest.raises(ValueError, match=r"student_tokenizer has token ids up to \d+, the student's embedding has 20"):
+        distill(None, small, TASK, matching=given_matching(), config=cfg, student_tokenizer=tok, teacher_cache=path)
+    with pytest.raises(ValueError, match=r"holds label id \d+, outside the student's vocabulary of 1"):
+        check_cache_vocabulary(path, tok, vocab_size=1)
+    check_cache_vocabulary(path, tok, vocab_size=len(tok))
