@@ -204,9 +204,8 @@ class DistillConfig:
         return self
 
     def validate(self) -> DistillConfig:
-        """Check every field (one line naming the field on a bad value); run when the config is built, and again
-        by hand after changing a field in place."""
-        """One-line errors naming the field and what was expected, before any work starts."""
+        """One-line errors naming the field and what was expected, before any work starts; run when the config is
+        built, and again by :meth:`checked` (or by hand) after a field changed in place."""
         spec = method_spec(self.method)
         if not spec.in_distill:
             raise UsageError(f"method {self.method!r} is a control of `fastcd experiment`; distill() runs {METHODS}")
