@@ -250,7 +250,8 @@ def accuracy_plot(report: dict, path: str | os.PathLike | None = None):
         ax.set_ylabel(f"test accuracy (n={report['n_test']})")
         ax.set_ylim(0, 1.02)
         ax.set_title(g, fontsize=8)
-        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # outside: never over a seed
+        if ax.get_legend_handles_labels()[0]:  # the teacher and base lines, when the report has them
+            ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # outside: never over a seed
     fig.suptitle("test accuracy per method\ndots: seeds; bar: mean and 95% t-interval over seeds (cut at 0 and 1)",
                  fontsize=9)
     _save(fig, path)

@@ -61,6 +61,8 @@ def paired_seed_test(acc_a: dict, acc_b: dict, *, alpha: float = 0.05, power: fl
     if n < 2:
         return out
     sd = float(d.std(ddof=1))
+    if sd <= 1e-12 * max(1.0, float(np.abs(d).max())):
+        sd = 0.0  # equal differences up to float rounding (0.7 - 0.4 vs 0.8 - 0.5): no spread, not a tiny one
     out["sd_diff"] = sd
     if sd > 0:
         half = float(st.t.ppf(0.975, n - 1)) * sd / np.sqrt(n)

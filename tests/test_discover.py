@@ -3,11 +3,7 @@ import pytest
 import torch
 from conftest import make_tiny
 
-from fastcd.artifacts import Circuit, CircuitHead
-from fastcd.attribution import attribution_patching, spearman
-from fastcd.discover import circuit_from_scores, make_source, patch_heads_batched, patch_heads_loop
-from fastcd.metrics import evaluate_circuit, metric_values, relative_change
-from fastcd.models import Head
+from fastcd.discover import make_source, patch_heads_batched, patch_heads_loop
 from fastcd.tasks import EntityTracking, TheoryOfMind
 
 
@@ -92,56 +88,15 @@ def test_patching_a_head_that_does_nothing_scores_zero(tok):
     assert (res.scores.flatten().abs() > 0).sum() >= 6
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_attribution_tracks_exact_patching(arch, tok):
-    model = make_tiny(arch, vocab_size=len(tok), n_layers=3)
-    clean, corrupt = _data(tok, n=32)
-    src = make_source(model, clean, "mean", corrupt=corrupt)
-    exact = patch_heads_batched(model, clean, src, position="last")
-    attr = attribution_patching(model, clean, src, position="last", batch_size=16)
-    rho = spearman(attr.scores, exact.scores)
-    print(f"{arch}: spearman(attribution, exact) = {rho:.3f}")
-    assert rho > 0.8
-    # two forwards + one backward per chunk: 2 chunks of 16 + the clean-metric pass
-    assert attr.forwards == 2 + 2
-    rechecked = attribution_patching(model, clean, src, position="last", batch_size=16, recheck_top_k=3)
-    for h, _ in rechecked.top(3):
-        torch.testing.assert_close(rechecked.scores[h.layer, h.head], exact.scores[h.layer, h.head],
-                                   atol=2e-5, rtol=1e-4)
-
-
-def test_attribution_is_exact_for_linear_direct_effect(tok):
-    """With logit_diff and patching at the last position of the last layer, the metric is linear in z."""
-    model = make_tiny("llama", vocab_size=len(tok), n_layers=1)
-    model.model.layers[0].mlp.down_proj.weight.data.zero_()  # no MLP after the heads' write
-    clean, corrupt = _data(tok, n=8)
-    src = make_source(model, clean, "corrupt", corrupt=corrupt)
-    kw = dict(metric="logit_diff", relative=False, position="last")
-    exact = patch_heads_batched(model, clean, src, **kw)
-    attr = attribution_patching(model, clean, src, **kw)
-    # the final RMSNorm keeps it from being exactly linear, but it is close
-    assert spearman(attr.scores, exact.scores) > 0.9
-
-
 def test_metric_and_input_errors(tok):
     model = make_tiny("llama", vocab_size=len(tok))
     clean, corrupt = _data(tok, n=4)
-    with pytest.raises(ValueError, match="clean probability is 0 for example 1"):
-        relative_change(torch.tensor([0.1, 0.2]), torch.tensor([0.5, 0.0]), "prob", True)
-    with pytest.raises(ValueError, match="clean mean is 0"):
-        relative_change(torch.tensor([1.0]), torch.tensor([0.0]), "accuracy", True)
-    with pytest.raises(ValueError, match="metric must be one of"):
-        metric_values(torch.zeros(4, 3, 10), clean, "kl")
-    with pytest.raises(ValueError, match="without an answer"):
-        metric_values(torch.zeros(4, clean.input_ids.shape[1], len(tok)), corrupt, "prob")
     with pytest.raises(ValueError, match="mode must be one of"):
         make_source(model, clean, "resample")
     with pytest.raises(ValueError, match="needs corrupt prompts"):
         make_source(model, clean, "corrupt")
     with pytest.raises(ValueError, match="position role 'subject'"):
         patch_heads_batched(model, clean, make_source(model, clean, "zero"), position="subject")
-    with pytest.raises(ValueError, match="has no gradient"):
-        attribution_patching(model, clean, make_source(model, clean, "zero"), metric="accuracy")
     res = patch_heads_batched(model, clean, make_source(model, clean, "zero"))
     with pytest.raises(ValueError, match=r"k must be in 1\.\.8"):
         res.top(9)
@@ -152,26 +107,6 @@ def test_metric_and_input_errors(tok):
         patch_heads_batched(model, ragged, make_source(model, clean, "zero"))
     with pytest.raises(ValueError, match="one token length"):
         make_source(model, clean, "corrupt", corrupt=ragged)
-
-
-def test_evaluate_circuit(tok):
-    model = make_tiny("llama", vocab_size=len(tok))
-    clean, corrupt = _data(tok, n=32)
-    everything = Circuit([CircuitHead(h, "all", "all", 0.0) for h in [Head(l, k) for l in range(2) for k in range(4)]],
-                         "entity-tracking", 2, 4)
-    r = evaluate_circuit(model, clean, everything, reference=corrupt, n_random=10)
-    assert r["circuit_accuracy"] == r["full_accuracy"]  # nothing ablated
-    assert len(r["random_circuit_accuracies"]) == 10
-    src = make_source(model, clean, "mean", corrupt=corrupt)
-    res = patch_heads_batched(model, clean, src, metric="prob")
-    small = circuit_from_scores(res, 2, task="entity-tracking", position="last")
-    r2 = evaluate_circuit(model, clean, small, reference=corrupt, n_random=10, seed=1)
-    assert 0 <= r2["circuit_accuracy"] <= 1 and r2["circuit_size"] == 2
-    if r2["full_accuracy"] > 0:
-        assert r2["faithfulness"] == pytest.approx(r2["circuit_accuracy"] / r2["full_accuracy"])
-    bad = Circuit([CircuitHead(Head(0, 0), "g", "all", 0.0)], "entity-tracking", 3, 4)
-    with pytest.raises(ValueError, match="circuit is for 3 x 4 heads"):
-        evaluate_circuit(model, clean, bad, reference=corrupt)
 
 
 def test_circuit_by_roles(tok):

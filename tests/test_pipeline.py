@@ -122,28 +122,6 @@ def test_eval_every_need_not_be_a_multiple_of_log_every(tok):
     assert "val_accuracy" in res.log[1] and res.log[1]["step"] == 3
 
 
-def test_tom_default_discovery_keeps_the_most_harmful_share_at_the_last_token(tok):
-    """One default policy (distill and `fastcd discover` share it): ToM = mean-ablation patching at the last token,
-    keeping the most harmful 15% of the heads (those whose patch lowers p(answer))."""
-    from fastcd import discover as D
-    from fastcd.discover_policy import default_circuit
-    from fastcd.tasks import TheoryOfMind
-
-    task = TheoryOfMind()
-    model = make_tiny("llama", vocab_size=len(tok))
-    pairs = task.pairs(16, seed=0, split="val")
-    clean, corrupt = task.encode([p.clean for p in pairs], tok), task.encode([p.corrupt for p in pairs], tok)
-    circuit, panels, marked = default_circuit(model, task, clean, corrupt)
-    src = D.make_source(model, clean, "mean", corrupt=corrupt)
-    res = D.patch_heads_batched(model, clean, src, metric="prob", position="last")
-    scores, k = res.scores, max(1, round(D.CIRCUIT_SHARE * res.scores.numel()))
-    want = [h for h, _ in res.top(k, strict=True)]
-    assert [c.head for c in circuit.heads] == want and len(want) <= k
-    assert list(marked.values())[0] == want and torch.equal(list(panels.values())[0], scores)
-    assert all(c.position == "last" for c in circuit.heads)
-    assert all(float(scores[c.head.layer, c.head.head]) < 0 for c in circuit.heads)
-
-
 def test_non_finite_loss_stops_without_saving(tmp_path, tok):
     teacher = make_tiny("llama", vocab_size=len(tok), seed=1)
     student = make_tiny("llama", vocab_size=len(tok), seed=2)

@@ -39,6 +39,8 @@ def test_undefined_cases_say_none_instead_of_a_number():
     assert flat["p_t"] is None and flat["p_wilcoxon"] == 1.0 and flat["mean_diff"] == 0.0
     shifted = paired_seed_test({0: 0.6, 1: 0.6}, {0: 0.5, 1: 0.5})  # the same gain in every seed: no spread
     assert shifted["p_t"] is None and math.isclose(shifted["mean_diff"], 0.1)
+    rounded = paired_seed_test({0: 0.7, 1: 0.8}, {0: 0.4, 1: 0.5})  # 0.29999999999999993 and 0.30000000000000004
+    assert rounded["sd_diff"] == 0.0 and rounded["p_t"] is None and rounded["ci95"] is None and rounded["mde"] is None
     with pytest.raises(ValueError, match="alpha and power"):
         paired_seed_test({0: 1.0}, {0: 1.0}, power=1.5)
 

@@ -10,7 +10,6 @@ import torch
 from conftest import make_tiny
 
 from fastcd import zoo
-from fastcd.convert import check_architecture, find_gguf
 from fastcd.loading import load_model, spec_of
 from fastcd.models import logits_at
 from fastcd.tasks import EntityTracking, TheoryOfMind, adapt_task
@@ -56,33 +55,6 @@ def test_multi_part_files_are_joined_in_order(monkeypatch, tmp_path):
     out = zoo.gguf_path("fake")
     assert open(out, "rb").read() == b"GGUFabcde"
     assert zoo.gguf_path("fake") == out  # reused, not rewritten
-
-
-def test_model_paths_and_architecture_are_checked_before_weights(tmp_path):
-    with pytest.raises(FileNotFoundError, match="neither a local directory nor a GGUF file"):
-        find_gguf(tmp_path / "missing")
-    (tmp_path / "w.bin").write_bytes(b"x")
-    with pytest.raises(ValueError, match="not a .gguf file"):
-        find_gguf(tmp_path / "w.bin")
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    with pytest.raises(FileNotFoundError, match="no config.json and no .gguf file"):
-        load_model(empty)
-    two = tmp_path / "two"
-    two.mkdir()
-    (two / "a.gguf").write_bytes(b"GGUF")
-    (two / "b.gguf").write_bytes(b"GGUF")
-    with pytest.raises(ValueError, match="holds 2 GGUF files"):
-        load_model(two)
-    junk = tmp_path / "junk.gguf"
-    junk.write_bytes(b"not a gguf at all" * 10)
-    with pytest.raises(ValueError, match="not a readable GGUF file"):
-        check_architecture(junk)
-    other = tmp_path / "mamba"
-    other.mkdir()
-    (other / "config.json").write_text(json.dumps({"model_type": "mamba"}))
-    with pytest.raises(ValueError, match="unsupported architecture 'mamba' \\(from config.json\\)"):
-        load_model(other)  # no weights exist: the error comes before any load
 
 
 def test_spec_of_a_directory_needs_no_weights(tmp_path):
