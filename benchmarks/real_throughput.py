@@ -12,10 +12,10 @@ For a prepared model (``fastcd models prepare NAME``, or a converted directory),
                    heads, teacher signals from the float32 cache), mixed_precision "no" against "bf16": the mean
                    of --steps steps after one warm-up step.
 
-    prefix reuse   evaluation of --n-tom theory-of-mind prompts (instruction + 3 shots: one long shared prefix)
-                   in bf16 weights with and without shared-prefix reuse (``FASTCD_PREFIX_REUSE``), beside the
-                   same number of entity-tracking prompts: seconds per prompt, the ToM/ET cost ratio, and whether
-                   the answers are the same.
+    prefix reuse   evaluation and the teacher cache of --n-tom theory-of-mind prompts (instruction + 3 shots: one
+                   long shared prefix) in bf16 weights with and without shared-prefix reuse
+                   (``FASTCD_PREFIX_REUSE``), beside the same number of entity-tracking prompts: seconds per
+                   prompt, the ToM/ET cost ratio, and whether the answers (labels, z) are the same.
 
 One JSON line per stage and variant on stdout (and appended to --out). Attribution and circuit-search timings are
 not measured here yet. Not a test: it measures; --quick runs every path at tiny
@@ -167,7 +167,7 @@ def main(argv=None) -> int:
         tb = tom.encode(tom.generate(a.n_tom, seed=0, split="test"), tok)
         eb = test.index(range(min(a.n_tom, len(test))))
         m, _ = _variant(model, "bf16-weights")
-        per, answers = {}, {}
+        per, answers, cper, sig = {}, {}, {}, {}
         for label, batch, reuse in (("entity tracking", eb, True), ("theory of mind", tb, False),
                                     ("theory of mind", tb, True)):
             os.environ["FASTCD_PREFIX_REUSE"] = "1" if reuse else "0"
@@ -185,6 +185,21 @@ def main(argv=None) -> int:
                 rec["cost_vs_entity_tracking"] = round(per[(label, reuse)] / per[("entity tracking", True)], 2)
             if reuse and label == "theory of mind":
                 rec["same_correctness_as_without"] = answers[(label, True)] == answers[(label, False)]
+            emit(rec)
+            with torch.no_grad():  # the teacher cache: the same prompts, z captured at the pairs' roles
+                t = time.time()
+                sig[(label, reuse)] = teacher_signals(m, batch, matching, batch_size=32)
+                sec = time.time() - t
+            cper[(label, reuse)] = sec / len(batch)
+            rec = {"stage": "prefix reuse, teacher cache", "variant": "bf16-weights", "task": label,
+                   "prefix_reuse": reuse, "n": len(batch), "seconds": round(sec, 2),
+                   "seconds_per_prompt": round(cper[(label, reuse)], 4)}
+            if label == "theory of mind":
+                rec["cost_vs_entity_tracking"] = round(cper[(label, reuse)] / cper[("entity tracking", True)], 2)
+            if reuse and label == "theory of mind":
+                a_, b_ = sig[(label, True)], sig[(label, False)]
+                rec["labels_equal_without"] = bool(torch.equal(a_["labels"], b_["labels"]))
+                rec["z_rel_err_vs_without"] = float((a_["z"] - b_["z"]).norm() / b_["z"].norm())
             emit(rec)
         os.environ.pop("FASTCD_PREFIX_REUSE", None)
         del m

@@ -21,7 +21,7 @@ from fastcd.artifacts import Matching
 from fastcd.cka import choose_impl, cka_loss, cka_loss_gathered
 from fastcd.config import METHOD_SPECS, METHODS, DistillConfig  # noqa: F401  (METHODS: re-exported)
 from fastcd.errors import UsageError
-from fastcd.hooks import ALL, capture_z
+from fastcd.hooks import capture_z, gather_roles, teacher_forward
 from fastcd.models import get_adapter, logits_at
 from fastcd.tasks.base import EncodedBatch
 from fastcd.trainable import make_trainable
@@ -39,18 +39,6 @@ class DistillBatch:
     teacher_z: torch.Tensor | None = None  # [P, B, d_t] from an offline cache
     teacher_labels: torch.Tensor | None = None  # [B]
     teacher_logits: torch.Tensor | None = None  # [B, V]
-
-
-def gather_roles(cache, heads, roles, pos: dict, batch: int) -> torch.Tensor:
-    """``[P, B, d]``: pair p's head z at its role's per-example position (keeps the graph)."""
-    rows = torch.arange(batch)
-    out = []
-    for h, role in zip(heads, roles):
-        z = cache[h]  # [B, T, d]
-        if role == ALL:
-            raise UsageError("CKA pairs need a single position role per head, not 'all'")
-        out.append(z[rows, pos[role].to(z.device)])
-    return torch.stack(out)
 
 
 def all_gather_batch(x: torch.Tensor) -> torch.Tensor:
@@ -213,17 +201,7 @@ class CircuitDistiller(nn.Module):
         if self.teacher is None:
             raise UsageError("no teacher: pass teacher= or batches from an offline teacher cache")
         pairs = self.matching.pairs if self.matching is not None else []
-        t_heads = list(dict.fromkeys(p.teacher for p in pairs))
-        dev = next(self.teacher.parameters()).device
-        with torch.inference_mode():
-            with capture_z(self.teacher, t_heads or None, detach=True) as cache:
-                last, _ = logits_at(self.teacher, batch.teacher_pos["last"], input_ids=batch.teacher_ids.to(dev))
-            b = batch.teacher_ids.shape[0]
-            last = last.float()  # [B, V]: the lm_head ran on the last position only
-            z = None
-            if need_z:
-                z = gather_roles(cache, [p.teacher for p in pairs], [p.position for p in pairs],
-                                  batch.teacher_pos, b).float()
+        last, z = teacher_forward(self.teacher, batch.teacher_ids, batch.teacher_pos, pairs if need_z else [])
         return (None if z is None else z.clone()), last.argmax(-1).clone(), last.clone()
 
     @property

@@ -17,7 +17,16 @@ import torch
 from torch import nn
 
 from fastcd.errors import UsageError
-from fastcd.models import Head, ModelSpec, accepts_logits_to_keep, get_adapter, model_spec, unwrap
+from fastcd.models import (
+    Head,
+    ModelSpec,
+    accepts_logits_to_keep,
+    get_adapter,
+    logits_at,
+    model_spec,
+    shared_prefix,
+    unwrap,
+)
 
 ALL = "all"  # position role: every position
 
@@ -361,3 +370,32 @@ def rows_for_budget(model: nn.Module, seq_len: int, *, budget: int | None = None
     per_row = item * (seq_len * (6 * s.d_model + 3 * d_ff + s.n_heads * seq_len + s.n_heads * s.d_head)
                       + s.vocab_size)
     return int(max(1, min(cap, (budget or memory_budget()) // per_row)))
+
+
+def gather_roles(cache, heads, roles, pos: dict, batch: int) -> torch.Tensor:
+    """``[P, B, d]``: pair p's head z at its role's per-example position (keeps the graph)."""
+    rows = torch.arange(batch)
+    out = []
+    for h, role in zip(heads, roles):
+        z = cache[h]  # [B, T, d]
+        if role == ALL:
+            raise UsageError("CKA pairs need a single position role per head, not 'all'")
+        out.append(z[rows, pos[role].to(z.device)])
+    return torch.stack(out)
+
+
+@torch.inference_mode()
+def teacher_forward(teacher: nn.Module, ids: torch.Tensor, pos: dict,
+                    pairs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One no-grad teacher forward: its last-position logits ``[B, V]`` (fp32) and each pair's teacher z at the
+    pair's role ``[P, B, d]`` (None without pairs). Few-shot prompts' shared prefix runs once
+    (:func:`fastcd.models.shared_prefix`) when every position read lies after it."""
+    ids = ids.to(next(teacher.parameters()).device)
+    prefix = shared_prefix(teacher, ids, [pos["last"]] + [pos[p.position] for p in pairs])  # before the hooks
+    with capture_z(teacher, list(dict.fromkeys(p.teacher for p in pairs)), detach=True) as cache:
+        last, _ = logits_at(teacher, pos["last"], input_ids=ids, prefix=prefix)
+    z = None
+    if pairs:  # the capture saw the suffixes only when a prefix ran
+        z = gather_roles(cache, [p.teacher for p in pairs], [p.position for p in pairs],
+                         pos if prefix is None else prefix.shift(pos), ids.shape[0]).float()
+    return last.float(), z

@@ -29,7 +29,7 @@ from fastcd.config import MATCH_METHODS
 from fastcd.discover import PatchSource, patch_heads_batched
 from fastcd.errors import UsageError
 from fastcd.hooks import ALL, capture_z, mean_z, role_positions
-from fastcd.models import Head, get_adapter, logits_at
+from fastcd.models import Head, get_adapter, logits_at, shared_prefix
 from fastcd.tasks.base import EncodedBatch
 
 logger = logging.getLogger("fastcd")
@@ -208,8 +208,10 @@ def head_activations(model: nn.Module, batch: EncodedBatch, heads: list[Head], r
     for i in range(0, len(batch), batch_size):
         sub = batch.index(range(i, min(i + batch_size, len(batch))))
         pos = None if role == ALL else role_positions(sub, role)
-        with capture_z(model, heads, positions=pos, detach=True) as cache:
-            logits_at(model, sub.positions["last"], input_ids=sub.input_ids.to(device))  # no full logits
+        ids = sub.input_ids.to(device)
+        prefix = None if pos is None else shared_prefix(model, ids, [pos, sub.positions["last"]])  # few-shot prompts
+        with capture_z(model, heads, positions=pos if prefix is None else pos - prefix.length, detach=True) as cache:
+            logits_at(model, sub.positions["last"], input_ids=ids, prefix=prefix)  # no full logits
         z = cache.stack().float().cpu()  # [b, k, H, D]
         outs.append(z.permute(2, 0, 1, 3).reshape(len(heads), -1, z.shape[-1]))
     return torch.cat(outs, dim=1)

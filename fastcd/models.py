@@ -330,37 +330,43 @@ def shared_prefix_length(input_ids: torch.Tensor) -> int:
     return int((input_ids == input_ids[:1]).all(0).long().cumprod(0).sum())
 
 
-def _prefix_reusable(model: nn.Module, forward_kwargs: dict, pos: torch.Tensor) -> int:
-    """The prefix length to reuse, or 0: only for a plain no-grad ``input_ids`` forward with no hooks anywhere
-    (captures and interventions see whole sequences), every read position after the prefix, and a model that
-    returns a key/value cache."""
+@dataclass
+class SharedPrefix:
+    """The keys and values of the ``length`` leading tokens that every row shares, computed once (batch 1) and
+    repeated over the batch (:func:`shared_prefix`); one forward of the suffixes consumes it."""
+
+    length: int
+    cache: object
+
+    def shift(self, positions: dict) -> dict:
+        """Token positions in the full prompts -> positions in the suffixes (what a capture there indexes)."""
+        return {k: v - self.length for k, v in positions.items()}
+
+
+def shared_prefix(model: nn.Module, input_ids: torch.Tensor, reads) -> SharedPrefix | None:
+    """Run the shared prefix of ``input_ids`` [n, T] once, or None where reuse is not exact or not worth it.
+
+    Exact for causal attention when the forward is no-grad, takes ``input_ids`` alone, and every position read
+    (``reads``: tensors of positions: logits, captured z) lies after the prefix; worth it for ``PREFIX_MIN`` or
+    more shared tokens. No hook may be on the model now (an intervention would change the prefix's keys and
+    values); hooks installed afterwards see only the suffixes, so a capture is indexed by :meth:`SharedPrefix.shift`
+    positions. ``FASTCD_PREFIX_REUSE=0`` turns it off."""
     import os
 
-    if (set(forward_kwargs) != {"input_ids"} or torch.is_grad_enabled() or os.environ.get("FASTCD_PREFIX_REUSE") == "0"
-            or not accepts_logits_to_keep(model)):
-        return 0
-    p = shared_prefix_length(forward_kwargs["input_ids"])
-    if p < PREFIX_MIN or int(pos.min()) < p:
-        return 0
+    if torch.is_grad_enabled() or os.environ.get("FASTCD_PREFIX_REUSE") == "0" or not accepts_logits_to_keep(model):
+        return None
+    p = shared_prefix_length(input_ids)
+    if p < PREFIX_MIN or min(int(r.min()) for r in reads) < p:
+        return None
     if any(m._forward_pre_hooks or m._forward_hooks for m in model.modules()):
-        return 0
-    return p
-
-
-def _prefix_logits_at(model: nn.Module, pos: torch.Tensor, input_ids: torch.Tensor, p: int):
-    """The shared prefix once (batch 1, its keys and values cached), then only the suffixes. Exact for causal
-    attention: a suffix token attends to the same prefix keys/values as in the full forward."""
-    n = input_ids.shape[0]
-    pre = model(input_ids=input_ids[:1, :p], use_cache=True, logits_to_keep=1)
+        return None
     name = _cache_argument(type(unwrap(model)))  # transformers >= 5.25 names it `cache`, before `past_key_values`
-    cache = pre[name]
-    cache.batch_repeat_interleave(n)
-    uniq, inv = torch.unique(pos - p, return_inverse=True)
-    out = model(input_ids=input_ids[:, p:], use_cache=True, logits_to_keep=uniq, **{name: cache})
-    return out.logits[torch.arange(n, device=input_ids.device), inv], out
+    cache = model(input_ids=input_ids[:1, :p], use_cache=True, logits_to_keep=1)[name]
+    cache.batch_repeat_interleave(input_ids.shape[0])
+    return SharedPrefix(p, cache)
 
 
-def logits_at(model: nn.Module, positions: torch.Tensor, **forward_kwargs):
+def logits_at(model: nn.Module, positions: torch.Tensor, *, prefix: SharedPrefix | None = None, **forward_kwargs):
     """``model(**forward_kwargs)`` with the lm_head applied only where logits are read.
 
     Row ``i``'s logits at ``positions[i]``: ``[n, vocab]``. Uses ``logits_to_keep`` (the unique positions of the
@@ -371,7 +377,8 @@ def logits_at(model: nn.Module, positions: torch.Tensor, **forward_kwargs):
     Shared-prefix reuse: in a no-grad forward of ``input_ids`` alone, with no hooks on the model, when every row
     starts with the same ``PREFIX_MIN`` or more tokens (few-shot prompts: instruction and shots), the prefix runs
     once and only the suffixes run over the batch, with its cached keys and values (exact up to float rounding;
-    ``FASTCD_PREFIX_REUSE=0`` turns it off).
+    ``FASTCD_PREFIX_REUSE=0`` turns it off). ``prefix``: a :func:`shared_prefix` made before hooks went on (a
+    capture then sees the suffixes only).
     """
     mod = forward_kwargs.get("input_ids", forward_kwargs.get("inputs_embeds"))
     device = mod.device
@@ -380,9 +387,17 @@ def logits_at(model: nn.Module, positions: torch.Tensor, **forward_kwargs):
     if pos.shape[0] != n:
         raise UsageError(f"positions must hold one position per row ({n}), got {pos.shape[0]}")
     rows = torch.arange(n, device=device)
-    p = _prefix_reusable(model, forward_kwargs, pos)
-    if p:
-        return _prefix_logits_at(model, pos, forward_kwargs["input_ids"], p)
+    if prefix is None and set(forward_kwargs) == {"input_ids"}:
+        prefix = shared_prefix(model, forward_kwargs["input_ids"], [pos])
+    if prefix is not None:
+        if set(forward_kwargs) != {"input_ids"} or prefix.cache is None or int(pos.min()) < prefix.length:
+            raise UsageError("prefix: a shared prefix serves one forward of input_ids alone, read after the prefix")
+        uniq, inv = torch.unique(pos - prefix.length, return_inverse=True)
+        name = _cache_argument(type(unwrap(model)))
+        cache, prefix.cache = prefix.cache, None  # the suffixes' forward extends it: never reused
+        out = model(input_ids=forward_kwargs["input_ids"][:, prefix.length:], use_cache=True, logits_to_keep=uniq,
+                    **{name: cache})
+        return out.logits[rows, inv], out
     if accepts_logits_to_keep(model):
         uniq, inv = torch.unique(pos, return_inverse=True)
         out = model(**forward_kwargs, logits_to_keep=uniq)

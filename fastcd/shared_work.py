@@ -24,7 +24,7 @@ from fastcd.io import correct_as_bits, experiment_status, write_json_atomic
 from fastcd.loading import load_model, load_tokenizer, resolve_model, spec_of
 from fastcd.match import MatchInputs, match
 from fastcd.metrics import accuracy_per_example, circuit_correct, faithfulness_record
-from fastcd.models import logits_at
+from fastcd.models import logits_at, shared_prefix
 from fastcd.plan import CIRCUIT_EVAL_PROMPTS
 from fastcd.tasks import DatasetTask, EntityTracking, TheoryOfMind, adapt_task
 from fastcd.teacher_cache import build_teacher_cache
@@ -330,10 +330,13 @@ class SharedWork:
         heads = self.s_spec.all_heads()
         roles = sorted({p.position for mt in self.matchings.values() for p in mt.pairs})
         z = {}  # role -> [n_heads_total, m, d]
-        with torch.no_grad(), capture_z(self.student, heads, detach=True) as cache:
-            logits_at(self.student, sub.positions["last"], input_ids=sub.input_ids)
+        with torch.no_grad():
+            prefix = shared_prefix(self.student, sub.input_ids, [sub.positions[r] for r in roles + ["last"]])
+            with capture_z(self.student, heads, detach=True) as cache:  # after the prefix: it sees the suffixes
+                logits_at(self.student, sub.positions["last"], input_ids=sub.input_ids, prefix=prefix)
+            at = sub.positions if prefix is None else prefix.shift(sub.positions)
             for role in roles:
-                pos = sub.positions[role]
+                pos = at[role]
                 z[role] = torch.stack([cache[h][torch.arange(m), pos].float() for h in heads])
         rng = random.Random(0)
         g = torch.Generator().manual_seed(0)

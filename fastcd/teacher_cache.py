@@ -13,11 +13,9 @@ import torch
 from torch import nn
 
 from fastcd.artifacts import Matching
-from fastcd.distillation import gather_roles
 from fastcd.errors import InputFileError, UsageError
-from fastcd.hooks import capture_z
+from fastcd.hooks import teacher_forward
 from fastcd.io import atomic_target
-from fastcd.models import logits_at
 from fastcd.tasks.base import EncodedBatch
 
 
@@ -26,25 +24,22 @@ def teacher_signals(teacher: nn.Module, teacher_batch: EncodedBatch, matching: M
                     logits: bool = False, batch_size: int = 128, progress: bool = False) -> dict:
     """One pass of the teacher over ``teacher_batch``: ``{"labels" [N], "z" [P, N, d] | None, "logits" [N, V] |
     None}``: its argmax answer, each matched pair's teacher z at the pair's role, and (``logits=True``) its
-    last-token logits (the lm_head runs on the last position only)."""
+    last-token logits (the lm_head runs on the last position only). Few-shot prompts' shared prefix runs once
+    (:func:`fastcd.models.shared_prefix`) when every role read lies after it."""
     from tqdm import tqdm
 
     pairs = matching.pairs if matching is not None else []
-    dev = next(teacher.parameters()).device
-    t_heads = list(dict.fromkeys(p.teacher for p in pairs))
     n = len(teacher_batch)
     zs, labels, lg = [], [], []
     for i in tqdm(range(0, n, batch_size), disable=not progress, desc=f"teacher cache ({n} prompts)"):
         sub = teacher_batch.index(range(i, min(i + batch_size, n)))
-        with capture_z(teacher, t_heads or [], detach=True) as cache:
-            last, _ = logits_at(teacher, sub.positions["last"], input_ids=sub.input_ids.to(dev))
-        last = last.float().cpu()
+        last, z = teacher_forward(teacher, sub.input_ids, sub.positions, pairs)
+        last = last.cpu()
         labels.append(last.argmax(-1))
         if logits:
             lg.append(last)
-        if pairs:
-            zs.append(gather_roles(cache, [p.teacher for p in pairs], [p.position for p in pairs],
-                                   sub.positions, len(sub)).float().cpu())
+        if z is not None:
+            zs.append(z.cpu())
     return {"labels": torch.cat(labels), "z": torch.cat(zs, dim=1) if zs else None,
             "logits": torch.cat(lg) if lg else None}
 

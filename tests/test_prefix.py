@@ -93,3 +93,80 @@ def test_theory_of_mind_few_shot_evaluation_reuses_its_prefix(tok):
     finally:
         del os.environ["FASTCD_PREFIX_REUSE"]
     assert with_reuse == without
+
+
+def _tom_matching(tok):
+    from fastcd.artifacts import Matching, Pair
+    from fastcd.models import Head
+    from fastcd.tasks import TheoryOfMind
+
+    task = TheoryOfMind(instruction="causaltom", few_shot=3)
+    b = task.encode(task.generate(10, seed=0, split="test"), tok)
+    roles = [r for r in b.positions if int(b.positions[r].min()) >= shared_prefix_length(b.input_ids)]
+    assert len(roles) >= 2  # the question's roles lie after the shots
+    pairs = [Pair(Head(1, 2), Head(1, 1), roles[0], "g", {}), Pair(Head(0, 3), Head(0, 2), roles[1], "g", {}),
+             Pair(Head(1, 0), Head(1, 3), "last", "g", {})]
+    return b, Matching(pairs, "given")
+
+
+def _forward_shapes(model, monkeypatch):
+    shapes = []
+    orig = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **kw: shapes.append(tuple(kw["input_ids"].shape))
+                        or orig(*a, **kw))
+    return shapes
+
+
+def test_teacher_signals_with_the_prefix_once_equal_the_full_forward(tok, monkeypatch):
+    """The teacher cache (and the online teacher: the same teacher_forward) captures z at the roles after the
+    prefix: the prefix runs once before the capture's hooks, the capture sees the suffixes, positions shifted."""
+    from fastcd.teacher_cache import teacher_signals
+
+    b, matching = _tom_matching(tok)
+    model = make_tiny("llama", vocab_size=len(tok)).eval()
+    shapes = _forward_shapes(model, monkeypatch)
+    got = teacher_signals(model, b, matching, logits=True, batch_size=4)  # 3 chunks: a prefix forward each
+    p = shared_prefix_length(b.input_ids)
+    assert shapes[:2] == [(1, p), (4, b.input_ids.shape[1] - p)] and len(shapes) == 6
+    monkeypatch.setenv("FASTCD_PREFIX_REUSE", "0")
+    shapes.clear()
+    ref = teacher_signals(model, b, matching, logits=True, batch_size=4)
+    assert shapes == [(4, b.input_ids.shape[1]), (4, b.input_ids.shape[1]), (2, b.input_ids.shape[1])]
+    assert torch.equal(got["labels"], ref["labels"]) and got["z"].shape == ref["z"].shape == (3, 10, 8)
+    torch.testing.assert_close(got["z"], ref["z"], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got["logits"], ref["logits"], atol=1e-5, rtol=1e-4)
+
+
+def test_matching_activations_with_the_prefix_once_equal_the_full_forward(tok, monkeypatch):
+    from fastcd.match import head_activations
+    from fastcd.models import Head
+
+    b, matching = _tom_matching(tok)
+    model = make_tiny("llama", vocab_size=len(tok)).eval()
+    role = matching.pairs[0].position
+    shapes = _forward_shapes(model, monkeypatch)
+    got = head_activations(model, b, [Head(0, 1), Head(1, 3)], role)
+    assert shapes[0] == (1, shared_prefix_length(b.input_ids))
+    monkeypatch.setenv("FASTCD_PREFIX_REUSE", "0")
+    ref = head_activations(model, b, [Head(0, 1), Head(1, 3)], role)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
+    every = head_activations(model, b, [Head(0, 1)], "all")  # every position read: no reuse possible
+    assert every.shape == (1, 10 * b.input_ids.shape[1], 8)
+
+
+def test_a_shared_prefix_serves_one_forward_read_after_it(tok):
+    from fastcd.models import shared_prefix
+
+    model = make_tiny("llama", vocab_size=64).eval()
+    ids = _batch(vocab=64)
+    last = torch.full((ids.shape[0],), ids.shape[1] - 1)
+    with torch.no_grad():
+        assert shared_prefix(model, ids, [last, torch.tensor([3])]) is None  # a read inside the prefix
+        pre = shared_prefix(model, ids, [last])
+        with pytest.raises(ValueError, match="read after the prefix"):
+            logits_at(model, torch.full((ids.shape[0],), 5), input_ids=ids, prefix=pre)
+        pre = shared_prefix(model, ids, [last])
+        logits_at(model, last, input_ids=ids, prefix=pre)
+        with pytest.raises(ValueError, match="serves one forward"):
+            logits_at(model, last, input_ids=ids, prefix=pre)  # its cache now holds the suffixes too
+    assert shared_prefix(model, ids, [last]) is None  # grad enabled: training never reuses

@@ -232,11 +232,15 @@ def test_real_throughput_quick_runs_every_stage_and_variant(smol_dir, tmp_path):
     assert [(r["task"], r["prefix_reuse"]) for r in pr] == [("entity tracking", True), ("theory of mind", False),
                                                            ("theory of mind", True)]
     assert pr[2]["shared_prefix_tokens"] >= 32 and "cost_vs_entity_tracking" in pr[2]
+    pc = [r for r in recs if r["stage"] == "prefix reuse, teacher cache"]
+    assert [(r["task"], r["prefix_reuse"]) for r in pc] == [(r["task"], r["prefix_reuse"]) for r in pr]
+    # bf16 weights: the two paths round differently (exactness in float32: test_prefix_reuse_equals_...)
+    assert "labels_equal_without" in pc[2] and pc[2]["z_rel_err_vs_without"] < 2e-2
 
 
 def test_prefix_reuse_equals_the_full_forward_on_smollm2(smol_dir, tok, monkeypatch):
-    """Few-shot ToM prompts on a real LM: logits at the last token with the shared prefix computed once equal the
-    full forward's (float32), and the prefix is long."""
+    """Few-shot ToM prompts on a real LM: logits at the last token, and the teacher cache's captured z, with the
+    shared prefix computed once equal the full forward's (float32), and the prefix is long."""
     from fastcd.models import logits_at, shared_prefix_length
     from fastcd.tasks import TheoryOfMind, adapt_task
 
@@ -250,6 +254,19 @@ def test_prefix_reuse_equals_the_full_forward_on_smollm2(smol_dir, tok, monkeypa
         ref, _ = logits_at(model, b.positions["last"], input_ids=b.input_ids)
     assert torch.allclose(got, ref, atol=2e-3, rtol=1e-3), (got - ref).abs().max()
     assert torch.equal(got.argmax(-1), ref.argmax(-1))
+    # the teacher cache's captured z at the question's roles (after the prefix), the prefix once against none
+    from fastcd.artifacts import Matching, Pair
+    from fastcd.teacher_cache import teacher_signals
+
+    pairs = [Pair(Head(20, 3), Head(0, 0), "question_character", "g", {}), Pair(Head(28, 1), Head(0, 0), "last", "g",
+                                                                               {})]
+    assert int(b.positions["question_character"].min()) >= shared_prefix_length(b.input_ids)  # so reuse applies
+    ref_z = teacher_signals(model, b, Matching(pairs, "given"))
+    monkeypatch.delenv("FASTCD_PREFIX_REUSE")
+    got_z = teacher_signals(model, b, Matching(pairs, "given"))
+    assert got_z["z"].shape == (2, 6, 64)
+    torch.testing.assert_close(got_z["z"], ref_z["z"], atol=2e-3, rtol=1e-3)
+    assert torch.equal(got_z["labels"], ref_z["labels"])
 
 
 def test_circuit_faithfulness_script_on_smollm2(smol_dir, tmp_path):
