@@ -98,3 +98,44 @@ def test_ranks_holding_different_matchings_stop_with_one_line(tmp_path):
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode != 0
     assert "matching: rank 1 holds another matching than rank 0 (ranks [1] differ)" in p.stderr
+
+
+def test_accelerate_launch_with_micro_batches_matches_one_process(tmp_path):
+    """`accelerate launch` (the launcher most training code uses) starts the same ranks torchrun does: two
+    processes, each splitting its 4 prompts into micro-batches of 2, give the student one process gives with the
+    global batch of 8 in one forward (the CKA term exact over all 8)."""
+    import accelerate  # noqa: F401  (a dev dependency: its absence is a failure, not a skip)
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import make_tiny
+
+    from fastcd.artifacts import Matching, Pair
+    from fastcd.models import Head
+    from fastcd.tokenizer import build_word_tokenizer
+
+    tok = build_word_tokenizer()
+    make_tiny("llama", n_layers=3, vocab_size=len(tok)).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    Matching([Pair(Head(2, 1), Head(1, 0), "last", "g", {}), Pair(Head(1, 3), Head(0, 2), "query_label", "g", {})],
+             "given").save(tmp_path / "m.json")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    common = ["distill", "--teacher", str(tmp_path / "model"), "--student", str(tmp_path / "model"), "--task",
+              "entity-tracking", "--n-boxes", "3", "--matching", str(tmp_path / "m.json"), "--steps", "3",
+              "--batch-size", "8", "--n-train", "16", "--n-eval", "8", "--lr", "1e-2", "--method", "ce+cka",
+              "--no-progress"]
+    one = subprocess.run([sys.executable, "-m", "fastcd", *common, "--out", str(tmp_path / "one")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+              str(_free_port())]  # --multi_gpu: accelerate's torchrun-style launcher, here on CPU with gloo
+    two = subprocess.run([*launch, "-m", "fastcd", *common, "--micro-batch-size", "2", "--out", str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "one" / "student" / "model.safetensors")
+    b = load_file(tmp_path / "two" / "student" / "model.safetensors")
+    init = load_file(tmp_path / "model" / "model.safetensors")
+    assert any(not torch.equal(init[k], a[k]) for k in a)  # the runs did train
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=2e-6, rtol=1e-5)
