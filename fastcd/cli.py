@@ -181,26 +181,25 @@ def _run_distill(argv) -> int:
     task = adapt_task(task, [s_tok] if t_tok is None else [s_tok, t_tok])  # the pools distill() will use
     cache = a.teacher_cache
     if a.build_teacher_cache and not a.plan:
+        if a.cache_shard_size < 1:
+            raise UsageError(f"--cache-shard-size must be >= 1, got {a.cache_shard_size}")
         if a.teacher is None or matching is None:
             raise UsageError("--build-teacher-cache needs --teacher and --matching")
         import torch.distributed as tdist
 
-        ranks = tdist.is_available() and tdist.is_initialized()
-        if not ranks or tdist.get_rank() == 0:  # one writer; under torchrun the other ranks wait for it
-            teacher = load_model(a.teacher, dtype=cfg.teacher_dtype, device=cfg.device, what="--teacher")
-            enc = task.encode(task.generate(cfg.n_train, seed=cfg.seed, split="train"), t_tok)
-            from fastcd.artifacts import provenance
-            from fastcd.loading import model_identity
+        from fastcd.artifacts import provenance
+        from fastcd.loading import model_identity
 
-            ex = task.generate(cfg.n_train, seed=cfg.seed, split="train")
-            cache = build_teacher_cache(teacher, enc, matching, a.build_teacher_cache,
-                                        logits=cfg.effective_kd_weight > 0, progress=cfg.progress, tokenizer=t_tok,
-                                        provenance=provenance(task, {"teacher": model_identity(a.teacher)}, ex))
-            del teacher
+        # under torchrun every rank loads the teacher on its own device and caches its share of the shards
+        teacher = load_model(a.teacher, dtype=cfg.teacher_dtype, device=cfg.device, what="--teacher")
+        ex = task.generate(cfg.n_train, seed=cfg.seed, split="train")
+        cache = build_teacher_cache(teacher, task.encode(ex, t_tok), matching, a.build_teacher_cache,
+                                    shard_size=a.cache_shard_size, logits=cfg.effective_kd_weight > 0,
+                                    progress=cfg.progress, tokenizer=t_tok,
+                                    provenance=provenance(task, {"teacher": model_identity(a.teacher)}, ex))
+        del teacher
+        if not (tdist.is_available() and tdist.is_initialized()) or tdist.get_rank() == 0:
             print(f"wrote teacher cache {cache}")
-        if ranks:
-            tdist.barrier()
-            cache = a.build_teacher_cache
     teacher = None if cache else a.teacher
     if teacher is None and cache is None:
         raise UsageError("give --teacher, --teacher-cache or --build-teacher-cache")

@@ -129,6 +129,8 @@ class DistillArgs:
     teacher_cache: str | None = option(None, "offline teacher cache directory")
     build_teacher_cache: str | None = option(None, "precompute the teacher cache into this directory, then train from "
                                             "it")
+    cache_shard_size: int = option(1024, "--build-teacher-cache: prompts per cache file; under torchrun each rank "
+                                   "computes every world-size-th file")
     plan: bool = option(False, "print the plan (each stage's work, predicted time and peak memory; timed by a short "
                         "calibration after the models load) and stop")
 

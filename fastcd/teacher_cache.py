@@ -5,6 +5,7 @@ so training needs neither the teacher in memory nor the whole cache."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -16,6 +17,7 @@ from fastcd.artifacts import Matching
 from fastcd.errors import InputFileError, UsageError
 from fastcd.hooks import teacher_forward
 from fastcd.io import atomic_target
+from fastcd.ranks import ranked
 from fastcd.tasks.base import EncodedBatch
 
 
@@ -66,31 +68,46 @@ def build_teacher_cache(teacher: nn.Module, teacher_batch: EncodedBatch, matchin
                         progress: bool = False, tokenizer=None, provenance: dict | None = None) -> str:
     """Precompute the teacher's matched heads' z (at each pair's role), labels and optionally last-token
     logits for every example (:func:`teacher_signals`), into ``path/shard_*.safetensors`` plus
-    ``path/index.json`` (with ``provenance``: what it was made from, see :func:`fastcd.artifacts.provenance`)."""
+    ``path/index.json`` (with ``provenance``: what it was made from, see :func:`fastcd.artifacts.provenance`).
+
+    Under torch.distributed every rank calls it with the same prompts and its own teacher (on its own device):
+    shard k is computed by rank k mod world size into one temporary directory that rank 0 made, and rank 0 writes
+    the index and moves the whole into place; the cache equals the one-process cache (row for row, and file for
+    file when ``shard_size`` is a multiple of ``batch_size``). Every rank returns once the cache is in place."""
+    import torch.distributed as dist
     from safetensors.torch import save_file
 
     if shard_size < 1:
         raise UsageError(f"shard_size must be >= 1, got {shard_size}")
-    with atomic_target(path, directory=True) as tmp:
-        pairs = matching.pairs if matching is not None else []
-        sig = teacher_signals(teacher, teacher_batch, matching, logits=logits, batch_size=batch_size, progress=progress)
-        labels_t, z_t, lg_t = sig["labels"], sig["z"], sig["logits"]
-        n = len(labels_t)
-        shards = []
-        for k, s in enumerate(range(0, n, shard_size)):
-            e = min(n, s + shard_size)
-            tensors = {"labels": labels_t[s:e].contiguous()}
-            if z_t is not None:
-                tensors["z"] = z_t[:, s:e].contiguous()
-            if lg_t is not None:
-                tensors["logits"] = lg_t[s:e].contiguous()
-            name = f"shard_{k:05d}.safetensors"
-            save_file(tensors, os.path.join(tmp, name))
-            shards.append({"file": name, "start": s, "stop": e})
-        index = {"n": n, "shards": shards, "pairs": [p.to_json() for p in pairs], "logits": logits,
-                 "vocab_sha": None if tokenizer is None else vocab_sha(tokenizer), "provenance": provenance}
-        with open(os.path.join(tmp, "index.json"), "w") as f:
-            json.dump(index, f, indent=2)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ranked() else (0, 1)
+    pairs = matching.pairs if matching is not None else []
+    n = len(teacher_batch)
+    bounds = [(s, min(n, s + shard_size)) for s in range(0, n, shard_size)]
+    with atomic_target(path, directory=True) if rank == 0 else contextlib.nullcontext() as tmp:
+        if world > 1:  # rank 0's temporary directory, for every rank (nobody else makes or clears it)
+            box = [tmp]
+            dist.broadcast_object_list(box, src=0)
+            tmp = box[0]
+        for k in range(rank, len(bounds), world):
+            s, e = bounds[k]
+            sig = teacher_signals(teacher, teacher_batch.index(range(s, e)), matching, logits=logits,
+                                  batch_size=batch_size, progress=progress and rank == 0)
+            tensors = {"labels": sig["labels"].contiguous()}
+            if sig["z"] is not None:
+                tensors["z"] = sig["z"].contiguous()
+            if sig["logits"] is not None:
+                tensors["logits"] = sig["logits"].contiguous()
+            save_file(tensors, os.path.join(tmp, f"shard_{k:05d}.safetensors"))
+        if world > 1:
+            dist.barrier()  # every shard written
+        if rank == 0:
+            shards = [{"file": f"shard_{k:05d}.safetensors", "start": s, "stop": e} for k, (s, e) in enumerate(bounds)]
+            index = {"n": n, "shards": shards, "pairs": [p.to_json() for p in pairs], "logits": logits,
+                     "vocab_sha": None if tokenizer is None else vocab_sha(tokenizer), "provenance": provenance}
+            with open(os.path.join(tmp, "index.json"), "w") as f:
+                json.dump(index, f, indent=2)
+    if world > 1:
+        dist.barrier()  # the cache is in place for everyone
     return path
 
 

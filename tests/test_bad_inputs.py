@@ -97,6 +97,9 @@ CLI_CASES = {
                            r"argument --seeds: expected integers like 0,1,2 or 0 1 2, got 'a,b'"),
     "demo-negative-steps": (lambda f: ["demo", "--steps", "-1", "--out", str(f["out"])],
                             r"steps must be an integer >= 1, got -1"),
+    "cache-shard-size": (lambda f: _distill("--build-teacher-cache", str(f["out"] / "cache"), "--cache-shard-size",
+                                            "0", "--out", str(f["out"])),
+                         r"--cache-shard-size must be >= 1, got 0"),
     "experiment-missing-config": (lambda f: ["experiment", str(f["out"] / "none.yaml"), "--out", str(f["out"])],
                                   r"config: no such file"),
 }

@@ -52,8 +52,9 @@ def test_ddp_two_processes_match_one(tmp_path, method, micro, mode):
 
 
 def test_torchrun_builds_the_teacher_cache_once_and_matches_one_process(tmp_path):
-    """`fastcd distill --build-teacher-cache` under torchrun: rank 0 writes the cache (one writer, no clash on its
-    temporary path), the other rank waits, both train from it; the student equals one process's."""
+    """`fastcd distill --build-teacher-cache` under torchrun: each rank loads the teacher and computes its share of
+    the cache files into rank 0's temporary directory (no clash on it), rank 0 writes the index, both train from
+    the one cache; the cache's files and the student equal one process's."""
     sys.path.insert(0, str(Path(__file__).parent))
     from conftest import make_tiny
 
@@ -70,17 +71,19 @@ def test_torchrun_builds_the_teacher_cache_once_and_matches_one_process(tmp_path
               "entity-tracking", "--n-boxes", "3", "--matching", str(tmp_path / "m.json"), "--steps", "3",
               "--batch-size", "8", "--n-train", "16", "--n-eval", "8", "--lr", "1e-2", "--no-progress"]
     one = subprocess.run([sys.executable, "-m", "fastcd", *common, "--out", str(tmp_path / "one"),
-                          "--build-teacher-cache", str(tmp_path / "c1")], env=env, capture_output=True, text=True,
-                         timeout=300)
+                          "--build-teacher-cache", str(tmp_path / "c1"), "--cache-shard-size", "4"], env=env,
+                         capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
     torchrun = shutil.which("torchrun")
     cmd = ([torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]) + [
         "--nproc_per_node=2", "--nnodes=1", "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m",
-        "fastcd", *common, "--out", str(tmp_path / "two"), "--build-teacher-cache", str(tmp_path / "c2")]
+        "fastcd", *common, "--out", str(tmp_path / "two"), "--build-teacher-cache", str(tmp_path / "c2"),
+        "--cache-shard-size", "4"]  # 16 prompts: 4 files, two computed by each rank
     two = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("wrote teacher cache") == 1
     assert sorted(os.listdir(tmp_path / "c2")) == sorted(os.listdir(tmp_path / "c1"))
+    assert len(os.listdir(tmp_path / "c1")) == 5  # 4 files and the index
     from safetensors.torch import load_file
 
     a = load_file(tmp_path / "one" / "student" / "model.safetensors")

@@ -2,6 +2,7 @@
 KD, and refuses a cache made with another vocabulary."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -64,3 +65,48 @@ def test_teacher_cache_vocabulary_is_checked(tmp_path, tok):
     with pytest.raises(ValueError, match=r"holds label id \d+, outside the student's vocabulary of 1"):
         check_cache_vocabulary(path, tok, vocab_size=1)
     check_cache_vocabulary(path, tok, vocab_size=len(tok))
+
+
+def _ranked_build(rank: int, init: str, out: str):
+    import torch.distributed as dist
+
+    from fastcd.tokenizer import build_word_tokenizer
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        torch.set_num_threads(1)
+        tok = build_word_tokenizer()
+        teacher = make_tiny("llama", vocab_size=len(tok), seed=1)  # every rank its own copy, as on N devices
+        train = TASK.encode(TASK.generate(22, seed=0, split="train"), tok)
+        build_teacher_cache(teacher, train, given_matching(), out, shard_size=4, batch_size=2, logits=True)
+        with open(f"{out}.rank{rank}.done", "w") as f:  # returned only once the cache was in place
+            f.write(str(sorted(os.listdir(out))))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_build_the_one_process_cache_file_for_file(tmp_path, tok):
+    """Each rank computes every second shard into rank 0's temporary directory; rank 0 writes the index. The merged
+    cache equals the one-process cache, tensor for tensor, and no rank clears another's work."""
+    import json
+
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+
+    two = str(tmp_path / "two")
+    mp.spawn(_ranked_build, args=(f"file://{tmp_path / 'store'}", two), nprocs=2, join=True)
+    teacher = make_tiny("llama", vocab_size=len(tok), seed=1)
+    train = TASK.encode(TASK.generate(22, seed=0, split="train"), tok)
+    one = build_teacher_cache(teacher, train, given_matching(), str(tmp_path / "one"), shard_size=4, batch_size=2,
+                              logits=True)
+    names = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "two").iterdir()) and len(names) == 7  # 6 shards + index
+    for rank in (0, 1):
+        assert (tmp_path / f"two.rank{rank}.done").read_text() == str(names)
+    assert json.load(open(tmp_path / "two" / "index.json")) == json.load(open(f"{one}/index.json"))
+    for name in [n for n in names if n.startswith("shard_")]:
+        a, b = load_file(f"{one}/{name}"), load_file(tmp_path / "two" / name)
+        assert a.keys() == b.keys() == {"labels", "z", "logits"}
+        for k in a:
+            assert torch.equal(a[k], b[k]), (name, k)
+    assert not list(tmp_path.glob("two.tmp*")) and not list(tmp_path.glob("two.old*"))
