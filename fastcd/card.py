@@ -114,7 +114,8 @@ def _command_line() -> str:
 def save_result(result, cfg, tokenizer=None, *, task=None, teacher: str | None = None,
                 student: str | None = None, command: str | None = None) -> str:
     """``OUT/student`` (save_pretrained, with a model card ``README.md``), ``OUT/adapter``, ``OUT/matching.json``,
-    ``OUT/circuit.json``, ``OUT/log.json``, ``OUT/curves.png``: the same files from the API and the CLI."""
+    ``OUT/circuit.json``, ``OUT/log.json``, ``OUT/curves.png`` (when the log has loss values): the same files from
+    the API and the CLI."""
     out = cfg.out
     os.makedirs(out, exist_ok=True)
     with atomic_target(os.path.join(out, "student"), directory=True) as tmp:

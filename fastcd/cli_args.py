@@ -47,8 +47,8 @@ SPLITS = ("train", "val", "test")
 
 @dataclass
 class DiscoverArgs:
-    model: str = option(None, "local Hugging Face model directory (with its tokenizer), a .gguf file, or a prepared "
-                       "packaged model name (fastcd models)", required=True)
+    model: str = option(None, "local Hugging Face model directory (with its tokenizer), a .gguf file, a prepared "
+                       "packaged model name (fastcd models) or a Hugging Face Hub id (org/name)", required=True)
     task: str = option(None, TASK_HELP, required=True)
     out: str = option(None, "circuit JSON path; the heatmap goes beside it as .png", required=True)
     method: str = option("auto", "auto: the task's default (entity-tracking: roles = position-aware patching at the "
@@ -90,8 +90,8 @@ class DiscoverArgs:
 
 @dataclass
 class MatchArgs:
-    teacher: str = option(None, "teacher: HF directory, .gguf file or prepared model name", required=True)
-    student: str = option(None, "student: HF directory, .gguf file or prepared model name", required=True)
+    teacher: str = option(None, "teacher: HF directory, .gguf file, prepared model name or Hub id", required=True)
+    student: str = option(None, "student: HF directory, .gguf file, prepared model name or Hub id", required=True)
     circuit: str = option(None, "circuit JSON from `fastcd discover`", required=True)
     out: str = option(None, "matching JSON path", required=True)
     task: str | None = option(None, "the task (default: the circuit's); a task of your own as module:TaskClass")
@@ -119,9 +119,9 @@ class MatchArgs:
 
 @dataclass
 class DistillArgs:
-    student: str = option(None, "student: HF directory, .gguf file or prepared model name", required=True)
+    student: str = option(None, "student: HF directory, .gguf file, prepared model name or Hub id", required=True)
     task: str = option(None, TASK_HELP, required=True)
-    teacher: str | None = option(None, "teacher: HF directory, .gguf file or prepared model name (omit with "
+    teacher: str | None = option(None, "teacher: HF directory, .gguf file, prepared model name or Hub id (omit with "
                                 "--teacher-cache)")
     n_boxes: int = option(7, "entity tracking: boxes per prompt")
     circuit: str | None = option(None, "circuit JSON (default: discover with --discovery)")

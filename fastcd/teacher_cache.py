@@ -72,8 +72,9 @@ def build_teacher_cache(teacher: nn.Module, teacher_batch: EncodedBatch, matchin
 
     Under torch.distributed every rank calls it with the same prompts and its own teacher (on its own device):
     shard k is computed by rank k mod world size into one temporary directory that rank 0 made, and rank 0 writes
-    the index and moves the whole into place; the cache equals the one-process cache (row for row, and file for
-    file when ``shard_size`` is a multiple of ``batch_size``). Every rank returns once the cache is in place."""
+    the index and moves the whole into place; the cache equals the one-process cache (bit for bit when
+    ``shard_size`` is a multiple of ``batch_size``: the same forward batches; otherwise up to the float rounding
+    of other batch shapes). Every rank returns once the cache is in place."""
     import torch.distributed as dist
     from safetensors.torch import save_file
 
@@ -88,15 +89,15 @@ def build_teacher_cache(teacher: nn.Module, teacher_batch: EncodedBatch, matchin
             box = [tmp]
             dist.broadcast_object_list(box, src=0)
             tmp = box[0]
+        every = None if world > 1 else teacher_signals(teacher, teacher_batch, matching, logits=logits,
+                                                       batch_size=batch_size, progress=progress)
         for k in range(rank, len(bounds), world):
             s, e = bounds[k]
-            sig = teacher_signals(teacher, teacher_batch.index(range(s, e)), matching, logits=logits,
-                                  batch_size=batch_size, progress=progress and rank == 0)
-            tensors = {"labels": sig["labels"].contiguous()}
-            if sig["z"] is not None:
-                tensors["z"] = sig["z"].contiguous()
-            if sig["logits"] is not None:
-                tensors["logits"] = sig["logits"].contiguous()
+            sig = ({"labels": every["labels"][s:e], "z": None if every["z"] is None else every["z"][:, s:e],
+                    "logits": None if every["logits"] is None else every["logits"][s:e]} if every is not None else
+                   teacher_signals(teacher, teacher_batch.index(range(s, e)), matching, logits=logits,
+                                   batch_size=batch_size, progress=progress and rank == 0))
+            tensors = {name: t.contiguous() for name, t in sig.items() if t is not None}
             save_file(tensors, os.path.join(tmp, f"shard_{k:05d}.safetensors"))
         if world > 1:
             dist.barrier()  # every shard written
