@@ -185,10 +185,9 @@ def _run_distill(argv) -> int:
             raise UsageError(f"--cache-shard-size must be >= 1, got {a.cache_shard_size}")
         if a.teacher is None or matching is None:
             raise UsageError("--build-teacher-cache needs --teacher and --matching")
-        import torch.distributed as tdist
-
         from fastcd.artifacts import provenance
         from fastcd.loading import model_identity
+        from fastcd.ranks import is_rank0
 
         # under torchrun every rank loads the teacher on its own device and caches its share of the shards
         teacher = load_model(a.teacher, dtype=cfg.teacher_dtype, device=cfg.device, what="--teacher")
@@ -198,7 +197,7 @@ def _run_distill(argv) -> int:
                                     progress=cfg.progress, tokenizer=t_tok,
                                     provenance=provenance(task, {"teacher": model_identity(a.teacher)}, ex))
         del teacher
-        if not (tdist.is_available() and tdist.is_initialized()) or tdist.get_rank() == 0:
+        if is_rank0():
             print(f"wrote teacher cache {cache}")
     teacher = None if cache else a.teacher
     if teacher is None and cache is None:

@@ -89,15 +89,19 @@ def build_teacher_cache(teacher: nn.Module, teacher_batch: EncodedBatch, matchin
             box = [tmp]
             dist.broadcast_object_list(box, src=0)
             tmp = box[0]
-        every = None if world > 1 else teacher_signals(teacher, teacher_batch, matching, logits=logits,
-                                                       batch_size=batch_size, progress=progress)
+        # one process: one pass over every prompt (the forward batches of teacher_signals); a rank: its shards
+        every = None if world > 1 else MemoryCache(teacher_signals(teacher, teacher_batch, matching, logits=logits,
+                                                                   batch_size=batch_size, progress=progress))
         for k in range(rank, len(bounds), world):
-            s, e = bounds[k]
-            sig = ({"labels": every["labels"][s:e], "z": None if every["z"] is None else every["z"][:, s:e],
-                    "logits": None if every["logits"] is None else every["logits"][s:e]} if every is not None else
-                   teacher_signals(teacher, teacher_batch.index(range(s, e)), matching, logits=logits,
-                                   batch_size=batch_size, progress=progress and rank == 0))
-            tensors = {name: t.contiguous() for name, t in sig.items() if t is not None}
+            rows = torch.arange(*bounds[k])
+            if every is not None:
+                z, labels, lg = every.get(rows)
+            else:
+                sig = teacher_signals(teacher, teacher_batch.index(rows.tolist()), matching, logits=logits,
+                                      batch_size=batch_size, progress=progress and rank == 0)
+                z, labels, lg = sig["z"], sig["labels"], sig["logits"]
+            tensors = {name: t.contiguous() for name, t in (("labels", labels), ("z", z), ("logits", lg))
+                       if t is not None}
             save_file(tensors, os.path.join(tmp, f"shard_{k:05d}.safetensors"))
         if world > 1:
             dist.barrier()  # every shard written

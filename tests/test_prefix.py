@@ -60,9 +60,7 @@ def test_prefix_reuse_equals_the_full_forward(arch, monkeypatch):
 def test_no_reuse_with_hooks_grad_short_prefixes_or_early_positions(monkeypatch):
     model = make_tiny("llama", vocab_size=64).eval()
     ids = _batch(vocab=64)
-    shapes = []
-    orig = model.forward
-    monkeypatch.setattr(model, "forward", lambda *a, **kw: shapes.append(kw["input_ids"].shape) or orig(*a, **kw))
+    shapes = _forward_shapes(model, monkeypatch)
     last = torch.full((ids.shape[0],), ids.shape[1] - 1)
     with torch.no_grad(), capture_z(model, detach=True) as cache:  # a capture sees whole sequences
         logits_at(model, last, input_ids=ids)
@@ -154,7 +152,7 @@ def test_matching_activations_with_the_prefix_once_equal_the_full_forward(tok, m
     assert every.shape == (1, 10 * b.input_ids.shape[1], 8)
 
 
-def test_a_shared_prefix_serves_one_forward_read_after_it(tok):
+def test_a_shared_prefix_serves_one_forward_read_after_it():
     from fastcd.models import shared_prefix
 
     model = make_tiny("llama", vocab_size=64).eval()
