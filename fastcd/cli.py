@@ -180,6 +180,8 @@ def _run_distill(argv) -> int:
     t_tok = load_tokenizer(a.teacher, "--teacher") if a.teacher else None
     task = adapt_task(task, [s_tok] if t_tok is None else [s_tok, t_tok])  # the pools distill() will use
     cache = a.teacher_cache
+    if a.cache_only and not a.build_teacher_cache:
+        raise UsageError("--cache-only needs --build-teacher-cache DIR (it stops once that cache is written)")
     if a.build_teacher_cache and not a.plan:
         if a.cache_shard_size < 1:
             raise UsageError(f"--cache-shard-size must be >= 1, got {a.cache_shard_size}")
@@ -190,7 +192,7 @@ def _run_distill(argv) -> int:
         from fastcd.ranks import is_rank0
 
         # under torchrun every rank loads the teacher on its own device and caches its share of the shards
-        teacher = load_model(a.teacher, dtype=cfg.teacher_dtype, device=cfg.device, what="--teacher")
+        teacher = load_model(a.teacher, dtype=cfg.teacher_dtype, what="--teacher", **cfg.teacher_placement)
         ex = task.generate(cfg.n_train, seed=cfg.seed, split="train")
         cache = build_teacher_cache(teacher, task.encode(ex, t_tok), matching, a.build_teacher_cache,
                                     shard_size=a.cache_shard_size, logits=cfg.effective_kd_weight > 0,
@@ -199,6 +201,8 @@ def _run_distill(argv) -> int:
         del teacher
         if is_rank0():
             print(f"wrote teacher cache {cache}")
+        if a.cache_only:
+            return 0
     teacher = None if cache else a.teacher
     if teacher is None and cache is None:
         raise UsageError("give --teacher, --teacher-cache or --build-teacher-cache")

@@ -131,6 +131,9 @@ class DistillArgs:
                                             "it")
     cache_shard_size: int = option(1024, "--build-teacher-cache: prompts per cache file; under torchrun each rank "
                                    "computes every world-size-th file")
+    cache_only: bool = option(False, "--build-teacher-cache: stop once the cache is written (e.g. a teacher spread "
+                              "over the GPUs with --teacher-device-map in one process; train later from the cache "
+                              "under torchrun)")
     plan: bool = option(False, "print the plan (each stage's work, predicted time and peak memory; timed by a short "
                         "calibration after the models load) and stop")
 

@@ -11,11 +11,13 @@ batch m), ``lr_scheduler`` = ``lr_scheduler_type``; ``warmup_steps``, ``warmup_r
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field, fields, replace
 
 from fastcd.errors import UsageError
 from fastcd.vocab import (  # noqa: F401  (each vocabulary's home is fastcd.vocab; re-exported here)
     CKA_ESTIMATORS,
+    DEVICE_MAPS,
     DISCOVERY_METHODS,
     KV_POLICIES,
     LABELS,
@@ -176,6 +178,10 @@ class DistillConfig:
                                 "the circuit, 10 random circuits of its size and roles: 12 teacher passes; strict "
                                 "protocol) into metrics['teacher_circuit'] and OUT/circuit.json")
     teacher_dtype: str | None = option(None, "teacher dtype (float32, bf16, fp16); default: as stored")
+    teacher_device_map: str | None = option(None, "spread a teacher larger than one GPU over the visible GPUs "
+                                            "(accelerate's device_map; the student stays on --device); needs a "
+                                            "teacher directory, not with --device for the teacher",
+                                            choices=DEVICE_MAPS)
     allow_foreign_artifacts: bool = option(False, "use a circuit or matching made for another task (deliberate "
                                            "cross-task use; recorded in the run's manifest)")
     device: str | None = option(None, "where teacher and student run (cuda, cpu); default: where they load")
@@ -245,7 +251,8 @@ class DistillConfig:
         for name, allowed in (("lr_scheduler", SCHEDULERS), ("mixed_precision", PRECISIONS),
                               ("cka_estimator", CKA_ESTIMATORS), ("on_nonfinite", ON_NONFINITE),
                               ("labels", LABELS), ("kv", KV_POLICIES), ("report_to", REPORT_TO),
-                              ("matching_method", MATCHING_METHODS), ("discovery", ("auto", *DISCOVERY_METHODS))):
+                              ("matching_method", MATCHING_METHODS), ("discovery", ("auto", *DISCOVERY_METHODS)),
+                              ("teacher_device_map", (None, *DEVICE_MAPS))):
             if getattr(self, name) not in allowed:
                 raise UsageError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if spec.uses_cka and self.batch_size < 3:
@@ -272,9 +279,15 @@ class DistillConfig:
         import torch
 
         from fastcd.cka import choose_impl
-        from fastcd.loading import check_device
+        from fastcd.loading import check_device, check_device_map
 
         check_device(self.device, "device")
+        check_device_map(self.teacher_device_map, what="teacher_device_map")
+        if self.teacher_device_map and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise UsageError("teacher_device_map spreads one teacher over every visible GPU, which the ranks of "
+                             "torchrun would each do: build the teacher cache in one process (fastcd distill "
+                             "--build-teacher-cache DIR --teacher-device-map auto), then train under torchrun with "
+                             "--teacher-cache DIR")
         dev = torch.device(self.device) if self.device else torch.device("cpu")
         if self.impl is not None:  # one line when Triton is missing or cannot run on that device
             choose_impl(dev, self.impl)
@@ -282,6 +295,11 @@ class DistillConfig:
             raise UsageError(f"mixed_precision='fp16' needs a CUDA device (device={self.device!r}); use bf16 or no")
         self._checked = self._fields()
         return self
+
+    @property
+    def teacher_placement(self) -> dict:
+        """``load_model`` keywords for the teacher: spread by ``teacher_device_map``, else on ``device``."""
+        return {"device_map": self.teacher_device_map} if self.teacher_device_map else {"device": self.device}
 
     def scaled_for(self, d_model: int, device_type: str) -> tuple[DistillConfig, list[str]]:
         """This config with the CPU values (``cpu_defaults``) in the fields left at their listed defaults, and one

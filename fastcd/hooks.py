@@ -373,15 +373,29 @@ def rows_for_budget(model: nn.Module, seq_len: int, *, budget: int | None = None
 
 
 def gather_roles(cache, heads, roles, pos: dict, batch: int) -> torch.Tensor:
-    """``[P, B, d]``: pair p's head z at its role's per-example position (keeps the graph)."""
+    """``[P, B, d]``: pair p's head z at its role's per-example position (keeps the graph), on the first pair's
+    device (a model spread over devices captures each layer where it runs)."""
     rows = torch.arange(batch)
     out = []
     for h, role in zip(heads, roles):
         z = cache[h]  # [B, T, d]
         if role == ALL:
             raise UsageError("CKA pairs need a single position role per head, not 'all'")
-        out.append(z[rows, pos[role].to(z.device)])
+        out.append(z[rows, pos[role].to(z.device)].to(out[0].device if out else z.device))
     return torch.stack(out)
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where a model's input ids go: its embedding's device (a model spread with ``device_map`` may hold its first
+    parameter elsewhere)."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    w = getattr(emb, "weight", None)
+    if w is not None and w.device.type != "meta":
+        return w.device
+    hooked = getattr(emb, "_hf_hook", None)  # offloaded by accelerate: it runs where its hook says
+    if hooked is not None and getattr(hooked, "execution_device", None) is not None:
+        return torch.device(hooked.execution_device)
+    return next(model.parameters()).device
 
 
 @torch.inference_mode()
@@ -390,7 +404,7 @@ def teacher_forward(teacher: nn.Module, ids: torch.Tensor, pos: dict,
     """One no-grad teacher forward: its last-position logits ``[B, V]`` (fp32) and each pair's teacher z at the
     pair's role ``[P, B, d]`` (None without pairs). Few-shot prompts' shared prefix runs once
     (:func:`fastcd.models.shared_prefix`) when every position read lies after it."""
-    ids = ids.to(next(teacher.parameters()).device)
+    ids = ids.to(input_device(teacher))
     prefix = shared_prefix(teacher, ids, [pos["last"]] + [pos[p.position] for p in pairs])  # before the hooks
     with capture_z(teacher, list(dict.fromkeys(p.teacher for p in pairs)), detach=True) as cache:
         last, _ = logits_at(teacher, pos["last"], input_ids=ids, prefix=prefix)

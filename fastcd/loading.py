@@ -18,6 +18,7 @@ from fastcd.convert import check_architecture, find_gguf, load_gguf_model, load_
 from fastcd.errors import InputFileError, UsageError, UsageTypeError
 from fastcd.io import status_once
 from fastcd.models import ModelSpec, get_adapter, model_spec, parse_dtype  # noqa: F401  (parse_dtype: re-exported)
+from fastcd.vocab import DEVICE_MAPS
 
 logger = logging.getLogger("fastcd")
 
@@ -178,7 +179,8 @@ def model_identity(path_or_name) -> str | None:
 
 
 def load_model(path_or_module, *, dtype=None, device=None, attn_implementation: str | None = None,
-               what: str = "path_or_module"):
+               what: str = "path_or_module", device_map=None, max_memory: dict | None = None,
+               offload_folder: str | None = None):
     """Load a causal LM from a local Hugging Face directory, a GGUF file, a packaged or Hub model, or take a module.
 
     Args:
@@ -192,12 +194,19 @@ def load_model(path_or_module, *, dtype=None, device=None, attn_implementation: 
         device: where to put the model (default: CPU).
         attn_implementation: override; by default flash-attn when installed and on CUDA, sdpa otherwise.
         what: the argument name used in error messages (``"teacher"``, ``"student"``).
+        device_map: spread a model larger than one GPU over the visible devices (accelerate's ``"auto"``,
+            ``"balanced"``, ``"balanced_low_0"``, ``"sequential"``, or a ``{module name: device}`` dict); for a
+            Hugging Face directory (or a prepared packaged model), not with ``device``. ``max_memory`` and
+            ``offload_folder`` go with it to ``from_pretrained`` (CPU RAM or disk for what the GPUs cannot hold).
 
     Returns:
         The model in eval mode.
     """
     dtype = parse_dtype(dtype)
     if isinstance(path_or_module, nn.Module):
+        if device_map is not None:
+            raise UsageError(f"device_map: {what} is a module already in memory; pass its directory to have it "
+                             "spread over devices, or dispatch it yourself (accelerate.dispatch_model)")
         model = path_or_module
         if dtype is not None or device is not None:
             model = model.to(device=device, dtype=dtype)
@@ -208,9 +217,13 @@ def load_model(path_or_module, *, dtype=None, device=None, attn_implementation: 
                              f"{type(path_or_module)}")
 
     check_device(device, "device")
+    check_device_map(device_map, device, max_memory, offload_folder)
     ref = resolve_model(path_or_module, what)
     ref.check_weights()
     path, gguf = ref.path, ref.gguf
+    if device_map is not None and gguf is not None:
+        raise UsageError(f"device_map: {what} is a GGUF file ({gguf}); convert it once (fastcd models prepare, or "
+                         "fastcd convert) and pass the Hugging Face directory to spread it over devices")
     from transformers import AutoModelForCausalLM
 
     impl = attn_implementation or pick_attn_implementation(device)
@@ -219,9 +232,11 @@ def load_model(path_or_module, *, dtype=None, device=None, attn_implementation: 
         model = load_gguf_model(gguf, dtype=dtype, attn_implementation=impl)
     else:
         try:
+            placed = {} if device_map is None else {"device_map": device_map, "max_memory": max_memory,
+                                                    "offload_folder": offload_folder}
             model = AutoModelForCausalLM.from_pretrained(
-                path, local_files_only=True, dtype=dtype if dtype is not None else "auto", attn_implementation=impl
-            )
+                path, local_files_only=True, dtype=dtype if dtype is not None else "auto", attn_implementation=impl,
+                **placed)
         except Exception as e:  # noqa: BLE001 - SafetensorError has no importable base; others re-raise
             if type(e).__name__ == "SafetensorError" or isinstance(e, OSError):
                 raise UsageError(f"{what}: the weights in {path!r} cannot be read ({type(e).__name__}: "
@@ -232,6 +247,26 @@ def load_model(path_or_module, *, dtype=None, device=None, attn_implementation: 
     model.eval()
     get_adapter(model)
     return model
+
+
+def check_device_map(device_map, device=None, max_memory=None, offload_folder=None, what: str = "device_map") -> None:
+    """One line for a device map fastcd cannot pass on: an unknown strategy, beside ``device``, or without
+    accelerate (what transformers needs to dispatch a model)."""
+    if device_map is None:
+        if max_memory is not None or offload_folder is not None:
+            raise UsageError(f"max_memory / offload_folder only apply with {what}; set {what} (e.g. 'auto') too")
+        return
+    if isinstance(device_map, str) and device_map not in DEVICE_MAPS:
+        raise UsageError(f"{what}: expected one of {', '.join(DEVICE_MAPS)} or a {{module name: device}} dict, "
+                         f"got {device_map!r}")
+    if not isinstance(device_map, (str, dict)):
+        raise UsageTypeError(f"{what}: expected a string or a dict, got {type(device_map).__name__}")
+    if device is not None:
+        raise UsageError(f"{what} ({device_map!r}) places the model itself; leave device unset (got {device!r})")
+    import importlib.util
+
+    if importlib.util.find_spec("accelerate") is None:
+        raise UsageError(f"{what} needs accelerate (transformers dispatches the model with it): pip install accelerate")
 
 
 def check_device(device, what: str = "device") -> None:

@@ -180,7 +180,7 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
                              dtype="float32" if bf16 and isinstance(student, (str, os.PathLike)) else None)
         teacher = None if teacher is None else load_model(
             teacher, dtype=cfg.teacher_dtype or ("bf16" if bf16 and isinstance(teacher, (str, os.PathLike)) else None),
-            device=cfg.device, what="teacher")
+            what="teacher", **cfg.teacher_placement)
     dev_type = next(student.parameters()).device.type
 
     def amp():  # every frozen forward (discovery, matching, evaluation) under the run's autocast

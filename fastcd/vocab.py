@@ -11,3 +11,4 @@ KV_POLICIES = ("auto", "frozen", "trainable")
 LABELS = ("teacher", "gold")
 ON_NONFINITE = ("stop", "skip")
 REPORT_TO = ("none", "tensorboard")
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's strategies for device_map

@@ -100,6 +100,10 @@ CLI_CASES = {
     "cache-shard-size": (lambda f: _distill("--build-teacher-cache", str(f["out"] / "cache"), "--cache-shard-size",
                                             "0", "--out", str(f["out"])),
                          r"--cache-shard-size must be >= 1, got 0"),
+    "teacher-device-map": (lambda f: _distill("--teacher-device-map", "everywhere", "--out", str(f["out"])),
+                           r"--teacher-device-map.*invalid choice: 'everywhere'"),
+    "cache-only-without-cache": (lambda f: _distill("--cache-only", "--out", str(f["out"])),
+                                 r"--cache-only needs --build-teacher-cache DIR"),
     "experiment-missing-config": (lambda f: ["experiment", str(f["out"] / "none.yaml"), "--out", str(f["out"])],
                                   r"config: no such file"),
 }

@@ -105,9 +105,10 @@ def test_cli_match(discovered, tmp_path, method, capsys):
     assert " -> " in capsys.readouterr().out
 
 
-def test_cli_distill_with_cache_and_curves(tmp_path, capsys):
+def test_cli_distill_with_cache_and_curves(tmp_path, capsys, monkeypatch):
     from transformers import AutoModelForCausalLM
 
+    from fastcd import loading
     from fastcd.artifacts import Matching, Pair
     from fastcd.models import Head
 
@@ -119,6 +120,17 @@ def test_cli_distill_with_cache_and_curves(tmp_path, capsys):
     args = ["distill", "--teacher", str(model), "--student", str(model), "--task", "entity-tracking", "--n-boxes",
             "3", "--matching", str(tmp_path / "m.json"), "--steps", "4", "--batch-size", "4", "--n-train", "16",
             "--n-eval", "8", "--log-every", "1", "--out", str(out)]
+    placed, load = [], loading.load_model
+
+    def spy(*a, **k):
+        placed.append((k.get("what"), k.get("device_map")))
+        return load(*a, **k)
+
+    monkeypatch.setattr(loading, "load_model", spy)
+    assert main(args + ["--build-teacher-cache", str(tmp_path / "c0"), "--teacher-device-map", "auto",
+                        "--cache-only"]) == 0
+    assert placed == [("--teacher", "auto")]  # the teacher that builds the cache loads spread (here all on the CPU)
+    assert (tmp_path / "c0" / "index.json").exists() and not out.exists()  # --cache-only: nothing trained
     assert main(args + ["--build-teacher-cache", str(tmp_path / "cache")]) == 0
     assert (tmp_path / "cache" / "index.json").exists()
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"

@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from conftest import make_tiny
+from conftest import gpu, make_tiny
 from distill_helpers import TASK, given_matching, small_config
 
 from fastcd.pipeline import distill
@@ -110,3 +110,39 @@ def test_two_ranks_build_the_one_process_cache_file_for_file(tmp_path, tok):
         for k in a:
             assert torch.equal(a[k], b[k]), (name, k)
     assert not list(tmp_path.glob("two.tmp*")) and not list(tmp_path.glob("two.old*"))
+
+
+def _spread_signals(tmp_path, tok, spread_kw):
+    """The teacher signals of a teacher loaded spread over devices (``spread_kw`` for load_model) and of the same
+    teacher loaded whole on the CPU."""
+    from fastcd.loading import load_model
+    from fastcd.teacher_cache import teacher_signals
+
+    d = tmp_path / "teacher"
+    make_tiny("llama", vocab_size=len(tok), seed=1, n_layers=4).save_pretrained(d)
+    enc = TASK.encode(TASK.generate(24, seed=0, split="train"), tok)
+    m = given_matching()
+    whole = teacher_signals(load_model(str(d)), enc, m, logits=True, batch_size=10)
+    spread = teacher_signals(load_model(str(d), **spread_kw), enc, m, logits=True, batch_size=10)
+    return whole, spread
+
+
+def test_teacher_signals_of_a_spread_teacher_cpu(tmp_path, tok):
+    """A teacher spread with device_map (here: its embedding and two layers offloaded to disk, run through
+    accelerate's hooks; the input ids go where the embedding runs) gives the teacher signals of the whole teacher:
+    labels, every pair's z and the logits."""
+    dm = {"model.embed_tokens": "disk", "model.layers.0": "disk", "model.layers.1": "cpu", "model.layers.2": "disk",
+          "model.layers.3": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    whole, spread = _spread_signals(tmp_path, tok, dict(device_map=dm, offload_folder=str(tmp_path / "off")))
+    assert torch.equal(whole["labels"], spread["labels"])
+    torch.testing.assert_close(spread["z"], whole["z"], rtol=0, atol=0)
+    torch.testing.assert_close(spread["logits"], whole["logits"], rtol=0, atol=0)
+
+
+@gpu
+def test_teacher_signals_of_a_spread_teacher_gpu(tmp_path, tok):
+    """The same with the teacher's layers spread over the GPU and the CPU (accelerate's "auto" under a small GPU
+    budget): z captured on two devices comes back as one tensor."""
+    whole, spread = _spread_signals(tmp_path, tok, dict(device_map="auto", max_memory={0: "60KiB", "cpu": "1GiB"}))
+    assert torch.equal(whole["labels"], spread["labels"])
+    torch.testing.assert_close(spread["z"], whole["z"], rtol=1e-4, atol=1e-5)
