@@ -5,8 +5,8 @@ Each model is loaded once, every prompt set is tokenised once, the teacher runs 
 computed once, and the untrained student is evaluated once. Every run then resets the student to its base
 weights, trains on a seeded subset of the pool and is evaluated on one fixed, seed-independent test set, so
 that every comparison is paired on the same prompts. A finished run is appended to ``OUT/runs.jsonl``; a
-killed sweep resumes where it stopped. ``OUT/report.json``, ``OUT/summary.md`` and the figures are rebuilt
-from the records after every run.
+killed sweep resumes where it stopped, a killed run from its last checkpoint (``OUT/partial``). ``OUT/report.json``,
+``OUT/summary.md`` and the figures are rebuilt from the records after every run.
 
 Known-answer mode (``positive_control``): the student is the teacher with chosen circuit heads
 re-initialised; matching rule ``identity`` pairs each re-initialised head with its intact self, and the
@@ -35,16 +35,17 @@ from fastcd.experiment_config import (
     distill_config_for,
     lr_choices,
 )
-from fastcd.io import correct_as_bits, experiment_status, write_json_atomic
+from fastcd.io import atomic_target, correct_as_bits, experiment_status, write_json_atomic
 from fastcd.loading import load_model
 from fastcd.plan import calibrate, count_work, format_plan, predict
 from fastcd.report import append_record, read_runs, setting_label, write_report
+from fastcd.resume import read_checkpoint, restore_training_state, training_state
 from fastcd.shared_work import SharedWork
 from fastcd.teacher_cache import MemoryCache
 from fastcd.trainable import (
     reinit_heads,  # noqa: F401  (re-exported)
 )
-from fastcd.training import batch_rows, train_and_evaluate
+from fastcd.training import BATCH_ORDER, batch_rows, train_and_evaluate
 
 
 class Experiment:
@@ -112,23 +113,44 @@ class Experiment:
         view = MemoryCache({"labels": pool["labels"], "logits": pool.get("logits"),
                             "z": None if units is None else pool["z"][units]}, rows)  # this run's rows and units
         s_train = self.work.s_pool.index(rows)
-        diag = {}
+        diag, loop_state, held = {}, {}, {}
+        sha = hashlib.sha256(s_train.input_ids.numpy().tobytes()).hexdigest()[:16]
+        part = self.partial_path(spec["key"])
+        saved = self.read_partial(part, spec["key"], sha)
+        before, trained = (saved["seconds"], saved["train_seconds"]) if saved else (0.0, 0.0)  # before a kill
 
-        def diagnose(cd, opt, sched):  # the gradient ratio at the start, on a batch of its own
-            if dcfg.method == "ce+cka" and cfg.diagnostics:
+        def prepare(cd, opt, sched):  # a resumed run's state, or the gradient ratio at the start (its own batch)
+            held.update(cd=cd, opt=opt, sched=sched)
+            if saved is not None:
+                restore_training_state(cd, opt, sched, saved)
+                diag.update(saved["diag"])
+                loop_state.update(saved["loop_state"])
+            elif dcfg.method == "ce+cka" and cfg.diagnostics:
                 diag.update(cd.gradient_ratio(make_batch(batch_rows(len(s_train), dcfg.batch_size, 0, spec["seed"] + 1),
                                                          s_train, None, view)))
+
+        def checkpoint(step, log):
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < dcfg.steps:
+                state = training_state(held["cd"], held["opt"], held["sched"], step=step, log=log, diag=diag,
+                                       loop_state=dict(loop_state), key=spec["key"], train_prompts_sha=sha,
+                                       seconds=before + time.time() - t0, train_seconds=trained + time.time() - t0)
+                os.makedirs(os.path.dirname(part), exist_ok=True)
+                with atomic_target(part) as tmp:
+                    torch.save(state, tmp)
 
         t0 = time.time()
         w = self.work
         run = train_and_evaluate(w.student, matching, dcfg, spec["seed"], s_train, w.s_test, cache=view,
-                                 prepare=diagnose, eval_batch=w.s_val, desc=f"{spec['method']} seed {spec['seed']}",
-                                 means=w.means if cfg.circuit_accuracy else None, amp=w.amp)
+                                 prepare=prepare, eval_batch=w.s_val, desc=f"{spec['method']} seed {spec['seed']}",
+                                 means=w.means if cfg.circuit_accuracy else None, amp=w.amp, on_step=checkpoint,
+                                 state=loop_state, step=saved["step"] if saved else 0,
+                                 log=list(saved["log"]) if saved else None)
         rec = {"key": spec["key"], "method": spec["method"], "seed": spec["seed"], "setting": s,
-               "train_prompts_sha": hashlib.sha256(s_train.input_ids.numpy().tobytes()).hexdigest()[:16],
+               "train_prompts_sha": sha,
                "accuracy": run.accuracy, "correct": correct_as_bits(run.correct), "trainable_params": run.n_trainable,
                "trainable_fraction": run.trainable_fraction, "lam_effective": run.lam_effective, "log": run.log,
-               "train_seconds": run.train_seconds, "grad": diag, "trained_heads_fraction": run.trained_heads_fraction}
+               "train_seconds": round(run.train_seconds + trained, 1),
+               "grad": diag, "trained_heads_fraction": run.trained_heads_fraction}
         if matching is not None:
             rec["trained_heads"] = len(matching.student_heads())
             rec["pairs"] = [[str(p.teacher), str(p.student), p.position] for p in matching.pairs]
@@ -136,8 +158,24 @@ class Experiment:
                 rec["teacher_units"] = matching.meta["teacher_units"]
             if run.circuit_accuracy is not None:  # ablated with the untrained student's means (fixed per experiment)
                 rec["circuit_accuracy"] = run.circuit_accuracy
-        rec["seconds"] = round(time.time() - t0, 1)
+        rec["seconds"] = round(before + time.time() - t0, 1)
+        if saved is not None:
+            rec["resumed_at_step"] = saved["step"]
         return rec
+
+    # --- a run's checkpoint (OUT/partial/KEY.pt), removed once its record is written ----------------------------
+    def partial_path(self, key: str) -> str:
+        return os.path.join(self.out, "partial", f"{key}.pt")
+
+    def read_partial(self, path: str, key: str, sha: str) -> dict | None:
+        if not os.path.isfile(path):
+            return None
+        state = read_checkpoint(path)
+        if state.get("key") != key or state.get("train_prompts_sha") != sha or state.get("batch_order") != BATCH_ORDER:
+            raise UsageError(f"out: {path} is a checkpoint of another run (its key, training prompts or batch order "
+                             "differ); delete it to start that run over")
+        experiment_status(f"run {key}: going on from its checkpoint at step {state['step']}")
+        return state
 
     def specs(self) -> list[dict]:
         """The runs as far as they are known: with ``select_lr``, the seeds' runs appear once their tuning runs
@@ -177,6 +215,8 @@ class Experiment:
                 rec = {"key": spec["key"], "method": spec["method"], "seed": spec["seed"],
                        "setting": spec["setting"], "not_applicable": str(e), "accuracy": float("nan")}
             append_record(self.runs_path, rec)
+            if os.path.exists(self.partial_path(spec["key"])):
+                os.remove(self.partial_path(spec["key"]))
             took.append(time.time() - t0)
             eta = sum(took) / len(took) * (len(todo) - i - 1)
             experiment_status(f"run {i + 1}/{len(todo)} ({spec['method']}, seed {spec['seed']}, "

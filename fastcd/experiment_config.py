@@ -58,6 +58,8 @@ class ExperimentConfig:
     n_val: int = 0  # >0: validation accuracy every eval_every steps (training curves)
     eval_every: int = 0
     log_every: int = 5
+    checkpoint_every: int = 20  # steps between a run's checkpoints (OUT/partial/KEY.pt; a killed run goes on from
+    # its last one, exactly); 0: none. Not part of the runs' identity
     n_discovery: int = 32
     discovery: str = "attribution"  # "attribution" (with an exact recheck of the top circuit_size heads), "roles"
     # (position-aware patching at the task's roles) or "auto" (the task's own policy: fastcd.default_circuit)
@@ -185,7 +187,7 @@ class ExperimentConfig:
         if self.discovery == "roles" and self.task_name() != "entity-tracking":
             raise UsageError("discovery 'roles' is for entity tracking; use 'attribution' for tom")
         for name, lo in (("n_boxes", 2), ("n_test", 10), ("n_val", 0), ("eval_every", 0), ("log_every", 1),
-                         ("n_discovery", 2), ("circuit_size", 1), ("diagnostics_m", 4)):
+                         ("checkpoint_every", 0), ("n_discovery", 2), ("circuit_size", 1), ("diagnostics_m", 4)):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise UsageError(f"{name} must be an integer >= {lo}, got {v!r}")
@@ -210,8 +212,8 @@ class ExperimentConfig:
     def shared_key(self) -> dict:
         """The fields every finished run depends on; a rerun into the same OUT must agree on all of them."""
         d = asdict(self)
-        for name in GRID + ("methods", "seeds", "threads", "n_val", "eval_every", "log_every", "diagnostics",
-                            "diagnostics_m", "full_lr", "select_lr", "tune_seeds", "micro_batch_size"):
+        for name in GRID + ("methods", "seeds", "threads", "n_val", "eval_every", "log_every", "checkpoint_every",
+                            "diagnostics", "diagnostics_m", "full_lr", "select_lr", "tune_seeds", "micro_batch_size"):
             d.pop(name)
         # each seed draws its training rows from its own pool of max(n_train) prompts: a larger n_train in the grid
         # makes other pools, and the finished runs' rows would no longer be a subset of them

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gc
 import os
-import random
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -32,15 +31,17 @@ from fastcd.resume import (
     data_identity,
     fingerprint,
     read_checkpoint,
+    restore_training_state,
     save_checkpoint,
     sha,
+    training_state,
 )
 from fastcd.stages import Stages
 from fastcd.tasks import DatasetTask, get_task
 from fastcd.tasks.base import adapt_task
 from fastcd.tasks.protocol import check_task
 from fastcd.teacher_cache import MemoryCache, TeacherCache, check_cache_vocabulary, teacher_signals
-from fastcd.training import BATCH_ORDER, evaluate_run, run_result, train_run
+from fastcd.training import evaluate_run, run_result, train_run
 
 
 @dataclass
@@ -297,32 +298,16 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
         held.update(cd=cd, opt=opt, sched=sched)
         if world > 1:
             cd.enable_ddp()
-        if state is None:
-            return
-        with torch.no_grad():
-            for p, v in zip(cd.trainable_parameters(), state["params"]):
-                p.copy_(v)
-        opt.load_state_dict(state["optimizer"])
-        if state.get("scheduler") is not None:
-            sched.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])  # dropout and any other use of the global generator
-        if state.get("cuda_rng") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        if state.get("python_rng") is not None:
-            random.setstate(state["python_rng"])
-        cd.calibrated_lam = state.get("lam")
+        if state is not None:
+            restore_training_state(cd, opt, sched, state)
 
     def save(step_, log_):
         if ckpt and rank == 0 and cfg.save_every and (step_ % cfg.save_every == 0 or step_ == cfg.steps):
             os.makedirs(cfg.out, exist_ok=True)
             cd, opt, sched = held["cd"], held["opt"], held["sched"]
-            save_checkpoint({"params": [p.detach().clone() for p in cd.trainable_parameters()],
-                             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                             "loop_state": dict(loop_state), "batch_order": BATCH_ORDER,
-                             "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
-                             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                             "step": step_, "log": log_, "identity": identity, "base_accuracy": base_accuracy,
-                             "n_eval": cfg.n_eval, "lam": cd.calibrated_lam}, cfg.out, identity, step_)
+            save_checkpoint(training_state(cd, opt, sched, loop_state=dict(loop_state), step=step_, log=log_,
+                                           identity=identity, base_accuracy=base_accuracy, n_eval=cfg.n_eval),
+                            cfg.out, identity, step_)
 
     # accuracy during training is measured on validation prompts, never on the test set
     s_val = task.encode(val_ex, s_tok) if cfg.eval_every else None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 from dataclasses import asdict
 
 import torch
@@ -142,9 +143,35 @@ def save_checkpoint(state: dict, out: str, identity: dict, step: int) -> None:
     write_json_atomic({"identity": identity, "step": step}, os.path.join(out, "manifest.json"))
 
 
+def training_state(cd, opt, sched, **extra) -> dict:
+    """What a run needs to go on exactly where it stopped: the trainable slices, the optimizer and schedule, every
+    random generator, the calibrated lambda and the batch order; ``extra`` (step, log, ...) beside them."""
+    return {"params": [p.detach().clone() for p in cd.trainable_parameters()], "optimizer": opt.state_dict(),
+            "scheduler": None if sched is None else sched.state_dict(), "torch_rng": torch.get_rng_state(),
+            "python_rng": random.getstate(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "lam": cd.calibrated_lam, "batch_order": BATCH_ORDER, **extra}
+
+
+def restore_training_state(cd, opt, sched, state: dict) -> None:
+    """Put :func:`training_state`'s ``state`` back into a fresh distiller, optimizer and schedule."""
+    with torch.no_grad():
+        for p, v in zip(cd.trainable_parameters(), state["params"], strict=True):
+            p.copy_(v)
+    opt.load_state_dict(state["optimizer"])
+    if state.get("scheduler") is not None:
+        sched.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])  # dropout and any other use of the global generator
+    if state.get("cuda_rng") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    if state.get("python_rng") is not None:
+        random.setstate(state["python_rng"])
+    cd.calibrated_lam = state.get("lam")
+
+
 def announce_resume(path: str, step: int, steps: int) -> None:
     status_once(f"resuming from step {step} of {steps} ({path})")
 
 
 __all__ = ["EARLY", "announce_resume", "cfg_key", "check_checkpoint", "data_identity", "describe_data_diff",
-           "fingerprint", "read_checkpoint", "save_checkpoint", "sha"]
+           "fingerprint", "read_checkpoint", "restore_training_state", "save_checkpoint", "sha", "training_state"]

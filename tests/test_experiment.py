@@ -311,3 +311,41 @@ def test_a_degenerate_permuted_control_is_recorded_not_fatal(tmp_path):
     assert report["runs_done"] == 2 and len(report["not_applicable"]) == 1
     assert "needs at least two distinct teacher units" in report["not_applicable"][0]["not_applicable"]
     assert "Not applicable: ce+perm-cka" in (tmp_path / "deg" / "summary.md").read_text()
+
+
+def test_a_killed_run_goes_on_from_its_checkpoint_exactly(tmp_path, monkeypatch, capsys):
+    """A run killed after its step-2 checkpoint (OUT/partial/KEY.pt) goes on from step 2 when the experiment is
+    rerun, and its record equals the uninterrupted run's: per-prompt answers, the loss log, validation points, the
+    gradient diagnostics. The checkpoint is gone once the record is written."""
+    import contextlib
+
+    import fastcd.experiment as E
+
+    kw = dict(methods=["ce+cka"], seeds=[0], steps=6, checkpoint_every=2, n_val=8, eval_every=2, n_test=16)
+    run_experiment(_cfg(**kw), str(tmp_path / "whole"), progress=False)
+    real, saves = E.atomic_target, []
+
+    @contextlib.contextmanager
+    def dies_after_first_checkpoint(path, *a, **k):
+        with real(path, *a, **k) as tmp:
+            yield tmp
+        if path.endswith(".pt"):
+            saves.append(path)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(E, "atomic_target", dies_after_first_checkpoint)
+    out = str(tmp_path / "killed")
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(_cfg(**kw), out, progress=False)
+    assert len(saves) == 1 and os.path.isfile(saves[0]) and not read_runs(os.path.join(out, "runs.jsonl"))
+    monkeypatch.setattr(E, "atomic_target", real)
+    run_experiment(_cfg(**kw), out, progress=False)
+    assert "going on from its checkpoint at step 2" in capsys.readouterr().out
+    (a,), (b,) = read_runs(os.path.join(str(tmp_path / "whole"), "runs.jsonl")).values(), read_runs(
+        os.path.join(out, "runs.jsonl")).values()
+    assert b["resumed_at_step"] == 2 and "resumed_at_step" not in a
+    assert a["correct"] == b["correct"] and a["grad"] == b["grad"] and a["accuracy"] == b["accuracy"]
+    strip = [{k: v for k, v in r.items() if k != "elapsed_s"} for r in a["log"]]
+    assert strip == [{k: v for k, v in r.items() if k != "elapsed_s"} for r in b["log"]]
+    assert sum("val_accuracy" in r for r in b["log"]) == 3
+    assert not os.listdir(os.path.join(out, "partial"))
