@@ -12,13 +12,14 @@ For a prepared model (``fastcd models prepare NAME``, or a converted directory),
                    heads, teacher signals from the float32 cache), mixed_precision "no" against "bf16": the mean
                    of --steps steps after one warm-up step.
 
-    prefix reuse   evaluation and the teacher cache of --n-tom theory-of-mind prompts (instruction + 3 shots: one
-                   long shared prefix) in bf16 weights with and without shared-prefix reuse
-                   (``FASTCD_PREFIX_REUSE``), beside the same number of entity-tracking prompts: seconds per
-                   prompt, the ToM/ET cost ratio, and whether the answers (labels, z) are the same.
+    prefix reuse   evaluation, the teacher cache and circuit evaluation (strict mean ablation) of --n-tom
+                   theory-of-mind prompts (instruction + 3 shots: one long shared prefix) in bf16 weights with and
+                   without shared-prefix reuse (``FASTCD_PREFIX_REUSE``), beside the same number of
+                   entity-tracking prompts: seconds per prompt, the ToM/ET cost ratio, and whether the answers
+                   (labels, z, circuit correctness) are the same.
 
-One JSON line per stage and variant on stdout (and appended to --out). Attribution and circuit-search timings are
-not measured here yet. Not a test: it measures; --quick runs every path at tiny
+One JSON line per stage and variant on stdout (and appended to --out). Attribution timings are not measured here
+yet. Not a test: it measures; --quick runs every path at tiny
 sizes (CI smoke on SmolLM2: tests/test_real_models.py).
 
     python benchmarks/real_throughput.py --model qwen2.5-coder-0.5b --out real_throughput.jsonl
@@ -160,6 +161,8 @@ def main(argv=None) -> int:
     if "prefix" in stages:
         import os
 
+        from fastcd.hooks import mean_z
+        from fastcd.metrics import circuit_correct
         from fastcd.models import shared_prefix_length
         from fastcd.tasks import TheoryOfMind
 
@@ -167,7 +170,7 @@ def main(argv=None) -> int:
         tb = tom.encode(tom.generate(a.n_tom, seed=0, split="test"), tok)
         eb = test.index(range(min(a.n_tom, len(test))))
         m, _ = _variant(model, "bf16-weights")
-        per, answers, cper, sig = {}, {}, {}, {}
+        per, answers, cper, sig, eper, hits = {}, {}, {}, {}, {}, {}
         for label, batch, reuse in (("entity tracking", eb, True), ("theory of mind", tb, False),
                                     ("theory of mind", tb, True)):
             os.environ["FASTCD_PREFIX_REUSE"] = "1" if reuse else "0"
@@ -200,6 +203,25 @@ def main(argv=None) -> int:
                 a_, b_ = sig[(label, True)], sig[(label, False)]
                 rec["labels_equal_without"] = bool(torch.equal(a_["labels"], b_["labels"]))
                 rec["z_rel_err_vs_without"] = float((a_["z"] - b_["z"]).norm() / b_["z"].norm())
+            emit(rec)
+            # circuit evaluation (the search's inner loop): the matched heads live at the last token, every other
+            # head mean-ablated at every position (strict), means over these prompts (computed untimed)
+            os.environ["FASTCD_PREFIX_REUSE"] = "0"
+            means = mean_z(m, batch.input_ids[:16])
+            os.environ["FASTCD_PREFIX_REUSE"] = "1" if reuse else "0"
+            with torch.no_grad():
+                t = time.time()
+                hits[(label, reuse)] = circuit_correct(m, batch, means, [(p.student, "last") for p in matching.pairs],
+                                                       batch_size=32)
+                sec = time.time() - t
+            eper[(label, reuse)] = sec / len(batch)
+            rec = {"stage": "prefix reuse, circuit evaluation", "variant": "bf16-weights", "task": label,
+                   "prefix_reuse": reuse, "n": len(batch), "seconds": round(sec, 2),
+                   "seconds_per_prompt": round(eper[(label, reuse)], 4)}
+            if label == "theory of mind":
+                rec["cost_vs_entity_tracking"] = round(eper[(label, reuse)] / eper[("entity tracking", True)], 2)
+            if reuse and label == "theory of mind":
+                rec["same_correctness_as_without"] = hits[(label, True)] == hits[(label, False)]
             emit(rec)
         os.environ.pop("FASTCD_PREFIX_REUSE", None)
         del m

@@ -133,6 +133,9 @@ class DistillConfig:
     micro_batch_size: int = option(0, "prompts per forward (0: the whole batch at once); a smaller value splits each "
                                    "step into micro-batches with the CKA term still exact over the whole batch m "
                                    "(two passes: gradient caching); must divide the per-device batch")
+    gradient_checkpointing: bool = option(False, "recompute each student layer's activations in the backward pass "
+                                          "instead of holding them (Hugging Face models; non-reentrant, so the "
+                                          "captured head outputs keep their gradients): less memory, more time")
     lr: float = option(1e-3, "peak learning rate of AdamW (TrainingArguments: learning_rate)")
     lr_scheduler: str = option("constant", f"learning-rate schedule after warmup, one of {SCHEDULERS} (transformers' "
                               "get_scheduler)", choices=SCHEDULERS)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from fastcd.errors import UsageError
+from fastcd.loading import input_device
 from fastcd.models import (
     Head,
     ModelSpec,
@@ -91,19 +92,25 @@ class ZCache:
         for h in heads:
             self.by_layer[h.layer].append(h.head)
         self._z: dict[int, torch.Tensor] = {}
+        self._whole: set[int] = set()  # layers stored with every head; their heads are picked when read
 
-    def _store(self, layer: int, z: torch.Tensor) -> None:
+    def _store(self, layer: int, z: torch.Tensor, whole: bool = False) -> None:
         self._z[layer] = z
+        (self._whole.add if whole else self._whole.discard)(layer)
 
     def layer(self, layer: int) -> torch.Tensor:
         if layer not in self._z:
             raise KeyError(f"layer {layer} was not captured (captured layers: {sorted(self._z)}); did a forward run?")
-        return self._z[layer]
+        z = self._z[layer]
+        return z[:, :, self.by_layer[layer]] if layer in self._whole else z
 
     def __getitem__(self, head) -> torch.Tensor:
         head = Head(*head)
         if head.head not in self.by_layer.get(head.layer, []):
             raise KeyError(f"{head} was not captured; captured heads: {[str(h) for h in self.heads]}")
+        if head.layer in self._whole:
+            self.layer(head.layer)  # the missing-layer error
+            return self._z[head.layer][:, :, head.head]
         return self.layer(head.layer)[:, :, self.by_layer[head.layer].index(head.head)]
 
     def stack(self) -> torch.Tensor:
@@ -152,6 +159,11 @@ def capture_z(model: nn.Module, heads: Iterable[Head] | None = None, positions=N
                 # the forward path and torch.autograd.grad(loss, cache.layer(l)) works (attribution patching).
                 cache._store(layer, z4.detach() if detach else z4)
                 return (z4.reshape(b, t, -1),) + tuple(args[1:])
+            if p is None and not detach:
+                # kept whole (a view: no tensor saved for the backward), its heads picked when read, outside the
+                # layer: a layer recomputed by gradient checkpointing then replays the same operations
+                cache._store(layer, z4, whole=True)
+                return None
             z4 = z4[:, :, idx.to(z.device)]  # [batch, k, heads_of_layer, d_head]
             cache._store(layer, z4.detach() if detach else z4)
             return None
@@ -383,19 +395,6 @@ def gather_roles(cache, heads, roles, pos: dict, batch: int) -> torch.Tensor:
             raise UsageError("CKA pairs need a single position role per head, not 'all'")
         out.append(z[rows, pos[role].to(z.device)].to(out[0].device if out else z.device))
     return torch.stack(out)
-
-
-def input_device(model: nn.Module) -> torch.device:
-    """Where a model's input ids go: its embedding's device (a model spread with ``device_map`` may hold its first
-    parameter elsewhere)."""
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    w = getattr(emb, "weight", None)
-    if w is not None and w.device.type != "meta":
-        return w.device
-    hooked = getattr(emb, "_hf_hook", None)  # offloaded by accelerate: it runs where its hook says
-    if hooked is not None and getattr(hooked, "execution_device", None) is not None:
-        return torch.device(hooked.execution_device)
-    return next(model.parameters()).device
 
 
 @torch.inference_mode()

@@ -269,6 +269,19 @@ def check_device_map(device_map, device=None, max_memory=None, offload_folder=No
         raise UsageError(f"{what} needs accelerate (transformers dispatches the model with it): pip install accelerate")
 
 
+def input_device(model: nn.Module) -> torch.device:
+    """Where a model's input ids go: its embedding's device (a model spread with ``device_map`` may hold its first
+    parameter elsewhere)."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    w = getattr(emb, "weight", None)
+    if w is not None and w.device.type != "meta":
+        return w.device
+    hooked = getattr(emb, "_hf_hook", None)  # offloaded by accelerate: it runs where its hook says
+    if hooked is not None and getattr(hooked, "execution_device", None) is not None:
+        return torch.device(hooked.execution_device)
+    return next(model.parameters()).device
+
+
 def check_device(device, what: str = "device") -> None:
     """A one-line error for a device this torch cannot use (``cuda`` on a CPU build, a bad name)."""
     if device is None:

@@ -16,8 +16,8 @@ from torch import nn
 
 from fastcd.artifacts import Circuit
 from fastcd.errors import UsageError
-from fastcd.hooks import ALL, intervene, mean_z, position_mask, role_positions
-from fastcd.models import Head, get_adapter, logits_at
+from fastcd.hooks import ALL, intervene, mean_z, position_mask, role_positions, run_with_z
+from fastcd.models import PREFIX_MIN, Head, get_adapter, logits_at, shared_prefix, shared_prefix_length
 from fastcd.tasks.base import EncodedBatch
 
 METRICS = ("prob", "logprob", "logit_diff", "accuracy", "candidate_accuracy")
@@ -178,24 +178,49 @@ def keep_masks(spec, batch: EncodedBatch, live, idx: torch.Tensor, protocol: str
     return keep
 
 
+def ablated_prefix_length(model: nn.Module, clean: EncodedBatch, means: torch.Tensor, protocol: str) -> int:
+    """How many leading tokens of ``clean`` run the same under the circuit's ablation as without it (0: none worth
+    reusing). Every prompt shares them and no role lies there, so ``lenient`` keeps every head there as computed;
+    ``strict`` ablates them with ``means``, which equal the clean z there when the reference prompts share the
+    prefix too (checked: the z of one clean prefix against ``means``): the residual stream, keys and values of
+    the prefix are then the clean ones, computed once (few-shot prompts: the instruction and the shots)."""
+    import os
+
+    p = shared_prefix_length(clean.input_ids)
+    if p < PREFIX_MIN or os.environ.get("FASTCD_PREFIX_REUSE") == "0":
+        return 0
+    if any(int(v.min()) < p for v in clean.positions.values()):
+        return 0
+    if protocol == "strict":
+        _, z = run_with_z(model, clean.input_ids[:1, :p].to(next(model.parameters()).device), logits=False)
+        if not torch.allclose(z[:, 0].float(), means[:, :p].to(z.device).float(), rtol=1e-3, atol=1e-5):
+            return 0
+    return p
+
+
 @torch.no_grad()
 def circuit_correct(model: nn.Module, clean: EncodedBatch, means: torch.Tensor,
                     live: list[tuple[Head, str]], *, batch_size: int = 64, protocol: str = "strict") -> list[bool]:
     """Per-example correctness with only ``live`` (head, position role) pairs active (:func:`keep_masks`): every
-    other z mean-ablated with per-position ``means`` [L, T, H, D]."""
+    other z mean-ablated with per-position ``means`` [L, T, H, D]. A prefix that the ablation leaves clean
+    (:func:`ablated_prefix_length`) runs once, without hooks; only the suffixes run under the ablation."""
     check_protocol(protocol)
     spec = get_adapter(model).spec
     device = next(model.parameters()).device
     n, t = clean.input_ids.shape
     if means.shape[1] != t:
         raise UsageError(f"means are for length {means.shape[1]}, prompts have length {t}")
+    p = ablated_prefix_length(model, clean, means, protocol)
     out: list[bool] = []
     for i in range(0, n, batch_size):
         idx = torch.arange(i, min(i + batch_size, n))
         keep = keep_masks(spec, clean, live, idx, protocol)
-        plan = {l: (~keep[l], means[l][None]) for l in range(spec.n_layers)}
+        ids, last = clean.input_ids[idx].to(device), clean.positions["last"][idx]
+        pre = shared_prefix(model, ids, [last], length=p) if p else None  # before the hooks go on
+        s = pre.length if pre is not None else 0
+        plan = {l: (~keep[l][:, s:], means[l][None, s:]) for l in range(spec.n_layers)}
         with intervene(model, plan):
-            logits, _ = logits_at(model, clean.positions["last"][idx], input_ids=clean.input_ids[idx].to(device))
+            logits, _ = logits_at(model, last, input_ids=ids, prefix=pre)
         out += metric_values(logits, clean.index(idx), "accuracy").bool().tolist()
     return out
 

@@ -41,7 +41,7 @@ from fastcd.tasks import DatasetTask, get_task
 from fastcd.tasks.base import adapt_task
 from fastcd.tasks.protocol import check_task
 from fastcd.teacher_cache import MemoryCache, TeacherCache, check_cache_vocabulary, teacher_signals
-from fastcd.training import evaluate_run, run_result, train_run
+from fastcd.training import check_gradient_checkpointing, evaluate_run, run_result, train_run
 
 
 @dataclass
@@ -183,6 +183,7 @@ def distill(teacher, student, task_or_dataset, circuit: Circuit | None = None, m
             teacher, dtype=cfg.teacher_dtype or ("bf16" if bf16 and isinstance(teacher, (str, os.PathLike)) else None),
             what="teacher", **cfg.teacher_placement)
     dev_type = next(student.parameters()).device.type
+    check_gradient_checkpointing(student, cfg.gradient_checkpointing)  # before discovery and matching
 
     def amp():  # every frozen forward (discovery, matching, evaluation) under the run's autocast
         return torch.autocast(dev_type, dtype=torch.bfloat16, enabled=bf16)

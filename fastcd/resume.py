@@ -28,10 +28,12 @@ SPLIT_WORDS = {"train": "training prompts", "val": "validation prompts", "test":
 
 def cfg_key(cfg: DistillConfig) -> dict:
     """The config fields a checkpoint depends on: not where it is written, how often it logs, evaluates or saves,
-    nor ``steps`` (a run may be extended), nor ``micro_batch_size`` (exact: the same gradients)."""
+    nor ``steps`` (a run may be extended), nor ``micro_batch_size`` or ``gradient_checkpointing`` (exact: the same
+    gradients)."""
     d = asdict(cfg)
     for k in ("progress", "out", "overwrite", "resume", "steps", "log_every", "eval_every", "save_every", "n_eval",
-              "n_val", "device", "impl", "report_to", "early_stopping_patience", "circuit_eval", "micro_batch_size"):
+              "n_val", "device", "impl", "report_to", "early_stopping_patience", "circuit_eval", "micro_batch_size",
+              "gradient_checkpointing"):
         d.pop(k, None)
     d["path_k"] = list(d["path_k"])
     return d

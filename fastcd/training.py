@@ -103,6 +103,29 @@ class _Sinks:
             self.tb.close()
 
 
+def check_gradient_checkpointing(model, on: bool) -> None:
+    """One line, before any work, for ``gradient_checkpointing`` on a model that cannot recompute its layers."""
+    if on and not getattr(model, "supports_gradient_checkpointing", False):
+        raise UsageError(f"gradient_checkpointing: the student ({type(model).__name__}) does not support it (a "
+                         "Hugging Face PreTrainedModel with supports_gradient_checkpointing does); set it to False")
+
+
+@contextlib.contextmanager
+def gradient_checkpointing(model, on: bool):
+    """The student's layers recompute their activations in the backward pass inside the block (``on``). Non-
+    reentrant checkpointing keeps the autograd graph of every tensor made in a layer, so the head outputs that the
+    capture hooks hand to the CKA term get their gradients as without it."""
+    if not on:
+        yield
+        return
+    check_gradient_checkpointing(model, on)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        yield
+    finally:
+        model.gradient_checkpointing_disable()
+
+
 def train_loop(cd: CircuitDistiller, opt, seed: int, cfg: DistillConfig, s_train: EncodedBatch,
                t_train: EncodedBatch | None = None, cache=None, *, step: int = 0, log: list | None = None,
                world: int = 1, rank: int = 0, eval_batch: EncodedBatch | None = None, on_step=None,
@@ -249,7 +272,8 @@ def train_run(student, matching, cfg: DistillConfig, seed: int, s_train: Encoded
         prepare(cd, opt, sched)
     t0 = time.time()
     try:
-        log = train_loop(cd, opt, seed, cfg, s_train, t_train, cache, scheduler=sched, **loop_kw)
+        with gradient_checkpointing(student, cfg.gradient_checkpointing):
+            log = train_loop(cd, opt, seed, cfg, s_train, t_train, cache, scheduler=sched, **loop_kw)
     finally:
         if cd.slices is not None:  # leave the student a plain model (no parametrisations)
             merge(cd.slices)
@@ -290,5 +314,6 @@ def train_and_evaluate(student, matching, cfg: DistillConfig, seed: int, s_train
     return run_result(cd, matching, log, correct, circ, train_s)
 
 
-__all__ = ["BATCH_ORDER", "RunResult", "batch_rows", "evaluate_run", "make_optimizer", "nonfinite", "run_result",
+__all__ = ["BATCH_ORDER", "RunResult", "batch_rows", "check_gradient_checkpointing", "evaluate_run",
+           "gradient_checkpointing", "make_optimizer", "nonfinite", "run_result",
            "train_and_evaluate", "train_loop", "train_run", "warmup_steps"]

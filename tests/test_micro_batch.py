@@ -17,6 +17,7 @@ from fastcd.pretrain import shipped_checkpoint
 from fastcd.tasks import EntityTracking
 from fastcd.tokenizer import build_word_tokenizer
 from fastcd.trainable import merge
+from fastcd.training import gradient_checkpointing
 
 PAIRS = ((Head(1, 2), Head(1, 1), "last"), (Head(0, 3), Head(0, 2), "query_label"), (Head(1, 0), Head(0, 1), "last"))
 
@@ -30,25 +31,31 @@ def _models(kind: str):
             EntityTracking(n_boxes=3))
 
 
-def _grads(kind, micro, **cfg):
+def _grads(kind, micro, recompute=False, **cfg):
     teacher, student, tok, task = _models(kind)
     cfg = DistillConfig(**{"batch_size": 12, "n_train": 12, "progress": False, **cfg}).validate()
     m = Matching([Pair(t, s, r, "g", {}) for t, s, r in PAIRS], "given")
     enc = task.encode(task.generate(12, seed=4), tok)
     cd = CircuitDistiller(student, m, teacher=teacher, config=cfg)
     batch = make_batch(torch.arange(12), enc, enc)
+    student.train(recompute)  # Hugging Face recomputes layers in training mode only
     try:
-        if micro:
-            loss, parts = cd.backward_micro(batch, micro)
-        else:
-            loss_t, parts = cd(batch)
-            loss_t.backward()
-            loss = float(loss_t.detach())
-        # align-only leaves some slices without a gradient (o columns do not reach the CKA term): zeros both ways
-        grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in cd.trainable_parameters()]
+        with gradient_checkpointing(student, recompute):
+            return _step(cd, batch, micro)
     finally:
         if cd.slices is not None:
             merge(cd.slices)
+
+
+def _step(cd, batch, micro):
+    if micro:
+        loss, parts = cd.backward_micro(batch, micro)
+    else:
+        loss_t, parts = cd(batch)
+        loss_t.backward()
+        loss = float(loss_t.detach())
+    # align-only leaves some slices without a gradient (o columns do not reach the CKA term): zeros both ways
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in cd.trainable_parameters()]
     return loss, parts, grads
 
 
@@ -101,3 +108,37 @@ def test_training_with_micro_batches_reaches_the_same_student():
 def test_bad_micro_batch_sizes_are_one_line_errors(kw, message):
     with pytest.raises(ValueError, match=message):
         DistillConfig(**{"n_train": 32, **kw}).validate()
+
+
+@pytest.mark.parametrize("kind,micro", [("llama", 0), ("qwen2", 4)])
+def test_gradient_checkpointing_gives_the_same_gradient(kind, micro):
+    """Recomputing the student's layers in the backward pass (non-reentrant) changes no gradient of the matched
+    slices, one-shot and micro-batched; and the layers really are recomputed (more module forwards run)."""
+    from torch.nn.modules.module import register_module_forward_hook
+
+    def module_forwards(fn):
+        n = [0]
+
+        def hook(module, args, out):
+            n[0] += 1
+
+        handle = register_module_forward_hook(hook)
+        try:
+            return fn(), n[0]
+        finally:
+            handle.remove()
+
+    ref, n_plain = module_forwards(lambda: _grads(kind, micro, method="ce+cka"))
+    got, n_recomputed = module_forwards(lambda: _grads(kind, micro, recompute=True, method="ce+cka"))
+    assert n_recomputed > n_plain
+    assert got[0] == pytest.approx(ref[0], rel=1e-6)
+    for a, b in zip(ref[2], got[2], strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+
+
+def test_gradient_checkpointing_needs_a_model_that_supports_it():
+    from fastcd.errors import UsageError
+
+    with pytest.raises(UsageError, match="gradient_checkpointing: the student .* does not support it"):
+        with gradient_checkpointing(torch.nn.Linear(2, 2), True):
+            pass

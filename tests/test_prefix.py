@@ -168,3 +168,48 @@ def test_a_shared_prefix_serves_one_forward_read_after_it():
         with pytest.raises(ValueError, match="serves one forward"):
             logits_at(model, last, input_ids=ids, prefix=pre)  # its cache now holds the suffixes too
     assert shared_prefix(model, ids, [last]) is None  # grad enabled: training never reuses
+
+
+@pytest.mark.parametrize("protocol", ["strict", "lenient"])
+def test_circuit_evaluation_runs_the_clean_prefix_once(tok, monkeypatch, protocol):
+    """Circuit evaluation (the search, faithfulness) on few-shot prompts: the ablation leaves the shared prefix
+    clean (lenient keeps it; strict writes means that equal its clean z when the reference prompts share it), so it
+    runs once without hooks and only the suffixes run ablated: the logits equal the full ablated forward's. A
+    reference set whose prefix differs gives other means there: no reuse."""
+    import fastcd.metrics as M
+    from fastcd.hooks import mean_z
+    from fastcd.models import Head
+
+    task = TheoryOfMind(instruction="causaltom", few_shot=3)
+    pairs = task.pairs(10, seed=0, split="test")
+    clean = task.encode([p.clean for p in pairs], tok)
+    ref = task.encode([p.corrupt for p in pairs], tok)
+    p = shared_prefix_length(clean.input_ids)
+    assert p >= PREFIX_MIN and shared_prefix_length(torch.cat([clean.input_ids, ref.input_ids])) >= p
+    model = make_tiny("llama", vocab_size=len(tok)).eval()
+    roles = [r for r in clean.positions if int(clean.positions[r].min()) >= p]
+    live = [(Head(1, 2), roles[0]), (Head(0, 3), "last"), (Head(1, 0), "last")]
+    logits = []
+    real_metric = M.metric_values
+    monkeypatch.setattr(M, "metric_values", lambda lg, *a, **k: logits.append(lg.clone()) or real_metric(lg, *a, **k))
+    shapes = _forward_shapes(model, monkeypatch)
+
+    def run(means, reuse: bool):
+        logits.clear(), shapes.clear()
+        monkeypatch.setenv("FASTCD_PREFIX_REUSE", "1" if reuse else "0")
+        hits = M.circuit_correct(model, clean, means, live, batch_size=4, protocol=protocol)
+        return hits, torch.cat(logits), list(shapes)
+
+    means = mean_z(model, ref.input_ids)
+    hits, got, seen = run(means, True)
+    assert (1, p) in seen and (4, clean.input_ids.shape[1] - p) in seen  # the prefix once per chunk, then suffixes
+    ref_hits, want, seen_full = run(means, False)
+    assert all(s[1] == clean.input_ids.shape[1] for s in seen_full)
+    assert hits == ref_hits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    other = means.clone()
+    other[:, :p] += 0.5  # a reference that does not share the prefix
+    _, got_other, seen_other = run(other, True)
+    if protocol == "strict":  # the ablation changes the prefix: it is not reused, and the result is the full one
+        assert all(s[1] == clean.input_ids.shape[1] for s in seen_other if s[0] > 1)
+        torch.testing.assert_close(got_other, run(other, False)[1], atol=1e-5, rtol=1e-4)
