@@ -9,8 +9,8 @@ For a prepared model (``fastcd models prepare NAME``, or a converted directory),
                    training prompts, the same three variants: time, labels equal to float32's, z relative error,
                    and each head's CKA between its bf16 z and its float32 z (1 = the same representation).
     ce+cka step    one optimizer step of ``CircuitDistiller`` (the model as its own student, --pairs matched
-                   heads, teacher signals from the float32 cache), mixed_precision "no" against "bf16": the mean
-                   of --steps steps after one warm-up step.
+                   heads, teacher signals from the float32 cache), mixed_precision "no" against "bf16" (autocast),
+                   and bf16 weights with float32 master slices: the fastest of --steps steps after a warm-up.
 
     prefix reuse   evaluation, the teacher cache and circuit evaluation (strict mean ablation) of --n-tom
                    theory-of-mind prompts (instruction + 3 shots: one long shared prefix) in bf16 weights with and
@@ -227,10 +227,14 @@ def main(argv=None) -> int:
         del m
 
     # ce+cka step: the model is its own student; teacher signals from the float32 cache
-    for prec in ("no", "bf16") if "step" in stages else ():
-        sec, last, n_trainable = time_steps(model, matching, cache_batch.index(range(a.batch)), MemoryCache(sig_ref),
-                                            prec, steps=a.steps, lr=1e-5)
-        emit({"stage": "ce+cka step", "variant": "float32" if prec == "no" else "bf16-autocast",
+    for prec in ("no", "bf16", "bf16-weights") if "step" in stages else ():
+        # bf16-weights: the student's frozen weights in bf16, its trained slices float32 masters (fastcd.trainable),
+        # no autocast: nothing is re-cast at each op
+        student = _variant(model, "bf16-weights")[0] if prec == "bf16-weights" else model
+        sec, last, n_trainable = time_steps(student, matching, cache_batch.index(range(a.batch)),
+                                            MemoryCache(sig_ref), "no" if prec == "bf16-weights" else prec,
+                                            steps=a.steps, lr=1e-5)
+        emit({"stage": "ce+cka step", "variant": {"no": "float32", "bf16": "bf16-autocast"}.get(prec, prec),
               "batch": a.batch, "pairs": a.pairs, "seconds_per_step": round(sec, 3), "trainable_params": n_trainable,
               "last_loss": {k: round(v, 4) for k, v in last.items() if k in ("ce", "cka_loss", "mean_cka", "loss")}})
     return 0

@@ -222,7 +222,7 @@ def test_real_throughput_quick_runs_every_stage_and_variant(smol_dir, tmp_path):
     got = {(r["stage"], r.get("variant")) for r in recs}
     for stage in ("evaluation", "teacher cache"):
         assert {(stage, v) for v in ("float32", "bf16-autocast", "bf16-weights")} <= got
-    assert {("ce+cka step", "float32"), ("ce+cka step", "bf16-autocast")} <= got
+    assert {("ce+cka step", "float32"), ("ce+cka step", "bf16-autocast"), ("ce+cka step", "bf16-weights")} <= got
     ev = [r for r in recs if r["stage"] == "evaluation" and r["variant"] != "float32"]
     assert all(r["only_float32_right"] + r["only_bf16_right"] <= r["n"] for r in ev)
     assert all(0 <= r["labels_equal_float32"] <= 1 for r in recs if r["stage"] == "teacher cache" and
@@ -236,6 +236,9 @@ def test_real_throughput_quick_runs_every_stage_and_variant(smol_dir, tmp_path):
     assert [(r["task"], r["prefix_reuse"]) for r in pc] == [(r["task"], r["prefix_reuse"]) for r in pr]
     # bf16 weights: the two paths round differently (exactness in float32: test_prefix_reuse_equals_...)
     assert "labels_equal_without" in pc[2] and pc[2]["z_rel_err_vs_without"] < 2e-2
+    ce = [r for r in recs if r["stage"] == "prefix reuse, circuit evaluation"]
+    assert [(r["task"], r["prefix_reuse"]) for r in ce] == [(r["task"], r["prefix_reuse"]) for r in pr]
+    assert "same_correctness_as_without" in ce[2] and "cost_vs_entity_tracking" in ce[2]
 
 
 def test_prefix_reuse_equals_the_full_forward_on_smollm2(smol_dir, tok, monkeypatch):
