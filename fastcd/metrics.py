@@ -182,8 +182,9 @@ def ablated_prefix_length(model: nn.Module, clean: EncodedBatch, means: torch.Te
     """How many leading tokens of ``clean`` run the same under the circuit's ablation as without it (0: none worth
     reusing). Every prompt shares them and no role lies there, so ``lenient`` keeps every head there as computed;
     ``strict`` ablates them with ``means``, which equal the clean z there when the reference prompts share the
-    prefix too (checked: the z of one clean prefix against ``means``): the residual stream, keys and values of
-    the prefix are then the clean ones, computed once (few-shot prompts: the instruction and the shots)."""
+    prefix too (checked per layer: the z of one clean prefix against ``means``, within the rounding of the
+    model's dtype): the residual stream, keys and values of the prefix are then the clean ones, computed once
+    (few-shot prompts: the instruction and the shots)."""
     import os
 
     p = shared_prefix_length(clean.input_ids)
@@ -191,9 +192,11 @@ def ablated_prefix_length(model: nn.Module, clean: EncodedBatch, means: torch.Te
         return 0
     if any(int(v.min()) < p for v in clean.positions.values()):
         return 0
-    if protocol == "strict":
+    if protocol == "strict":  # the means there must be the clean z, up to the rounding of the model's dtype
         _, z = run_with_z(model, clean.input_ids[:1, :p].to(next(model.parameters()).device), logits=False)
-        if not torch.allclose(z[:, 0].float(), means[:, :p].to(z.device).float(), rtol=1e-3, atol=1e-5):
+        tol = 1e-3 if z.dtype == torch.float32 else 5e-2  # bf16 paths differ by ~1.5% (relative), other prefixes ~1
+        diff = (z[:, 0].float() - means[:, :p].to(z.device).float()).flatten(1).norm(dim=1)
+        if bool((diff > tol * means[:, :p].float().flatten(1).norm(dim=1).to(z.device)).any()):
             return 0
     return p
 
