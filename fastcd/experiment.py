@@ -87,6 +87,7 @@ class Experiment:
             import shutil
 
             shutil.rmtree(os.path.join(out, "shared"), ignore_errors=True)
+            shutil.rmtree(os.path.join(out, "partial"), ignore_errors=True)  # runs in flight of the old experiment
             os.makedirs(os.path.join(out, "shared"))
         self.runs_path = os.path.join(out, "runs.jsonl")
         write_json_atomic({"shared": key, "config": asdict(cfg)}, manifest, indent=1)

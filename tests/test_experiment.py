@@ -349,3 +349,7 @@ def test_a_killed_run_goes_on_from_its_checkpoint_exactly(tmp_path, monkeypatch,
     assert strip == [{k: v for k, v in r.items() if k != "elapsed_s"} for r in b["log"]]
     assert sum("val_accuracy" in r for r in b["log"]) == 3
     assert not os.listdir(os.path.join(out, "partial"))
+    # --overwrite discards a run in flight with the old experiment's records: its checkpoint must not be resumed
+    open(saves[0], "wb").close()
+    E.Experiment(ExperimentConfig.from_dict(_cfg(**kw)), out, overwrite=True, progress=False)
+    assert not os.path.exists(os.path.join(out, "partial")) and not os.path.exists(os.path.join(out, "runs.jsonl"))
