@@ -44,7 +44,9 @@ def run_discover(a) -> int:
     task = adapt_task(task, [tok])
 
     stages, spec = Stages(), spec_of(a.model, "--model")
-    with stages("load", f"{os.path.basename(os.path.normpath(a.model))} ({weight_bytes(a.model)[1] / 2**30:.2f} GiB)"):
+    # a packaged model's name, not its directory's last part ("hf")
+    model_name = getattr(a.model, "name", None) or os.path.basename(os.path.normpath(a.model))
+    with stages("load", f"{model_name} ({weight_bytes(a.model)[1] / 2**30:.2f} GiB)"):
         model = load_model(a.model, dtype=a.dtype, device=a.device, what="--model")
     with stages("tokenisation", f"{a.n_examples} prompt pairs" + (f" and {a.n_heldout} held-out pairs"
                                                                   if search or a.evaluate else "")):
@@ -59,7 +61,7 @@ def run_discover(a) -> int:
                                 {"teacher": sec, "student": sec}))
     if a.plan:
         return 0
-    png, model_name = os.path.splitext(a.out)[0] + ".png", os.path.basename(os.path.normpath(a.model))
+    png = os.path.splitext(a.out)[0] + ".png"
 
     meta = dict(model=model_name, n_examples=a.n_examples, seed=a.seed, split=a.split, dtype=a.dtype,
                 provenance=provenance(task, {"model": model_identity(a.model)}, [p.clean for p in pairs]))
