@@ -170,58 +170,52 @@ def main(argv=None) -> int:
         tb = tom.encode(tom.generate(a.n_tom, seed=0, split="test"), tok)
         eb = test.index(range(min(a.n_tom, len(test))))
         m, _ = _variant(model, "bf16-weights")
-        per, answers, cper, sig, eper, hits = {}, {}, {}, {}, {}, {}
+        per: dict = {}  # (stage, task, reuse) -> seconds per prompt
+        out: dict = {}  # (stage, task, reuse) -> what the stage returned
+        means = {}  # per task: the circuit evaluation's per-position means (untimed)
+
+        def measure(stage, label, batch, reuse, fn, *args, **kw) -> dict:
+            """Time ``fn(m, batch, *args, **kw)``; its record with the cost against entity tracking's."""
+            with torch.no_grad():
+                t = time.time()
+                out[(stage, label, reuse)] = fn(m, batch, *args, **kw)
+                sec = time.time() - t
+            per[(stage, label, reuse)] = sec / len(batch)
+            rec = {"stage": stage, "variant": "bf16-weights", "task": label, "prefix_reuse": reuse, "n": len(batch),
+                   "seconds": round(sec, 2), "seconds_per_prompt": round(per[(stage, label, reuse)], 4)}
+            if label == "theory of mind":
+                rec["cost_vs_entity_tracking"] = round(per[(stage, label, reuse)]
+                                                       / per[(stage, "entity tracking", True)], 2)
+            return rec
+
         for label, batch, reuse in (("entity tracking", eb, True), ("theory of mind", tb, False),
                                     ("theory of mind", tb, True)):
             os.environ["FASTCD_PREFIX_REUSE"] = "1" if reuse else "0"
-            with torch.no_grad():
-                t = time.time()
-                answers[(label, reuse)] = accuracy_per_example(m, batch, batch_size=32)
-                sec = time.time() - t
-            per[(label, reuse)] = sec / len(batch)
-            rec = {"stage": "prefix reuse", "variant": "bf16-weights", "task": label, "prefix_reuse": reuse,
-                   "n": len(batch), "tokens": int(batch.input_ids.shape[1]),
-                   "shared_prefix_tokens": shared_prefix_length(batch.input_ids), "seconds": round(sec, 2),
-                   "seconds_per_prompt": round(per[(label, reuse)], 4),
-                   "accuracy": sum(answers[(label, reuse)]) / len(batch)}
-            if label == "theory of mind":
-                rec["cost_vs_entity_tracking"] = round(per[(label, reuse)] / per[("entity tracking", True)], 2)
-            if reuse and label == "theory of mind":
-                rec["same_correctness_as_without"] = answers[(label, True)] == answers[(label, False)]
+            both = reuse and label == "theory of mind"  # compare with the run without reuse
+            rec = measure("prefix reuse", label, batch, reuse, accuracy_per_example, batch_size=32)
+            got = out[("prefix reuse", label, reuse)]
+            rec.update(tokens=int(batch.input_ids.shape[1]), shared_prefix_tokens=shared_prefix_length(batch.input_ids),
+                       accuracy=sum(got) / len(batch))
+            if both:
+                rec["same_correctness_as_without"] = got == out[("prefix reuse", label, False)]
             emit(rec)
-            with torch.no_grad():  # the teacher cache: the same prompts, z captured at the pairs' roles
-                t = time.time()
-                sig[(label, reuse)] = teacher_signals(m, batch, matching, batch_size=32)
-                sec = time.time() - t
-            cper[(label, reuse)] = sec / len(batch)
-            rec = {"stage": "prefix reuse, teacher cache", "variant": "bf16-weights", "task": label,
-                   "prefix_reuse": reuse, "n": len(batch), "seconds": round(sec, 2),
-                   "seconds_per_prompt": round(cper[(label, reuse)], 4)}
-            if label == "theory of mind":
-                rec["cost_vs_entity_tracking"] = round(cper[(label, reuse)] / cper[("entity tracking", True)], 2)
-            if reuse and label == "theory of mind":
-                a_, b_ = sig[(label, True)], sig[(label, False)]
+            # the teacher cache: the same prompts, z captured at the pairs' roles
+            stage = "prefix reuse, teacher cache"
+            rec = measure(stage, label, batch, reuse, teacher_signals, matching, batch_size=32)
+            if both:
+                a_, b_ = out[(stage, label, True)], out[(stage, label, False)]
                 rec["labels_equal_without"] = bool(torch.equal(a_["labels"], b_["labels"]))
                 rec["z_rel_err_vs_without"] = float((a_["z"] - b_["z"]).norm() / b_["z"].norm())
             emit(rec)
             # circuit evaluation (the search's inner loop): the matched heads live at the last token, every other
-            # head mean-ablated at every position (strict), means over these prompts (computed untimed)
-            os.environ["FASTCD_PREFIX_REUSE"] = "0"
-            means = mean_z(m, batch.input_ids[:16])
-            os.environ["FASTCD_PREFIX_REUSE"] = "1" if reuse else "0"
-            with torch.no_grad():
-                t = time.time()
-                hits[(label, reuse)] = circuit_correct(m, batch, means, [(p.student, "last") for p in matching.pairs],
-                                                       batch_size=32)
-                sec = time.time() - t
-            eper[(label, reuse)] = sec / len(batch)
-            rec = {"stage": "prefix reuse, circuit evaluation", "variant": "bf16-weights", "task": label,
-                   "prefix_reuse": reuse, "n": len(batch), "seconds": round(sec, 2),
-                   "seconds_per_prompt": round(eper[(label, reuse)], 4)}
-            if label == "theory of mind":
-                rec["cost_vs_entity_tracking"] = round(eper[(label, reuse)] / eper[("entity tracking", True)], 2)
-            if reuse and label == "theory of mind":
-                rec["same_correctness_as_without"] = hits[(label, True)] == hits[(label, False)]
+            # head mean-ablated at every position (strict), means over these prompts
+            if label not in means:
+                means[label] = mean_z(m, batch.input_ids[:16])
+            stage = "prefix reuse, circuit evaluation"
+            rec = measure(stage, label, batch, reuse, circuit_correct, means[label],
+                          [(p.student, "last") for p in matching.pairs], batch_size=32)
+            if both:
+                rec["same_correctness_as_without"] = out[(stage, label, True)] == out[(stage, label, False)]
             emit(rec)
         os.environ.pop("FASTCD_PREFIX_REUSE", None)
         del m

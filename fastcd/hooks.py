@@ -98,20 +98,21 @@ class ZCache:
         self._z[layer] = z
         (self._whole.add if whole else self._whole.discard)(layer)
 
-    def layer(self, layer: int) -> torch.Tensor:
+    def _stored(self, layer: int) -> torch.Tensor:
         if layer not in self._z:
             raise KeyError(f"layer {layer} was not captured (captured layers: {sorted(self._z)}); did a forward run?")
-        z = self._z[layer]
+        return self._z[layer]
+
+    def layer(self, layer: int) -> torch.Tensor:
+        z = self._stored(layer)
         return z[:, :, self.by_layer[layer]] if layer in self._whole else z
 
     def __getitem__(self, head) -> torch.Tensor:
         head = Head(*head)
         if head.head not in self.by_layer.get(head.layer, []):
             raise KeyError(f"{head} was not captured; captured heads: {[str(h) for h in self.heads]}")
-        if head.layer in self._whole:
-            self.layer(head.layer)  # the missing-layer error
-            return self._z[head.layer][:, :, head.head]
-        return self.layer(head.layer)[:, :, self.by_layer[head.layer].index(head.head)]
+        z = self._stored(head.layer)  # a whole layer: index the head itself (a view, no copy of the layer)
+        return z[:, :, head.head] if head.layer in self._whole else z[:, :, self.by_layer[head.layer].index(head.head)]
 
     def stack(self) -> torch.Tensor:
         return torch.stack([self[h] for h in self.heads], dim=2)  # [batch, pos, n_heads, d_head]
