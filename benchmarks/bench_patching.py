@@ -54,3 +54,36 @@ def test_patching_batched(benchmark, setup_patching, position):
         lambda: patch_heads_batched(model, clean, src, max_batch=512, batch_size=64, position=position),
         rounds=3, warmup_rounds=1)
     benchmark.extra_info["forwards"] = res.forwards
+
+
+# Path patching (Prakash et al.'s four groups, fastcd.path_patching.path_patch): full forwards (the specification)
+# against the fast path (each forward from the sender's layer and from the earliest patched token on, over the
+# clean prefix's keys and values). Senders: every head below the receivers; receivers: two heads of the last layer.
+PATH_GROUPS = {"value_fetcher": ("last", "logits"), "position_transmitter": ("last", "q"),
+               "position_detector": ("query_label", "v"), "structure_reader": ("box_label", "v")}
+
+
+@pytest.fixture(scope="module")
+def setup_path(setup_patching):
+    from fastcd.hooks import run_with_z
+    from fastcd.tasks import EntityTracking
+
+    model, clean, _ = setup_patching
+    task = EntityTracking(n_boxes=7)
+    corrupt = task.encode([p.corrupt for p in task.pairs(64, seed=0, split="val")], build_word_tokenizer())
+    return model, clean, run_with_z(model, corrupt.input_ids, logits=False)[1]
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["full", "fast"])
+@pytest.mark.parametrize("group", list(PATH_GROUPS))
+def test_path_patching(benchmark, setup_path, group, fast):
+    from fastcd.models import Head
+    from fastcd.path_patching import path_patch
+
+    model, clean, cz = setup_path
+    pos, which = PATH_GROUPS[group]
+    kw = dict(sender_position=pos, receiver_input=which, max_batch=512, skip_layers=fast, reuse_prefix=fast,
+              receivers=None if which == "logits" else [Head(3, 0), Head(3, 5)])
+    benchmark.group = f"path patching {group}"
+    res = benchmark.pedantic(lambda: path_patch(model, clean, cz, **kw), rounds=3, warmup_rounds=1)
+    benchmark.extra_info["forwards"] = res.forwards

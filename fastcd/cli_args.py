@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from fastcd.config import ALL_METHODS, MATCH_METHODS, option, parse_lam
 from fastcd.errors import UsageError
 
+DTYPE_CHOICES = ("float32", "bf16", "fp16", "fp32", "bfloat16", "float16")  # fastcd.models.parse_dtype's names
+
 TASKS = ("entity-tracking", "tom")
 TASK_HELP = ("the task: entity-tracking, tom, or your own as an import path module:TaskClass (a class following "
              "fastcd.tasks.Task, see docs/USAGE.md)")
@@ -73,7 +75,7 @@ class DiscoverArgs:
                                   "FASTCD_MEMORY_BUDGET, 2G, allows)")
     batch_size: int = option(64, "prompts per forward")
     device: str = option("cpu", "device")
-    dtype: str | None = option(None, "model dtype (float32, bf16, fp16); default: as stored")
+    dtype: str | None = option(None, "model dtype; default: as stored", choices=DTYPE_CHOICES)
     evaluate: bool = option(False, "also report circuit faithfulness on --n-heldout test prompts (--n-random random "
                            "circuits of the same size and roles; always on for --method search)")
     protocol: str = option("strict", "circuit evaluation: strict (the paper's: every head outside the circuit "
@@ -113,6 +115,7 @@ class MatchArgs:
     seed: int = option(0, "prompt seed (and the random control's)")
     split: str = option("val", "prompt split", choices=SPLITS)
     device: str = option("cpu", "device")
+    dtype: str | None = option(None, "both models' dtype; default: as stored", choices=DTYPE_CHOICES)
     plan: bool = option(False, "print the plan (each stage's work, predicted time and peak memory; timed by a short "
                         "calibration after the models load) and stop")
 

@@ -30,6 +30,7 @@ from fastcd.hooks import memory_budget
 from fastcd.loading import spec_of
 from fastcd.metrics import accuracy_per_example
 from fastcd.models import Head, get_adapter
+from fastcd.path_patching import ET_GROUPS
 from fastcd.stages import available_gib, peak_rss_gib, reset_peak, rss_gib
 from fastcd.teacher_cache import MemoryCache, teacher_signals
 from fastcd.trainable import merge
@@ -154,7 +155,7 @@ def calibrate(teacher, student, t_batch, s_batch, batch_sizes, n_pairs: int, amp
 # ------------------------------------------------------------------------------------------------
 # The plan of one distill / discover / match run
 # ------------------------------------------------------------------------------------------------
-def discovery_rows(method: str, n: int, n_heads: int, n_roles: int, path_k=(4, 2, 2, 2)) -> tuple[int, int]:
+def discovery_rows(method: str, n: int, n_heads: int, n_roles: int) -> tuple[int, int]:
     """(patching rows, plain forward prompts) of a circuit discovery of ``method`` on ``n`` prompt pairs."""
     if method == "roles":
         return n_roles * n_heads * n, 2 * n
@@ -162,9 +163,13 @@ def discovery_rows(method: str, n: int, n_heads: int, n_roles: int, path_k=(4, 2
         return n_heads * n, 2 * n
     if method == "attribution":
         return 0, 3 * n
-    if method == "path":
-        return len(path_k) * n_heads * n, 2 * n
+    if method == "path":  # a sender row: one pass into the logits, two (record, then patch) into a later group
+        return sum(_path_passes()) * n_heads * n, 2 * n
     return 0, 0
+
+
+def _path_passes() -> list[int]:
+    return [1 if g.receiver_input == "logits" else 2 for g in ET_GROUPS]
 
 
 UNITS = ("teacher", "student", "teacher_rows", "student_rows", "steps")
@@ -214,7 +219,9 @@ def discovery_roles(task, method: str, position: str | None = None) -> list:
         return list(getattr(task, "reference_roles", None) or task.roles)
     if method in ("patching", "attribution"):
         return [position or dict(getattr(task, "discovery_defaults", None) or {}).get("position", "last")]
-    return [None]  # path patching: senders at every position
+    if method == "path":  # each pass of a sender row, at its group's sender position (the fast path starts there)
+        return [g.position for g in ET_GROUPS for _ in range(1 if g.receiver_input == "logits" else 2)]
+    return [None]
 
 
 def distill_plan(cfg, task, *, teacher, student, seq_len: int, circuit=None, matching=None, cached: bool,
@@ -241,7 +248,7 @@ def distill_plan(cfg, task, *, teacher, student, seq_len: int, circuit=None, mat
     if needs and matching is None and circuit is None and t_spec is not None:
         method = defaults.get("method", "patching") if cfg.discovery == "auto" else cfg.discovery
         roles = discovery_roles(task, method)
-        rows, fw = discovery_rows(method, n, t_spec.n_total_heads, len(roles), cfg.path_k)
+        rows, fw = discovery_rows(method, n, t_spec.n_total_heads, len(roles))
         st.append(stage("discovery", f"{method} on {n} prompt pairs, {rows:,} teacher patching rows",
                         "a saved --circuit, or a smaller --n-discovery", teacher_rows=rows, teacher=fw))
         if sample is not None:
@@ -305,7 +312,7 @@ def discover_stages(a, spec, task, sample=None) -> list[dict]:
     else:
         method = task.discovery_defaults.get("method", "patching") if a.method == "auto" else a.method
         roles = discovery_roles(task, method, a.position)
-        rows, fw = discovery_rows(method, n, spec.n_total_heads, len(roles), a.path_k)
+        rows, fw = discovery_rows(method, n, spec.n_total_heads, len(roles))
         st = [stage("discovery", f"{method} on {n} prompt pairs, {rows:,} patching rows", "--n-examples, or "
                     "--method attribution", teacher_rows=rows, teacher=fw)]
         if sample is not None:

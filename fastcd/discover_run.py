@@ -37,7 +37,8 @@ def run_discover(a) -> int:
     search = a.method == "search"
     roles = list(a.roles) if a.roles else ["last", *[r for r in task.roles if r != "last"]]
     if search or a.evaluate:
-        check_search_args(target=a.target, roles=roles, task_roles=("last", *task.roles), n_heldout=a.n_heldout,
+        check_search_args(target=a.target, roles=roles, task_roles=tuple(dict.fromkeys(("last", *task.roles))),
+                          n_heldout=a.n_heldout,
                           n_random=a.n_random)
     check_model_path(a.model, "--model")  # the weights are there, before the tokenizer loads
     tok = load_tokenizer(a.model, "--model")

@@ -15,6 +15,11 @@ from fastcd.stages import Stages
 from fastcd.tasks import adapt_task, get_task
 
 
+def _name(resolved) -> str:
+    """A packaged model's name (its prepared directory's last part is 'hf'), else the directory's."""
+    return getattr(resolved, "name", None) or os.path.basename(os.path.normpath(resolved))
+
+
 def run_match(a) -> int:
     """Run ``fastcd match`` for parsed :class:`fastcd.cli_args.MatchArgs` ``a``; checks that need no weights come
     first."""
@@ -36,8 +41,8 @@ def run_match(a) -> int:
     stages = Stages()
     sizes = weight_bytes(a.teacher)[1] + weight_bytes(a.student)[1]
     with stages("load", f"teacher and student ({sizes / 2**30:.2f} GiB)"):
-        teacher = load_model(a.teacher, device=a.device, what="--teacher")
-        student = load_model(a.student, device=a.device, what="--student")
+        teacher = load_model(a.teacher, dtype=a.dtype, device=a.device, what="--teacher")
+        student = load_model(a.student, dtype=a.dtype, device=a.device, what="--student")
     with stages("tokenisation", f"{a.n_examples} prompt pairs for each model"):
         pairs = task.pairs(a.n_examples, seed=a.seed, split=a.split)
         clean, corrupt = [p.clean for p in pairs], [p.corrupt for p in pairs]
@@ -56,8 +61,7 @@ def run_match(a) -> int:
           "random": {"seed": a.seed}}[a.method]
     with stages("matching", stages.what("matching")):
         m = match(inp, a.method, **kw)
-    m.meta.update(teacher=os.path.basename(os.path.normpath(a.teacher)),
-                  student=os.path.basename(os.path.normpath(a.student)), n_examples=a.n_examples,
+    m.meta.update(teacher=_name(a.teacher), student=_name(a.student), n_examples=a.n_examples, dtype=a.dtype,
                   provenance=provenance(task, {"teacher": model_identity(a.teacher),
                                                "student": model_identity(a.student)}, clean))
     m.save(a.out)

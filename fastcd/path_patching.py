@@ -27,7 +27,14 @@ import torch
 from torch import nn
 
 from fastcd.artifacts import Circuit, CircuitHead
-from fastcd.discover import PatchingResult, PatchSource
+from fastcd.discover import (
+    PatchingResult,
+    PatchSource,
+    _cache_kwarg,
+    _clean_metric_and_resid,
+    _prefix_reuse_ok,
+    _rows_cache,
+)
 from fastcd.errors import UsageError
 from fastcd.hooks import intervene, role_positions, rows_for_budget, run_with_z
 from fastcd.metrics import check_patching_args, clean_metric, metric_values, relative_change
@@ -99,11 +106,29 @@ def _replace_inputs(model, receivers: list[Head], which: str, values: dict, pos_
             hd.remove()
 
 
+def _logits(model, adapter, clean: EncodedBatch, ex_idx: torch.Tensor, *, layer: int, p0: int, resid, prefix_kv):
+    """Logits at each row's last token of a run on the clean prompts ``ex_idx`` (hooks and interventions already
+    on). With ``resid`` (layer skipping) the run starts from the clean residual stream at ``layer`` and, with
+    ``p0 > 0``, at token ``p0`` on the clean prefix's keys and values: the caller guarantees that nothing before
+    either has changed."""
+    device = next(model.parameters()).device
+    last = clean.positions["last"][ex_idx]
+    if resid is None:
+        return logits_at(model, last, input_ids=clean.input_ids[ex_idx].to(device))[0]
+    kw = {}
+    if p0 > 0:
+        t, r = clean.input_ids.shape[1], len(ex_idx)
+        kw = {_cache_kwarg(model): _rows_cache(prefix_kv, ex_idx), "use_cache": True,
+              "position_ids": torch.arange(p0, t, device=device)[None].expand(r, -1)}
+    with adapter.start_at_layer(layer):
+        return logits_at(model, last - p0, inputs_embeds=resid[layer][ex_idx, p0:].to(device), **kw)[0]
+
+
 @torch.no_grad()
 def path_patch(model: nn.Module, clean: EncodedBatch, corrupt_z: torch.Tensor, *, sender_position: str,
                receivers: list[Head] | None, receiver_input: str = "logits", receiver_position: str = "last",
-               metric: str = "prob", relative: bool = True, max_batch: int | None = None, batch_size: int = 64
-               ) -> PatchingResult:
+               metric: str = "prob", relative: bool = True, max_batch: int | None = None, batch_size: int = 64,
+               skip_layers: bool = True, reuse_prefix: bool = True) -> PatchingResult:
     """Path-patching score of every sender head into ``receivers`` (or straight into the logits).
 
     Args:
@@ -112,6 +137,12 @@ def path_patch(model: nn.Module, clean: EncodedBatch, corrupt_z: torch.Tensor, *
         receivers: receiving heads (None with ``receiver_input="logits"``).
         receiver_input: ``logits`` (direct effect), ``q`` (read at ``receiver_position``) or ``v`` (read at
             the sender's position).
+        skip_layers, reuse_prefix: the fast path (Llama-like models, as in
+            :func:`fastcd.discover.patch_heads_batched`). Every head is frozen to its clean z, so a sender in
+            layer l changes nothing before layer l, nor any token before its position: step 1 starts from the
+            clean residual stream at the sender's layer, step 2 at the first receiver's layer, both at the
+            earliest patched token on the clean prefix's keys and values. Both off: full forwards (the
+            specification; tests compare the two).
 
     Returns:
         A :class:`PatchingResult`; senders that cannot reach any receiver (same or later layer) are NaN.
@@ -121,60 +152,72 @@ def path_patch(model: nn.Module, clean: EncodedBatch, corrupt_z: torch.Tensor, *
         raise UsageError(f"receiver_input must be 'logits', 'q' or 'v', got {receiver_input!r}")
     if receiver_input != "logits" and not receivers:
         raise UsageError("receivers must be a non-empty list of heads for q/v composition")
-    spec = get_adapter(model).spec
+    adapter = get_adapter(model)
+    spec = adapter.spec
     device = next(model.parameters()).device
     n, t = clean.input_ids.shape
     if corrupt_z.shape[:3] != (spec.n_layers, n, t):
         raise UsageError(f"corrupt_z must be [L={spec.n_layers}, n={n}, T={t}, H, D], got {tuple(corrupt_z.shape)}")
     receivers = [spec.check_head(h, "receivers") for h in (receivers or [])]
     _, clean_z = run_with_z(model, clean.input_ids.to(device), logits=False)  # [L, n, T, H, D]
-    base, fw = clean_metric(model, clean, metric, None, batch_size)
-    fw += 1  # the clean run that recorded clean_z
     s_pos = role_positions(clean, sender_position)  # [n, 1]
     r_pos = role_positions(clean, receiver_position if receiver_input == "q" else sender_position)
+    skip = skip_layers and adapter.supports_layer_skip
+    p0 = 0
+    if skip and reuse_prefix and _prefix_reuse_ok(adapter, t):
+        p0 = int(min(s_pos.min(), r_pos.min()))
+    resid = prefix_kv = None
+    if skip:
+        base, fw, resid, prefix_kv = _clean_metric_and_resid(model, clean, metric, None, batch_size, prefix=p0)
+    else:
+        base, fw = clean_metric(model, clean, metric, None, batch_size)
+    fw += 1  # the clean run that recorded clean_z
     max_layer = spec.n_layers if receiver_input == "logits" else max(h.layer for h in receivers)
-    senders = [h for h in spec.all_heads() if h.layer < max_layer]
-    total = len(senders) * n
-    out = torch.empty(total)
+    r_first = min((h.layer for h in receivers), default=0) if skip else 0
+    senders = [h for h in spec.all_heads() if h.layer < max_layer]  # layer-major
+    by_layer: dict[int, list[int]] = {}
+    for k, h in enumerate(senders):
+        by_layer.setdefault(h.layer, []).append(k)
     if max_batch is None:
         max_batch = rows_for_budget(model, t)
-    for start in range(0, total, max_batch):
-        rows = torch.arange(start, min(start + max_batch, total))
-        k_idx, ex_idx = rows // n, rows % n
-        r = len(rows)
-        # Step 1: freeze every head to clean, put the sender's corrupt value at the sender position.
-        plan = {}
-        for layer in range(spec.n_layers):
-            value = clean_z[layer][ex_idx].clone()  # [rows, T, H, D]
-            for k in k_idx.unique().tolist():
-                h = senders[k]
-                if h.layer != layer:
-                    continue
-                sel = (k_idx == k).nonzero().flatten()
-                p = s_pos[ex_idx[sel], 0]
-                value[sel, p, h.head] = corrupt_z[layer][ex_idx[sel], p, h.head]
-            plan[layer] = (torch.ones(1, t, spec.n_heads, dtype=torch.bool), value)
-        ids = clean.input_ids[ex_idx].to(device)
-        last = clean.positions["last"]
-        if receiver_input == "logits":
-            with intervene(model, plan):
-                logits, _ = logits_at(model, last[ex_idx], input_ids=ids)
-            fw += 1
-        else:
-            store: dict = {}
-            with intervene(model, plan), _record_inputs(model, receivers, receiver_input, store):
-                logits_at(model, last[ex_idx], input_ids=ids)  # records the receivers' inputs; no full logits
-            # Step 2: a fresh clean run with the receivers' inputs patched at their reading position.
-            pm = torch.zeros(r, t, dtype=torch.bool)
-            pm[torch.arange(r), r_pos[ex_idx, 0]] = True
-            with _replace_inputs(model, receivers, receiver_input, store, pm):
-                logits, _ = logits_at(model, last[ex_idx], input_ids=ids)
-            fw += 2
-        out[start : start + r] = metric_values(logits, clean.index(ex_idx), metric).cpu()
+    out = torch.empty(len(senders), n)
+    freeze = torch.ones(1, t - p0, spec.n_heads, dtype=torch.bool)
+    for layer, ks in by_layer.items():  # a forward patches senders of one layer, so it can start there
+        first = layer if skip else 0
+        for start in range(0, len(ks) * n, max_batch):
+            rows = torch.arange(start, min(start + max_batch, len(ks) * n))
+            k_local, ex_idx = rows // n, rows % n
+            r = len(rows)
+            # Step 1: freeze every head to clean, put the sender's corrupt value at the sender position.
+            plan = {}
+            for l in range(first, spec.n_layers):
+                value = clean_z[l][ex_idx, p0:].clone()  # [rows, T - p0, H, D]
+                if l == layer:
+                    for j in k_local.unique().tolist():
+                        sel = (k_local == j).nonzero().flatten()
+                        h, p = senders[ks[j]], s_pos[ex_idx[sel], 0]
+                        value[sel, p - p0, h.head] = corrupt_z[layer][ex_idx[sel], p, h.head]
+                plan[l] = (freeze, value)
+            run = {"p0": p0, "resid": resid, "prefix_kv": prefix_kv}
+            if receiver_input == "logits":
+                with intervene(model, plan):
+                    logits = _logits(model, adapter, clean, ex_idx, layer=first, **run)
+                fw += 1
+            else:
+                store: dict = {}
+                with intervene(model, plan), _record_inputs(model, receivers, receiver_input, store):
+                    _logits(model, adapter, clean, ex_idx, layer=first, **run)  # records the receivers' inputs
+                # Step 2: a fresh clean run with the receivers' inputs patched at their reading position.
+                pm = torch.zeros(r, t - p0, dtype=torch.bool)
+                pm[torch.arange(r), r_pos[ex_idx, 0] - p0] = True
+                # receivers before the first layer step 1 ran read clean inputs: nothing to patch there
+                with _replace_inputs(model, [h for h in receivers if h in store], receiver_input, store, pm):
+                    logits = _logits(model, adapter, clean, ex_idx, layer=r_first, **run)
+                fw += 2
+            out[[ks[j] for j in k_local.tolist()], ex_idx] = metric_values(logits, clean.index(ex_idx), metric).cpu()
     scores = torch.full((spec.n_layers, spec.n_heads), float("nan"))
-    per = out.view(len(senders), n)
     for k, h in enumerate(senders):
-        scores[h.layer, h.head] = relative_change(per[k], base, metric, relative)
+        scores[h.layer, h.head] = relative_change(out[k], base, metric, relative)
     return PatchingResult(scores, float(base.mean()), fw, metric, "corrupt", sender_position)
 
 

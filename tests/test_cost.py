@@ -47,7 +47,8 @@ def test_plan_only_counts_every_stage_and_times_it(tok):
     by = {st["stage"]: st for st in plan["stages"]}
     assert list(by) == STAGES
     heads = 3 * 4  # the tiny teacher: 3 layers x 4 heads
-    rows, fw = discovery_rows("path", cfg.n_discovery, heads, 3, cfg.path_k)
+    rows, fw = discovery_rows("path", cfg.n_discovery, heads, 3)
+    assert rows == 7 * heads * cfg.n_discovery  # a sender row: 1 pass into the logits, 2 into each later group
     assert by["discovery"]["work"] == {"teacher_rows": rows, "teacher": fw}
     assert by["teacher cache"]["work"] == {"teacher": cfg.n_train}
     assert by["teacher evaluation"]["work"] == {"teacher": cfg.n_eval + 13 * cfg.n_eval}

@@ -52,6 +52,29 @@ def test_composition_through_a_blind_receiver_is_zero(arch, which, pos, tok):
     assert torch.isnan(res.scores[1]).all()  # same-layer senders have no path
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("which, pos, receivers", [
+    ("logits", "last", None),
+    ("q", "last", [Head(1, 0), Head(2, 3)]),
+    ("v", "query_label", [Head(0, 1), Head(2, 0)]),  # a layer-0 receiver: no sender reaches it
+    ("v", "box_label", [Head(2, 1), Head(2, 2)]),  # the sender's token differs from prompt to prompt
+])
+def test_fast_path_equals_full_forwards(arch, which, pos, receivers, tok):
+    """Layer skipping and the clean prefix's keys/values (the fast path) give the full forwards' scores."""
+    model = make_tiny(arch, n_layers=3, vocab_size=len(tok))
+    clean, corrupt = _data(tok, n=12)
+    if pos == "box_label":
+        assert clean.positions[pos].unique().numel() > 1
+    _, cz = run_with_z(model, corrupt.input_ids)
+    kw = dict(sender_position=pos, receivers=receivers, receiver_input=which, max_batch=20)
+    ref = path_patch(model, clean, cz, skip_layers=False, reuse_prefix=False, **kw)
+    fast = path_patch(model, clean, cz, **kw)
+    torch.testing.assert_close(fast.scores, ref.scores, atol=2e-5, rtol=1e-4, equal_nan=True)
+    assert (~torch.isnan(ref.scores)).sum() > 0 and ref.scores.nan_to_num().abs().sum() > 0
+    layer_only = path_patch(model, clean, cz, reuse_prefix=False, **kw)
+    torch.testing.assert_close(layer_only.scores, ref.scores, atol=2e-5, rtol=1e-4, equal_nan=True)
+
+
 def test_composition_scores_are_nonzero_and_batch_invariant(tok):
     model = make_tiny("llama", n_layers=2, vocab_size=len(tok))
     clean, corrupt = _data(tok)

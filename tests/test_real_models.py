@@ -167,6 +167,30 @@ def test_batched_patching_equals_the_loop_on_real_heads(smol_dir, tok):
         assert fast.forwards < loop.forwards
 
 
+def test_path_patching_fast_path_equals_full_forwards_on_real_heads(smol_dir, tok):
+    """Path patching's fast path (from the sender's layer and token, on the clean prefix's keys and values) gives
+    the full forwards' scores on SmolLM2's real rotary, GQA heads: V-composition from the queried box's label (a
+    token that differs from prompt to prompt) into receivers in layers 1 and 2."""
+    from fastcd.hooks import run_with_z
+    from fastcd.path_patching import path_patch
+    from fastcd.tasks import EntityTracking
+
+    m = load_model(smol_dir)
+    task = EntityTracking(n_boxes=3)
+    pairs = task.pairs(2, seed=1, split="val")  # the queried boxes differ
+    clean = task.encode([p.clean for p in pairs], tok)
+    corrupt = task.encode([p.corrupt for p in pairs], tok)
+    assert clean.positions["box_label"].unique().numel() == 2
+    _, cz = run_with_z(m, corrupt.input_ids, logits=False)
+    kw = dict(sender_position="box_label", receivers=[Head(1, 1), Head(2, 6)], receiver_input="v", metric="logprob",
+              max_batch=64)
+    full = path_patch(m, clean, cz, skip_layers=False, reuse_prefix=False, **kw)
+    fast = path_patch(m, clean, cz, **kw)
+    live = ~torch.isnan(full.scores)
+    assert int(live.sum()) == 2 * 9 and full.scores[live].abs().max() > 0  # senders: layers 0-1 (layer 0 reaches both)
+    torch.testing.assert_close(fast.scores, full.scores, atol=1e-4, rtol=1e-3, equal_nan=True)
+
+
 def test_two_step_distillation_trains_only_the_matched_slices_and_reloads(smol_dir, tok, tmp_path):
     from transformers import AutoModelForCausalLM
 
