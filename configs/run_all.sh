@@ -7,7 +7,7 @@
 # 2-core CPU budget (idle): toy control ~5 min, toy table ~10 min, each real control ~40 min, real table ~4 h, its follow-up ~1 h, the
 # unbiased rerun ~50 min, the lambda-10 rerun ~25 min; then the designed-to-decide experiments with the faithful circuit
 # (each seed its own prompts, lr chosen on validation, 6 replications): paper regime ~8.5 h, out of distribution ~7 h,
-# data-starved ~15 h, the known-answer control ~5.5 h.
+# data-starved ~15 h, the known-answer control ~5.5 h, the paper regime's other five methods ~15-20 h.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-runs}
@@ -32,3 +32,6 @@ for name in real_paper_regime real_ood real_known_answer real_data_starved; do
     echo "== $name"
     fastcd experiment "configs/$name.yaml" --out "$out/$name" --no-progress
 done
+# then the paper regime's other five methods into the same directory (its finished runs and shared work reused)
+echo "== real_paper_regime_all"
+fastcd experiment configs/real_paper_regime_all.yaml --out "$out/real_paper_regime" --no-progress
