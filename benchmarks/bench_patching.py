@@ -34,10 +34,10 @@ def setup_patching():
     return model, clean, src
 
 
-POSITIONS = [None, "query_label", "last"]
+POSITIONS = [None, "query_label", "last", "box_label"]
 
 
-@pytest.mark.parametrize("position", POSITIONS, ids=["all", "query_label", "last"])
+@pytest.mark.parametrize("position", POSITIONS, ids=["all", "query_label", "last", "box_label"])
 def test_patching_loop(benchmark, setup_patching, position):
     model, clean, src = setup_patching
     benchmark.group = f"patching position={position or 'all'}"
@@ -46,7 +46,7 @@ def test_patching_loop(benchmark, setup_patching, position):
     benchmark.extra_info["forwards"] = res.forwards
 
 
-@pytest.mark.parametrize("position", POSITIONS, ids=["all", "query_label", "last"])
+@pytest.mark.parametrize("position", POSITIONS, ids=["all", "query_label", "last", "box_label"])
 def test_patching_batched(benchmark, setup_patching, position):
     model, clean, src = setup_patching
     benchmark.group = f"patching position={position or 'all'}"

@@ -4,7 +4,7 @@ The cost model (shared by ``fastcd experiment --plan`` and the plan that ``disti
 first): a short calibration in the run's precision times a teacher and a student forward per prompt (batches of
 CALIBRATION_PROMPTS) and one ce+cka step at the batch size; a stage's prediction is its forward prompts (or
 patching rows, or steps) times that unit time. A batched patching row reuses the clean prefix before its role's
-earliest position (:func:`fastcd.discover.patch_heads_batched`), so it costs ROW_COST x the share of the prompt
+position in its prompt (:func:`fastcd.discover.patch_heads_batched`), so it costs ROW_COST x the share of the prompt
 after that position of a forward prompt (the whole prompt for ablation at every position). Peak
 memory is the models' bytes (from the safetensors headers: no weights read) plus the activations the calibration
 step held, scaled to the batch. :class:`fastcd.stages.Stages` prints the plan, then one status line as each stage
@@ -177,14 +177,14 @@ UNITS = ("teacher", "student", "teacher_rows", "student_rows", "steps")
 
 def row_share(batch, roles) -> float:
     """The mean share of a prompt a batched patching row recomputes over ``roles`` (None or "all": every position,
-    the whole prompt): the tokens from the role's earliest position in ``batch`` on."""
+    the whole prompt): the tokens from the row's position of the role on, averaged over ``batch``."""
     t = batch.input_ids.shape[1]
     shares = []
     for r in roles:
         if r is None or r == "all" or r not in batch.positions:
             shares.append(1.0)
         else:
-            shares.append(max(MIN_ROW_SHARE, (t - int(batch.positions[r].min())) / t))
+            shares.append(max(MIN_ROW_SHARE, float((t - batch.positions[r]).float().mean()) / t))
     return sum(shares) / len(shares)
 
 

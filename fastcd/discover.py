@@ -147,13 +147,14 @@ def _cache_kwarg(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def _rows_cache(prefix_kv, ex_idx: torch.Tensor):
+def _rows_cache(prefix_kv, ex_idx: torch.Tensor, length: int | None = None):
+    """A KV cache of the clean prefix for rows ``ex_idx``: its first ``length`` tokens (None: all kept)."""
     from transformers import DynamicCache
 
     cache = DynamicCache()
     for l, (k, v) in enumerate(prefix_kv):
         idx = ex_idx.to(k.device)
-        cache.update(k[idx], v[idx], l)
+        cache.update(k[idx, :, :length], v[idx, :, :length], l)
     return cache
 
 
@@ -197,6 +198,21 @@ def patch_heads_loop(model: nn.Module, clean: EncodedBatch, source: PatchSource,
     return PatchingResult(scores, float(base.mean()), fw, metric, source.mode, position)
 
 
+def _chunks(n_heads: int, start_tok: torch.Tensor, max_batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The forwards of one layer's rows (head k of ``n_heads``, example i): ``(k_local, ex_idx)`` chunks of at most
+    ``max_batch`` rows whose examples share one start token ``start_tok[i]``."""
+    n = len(start_tok)
+    k_all = torch.arange(n_heads).repeat_interleave(n)
+    ex_all = torch.arange(n).repeat(n_heads)
+    out = []
+    for tok in torch.unique(start_tok).tolist():
+        sel = (start_tok[ex_all] == tok).nonzero().flatten()
+        for i in range(0, len(sel), max_batch):
+            idx = sel[i : i + max_batch]
+            out.append((k_all[idx], ex_all[idx]))
+    return out
+
+
 @torch.no_grad()
 def patch_heads_batched(model: nn.Module, clean: EncodedBatch, source: PatchSource, *, metric: str = "prob",
                         relative: bool = True, position: str | None = None, distractor_ids=None,
@@ -211,8 +227,9 @@ def patch_heads_batched(model: nn.Module, clean: EncodedBatch, source: PatchSour
     With ``skip_layers`` (Llama-like models), a forward that patches layer l starts from the clean residual
     stream at layer l instead of recomputing layers 0..l-1, which are unchanged by the patch; the clean
     residual streams are kept, ``[n_layers, n, T, d_model]``. With ``reuse_prefix`` and a position role, the
-    tokens before the earliest patched position are not recomputed either: their clean keys and values are
-    reused as a KV cache and only the suffix runs.
+    tokens before a row's patched position are not recomputed either: their clean keys and values are reused as
+    a KV cache and only the suffix runs; rows are grouped by that position (one group for ``last``, up to one per
+    box for a role that moves from prompt to prompt, such as ``box_label``).
     """
     from tqdm import tqdm
 
@@ -234,26 +251,28 @@ def patch_heads_batched(model: nn.Module, clean: EncodedBatch, source: PatchSour
     by_layer: dict[int, list[int]] = {}
     for k in order:
         by_layer.setdefault(heads[k].layer, []).append(k)
-    p0 = int(pos.min()) if (skip and reuse_prefix and pos is not None and _prefix_reuse_ok(adapter, t)) else 0
+    # With prefix reuse, a forward runs from its rows' patched token on: rows are grouped by that token (one group
+    # for `last`; up to one per box for a role that moves from prompt to prompt), the clean keys/values kept up to
+    # the latest one.
+    reuse = skip and reuse_prefix and pos is not None and _prefix_reuse_ok(adapter, t) and int(pos.max()) > 0
+    start_tok = pos[:, 0] if reuse else torch.zeros(n, dtype=torch.long)
     if skip:
         base, fw, resid, prefix_kv = _clean_metric_and_resid(model, clean, metric, distractor_ids, batch_size,
-                                                             prefix=p0)
-        shifted = _shift_last(clean, p0) if p0 > 0 else None
+                                                             prefix=int(start_tok.max()))
     else:
         base, fw = clean_metric(model, clean, metric, distractor_ids, batch_size)
     out = torch.empty(len(heads), n)
+    chunks = {layer: _chunks(len(ks), start_tok, max_batch) for layer, ks in by_layer.items()}
     if progress:
-        n_fw = sum(-(-len(ks) * n // max_batch) for ks in by_layer.values())
-        print(f"fastcd: batched patching: {len(heads)} heads x {n} prompts = {len(heads) * n:,} rows in about {n_fw} "
+        n_fw = sum(len(c) for c in chunks.values())
+        print(f"fastcd: batched patching: {len(heads)} heads x {n} prompts = {len(heads) * n:,} rows in {n_fw} "
               f"forwards of <= {max_batch} rows" + (", each from layer l on (layer skipping)" if skip else ""),
               file=sys.stderr)
     bar = tqdm(total=len(heads) * n, disable=not progress, desc="patching (batched)")
     for layer, ks in by_layer.items():
-        total = len(ks) * n
-        for start in range(0, total, max_batch):
-            rows = torch.arange(start, min(start + max_batch, total))
-            k_local, ex_idx = rows // n, rows % n  # which head (of this layer), which example
-            r = len(rows)
+        for k_local, ex_idx in chunks[layer]:  # which head (of this layer), which example
+            r = len(ex_idx)
+            p0 = int(start_tok[ex_idx[0]])  # every row of the chunk starts at the same token
             pm = position_mask(None if pos is None else pos[ex_idx], r, t)  # [rows, T]
             mask = torch.zeros(r, t, spec.n_heads, dtype=torch.bool)
             for j in k_local.unique().tolist():
@@ -263,9 +282,9 @@ def patch_heads_batched(model: nn.Module, clean: EncodedBatch, source: PatchSour
                 # Positions before p0 are untouched by the patch: run only the suffix, on the clean prefix's
                 # keys and values, from the clean residual stream at this layer.
                 plan = {layer: (mask[:, p0:], source.rows(layer, ex_idx, t, spec)[:, p0:])}
-                kw = {_cache_kwarg(model): _rows_cache(prefix_kv, ex_idx),
+                kw = {_cache_kwarg(model): _rows_cache(prefix_kv, ex_idx, p0),
                       "position_ids": torch.arange(p0, t, device=device)[None].expand(r, -1)}
-                sub = shifted.index(ex_idx)
+                sub = _shift_last(clean, p0).index(ex_idx)
                 with intervene(model, plan), adapter.start_at_layer(layer):
                     logits, _ = logits_at(model, sub.positions["last"],
                                           inputs_embeds=resid[layer][ex_idx, p0:].to(device), use_cache=True, **kw)

@@ -31,6 +31,7 @@ from fastcd.discover import (
     PatchingResult,
     PatchSource,
     _cache_kwarg,
+    _chunks,
     _clean_metric_and_resid,
     _prefix_reuse_ok,
     _rows_cache,
@@ -118,7 +119,7 @@ def _logits(model, adapter, clean: EncodedBatch, ex_idx: torch.Tensor, *, layer:
     kw = {}
     if p0 > 0:
         t, r = clean.input_ids.shape[1], len(ex_idx)
-        kw = {_cache_kwarg(model): _rows_cache(prefix_kv, ex_idx), "use_cache": True,
+        kw = {_cache_kwarg(model): _rows_cache(prefix_kv, ex_idx, p0), "use_cache": True,
               "position_ids": torch.arange(p0, t, device=device)[None].expand(r, -1)}
     with adapter.start_at_layer(layer):
         return logits_at(model, last - p0, inputs_embeds=resid[layer][ex_idx, p0:].to(device), **kw)[0]
@@ -141,7 +142,8 @@ def path_patch(model: nn.Module, clean: EncodedBatch, corrupt_z: torch.Tensor, *
             :func:`fastcd.discover.patch_heads_batched`). Every head is frozen to its clean z, so a sender in
             layer l changes nothing before layer l, nor any token before its position: step 1 starts from the
             clean residual stream at the sender's layer, step 2 at the first receiver's layer, both at the
-            earliest patched token on the clean prefix's keys and values. Both off: full forwards (the
+            row's earliest patched token on the clean prefix's keys and values (rows grouped by that token).
+            Both off: full forwards (the
             specification; tests compare the two).
 
     Returns:
@@ -163,12 +165,14 @@ def path_patch(model: nn.Module, clean: EncodedBatch, corrupt_z: torch.Tensor, *
     s_pos = role_positions(clean, sender_position)  # [n, 1]
     r_pos = role_positions(clean, receiver_position if receiver_input == "q" else sender_position)
     skip = skip_layers and adapter.supports_layer_skip
-    p0 = 0
+    # a row starts at the earlier of its sender's and its receivers' token; rows are grouped by that token
+    start_tok = torch.zeros(n, dtype=torch.long)
     if skip and reuse_prefix and _prefix_reuse_ok(adapter, t):
-        p0 = int(min(s_pos.min(), r_pos.min()))
+        start_tok = torch.minimum(s_pos[:, 0], r_pos[:, 0])
     resid = prefix_kv = None
     if skip:
-        base, fw, resid, prefix_kv = _clean_metric_and_resid(model, clean, metric, None, batch_size, prefix=p0)
+        base, fw, resid, prefix_kv = _clean_metric_and_resid(model, clean, metric, None, batch_size,
+                                                             prefix=int(start_tok.max()))
     else:
         base, fw = clean_metric(model, clean, metric, None, batch_size)
     fw += 1  # the clean run that recorded clean_z
@@ -181,13 +185,11 @@ def path_patch(model: nn.Module, clean: EncodedBatch, corrupt_z: torch.Tensor, *
     if max_batch is None:
         max_batch = rows_for_budget(model, t)
     out = torch.empty(len(senders), n)
-    freeze = torch.ones(1, t - p0, spec.n_heads, dtype=torch.bool)
     for layer, ks in by_layer.items():  # a forward patches senders of one layer, so it can start there
         first = layer if skip else 0
-        for start in range(0, len(ks) * n, max_batch):
-            rows = torch.arange(start, min(start + max_batch, len(ks) * n))
-            k_local, ex_idx = rows // n, rows % n
-            r = len(rows)
+        for k_local, ex_idx in _chunks(len(ks), start_tok, max_batch):
+            r, p0 = len(ex_idx), int(start_tok[ex_idx[0]])
+            freeze = torch.ones(1, t - p0, spec.n_heads, dtype=torch.bool)
             # Step 1: freeze every head to clean, put the sender's corrupt value at the sender position.
             plan = {}
             for l in range(first, spec.n_layers):

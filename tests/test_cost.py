@@ -123,12 +123,14 @@ def test_weight_bytes_reads_the_safetensors_headers(tmp_path, tok):
 
 
 def test_a_patching_row_costs_the_share_of_the_prompt_after_its_role(tok):
-    """Batched patching reuses the clean prefix before a role's earliest position: a row at the last token costs
-    about one token's share of a forward, a row at every position the whole prompt; the plan times rows so."""
-    enc = TASK.encode([p.clean for p in TASK.pairs(4, seed=0, split="val")], tok)
+    """Batched patching reuses the clean prefix before a row's position of its role: a row at the last token costs
+    about one token's share of a forward, a row at every position the whole prompt, a row at box_label the tokens
+    from its own prompt's queried box label on; the plan times rows so."""
+    enc = TASK.encode([p.clean for p in TASK.pairs(8, seed=1, split="val")], tok)
     t = enc.input_ids.shape[1]
-    first = int(enc.positions["box_label"].min())
-    assert row_share(enc, ["box_label"]) == pytest.approx((t - first) / t)
+    pos = enc.positions["box_label"].tolist()
+    assert len(set(pos)) > 1
+    assert row_share(enc, ["box_label"]) == pytest.approx(sum(t - p for p in pos) / len(pos) / t)
     assert row_share(enc, ["last"]) == pytest.approx(max(MIN_ROW_SHARE, 1 / t))
     assert row_share(enc, [None]) == row_share(enc, ["all"]) == 1.0
     assert row_share(enc, ["last", None]) == pytest.approx((row_share(enc, ["last"]) + 1.0) / 2)

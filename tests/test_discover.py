@@ -32,7 +32,10 @@ def test_batched_patching_equals_loop(arch, mode, position, tok):
                                batch_size=8)
     torch.testing.assert_close(fast.scores, loop.scores, atol=2e-5, rtol=1e-4)
     assert not torch.isnan(loop.scores).any() and loop.scores.abs().sum() > 0
-    assert loop.forwards >= 4 * fast.forwards, (loop.forwards, fast.forwards)
+    # one clean pass per batch of 8, then per layer one forward per group of rows that start at one token (a role
+    # that moves from prompt to prompt, box_label, runs each of its positions' rows from there on)
+    groups = clean.positions[position].unique().numel() if position and arch == "llama" else 1
+    assert fast.forwards == 3 + 2 * groups and loop.forwards >= 2 * fast.forwards, (loop.forwards, fast.forwards)
     plain = patch_heads_batched(model, clean, src, metric="prob", position=position, max_batch=8 * 24,
                                 batch_size=8, skip_layers=False)
     torch.testing.assert_close(plain.scores, loop.scores, atol=2e-5, rtol=1e-4)
