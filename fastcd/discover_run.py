@@ -87,8 +87,11 @@ def run_discover(a) -> int:
             with torch.no_grad(), stages("evaluation", stages.what("evaluation")):
                 circuit.meta["evaluation"] = faithfulness_record(model, *held, circuit, split="test",
                                                                  n_random=a.n_random, protocol=a.protocol)
-        head_heatmaps(panels, png, title=f"{a.task}: head scores", marked=marked, metric=a.metric,
-                      relative=not a.absolute)
+        boxes = f" ({task.n_boxes} boxes)" if hasattr(task, "n_boxes") else ""
+        method = circuit.meta.get("method", a.method)
+        head_heatmaps(panels, png, title=f"{model_name}, {a.task}{boxes}: head scores ({method}, {a.n_examples} "
+                      "prompts)", marked=marked, metric=a.metric, relative=not a.absolute,
+                      nan_label="no path to the group's receivers (in the same or a later layer)")
     circuit.save(a.out)
     print(circuit)
     if circuit.meta.get("evaluation"):

@@ -56,7 +56,7 @@ def _annotate(ax, values, fmt: str, *, white, max_cells: int = 144) -> None:
 
 def head_heatmaps(panels: dict, path: str | os.PathLike | None = None, *, title: str = "",
                   marked: dict | None = None, metric: str = "prob", relative: bool = True, label: str | None = None,
-                  marked_label: str = "circuit heads"):
+                  marked_label: str = "circuit heads", nan_label: str | None = None):
     """One heatmap per panel of a ``[layers, heads]`` score matrix, all on one symmetric colour scale (a panel of
     1e-4 reads pale beside one of -0.9), one labelled colourbar, circuit heads outlined, NaN cells (no path) grey,
     values written on grids up to 144 cells.
@@ -65,6 +65,7 @@ def head_heatmaps(panels: dict, path: str | os.PathLike | None = None, *, title:
         panels: ``{name: tensor [n_layers, n_heads]}``.
         marked: ``{name: [Head, ...]}`` heads to outline.
         metric, relative: what the scores are (for the colourbar label); ``label`` overrides it.
+        nan_label: what a grey (NaN) cell means, said in the title when a panel has one.
     """
     import numpy as np
     from matplotlib import colormaps
@@ -98,8 +99,10 @@ def head_heatmaps(panels: dict, path: str | os.PathLike | None = None, *, title:
     import textwrap
 
     width_chars = int(fig.get_figwidth() * 11)  # about 11 characters of a 9-point title per inch
+    grey = nan_label and any(np.isnan(m).any() for m in mats.values())
     lines = ([title] if title else []) + [f"colour: {cbar} when the head is patched"
-                                          + (f"; outlined: {marked_label}" if marked else "")]
+                                          + (f"; outlined: {marked_label}" if marked else "")
+                                          + (f"; grey: {nan_label}" if grey else "")]
     fig.suptitle("\n".join(textwrap.fill(x, width_chars) for x in lines), fontsize=9)
     _save(fig, path)
     return fig

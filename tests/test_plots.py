@@ -30,6 +30,11 @@ def test_heatmaps_share_one_colour_scale_and_return_the_figure(tmp_path):
     assert "relative change in p(answer)" in fig.axes[-1].get_ylabel()
     assert (tmp_path / "h.png").read_bytes()[:4] == b"\x89PNG"
     assert __import__("matplotlib").get_backend() == backend  # never switched
+    assert "grey" not in fig._suptitle.get_text()  # a NaN cell is explained only where its meaning is given
+    fig = head_heatmaps(panels, None, title="t", nan_label="no path to the receivers")
+    assert "grey: no path to the receivers" in fig._suptitle.get_text().replace("\n", " ")  # wrapped
+    nan_free = {"a": panels["a"]}
+    assert "grey" not in head_heatmaps(nan_free, None, nan_label="no path")._suptitle.get_text()
 
 
 def test_cka_plot_range_and_labels(tmp_path):
