@@ -156,20 +156,15 @@ def calibrate(teacher, student, t_batch, s_batch, batch_sizes, n_pairs: int, amp
 # The plan of one distill / discover / match run
 # ------------------------------------------------------------------------------------------------
 def discovery_rows(method: str, n: int, n_heads: int, n_roles: int) -> tuple[int, int]:
-    """(patching rows, plain forward prompts) of a circuit discovery of ``method`` on ``n`` prompt pairs."""
-    if method == "roles":
+    """(patching rows, plain forward prompts) of a circuit discovery of ``method`` on ``n`` prompt pairs;
+    ``n_roles``: ``len(discovery_roles(...))``, for path patching one per pass of a sender row."""
+    if method in ("roles", "path"):
         return n_roles * n_heads * n, 2 * n
     if method == "patching":
         return n_heads * n, 2 * n
     if method == "attribution":
         return 0, 3 * n
-    if method == "path":  # a sender row: one pass into the logits, two (record, then patch) into a later group
-        return sum(_path_passes()) * n_heads * n, 2 * n
     return 0, 0
-
-
-def _path_passes() -> list[int]:
-    return [1 if g.receiver_input == "logits" else 2 for g in ET_GROUPS]
 
 
 UNITS = ("teacher", "student", "teacher_rows", "student_rows", "steps")
@@ -219,7 +214,8 @@ def discovery_roles(task, method: str, position: str | None = None) -> list:
         return list(getattr(task, "reference_roles", None) or task.roles)
     if method in ("patching", "attribution"):
         return [position or dict(getattr(task, "discovery_defaults", None) or {}).get("position", "last")]
-    if method == "path":  # each pass of a sender row, at its group's sender position (the fast path starts there)
+    if method == "path":  # each pass of a sender row at its group's sender position (the fast path starts there):
+        # one into the logits, two (record, then patch) into a later group
         return [g.position for g in ET_GROUPS for _ in range(1 if g.receiver_input == "logits" else 2)]
     return [None]
 

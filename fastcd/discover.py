@@ -158,12 +158,22 @@ def _rows_cache(prefix_kv, ex_idx: torch.Tensor, length: int | None = None):
     return cache
 
 
-def _shift_last(batch: EncodedBatch, p0: int) -> EncodedBatch:
-    """The same batch with ``last`` counted from position ``p0`` (for logits of a suffix run)."""
-    import dataclasses
-
-    return dataclasses.replace(batch, positions={**batch.positions, "last": batch.positions["last"] - p0})
-
+def _run_rows(model, adapter, clean: EncodedBatch, ex_idx: torch.Tensor, *, layer: int, p0: int, resid, prefix_kv):
+    """Logits at each row's last token of a run on the clean prompts ``ex_idx`` (hooks and interventions already
+    on). With ``resid`` (layer skipping) the run starts from the clean residual stream at ``layer`` and, with
+    ``p0 > 0``, at token ``p0`` on the clean prefix's keys and values (the caller guarantees that nothing before
+    either has changed); without, a full forward."""
+    device = next(model.parameters()).device
+    last = clean.positions["last"][ex_idx]
+    if resid is None:
+        return logits_at(model, last, input_ids=clean.input_ids[ex_idx].to(device))[0]
+    kw = {}
+    if p0 > 0:
+        t, r = clean.input_ids.shape[1], len(ex_idx)
+        kw = {_cache_kwarg(model): _rows_cache(prefix_kv, ex_idx, p0), "use_cache": True,
+              "position_ids": torch.arange(p0, t, device=device)[None].expand(r, -1)}
+    with adapter.start_at_layer(layer):
+        return logits_at(model, last - p0, inputs_embeds=resid[layer][ex_idx, p0:].to(device), **kw)[0]
 
 
 @torch.no_grad()
@@ -238,7 +248,6 @@ def patch_heads_batched(model: nn.Module, clean: EncodedBatch, source: PatchSour
         raise UsageError(f"max_batch must be an integer >= 1 or None (from the memory budget), got {max_batch!r}")
     adapter = get_adapter(model)
     spec = adapter.spec
-    device = next(model.parameters()).device
     heads = heads or spec.all_heads()
     n, t = clean.input_ids.shape
     if max_batch is None:
@@ -256,6 +265,7 @@ def patch_heads_batched(model: nn.Module, clean: EncodedBatch, source: PatchSour
     # the latest one.
     reuse = skip and reuse_prefix and pos is not None and _prefix_reuse_ok(adapter, t) and int(pos.max()) > 0
     start_tok = pos[:, 0] if reuse else torch.zeros(n, dtype=torch.long)
+    resid = prefix_kv = None  # without layer skipping: full forwards
     if skip:
         base, fw, resid, prefix_kv = _clean_metric_and_resid(model, clean, metric, distractor_ids, batch_size,
                                                              prefix=int(start_tok.max()))
@@ -278,29 +288,13 @@ def patch_heads_batched(model: nn.Module, clean: EncodedBatch, source: PatchSour
             for j in k_local.unique().tolist():
                 sel = k_local == j
                 mask[sel, :, heads[ks[j]].head] = pm[sel]
-            if p0 > 0:
-                # Positions before p0 are untouched by the patch: run only the suffix, on the clean prefix's
-                # keys and values, from the clean residual stream at this layer.
-                plan = {layer: (mask[:, p0:], source.rows(layer, ex_idx, t, spec)[:, p0:])}
-                kw = {_cache_kwarg(model): _rows_cache(prefix_kv, ex_idx, p0),
-                      "position_ids": torch.arange(p0, t, device=device)[None].expand(r, -1)}
-                sub = _shift_last(clean, p0).index(ex_idx)
-                with intervene(model, plan), adapter.start_at_layer(layer):
-                    logits, _ = logits_at(model, sub.positions["last"],
-                                          inputs_embeds=resid[layer][ex_idx, p0:].to(device), use_cache=True, **kw)
-            else:
-                plan = {layer: (mask, source.rows(layer, ex_idx, t, spec))}
-                sub = clean.index(ex_idx)
-                with intervene(model, plan):
-                    if skip:
-                        with adapter.start_at_layer(layer):
-                            logits, _ = logits_at(model, sub.positions["last"],
-                                                  inputs_embeds=resid[layer][ex_idx].to(device))
-                    else:
-                        logits, _ = logits_at(model, sub.positions["last"], input_ids=sub.input_ids.to(device))
+            # positions before p0 (and layers before this one) are untouched by the patch: they are not rerun
+            plan = {layer: (mask[:, p0:], source.rows(layer, ex_idx, t, spec)[:, p0:])}
+            with intervene(model, plan):
+                logits = _run_rows(model, adapter, clean, ex_idx, layer=layer, p0=p0, resid=resid, prefix_kv=prefix_kv)
             fw += 1
             d = None if distractor_ids is None else distractor_ids[ex_idx]
-            vals = metric_values(logits, sub, metric, d).cpu()
+            vals = metric_values(logits, clean.index(ex_idx), metric, d).cpu()
             for j in k_local.unique().tolist():
                 sel = k_local == j
                 out[ks[j], ex_idx[sel]] = vals[sel]

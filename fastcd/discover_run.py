@@ -38,8 +38,7 @@ def run_discover(a) -> int:
     roles = list(a.roles) if a.roles else ["last", *[r for r in task.roles if r != "last"]]
     if search or a.evaluate:
         check_search_args(target=a.target, roles=roles, task_roles=tuple(dict.fromkeys(("last", *task.roles))),
-                          n_heldout=a.n_heldout,
-                          n_random=a.n_random)
+                          n_heldout=a.n_heldout, n_random=a.n_random)
     check_model_path(a.model, "--model")  # the weights are there, before the tokenizer loads
     tok = load_tokenizer(a.model, "--model")
     task = adapt_task(task, [tok])
@@ -66,13 +65,13 @@ def run_discover(a) -> int:
 
     meta = dict(model=model_name, n_examples=a.n_examples, seed=a.seed, split=a.split, dtype=a.dtype,
                 provenance=provenance(task, {"model": model_identity(a.model)}, [p.clean for p in pairs]))
+    boxes = f" ({task.n_boxes} boxes)" if hasattr(task, "n_boxes") else ""
     if search:
         with stages("discovery", stages.what("discovery")):  # the search measures its own held-out record
             res = search_circuit(model, clean, *held, roles=roles, target=a.target, protocol=a.protocol,
                                  n_random=a.n_random, seed=a.seed, batch_size=a.batch_size, task=task.name,
                                  progress=True)
         circuit = res.circuit
-        boxes = f" ({task.n_boxes} boxes)" if hasattr(task, "n_boxes") else ""
         circuit.meta.update(meta, n_boxes=getattr(task, "n_boxes", None), curve=res.curve)
         faithfulness_curve_plot(res.curve, res.record, png, title=f"{model_name}, {a.task}{boxes}: circuit search\n"
                                 f"{a.protocol} mean ablation, {a.n_heldout} held-out test prompts")
@@ -87,7 +86,6 @@ def run_discover(a) -> int:
             with torch.no_grad(), stages("evaluation", stages.what("evaluation")):
                 circuit.meta["evaluation"] = faithfulness_record(model, *held, circuit, split="test",
                                                                  n_random=a.n_random, protocol=a.protocol)
-        boxes = f" ({task.n_boxes} boxes)" if hasattr(task, "n_boxes") else ""
         method = circuit.meta.get("method", a.method)
         head_heatmaps(panels, png, title=f"{model_name}, {a.task}{boxes}: head scores ({method}, {a.n_examples} "
                       "prompts)", marked=marked, metric=a.metric, relative=not a.absolute,

@@ -30,16 +30,15 @@ from fastcd.artifacts import Circuit, CircuitHead
 from fastcd.discover import (
     PatchingResult,
     PatchSource,
-    _cache_kwarg,
     _chunks,
     _clean_metric_and_resid,
     _prefix_reuse_ok,
-    _rows_cache,
+    _run_rows,
 )
 from fastcd.errors import UsageError
 from fastcd.hooks import intervene, role_positions, rows_for_budget, run_with_z
 from fastcd.metrics import check_patching_args, clean_metric, metric_values, relative_change
-from fastcd.models import Head, get_adapter, logits_at
+from fastcd.models import Head, get_adapter
 from fastcd.tasks.base import EncodedBatch
 
 
@@ -107,24 +106,6 @@ def _replace_inputs(model, receivers: list[Head], which: str, values: dict, pos_
             hd.remove()
 
 
-def _logits(model, adapter, clean: EncodedBatch, ex_idx: torch.Tensor, *, layer: int, p0: int, resid, prefix_kv):
-    """Logits at each row's last token of a run on the clean prompts ``ex_idx`` (hooks and interventions already
-    on). With ``resid`` (layer skipping) the run starts from the clean residual stream at ``layer`` and, with
-    ``p0 > 0``, at token ``p0`` on the clean prefix's keys and values: the caller guarantees that nothing before
-    either has changed."""
-    device = next(model.parameters()).device
-    last = clean.positions["last"][ex_idx]
-    if resid is None:
-        return logits_at(model, last, input_ids=clean.input_ids[ex_idx].to(device))[0]
-    kw = {}
-    if p0 > 0:
-        t, r = clean.input_ids.shape[1], len(ex_idx)
-        kw = {_cache_kwarg(model): _rows_cache(prefix_kv, ex_idx, p0), "use_cache": True,
-              "position_ids": torch.arange(p0, t, device=device)[None].expand(r, -1)}
-    with adapter.start_at_layer(layer):
-        return logits_at(model, last - p0, inputs_embeds=resid[layer][ex_idx, p0:].to(device), **kw)[0]
-
-
 @torch.no_grad()
 def path_patch(model: nn.Module, clean: EncodedBatch, corrupt_z: torch.Tensor, *, sender_position: str,
                receivers: list[Head] | None, receiver_input: str = "logits", receiver_position: str = "last",
@@ -143,8 +124,7 @@ def path_patch(model: nn.Module, clean: EncodedBatch, corrupt_z: torch.Tensor, *
             layer l changes nothing before layer l, nor any token before its position: step 1 starts from the
             clean residual stream at the sender's layer, step 2 at the first receiver's layer, both at the
             row's earliest patched token on the clean prefix's keys and values (rows grouped by that token).
-            Both off: full forwards (the
-            specification; tests compare the two).
+            Both off: full forwards (the specification; tests compare the two).
 
     Returns:
         A :class:`PatchingResult`; senders that cannot reach any receiver (same or later layer) are NaN.
@@ -203,18 +183,18 @@ def path_patch(model: nn.Module, clean: EncodedBatch, corrupt_z: torch.Tensor, *
             run = {"p0": p0, "resid": resid, "prefix_kv": prefix_kv}
             if receiver_input == "logits":
                 with intervene(model, plan):
-                    logits = _logits(model, adapter, clean, ex_idx, layer=first, **run)
+                    logits = _run_rows(model, adapter, clean, ex_idx, layer=first, **run)
                 fw += 1
             else:
                 store: dict = {}
                 with intervene(model, plan), _record_inputs(model, receivers, receiver_input, store):
-                    _logits(model, adapter, clean, ex_idx, layer=first, **run)  # records the receivers' inputs
+                    _run_rows(model, adapter, clean, ex_idx, layer=first, **run)  # records the receivers' inputs
                 # Step 2: a fresh clean run with the receivers' inputs patched at their reading position.
                 pm = torch.zeros(r, t - p0, dtype=torch.bool)
                 pm[torch.arange(r), r_pos[ex_idx, 0] - p0] = True
                 # receivers before the first layer step 1 ran read clean inputs: nothing to patch there
                 with _replace_inputs(model, [h for h in receivers if h in store], receiver_input, store, pm):
-                    logits = _logits(model, adapter, clean, ex_idx, layer=r_first, **run)
+                    logits = _run_rows(model, adapter, clean, ex_idx, layer=r_first, **run)
                 fw += 2
             out[[ks[j] for j in k_local.tolist()], ex_idx] = metric_values(logits, clean.index(ex_idx), metric).cpu()
     scores = torch.full((spec.n_layers, spec.n_heads), float("nan"))

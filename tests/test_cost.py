@@ -10,7 +10,16 @@ import torch
 from conftest import make_tiny
 
 from fastcd.config import CPU_REAL_DEFAULTS, DistillConfig
-from fastcd.cost import MIN_ROW_SHARE, ROW_COST, discovery_rows, predict_stages, row_share, stage, weight_bytes
+from fastcd.cost import (
+    MIN_ROW_SHARE,
+    ROW_COST,
+    discovery_roles,
+    discovery_rows,
+    predict_stages,
+    row_share,
+    stage,
+    weight_bytes,
+)
 from fastcd.pipeline import distill
 from fastcd.tasks import EntityTracking
 
@@ -47,7 +56,7 @@ def test_plan_only_counts_every_stage_and_times_it(tok):
     by = {st["stage"]: st for st in plan["stages"]}
     assert list(by) == STAGES
     heads = 3 * 4  # the tiny teacher: 3 layers x 4 heads
-    rows, fw = discovery_rows("path", cfg.n_discovery, heads, 3)
+    rows, fw = discovery_rows("path", cfg.n_discovery, heads, len(discovery_roles(TASK, "path")))
     assert rows == 7 * heads * cfg.n_discovery  # a sender row: 1 pass into the logits, 2 into each later group
     assert by["discovery"]["work"] == {"teacher_rows": rows, "teacher": fw}
     assert by["teacher cache"]["work"] == {"teacher": cfg.n_train}
