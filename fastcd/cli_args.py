@@ -19,7 +19,8 @@ from fastcd.errors import UsageError
 DTYPE_CHOICES = ("float32", "bf16", "fp16", "fp32", "bfloat16", "float16")  # fastcd.models.parse_dtype's names
 
 TASKS = ("entity-tracking", "tom")
-TASK_HELP = ("the task: entity-tracking, tom, or your own as an import path module:TaskClass (a class following "
+TASK_HELP = ("the task: entity-tracking, tom, tom-causaltom (tom behind an instruction and 3 solved stories: the "
+             "format real LMs answer), or your own as an import path module:TaskClass (a class following "
              "fastcd.tasks.Task, see docs/USAGE.md)")
 
 

@@ -120,9 +120,10 @@ class ExperimentConfig:
 
     def validate(self) -> ExperimentConfig:
         from fastcd.tasks.dataset import is_dataset_path
+        from fastcd.tasks.registry import TASKS  # at run time: --help reads this module without torch
 
-        if self.task not in ("entity-tracking", "tom") and not is_dataset_path(self.task):
-            raise UsageError(f"task must be 'entity-tracking', 'tom' or a JSONL file of examples, got {self.task!r}")
+        if self.task not in TASKS and not is_dataset_path(self.task):
+            raise UsageError(f"task must be one of {sorted(TASKS)} or a JSONL file of examples, got {self.task!r}")
         known = ALL_METHODS
         bad = [m for m in self.methods if m not in known]
         if bad or not self.methods:
@@ -170,14 +171,9 @@ class ExperimentConfig:
             if rule not in ("ablation", "cka", "combined"):
                 raise UsageError(f"recovery_rules must be among ('ablation', 'cka', 'combined'), got {rule!r}")
         if self.positions is not None:
-            from fastcd.tasks.entity_tracking import ROLES as ET_ROLES
-            from fastcd.tasks.tom import ROLES as TOM_ROLES
+            from fastcd.tasks.dataset import DatasetTask
 
-            roles = {"entity-tracking": ET_ROLES, "tom": TOM_ROLES}.get(self.task_name())
-            if roles is None:
-                from fastcd.tasks.dataset import DatasetTask
-
-                roles = DatasetTask(self.task).roles
+            roles = TASKS[self.task].roles if self.task in TASKS else DatasetTask(self.task).roles
             if not isinstance(self.positions, list) or not self.positions or any(r not in roles
                                                                                  for r in self.positions):
                 raise UsageError(f"positions must be a non-empty list of the task's roles {roles}, got "
@@ -185,7 +181,7 @@ class ExperimentConfig:
         if self.discovery not in EXPERIMENT_DISCOVERY:
             raise UsageError(f"discovery must be one of {EXPERIMENT_DISCOVERY}, got {self.discovery!r}")
         if self.discovery == "roles" and self.task_name() != "entity-tracking":
-            raise UsageError("discovery 'roles' is for entity tracking; use 'attribution' for tom")
+            raise UsageError(f"discovery 'roles' is for entity tracking; use 'attribution' for {self.task_name()}")
         for name, lo in (("n_boxes", 2), ("n_test", 10), ("n_val", 0), ("eval_every", 0), ("log_every", 1),
                          ("checkpoint_every", 0), ("n_discovery", 2), ("circuit_size", 1), ("diagnostics_m", 4)):
             v = getattr(self, name)

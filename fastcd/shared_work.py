@@ -26,7 +26,7 @@ from fastcd.match import MatchInputs, match
 from fastcd.metrics import accuracy_per_example, circuit_correct, faithfulness_record
 from fastcd.models import logits_at, shared_prefix
 from fastcd.plan import CIRCUIT_EVAL_PROMPTS
-from fastcd.tasks import DatasetTask, EntityTracking, TheoryOfMind, adapt_task
+from fastcd.tasks import TASKS, DatasetTask, adapt_task
 from fastcd.teacher_cache import build_teacher_cache
 from fastcd.trainable import reinit_heads
 
@@ -105,9 +105,12 @@ class SharedWork:
         self.t_spec, self.s_spec, self.t_path, self.s_path = t_spec, s_spec, t_path, s_path
         tok = load_tokenizer(s_path)
         t_tok = load_tokenizer(t_path) if t_path != s_path else tok
-        data = DatasetTask(cfg.task) if cfg.task not in ("entity-tracking", "tom") else None  # your own prompts
-        mk = {"entity-tracking": lambda n: EntityTracking(n_boxes=n), "tom": lambda n: TheoryOfMind()}.get(
-            cfg.task, lambda n: data)  # a dataset is one task, whatever the box counts
+        data = DatasetTask(cfg.task) if cfg.task not in TASKS else None  # your own prompts
+
+        def mk(n_boxes):  # a dataset is one task, whatever the box counts
+            if data is not None:
+                return data
+            return TASKS[cfg.task](**({"n_boxes": n_boxes} if cfg.task == "entity-tracking" else {}))
         toks = [tok] if t_tok is tok else [tok, t_tok]
         self.task = adapt_task(mk(cfg.n_boxes), toks)
         self.test_task = self.task if (cfg.test_boxes or cfg.n_boxes) == cfg.n_boxes else adapt_task(

@@ -100,3 +100,15 @@ def test_every_shipped_config_validates_and_run_all_runs_it():
         cfg = ExperimentConfig.from_file(os.path.join(root, f"{name}.yaml"))
         assert cfg.methods and cfg.teacher, name
         assert name in script, f"configs/run_all.sh does not run {name}"
+
+
+def test_every_registered_task_is_an_experiment_task_with_its_own_roles():
+    """tom-causaltom (tom behind the instruction and 3 shots) is a task name like entity-tracking and tom; its
+    positions are checked against its roles, and a bad name lists the registered ones."""
+    cfg = ExperimentConfig.from_dict(_cfg(task="tom-causaltom", positions=["last", "question_character"],
+                                          discovery="attribution"))
+    assert cfg.task_name() == "tom-causaltom"
+    with pytest.raises(ValueError, match=r"positions must be .*'question_container'.*got \['object'\]"):
+        ExperimentConfig.from_dict(_cfg(task="tom-causaltom", positions=["object"], discovery="attribution"))
+    with pytest.raises(ValueError, match=r"task must be one of \['entity-tracking', 'tom', 'tom-causaltom'\]"):
+        ExperimentConfig.from_dict(_cfg(task="tom-3shot"))

@@ -39,3 +39,24 @@ def test_tom_instruction_block():
     assert ex.prompt.startswith("Instruction: Answer the question.\n\nStory: ")
     s = ex.meta["spans"]["question_character"]
     assert ex.prompt[s[0] : s[1]] == ex.meta["characters"][ex.meta["question_character"]]
+
+
+def test_causaltom_task_is_tom_behind_the_instruction_and_three_shots():
+    """get_task("tom-causaltom"): the instruction, then three solved stories (one per question type), then the
+    story; the prefix is the same for every prompt and the same as TheoryOfMind(instruction="causaltom",
+    few_shot=3)'s (the format the real-model measurements used); a tokenizer's pools keep the class and format."""
+    from fastcd.tasks import CausalToM, get_task
+
+    task = get_task("tom-causaltom")
+    assert isinstance(task, CausalToM) and task.name == "tom-causaltom" and task.few_shot == 3
+    exs = task.generate(20, seed=0, split="test")
+    plain = TheoryOfMind(instruction="causaltom", few_shot=3).generate(1, seed=0, split="test")[0]
+    head = plain.prompt[: plain.prompt.rindex("Story: ")]
+    assert head.startswith("Instruction: ") and head.count("Story: ") == 3
+    for ex in exs:
+        assert ex.prompt.startswith(head) and ex.prompt.count("Story: ") == 4
+        assert ex.prompt.endswith("? Answer:")
+        s = ex.meta["spans"]["question_container"]
+        assert ex.prompt[s[0] : s[1]] == ex.meta["containers"][ex.meta["question_container"]]
+    fewer = task.with_pools(drinks=task.drinks[:5])
+    assert isinstance(fewer, CausalToM) and fewer.generate(1)[0].prompt.count("Story: ") == 4

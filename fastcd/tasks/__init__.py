@@ -16,7 +16,7 @@ from fastcd.tasks.dataset import DatasetTask, is_dataset_path
 from fastcd.tasks.entity_tracking import EntityTracking
 from fastcd.tasks.protocol import Task, TaskBase, check_task
 from fastcd.tasks.registry import TASKS
-from fastcd.tasks.tom import TheoryOfMind
+from fastcd.tasks.tom import CausalToM, TheoryOfMind
 
 
 def get_task(name: str, **kwargs):
@@ -41,8 +41,8 @@ def get_task(name: str, **kwargs):
 
 
 __all__ = [
-    "SPLITS", "TASKS", "ContrastPair", "DatasetTask", "EncodedBatch", "EntityTracking", "Example", "Task", "TaskBase",
-    "TheoryOfMind",
+    "SPLITS", "TASKS", "CausalToM", "ContrastPair", "DatasetTask", "EncodedBatch", "EntityTracking", "Example",
+    "Task", "TaskBase", "TheoryOfMind",
     "adapt_task", "check_task", "get_task",
     "load_jsonl", "save_jsonl", "split_of", "word_token_id",
 ]

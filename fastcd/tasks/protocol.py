@@ -97,8 +97,9 @@ def check_task(task, what: str = "task"):
         raise UsageTypeError(f"{what}: pass a task object, not the class {task.__name__} (e.g. {task.__name__}())")
     missing = [m for m in REQUIRED if not hasattr(task, m)]
     if missing:
-        raise UsageTypeError(f"{what} must be a task name ('entity-tracking', 'tom') or an object that follows "
-                        f"fastcd.tasks.Task; {type(task).__name__} lacks {missing} (subclass fastcd.tasks.TaskBase)")
+        raise UsageTypeError(f"{what} must be a task name ('entity-tracking', 'tom', 'tom-causaltom') or an object "
+                             f"that follows fastcd.tasks.Task; {type(task).__name__} lacks {missing} (subclass "
+                             "fastcd.tasks.TaskBase)")
     roles = task.roles
     if not isinstance(roles, (tuple, list)) or not all(isinstance(r, str) for r in roles):
         raise UsageTypeError(f"{what}.roles must be a tuple of position-role names, got {roles!r}")

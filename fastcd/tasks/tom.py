@@ -77,7 +77,7 @@ class TheoryOfMind(TaskBase):
             raise UsageError(f"few_shot must be an integer in 0..12, got {few_shot!r}")
         self.instruction, self.few_shot, self._prefix = None, few_shot, ""
         if few_shot:  # solved stories in the bare template, each "Story: ..." when an instruction leads
-            rng = random.Random(f"{self.name}/few-shot")
+            rng = random.Random("tom/few-shot")  # the same shots for every subclass (CausalToM's are these)
             shots = [self.sample(rng, QUESTION_TYPES[i % len(QUESTION_TYPES)]) for i in range(few_shot)]
             story = "Story: " if instruction else ""
             self._prefix = "".join(f"{story}{ex.prompt} {ex.answer}\n\n" for ex in shots)
@@ -181,8 +181,8 @@ class TheoryOfMind(TaskBase):
         return {"names": self.names, "containers": self.containers, "drinks": self.drinks}
 
     def with_pools(self, **pools) -> TheoryOfMind:
-        return TheoryOfMind(pools.get("names", self.names), pools.get("containers", self.containers),
-                            pools.get("drinks", self.drinks), instruction=self.instruction, few_shot=self.few_shot)
+        return type(self)(pools.get("names", self.names), pools.get("containers", self.containers),
+                          pools.get("drinks", self.drinks), instruction=self.instruction, few_shot=self.few_shot)
 
     def candidates(self, ex: Example) -> list[str]:
         """The answers the prompt allows: the story's two drinks and ``unknown`` (candidate scoring)."""
@@ -196,3 +196,17 @@ class TheoryOfMind(TaskBase):
     def check_tokenizer(self, tokenizer) -> None:
         check_pools(tokenizer, {**self.word_pools(), "answer words": self.fixed_words}, self.word_forms())
 
+
+
+class CausalToM(TheoryOfMind):
+    """Theory of mind in the format real instruction-tuned LMs answer (``get_task("tom-causaltom")``): the
+    CausalToM-style instruction and three solved stories, one per question type, before every story. The bare
+    template leaves Qwen2.5-Coder at 0.00 (it answers " The"); this format lifts the 0.5B to 0.44 and the 1.5B to
+    0.63 (candidates 1/3; docs/RESULTS.md). The prefix is the same for every prompt, so evaluation and patching
+    run it once (``fastcd.models.shared_prefix``)."""
+
+    name = "tom-causaltom"
+
+    def __init__(self, names=NAMES, containers=CONTAINERS, drinks=DRINKS, instruction: str | None = "causaltom",
+                 few_shot: int = 3):
+        super().__init__(names, containers, drinks, instruction=instruction, few_shot=few_shot)
