@@ -12,7 +12,8 @@ For a prepared model (``fastcd models prepare NAME``, or a converted directory),
                    heads, teacher signals from the float32 cache), mixed_precision "no" against "bf16" (autocast),
                    and bf16 weights with float32 master slices: the fastest of --steps steps after a warm-up.
 
-    prefix reuse   evaluation, the teacher cache and circuit evaluation (strict mean ablation) of --n-tom
+    prefix reuse   evaluation, the teacher cache, circuit evaluation (strict mean ablation) and a ce+cka training
+                   step (--batch of them) of --n-tom
                    theory-of-mind prompts (instruction + 3 shots: one long shared prefix) in bf16 weights with and
                    without shared-prefix reuse (``FASTCD_PREFIX_REUSE``), beside the same number of
                    entity-tracking prompts: seconds per prompt, the ToM/ET cost ratio, and whether the answers
@@ -159,6 +160,7 @@ def main(argv=None) -> int:
 
     # prefix reuse: few-shot ToM against entity tracking, bf16 weights
     if "prefix" in stages:
+        import copy
         import os
 
         from fastcd.hooks import mean_z
@@ -216,6 +218,21 @@ def main(argv=None) -> int:
                           [(p.student, "last") for p in matching.pairs], batch_size=32)
             if both:
                 rec["same_correctness_as_without"] = out[(stage, label, True)] == out[(stage, label, False)]
+            emit(rec)
+        # a ce+cka training step (bf16 weights, float32 master slices) on --batch of these prompts: the prefix runs
+        # once on the graph, the suffixes over the batch; the same losses as without reuse
+        for label, batch, reuse in (("entity tracking", eb, True), ("theory of mind", tb, False),
+                                    ("theory of mind", tb, True)):
+            os.environ["FASTCD_PREFIX_REUSE"] = "1" if reuse else "0"
+            rows = batch.index(range(a.batch))
+            sig = MemoryCache(out[("prefix reuse, teacher cache", label, True)])  # the teacher is the model itself
+            sec, last, _ = time_steps(copy.deepcopy(m), matching, rows, sig, "no", steps=a.steps)
+            per[("step", label, reuse)] = sec
+            rec = {"stage": "prefix reuse, ce+cka step", "variant": "bf16-weights", "task": label,
+                   "prefix_reuse": reuse, "batch": a.batch, "pairs": a.pairs, "seconds_per_step": round(sec, 3),
+                   "last_loss": {k: round(v, 4) for k, v in last.items() if k in ("ce", "cka_loss", "loss")}}
+            if label == "theory of mind":
+                rec["cost_vs_entity_tracking"] = round(sec / per[("step", "entity tracking", True)], 2)
             emit(rec)
         os.environ.pop("FASTCD_PREFIX_REUSE", None)
         del m

@@ -1,14 +1,15 @@
 """A role-wise circuit search that reaches a faithfulness target.
 
-Units are ``(head, position role)`` pairs over the roles the task defines. The search grows a circuit from the
-empty one: at each step it scores every unit outside the circuit by attribution *at the current circuit* (the
-gradient of the answer's log-probability with respect to a soft keep-mask, ``z' = mean + keep * (z - mean)``, at
-keep = 0: the first-order gain of restoring that unit, one forward and one backward over the search prompts for
-all units at once), adds the best, and grows the size geometrically until the circuit's faithfulness on the
-search prompts reaches ``target``. It then bisects the last step (the units in the order they were ranked) to the
-smallest prefix that reaches the target, and prunes: units whose removal costs least (the same gradient at
-keep = 1) are dropped in chunks while the target holds. Every size on the way is a point of the curve: its
-faithfulness on held-out prompts beside random circuits of the same size and roles.
+Units are ``(head, position role)`` pairs over the roles the task defines, or ``all`` (a head live at every
+position: the paper's ToM protocol, where a circuit head is never ablated and every other head is). The search grows
+a circuit from the empty one: at each step it scores every unit outside the circuit by attribution *at the current
+circuit* (the gradient of the answer's log-probability with respect to a soft keep-mask, ``z' = mean + keep * (z -
+mean)``, at keep = 0: the first-order gain of restoring that unit, one forward and one backward over the search
+prompts for all units at once), adds the best, and grows the size geometrically until the circuit's faithfulness on
+the search prompts reaches ``target``. It then bisects the last step (the units in the order they were ranked) to
+the smallest prefix that reaches the target, and prunes: units whose removal costs least (the same gradient at keep
+= 1) are dropped in chunks while the target holds. Every size on the way is a point of the curve: its faithfulness
+on held-out prompts beside random circuits of the same size and roles.
 
 Reference: :func:`fastcd.metrics.circuit_correct` (the evaluation every number here comes from).
 """
@@ -28,7 +29,7 @@ from torch import nn
 
 from fastcd.artifacts import Circuit, CircuitHead
 from fastcd.errors import UsageError
-from fastcd.hooks import mean_z
+from fastcd.hooks import ALL, mean_z
 from fastcd.metrics import (
     PROTOCOL_TEXT,
     check_aligned,
@@ -51,9 +52,10 @@ def check_search_args(*, target: float, roles, task_roles, n_heldout: int, n_ran
     """One-line errors for bad search settings, before any model loads."""
     if not isinstance(target, (int, float)) or isinstance(target, bool) or not 0 < target <= 1:
         raise UsageError(f"target must be a faithfulness in (0, 1], got {target!r}")
-    bad = [r for r in roles if r not in task_roles]
+    bad = [r for r in roles if r not in task_roles and r != ALL]
     if not roles or bad:
-        raise UsageError(f"roles must be a non-empty list of the task's roles {tuple(task_roles)}, got {list(roles)}")
+        raise UsageError(f"roles must be a non-empty list of the task's roles {tuple(task_roles)} or 'all' (a head "
+                         f"live at every position), got {list(roles)}")
     if n_heldout < MIN_HELDOUT:
         raise UsageError(f"n_heldout must be >= {MIN_HELDOUT}: with fewer held-out prompts the random baseline "
                          f"(<= 0.05) cannot be told from zero, got {n_heldout}")
@@ -115,6 +117,9 @@ def unit_gradients(model: nn.Module, batch: EncodedBatch, means: torch.Tensor, l
                 m = metric_values(logits, batch.index(idx), "logprob").sum()
                 (g,) = torch.autograd.grad(m, keep)  # [L, rows, T, H]
             for j, role in enumerate(roles):
+                if role == ALL:  # a unit live at every position: its keep mask spans the whole prompt
+                    out[:, :, j] += g.sum((1, 2)).float()
+                    continue
                 pos = batch.positions[role][idx]
                 out[:, :, j] += g[:, torch.arange(len(idx)), pos, :].sum(1).float()
     finally:

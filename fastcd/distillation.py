@@ -22,7 +22,7 @@ from fastcd.cka import choose_impl, cka_loss, cka_loss_gathered
 from fastcd.config import METHOD_SPECS, METHODS, DistillConfig  # noqa: F401  (METHODS: re-exported)
 from fastcd.errors import UsageError
 from fastcd.hooks import capture_z, gather_roles, teacher_forward
-from fastcd.models import get_adapter, logits_at
+from fastcd.models import get_adapter, logits_at, shared_prefix
 from fastcd.tasks.base import EncodedBatch
 from fastcd.trainable import make_trainable
 
@@ -173,8 +173,9 @@ class CircuitDistiller(nn.Module):
     def n_trainable(self) -> int:
         return sum(p.numel() for p in self._params)
 
-    def _fused_alignment(self, cache, pairs, batch: DistillBatch, t_z: torch.Tensor, b: int):
-        """One fused kernel launch per student layer, reading z ``[B, T, H*D]`` in place."""
+    def _fused_alignment(self, cache, pairs, pos: dict, t_z: torch.Tensor, b: int):
+        """One fused kernel launch per student layer, reading z ``[B, T, H*D]`` in place (``pos``: the roles'
+        positions in the captured sequences)."""
         spec = get_adapter(self.student).spec
         dev = t_z.device
         total, ckas = t_z.new_zeros(()), torch.zeros(len(pairs), device=dev)
@@ -182,7 +183,7 @@ class CircuitDistiller(nn.Module):
             idx = [i for i, p in enumerate(pairs) if p.student.layer == layer]
             z = cache.layer(layer)  # [B, T, H, D], on the forward path
             xs = z.reshape(b, z.shape[1], spec.n_heads * spec.d_head)
-            pos_s = torch.stack([batch.student_pos[pairs[i].position].to(dev) for i in idx])  # [P_l, B]
+            pos_s = torch.stack([pos[pairs[i].position].to(dev) for i in idx])  # [P_l, B]
             head_s = torch.tensor([pairs[i].student.head for i in idx], device=dev)
             loss, cka = cka_loss_gathered(xs, pos_s, head_s, t_z[idx].contiguous(), None,
                                           torch.zeros(len(idx), dtype=torch.long, device=dev), ds=spec.d_head,
@@ -227,7 +228,8 @@ class CircuitDistiller(nn.Module):
     def terms(self, batch: DistillBatch, *, with_align: bool = True, keep_cache: bool = False) -> dict:
         """The loss terms as tensors on the graph: ``ce``, ``align`` (sum over pairs of 1 - CKA), ``cka`` (per
         pair), ``kd``, each present when the method uses it. ``with_align=False`` leaves the alignment out;
-        ``keep_cache`` adds the student's captured z (``_cache``) and last-token logits (``_last``)."""
+        ``keep_cache`` adds the student's captured z (``_cache``), the roles' positions in it (``_pos``: after a
+        shared prefix that ran once, the suffixes') and the last-token logits (``_last``)."""
         cfg = self.config
         want_cka = cfg.spec.uses_cka and (cfg.method == "cka" or cfg.lam == "auto" or cfg.lam > 0)
         need_cka = want_cka and with_align
@@ -242,22 +244,27 @@ class CircuitDistiller(nn.Module):
         if fused:  # capture whole layers: their z views lie on the forward path, read in place by the kernel
             spec = get_adapter(self.student).spec
             s_heads = [h for h in spec.all_heads() if h.layer in {p.student.layer for p in pairs}]
+        ids = batch.student_ids.to(dev)
+        reads = [batch.student_pos[r] for r in ("last", *(p.position for p in pairs if s_heads))]
+        # few-shot prompts: the shared prefix runs once (batch 1) on the graph, only the suffixes over the batch
+        prefix = None if self._ddp else shared_prefix(self.student, ids, reads, train=True)
+        pos = prefix.shift(batch.student_pos) if prefix is not None else batch.student_pos  # what the capture holds
         with capture_z(self.student, s_heads or [], detach=False) as cache:
-            last, _ = logits_at(self._forward_module, batch.student_pos["last"],
-                                input_ids=batch.student_ids.to(dev))  # [B, V]: lm_head on the last position only
+            last, _ = logits_at(self._forward_module, batch.student_pos["last"], input_ids=ids,
+                                prefix=prefix)  # [B, V]: lm_head on the last position only
         out: dict[str, torch.Tensor] = {}
         if keep_cache:
-            out["_cache"], out["_last"] = cache, last
+            out["_cache"], out["_last"], out["_pos"] = cache, last, pos
         if cfg.spec.uses_ce:
             target = batch.gold if cfg.labels == "gold" else t_labels
             out["ce"] = F.cross_entropy(last.float(), target.to(dev))
         if need_cka:
             t_z = t_z.to(dev)
             if fused:
-                out["align"], out["cka"] = self._fused_alignment(cache, pairs, batch, t_z, b)
+                out["align"], out["cka"] = self._fused_alignment(cache, pairs, pos, t_z, b)
             else:
-                xs = gather_roles(cache, [p.student for p in pairs], [p.position for p in pairs],
-                                   batch.student_pos, b)  # [P, B, d_s]
+                xs = gather_roles(cache, [p.student for p in pairs], [p.position for p in pairs], pos,
+                                  b)  # [P, B, d_s]
                 if self._ddp:
                     xs, t_z = all_gather_batch(xs), all_gather_batch(t_z.detach())  # [P, B_global, d]
                 out["align"], out["cka"] = cka_loss(xs, t_z, eps=cfg.eps, impl=cfg.impl, estimator=cfg.cka_estimator)
@@ -298,10 +305,13 @@ class CircuitDistiller(nn.Module):
                 states.append(_rng_state())
                 if need_cka:
                     dev = next(self.student.parameters()).device
+                    ids = sub.student_ids.to(dev)
+                    pre = shared_prefix(self.student, ids, [sub.student_pos[r] for r in
+                                                            ("last", *(p.position for p in pairs))])  # before hooks
                     with capture_z(self.student, list(dict.fromkeys(p.student for p in pairs)), detach=True) as c:
-                        logits_at(self.student, sub.student_pos["last"], input_ids=sub.student_ids.to(dev))
+                        logits_at(self.student, sub.student_pos["last"], input_ids=ids, prefix=pre)
                     xs.append(gather_roles(c, [p.student for p in pairs], [p.position for p in pairs],
-                                           sub.student_pos, len(idx)).float())
+                                           pre.shift(sub.student_pos) if pre else sub.student_pos, len(idx)).float())
                     tzs.append(t_z.to(dev).float())
         parts: dict[str, float] = {}
         align_value = 0.0
@@ -335,7 +345,7 @@ class CircuitDistiller(nn.Module):
                     ce += float(t["ce"].detach()) * share
                 if need_cka:
                     x = gather_roles(t["_cache"], [p.student for p in pairs], [p.position for p in pairs],
-                                     sub.student_pos, len(idx))
+                                     t["_pos"], len(idx))
                     loss = loss + (x.float() * grad[:, idx].to(x.device)).sum()
                 (backward or torch.Tensor.backward)(loss)
         total = ce + (self.lam * align_value if need_cka else 0.0) + cfg.effective_kd_weight * kd

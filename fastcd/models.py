@@ -343,18 +343,24 @@ class SharedPrefix:
         return {k: v - self.length for k, v in positions.items()}
 
 
-def shared_prefix(model: nn.Module, input_ids: torch.Tensor, reads, length: int | None = None) -> SharedPrefix | None:
+def shared_prefix(model: nn.Module, input_ids: torch.Tensor, reads, length: int | None = None, *,
+                  train: bool = False) -> SharedPrefix | None:
     """Run the shared prefix of ``input_ids`` [n, T] once, or None where reuse is not exact or not worth it.
 
-    Exact for causal attention when the forward is no-grad, takes ``input_ids`` alone, and every position read
-    (``reads``: tensors of positions: logits, captured z) lies after the prefix; worth it for ``PREFIX_MIN`` or
-    more shared tokens. No hook may be on the model now (an intervention would change the prefix's keys and
-    values); hooks installed afterwards see only the suffixes, so a capture is indexed by :meth:`SharedPrefix.shift`
-    positions. ``length`` caps the prefix (where exactness was checked up to there). ``FASTCD_PREFIX_REUSE=0``
-    turns it off."""
+    Exact for causal attention when the forward takes ``input_ids`` alone and every position read (``reads``:
+    tensors of positions: logits, captured z) lies after the prefix; worth it for ``PREFIX_MIN`` or more shared
+    tokens. No hook may be on the model now (an intervention would change the prefix's keys and values); hooks
+    installed afterwards see only the suffixes, so a capture is indexed by :meth:`SharedPrefix.shift` positions.
+    ``length`` caps the prefix (where exactness was checked up to there). ``train``: the forward may keep its
+    graph (a training step): the prefix runs once on it and its keys and values are repeated over the batch, so
+    every row's gradient flows back through the one prefix forward, summed, as the full forward's would (not with
+    gradient checkpointing, which turns the cache off). ``FASTCD_PREFIX_REUSE=0`` turns it off."""
     import os
 
-    if torch.is_grad_enabled() or os.environ.get("FASTCD_PREFIX_REUSE") == "0" or not accepts_logits_to_keep(model):
+    if os.environ.get("FASTCD_PREFIX_REUSE") == "0" or not accepts_logits_to_keep(model):
+        return None
+    if torch.is_grad_enabled() and (not train or any(getattr(m, "gradient_checkpointing", False) is True
+                                                     for m in unwrap(model).modules())):
         return None
     p = shared_prefix_length(input_ids) if length is None else min(length, shared_prefix_length(input_ids))
     if p < PREFIX_MIN or min(int(r.min()) for r in reads) < p:

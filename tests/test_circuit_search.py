@@ -45,7 +45,7 @@ def test_unit_gradients_match_finite_differences(tok):
     from fastcd.hooks import mean_z
 
     means = mean_z(model, corrupt.input_ids).double()
-    roles = ["last", "object", "box_label"]
+    roles = ["last", "object", "box_label", "all"]
     live = [(Head(1, 0), "last")]
     g = unit_gradients(model, clean, means, live, roles, batch_size=8)
     idx = torch.arange(len(clean))
@@ -57,9 +57,12 @@ def test_unit_gradients_match_finite_differences(tok):
         return float(logits.log_softmax(-1)[idx, clean.answer_ids].mean())  # float64 (metric_values casts to fp32)
 
     eps = 1e-2  # Llama's RMSNorm computes in fp32 even in a float64 model: smaller steps drown in its rounding
-    for head, role in [(Head(1, 0), "last"), (Head(0, 3), "object"), (Head(1, 2), "box_label")]:
+    for head, role in [(Head(1, 0), "last"), (Head(0, 3), "object"), (Head(1, 2), "box_label"), (Head(0, 1), "all")]:
         bump = torch.zeros_like(base)
-        bump[head.layer, idx, clean.positions[role], head.head] = eps
+        if role == "all":  # a unit live at every position: the whole prompt's keep moves
+            bump[head.layer, :, :, head.head] = eps
+        else:
+            bump[head.layer, idx, clean.positions[role], head.head] = eps
         fd = (f(base + bump) - f(base - bump)) / (2 * eps)
         assert g[head.layer, head.head, roles.index(role)].item() == pytest.approx(fd, rel=2e-3, abs=1e-6)
 
@@ -86,6 +89,26 @@ def test_search_on_the_shipped_teacher_reaches_the_target():
     assert {r["stage"] for r in res.curve} >= {"grow", "pruned"}
     assert rec["faithfulness"] == pytest.approx(rec["circuit_accuracy"] / rec["full_accuracy"])
     assert res.circuit.meta["evaluation"] is rec and len(res.circuit.heads) == rec["circuit_units"]
+
+
+def test_search_with_heads_live_at_every_position():
+    """roles ["all"] (the paper's ToM protocol, strict): every unit is a head live at every position, every other
+    head mean-ablated everywhere; the shipped 7-box teacher keeps the target with fewer than its 8 heads."""
+    from fastcd.loading import load_model, load_tokenizer
+    from fastcd.pretrain import shipped_checkpoint
+
+    path = shipped_checkpoint("et-teacher")
+    model, tk = load_model(path), load_tokenizer(path)
+    task = EntityTracking(n_boxes=7)
+    sp, hp = task.pairs(48, seed=0, split="val"), task.pairs(48, seed=1, split="test")
+    enc = [task.encode([getattr(p, k) for p in ps], tk) for ps, k in ((sp, "clean"), (hp, "clean"), (hp, "corrupt"))]
+    with pytest.warns(UserWarning, match="answers only"):
+        res = search_circuit(model, *enc, roles=["all"], target=0.85, protocol="strict", start=1, growth=2,
+                             n_random=4, n_random_curve=2)
+    rec = res.record
+    assert rec["reached"] and rec["search_faithfulness"] >= 0.85 and rec["circuit_units"] < 8
+    assert {c.position for c in res.circuit.heads} == {"all"} and rec["units_per_role"] == {"all": rec["circuit_units"]}
+    assert rec["faithfulness"] > rec["random_circuit_accuracy"] / rec["full_accuracy"] + 0.3
 
 
 @pytest.mark.parametrize("kw, msg", [

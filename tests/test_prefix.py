@@ -240,3 +240,64 @@ def test_the_strict_prefix_check_allows_the_dtypes_rounding_only(tok, dtype, rel
     means[:, :p] += rel * noise / noise.flatten(1).norm(dim=1)[:, None, None, None] * layer_norm
     assert ablated_prefix_length(model, clean, means, "strict") == (p if kept else 0)
     assert ablated_prefix_length(model, clean, means, "lenient") == p
+
+
+@pytest.mark.parametrize("arch,method,micro", [("llama", "ce+cka", None), ("qwen2", "ce+cka", None),
+                                               ("llama", "kd", None),
+                                               ("llama", "ce+cka", 4)])
+def test_a_training_step_runs_the_shared_prefix_once_with_the_full_forwards_gradients(tok, monkeypatch, arch, method,
+                                                                                       micro):
+    """A training step on few-shot prompts (ToM behind the instruction and shots) runs the shared prefix once,
+    batch 1, on the graph, then the suffixes over the batch: the loss terms and the gradient of every trainable
+    slice equal the full forward's (FASTCD_PREFIX_REUSE=0), also through gradient caching's micro-batches; the
+    frozen weights get no gradient either way."""
+    from distill_helpers import small_config
+
+    from fastcd.distillation import CircuitDistiller, make_batch
+
+    b, matching = _tom_matching(tok)
+    p = shared_prefix_length(b.input_ids)
+    teacher = make_tiny("llama", vocab_size=len(tok), seed=1).eval()
+    results = []
+    for reuse in (True, False):
+        if not reuse:
+            monkeypatch.setenv("FASTCD_PREFIX_REUSE", "0")
+        student = make_tiny(arch, vocab_size=len(tok), seed=2)
+        cd = CircuitDistiller(student, matching, teacher=teacher, config=small_config(method=method))
+        shapes = _forward_shapes(student, monkeypatch)
+        batch = make_batch(torch.arange(10), b, b)
+        if micro:
+            _, parts = cd.backward_micro(batch, micro)
+        else:
+            loss, parts = cd(batch)
+            loss.backward()
+        grads = [q.grad.clone() for q in cd.trainable_parameters()]
+        ids = {id(q) for q in cd.trainable_parameters()}
+        frozen = [q for q in student.parameters() if id(q) not in ids and q.grad is not None]
+        results.append((parts, grads, shapes, frozen))
+    (got, g_got, s_got, f_got), (ref, g_ref, s_ref, f_ref) = results
+    T = b.input_ids.shape[1]
+    if micro:  # pass 1 (no grad) and pass 2 (on the graph) each run the prefix once per micro-batch
+        assert s_got == [(1, p), (4, T - p), (1, p), (4, T - p), (1, p), (2, T - p)] * 2
+    else:
+        assert s_got == [(1, p), (10, T - p)]
+    assert all(s == (s[0], T) for s in s_ref)
+    assert set(got) == set(ref) and all(abs(got[k] - ref[k]) < 1e-4 for k in got), (got, ref)
+    assert len(g_got) == len(g_ref) > 0
+    for a, r in zip(g_got, g_ref):
+        torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-4)
+    assert not f_got and not f_ref  # only the slices' parameters take gradients
+
+
+def test_no_prefix_reuse_in_training_under_gradient_checkpointing(tok):
+    """Gradient checkpointing turns the model's cache off: a training forward then runs whole prompts."""
+    from fastcd.models import shared_prefix
+    from fastcd.training import gradient_checkpointing
+
+    b, _ = _tom_matching(tok)
+    model = make_tiny("llama", vocab_size=len(tok)).train()
+    reads = [b.positions["last"]]
+    assert shared_prefix(model, b.input_ids, reads) is None  # grad enabled and not a training step
+    assert shared_prefix(model, b.input_ids, reads, train=True).length == shared_prefix_length(b.input_ids)
+    with gradient_checkpointing(model, True):
+        assert shared_prefix(model, b.input_ids, reads, train=True) is None

@@ -263,6 +263,9 @@ def test_real_throughput_quick_runs_every_stage_and_variant(smol_dir, tmp_path):
     ce = [r for r in recs if r["stage"] == "prefix reuse, circuit evaluation"]
     assert [(r["task"], r["prefix_reuse"]) for r in ce] == [(r["task"], r["prefix_reuse"]) for r in pr]
     assert "same_correctness_as_without" in ce[2] and "cost_vs_entity_tracking" in ce[2]
+    st = [r for r in recs if r["stage"] == "prefix reuse, ce+cka step"]
+    assert [(r["task"], r["prefix_reuse"]) for r in st] == [(r["task"], r["prefix_reuse"]) for r in pr]
+    assert all(r["seconds_per_step"] > 0 and "ce" in r["last_loss"] for r in st) and "cost_vs_entity_tracking" in st[2]
 
 
 def test_prefix_reuse_equals_the_full_forward_on_smollm2(smol_dir, tok, monkeypatch):
