@@ -64,6 +64,16 @@ class Circuit:
             lines.append(f"  {g} @ {chs[0].position}: " + ", ".join(f"{c.head}({c.score:+.3f})" for c in chs))
         return "\n".join(lines)
 
+    def aligned_at(self, role: str) -> Circuit:
+        """This circuit with every unit found at ``all`` positions put at ``role`` (units at a role keep it): where
+        CKA matching compares such a head with student heads and the alignment term reads it. A head live at every
+        position has no single token of its own; at ``all`` CKA would flatten every position, the shared prefix of
+        few-shot prompts included. ``meta["aligned_at"]`` records it."""
+        if not isinstance(role, str) or not role or role == "all":
+            raise UsageError(f"align position must be a position role of the task, got {role!r}")
+        heads = [CircuitHead(c.head, c.group, role if c.position == "all" else c.position, c.score) for c in self.heads]
+        return Circuit(heads, self.task, self.n_layers, self.n_heads, {**self.meta, "aligned_at": role})
+
     def check_model(self, spec, what: str = "model") -> None:
         """One-line error when this circuit was found in a model of another shape than ``spec`` (a ModelSpec, read
         from the config before any weights load)."""

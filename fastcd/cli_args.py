@@ -109,6 +109,9 @@ class MatchArgs:
     student_position: str = option("all", "ablation: where candidate student heads are ablated: all positions, or "
                                    "roles (each teacher (head, role) unit matched among student heads ablated at that "
                                    "same role)", choices=("all", "roles"))
+    align_position: str | None = option(None, "the position role where circuit units found at all positions (search "
+                                        "--roles all) are matched and aligned, e.g. last (default: they stay at all: "
+                                        "CKA over every position)")
     weight: float = option(0.5, "combined: weight of (1 - CKA) against d_abl")
     impl: str | None = option(None, "CKA scorer implementation: cpp, torch, python (default: cpp when built)")
     n_examples: int = option(256, "prompts")

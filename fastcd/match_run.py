@@ -37,6 +37,14 @@ def run_match(a) -> int:
     name = a.task or circuit.task
     task = get_task(name, **({"n_boxes": a.n_boxes} if name == "entity-tracking" else {}))
     circuit.check_task(task.name)  # a circuit found on another task pairs heads for the wrong mechanism
+    if a.align_position is not None:
+        roles = tuple(dict.fromkeys(("last", *task.roles)))
+        if a.align_position not in roles:
+            raise UsageError(f"--align-position must be one of the task's roles {roles}, got {a.align_position!r}")
+        if not any(c.position == "all" for c in circuit.heads):
+            raise UsageError("--align-position moves the circuit's units found at all positions; this circuit has "
+                             "none (each unit already has its role)")
+        circuit = circuit.aligned_at(a.align_position)
     task = adapt_task(task, [t_tok, s_tok])
     stages = Stages()
     sizes = weight_bytes(a.teacher)[1] + weight_bytes(a.student)[1]
@@ -62,6 +70,7 @@ def run_match(a) -> int:
     with stages("matching", stages.what("matching")):
         m = match(inp, a.method, **kw)
     m.meta.update(teacher=_name(a.teacher), student=_name(a.student), n_examples=a.n_examples, dtype=a.dtype,
+                  aligned_at=a.align_position,
                   provenance=provenance(task, {"teacher": model_identity(a.teacher),
                                                "student": model_identity(a.student)}, clean))
     m.save(a.out)

@@ -50,6 +50,9 @@ def files(tmp_path):
     d["tomcircuit"] = tmp_path / "tom_circuit.json"  # the toy teacher's shape, found on theory of mind
     d["tomcircuit"].write_text(json.dumps({"task": "tom", "n_layers": 2, "n_heads": 4, "heads": [
         {"head": "L1H2", "group": "heads", "position": "last", "score": -1.0}], "meta": {"model": "tom-teacher"}}))
+    d["allcircuit"] = tmp_path / "all_circuit.json"  # heads live at every position (search --roles all)
+    d["allcircuit"].write_text(json.dumps({"task": "entity-tracking", "n_layers": 2, "n_heads": 4, "heads": [
+        {"head": "L1H2", "group": "search", "position": "all", "score": 0.0}], "meta": {}}))
     d["file"] = tmp_path / "a_file"
     d["file"].write_text("x")
     d["out"] = tmp_path / "out"
@@ -104,6 +107,13 @@ CLI_CASES = {
                            r"--teacher-device-map.*invalid choice: 'everywhere'"),
     "cache-only-without-cache": (lambda f: _distill("--cache-only", "--out", str(f["out"])),
                                  r"--cache-only needs --build-teacher-cache DIR"),
+    "align-position-role": (lambda f: ["match", "--teacher", T, "--student", S, "--circuit", str(f["allcircuit"]),
+                                       "--method", "cka", "--align-position", "box", "--out", str(f["out"] / "m.json")],
+                            r"--align-position must be one of the task's roles \('last', .*\), got 'box'"),
+    "search-role": (lambda f: ["discover", "--model", T, "--task", "tom", "--method", "search", "--roles", "object",
+                               "--out", str(f["out"] / "c.json")],
+                    r"roles must be a non-empty list of the task's roles \('last', 'question_character', "
+                    r"'question_container'\) or 'all'"),
     "experiment-missing-config": (lambda f: ["experiment", str(f["out"] / "none.yaml"), "--out", str(f["out"])],
                                   r"config: no such file"),
 }

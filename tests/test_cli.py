@@ -314,3 +314,33 @@ def test_cli_plan_prints_the_stages_and_stops(tmp_path, capsys):
     for name in ("discovery", "matching", "teacher evaluation", "teacher cache", "training", "evaluation"):
         assert f"plan:   {name} " in err, name
     assert not any((tmp_path / f).exists() for f in ("c.json", "c.png", "m.json", "run"))
+
+
+def test_cli_match_aligns_units_found_at_every_position_at_a_role(tmp_path, capsys):
+    """A circuit of heads live at every position (search --roles all): --align-position last matches and aligns
+    them at the last token (CKA there), keeps a unit that has its role, and records it; a bad role or a circuit
+    without such units is one line before any model loads."""
+    from fastcd.artifacts import Circuit, CircuitHead, Matching
+    from fastcd.models import Head
+
+    model = _save_tiny(tmp_path)
+    circ = tmp_path / "c.json"
+    Circuit([CircuitHead(Head(1, 0), "search", "all", 0.0), CircuitHead(Head(0, 2), "search", "all", 0.0),
+             CircuitHead(Head(1, 3), "search", "object", 0.0)], "entity-tracking", 3, 4).save(circ)
+    common = ["match", "--teacher", str(model), "--student", str(model), "--circuit", str(circ), "--method", "cka",
+              "--n-boxes", "3", "--n-examples", "12"]
+    assert main([*common, "--align-position", "last", "--out", str(tmp_path / "m.json")]) == 0
+    m = Matching.load(tmp_path / "m.json")
+    assert sorted((str(p.teacher), p.position) for p in m.pairs) == [("L0H2", "last"), ("L1H0", "last"),
+                                                                      ("L1H3", "object")]
+    assert m.meta["aligned_at"] == "last"
+    assert all(p.student == p.teacher for p in m.pairs)  # a model matched with itself: CKA 1 at the same head
+    capsys.readouterr()
+    assert main([*common, "--align-position", "nowhere", "--out", str(tmp_path / "x.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--align-position must be one of the task's roles" in err[0], err
+    Circuit([CircuitHead(Head(1, 0), "g", "last", 0.0)], "entity-tracking", 3, 4).save(circ)
+    assert main([*common, "--align-position", "last", "--out", str(tmp_path / "x.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "this circuit has none" in err[0], err
+    assert not (tmp_path / "x.json").exists()
