@@ -139,6 +139,14 @@ class Matching:
     def teacher_heads(self) -> list[Head]:
         return sorted({p.teacher for p in self.pairs})
 
+    def circuit_units(self) -> list[tuple[Head, str]]:
+        """The student circuit's (head, position) units, what a circuit evaluation keeps live: each pair's student
+        head at its role, or at every position where its teacher unit was live at every position and the pair only
+        aligns at ``meta["aligned_at"]`` (``fastcd match --align-position``; ``meta["live_everywhere"]``)."""
+        everywhere, at = set(self.meta.get("live_everywhere", ())), self.meta.get("aligned_at")
+        return [(p.student, "all" if str(p.teacher) in everywhere and p.position == at else p.position)
+                for p in self.pairs]
+
     def __len__(self) -> int:
         return len(self.pairs)
 

@@ -44,6 +44,7 @@ def run_match(a) -> int:
         if not any(c.position == "all" for c in circuit.heads):
             raise UsageError("--align-position moves the circuit's units found at all positions; this circuit has "
                              "none (each unit already has its role)")
+        everywhere = sorted({str(c.head) for c in circuit.heads if c.position == "all"})
         circuit = circuit.aligned_at(a.align_position)
     task = adapt_task(task, [t_tok, s_tok])
     stages = Stages()
@@ -70,7 +71,7 @@ def run_match(a) -> int:
     with stages("matching", stages.what("matching")):
         m = match(inp, a.method, **kw)
     m.meta.update(teacher=_name(a.teacher), student=_name(a.student), n_examples=a.n_examples, dtype=a.dtype,
-                  aligned_at=a.align_position,
+                  **({"aligned_at": a.align_position, "live_everywhere": everywhere} if a.align_position else {}),
                   provenance=provenance(task, {"teacher": model_identity(a.teacher),
                                                "student": model_identity(a.student)}, clean))
     m.save(a.out)

@@ -33,7 +33,7 @@ from fastcd.trainable import reinit_heads
 
 def live_units(matching: Matching) -> list:
     """The (student head, position) units a matching trains: what a circuit-accuracy evaluation keeps live."""
-    return [(p.student, p.position) for p in matching.pairs]
+    return matching.circuit_units()
 
 
 class SharedWork:

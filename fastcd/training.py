@@ -293,7 +293,7 @@ def evaluate_run(student, matching, s_test: EncodedBatch, *, s_ref=None, means=N
         if matching is not None and (means is not None or s_ref is not None):
             if means is None:
                 means = mean_z(student, s_ref.input_ids.to(next(student.parameters()).device))
-            circ = circuit_correct(student, s_test, means, [(p.student, p.position) for p in matching.pairs])
+            circ = circuit_correct(student, s_test, means, matching.circuit_units())
     return correct, circ
 
 

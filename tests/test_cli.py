@@ -318,7 +318,8 @@ def test_cli_plan_prints_the_stages_and_stops(tmp_path, capsys):
 
 def test_cli_match_aligns_units_found_at_every_position_at_a_role(tmp_path, capsys):
     """A circuit of heads live at every position (search --roles all): --align-position last matches and aligns
-    them at the last token (CKA there), keeps a unit that has its role, and records it; a bad role or a circuit
+    them at the last token (CKA there), keeps a unit that has its role, and records it, so that the student circuit
+    keeps those heads live everywhere (Matching.circuit_units); a bad role or a circuit
     without such units is one line before any model loads."""
     from fastcd.artifacts import Circuit, CircuitHead, Matching
     from fastcd.models import Head
@@ -333,7 +334,9 @@ def test_cli_match_aligns_units_found_at_every_position_at_a_role(tmp_path, caps
     m = Matching.load(tmp_path / "m.json")
     assert sorted((str(p.teacher), p.position) for p in m.pairs) == [("L0H2", "last"), ("L1H0", "last"),
                                                                       ("L1H3", "object")]
-    assert m.meta["aligned_at"] == "last"
+    assert m.meta["aligned_at"] == "last" and m.meta["live_everywhere"] == ["L0H2", "L1H0"]
+    # the student circuit keeps the heads found live everywhere live everywhere (circuit accuracy)
+    assert sorted((str(h), r) for h, r in m.circuit_units()) == [("L0H2", "all"), ("L1H0", "all"), ("L1H3", "object")]
     assert all(p.student == p.teacher for p in m.pairs)  # a model matched with itself: CKA 1 at the same head
     capsys.readouterr()
     assert main([*common, "--align-position", "nowhere", "--out", str(tmp_path / "x.json")]) == 2
