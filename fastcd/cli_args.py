@@ -106,6 +106,9 @@ class MatchArgs:
                            choices=("student_to_teacher", "teacher_to_student"))
     ablation_metric: str = option("accuracy", "ablation: what an ablation changes, accuracy (the paper's P) or "
                                  "p(answer) (continuous)", choices=("accuracy", "prob"))
+    ablation_baseline: str = option("student", "ablation: what a teacher unit's ablated P is measured against: the "
+                                    "student's P (Eq. 4 as the paper writes it) or the teacher's own",
+                                    choices=("student", "own"))
     student_position: str = option("all", "ablation: where candidate student heads are ablated: all positions, or "
                                    "roles (each teacher (head, role) unit matched among student heads ablated at that "
                                    "same role)", choices=("all", "roles"))

@@ -103,9 +103,16 @@ def _circuit_heads(circuit: Circuit) -> list[tuple[Head, str, str]]:
     return out
 
 
+BASELINES = ("student", "own")
+
+
 def ablation_scores(inp: MatchInputs, *, student_position: str = ALL, max_batch: int | None = None,
-                    progress: bool = False, metric: str = "accuracy") -> dict:
-    """ΔP for every student head and every teacher circuit head (Eqs. 3-4)."""
+                    progress: bool = False, metric: str = "accuracy", baseline: str = "student") -> dict:
+    """ΔP for every student head and every teacher circuit head (Eqs. 3-4). ``baseline``: what a teacher unit's
+    ablated P is measured against: ``student`` (Eq. 4 as the paper writes it: P(student) - P(teacher, ablated)) or
+    ``own`` (the teacher's own P: where the two models' P differ, Eq. 4's drop is mostly that gap)."""
+    if baseline not in BASELINES:
+        raise UsageError(f"baseline must be one of {BASELINES}, got {baseline!r}")
     t_dev = next(inp.teacher.parameters()).device
     s_dev = next(inp.student.parameters()).device
     t_means = mean_z(inp.teacher, inp.teacher_ref.input_ids.to(t_dev))
@@ -122,24 +129,27 @@ def ablation_scores(inp: MatchInputs, *, student_position: str = ALL, max_batch:
     return {
         "student_base": s_base, "teacher_base": t_base, "student_roles": s_roles,  # student_drop: role by role
         "student_heads": s_all, "student_drop": [s_base - a for a in s_abl],  # Eq. 3
-        "teacher_heads": t_heads, "teacher_drop": [s_base - a for a in t_abl],  # Eq. 4: student's baseline
+        "teacher_heads": t_heads, "baseline": baseline,
+        "teacher_drop": [(s_base if baseline == "student" else t_base) - a for a in t_abl],  # Eq. 4
         "student_ablated": s_abl, "teacher_ablated": t_abl,
     }
 
 
 def match_ablation(inp: MatchInputs, *, k: int | None = None, direction: str = "student_to_teacher",
                    student_position: str = ALL, scores: dict | None = None, progress: bool = False,
-                   metric: str = "accuracy") -> Matching:
+                   metric: str = "accuracy", baseline: str = "student") -> Matching:
     """The paper's rule: nearest ablation drop (Eq. 5), many-to-one; ties to the earliest head.
 
     ``student_position``: where candidate student heads are ablated: ``all`` positions (default), one role, or
     ``"roles"``: at each role the circuit uses, each teacher unit matched among student heads at its own role.
+    ``baseline``: Eq. 4's reference for the teacher's drops (:func:`ablation_scores`).
     """
     if direction not in ("student_to_teacher", "teacher_to_student"):
         raise UsageError(f"direction must be 'student_to_teacher' or 'teacher_to_student', got {direction!r}")
     if metric not in ("accuracy", "prob"):
         raise UsageError(f"metric must be 'accuracy' (the paper's P) or 'prob' (continuous), got {metric!r}")
-    sc = scores or ablation_scores(inp, student_position=student_position, progress=progress, metric=metric)
+    sc = scores or ablation_scores(inp, student_position=student_position, progress=progress, metric=metric,
+                                   baseline=baseline)
     if student_position == ROLES:
         return _match_ablation_roles(sc, k, direction, metric)
     s_heads, s_drop = sc["student_heads"], np.array(sc["student_drop"])
@@ -166,7 +176,7 @@ def match_ablation(inp: MatchInputs, *, k: int | None = None, direction: str = "
                 "d_abl": float(abs(s_drop[ci] - t_drop[ti])), "student_drop": float(s_drop[ci]),
                 "teacher_drop": float(t_drop[ti])}))
     return Matching(pairs, "ablation", {"direction": direction, "k": k, "metric": metric,
-                                        "student_base": sc["student_base"],
+                                        "baseline": sc.get("baseline", "student"), "student_base": sc["student_base"],
                                         "teacher_base": sc["teacher_base"], "student_position": student_position})
 
 
@@ -196,7 +206,8 @@ def _match_ablation_roles(sc: dict, k: int | None, direction: str, metric: str) 
                                                         "student_drop": float(s_drop[ci]),
                                                         "teacher_drop": float(t_drop[ti])}))
     return Matching(pairs, "ablation", {"direction": direction, "k": k, "metric": metric, "student_position": ROLES,
-                                        "student_base": sc["student_base"], "teacher_base": sc["teacher_base"]})
+                                        "baseline": sc.get("baseline", "student"), "student_base": sc["student_base"],
+                                        "teacher_base": sc["teacher_base"]})
 
 
 @torch.no_grad()

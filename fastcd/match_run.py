@@ -26,6 +26,8 @@ def run_match(a) -> int:
 
     if a.impl is not None and a.method not in ("cka", "combined"):
         raise UsageError(f"--impl chooses the CKA scorer of --method cka/combined, not of {a.method!r}")
+    if a.ablation_baseline != "student" and a.method != "ablation":
+        raise UsageError(f"--ablation-baseline is the ablation rule's (Eq. 4), not --method {a.method}'s")
     circuit = Circuit.load(a.circuit)
     # each model resolved once: config only first, so that a circuit of another model fails before anything loads
     a.teacher = resolve_model(a.teacher, "--teacher", weights=False)
@@ -65,7 +67,7 @@ def run_match(a) -> int:
     if a.plan:
         return 0
     kw = {"ablation": {"k": a.top_k, "direction": a.direction, "progress": True, "metric": a.ablation_metric,
-                       "student_position": a.student_position},
+                       "student_position": a.student_position, "baseline": a.ablation_baseline},
           "cka": {"impl": a.impl}, "combined": {"weight": a.weight, "impl": a.impl, "progress": True},
           "random": {"seed": a.seed}}[a.method]
     with stages("matching", stages.what("matching")):

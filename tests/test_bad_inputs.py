@@ -110,6 +110,10 @@ CLI_CASES = {
     "align-position-role": (lambda f: ["match", "--teacher", T, "--student", S, "--circuit", str(f["allcircuit"]),
                                        "--method", "cka", "--align-position", "box", "--out", str(f["out"] / "m.json")],
                             r"--align-position must be one of the task's roles \('last', .*\), got 'box'"),
+    "ablation-baseline-method": (lambda f: ["match", "--teacher", T, "--student", S, "--circuit",
+                                            str(f["allcircuit"]), "--method", "cka", "--ablation-baseline", "own",
+                                            "--out", str(f["out"] / "m.json")],
+                                 r"--ablation-baseline is the ablation rule's \(Eq. 4\), not --method cka's"),
     "search-role": (lambda f: ["discover", "--model", T, "--task", "tom", "--method", "search", "--roles", "object",
                                "--out", str(f["out"] / "c.json")],
                     r"roles must be a non-empty list of the task's roles \('last', 'question_character', "

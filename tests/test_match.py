@@ -174,6 +174,13 @@ def test_ablation_matching_rule(tok):
         match_ablation(inp, k=9, scores=sc)
     with pytest.raises(ValueError, match="direction must be"):
         match_ablation(inp, direction="both", scores=sc)
+    # each model's own baseline: the teacher's drops against its own P, the student's unchanged
+    own = ablation_scores(inp, baseline="own")
+    assert own["student_drop"] == sc["student_drop"] and own["teacher_ablated"] == sc["teacher_ablated"]
+    assert own["teacher_drop"] == pytest.approx([own["teacher_base"] - a for a in own["teacher_ablated"]])
+    assert match_ablation(inp, k=4, scores=own).meta["baseline"] == "own" and m.meta["baseline"] == "student"
+    with pytest.raises(ValueError, match=r"baseline must be one of \('student', 'own'\), got 'teacher'"):
+        ablation_scores(inp, baseline="teacher")
 
 
 def test_combined_and_random(tok):
