@@ -353,3 +353,39 @@ def test_a_killed_run_goes_on_from_its_checkpoint_exactly(tmp_path, monkeypatch,
     open(saves[0], "wb").close()
     E.Experiment(ExperimentConfig.from_dict(_cfg(**kw)), out, overwrite=True, progress=False)
     assert not os.path.exists(os.path.join(out, "partial")) and not os.path.exists(os.path.join(out, "runs.jsonl"))
+
+
+def test_theory_of_mind_behind_its_shots_with_heads_live_everywhere(tmp_path, monkeypatch):
+    """task tom-causaltom end to end on the toy ToM pair: a teacher circuit of heads live at every position, the
+    matching aligned at the last token (match --align-position), training with the shared prefix once per batch;
+    the teacher circuit's faithfulness and the student circuit accuracy (its heads live everywhere) recorded."""
+    from fastcd.artifacts import Circuit, CircuitHead, Matching, Pair
+    from fastcd.models import Head
+    from fastcd.pretrain import shipped_checkpoint
+
+    circ, match = tmp_path / "c.json", tmp_path / "m.json"
+    Circuit([CircuitHead(Head(1, 2), "search", "all", 0.0), CircuitHead(Head(0, 1), "search", "all", 0.0)],
+            "tom-causaltom", 2, 4, {}).save(circ)
+    Matching([Pair(Head(1, 2), Head(1, 1), "last", "search", {}), Pair(Head(0, 1), Head(0, 3), "last", "search", {})],
+             "cka", {"task": "tom-causaltom", "aligned_at": "last", "live_everywhere": ["L0H1", "L1H2"]}).save(match)
+    import fastcd.distillation as D
+    import fastcd.models as M
+
+    calls = []
+    real = M.shared_prefix
+
+    def spy(*a, **k):
+        out = real(*a, **k)
+        calls.append((k.get("train", False), out is not None))
+        return out
+
+    monkeypatch.setattr(D, "shared_prefix", spy)
+    cfg = dict(teacher=shipped_checkpoint("tom-teacher"), student=shipped_checkpoint("tom-student"),
+               task="tom-causaltom", circuit=str(circ), matching="cka", matching_files={"cka": str(match)},
+               methods=["circuit-ce", "ce+cka"], seeds=[0], n_train=8, steps=2, batch_size=4, lr=3e-3, n_test=12,
+               log_every=1, diagnostics_m=8)
+    report = run_experiment(cfg, str(tmp_path / "tom"), progress=False)
+    assert report["runs_done"] == 2 and (True, True) in calls  # training steps ran the shared prefix once
+    recs = list(read_runs(str(tmp_path / "tom" / "runs.jsonl")).values())
+    assert all(r["circuit_accuracy"] is not None and len(r["correct"]) == 12 for r in recs)
+    assert all(sorted(map(tuple, r["pairs"])) == [("L0H1", "L0H3", "last"), ("L1H2", "L1H1", "last")] for r in recs)
