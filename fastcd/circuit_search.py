@@ -29,7 +29,7 @@ from torch import nn
 
 from fastcd.artifacts import Circuit, CircuitHead
 from fastcd.errors import UsageError
-from fastcd.hooks import ALL, mean_z
+from fastcd.hooks import ALL, mean_z, rows_for_budget
 from fastcd.metrics import (
     PROTOCOL_TEXT,
     check_aligned,
@@ -97,7 +97,8 @@ def _soft_keep(model: nn.Module, keep: torch.Tensor, means: torch.Tensor):
 
 def unit_gradients(model: nn.Module, batch: EncodedBatch, means: torch.Tensor, live, roles, *,
                    protocol: str = "strict", batch_size: int = 32) -> torch.Tensor:
-    """``[L, H, len(roles)]``: d(mean log p(answer)) / d keep at each unit's role positions, at the circuit ``live``.
+    """``[L, H, len(roles)]``: d(mean log p(answer)) / d keep at each unit's role positions, at the circuit ``live``;
+    in chunks of at most ``batch_size`` prompts that fit ``FASTCD_MEMORY_BUDGET`` (the same sums in any chunking).
 
     For a unit outside the circuit (keep = 0) it is the first-order gain of restoring it; for a unit inside
     (keep = 1) the first-order loss of removing it.
@@ -105,6 +106,9 @@ def unit_gradients(model: nn.Module, batch: EncodedBatch, means: torch.Tensor, l
     spec = get_adapter(model).spec
     device = next(model.parameters()).device
     n = len(batch)
+    # the backward keeps every layer's activations: chunks within the memory budget (396-token prompts on a 1.5B
+    # took 13 GB for 32 rows)
+    batch_size = min(batch_size, rows_for_budget(model, batch.input_ids.shape[1], grad=True))
     out = torch.zeros(spec.n_layers, spec.n_heads, len(roles))
     flags = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)

@@ -371,8 +371,10 @@ def memory_budget() -> int:
         raise UsageError(f"FASTCD_MEMORY_BUDGET must be bytes or a size like '4G', got {raw!r}") from None
 
 
-def rows_for_budget(model: nn.Module, seq_len: int, *, budget: int | None = None, cap: int = 4096) -> int:
-    """How many prompt rows of length ``seq_len`` one no-grad forward may take within the memory budget.
+def rows_for_budget(model: nn.Module, seq_len: int, *, budget: int | None = None, cap: int = 4096,
+                    grad: bool = False) -> int:
+    """How many prompt rows of length ``seq_len`` one no-grad forward may take within the memory budget; with
+    ``grad``, one forward and backward (every layer's activations kept for the backward: n_layers times as much).
 
     Per row and layer: the residual stream and its normed copies (~6 x d_model), the MLP (3 x d_ff), attention
     scores (n_heads x T, eager) and the patch plan (n_heads x d_head), times T, plus one row of logits."""
@@ -382,6 +384,8 @@ def rows_for_budget(model: nn.Module, seq_len: int, *, budget: int | None = None
     item = next(model.parameters()).element_size()
     per_row = item * (seq_len * (6 * s.d_model + 3 * d_ff + s.n_heads * seq_len + s.n_heads * s.d_head)
                       + s.vocab_size)
+    if grad:
+        per_row *= s.n_layers
     return int(max(1, min(cap, (budget or memory_budget()) // per_row)))
 
 

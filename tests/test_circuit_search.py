@@ -91,6 +91,25 @@ def test_search_on_the_shipped_teacher_reaches_the_target():
     assert res.circuit.meta["evaluation"] is rec and len(res.circuit.heads) == rec["circuit_units"]
 
 
+def test_unit_gradients_in_chunks_of_the_memory_budget_are_the_same(tok, monkeypatch):
+    """The backward keeps every layer's activations: a small FASTCD_MEMORY_BUDGET splits the prompts into more
+    chunks (one row each here) and the summed gradients stay the same."""
+    from fastcd.hooks import mean_z, rows_for_budget
+
+    model = make_tiny("llama", vocab_size=len(tok))
+    clean, corrupt = _batches(tok, 8)
+    means = mean_z(model, corrupt.input_ids)
+    live, roles = [(Head(1, 0), "last")], ["last", "object", "all"]
+    whole = unit_gradients(model, clean, means, live, roles, batch_size=8)
+    t = clean.input_ids.shape[1]
+    assert rows_for_budget(model, t, grad=True) >= 8
+    one = rows_for_budget(model, t, grad=True, budget=1)
+    monkeypatch.setenv("FASTCD_MEMORY_BUDGET", "1")
+    assert one == 1 and rows_for_budget(model, t, grad=True) == 1 < rows_for_budget(model, t, budget=10**6)
+    torch.testing.assert_close(unit_gradients(model, clean, means, live, roles, batch_size=8), whole,
+                               atol=1e-6, rtol=1e-5)
+
+
 def test_search_with_heads_live_at_every_position():
     """roles ["all"] (the paper's ToM protocol, strict): every unit is a head live at every position, every other
     head mean-ablated everywhere; the shipped 7-box teacher keeps the target with fewer than its 8 heads."""
