@@ -367,10 +367,18 @@ def shared_prefix(model: nn.Module, input_ids: torch.Tensor, reads, length: int 
         return None
     if any(m._forward_pre_hooks or m._forward_hooks for m in model.modules()):
         return None
+    return run_prefix(model, input_ids, p)
+
+
+def run_prefix(model: nn.Module, input_ids: torch.Tensor, length: int) -> SharedPrefix:
+    """One forward of ``input_ids[:1, :length]`` (batch 1, under whatever hooks are on the model, on the autograd
+    graph when grad is enabled), its keys and values repeated over the batch: what :func:`shared_prefix` runs once
+    it has checked that reuse is exact; a caller that applies the same intervention to every row's prefix (the
+    circuit search's soft masks) calls it directly."""
     name = _cache_argument(type(unwrap(model)))  # transformers >= 5.25 names it `cache`, before `past_key_values`
-    cache = model(input_ids=input_ids[:1, :p], use_cache=True, logits_to_keep=1)[name]
+    cache = model(input_ids=input_ids[:1, :length], use_cache=True, logits_to_keep=1)[name]
     cache.batch_repeat_interleave(input_ids.shape[0])
-    return SharedPrefix(p, cache)
+    return SharedPrefix(length, cache)
 
 
 def logits_at(model: nn.Module, positions: torch.Tensor, *, prefix: SharedPrefix | None = None, **forward_kwargs):

@@ -110,6 +110,35 @@ def test_unit_gradients_in_chunks_of_the_memory_budget_are_the_same(tok, monkeyp
                                atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("protocol", ["strict", "lenient"])
+def test_unit_gradients_on_few_shot_prompts_run_the_shared_prefix_once(tok, monkeypatch, protocol):
+    """Few-shot prompts (ToM behind its instruction and shots): the prefix runs once (batch 1) under its own soft
+    mask, whose gradient is the sum of the rows' there: the same scores as full forwards (FASTCD_PREFIX_REUSE=0),
+    for units at roles and live everywhere."""
+    from fastcd.hooks import mean_z
+    from fastcd.models import shared_prefix_length
+    from fastcd.tasks import TheoryOfMind
+
+    task = TheoryOfMind(instruction="causaltom", few_shot=3)
+    pairs = task.pairs(6, seed=0, split="val")
+    clean, ref = (task.encode([getattr(q, k) for q in pairs], tok) for k in ("clean", "corrupt"))
+    model = make_tiny("llama", vocab_size=len(tok)).double()
+    means = mean_z(model, ref.input_ids).double()
+    live, roles = [(Head(1, 0), "all"), (Head(0, 2), "question_character")], ["last", "question_container", "all"]
+    shapes = []
+    orig = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **k: shapes.append(tuple(k["input_ids"].shape)) or orig(*a, **k))
+    got = unit_gradients(model, clean, means, live, roles, protocol=protocol, batch_size=4)
+    p, t = shared_prefix_length(clean.input_ids), clean.input_ids.shape[1]
+    assert shapes == [(1, p), (4, t - p), (1, p), (2, t - p)]
+    monkeypatch.setenv("FASTCD_PREFIX_REUSE", "0")
+    shapes.clear()
+    ref_g = unit_gradients(model, clean, means, live, roles, protocol=protocol, batch_size=4)
+    assert shapes == [(4, t), (2, t)]
+    assert got.abs().max() > 0
+    torch.testing.assert_close(got, ref_g, atol=1e-9, rtol=1e-7)
+
+
 def test_search_with_heads_live_at_every_position():
     """roles ["all"] (the paper's ToM protocol, strict): every unit is a head live at every position, every other
     head mean-ablated everywhere; the shipped 7-box teacher keeps the target with fewer than its 8 heads."""
