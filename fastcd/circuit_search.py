@@ -261,7 +261,8 @@ def search_circuit(model: nn.Module, search: EncodedBatch, heldout: EncodedBatch
                "random_sd": statistics.stdev(rand) if len(rand) > 1 else None, "random_accuracies": rand}
         curve.append(row)
         log(f"{stage}: {row['units']} units / {row['heads']} heads: held-out faithfulness {row['faithfulness']:.3f}"
-            f" (random {row['random_accuracy']:.3f})")
+            f" (random circuits {row['random_accuracy'] / full_h:.3f}; accuracy {c:.3f}, random "
+            f"{row['random_accuracy']:.3f}, full {full_h:.3f})")
         return row
 
     def ranked_outside(units) -> list:
