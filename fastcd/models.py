@@ -371,10 +371,9 @@ def shared_prefix(model: nn.Module, input_ids: torch.Tensor, reads, length: int 
 
 
 def run_prefix(model: nn.Module, input_ids: torch.Tensor, length: int) -> SharedPrefix:
-    """One forward of ``input_ids[:1, :length]`` (batch 1, under whatever hooks are on the model, on the autograd
-    graph when grad is enabled), its keys and values repeated over the batch: what :func:`shared_prefix` runs once
-    it has checked that reuse is exact; a caller that applies the same intervention to every row's prefix (the
-    circuit search's soft masks) calls it directly."""
+    """One forward of ``input_ids[:1, :length]`` (batch 1, under the model's hooks, on the graph when grad is on),
+    its keys and values repeated over the batch: :func:`shared_prefix` once reuse is checked exact, or a caller
+    that applies the same intervention to every row's prefix (the circuit search's soft masks)."""
     name = _cache_argument(type(unwrap(model)))  # transformers >= 5.25 names it `cache`, before `past_key_values`
     cache = model(input_ids=input_ids[:1, :length], use_cache=True, logits_to_keep=1)[name]
     cache.batch_repeat_interleave(input_ids.shape[0])
