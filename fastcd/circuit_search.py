@@ -39,15 +39,9 @@ from fastcd.metrics import (
     keep_masks,
     metric_values,
     random_units,
+    role_free_prefix_length,
 )
-from fastcd.models import (
-    PREFIX_MIN,
-    accepts_logits_to_keep,
-    get_adapter,
-    logits_at,
-    run_prefix,
-    shared_prefix_length,
-)
+from fastcd.models import get_adapter, logits_at, run_prefix
 from fastcd.tasks.base import EncodedBatch
 
 MIN_HELDOUT = 20  # the random baseline's bound (<= 0.05) needs at least 20 prompts to be resolved at all
@@ -113,12 +107,12 @@ def unit_gradients(model: nn.Module, batch: EncodedBatch, means: torch.Tensor, l
     spec = get_adapter(model).spec
     device = next(model.parameters()).device
     n = len(batch)
-    # the backward keeps every layer's activations: chunks within the memory budget (396-token prompts on a 1.5B
-    # took 13 GB for 32 rows)
-    p = _shared_keep_prefix(model, batch, live, protocol)
     # few-shot prompts: every row's prefix is the same prompt under the same mask, so one forward (batch 1) of it
     # with its own keep tensor serves the batch, and that tensor's gradient is the sum of the rows' gradients there
-    batch_size = min(batch_size, rows_for_budget(model, batch.input_ids.shape[1] - p, grad=True))
+    n_pre = role_free_prefix_length(model, batch)
+    # the backward keeps every layer's activations: chunks within the memory budget (396-token prompts on a 1.5B
+    # took 13 GB for 32 rows)
+    batch_size = min(batch_size, rows_for_budget(model, batch.input_ids.shape[1] - n_pre, grad=True))
     out = torch.zeros(spec.n_layers, spec.n_heads, len(roles))
     flags = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)
@@ -127,40 +121,27 @@ def unit_gradients(model: nn.Module, batch: EncodedBatch, means: torch.Tensor, l
             idx = torch.arange(i, min(i + batch_size, n))
             keep = keep_masks(spec, batch, live, idx, protocol).float()
             ids, last = batch.input_ids[idx].to(device), batch.positions["last"][idx]
-            k_pre = keep[:, :1, :p].clone().requires_grad_(True)
-            k_suf = keep[:, :, p:].clone().requires_grad_(True)  # the whole prompt when p = 0
+            k_pre = keep[:, :1, :n_pre].clone().requires_grad_(True)
+            k_suf = keep[:, :, n_pre:].clone().requires_grad_(True)  # the whole prompt when n_pre = 0
             with torch.enable_grad():
                 pre = None
-                if p:
-                    with _soft_keep(model, k_pre, means[:, :p]):
-                        pre = run_prefix(model, ids, p)
-                with _soft_keep(model, k_suf, means[:, p:]):
+                if n_pre:
+                    with _soft_keep(model, k_pre, means[:, :n_pre]):
+                        pre = run_prefix(model, ids, n_pre)
+                with _soft_keep(model, k_suf, means[:, n_pre:]):
                     logits, _ = logits_at(model, last, input_ids=ids, prefix=pre)
                 m = metric_values(logits, batch.index(idx), "logprob").sum()
-                g_pre, g = torch.autograd.grad(m, [k_pre, k_suf], allow_unused=True)  # g: [L, rows, T - p, H]
+                g_pre, g = torch.autograd.grad(m, [k_pre, k_suf], allow_unused=True)  # g: [L, rows, T - n_pre, H]
             for j, role in enumerate(roles):
                 if role == ALL:  # a unit live at every position: its keep mask spans the whole prompt
-                    out[:, :, j] += g.sum((1, 2)).float() + (g_pre.sum((1, 2)).float() if p else 0.0)
+                    out[:, :, j] += g.sum((1, 2)).float() + (g_pre.sum((1, 2)).float() if n_pre else 0.0)
                     continue
-                pos = batch.positions[role][idx] - p
+                pos = batch.positions[role][idx] - n_pre
                 out[:, :, j] += g[:, torch.arange(len(idx)), pos, :].sum(1).float()
     finally:
         for p, f in zip(model.parameters(), flags):
             p.requires_grad_(f)
     return out / n
-
-
-def _shared_keep_prefix(model: nn.Module, batch: EncodedBatch, live, protocol: str) -> int:
-    """The prefix every prompt shares under a mask that is the same for every row there (no role in it), worth
-    its own forward; 0 when none (``FASTCD_PREFIX_REUSE=0``, short prefixes, a model without ``logits_to_keep``)."""
-    import os
-
-    p = shared_prefix_length(batch.input_ids)
-    if p < PREFIX_MIN or os.environ.get("FASTCD_PREFIX_REUSE") == "0" or not accepts_logits_to_keep(model):
-        return 0
-    if any(int(v.min()) < p for v in batch.positions.values()):
-        return 0
-    return p
 
 
 @dataclass

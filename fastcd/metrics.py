@@ -17,7 +17,15 @@ from torch import nn
 from fastcd.artifacts import Circuit
 from fastcd.errors import UsageError
 from fastcd.hooks import ALL, intervene, mean_z, position_mask, role_positions, run_with_z
-from fastcd.models import PREFIX_MIN, Head, get_adapter, logits_at, shared_prefix, shared_prefix_length
+from fastcd.models import (
+    PREFIX_MIN,
+    Head,
+    accepts_logits_to_keep,
+    get_adapter,
+    logits_at,
+    shared_prefix,
+    shared_prefix_length,
+)
 from fastcd.tasks.base import EncodedBatch
 
 METRICS = ("prob", "logprob", "logit_diff", "accuracy", "candidate_accuracy")
@@ -178,6 +186,19 @@ def keep_masks(spec, batch: EncodedBatch, live, idx: torch.Tensor, protocol: str
     return keep
 
 
+def role_free_prefix_length(model: nn.Module, batch: EncodedBatch) -> int:
+    """The leading tokens every prompt of ``batch`` shares and no role (``last`` included) lies in, when worth a
+    forward of their own (``PREFIX_MIN``) and the model can run a suffix on their cache (``logits_to_keep``); 0
+    otherwise, or with ``FASTCD_PREFIX_REUSE=0``. Any mask that treats heads by role is the same for every row
+    there."""
+    import os
+
+    p = shared_prefix_length(batch.input_ids)
+    if p < PREFIX_MIN or os.environ.get("FASTCD_PREFIX_REUSE") == "0" or not accepts_logits_to_keep(model):
+        return 0
+    return 0 if any(int(v.min()) < p for v in batch.positions.values()) else p
+
+
 def ablated_prefix_length(model: nn.Module, clean: EncodedBatch, means: torch.Tensor, protocol: str) -> int:
     """How many leading tokens of ``clean`` run the same under the circuit's ablation as without it (0: none worth
     reusing). Every prompt shares them and no role lies there, so ``lenient`` keeps every head there as computed;
@@ -185,14 +206,8 @@ def ablated_prefix_length(model: nn.Module, clean: EncodedBatch, means: torch.Te
     prefix too (checked per layer: the z of one clean prefix against ``means``, within the rounding of the
     model's dtype): the residual stream, keys and values of the prefix are then the clean ones, computed once
     (few-shot prompts: the instruction and the shots)."""
-    import os
-
-    p = shared_prefix_length(clean.input_ids)
-    if p < PREFIX_MIN or os.environ.get("FASTCD_PREFIX_REUSE") == "0":
-        return 0
-    if any(int(v.min()) < p for v in clean.positions.values()):
-        return 0
-    if protocol == "strict":  # the means there must be the clean z, up to the rounding of the model's dtype
+    p = role_free_prefix_length(model, clean)
+    if p and protocol == "strict":  # the means there must be the clean z, up to the rounding of the model's dtype
         _, z = run_with_z(model, clean.input_ids[:1, :p].to(next(model.parameters()).device), logits=False)
         tol = 1e-3 if z.dtype == torch.float32 else 5e-2  # bf16 paths differ by ~1.5% (relative), other prefixes ~1
         diff = (z[:, 0].float() - means[:, :p].to(z.device).float()).flatten(1).norm(dim=1)
