@@ -9,20 +9,25 @@ prompts for all units at once), adds the best, and grows the size geometrically 
 the search prompts reaches ``target``. It then bisects the last step (the units in the order they were ranked) to
 the smallest prefix that reaches the target, and prunes: units whose removal costs least (the same gradient at keep
 = 1) are dropped in chunks while the target holds. Every size on the way is a point of the curve: its faithfulness
-on held-out prompts beside random circuits of the same size and roles.
+on held-out prompts beside random circuits of the same size and roles, with its units (``unit_list``), so any
+point is a circuit (:func:`curve_circuit`); ``on_point`` streams each point as it is measured (the CLI writes them to
+``OUT.curve.jsonl``: a search stopped early keeps every circuit it measured).
 
 Reference: :func:`fastcd.metrics.circuit_correct` (the evaluation every number here comes from).
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import random
 import statistics
 import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -41,7 +46,7 @@ from fastcd.metrics import (
     random_units,
     role_free_prefix_length,
 )
-from fastcd.models import get_adapter, logits_at, run_prefix
+from fastcd.models import Head, get_adapter, logits_at, run_prefix
 from fastcd.tasks.base import EncodedBatch
 
 MIN_HELDOUT = 20  # the random baseline's bound (<= 0.05) needs at least 20 prompts to be resolved at all
@@ -158,11 +163,50 @@ def _units_to_circuit(units, spec, task: str, meta: dict) -> Circuit:
     return Circuit(heads, task, spec.n_layers, spec.n_heads, meta)
 
 
+def curve_circuit(path, units: int) -> Circuit:
+    """The circuit at the search's curve point of ``units`` units, with that point's held-out record in its meta.
+    ``path``: the search's streamed ``OUT.curve.jsonl`` (its first line the search's header, then one point per
+    line: what a search stopped early leaves) or the circuit JSON a finished search wrote (its ``meta.curve``).
+    Bisection and pruning may revisit a size: the last point of that size is taken. A size the curve lacks is an
+    error that lists the sizes it has."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise UsageError(f"path: {path!r} does not exist (expected a search's .curve.jsonl or circuit JSON)")
+    if path.endswith(".jsonl"):
+        lines = []
+        with open(path, encoding="utf-8") as f:
+            for n, x in enumerate(f, 1):
+                if not x.strip():
+                    continue
+                try:
+                    lines.append(json.loads(x))
+                except json.JSONDecodeError as e:
+                    raise UsageError(f"path: {path!r} line {n} is not valid JSON ({e.msg})") from None
+        if not lines or "search" not in lines[0]:
+            raise UsageError(f"path: {path!r} is not a search's curve (its first line must be the search header)")
+        head, rows = lines[0]["search"], lines[1:]
+    else:
+        c = Circuit.load(path)
+        head = {"task": c.task, "n_layers": c.n_layers, "n_heads": c.n_heads}
+        rows = c.meta.get("curve") or []
+    rows = [r for r in rows if "unit_list" in r]
+    hit = [r for r in rows if r["units"] == units]
+    if not hit:
+        raise UsageError(f"units: no curve point in {path!r} has {units!r} units (sizes measured: "
+                         f"{[r['units'] for r in rows]})")
+    row = hit[-1]
+    unit_list = [(Head.parse(h), r) for h, r in row["unit_list"]]
+    record = {k: v for k, v in row.items() if k != "unit_list"}
+    spec = SimpleNamespace(n_layers=head["n_layers"], n_heads=head["n_heads"])
+    return _units_to_circuit(unit_list, spec, head["task"], {"method": "search", "curve_point": record,
+                                                           "source": os.path.basename(path)})
+
+
 def search_circuit(model: nn.Module, search: EncodedBatch, heldout: EncodedBatch, reference: EncodedBatch, *,
                    roles, target: float = 0.85, protocol: str = "strict", start: int = 8, growth: float = 2.0,
                    max_units: int | None = None, n_random: int = 10, n_random_curve: int = 3, prune: bool = True,
                    max_prune_evals: int = 12, seed: int = 0, batch_size: int = 64,
-                   task: str = "entity-tracking", progress: bool = False) -> SearchResult:
+                   task: str = "entity-tracking", progress: bool = False, on_point=None) -> SearchResult:
     """Grow, bisect and prune a circuit of (head, role) units to the smallest that keeps ``target`` of the task.
 
     Args:
@@ -176,6 +220,7 @@ def search_circuit(model: nn.Module, search: EncodedBatch, heldout: EncodedBatch
         start, growth: the first size in units and the factor each step grows by.
         max_units: stop growing there (default: every unit).
         n_random: random circuits for the final record; ``n_random_curve`` at each curve point.
+        on_point: called with each curve point (a dict, ``unit_list`` its units) as soon as it is measured.
 
     Returns:
         A :class:`SearchResult`; ``record`` holds the final faithfulness record and the search's cost.
@@ -239,8 +284,11 @@ def search_circuit(model: nn.Module, search: EncodedBatch, heldout: EncodedBatch
         row = {"stage": stage, "units": len(units), "heads": len({h for h, _ in units}),
                "head_share": len({h for h, _ in units}) / spec.n_total_heads,
                "circuit_accuracy": c, "faithfulness": c / full_h, "random_accuracy": statistics.mean(rand),
-               "random_sd": statistics.stdev(rand) if len(rand) > 1 else None, "random_accuracies": rand}
+               "random_sd": statistics.stdev(rand) if len(rand) > 1 else None, "random_accuracies": rand,
+               "full_accuracy": full_h, "unit_list": [[str(h), r] for h, r in units]}
         curve.append(row)
+        if on_point is not None:
+            on_point(row)
         log(f"{stage}: {row['units']} units / {row['heads']} heads: held-out faithfulness {row['faithfulness']:.3f}"
             f" (random circuits {row['random_accuracy'] / full_h:.3f}; accuracy {c:.3f}, random "
             f"{row['random_accuracy']:.3f}, full {full_h:.3f})")
@@ -330,4 +378,5 @@ def search_circuit(model: nn.Module, search: EncodedBatch, heldout: EncodedBatch
     return SearchResult(circuit, curve, record)
 
 
-__all__ = ["MIN_HELDOUT", "MIN_SEARCH_CORRECT", "SearchResult", "check_search_args", "search_circuit", "unit_gradients"]
+__all__ = ["MIN_HELDOUT", "MIN_SEARCH_CORRECT", "SearchResult", "check_search_args", "curve_circuit", "search_circuit",
+           "unit_gradients"]

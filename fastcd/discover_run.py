@@ -4,6 +4,7 @@ held-out test prompts, and write the circuit JSON with its figure beside it."""
 
 from __future__ import annotations
 
+import json
 import os
 
 from fastcd.artifacts import provenance
@@ -67,10 +68,20 @@ def run_discover(a) -> int:
                 provenance=provenance(task, {"model": model_identity(a.model)}, [p.clean for p in pairs]))
     boxes = f" ({task.n_boxes} boxes)" if hasattr(task, "n_boxes") else ""
     if search:
+        stream = os.path.splitext(a.out)[0] + ".curve.jsonl"  # every point with its units, as it is measured
+        with open(stream, "w", encoding="utf-8") as f:
+            f.write(json.dumps({"search": {"task": task.name, "n_layers": spec.n_layers, "n_heads": spec.n_heads,
+                                           "roles": roles, "protocol": a.protocol, "target": a.target, **meta}})
+                    + "\n")
+
+        def on_point(row):
+            with open(stream, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+
         with stages("discovery", stages.what("discovery")):  # the search measures its own held-out record
             res = search_circuit(model, clean, *held, roles=roles, target=a.target, protocol=a.protocol,
                                  n_random=a.n_random, seed=a.seed, batch_size=a.batch_size, task=task.name,
-                                 progress=True)
+                                 progress=True, on_point=on_point)
         circuit = res.circuit
         circuit.meta.update(meta, n_boxes=getattr(task, "n_boxes", None), curve=res.curve)
         faithfulness_curve_plot(res.curve, res.record, png, title=f"{model_name}, {a.task}{boxes}: circuit search\n"
@@ -94,5 +105,5 @@ def run_discover(a) -> int:
     print(circuit)
     if circuit.meta.get("evaluation"):
         print(format_faithfulness(circuit.meta["evaluation"]))
-    print(f"wrote {a.out} and {png}")
+    print(f"wrote {a.out} and {png}" + (f" (and {stream}: every curve point's units)" if search else ""))
     return 0

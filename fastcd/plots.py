@@ -255,8 +255,11 @@ def accuracy_plot(report: dict, path: str | os.PathLike | None = None):
         ax.set_title(g, fontsize=8)
         if ax.get_legend_handles_labels()[0]:  # the teacher and base lines, when the report has them
             ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # outside: never over a seed
-    fig.suptitle("test accuracy per method\ndots: seeds; bar: mean and 95% t-interval over seeds (cut at 0 and 1)",
-                 fontsize=9)
+    has_ci = [r["accuracy"].get("lo") is not None for r in rows]
+    bar = ("mean and 95% t-interval over seeds (cut at 0 and 1)" if all(has_ci) else
+           "mean (one seed: no interval)" if not any(has_ci) else
+           "mean, with its 95% t-interval over seeds where there are two or more (cut at 0 and 1)")
+    fig.suptitle(f"test accuracy per method\ndots: seeds; bar: {bar}", fontsize=9)
     _save(fig, path)
     return fig
 

@@ -1,14 +1,16 @@
 """Circuit evaluation protocols, the role-wise circuit search and its bad inputs (fastcd.circuit_search)."""
 
 import json
+import re
 
 import pytest
 import torch
 from conftest import make_tiny
 
 from fastcd.artifacts import Circuit, CircuitHead
-from fastcd.circuit_search import _soft_keep, check_search_args, search_circuit, unit_gradients
+from fastcd.circuit_search import _soft_keep, check_search_args, curve_circuit, search_circuit, unit_gradients
 from fastcd.cli import main
+from fastcd.errors import UsageError
 from fastcd.metrics import keep_masks
 from fastcd.models import Head, get_adapter, logits_at
 from fastcd.tasks import EntityTracking
@@ -67,7 +69,7 @@ def test_unit_gradients_match_finite_differences(tok):
         assert g[head.layer, head.head, roles.index(role)].item() == pytest.approx(fd, rel=2e-3, abs=1e-6)
 
 
-def test_search_on_the_shipped_teacher_reaches_the_target():
+def test_search_on_the_shipped_teacher_reaches_the_target(tmp_path):
     """The shipped 7-box teacher (2 layers x 4 heads, accuracy 1.0): lenient protocol, target 0.85."""
     from fastcd.loading import load_model, load_tokenizer
     from fastcd.pretrain import shipped_checkpoint
@@ -77,9 +79,13 @@ def test_search_on_the_shipped_teacher_reaches_the_target():
     task = EntityTracking(n_boxes=7)
     sp, hp = task.pairs(48, seed=0, split="val"), task.pairs(48, seed=1, split="test")
     enc = [task.encode([getattr(p, k) for p in ps], tk) for ps, k in ((sp, "clean"), (hp, "clean"), (hp, "corrupt"))]
+    streamed = []
     with pytest.warns(UserWarning, match="answers only 48 of the 48 search prompts"):  # 48 < 50 right ones
         res = search_circuit(model, *enc, roles=task.roles, target=0.85, protocol="lenient", start=1, growth=2,
-                             n_random=4, n_random_curve=2)
+                             n_random=4, n_random_curve=2, on_point=streamed.append)
+    assert streamed == res.curve  # each point streamed as it was measured, with its units
+    assert all(len(r["unit_list"]) == r["units"] for r in res.curve)
+    assert [[str(c.head), c.position] for c in res.circuit.heads] == res.curve[-1]["unit_list"]
     rec = res.record
     assert rec["reached"] and rec["search_faithfulness"] >= 0.85
     assert rec["circuit_units"] < 8 * len(task.roles)  # smaller than every unit
@@ -89,6 +95,25 @@ def test_search_on_the_shipped_teacher_reaches_the_target():
     assert {r["stage"] for r in res.curve} >= {"grow", "pruned"}
     assert rec["faithfulness"] == pytest.approx(rec["circuit_accuracy"] / rec["full_accuracy"])
     assert res.circuit.meta["evaluation"] is rec and len(res.circuit.heads) == rec["circuit_units"]
+    # any curve point is a circuit: re-evaluated from the saved file, it scores what its point recorded
+    from fastcd.hooks import mean_z
+    from fastcd.metrics import circuit_correct
+
+    path = tmp_path / "search.json"
+    res.circuit.meta["curve"] = res.curve
+    res.circuit.save(path)
+    means = mean_z(model, enc[2].input_ids)
+    for row in (res.curve[0], res.curve[-1]):
+        c = curve_circuit(path, row["units"])
+        assert c.meta["curve_point"]["faithfulness"] == row["faithfulness"] and len(c.heads) == row["units"]
+        hits = circuit_correct(model, enc[1], means, [(h.head, h.position) for h in c.heads], protocol="lenient")
+        assert sum(hits) / len(hits) == pytest.approx(row["circuit_accuracy"])
+    sizes = [r["units"] for r in res.curve]
+    with pytest.raises(UsageError, match=re.escape(f"units: no curve point in {str(path)!r} has 1000 units (sizes "
+                                                   f"measured: {sizes})")):
+        curve_circuit(path, 1000)
+    with pytest.raises(UsageError, match="path: .* does not exist"):
+        curve_circuit(tmp_path / "none.curve.jsonl", 1)
 
 
 def test_unit_gradients_in_chunks_of_the_memory_budget_are_the_same(tok, monkeypatch):
@@ -223,6 +248,17 @@ def test_cli_search_writes_circuit_curve_and_png(tmp_path, capsys):
     assert ev["n_random"] == 3 and len(ev["random_circuit_accuracies"]) == 3 and d["meta"]["curve"]
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "faithfulness (lenient protocol, 32 test prompts)" in capsys.readouterr().out
+    # the streamed curve: the search's header, then every point with its units, as the circuit's meta has them
+    lines = [json.loads(x) for x in (tmp_path / "search.curve.jsonl").read_text().splitlines()]
+    assert lines[0]["search"]["n_layers"] == d["n_layers"] and lines[0]["search"]["protocol"] == "lenient"
+    assert lines[1:] == d["meta"]["curve"]
+    n = lines[1]["units"]
+    a, b = curve_circuit(tmp_path / "search.curve.jsonl", n), curve_circuit(out, n)
+    assert a.heads == b.heads and len(a.heads) == n and a.task == b.task == "entity-tracking"
+    bad = tmp_path / "bad.curve.jsonl"
+    bad.write_text('{"units": 1}\n')
+    with pytest.raises(UsageError, match="is not a search's curve"):
+        curve_circuit(bad, 1)
 
 
 @pytest.mark.slow

@@ -80,3 +80,21 @@ def test_per_batch_curves_are_faint_with_their_running_mean_and_validation_is_dr
     assert raw.get_alpha() < smooth.get_alpha() and list(raw.get_ydata()) == [float(s % 3) for s in range(1, 41)]
     assert list(smooth.get_ydata()) == running_mean([float(s % 3) for s in range(1, 41)], 4)
     assert [ln.get_marker() for ln in val.get_lines()] == ["o"] and len(val.get_lines()[0].get_xdata()) == 4
+
+
+def test_accuracy_plot_claims_an_interval_only_where_it_draws_one():
+    from fastcd.plots import accuracy_plot
+
+    def row(method, per_seed, lo):
+        m = sum(per_seed) / len(per_seed)
+        return {"setting": "s", "method": method, "matching": None, "lam": None, "per_seed": per_seed,
+                "accuracy": {"mean": m, "lo": lo, "hi": None if lo is None else m + 0.05}}
+
+    def title(rows):
+        return accuracy_plot({"table": rows, "n_test": 10, "config": {}}, None)._suptitle.get_text()
+
+    one = [row("circuit-ce", [0.5], None), row("ce+cka", [0.6], None)]
+    assert "one seed: no interval" in title(one) and "t-interval" not in title(one)
+    many = [row("circuit-ce", [0.5, 0.6], 0.4), row("ce+cka", [0.6, 0.7], 0.5)]
+    assert "mean and 95% t-interval over seeds" in title(many)
+    assert "where there are two or more" in title([many[0], one[1]])
