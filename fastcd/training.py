@@ -119,11 +119,17 @@ def gradient_checkpointing(model, on: bool):
         yield
         return
     check_gradient_checkpointing(model, on)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    had_hook = bool(getattr(model, "_require_grads_hooks", None) or getattr(model, "_require_grads_hook", None))
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers' name since 5.2x (the old one is deprecated)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     try:
         yield
     finally:
-        model.gradient_checkpointing_disable()
+        (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
+        if not had_hook and hasattr(model, "disable_input_require_grads"):
+            model.disable_input_require_grads()  # the embedding hook enabling left behind: the model as it was
 
 
 def train_loop(cd: CircuitDistiller, opt, seed: int, cfg: DistillConfig, s_train: EncodedBatch,

@@ -1,5 +1,7 @@
 """Shared-prefix reuse in fastcd.models.logits_at: exact against the full forward, and used only where it is."""
 
+import warnings
+
 import pytest
 import torch
 from conftest import ARCHS, make_tiny
@@ -299,5 +301,11 @@ def test_no_prefix_reuse_in_training_under_gradient_checkpointing(tok):
     reads = [b.positions["last"]]
     assert shared_prefix(model, b.input_ids, reads) is None  # grad enabled and not a training step
     assert shared_prefix(model, b.input_ids, reads, train=True).length == shared_prefix_length(b.input_ids)
-    with gradient_checkpointing(model, True):
-        assert shared_prefix(model, b.input_ids, reads, train=True) is None
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # not through transformers' deprecated names
+        with gradient_checkpointing(model, True):
+            assert shared_prefix(model, b.input_ids, reads, train=True) is None
+    # afterwards the model is as it was: no hook left on its embeddings, and the prefix is reused again
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == hooks
+    assert shared_prefix(model, b.input_ids, reads, train=True).length == shared_prefix_length(b.input_ids)
