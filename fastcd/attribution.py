@@ -13,7 +13,7 @@ from fastcd.discover import PatchingResult, PatchSource, patch_heads_batched
 from fastcd.errors import UsageError
 from fastcd.hooks import capture_z, position_mask, role_positions
 from fastcd.metrics import check_patching_args, clean_metric, metric_values
-from fastcd.models import get_adapter, logits_at
+from fastcd.models import get_adapter, logits_at, shared_prefix
 from fastcd.tasks.base import EncodedBatch
 
 
@@ -25,7 +25,9 @@ def attribution_patching(model: nn.Module, clean: EncodedBatch, source: PatchSou
 
     One clean forward with the graph, the source (corrupt forward or precomputed means) and one backward
     per chunk. For the relative ``prob`` score, ``(p' - p) / p ≈ grad(log p) · Δz``, so the log-probability
-    gradient is used. ``recheck_top_k`` re-scores the k most negative heads exactly.
+    gradient is used. ``recheck_top_k`` re-scores the k most negative heads exactly. With a ``position`` role
+    after a prefix every prompt shares (few-shot prompts), the prefix runs once per chunk
+    (:func:`fastcd.models.shared_prefix`): the same scores.
     """
     check_patching_args(clean, metric, batch_size)
     if metric in ("accuracy", "candidate_accuracy"):
@@ -46,17 +48,23 @@ def attribution_patching(model: nn.Module, clean: EncodedBatch, source: PatchSou
               f"backward passes of <= {batch_size} prompts", file=sys.stderr)
     for i in tqdm(range(0, n, batch_size), disable=not progress, desc="attribution patching"):
         idx = torch.arange(i, min(i + batch_size, n))
+        ids, last = clean.input_ids[idx].to(device), clean.positions["last"][idx]
+        prefix = None
+        if pos is not None:  # scores at a role after a shared prefix: the prefix runs once, its keys and values
+            with torch.no_grad():  # constants (no patched position lies in it, so no gradient is read there)
+                prefix = shared_prefix(model, ids, [last, pos[idx]])
+        p = 0 if prefix is None else prefix.length
         with capture_z(model, None) as cache:
-            logits, _ = logits_at(model, clean.positions["last"][idx], input_ids=clean.input_ids[idx].to(device))
+            logits, _ = logits_at(model, last, input_ids=ids, prefix=prefix)
         fw += 1
         d = None if distractor_ids is None else distractor_ids[idx]
         m = metric_values(logits, clean.index(idx), grad_metric, d).sum()
-        zs = [cache.layer(l) for l in range(spec.n_layers)]  # each [rows, T, H, D]
+        zs = [cache.layer(l) for l in range(spec.n_layers)]  # each [rows, T - p, H, D]
         grads = torch.autograd.grad(m, zs)
-        pm = position_mask(None if pos is None else pos[idx], len(idx), t).to(device)  # [rows, T]
+        pm = position_mask(None if pos is None else pos[idx] - p, len(idx), t - p).to(device)  # [rows, T - p]
         for l in range(spec.n_layers):
-            src = source.rows(l, idx, t, spec).to(device=device, dtype=zs[l].dtype)
-            delta = (src - zs[l].detach())  # [rows, T, H, D]
+            src = source.rows(l, idx, t, spec)[:, p:].to(device=device, dtype=zs[l].dtype)
+            delta = (src - zs[l].detach())  # [rows, T - p, H, D]
             contrib = (delta * grads[l]).sum(-1)  # [rows, T, H]
             total[l] += (contrib * pm[..., None]).sum(dim=(0, 1)).float().cpu()
     model.train(was_training)

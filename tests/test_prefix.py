@@ -154,6 +154,37 @@ def test_matching_activations_with_the_prefix_once_equal_the_full_forward(tok, m
     assert every.shape == (1, 10 * b.input_ids.shape[1], 8)
 
 
+@pytest.mark.parametrize("mode", ["mean", "corrupt"])
+def test_attribution_patching_at_a_role_runs_the_prefix_once(tok, monkeypatch, mode):
+    """Attribution scores at a role after the shots: the prefix runs once per chunk (its keys and values constants),
+    the gradients at the suffixes are the full forward's, so the scores are the same; at every position no reuse."""
+    from fastcd.attribution import attribution_patching
+    from fastcd.discover import make_source
+    from fastcd.tasks import TheoryOfMind
+
+    task = TheoryOfMind(instruction="causaltom", few_shot=3)
+    pairs = task.pairs(10, seed=0, split="test")
+    clean, corrupt = (task.encode([getattr(x, k) for x in pairs], tok) for k in ("clean", "corrupt"))
+    model = make_tiny("llama", vocab_size=len(tok)).eval()
+    src = make_source(model, clean, mode, corrupt=corrupt)
+    role = "last"
+    shapes = _forward_shapes(model, monkeypatch)
+    got = attribution_patching(model, clean, src, position=role, batch_size=4)
+    p, t = shared_prefix_length(clean.input_ids), clean.input_ids.shape[1]
+    chunks = [(4, t - p), (4, t - p), (2, t - p)]  # the clean metric (no grad), then the graph's forwards
+    assert shapes == [x for c in chunks * 2 for x in ((1, p), c)]
+    monkeypatch.setenv("FASTCD_PREFIX_REUSE", "0")
+    shapes.clear()
+    ref = attribution_patching(model, clean, src, position=role, batch_size=4)
+    assert shapes == [(4, t), (4, t), (2, t)] * 2 and got.forwards == ref.forwards
+    torch.testing.assert_close(got.scores, ref.scores, atol=1e-6, rtol=1e-4)
+    assert ref.scores.abs().max() > 1e-5  # scores that say something (a tiny random model: small)
+    monkeypatch.delenv("FASTCD_PREFIX_REUSE")
+    shapes.clear()
+    attribution_patching(model, clean, src, position=None, batch_size=4)  # every position scored: full forwards
+    assert shapes[-3:] == [(4, t), (4, t), (2, t)]  # the graph's forwards run whole prompts
+
+
 def test_a_shared_prefix_serves_one_forward_read_after_it():
     from fastcd.models import shared_prefix
 
