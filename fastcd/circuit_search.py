@@ -54,7 +54,7 @@ MIN_SEARCH_CORRECT = 50  # fewer correctly answered search prompts: a warning (t
 
 
 def check_search_args(*, target: float, roles, task_roles, n_heldout: int, n_random: int, growth: float = 2.0,
-                      start: int = 8) -> None:
+                      start: int = 8, max_units: int | None = None) -> None:
     """One-line errors for bad search settings, before any model loads."""
     if not isinstance(target, (int, float)) or isinstance(target, bool) or not 0 < target <= 1:
         raise UsageError(f"target must be a faithfulness in (0, 1], got {target!r}")
@@ -71,6 +71,8 @@ def check_search_args(*, target: float, roles, task_roles, n_heldout: int, n_ran
         raise UsageError(f"growth must be > 1 (the factor the circuit grows by each step), got {growth}")
     if start < 1:
         raise UsageError(f"start must be >= 1 unit, got {start}")
+    if max_units is not None and (isinstance(max_units, bool) or not isinstance(max_units, int) or max_units < 1):
+        raise UsageError(f"max_units must be a number of units >= 1 (or None: every unit), got {max_units!r}")
 
 
 @contextmanager
@@ -228,7 +230,7 @@ def search_circuit(model: nn.Module, search: EncodedBatch, heldout: EncodedBatch
     check_protocol(protocol)
     roles = list(roles)
     check_search_args(target=target, roles=roles, task_roles=[r for r in search.positions], n_heldout=len(heldout),
-                      n_random=n_random, growth=growth, start=start)
+                      n_random=n_random, growth=growth, start=start, max_units=max_units)
     check_aligned(heldout, reference, "reference")
     check_aligned(search, heldout, "held-out")
     spec = get_adapter(model).spec

@@ -85,6 +85,8 @@ class DiscoverArgs:
     target: float = option(0.85, "search: the faithfulness to reach, in (0, 1]")
     roles: list[str] | None = option(None, "search: the position roles units may sit at (default: every role the task "
                                     "defines), or all: a head live at every position (the paper's ToM circuits)")
+    max_units: int | None = option(None, "search: stop growing at this many (head, role) units, target reached or "
+                                   "not (default: every unit); the curve up to there is kept")
     n_heldout: int = option(128, "test prompts the faithfulness (and the search's curve) is measured on")
     n_random: int = option(10, "random circuits of the same size and roles for the baseline")
     plan: bool = option(False, "print the plan (each stage's work, predicted time and peak memory; timed by a short "

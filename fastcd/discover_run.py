@@ -36,10 +36,12 @@ def run_discover(a) -> int:
     if a.top_k is not None and not 1 <= a.top_k <= n_heads:
         raise UsageError(f"--top-k must be in 1..{n_heads} (the number of heads), got {a.top_k}")
     search = a.method == "search"
+    if a.max_units is not None and not search:
+        raise UsageError(f"--max-units caps the circuit search (--method search), not --method {a.method}")
     roles = list(a.roles) if a.roles else ["last", *[r for r in task.roles if r != "last"]]
     if search or a.evaluate:
         check_search_args(target=a.target, roles=roles, task_roles=tuple(dict.fromkeys(("last", *task.roles))),
-                          n_heldout=a.n_heldout, n_random=a.n_random)
+                          n_heldout=a.n_heldout, n_random=a.n_random, max_units=a.max_units)
     check_model_path(a.model, "--model")  # the weights are there, before the tokenizer loads
     tok = load_tokenizer(a.model, "--model")
     task = adapt_task(task, [tok])
@@ -81,7 +83,7 @@ def run_discover(a) -> int:
         with stages("discovery", stages.what("discovery")):  # the search measures its own held-out record
             res = search_circuit(model, clean, *held, roles=roles, target=a.target, protocol=a.protocol,
                                  n_random=a.n_random, seed=a.seed, batch_size=a.batch_size, task=task.name,
-                                 progress=True, on_point=on_point)
+                                 max_units=a.max_units, progress=True, on_point=on_point)
         circuit = res.circuit
         circuit.meta.update(meta, n_boxes=getattr(task, "n_boxes", None), curve=res.curve)
         faithfulness_curve_plot(res.curve, res.record, png, title=f"{model_name}, {a.task}{boxes}: circuit search\n"

@@ -118,6 +118,12 @@ CLI_CASES = {
                                "--out", str(f["out"] / "c.json")],
                     r"roles must be a non-empty list of the task's roles \('last', 'question_character', "
                     r"'question_container'\) or 'all'"),
+    "search-max-units": (lambda f: ["discover", "--model", T, "--task", "tom", "--method", "search", "--max-units",
+                                    "0", "--out", str(f["out"] / "c.json")],
+                         r"max_units must be a number of units >= 1 \(or None: every unit\), got 0"),
+    "max-units-method": (lambda f: ["discover", "--model", T, "--task", "tom", "--method", "patching", "--max-units",
+                                    "8", "--out", str(f["out"] / "c.json")],
+                         r"--max-units caps the circuit search \(--method search\), not --method patching"),
     "experiment-missing-config": (lambda f: ["experiment", str(f["out"] / "none.yaml"), "--out", str(f["out"])],
                                   r"config: no such file"),
 }

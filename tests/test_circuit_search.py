@@ -184,6 +184,23 @@ def test_search_with_heads_live_at_every_position():
     assert rec["faithfulness"] > rec["random_circuit_accuracy"] / rec["full_accuracy"] + 0.3
 
 
+def test_search_stops_growing_at_max_units():
+    """max_units caps the growth: the search keeps its curve up to there and records the target as not reached."""
+    from fastcd.loading import load_model, load_tokenizer
+    from fastcd.pretrain import shipped_checkpoint
+
+    path = shipped_checkpoint("et-teacher")
+    model, tk = load_model(path), load_tokenizer(path)
+    task = EntityTracking(n_boxes=7)
+    sp, hp = task.pairs(24, seed=0, split="val"), task.pairs(24, seed=1, split="test")
+    enc = [task.encode([getattr(p, k) for p in ps], tk) for ps, k in ((sp, "clean"), (hp, "clean"), (hp, "corrupt"))]
+    with pytest.warns(UserWarning, match="answers only"):
+        res = search_circuit(model, *enc, roles=["all"], target=1.0, protocol="strict", start=1, growth=2,
+                             max_units=3, n_random=2, n_random_curve=2)
+    assert not res.record["reached"]  # 3 of the teacher's 8 heads do not keep all of its accuracy
+    assert [r["units"] for r in res.curve] == [1, 2, 3] and res.record["circuit_units"] == 3
+
+
 @pytest.mark.parametrize("kw, msg", [
     (dict(target=0.0), "target must be a faithfulness in"), (dict(target=1.5), "target must be a faithfulness in"),
     (dict(roles=["last", "nowhere"]), "roles must be a non-empty list of the task's roles"),
