@@ -69,16 +69,22 @@ def test_unit_gradients_match_finite_differences(tok):
         assert g[head.layer, head.head, roles.index(role)].item() == pytest.approx(fd, rel=2e-3, abs=1e-6)
 
 
-def test_search_on_the_shipped_teacher_reaches_the_target(tmp_path):
-    """The shipped 7-box teacher (2 layers x 4 heads, accuracy 1.0): lenient protocol, target 0.85."""
+def _shipped_teacher(n: int):
+    """The shipped 7-box teacher, its task, and n search prompts, n held-out prompts and their corrupt twins."""
     from fastcd.loading import load_model, load_tokenizer
     from fastcd.pretrain import shipped_checkpoint
 
     path = shipped_checkpoint("et-teacher")
     model, tk = load_model(path), load_tokenizer(path)
     task = EntityTracking(n_boxes=7)
-    sp, hp = task.pairs(48, seed=0, split="val"), task.pairs(48, seed=1, split="test")
+    sp, hp = task.pairs(n, seed=0, split="val"), task.pairs(n, seed=1, split="test")
     enc = [task.encode([getattr(p, k) for p in ps], tk) for ps, k in ((sp, "clean"), (hp, "clean"), (hp, "corrupt"))]
+    return model, task, enc
+
+
+def test_search_on_the_shipped_teacher_reaches_the_target(tmp_path):
+    """The shipped 7-box teacher (2 layers x 4 heads, accuracy 1.0): lenient protocol, target 0.85."""
+    model, task, enc = _shipped_teacher(48)
     streamed = []
     with pytest.warns(UserWarning, match="answers only 48 of the 48 search prompts"):  # 48 < 50 right ones
         res = search_circuit(model, *enc, roles=task.roles, target=0.85, protocol="lenient", start=1, growth=2,
@@ -167,14 +173,7 @@ def test_unit_gradients_on_few_shot_prompts_run_the_shared_prefix_once(tok, monk
 def test_search_with_heads_live_at_every_position():
     """roles ["all"] (the paper's ToM protocol, strict): every unit is a head live at every position, every other
     head mean-ablated everywhere; the shipped 7-box teacher keeps the target with fewer than its 8 heads."""
-    from fastcd.loading import load_model, load_tokenizer
-    from fastcd.pretrain import shipped_checkpoint
-
-    path = shipped_checkpoint("et-teacher")
-    model, tk = load_model(path), load_tokenizer(path)
-    task = EntityTracking(n_boxes=7)
-    sp, hp = task.pairs(48, seed=0, split="val"), task.pairs(48, seed=1, split="test")
-    enc = [task.encode([getattr(p, k) for p in ps], tk) for ps, k in ((sp, "clean"), (hp, "clean"), (hp, "corrupt"))]
+    model, task, enc = _shipped_teacher(48)
     with pytest.warns(UserWarning, match="answers only"):
         res = search_circuit(model, *enc, roles=["all"], target=0.85, protocol="strict", start=1, growth=2,
                              n_random=4, n_random_curve=2)
@@ -186,14 +185,7 @@ def test_search_with_heads_live_at_every_position():
 
 def test_search_stops_growing_at_max_units():
     """max_units caps the growth: the search keeps its curve up to there and records the target as not reached."""
-    from fastcd.loading import load_model, load_tokenizer
-    from fastcd.pretrain import shipped_checkpoint
-
-    path = shipped_checkpoint("et-teacher")
-    model, tk = load_model(path), load_tokenizer(path)
-    task = EntityTracking(n_boxes=7)
-    sp, hp = task.pairs(24, seed=0, split="val"), task.pairs(24, seed=1, split="test")
-    enc = [task.encode([getattr(p, k) for p in ps], tk) for ps, k in ((sp, "clean"), (hp, "clean"), (hp, "corrupt"))]
+    model, task, enc = _shipped_teacher(24)
     with pytest.warns(UserWarning, match="answers only"):
         res = search_circuit(model, *enc, roles=["all"], target=1.0, protocol="strict", start=1, growth=2,
                              max_units=3, n_random=2, n_random_curve=2)
