@@ -300,9 +300,11 @@ def discover_stages(a, spec, task, sample=None) -> list[dict]:
     n, held = a.n_examples, a.n_heldout
     if a.method == "search":
         units = spec.n_total_heads * len(a.roles or ("last", *[r for r in task.roles if r != "last"]))
-        sizes = max(1, math.ceil(math.log(max(units / 8, 1)) / math.log(2))) + 4  # growth x2 from 8, then bisection
+        cap = units if getattr(a, "max_units", None) is None else min(units, a.max_units)
+        sizes = max(1, math.ceil(math.log(max(cap / 8, 1)) / math.log(2))) + 4  # growth x2 from 8, then bisection
         fw = 3 * n + sizes * (n + 4 * held) + 12 * n + (a.n_random + 2) * held
-        return [stage("discovery", f"search over {units:,} (head, role) units on {n} prompts, about {sizes} "
+        return [stage("discovery", f"search over {units:,} (head, role) units on {n} prompts"
+                      + (f" growing to at most {cap:,}" if cap < units else "") + f", about {sizes} "
                       f"circuit sizes, the curve and the final record on {held} held-out prompts",
                       "--n-examples, --n-heldout", teacher=fw)]
     else:

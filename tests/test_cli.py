@@ -302,6 +302,13 @@ def test_cli_plan_prints_the_stages_and_stops(tmp_path, capsys):
                  "--out", str(tmp_path / "c.json"), "--plan"]) == 0
     err = capsys.readouterr().err
     assert "plan: discover (auto)" in err and "plan:   discovery " in err and "fastcd: load: done in" in err
+    search = ["discover", "--model", str(model), "--task", "entity-tracking", *common, "--method", "search",
+              "--roles", "all", "--n-examples", "12", "--n-heldout", "20", "--out", str(tmp_path / "c.json"), "--plan"]
+    assert main(search) == 0
+    err = capsys.readouterr().err
+    assert "search over 12 (head, role) units on 12 prompts, about 5 circuit sizes" in err
+    assert main([*search, "--max-units", "4"]) == 0  # the plan knows where the growth stops
+    assert "search over 12 (head, role) units on 12 prompts growing to at most 4, about" in capsys.readouterr().err
     Circuit([CircuitHead(Head(1, 0), "heads", "last", 0.0)], "entity-tracking", 3, 4).save(tmp_path / "given.json")
     assert main(["match", "--teacher", str(model), "--student", str(model), "--circuit", str(tmp_path / "given.json"),
                  *common, "--n-examples", "12", "--out", str(tmp_path / "m.json"), "--plan"]) == 0
