@@ -13,7 +13,7 @@ from fastcd.experiment_config import ExperimentConfig, chosen_lrs, lr_choices
 from fastcd.io import correct_from_bits, experiment_status, write_json_atomic, write_text_atomic
 from fastcd.plan import plan_vs_measured
 from fastcd.plots import accuracy_plot, curves_plot, lr_selection_plot, sweep_plot, variant
-from fastcd.stats import holm, mcnemar, mean_ci, paired_seed_test, seed_level_lines
+from fastcd.stats import holm, mcnemar, mean_ci, paired_seed_test, seed_level_lines, val_ce_lines, val_ce_tests
 
 
 def read_runs(path: str) -> dict[str, dict]:
@@ -135,7 +135,7 @@ def write_report(out: str, cfg: ExperimentConfig | None = None) -> dict:
             row["final_mean_cka"] = mean_ci(final_cka)
         table.append(row)
     # McNemar, pooled over seeds (paired by seed on the one test set), Holm over the family
-    tests, tested = [], set()
+    tests, tested, test_runs = [], set(), {}
 
     def add(ka, kb, rs_a, rs_b):  # one test per pair of rows, whichever side it comes from
         if frozenset((ka, kb)) in tested:
@@ -143,6 +143,7 @@ def write_report(out: str, cfg: ExperimentConfig | None = None) -> dict:
         tested.add(frozenset((ka, kb)))
         t = _pooled_test(rs_a, rs_b)
         if t is not None:
+            test_runs[len(tests)] = (rs_a, rs_b)
             tests.append({"setting": ka[0], "a": _name(*ka[1:]), "b": _name(*kb[1:]), **t,
                           "seed_level": paired_seed_test({r["seed"]: r["accuracy"] for r in rs_a},
                                                          {r["seed"]: r["accuracy"] for r in rs_b})})
@@ -182,6 +183,7 @@ def write_report(out: str, cfg: ExperimentConfig | None = None) -> dict:
             have = [t["seed_level"] for t in tests if t["seed_level"][name] is not None]
             for sl, p in zip(have, holm(sl[name] for sl in have)):
                 sl[name + "_holm"] = p
+        val_ce_tests(tests, test_runs)
     import torch
 
     report = {"config": asdict(cfg), "runs_done": len(recs) + len(tuning) + len(not_applicable),
@@ -269,6 +271,7 @@ def format_report(report: dict) -> str:
         lines.append("")
     if report["mcnemar"]:
         lines += seed_level_lines(report["mcnemar"], report.get("seeds_are_replications", True))
+        lines += val_ce_lines(report["mcnemar"])
         lines += ["## McNemar (descriptive, secondary: exact, pooled over seeds prompt by prompt, Holm over all "
                   "comparisons; it leaves out the variance between replications, so it is no test of a claim)", "",
                   "| Setting | A | B | seeds | A right, B wrong | A wrong, B right | p | p (Holm) |",

@@ -100,6 +100,57 @@ def seed_level_lines(tests: list[dict], replications: bool = True) -> list[str]:
     return lines + [""]
 
 
+def val_ce_tests(tests: list[dict], runs: dict) -> None:
+    """The paper's Fig. 5 question at the seed level, beside each accuracy comparison whose two methods logged a
+    validation CE (``runs``: the comparison's index in ``tests`` -> (A's runs, B's runs)): per seed, A - B of the
+    final validation CE and of its mean over the logged evaluations (lower: reached sooner); each with
+    :func:`paired_seed_test` and Holm over the comparisons that have it (``t["val_ce"]``)."""
+    def summary(rs, part):
+        out = {}
+        for r in rs:
+            v = [x["val_ce"] for x in r.get("log") or [] if x.get("val_ce") is not None]
+            if v:
+                out[r["seed"]] = v[-1] if part == "final" else sum(v) / len(v)
+        return out
+
+    for i, (rs_a, rs_b) in runs.items():
+        if summary(rs_a, "final") and summary(rs_b, "final"):
+            tests[i]["val_ce"] = {part: paired_seed_test(summary(rs_a, part), summary(rs_b, part))
+                                  for part in ("final", "mean")}
+    for part in ("final", "mean"):
+        for name in ("p_t", "p_wilcoxon"):
+            have = [t["val_ce"][part] for t in tests if t.get("val_ce") and t["val_ce"][part][name] is not None]
+            for sl, p in zip(have, holm(sl[name] for sl in have)):
+                sl[name + "_holm"] = p
+
+
+def val_ce_lines(tests: list[dict]) -> list[str]:
+    """The table of :func:`val_ce_tests` (empty without validation CE logs)."""
+    have = [t for t in tests if t.get("val_ce")]
+    if not have:
+        return []
+
+    def f(x, fmt=".3g"):
+        return "-" if x is None else format(x, fmt)
+
+    def cell(sl):
+        ci = "" if sl["ci95"] is None else f" [{sl['ci95'][0]:+.3f}, {sl['ci95'][1]:+.3f}]"
+        return (f"{f(sl['mean_diff'], '+.3f')}{ci} | {f(sl['p_t'])} | {f(sl.get('p_t_holm'))} | "
+                f"{f(sl['mde'], '.3f')}")
+
+    lines = ["## Validation CE (the paper's Fig. 5: does A converge faster to a lower CE than B? per seed, A - B of "
+             "the answer token's CE on the validation split: at the last evaluation, and its mean over every "
+             "evaluation (lower: lower sooner); paired t-test, Holm over the comparisons; negative: A lower)", "",
+             "| Setting | A | B | seeds | final: A - B [95% CI] | p (t) | Holm | MDE | mean over the curve: A - B "
+             "[95% CI] | p (t) | Holm | MDE |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for t in have:
+        v = t["val_ce"]
+        few = "" if v["final"]["n_seeds"] >= MIN_SEEDS_FOR_A_CLAIM else " (too few)"
+        lines.append(f"| {t['setting']} | {t['a']} | {t['b']} | {v['final']['n_seeds']}{few} | {cell(v['final'])} | "
+                     f"{cell(v['mean'])} |")
+    return lines + [""]
+
+
 def mean_ci(values, level: float = 0.95) -> dict:
     """Mean and the t-interval over seeds (no interval from one seed)."""
     from scipy import stats

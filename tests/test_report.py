@@ -69,3 +69,32 @@ def test_report_from_records_alone(records_only):
     assert t["seeds"] == [0, 1]
     assert os.path.isfile(os.path.join(out, "summary.md")) and os.path.isfile(os.path.join(out, "report.json"))
     assert json.load(open(os.path.join(out, "report.json")))["table"] == json.loads(json.dumps(rep["table"]))
+
+
+def test_validation_ce_is_compared_at_the_seed_level(tmp_path):
+    """The paper's Fig. 5 question: per seed, A - B of the final validation CE and of its mean over the logged
+    evaluations, paired over seeds (t-test, Holm over the comparisons), beside the accuracy comparison."""
+    from scipy.stats import ttest_1samp
+
+    cfg = ExperimentConfig.from_dict(_cfg(n_test=10, seeds=[0, 1, 2]))
+    with open(tmp_path / "experiment.json", "w") as f:
+        json.dump({"config": asdict(cfg), "shared": {"pool": "per-seed"}}, f)
+    val = {("circuit-ce", s): [0.9, 0.8 + 0.01 * s, 0.7 + 0.02 * s] for s in range(3)}
+    val |= {("ce+cka", s): [0.6, 0.5 - 0.01 * s, 0.4 + 0.03 * s] for s in range(3)}
+    for s in cfg.run_specs():
+        c = CORRECT.get((s["method"], s["seed"]), CORRECT[(s["method"], 0)])
+        log = [{"step": 10 * (i + 1), "ce": 1.0, "val_ce": v} for i, v in enumerate(val[(s["method"], s["seed"])])]
+        append_record(str(tmp_path / "runs.jsonl"),
+                      {**s, "accuracy": sum(c) / len(c), "correct": correct_as_bits(c), "trainable_fraction": 0.01,
+                       "log": log, "seconds": 1.0})
+    (t,) = write_report(str(tmp_path), cfg)["mcnemar"]
+    final = [val[("ce+cka", s)][-1] - val[("circuit-ce", s)][-1] for s in range(3)]
+    mean = [sum(val[("ce+cka", s)]) / 3 - sum(val[("circuit-ce", s)]) / 3 for s in range(3)]
+    v = t["val_ce"]
+    assert v["final"]["mean_diff"] == pytest.approx(sum(final) / 3) and v["final"]["n_seeds"] == 3
+    assert v["final"]["p_t"] == pytest.approx(ttest_1samp(final, 0).pvalue)
+    assert v["mean"]["mean_diff"] == pytest.approx(sum(mean) / 3)
+    assert v["mean"]["p_t"] == pytest.approx(ttest_1samp(mean, 0).pvalue) == v["mean"]["p_t_holm"]  # one comparison
+    summary = open(tmp_path / "summary.md").read()
+    assert "## Validation CE (the paper's Fig. 5" in summary
+    assert f"| {v['final']['mean_diff']:+.3f} [" in summary and "3 (too few)" in summary
