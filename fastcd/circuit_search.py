@@ -265,10 +265,13 @@ def search_circuit(model: nn.Module, search: EncodedBatch, heldout: EncodedBatch
         hits = circuit_correct(model, batch, means, list(units), **kw)
         return sum(hits) / len(hits)
 
-    # the protocol's ceiling with these roles: every head live at every role
-    ceiling = {"search": acc(search, all_units) / full_s, "heldout": acc(heldout, all_units) / full_h}
-    evals["search"] += 1
-    evals["heldout"] += 1
+    # the protocol's ceiling with these roles: every head live at every role (at every position: the full model)
+    if roles == [ALL]:
+        ceiling = {"search": 1.0, "heldout": 1.0}
+    else:
+        ceiling = {"search": acc(search, all_units) / full_s, "heldout": acc(heldout, all_units) / full_h}
+        evals["search"] += 1
+        evals["heldout"] += 1
     log(f"every head at the roles {roles}: faithfulness {ceiling['search']:.3f} (search), {ceiling['heldout']:.3f} "
         "(held-out)" + ("" if ceiling["search"] >= target else f": below the target {target}, no circuit of these "
                                                                 "roles can reach it under this protocol"))

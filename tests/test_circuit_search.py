@@ -180,6 +180,14 @@ def test_search_with_heads_live_at_every_position():
     rec = res.record
     assert rec["reached"] and rec["search_faithfulness"] >= 0.85 and rec["circuit_units"] < 8
     assert {c.position for c in res.circuit.heads} == {"all"} and rec["units_per_role"] == {"all": rec["circuit_units"]}
+    # the ceiling is the full model by construction (not measured): every head live everywhere changes nothing
+    from fastcd.hooks import mean_z
+    from fastcd.metrics import circuit_correct
+
+    assert rec["all_heads_at_roles_faithfulness"] == {"search": 1.0, "heldout": 1.0}
+    every = [(h, "all") for h in get_adapter(model).spec.all_heads()]
+    hits = circuit_correct(model, enc[1], mean_z(model, enc[2].input_ids), every, protocol="strict")
+    assert sum(hits) / len(hits) == rec["full_accuracy"]
     assert rec["faithfulness"] > rec["random_circuit_accuracy"] / rec["full_accuracy"] + 0.3
 
 
