@@ -362,6 +362,9 @@ def faithfulness_curve_plot(curve: list[dict], record: dict, path: str | os.Path
     ax.set_ylim(-0.05, max(1.1, max(r["faithfulness"] for r in curve) + 0.08))
     ax.set_xlim(0, max(16.0, 100 * max(r["head_share"] for r in curve) * 1.1))
     ax.legend(fontsize=7, loc="lower right", bbox_to_anchor=(0.995, 0.1))
-    ax.set_title(title or f"circuit search ({record['protocol']} mean ablation)", fontsize=9, wrap=True)
+    title = title or f"circuit search ({record['protocol']} mean ablation)"
+    if not record.get("reached", True):  # the curve ends where the growth stopped, not at a circuit
+        title += f"\ntarget not reached: growth stopped at {record['circuit_units']} units"
+    ax.set_title(title, fontsize=9, wrap=True)
     _save(fig, path)
     return fig

@@ -98,3 +98,15 @@ def test_accuracy_plot_claims_an_interval_only_where_it_draws_one():
     many = [row("circuit-ce", [0.5, 0.6], 0.4), row("ce+cka", [0.6, 0.7], 0.5)]
     assert "mean and 95% t-interval over seeds" in title(many)
     assert "where there are two or more" in title([many[0], one[1]])
+
+
+def test_search_curve_says_when_the_target_was_not_reached():
+    from fastcd.plots import faithfulness_curve_plot
+
+    curve = [{"stage": "grow", "units": u, "heads": u, "head_share": u / 100, "faithfulness": 0.5,
+              "random_accuracy": 0.3, "random_sd": 0.01, "random_accuracies": [0.3, 0.3]} for u in (8, 16)]
+    record = {"full_accuracy": 0.6, "target": 0.85, "n_heads_total": 100, "n_prompts": 64, "protocol": "strict",
+              "reached": False, "circuit_units": 16}
+    title = faithfulness_curve_plot(curve, record, None, title="t").axes[0].get_title()
+    assert title == "t\ntarget not reached: growth stopped at 16 units"
+    assert faithfulness_curve_plot(curve, record | {"reached": True}, None, title="t").axes[0].get_title() == "t"
