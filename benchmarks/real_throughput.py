@@ -219,6 +219,22 @@ def main(argv=None) -> int:
             if both:
                 rec["same_correctness_as_without"] = out[(stage, label, True)] == out[(stage, label, False)]
             emit(rec)
+        # attribution patching at the last token (one forward and backward per chunk, mean ablation): with a
+        # position after the shared prefix, the prefix runs once per chunk, its keys and values constants
+        from fastcd.attribution import attribution_patching
+        from fastcd.discover import make_source
+
+        for label, batch, reuse in (("theory of mind", tb, False), ("theory of mind", tb, True)):
+            os.environ["FASTCD_PREFIX_REUSE"] = "1" if reuse else "0"
+            src = make_source(m, batch, "mean", batch_size=32)  # untimed
+            t = time.time()
+            out[("attribution", label, reuse)] = attribution_patching(m, batch, src, position="last", batch_size=16)
+            rec = {"stage": "prefix reuse, attribution patching", "variant": "bf16-weights", "task": label,
+                   "prefix_reuse": reuse, "n": len(batch), "seconds": round(time.time() - t, 2)}
+            if reuse:
+                a_, b_ = (out[("attribution", label, r)].scores for r in (True, False))
+                rec["scores_rel_err_vs_without"] = float((a_ - b_).norm() / b_.norm())
+            emit(rec)
         # a ce+cka training step (bf16 weights, float32 master slices) on --batch of these prompts: the prefix runs
         # once on the graph, the suffixes over the batch; the same losses as without reuse
         for label, batch, reuse in (("entity tracking", eb, True), ("theory of mind", tb, False),

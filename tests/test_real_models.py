@@ -266,6 +266,8 @@ def test_real_throughput_quick_runs_every_stage_and_variant(smol_dir, tmp_path):
     st = [r for r in recs if r["stage"] == "prefix reuse, ce+cka step"]
     assert [(r["task"], r["prefix_reuse"]) for r in st] == [(r["task"], r["prefix_reuse"]) for r in pr]
     assert all(r["seconds_per_step"] > 0 and "ce" in r["last_loss"] for r in st) and "cost_vs_entity_tracking" in st[2]
+    at = [r for r in recs if r["stage"] == "prefix reuse, attribution patching"]
+    assert [r["prefix_reuse"] for r in at] == [False, True] and at[1]["scores_rel_err_vs_without"] < 0.2  # bf16
 
 
 def test_prefix_reuse_equals_the_full_forward_on_smollm2(smol_dir, tok, monkeypatch):
