@@ -13,6 +13,7 @@ from fastcd.config import TEST_SEED
 from fastcd.cost import discover_stages, per_prompt_s, simple_plan, weight_bytes
 from fastcd.discover_policy import default_circuit
 from fastcd.errors import UsageError
+from fastcd.io import write_text_atomic
 from fastcd.loading import check_model_path, load_model, load_tokenizer, model_identity, resolve_model, spec_of
 from fastcd.metrics import faithfulness_record, format_faithfulness
 from fastcd.plots import faithfulness_curve_plot, head_heatmaps
@@ -71,10 +72,9 @@ def run_discover(a) -> int:
     boxes = f" ({task.n_boxes} boxes)" if hasattr(task, "n_boxes") else ""
     if search:
         stream = os.path.splitext(a.out)[0] + ".curve.jsonl"  # every point with its units, as it is measured
-        with open(stream, "w", encoding="utf-8") as f:
-            f.write(json.dumps({"search": {"task": task.name, "n_layers": spec.n_layers, "n_heads": spec.n_heads,
-                                           "roles": roles, "protocol": a.protocol, "target": a.target, **meta}})
-                    + "\n")
+        write_text_atomic(json.dumps({"search": {"task": task.name, "n_layers": spec.n_layers, "n_heads": spec.n_heads,
+                                                 "roles": roles, "protocol": a.protocol, "target": a.target, **meta}})
+                          + "\n", stream)  # the header; each point is appended as it is measured
 
         def on_point(row):
             with open(stream, "a", encoding="utf-8") as f:
