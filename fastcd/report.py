@@ -13,7 +13,16 @@ from fastcd.experiment_config import ExperimentConfig, chosen_lrs, lr_choices
 from fastcd.io import correct_from_bits, experiment_status, write_json_atomic, write_text_atomic
 from fastcd.plan import plan_vs_measured
 from fastcd.plots import accuracy_plot, curves_plot, lr_selection_plot, sweep_plot, variant
-from fastcd.stats import holm, mcnemar, mean_ci, paired_seed_test, seed_level_lines, val_ce_lines, val_ce_tests
+from fastcd.stats import (
+    holm,
+    holm_in_place,
+    mcnemar,
+    mean_ci,
+    paired_seed_test,
+    seed_level_lines,
+    val_ce_lines,
+    val_ce_tests,
+)
 
 
 def read_runs(path: str) -> dict[str, dict]:
@@ -179,10 +188,7 @@ def write_report(out: str, cfg: ExperimentConfig | None = None) -> dict:
     if tests:
         for t, p in zip(tests, holm(t["p_value"] for t in tests)):
             t["p_holm"] = p
-        for name in ("p_t", "p_wilcoxon"):  # the seed-level family: the comparisons whose p is defined
-            have = [t["seed_level"] for t in tests if t["seed_level"][name] is not None]
-            for sl, p in zip(have, holm(sl[name] for sl in have)):
-                sl[name + "_holm"] = p
+        holm_in_place([t["seed_level"] for t in tests])  # the seed-level family: the comparisons whose p is defined
         val_ce_tests(tests, test_runs)
     import torch
 

@@ -38,6 +38,25 @@ def holm(p_values) -> list[float]:
 MIN_SEEDS_FOR_A_CLAIM = 6
 
 
+def holm_in_place(results: list[dict], names=("p_t", "p_wilcoxon")) -> None:
+    """Holm over ``results`` (dicts of :func:`paired_seed_test`) for each p-value name, written beside it as
+    ``NAME_holm``; a result whose p is undefined (None) is not in that family."""
+    for name in names:
+        have = [r for r in results if r[name] is not None]
+        for r, p in zip(have, holm(r[name] for r in have)):
+            r[name + "_holm"] = p
+
+
+def _fmt(x, fmt=".3g") -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def _diff_ci(sl: dict) -> str:
+    """A - B with its 95% interval, as the seed-level tables write it."""
+    ci = "" if sl["ci95"] is None else f" [{sl['ci95'][0]:+.3f}, {sl['ci95'][1]:+.3f}]"
+    return f"{_fmt(sl['mean_diff'], '+.3f')}{ci}"
+
+
 def paired_seed_test(acc_a: dict, acc_b: dict, *, alpha: float = 0.05, power: float = 0.8) -> dict:
     """Seed-level comparison of two methods: each seed is one replication of the whole procedure (its own training
     prompts, batch order and random heads), so the unit of analysis is the seed's accuracy difference a - b.
@@ -78,9 +97,7 @@ def paired_seed_test(acc_a: dict, acc_b: dict, *, alpha: float = 0.05, power: fl
 
 def seed_level_lines(tests: list[dict], replications: bool = True) -> list[str]:
     """The primary comparisons: one accuracy difference per seed (a replication), paired t and Wilcoxon."""
-    def f(x, fmt=".3g"):
-        return "-" if x is None else format(x, fmt)
-
+    f = _fmt
     unit = ("each seed a replication with its own training prompts" if replications else
             "WARNING: made before seeds had their own prompts: every seed trained on one shared pool, so the seeds "
             "are not replications and the spread between them is the batch order's only")
@@ -92,10 +109,9 @@ def seed_level_lines(tests: list[dict], replications: bool = True) -> list[str]:
              "| MDE |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for t in tests:
         sl = t["seed_level"]
-        ci = "" if sl["ci95"] is None else f" [{sl['ci95'][0]:+.3f}, {sl['ci95'][1]:+.3f}]"
         few = "" if sl["n_seeds"] >= MIN_SEEDS_FOR_A_CLAIM else " (too few)"
-        lines.append(f"| {t['setting']} | {t['a']} | {t['b']} | {sl['n_seeds']}{few} | {f(sl['mean_diff'], '+.3f')}"
-                     f"{ci} | {f(sl['sd_diff'], '.3f')} | {f(sl['p_t'])} | {f(sl.get('p_t_holm'))} | "
+        lines.append(f"| {t['setting']} | {t['a']} | {t['b']} | {sl['n_seeds']}{few} | {_diff_ci(sl)}"
+                     f" | {f(sl['sd_diff'], '.3f')} | {f(sl['p_t'])} | {f(sl.get('p_t_holm'))} | "
                      f"{f(sl['p_wilcoxon'])} | {f(sl.get('p_wilcoxon_holm'))} | {f(sl['mde'], '.3f')} |")
     return lines + [""]
 
@@ -114,14 +130,12 @@ def val_ce_tests(tests: list[dict], runs: dict) -> None:
         return out
 
     for i, (rs_a, rs_b) in runs.items():
-        if summary(rs_a, "final") and summary(rs_b, "final"):
-            tests[i]["val_ce"] = {part: paired_seed_test(summary(rs_a, part), summary(rs_b, part))
-                                  for part in ("final", "mean")}
+        a, b = summary(rs_a, "final"), summary(rs_b, "final")
+        if a and b:
+            tests[i]["val_ce"] = {"final": paired_seed_test(a, b),
+                                  "mean": paired_seed_test(summary(rs_a, "mean"), summary(rs_b, "mean"))}
     for part in ("final", "mean"):
-        for name in ("p_t", "p_wilcoxon"):
-            have = [t["val_ce"][part] for t in tests if t.get("val_ce") and t["val_ce"][part][name] is not None]
-            for sl, p in zip(have, holm(sl[name] for sl in have)):
-                sl[name + "_holm"] = p
+        holm_in_place([t["val_ce"][part] for t in tests if t.get("val_ce")])
 
 
 def val_ce_lines(tests: list[dict]) -> list[str]:
@@ -130,13 +144,8 @@ def val_ce_lines(tests: list[dict]) -> list[str]:
     if not have:
         return []
 
-    def f(x, fmt=".3g"):
-        return "-" if x is None else format(x, fmt)
-
     def cell(sl):
-        ci = "" if sl["ci95"] is None else f" [{sl['ci95'][0]:+.3f}, {sl['ci95'][1]:+.3f}]"
-        return (f"{f(sl['mean_diff'], '+.3f')}{ci} | {f(sl['p_t'])} | {f(sl.get('p_t_holm'))} | "
-                f"{f(sl['mde'], '.3f')}")
+        return f"{_diff_ci(sl)} | {_fmt(sl['p_t'])} | {_fmt(sl.get('p_t_holm'))} | {_fmt(sl['mde'], '.3f')}"
 
     lines = ["## Validation CE (the paper's Fig. 5: does A converge faster to a lower CE than B? per seed, A - B of "
              "the answer token's CE on the validation split: at the last evaluation, and its mean over every "
