@@ -145,11 +145,11 @@ class CircuitDistiller(nn.Module):
             if m < 2 * d:
                 import warnings
 
-                warnings.warn(f"CKA batch m={m} with d_head={d}: two unrelated heads already score about "
-                              f"{d / (m + d):.2f} with the biased estimator (about d/(m+d)), so the alignment "
-                              "signal is the small distance above that; use batch_size >= 4 * d_head (micro_batch_size "
-                              "keeps a forward's memory small, the CKA term exact) or cka_estimator='unbiased'",
-                              stacklevel=2)
+                warnings.warn(f"CKA batch m={m} with d_head={d}: two unrelated heads already score up to about "
+                              f"{d / (m + d):.2f} with the biased estimator (d/(m+d) for isotropic activations; real "
+                              "heads of low effective rank less), so the alignment signal is the distance above that "
+                              "null; use batch_size >= 4 * d_head (micro_batch_size keeps a forward's memory small, "
+                              "the CKA term exact) or cka_estimator='unbiased'", stacklevel=2)
 
         self._forward_module = student  # the DDP wrapper under torchrun (see enable_ddp)
         self._ddp = False
