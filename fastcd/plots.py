@@ -226,35 +226,59 @@ def lr_selection_plot(selection: list[dict], path: str | os.PathLike | None = No
     return fig
 
 
+def _zoom_limits(rows: list[dict], report: dict) -> tuple[float, float] | None:
+    """The y range of every seed, interval and the teacher, with a margin, when it spans under half the 0-1 axis
+    (methods near a ceiling: their differences would not show on 0-1); None otherwise."""
+    vals = [v for r in rows for v in r["per_seed"]]
+    vals += [min(max(r["accuracy"][k], 0.0), 1.0) for r in rows for k in ("lo", "hi")
+             if r["accuracy"].get(k) is not None]
+    if report.get("teacher_accuracy") is not None:
+        vals.append(report["teacher_accuracy"])
+    if not vals:
+        return None
+    lo, hi = min(vals), max(vals)
+    pad = max(0.01, 0.1 * (hi - lo))
+    return (max(0.0, lo - pad), min(1.02, hi + pad)) if hi - lo < 0.5 else None
+
+
 def accuracy_plot(report: dict, path: str | os.PathLike | None = None):
-    """Test accuracy per method, one panel per setting: every seed a dot, the mean with its 95% t-interval."""
+    """Test accuracy per method, one panel per setting: every seed a dot, the mean with its 95% t-interval; beside
+    it a zoomed panel of the same data when every value lies in a band under half the axis."""
     colors = method_colors()
     rows = report["table"]
     groups = list(dict.fromkeys(r["setting"] for r in rows))
     width = max(len([r for r in rows if r["setting"] == g]) for g in groups)
-    fig = _figure(max(6.5, 0.8 * width + 2.5), 3.3 * len(groups) + 0.6)
-    axes = fig.subplots(len(groups), 1, squeeze=False)[:, 0]
-    for ax, g in zip(axes, groups):
+    zooms = {g: _zoom_limits([r for r in rows if r["setting"] == g], report) for g in groups}
+    ncols = 2 if any(zooms.values()) else 1
+    fig = _figure(ncols * max(6.5, 0.8 * width + 2.5) - (2.0 if ncols == 2 else 0), 3.3 * len(groups) + 0.6)
+    grid = fig.subplots(len(groups), ncols, squeeze=False)
+    for axs, g in zip(grid, groups):
         rs = [r for r in rows if r["setting"] == g]
-        for i, r in enumerate(rs):
-            c = colors.get(r["method"], "C0")
-            ax.scatter([i] * len(r["per_seed"]), r["per_seed"], color=c, s=14, alpha=0.6)
-            a = r["accuracy"]
-            if a.get("lo") is not None:
-                ax.errorbar([i], [a["mean"]], yerr=[[a["mean"] - max(a["lo"], 0.0)], [min(a["hi"], 1.0) - a["mean"]]],
-                            color=c, capsize=4, marker="_", ms=14)
-            else:
-                ax.scatter([i], [a["mean"]], color=c, marker="_", s=200)
-        _refs(ax, report)
-        ticks = ["\n".join(x for x in (r["method"], r["matching"], None if r["lam"] is None else f"λ={r['lam']}",
-                                       "unbiased" if r.get("cka_estimator") == "unbiased" else None,
-                                       f"lr={r['own_lr']:g}" if r.get("own_lr") else None) if x) for r in rs]
-        ax.set_xticks(range(len(rs)), ticks, fontsize=7)
-        ax.set_ylabel(f"test accuracy (n={report['n_test']})")
-        ax.set_ylim(0, 1.02)
-        ax.set_title(g, fontsize=8)
-        if ax.get_legend_handles_labels()[0]:  # the teacher and base lines, when the report has them
-            ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # outside: never over a seed
+        for col, ax in enumerate(axs):
+            zoom = zooms[g] if col == 1 else None
+            if col == 1 and zoom is None:
+                ax.set_axis_off()
+                continue
+            for i, r in enumerate(rs):
+                c = colors.get(r["method"], "C0")
+                ax.scatter([i] * len(r["per_seed"]), r["per_seed"], color=c, s=14, alpha=0.6)
+                a = r["accuracy"]
+                if a.get("lo") is not None:
+                    ax.errorbar([i], [a["mean"]], yerr=[[a["mean"] - max(a["lo"], 0.0)],
+                                                        [min(a["hi"], 1.0) - a["mean"]]],
+                                color=c, capsize=4, marker="_", ms=14)
+                else:
+                    ax.scatter([i], [a["mean"]], color=c, marker="_", s=200)
+            _refs(ax, report)
+            ticks = ["\n".join(x for x in (r["method"], r["matching"], None if r["lam"] is None else f"λ={r['lam']}",
+                                           "unbiased" if r.get("cka_estimator") == "unbiased" else None,
+                                           f"lr={r['own_lr']:g}" if r.get("own_lr") else None) if x) for r in rs]
+            ax.set_xticks(range(len(rs)), ticks, fontsize=7)
+            ax.set_ylabel(f"test accuracy (n={report['n_test']})" + (" (zoom)" if zoom else ""))
+            ax.set_ylim(*(zoom or (0, 1.02)))
+            ax.set_title(g + ("\nzoomed: the same data, y axis fitted to it" if zoom else ""), fontsize=8)
+            if ax.get_legend_handles_labels()[0] and (col == 1 or not zooms[g]):
+                ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     has_ci = [r["accuracy"].get("lo") is not None for r in rows]
     bar = ("mean and 95% t-interval over seeds (cut at 0 and 1)" if all(has_ci) else
            "mean (one seed: no interval)" if not any(has_ci) else

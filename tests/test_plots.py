@@ -100,6 +100,30 @@ def test_accuracy_plot_claims_an_interval_only_where_it_draws_one():
     assert "where there are two or more" in title([many[0], one[1]])
 
 
+def test_accuracy_plot_zooms_beside_the_full_axis_only_when_the_results_sit_in_a_narrow_band():
+    from fastcd.plots import accuracy_plot
+
+    def row(method, per_seed, setting="s"):
+        m = sum(per_seed) / len(per_seed)
+        return {"setting": setting, "method": method, "matching": None, "lam": None, "per_seed": per_seed,
+                "accuracy": {"mean": m, "lo": m - 0.01, "hi": m + 0.01}}
+
+    report = {"n_test": 10, "config": {}, "teacher_accuracy": 0.94, "base": {"accuracy": 0.44}}
+    near = [row("circuit-ce", [0.96, 0.98]), row("ce+cka", [0.95, 0.97])]
+    full, zoom = accuracy_plot({**report, "table": near}, None).axes
+    assert full.get_ylim() == (0, 1.02)
+    lo, hi = zoom.get_ylim()
+    assert 0.9 < lo < 0.94 and 0.98 < hi <= 1.02  # the teacher line and every seed inside, the base line outside
+    assert [c.get_offsets()[:, 1].tolist() for c in zoom.collections[:1]] == [[0.96, 0.98]]  # the same data
+    wide = [row("circuit-ce", [0.2, 0.9]), row("ce+cka", [0.5, 0.6])]
+    (only,) = [ax for ax in accuracy_plot({**report, "table": wide}, None).axes if ax.axison]
+    assert only.get_ylim() == (0, 1.02)
+    # one setting narrow, one wide: the wide one's zoom panel is off and its legend stays on the full panel
+    axes = accuracy_plot({**report, "table": near + [row("full-ce", [0.1, 0.9], "t")]}, None).axes
+    assert [ax.axison for ax in axes] == [True, True, True, False]
+    assert axes[2].get_legend() is not None and axes[1].get_legend() is not None and axes[0].get_legend() is None
+
+
 def test_search_curve_says_when_the_target_was_not_reached():
     from fastcd.plots import faithfulness_curve_plot
 
