@@ -320,7 +320,9 @@ def lr_choices(cfg: ExperimentConfig, records: dict) -> list[dict]:
     """The lr selection of ``select_lr`` from the finished runs (``{key: record}``): one row per method and setting,
     ``{"method", "setting" (without lr), "grid": [{"lr", "val_accuracy", "val_ce", "seeds"}], "chosen"}``. A choice is
     made when every lr of the grid has finished on every tuning seed: the highest mean final validation accuracy,
-    ties broken by the lower mean final validation CE, then by the smaller lr; ``chosen`` is None until then."""
+    ties broken by the lower mean final validation CE, then by the smaller lr; ``chosen`` is None until then.
+    ``margin``: the chosen lr's validation accuracy minus the best of the others' (0: a tie the CE broke; None while
+    pending or with a one-point grid)."""
     rows: dict[str, dict] = {}
     for spec in cfg.run_specs():  # the tuning runs
         s = spec["setting"]
@@ -346,7 +348,9 @@ def lr_choices(cfg: ExperimentConfig, records: dict) -> list[dict]:
                 g["val_accuracy"], g["val_ce"] = sum(acc) / len(acc), sum(ce) / len(ce)
         done = all(len(g["seeds"]) == len(cfg.tune_seeds) for g in grid)
         best = min(grid, key=lambda g: (-g["val_accuracy"], g["val_ce"], g["lr"])) if done else None
-        out.append({**row, "grid": grid, "chosen": None if best is None else best["lr"]})
+        rest = [g for g in grid if g is not best]
+        margin = (best["val_accuracy"] - max(g["val_accuracy"] for g in rest)) if best is not None and rest else None
+        out.append({**row, "grid": grid, "chosen": None if best is None else best["lr"], "margin": margin})
     return out
 
 

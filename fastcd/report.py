@@ -260,7 +260,7 @@ def format_report(report: dict) -> str:
                          for k, v in report["base"].items() if k.startswith("circuit_")) + ".")
         lines.append("")
     if report.get("lr_selection"):
-        lines += lr_selection_lines(report["lr_selection"], c["tune_seeds"])
+        lines += lr_selection_lines(report["lr_selection"], c["tune_seeds"], c.get("n_val") or 0)
     groups = list(dict.fromkeys(r["setting"] for r in report["table"]))
     for g in groups:
         lines += [f"## {g}", "", "| Method | Matching | lambda | Accuracy (95% CI) | per seed | Circuit acc. | "
@@ -340,16 +340,33 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def lr_selection_lines(selection: list[dict], tune_seeds: list) -> list[str]:
-    """The lr choice of every method: its final validation accuracy (and CE) at each lr of the grid."""
+def lr_selection_lines(selection: list[dict], tune_seeds: list, n_val: int = 0) -> list[str]:
+    """The lr choice of every method: its final validation accuracy (and CE) at each lr of the grid, and the margin
+    of the choice over the runner-up, in validation prompts, with the split's binomial noise beside it."""
     lines = [f"## Learning rates, chosen on the validation split by tuning seeds {tune_seeds} (never tested; "
              "highest final validation accuracy, ties: lower validation CE)", "",
-             "| Method | Setting | final validation accuracy (CE) at each lr | chosen |", "|---|---|---|---|"]
+             "| Method | Setting | final validation accuracy (CE) at each lr | chosen | margin over the runner-up |",
+             "|---|---|---|---|---|"]
+    se = []
     for row in selection:
         cells = "; ".join(f"{g['lr']:g}: " + ("pending" if g["val_accuracy"] is None else
                                               f"{g['val_accuracy']:.3f} ({g['val_ce']:.2f})") for g in row["grid"])
         chosen = "pending" if row["chosen"] is None else f"**{row['chosen']:g}**"
-        lines.append(f"| {row['method']} | {setting_label(row['setting'])} | {cells} | {chosen} |")
+        m = row.get("margin")
+        margin = "-"
+        if m is not None:
+            margin = "tie: CE decided" if abs(m) < 1e-12 else f"{m:+.3f}" + (
+                f" ({round(m * n_val, 1):g} of {n_val} prompts)" if n_val else "")
+        if row["chosen"] is not None and n_val:
+            p = next(g["val_accuracy"] for g in row["grid"] if g["lr"] == row["chosen"])
+            se.append((p * (1 - p) / (n_val * len(tune_seeds))) ** 0.5)
+        lines.append(f"| {row['method']} | {setting_label(row['setting'])} | {cells} | {chosen} | {margin} |")
+    if se:
+        band = f"{min(se):.3f}" + (f"-{max(se):.3f}" if max(se) > min(se) else "")
+        lines += ["", f"A validation accuracy on {n_val} prompts x {len(tune_seeds)} tuning seed(s) has a binomial "
+                  f"standard error of {band} at the chosen lrs' accuracies: a margin within about twice that is "
+                  "noise, and the choice between those lrs close to arbitrary (the same grid and budget held for "
+                  "every method)."]
     return lines + [""]
 
 

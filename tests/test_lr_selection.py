@@ -10,7 +10,7 @@ from test_experiment import _cfg
 
 from fastcd.experiment import run_experiment
 from fastcd.experiment_config import ExperimentConfig, chosen_lrs, lr_choices, tuning_key
-from fastcd.report import read_runs
+from fastcd.report import lr_selection_lines, read_runs
 
 
 def _sel(**kw) -> dict:
@@ -71,13 +71,21 @@ def test_the_choice_is_the_best_final_validation_accuracy_then_the_lower_ce():
     rows = {r["method"]: r for r in lr_choices(cfg, recs)}
     assert rows["circuit-ce"]["chosen"] == 3e-2 and rows["ce+cka"]["chosen"] == 3e-2
     assert rows["circuit-ce"]["grid"][0] == {"lr": 1e-9, "val_accuracy": 0.5, "val_ce": 1.0, "seeds": [7, 8]}
+    # the margin of each choice over the runner-up: its size in validation prompts, a tie named, the noise beside
+    assert rows["circuit-ce"]["margin"] == pytest.approx(0.1) and rows["ce+cka"]["margin"] == 0
+    text = "\n".join(lr_selection_lines(list(rows.values()), [7, 8], n_val=50))
+    assert "| **0.03** | +0.100 (5 of 50 prompts) |" in text and "| **0.03** | tie: CE decided |" in text
+    se = (0.6 * 0.4 / 100) ** 0.5, (0.5 * 0.5 / 100) ** 0.5  # 50 prompts x 2 tuning seeds
+    assert f"50 prompts x 2 tuning seed(s) has a binomial standard error of {min(se):.3f}-{max(se):.3f}" in text
     # the mean over tuning seeds: one bad seed can turn the choice
     bad = next(s for s in specs if s["method"] == "circuit-ce" and s["seed"] == 8 and s["setting"]["lr"] == 3e-2)
     recs[bad["key"]] = _record(bad, 0.3, 2.0)
     assert {r["method"]: r["chosen"] for r in lr_choices(cfg, recs)}["circuit-ce"] == 1e-9
     # an lr not finished on every tuning seed: the choice waits
     del recs[bad["key"]]
-    assert {r["method"]: r["chosen"] for r in lr_choices(cfg, recs)}["circuit-ce"] is None
+    pending = {r["method"]: r for r in lr_choices(cfg, recs)}["circuit-ce"]
+    assert pending["chosen"] is None and pending["margin"] is None
+    assert "| pending | - |" in "\n".join(lr_selection_lines([pending], [7, 8], n_val=50))
     assert len(chosen_lrs(cfg, recs)) == 1
     # a run without validation rows cannot choose
     recs[bad["key"]] = {**_record(bad, 0.3, 2.0), "log": [{"step": 4, "ce": 1.0}]}
