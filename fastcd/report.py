@@ -359,15 +359,23 @@ def lr_selection_lines(selection: list[dict], tune_seeds: list, n_val: int = 0) 
                 f" ({round(m * n_val, 1):g} of {n_val} prompts)" if n_val else "")
         if row["chosen"] is not None and n_val:
             p = next(g["val_accuracy"] for g in row["grid"] if g["lr"] == row["chosen"])
-            se.append((p * (1 - p) / (n_val * len(tune_seeds))) ** 0.5)
+            se.append(_agresti_coull_se(p, n_val * len(tune_seeds)))
         lines.append(f"| {row['method']} | {setting_label(row['setting'])} | {cells} | {chosen} | {margin} |")
     if se:
         band = f"{min(se):.3f}" + (f"-{max(se):.3f}" if max(se) > min(se) else "")
         lines += ["", f"A validation accuracy on {n_val} prompts x {len(tune_seeds)} tuning seed(s) has a binomial "
-                  f"standard error of {band} at the chosen lrs' accuracies: a margin within about twice that is "
+                  f"standard error of {band} at the chosen lrs' accuracies (Agresti-Coull: two right and two wrong "
+                  "answers added, so an accuracy of 1.0 does not read as noise-free): a margin within about twice that is "
                   "noise, and the choice between those lrs close to arbitrary (the same grid and budget held for "
                   "every method)."]
     return lines + [""]
+
+
+def _agresti_coull_se(p: float, n: int) -> float:
+    """The standard error of a proportion p of n after adding two successes and two failures (Agresti & Coull
+    1998): close to the Wald SE in the middle, and above 0 at p = 0 or 1, where the Wald SE claims no noise."""
+    q = (p * n + 2) / (n + 4)
+    return (q * (1 - q) / (n + 4)) ** 0.5
 
 
 def _mean_of(v) -> float:

@@ -75,8 +75,13 @@ def test_the_choice_is_the_best_final_validation_accuracy_then_the_lower_ce():
     assert rows["circuit-ce"]["margin"] == pytest.approx(0.1) and rows["ce+cka"]["margin"] == 0
     text = "\n".join(lr_selection_lines(list(rows.values()), [7, 8], n_val=50))
     assert "| **0.03** | +0.100 (5 of 50 prompts) |" in text and "| **0.03** | tie: CE decided |" in text
-    se = (0.6 * 0.4 / 100) ** 0.5, (0.5 * 0.5 / 100) ** 0.5  # 50 prompts x 2 tuning seeds
+    q = (0.6 * 100 + 2) / 104, (0.5 * 100 + 2) / 104  # 50 prompts x 2 tuning seeds, Agresti-Coull
+    se = [(x * (1 - x) / 104) ** 0.5 for x in q]
     assert f"50 prompts x 2 tuning seed(s) has a binomial standard error of {min(se):.3f}-{max(se):.3f}" in text
+    # a perfect validation accuracy is not noise-free: 64 of 64 right still has an SE of about 0.02
+    perfect = {**rows["circuit-ce"], "grid": [{**g, "val_accuracy": 1.0} for g in rows["circuit-ce"]["grid"]]}
+    text = "\n".join(lr_selection_lines([perfect], [7], n_val=64))
+    assert f"standard error of {((66 / 68) * (2 / 68) / 68) ** 0.5:.3f} at" in text
     # the mean over tuning seeds: one bad seed can turn the choice
     bad = next(s for s in specs if s["method"] == "circuit-ce" and s["seed"] == 8 and s["setting"]["lr"] == 3e-2)
     recs[bad["key"]] = _record(bad, 0.3, 2.0)
