@@ -366,8 +366,8 @@ def lr_selection_lines(selection: list[dict], tune_seeds: list, n_val: int = 0) 
         lines += ["", f"A validation accuracy on {n_val} prompts x {len(tune_seeds)} tuning seed(s) has a binomial "
                   f"standard error of {band} at the chosen lrs' accuracies (Agresti-Coull: two right and two wrong "
                   "answers added, so an accuracy of 1.0 does not read as noise-free): a margin within about twice "
-                  "that is noise, and the choice between those lrs close to arbitrary (the same grid and budget held for "
-                  "every method)."]
+                  "that is noise, and the choice between those lrs close to arbitrary (the same grid and budget "
+                  "held for every method)."]
     return lines + [""]
 
 
