@@ -7,9 +7,9 @@
 # 2-core CPU budget (idle): toy control ~5 min, toy table ~10 min, each real control ~40 min, real table ~4 h, its
 # follow-up ~1 h, the unbiased rerun ~50 min, the lambda-10 rerun ~25 min; then the designed-to-decide experiments with
 # the faithful circuit (each seed its own prompts, lr chosen on validation, 6 replications): paper regime ~4.5 h, out of
-# distribution ~3.6 h (train at 5 boxes) and ~3.5 h (at 3), data-starved ~9 h, the known-answer control ~5.5 h, the
-# paper regime's other five methods ~15-20 h; then Table 2 on theory of mind, ~20 h (8,000 steps at about 8.7 s, a ToM
-# ce+cka step measured with the shared prefix once).
+# distribution ~3.6 h (train at 5 boxes), ~1 h (its permuted control at the others' lr) and ~3.5 h (at 3),
+# data-starved ~9 h, the known-answer control ~5.5 h, the paper regime's other five methods ~15-20 h; then Table 2 on
+# theory of mind, ~20 h (8,000 steps at about 8.7 s, a ToM ce+cka step measured with the shared prefix once).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-runs}
@@ -30,7 +30,15 @@ echo "== real_table1_lam10"
 [ -d "$out/real_table1_lam10" ] || cp -r "$out/real_table1_followup" "$out/real_table1_lam10"
 fastcd experiment configs/real_table1_lam10.yaml --out "$out/real_table1_lam10" --no-progress
 # the paper's test with the faithful 38-unit circuit of the 1.5B (docs/RESULTS.md), designed to decide
-for name in real_paper_regime real_ood real_ood3 real_known_answer real_data_starved; do
+for name in real_paper_regime real_ood; do
+    echo "== $name"
+    fastcd experiment "configs/$name.yaml" --out "$out/$name" --no-progress
+done
+# out of distribution with every method at one lr: real_ood's circuit CE and CE + Align CKA runs at 5e-4 reused
+echo "== real_ood_same_lr"
+[ -d "$out/real_ood_same_lr" ] || cp -r "$out/real_ood" "$out/real_ood_same_lr"
+fastcd experiment configs/real_ood_same_lr.yaml --out "$out/real_ood_same_lr" --no-progress
+for name in real_ood3 real_known_answer real_data_starved; do
     echo "== $name"
     fastcd experiment "configs/$name.yaml" --out "$out/$name" --no-progress
 done
