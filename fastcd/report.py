@@ -153,7 +153,9 @@ def write_report(out: str, cfg: ExperimentConfig | None = None) -> dict:
         t = _pooled_test(rs_a, rs_b)
         if t is not None:
             test_runs[len(tests)] = (rs_a, rs_b)
+            lrs = [rs_a[0]["setting"].get("lr"), rs_b[0]["setting"].get("lr")]  # each its own choice, or full_lr
             tests.append({"setting": ka[0], "a": _name(*ka[1:]), "b": _name(*kb[1:]), **t,
+                          **({"lrs": lrs} if lrs[0] != lrs[1] else {}),
                           "seed_level": paired_seed_test({r["seed"]: r["accuracy"] for r in rs_a},
                                                          {r["seed"]: r["accuracy"] for r in rs_b})})
 

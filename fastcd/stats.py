@@ -110,9 +110,16 @@ def seed_level_lines(tests: list[dict], replications: bool = True) -> list[str]:
     for t in tests:
         sl = t["seed_level"]
         few = "" if sl["n_seeds"] >= MIN_SEEDS_FOR_A_CLAIM else " (too few)"
-        lines.append(f"| {t['setting']} | {t['a']} | {t['b']} | {sl['n_seeds']}{few} | {_diff_ci(sl)}"
+        a, b = t["a"], t["b"]
+        if t.get("lrs"):
+            a, b = f"{a} at lr {t['lrs'][0]:g}", f"{b} at lr {t['lrs'][1]:g}"
+        lines.append(f"| {t['setting']} | {a} | {b} | {sl['n_seeds']}{few} | {_diff_ci(sl)}"
                      f" | {f(sl['sd_diff'], '.3f')} | {f(sl['p_t'])} | {f(sl.get('p_t_holm'))} | "
                      f"{f(sl['p_wilcoxon'])} | {f(sl.get('p_wilcoxon_holm'))} | {f(sl['mde'], '.3f')} |")
+    if any(t.get("lrs") for t in tests):
+        lines += ["", "Marked \"at lr\": A and B ran at different learning rates (each method's own choice, or "
+                  "full_lr), so their difference is partly one of learning rates: run B at A's lr before reading "
+                  "it as the methods' (configs/real_ood_same_lr.yaml does so)."]
     return lines + [""]
 
 

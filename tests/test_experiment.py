@@ -95,6 +95,13 @@ def test_full_model_runs_at_full_lr_join_every_circuit_lr_setting(small_run, tmp
         assert len(full) == 1 and full[0]["own_lr"] == 1e-4 and full[0]["label"].endswith("(lr 0.0001)")
         # the paper's comparison, CE + Align CKA against full distillation, is tested in each setting
         assert any(t["setting"] == g and t["b"] == "full-ce" for t in report["mcnemar"])
+        # ... at another lr, which the comparison carries and the seed-level table marks
+        t = next(t for t in report["mcnemar"] if t["setting"] == g and t["b"] == "full-ce")
+        assert t["lrs"][1] == 1e-4 and t["lrs"][0] != 1e-4
+    text = open(os.path.join(out, "summary.md")).read()
+    assert "| full-ce at lr 0.0001 |" in text and 'Marked "at lr": A and B ran at different learning rates' in text
+    # comparisons at one lr carry no mark
+    assert all("lrs" not in t for t in report["mcnemar"] if t["b"].startswith("circuit-ce"))
 
 
 @pytest.mark.slow
