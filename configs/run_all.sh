@@ -30,16 +30,10 @@ echo "== real_table1_lam10"
 [ -d "$out/real_table1_lam10" ] || cp -r "$out/real_table1_followup" "$out/real_table1_lam10"
 fastcd experiment configs/real_table1_lam10.yaml --out "$out/real_table1_lam10" --no-progress
 # the paper's test with the faithful 38-unit circuit of the 1.5B (docs/RESULTS.md), designed to decide
-for name in real_paper_regime real_ood; do
+# (real_ood_same_lr: every out-of-distribution method at one lr, reusing real_ood's runs at 5e-4 from a copy)
+for name in real_paper_regime real_ood real_ood_same_lr real_ood3 real_known_answer real_data_starved; do
     echo "== $name"
-    fastcd experiment "configs/$name.yaml" --out "$out/$name" --no-progress
-done
-# out of distribution with every method at one lr: real_ood's circuit CE and CE + Align CKA runs at 5e-4 reused
-echo "== real_ood_same_lr"
-[ -d "$out/real_ood_same_lr" ] || cp -r "$out/real_ood" "$out/real_ood_same_lr"
-fastcd experiment configs/real_ood_same_lr.yaml --out "$out/real_ood_same_lr" --no-progress
-for name in real_ood3 real_known_answer real_data_starved; do
-    echo "== $name"
+    [ "$name" != real_ood_same_lr ] || [ -d "$out/$name" ] || cp -r "$out/real_ood" "$out/$name"
     fastcd experiment "configs/$name.yaml" --out "$out/$name" --no-progress
 done
 # then the paper regime's other five methods into the same directory (its finished runs and shared work reused)

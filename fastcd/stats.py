@@ -118,8 +118,8 @@ def seed_level_lines(tests: list[dict], replications: bool = True) -> list[str]:
                      f"{f(sl['p_wilcoxon'])} | {f(sl.get('p_wilcoxon_holm'))} | {f(sl['mde'], '.3f')} |")
     if any(t.get("lrs") for t in tests):
         lines += ["", "Marked \"at lr\": A and B ran at different learning rates (each method's own choice, or "
-                  "full_lr), so their difference is partly one of learning rates: run B at A's lr before reading "
-                  "it as the methods' (configs/real_ood_same_lr.yaml does so)."]
+                  "full_lr), so their difference is partly one of learning rates: rerun B at A's lr (select_lr: false) "
+                  "before reading it as the methods'."]
     return lines + [""]
 
 
