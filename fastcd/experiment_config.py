@@ -322,7 +322,8 @@ def lr_choices(cfg: ExperimentConfig, records: dict) -> list[dict]:
     made when every lr of the grid has finished on every tuning seed: the highest mean final validation accuracy,
     ties broken by the lower mean final validation CE, then by the smaller lr; ``chosen`` is None until then.
     ``margin``: the chosen lr's validation accuracy minus the best of the others' (0: a tie the CE broke; None while
-    pending or with a one-point grid)."""
+    pending or with a one-point grid). ``edge``: "highest" or "lowest" when the choice is an end of a grid of two or
+    more lrs (the best lr may lie beyond it), else None."""
     rows: dict[str, dict] = {}
     for spec in cfg.run_specs():  # the tuning runs
         s = spec["setting"]
@@ -350,7 +351,11 @@ def lr_choices(cfg: ExperimentConfig, records: dict) -> list[dict]:
         best = min(grid, key=lambda g: (-g["val_accuracy"], g["val_ce"], g["lr"])) if done else None
         rest = [g for g in grid if g is not best]
         margin = (best["val_accuracy"] - max(g["val_accuracy"] for g in rest)) if best is not None and rest else None
-        out.append({**row, "grid": grid, "chosen": None if best is None else best["lr"], "margin": margin})
+        lrs = sorted(g["lr"] for g in grid)
+        edge = None if best is None or len(lrs) < 2 else (
+            "highest" if best["lr"] == lrs[-1] else "lowest" if best["lr"] == lrs[0] else None)
+        out.append({**row, "grid": grid, "chosen": None if best is None else best["lr"], "margin": margin,
+                    "edge": edge})
     return out
 
 

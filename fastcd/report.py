@@ -353,7 +353,8 @@ def lr_selection_lines(selection: list[dict], tune_seeds: list, n_val: int = 0) 
     for row in selection:
         cells = "; ".join(f"{g['lr']:g}: " + ("pending" if g["val_accuracy"] is None else
                                               f"{g['val_accuracy']:.3f} ({g['val_ce']:.2f})") for g in row["grid"])
-        chosen = "pending" if row["chosen"] is None else f"**{row['chosen']:g}**"
+        chosen = "pending" if row["chosen"] is None else f"**{row['chosen']:g}**" + (
+            f" ({row['edge']} of the grid)" if row.get("edge") else "")
         m = row.get("margin")
         margin = "-"
         if m is not None:
@@ -370,6 +371,11 @@ def lr_selection_lines(selection: list[dict], tune_seeds: list, n_val: int = 0) 
                   "answers added, so an accuracy of 1.0 does not read as noise-free): a margin within about twice "
                   "that is noise, and the choice between those lrs close to arbitrary (the same grid and budget "
                   "held for every method)."]
+    edges = [f"{row['method']} ({row['edge']})" for row in selection if row.get("edge")]
+    if edges:
+        lines += ["", f"Chosen at an end of the grid: {', '.join(edges)}: the best lr may lie beyond it, and the "
+                  "comparisons below are at the best lr of this grid, not the best lr there is (extend the grid to "
+                  "tell)."]
     return lines + [""]
 
 

@@ -74,7 +74,11 @@ def test_the_choice_is_the_best_final_validation_accuracy_then_the_lower_ce():
     # the margin of each choice over the runner-up: its size in validation prompts, a tie named, the noise beside
     assert rows["circuit-ce"]["margin"] == pytest.approx(0.1) and rows["ce+cka"]["margin"] == 0
     text = "\n".join(lr_selection_lines(list(rows.values()), [7, 8], n_val=50))
-    assert "| **0.03** | +0.100 (5 of 50 prompts) |" in text and "| **0.03** | tie: CE decided |" in text
+    assert "| **0.03** (highest of the grid) | +0.100 (5 of 50 prompts) |" in text
+    assert "| **0.03** (highest of the grid) | tie: CE decided |" in text
+    # a choice at an end of the grid is flagged: the best lr may lie beyond it
+    assert rows["circuit-ce"]["edge"] == "highest"
+    assert "Chosen at an end of the grid: circuit-ce (highest), ce+cka (highest): the best lr may lie beyond" in text
     q = (0.6 * 100 + 2) / 104, (0.5 * 100 + 2) / 104  # 50 prompts x 2 tuning seeds, Agresti-Coull
     se = [(x * (1 - x) / 104) ** 0.5 for x in q]
     assert f"50 prompts x 2 tuning seed(s) has a binomial standard error of {min(se):.3f}-{max(se):.3f}" in text
@@ -91,6 +95,7 @@ def test_the_choice_is_the_best_final_validation_accuracy_then_the_lower_ce():
     pending = {r["method"]: r for r in lr_choices(cfg, recs)}["circuit-ce"]
     assert pending["chosen"] is None and pending["margin"] is None
     assert "| pending | - |" in "\n".join(lr_selection_lines([pending], [7, 8], n_val=50))
+    assert pending["edge"] is None
     assert len(chosen_lrs(cfg, recs)) == 1
     # a run without validation rows cannot choose
     recs[bad["key"]] = {**_record(bad, 0.3, 2.0), "log": [{"step": 4, "ce": 1.0}]}
@@ -99,6 +104,19 @@ def test_the_choice_is_the_best_final_validation_accuracy_then_the_lower_ce():
 
 
 @pytest.mark.slow
+def test_a_choice_inside_the_grid_is_not_flagged_and_one_at_its_bottom_is():
+    cfg = ExperimentConfig.from_dict(_sel(methods=["circuit-ce", "ce+cka"], lr=[1e-9, 1e-3, 3e-2]))
+    acc = {("circuit-ce", 1e-9): 0.5, ("circuit-ce", 1e-3): 0.7, ("circuit-ce", 3e-2): 0.6,
+           ("ce+cka", 1e-9): 0.8, ("ce+cka", 1e-3): 0.7, ("ce+cka", 3e-2): 0.6}
+    recs = {s["key"]: _record(s, acc[(s["method"], s["setting"]["lr"])], 1.0) for s in cfg.run_specs()}
+    rows = {r["method"]: r for r in lr_choices(cfg, recs)}
+    assert (rows["circuit-ce"]["chosen"], rows["circuit-ce"]["edge"]) == (1e-3, None)
+    assert (rows["ce+cka"]["chosen"], rows["ce+cka"]["edge"]) == (1e-9, "lowest")
+    text = "\n".join(lr_selection_lines(list(rows.values()), [7], n_val=16))
+    assert "| **0.001** | +0.100" in text and "| **1e-09** (lowest of the grid) |" in text
+    assert "Chosen at an end of the grid: ce+cka (lowest):" in text
+
+
 def test_a_selecting_experiment_end_to_end(tmp_path, capsys):
     out = str(tmp_path / "run")
     report = run_experiment(_sel(), out, progress=False)
