@@ -189,6 +189,8 @@ class ExperimentConfig:
                 raise UsageError(f"{name} must be an integer >= {lo}, got {v!r}")
         if self.test_boxes is not None and (not isinstance(self.test_boxes, int) or self.test_boxes < 2):
             raise UsageError(f"test_boxes must be an integer >= 2, got {self.test_boxes!r}")
+        if self.test_boxes is not None and self.task_name() != "entity-tracking":
+            raise UsageError(f"test_boxes is for entity tracking (its box count); {self.task_name()} has no boxes")
         if bool(self.n_val) != bool(self.eval_every):
             raise UsageError(f"n_val and eval_every go together (both > 0 for validation curves, or both 0), got "
                              f"n_val={self.n_val}, eval_every={self.eval_every}")

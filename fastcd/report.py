@@ -247,13 +247,20 @@ def _fmt_ci(c: dict | None, digits: int = 3) -> str:
     return f"{c['mean']:.{digits}f} [{c['lo']:.{digits}f}, {c['hi']:.{digits}f}]"
 
 
+def _boxes(c: dict) -> str:
+    """The test set's box count (entity tracking), and the training prompts' when they differ."""
+    test = c.get("test_boxes") or c["n_boxes"]
+    return "" if c["task"] != "entity-tracking" else f", {test} boxes" + (
+        "" if test == c["n_boxes"] else f"; training and validation prompts hold {c['n_boxes']}: out of distribution")
+
+
 def format_report(report: dict) -> str:
     c = report["config"]
     lines = [f"# fastcd experiment: {c['teacher']} -> {c['student'] or c['teacher'] + ' (damaged copy)'}, "
              f"{c['task']}", "",
              f"{report['runs_done']} / {report['runs_total']} runs done. Test set: {report['n_test']} fixed prompts "
-             f"(seed-independent, {c.get('test_boxes') or c['n_boxes']} boxes), the same for every run; accuracy is "
-             "the mean over seeds with its 95% t-interval.", ""]
+             f"(seed-independent{_boxes(c)}), the same for every run; accuracy is the mean over seeds with its 95% "
+             "t-interval.", ""]
     if report.get("teacher_accuracy") is not None:
         lines.append(f"Teacher accuracy {report['teacher_accuracy']:.3f}; untrained student "
                      f"{report['base']['accuracy']:.3f}" + "".join(
@@ -371,12 +378,9 @@ def lr_selection_lines(selection: list[dict], tune_seeds: list, n_val: int = 0) 
                   "answers added, so an accuracy of 1.0 does not read as noise-free): a margin within about twice "
                   "that is noise, and the choice between those lrs close to arbitrary (the same grid and budget "
                   "held for every method)."]
-    edges = [f"{row['method']} ({row['edge']})" for row in selection if row.get("edge")]
-    if edges:
-        lines += ["", f"Chosen at an end of the grid: {', '.join(edges)}: the best lr may lie beyond it, and the "
-                  "comparisons below are at the best lr of this grid, not the best lr there is (extend the grid to "
-                  "tell)."]
-    return lines + [""]
+    edges = ", ".join(f"{row['method']} ({row['edge']})" for row in selection if row.get("edge"))
+    return lines + (["", f"Chosen at an end of the grid: {edges}: the best lr may lie beyond it; the comparisons below "
+                     "are at this grid's best lr, not the best there is (widen it to tell).", ""] if edges else [""])
 
 
 def _agresti_coull_se(p: float, n: int) -> float:

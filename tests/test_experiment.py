@@ -396,3 +396,25 @@ def test_theory_of_mind_behind_its_shots_with_heads_live_everywhere(tmp_path, mo
     recs = list(read_runs(str(tmp_path / "tom" / "runs.jsonl")).values())
     assert all(r["circuit_accuracy"] is not None and len(r["correct"]) == 12 for r in recs)
     assert all(sorted(map(tuple, r["pairs"])) == [("L0H1", "L0H3", "last"), ("L1H2", "L1H1", "last")] for r in recs)
+
+
+def test_out_of_distribution_test_boxes(small_run, tmp_path):
+    """test_boxes: training and validation prompts at n_boxes, the test set at test_boxes, and the report says so."""
+    from fastcd.report import format_report
+    from fastcd.shared_work import SharedWork
+
+    cfg = ExperimentConfig.from_dict(_cfg(n_boxes=3, test_boxes=5, n_val=8, eval_every=1))
+    work = SharedWork(cfg, str(tmp_path / "ood"), "fp32", progress=False)
+    work.prompts()
+    # each prompt's candidate answers are its in-context objects: one per box
+    assert work.s_pool.candidate_ids.shape[1] == 3 and work.s_val.candidate_ids.shape[1] == 3
+    assert work.s_test.candidate_ids.shape[1] == 5 and len(work.s_test.candidate_ids) == 24
+    out, _ = small_run
+    with open(os.path.join(out, "report.json")) as f:
+        report = json.load(f)
+    assert "(seed-independent, 5 boxes), the same" in format_report(report)  # in distribution: n_boxes 5
+    report["config"].update(n_boxes=3, test_boxes=5)
+    assert ("(seed-independent, 5 boxes; training and validation prompts hold 3: out of distribution), the same"
+            in format_report(report))
+    report["config"]["task"] = "tom"  # boxes belong to entity tracking
+    assert "(seed-independent), the same" in format_report(report)

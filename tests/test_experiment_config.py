@@ -13,6 +13,8 @@ from fastcd.experiment_config import ExperimentConfig
     ("methods", ["ce+kca"], "methods must be"),
     ("seeds", [0, 0], "seeds must not repeat"),
     ("seeds", [], "seeds must be"),
+    ("test_boxes", 1, "test_boxes must be an integer >= 2, got 1"),
+    ("test_boxes", "7", "test_boxes must be an integer >= 2, got '7'"),
     ("matching", "nearest", "matching must be among"),
     ("matching", "identity", "needs positive_control"),
     ("lr", "fast", "lr must be a number"),
@@ -32,6 +34,12 @@ from fastcd.experiment_config import ExperimentConfig
 def test_config_errors_name_the_field(field, value, message):
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         ExperimentConfig.from_dict(_cfg(**{field: value}))
+
+
+def test_test_boxes_is_for_entity_tracking_only():
+    with pytest.raises(ValueError, match="test_boxes is for entity tracking .*; tom has no boxes"):
+        ExperimentConfig.from_dict(_cfg(task="tom", discovery="attribution", test_boxes=7))
+    assert ExperimentConfig.from_dict(_cfg(test_boxes=7)).test_boxes == 7
 
 
 def test_config_unknown_field_and_missing_teacher():
