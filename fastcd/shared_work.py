@@ -269,10 +269,22 @@ class SharedWork:
             units += [(str(p.teacher), p.position) for p in m.pairs]
         return list(dict.fromkeys(units))
 
+    def _cache_rows(self, n_pool: int):
+        """Which rows of the stored teacher cache make this pool: all of them when it was made for these seeds; in a
+        copied directory whose cache holds more seeds, each of this pool's seeds' blocks (a seed's prompts do not
+        depend on the other seeds); None when it cannot serve."""
+        d, seeds = self._shared("cache.json"), self.cfg.all_seeds()
+        if d is None or not os.path.isdir(os.path.join(self.out, "shared", "cache")):
+            return None
+        cached, per = d.get("seeds") or [], n_pool // len(seeds)
+        if cached == seeds and d["n"] == n_pool:
+            return slice(None)
+        if not (set(seeds) <= set(cached) and d["n"] == per * len(cached)):
+            return None
+        return torch.cat([torch.arange(cached.index(s) * per, (cached.index(s) + 1) * per) for s in seeds])
+
     def _cache_ok(self, n_pool: int) -> bool:
-        d = self._shared("cache.json")
-        return (d is not None and d["n"] == n_pool and d.get("seeds") == self.cfg.all_seeds()
-                and os.path.isdir(os.path.join(self.out, "shared", "cache")))
+        return self._cache_rows(n_pool) is not None
 
     def _teacher_cache(self, teacher, n_pool: int) -> None:
         from safetensors.torch import load_file
@@ -281,8 +293,9 @@ class SharedWork:
         units = self._units()
         path = os.path.join(self.out, "shared", "cache")
         need_logits = "kd" in self.cfg.methods
-        d = self._shared("cache.json")
-        if not (self._cache_ok(n_pool) and [tuple(u) for u in d["units"]] == units and d["logits"] >= need_logits):
+        d, rows = self._shared("cache.json"), self._cache_rows(n_pool)
+        if not (rows is not None and [tuple(u) for u in d["units"]] == units and d["logits"] >= need_logits):
+            rows = slice(None)
             if teacher is None:
                 teacher = load_model(self.cfg.teacher, dtype=self.teacher_dtype())
             t0 = time.time()
@@ -294,10 +307,10 @@ class SharedWork:
                                             "logits": need_logits,
                                             "seconds": round(time.time() - t0, 1)})
         shards = [load_file(os.path.join(path, s)) for s in sorted(os.listdir(path)) if s.endswith(".safetensors")]
-        self.pool = {"labels": torch.cat([s["labels"] for s in shards]),
-                     "z": torch.cat([s["z"] for s in shards], dim=1)}
+        self.pool = {"labels": torch.cat([s["labels"] for s in shards])[rows],
+                     "z": torch.cat([s["z"] for s in shards], dim=1)[:, rows]}
         if need_logits:
-            self.pool["logits"] = torch.cat([s["logits"] for s in shards])
+            self.pool["logits"] = torch.cat([s["logits"] for s in shards])[rows]
         self.unit_index = {u: i for i, u in enumerate(units)}
 
     def _base_eval(self) -> None:

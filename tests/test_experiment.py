@@ -8,6 +8,7 @@ import math
 import os
 
 import pytest
+import torch
 from experiment_helpers import _cfg
 
 from fastcd.experiment import Experiment, run_experiment
@@ -418,3 +419,32 @@ def test_out_of_distribution_test_boxes(small_run, tmp_path):
             in format_report(report))
     report["config"]["task"] = "tom"  # boxes belong to entity tracking
     assert "(seed-independent), the same" in format_report(report)
+
+
+def test_a_copied_directory_reuses_the_teacher_cache_for_a_subset_of_its_seeds(small_run, tmp_path, capsys):
+    """A config over some of the seeds of a copied directory reads their blocks of its teacher cache (no teacher
+    forward), and those rows are the ones a fresh cache for those seeds holds."""
+    import shutil
+
+    from fastcd.shared_work import SharedWork
+
+    out = str(tmp_path / "copy")
+    shutil.copytree(small_run[0], out)
+    with open(os.path.join(out, "shared", "cache.json")) as f:
+        assert 1 in json.load(f)["seeds"][1:]  # seed 1's block is not the first one
+    cfg = _cfg(methods=["ce+cka"], seeds=[1], lam=2.0)  # a new setting: its run needs the cache
+    capsys.readouterr()
+    run_experiment(cfg, out, progress=False)
+    assert "teacher cache:" not in capsys.readouterr().out
+    assert any(r["setting"]["lam"] == 2.0 for r in read_runs(os.path.join(out, "runs.jsonl")).values())
+    c = ExperimentConfig.from_dict(cfg)
+    shutil.copytree(os.path.join(out, "shared"), str(tmp_path / "fresh" / "shared"),
+                    ignore=shutil.ignore_patterns("cache*"))  # the same circuit and matching; no cache
+    reused, fresh = SharedWork(c, out, "fp32", False), SharedWork(c, str(tmp_path / "fresh"), "fp32", False)
+    reused.prepare()
+    fresh.prepare()
+    assert "teacher cache:" in capsys.readouterr().out  # only the fresh directory ran the teacher
+    assert torch.equal(reused.pool["labels"], fresh.pool["labels"]) and len(fresh.pool["labels"]) == 32
+    torch.testing.assert_close(reused.pool["z"], fresh.pool["z"])
+    # a seed the cache lacks: rebuilt, never mixed
+    assert SharedWork(ExperimentConfig.from_dict(_cfg(seeds=[1, 9])), out, "fp32", False)._cache_rows(64) is None
