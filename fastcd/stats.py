@@ -110,9 +110,7 @@ def seed_level_lines(tests: list[dict], replications: bool = True) -> list[str]:
     for t in tests:
         sl = t["seed_level"]
         few = "" if sl["n_seeds"] >= MIN_SEEDS_FOR_A_CLAIM else " (too few)"
-        a, b = t["a"], t["b"]
-        if t.get("lrs"):
-            a, b = f"{a} at lr {t['lrs'][0]:g}", f"{b} at lr {t['lrs'][1]:g}"
+        a, b = _sides(t)
         lines.append(f"| {t['setting']} | {a} | {b} | {sl['n_seeds']}{few} | {_diff_ci(sl)}"
                      f" | {f(sl['sd_diff'], '.3f')} | {f(sl['p_t'])} | {f(sl.get('p_t_holm'))} | "
                      f"{f(sl['p_wilcoxon'])} | {f(sl.get('p_wilcoxon_holm'))} | {f(sl['mde'], '.3f')} |")
@@ -121,6 +119,12 @@ def seed_level_lines(tests: list[dict], replications: bool = True) -> list[str]:
                   "full_lr), so their difference is partly one of learning rates: rerun B at A's lr (select_lr: false) "
                   "before reading it as the methods'."]
     return lines + [""]
+
+
+def _sides(t: dict) -> tuple[str, str]:
+    """A and B of a comparison, each with its lr when the two ran at different ones."""
+    return ((t["a"], t["b"]) if not t.get("lrs") else
+            (f"{t['a']} at lr {t['lrs'][0]:g}", f"{t['b']} at lr {t['lrs'][1]:g}"))
 
 
 def val_ce_tests(tests: list[dict], runs: dict) -> None:
@@ -162,8 +166,12 @@ def val_ce_lines(tests: list[dict]) -> list[str]:
     for t in have:
         v = t["val_ce"]
         few = "" if v["final"]["n_seeds"] >= MIN_SEEDS_FOR_A_CLAIM else " (too few)"
-        lines.append(f"| {t['setting']} | {t['a']} | {t['b']} | {v['final']['n_seeds']}{few} | {cell(v['final'])} | "
+        a, b = _sides(t)
+        lines.append(f"| {t['setting']} | {a} | {b} | {v['final']['n_seeds']}{few} | {cell(v['final'])} | "
                      f"{cell(v['mean'])} |")
+    if any(t.get("lrs") for t in have):  # a higher lr lowers the CE sooner whatever the method
+        lines += ["", "Marked \"at lr\": A and B ran at different learning rates, so their CE curves differ partly "
+                  "by the lr's."]
     return lines + [""]
 
 

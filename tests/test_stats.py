@@ -7,7 +7,7 @@ import pytest
 from scipy.stats import ttest_rel, wilcoxon
 from statsmodels.stats.power import TTestPower
 
-from fastcd.stats import mcnemar, mean_ci, paired_seed_test
+from fastcd.stats import mcnemar, mean_ci, paired_seed_test, seed_level_lines, val_ce_lines
 
 
 def test_paired_seed_test_equals_scipy_and_its_mde_has_80_percent_power():
@@ -60,3 +60,23 @@ def test_mean_ci_is_the_t_interval():
     assert c["mean"] == pytest.approx(0.6)
     assert c["hi"] - c["mean"] == pytest.approx(12.7062 * 0.1 * math.sqrt(2) / math.sqrt(2), rel=1e-4)
     assert mean_ci([0.4])["lo"] is None
+
+
+def test_comparisons_at_two_lrs_are_marked_in_both_seed_level_tables():
+    """A comparison whose methods ran at different lrs is marked 'at lr' in the accuracy table and in the
+    validation-CE table (a higher lr lowers the CE sooner whatever the method); one at a single lr is not."""
+    def sl(a, b):
+        return paired_seed_test(dict(enumerate(a)), dict(enumerate(b)))
+
+    acc = sl([0.8, 0.7, 0.9, 0.8, 0.75, 0.85], [0.7, 0.72, 0.8, 0.81, 0.7, 0.8])
+    ce = {"final": sl([0.3, 0.2, 0.25, 0.3, 0.2, 0.1], [0.4, 0.3, 0.2, 0.35, 0.3, 0.2]),
+          "mean": sl([0.5, 0.4, 0.45, 0.5, 0.4, 0.3], [0.6, 0.5, 0.4, 0.55, 0.5, 0.4])}
+    one = {"setting": "s", "a": "ce+cka", "b": "circuit-ce", "seed_level": acc, "val_ce": ce}
+    two = {**one, "b": "ce+perm-cka", "lrs": [5e-4, 1e-4]}
+    for lines in (seed_level_lines([one, two], replications=True), val_ce_lines([one, two])):
+        text = "\n".join(lines)
+        assert "| s | ce+cka | circuit-ce | 6 |" in text
+        assert "| s | ce+cka at lr 0.0005 | ce+perm-cka at lr 0.0001 | 6 |" in text
+        assert 'Marked "at lr": A and B ran at different learning rates' in text
+    for lines in (seed_level_lines([one], replications=True), val_ce_lines([one])):
+        assert "at lr" not in "\n".join(lines)
