@@ -448,3 +448,49 @@ def test_a_copied_directory_reuses_the_teacher_cache_for_a_subset_of_its_seeds(s
     torch.testing.assert_close(reused.pool["z"], fresh.pool["z"])
     # a seed the cache lacks: rebuilt, never mixed
     assert SharedWork(ExperimentConfig.from_dict(_cfg(seeds=[1, 9])), out, "fp32", False)._cache_rows(64) is None
+
+
+def test_accuracy_by_queried_box_rebuilds_the_test_set_in_its_recorded_order(small_run, tmp_path, capsys):
+    """benchmarks/accuracy_by_box.py: the test set rebuilt from the config (its order checked: each prompt's answer
+    is its queried box's object), per-box accuracies that add up to each method's recorded accuracy, the teacher and
+    the untrained student beside them, and a one-line refusal of a task without boxes."""
+    import importlib.util
+    import pathlib
+
+    from fastcd.errors import UsageError
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy_by_box.py"
+    spec = importlib.util.spec_from_file_location("accuracy_by_box", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out, _ = small_run
+    cfg_dict = _cfg(methods=["circuit-ce", "ce+cka", "ce+rand-cka", "ce+perm-cka"])
+    res = mod.by_box(ExperimentConfig.from_dict(cfg_dict), out)
+    assert len(res["boxes"]) == 5 and sum(res["boxes"]) == 24
+    recs = [r for r in read_runs(os.path.join(out, "runs.jsonl")).values() if r["seed"] in (0, 1)]
+    rows = {r["method"]: r for r in res["rows"]}
+    assert {"circuit-ce", "ce+cka", "ce+rand-cka", "ce+perm-cka", "teacher", "untrained student"} <= set(rows)
+    for m in ("circuit-ce", "ce+cka", "ce+rand-cka", "ce+perm-cka"):
+        acc = [r["accuracy"] for r in recs if r["method"] == m]
+        row = rows[m]
+        assert row["seeds"] == [0, 1] and row["overall"] == pytest.approx(sum(acc) / len(acc))
+        weighted = sum(a * n for a, n in zip(row["per_box"], res["boxes"]) if n) / 24
+        assert weighted == pytest.approx(row["overall"])
+    with open(os.path.join(out, "shared", "teacher_eval.json")) as f:
+        assert rows["teacher"]["overall"] == pytest.approx(json.load(f)["accuracy"])
+    # the rebuilt test set is the recorded one, prompt by prompt: the untrained student answers it as it did then
+    from fastcd.io import correct_as_bits
+    from fastcd.loading import load_model
+    from fastcd.metrics import accuracy_per_example
+
+    student = load_model(_cfg()["student"])
+    with open(os.path.join(out, "shared", "base_eval.json")) as f:
+        recorded = json.load(f)["correct"]
+    rebuilt = mod.test_set(ExperimentConfig.from_dict(cfg_dict))
+    assert correct_as_bits(accuracy_per_example(student, rebuilt)) == recorded
+    with pytest.raises(UsageError, match="config: test_boxes is 4, but .* was made with None"):
+        mod.by_box(ExperimentConfig.from_dict(_cfg(n_test=24, test_boxes=4)), out)  # another experiment's test set
+    tom = ExperimentConfig.from_dict(cfg_dict)
+    tom.task = "tom"  # a valid ToM config needs other fields; the tool only reads the task's name first
+    with pytest.raises(UsageError, match="task must be entity-tracking"):
+        mod.by_box(tom, out)
