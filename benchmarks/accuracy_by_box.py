@@ -62,8 +62,8 @@ def by_box(cfg, out: str) -> dict:
             raise UsageError(f"--out: run {r['key']} holds {len(correct)} test answers, the config's test set "
                              f"{len(qi)}: not this config's experiment")
         setting = {k: v for k, v in sorted(r["setting"].items()) if k != "lam"}
-        key = (json.dumps(setting), r["method"], r["setting"].get("lam"))
-        groups.setdefault(key, {})[r["seed"]] = correct
+        group = (json.dumps(setting), r["method"], r["setting"].get("lam"))
+        groups.setdefault(group, {})[r["seed"]] = correct
     for name, label in (("teacher_eval", "teacher"), ("base_eval", "untrained student")):  # beside the runs
         for path in (os.path.join(out, "shared", f"{name}.json"), os.path.join(out, f"{name}.json")):
             if os.path.isfile(path):
