@@ -309,7 +309,8 @@ def variant(setting: dict) -> str | None:
 
 def sweep_plot(report: dict, recs: list[dict], var: str, xlabel: str, path: str | os.PathLike | None = None):
     """Test accuracy against a swept setting (``n_train``: sample efficiency; ``lam``), per method and matching
-    rule, mean and 95% t-interval over seeds; None when the setting takes fewer than two values."""
+    rule, mean and 95% t-interval over seeds (in a lambda sweep, each method without the term, e.g. circuit CE, a
+    horizontal line at its mean with its interval as a band); None when the setting takes fewer than two values."""
 
     vals = sorted({r["setting"][var] for r in recs if r["setting"].get(var) not in (None, "auto")})
     if len(vals) < 2:
@@ -334,6 +335,16 @@ def sweep_plot(report: dict, recs: list[dict], var: str, xlabel: str, path: str 
         ax.errorbar(shift, ys, yerr=err, marker="o", ms=4, capsize=2, color=colors.get(m, "C0"),
                     ls=styles.get(rule, ":" if rule and "unbiased" in rule else "-"),
                     label=f"{m} ({rule})" if rule else m)
+    flat: dict = {}  # methods without the setting (circuit CE in a lambda sweep): a band at their mean and CI
+    for r in recs:
+        if var == "lam" and r["setting"].get(var) is None:
+            flat.setdefault((r["method"], variant(r["setting"])), []).append(r["accuracy"])
+    for (m, rule), accs in sorted(flat.items(), key=lambda kv: (order.get(kv[0][0], 99), str(kv[0][1]))):
+        c = mean_ci(accs)
+        ax.axhline(c["mean"], color=colors.get(m, "C0"), lw=1.2, label=f"{m}{f' ({rule})' if rule else ''}: "
+                   f"{c['mean']:.3f} (band: 95% CI)")
+        if c["lo"] is not None:
+            ax.axhspan(c["lo"], c["hi"], color=colors.get(m, "C0"), alpha=0.15, lw=0)
     _refs(ax, report)
     ax.set_xscale("log")
     ax.set_xticks(vals, [str(v) for v in vals])

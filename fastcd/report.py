@@ -311,14 +311,14 @@ def format_report(report: dict) -> str:
     grads = [r for r in report["table"] if "grad_ratio" in r]
     if grads:
         lines += ["## Loss balance at the start (one batch per seed, lambda not applied) and the CKA reached", "",
-                  "| Setting | Method | Matching | grad(align)/grad(CE) | cosine | mean CKA of the pairs at the end |",
-                  "|---|---|---|---|---|---|"]
+                  "| Setting | Method | Matching | lambda | grad(align)/grad(CE) | cosine | mean CKA of the pairs at "
+                  "the end |", "|---|---|---|---|---|---|---|"]
         for r in grads:
-            lines.append(f"| {r['setting']} | {r['method']} | {r['matching']} | {_fmt_ci(r['grad_ratio'])} | "
-                         f"{_fmt_ci(r['grad_cosine'])} | {_fmt_ci(r.get('final_mean_cka'))} |")
+            g = " | ".join(_fmt_ci(r.get(k)) for k in ("grad_ratio", "grad_cosine", "final_mean_cka"))
+            lines.append(f"| {r['setting']} | {r['method']} | {r['matching']} | {r.get('lam') or '-'} | {g} |")
         cka_only = [r for r in report["table"] if r["method"] == "cka" and "final_mean_cka" in r]
         for r in cka_only:
-            lines.append(f"| {r['setting']} | cka (align only) | {r['matching']} | - | - | "
+            lines.append(f"| {r['setting']} | cka (align only) | {r['matching']} | {r.get('lam') or '-'} | - | - | "
                          f"{_fmt_ci(r.get('final_mean_cka'))} |")
         lines.append("")
     if report.get("diagnostics"):

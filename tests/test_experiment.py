@@ -495,3 +495,19 @@ def test_accuracy_by_queried_box_rebuilds_the_test_set_in_its_recorded_order(sma
     tom.task = "tom"  # a valid ToM config needs other fields; the tool only reads the task's name first
     with pytest.raises(UsageError, match="task must be entity-tracking"):
         mod.by_box(tom, out)
+
+
+def test_loss_balance_rows_name_their_lambda(small_run):
+    """Runs that differ only in lambda share the start-of-training gradient ratio (lambda not applied): each row
+    of the loss-balance table says which lambda its final CKA belongs to."""
+    from fastcd.report import format_report
+
+    out, _ = small_run
+    with open(os.path.join(out, "report.json")) as f:
+        report = json.load(f)
+    row = [r for r in report["table"] if "grad_ratio" in r][0]
+    report["table"].append({**row, "lam": 0.01, "final_mean_cka": {"mean": 0.123, "lo": 0.1, "hi": 0.2}})
+    text = format_report(report).split("## Loss balance")[1]
+    assert "| Matching | lambda | grad(align)/grad(CE) |" in text
+    assert f"| {row['matching']} | {row['lam']} | " in text and f"| {row['matching']} | 0.01 | " in text
+    assert "| 0.123 [0.100, 0.200] |" in text.split(f"| {row['matching']} | 0.01 | ")[1].splitlines()[0]

@@ -134,3 +134,24 @@ def test_search_curve_says_when_the_target_was_not_reached():
     title = faithfulness_curve_plot(curve, record, None, title="t").axes[0].get_title()
     assert title == "t\ntarget not reached: growth stopped at 16 units"
     assert faithfulness_curve_plot(curve, record | {"reached": True}, None, title="t").axes[0].get_title() == "t"
+
+
+def test_lambda_sweep_draws_the_methods_without_the_term_as_a_band_at_their_mean():
+    from fastcd.plots import sweep_plot
+
+    def rec(method, lam, acc, rule="cka"):
+        return {"method": method, "setting": {"lam": lam, "matching": rule}, "accuracy": acc}
+
+    recs = [rec("ce+cka", lam, a) for lam, accs in ((0.1, (0.7, 0.8)), (1.0, (0.5, 0.6))) for a in accs]
+    recs += [rec("circuit-ce", None, a) for a in (0.8, 0.9, 0.85)]
+    report = {"n_test": 10, "config": {}, "teacher_accuracy": 0.94, "base": {"accuracy": 0.44}}
+    ax = sweep_plot(report, recs, "lam", "lambda").axes[0]
+    (band,) = [line for line in ax.get_lines() if line.get_label().startswith("circuit-ce (cka): 0.850")]
+    assert band.get_ydata()[0] == pytest.approx(0.85)
+    assert len(ax.patches) == 1  # its 95% interval, shaded
+    lo, hi = ax.patches[0].get_y(), ax.patches[0].get_y() + ax.patches[0].get_height()
+    assert lo < 0.8 and hi > 0.9  # t-interval over 3 values spanning 0.1 is wider than their range
+    # in an n_train sweep a method without the setting is not a flat reference: it is left out
+    recs_n = [{**r, "setting": {**r["setting"], "n_train": r["setting"]["lam"]}} for r in recs]
+    ax = sweep_plot(report, recs_n, "n_train", "training prompts").axes[0]
+    assert not ax.patches and not any(line.get_label().startswith("circuit-ce") for line in ax.get_lines())
