@@ -252,6 +252,12 @@ def _run_experiment(argv) -> int:
     from fastcd.report import write_report
 
     cfg = ExperimentConfig.from_file(ns.experiment_config)
+    if a.records_from:
+        from fastcd.experiment import start_from_records
+
+        if a.overwrite:
+            raise UsageError("--records-from: starts a new OUT from records; it cannot be combined with --overwrite")
+        start_from_records(a.records_from, a.out, cfg.validate())
     if a.plan:
         from fastcd.experiment import Experiment
 

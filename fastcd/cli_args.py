@@ -179,6 +179,9 @@ class ExperimentArgs:
     out: str = option(None, "the experiment directory (created; resumed when it exists)", required=True)
     overwrite: bool = option(False, "discard the runs and shared caches in OUT (needed when the shared fields changed)")
     report_only: bool = option(False, "rebuild the report and figures from OUT, run nothing")
+    records_from: str | None = option(None, "start a new OUT from a report folder's records (runs.jsonl, "
+                                      "experiment.json and the shared *.json beside them, as in docs/*/experiments/"
+                                      "NAME): only the runs they lack are run")
     plan: bool = option(False, "print the cost plan (work left, a short calibration on this machine, predicted "
                                "time per stage and peak memory; also in OUT/plan.json) and stop")
     progress: bool = option(True, "progress bars")

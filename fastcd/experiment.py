@@ -35,7 +35,7 @@ from fastcd.experiment_config import (
     distill_config_for,
     lr_choices,
 )
-from fastcd.io import atomic_target, correct_as_bits, experiment_status, write_json_atomic
+from fastcd.io import atomic_target, correct_as_bits, experiment_status, read_json, write_json_atomic, write_text_atomic
 from fastcd.loading import load_model
 from fastcd.plan import calibrate, count_work, format_plan, predict
 from fastcd.report import append_record, read_runs, setting_label, write_report
@@ -257,6 +257,41 @@ class Experiment:
         return plan
 
 
+SHARED_RECORDS = ("circuit.json", "teacher_eval.json", "circuit_eval.json", "recovery.json", "cache.json",
+                  "base_eval.json", "diagnostics.json")  # and matching_<rule>.json: what SharedWork keeps in OUT/shared
+
+
+def start_from_records(records: str, out: str, config: ExperimentConfig | None = None) -> list[str]:
+    """Start ``out`` from a report folder's records (``records`` holds experiment.json and runs.jsonl, perhaps
+    plan.json, with the shared records beside them, as ``docs/*/experiments/NAME`` does), so that the experiment
+    runs only what they lack; the teacher cache's tensors are rebuilt. Returns the files copied. ``out`` must hold no
+    runs yet; with ``config``, the records must be of an experiment that agrees with it on every shared field.
+    Everything is checked before anything is written."""
+    if not os.path.isdir(records) or not all(os.path.isfile(os.path.join(records, n))
+                                             for n in ("experiment.json", "runs.jsonl")):
+        raise UsageError(f"records_from: {records!r} is not a report folder (expected experiment.json and runs.jsonl)")
+    if os.path.exists(os.path.join(out, "runs.jsonl")) or os.path.exists(os.path.join(out, "experiment.json")):
+        raise UsageError(f"records_from: out={out!r} already holds an experiment; resume it without --records-from")
+    if config is not None:
+        old = read_json(os.path.join(records, "experiment.json"), "records_from").get("shared", {})
+        key = config.shared_key()
+        diff = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k))
+        if diff:
+            raise UsageError(f"records_from: {records!r} holds runs of an experiment that differs from the config in "
+                             f"{diff} (e.g. {diff[0]}: {old.get(diff[0])!r} there, {key.get(diff[0])!r} now)")
+    names = [n for n in sorted(os.listdir(records)) if n in SHARED_RECORDS
+             or (n.startswith("matching_") and n.endswith(".json"))]
+    top = [n for n in ("experiment.json", "runs.jsonl", "plan.json") if os.path.isfile(os.path.join(records, n))]
+    texts = {}
+    for name, dest in [(n, out) for n in top] + [(n, os.path.join(out, "shared")) for n in names]:
+        if name.endswith(".json"):
+            read_json(os.path.join(records, name), "records_from")  # a broken record fails here, before any copy
+        with open(os.path.join(records, name), encoding="utf-8") as f:
+            texts[os.path.join(dest, name)] = f.read()
+    os.makedirs(os.path.join(out, "shared"), exist_ok=True)
+    return [write_text_atomic(text, path) for path, text in texts.items()]
+
+
 def run_experiment(config: ExperimentConfig | str | dict, out: str, *, overwrite: bool = False,
                    progress: bool = True) -> dict:
     """Run (or resume) an experiment; returns the report (also in ``out/report.json``)."""
@@ -267,4 +302,4 @@ def run_experiment(config: ExperimentConfig | str | dict, out: str, *, overwrite
     return Experiment(config.validate(), out, overwrite=overwrite, progress=progress).run()
 
 
-__all__ = ["Experiment", "ExperimentConfig", "reinit_heads", "run_experiment"]
+__all__ = ["Experiment", "ExperimentConfig", "reinit_heads", "run_experiment", "start_from_records"]

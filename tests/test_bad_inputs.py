@@ -20,6 +20,7 @@ from fastcd.pretrain import shipped_checkpoint
 T = shipped_checkpoint("et-teacher")
 S = shipped_checkpoint("et-student")
 DOC = os.path.join(os.path.dirname(__file__), "..", "docs", "ERRORS.md")
+TOY_CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "toy_table1.yaml")
 
 
 @pytest.fixture
@@ -126,6 +127,14 @@ CLI_CASES = {
                          r"--max-units caps the circuit search \(--method search\), not --method patching"),
     "experiment-missing-config": (lambda f: ["experiment", str(f["out"] / "none.yaml"), "--out", str(f["out"])],
                                   r"config: no such file"),
+    "experiment-records-overwrite": (lambda f: ["experiment", TOY_CONFIG, "--out", str(f["out"]), "--records-from",
+                                                str(f["empty"]), "--overwrite"],
+                                     r"--records-from: starts a new OUT from records; it cannot be combined with "
+                                     r"--overwrite"),
+    "experiment-records-not-a-folder": (lambda f: ["experiment", TOY_CONFIG, "--out", str(f["out"]),
+                                                   "--records-from", str(f["empty"])],
+                                        r"records_from: .* is not a report folder \(expected experiment.json and "
+                                        r"runs.jsonl\)"),
 }
 if not torch.cuda.is_available():  # on a CUDA machine these are valid requests
     CLI_CASES["device-cuda-on-cpu"] = (lambda f: _distill("--device", "cuda", "--out", str(f["out"])),

@@ -511,3 +511,41 @@ def test_loss_balance_rows_name_their_lambda(small_run):
     assert "| Matching | lambda | grad(align)/grad(CE) |" in text
     assert f"| {row['matching']} | {row['lam']} | " in text and f"| {row['matching']} | 0.01 | " in text
     assert "| 0.123 [0.100, 0.200] |" in text.split(f"| {row['matching']} | 0.01 | ")[1].splitlines()[0]
+
+
+def test_records_from_a_report_folder_start_a_new_out_that_runs_only_what_they_lack(small_run, tmp_path, capsys):
+    """A committed report folder (records flat beside the report, as docs/*/experiments/NAME) carries an
+    experiment to a fresh machine: the new OUT holds its run records and shared evaluations, and nothing reruns."""
+    import shutil
+
+    from fastcd.errors import UsageError
+    from fastcd.experiment import start_from_records
+
+    out, _ = small_run
+    cfg = _cfg(methods=["circuit-ce", "ce+cka", "ce+rand-cka", "ce+perm-cka"])
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for name in ("experiment.json", "runs.jsonl", "report.json", "summary.md", "plan.json"):
+        shutil.copy(os.path.join(out, name), docs / name)
+    shared = sorted(n for n in os.listdir(os.path.join(out, "shared")) if n.endswith(".json"))
+    assert {"teacher_eval.json", "base_eval.json", "cache.json"} <= set(shared)
+    for name in shared:
+        shutil.copy(os.path.join(out, "shared", name), docs / name)
+    new = str(tmp_path / "new")
+    with pytest.raises(UsageError, match=r"differs from the config in \['n_test'\]"):
+        start_from_records(str(docs), new, ExperimentConfig.from_dict(_cfg(n_test=30)))
+    assert not os.path.exists(new)  # refused before anything is written
+    copied = start_from_records(str(docs), new, ExperimentConfig.from_dict(cfg))
+    assert sorted(os.listdir(os.path.join(new, "shared"))) == shared and len(copied) == len(shared) + 3
+    assert not os.path.exists(os.path.join(new, "report.json"))  # the report is rebuilt, not copied
+    assert open(os.path.join(new, "runs.jsonl")).read() == open(os.path.join(out, "runs.jsonl")).read()
+    n = len(read_runs(os.path.join(out, "runs.jsonl")))
+    report = run_experiment({**cfg, "seeds": sorted({r["seed"] for r in read_runs(os.path.join(out, "runs.jsonl"))
+                                                      .values()})}, new, progress=False)
+    assert f"{n} runs, {n} done, 0 to run" in capsys.readouterr().out
+    assert report["runs_done"] == n and len(read_runs(os.path.join(new, "runs.jsonl"))) == n
+    with pytest.raises(UsageError, match="already holds an experiment"):
+        start_from_records(str(docs), new)
+    os.remove(docs / "runs.jsonl")
+    with pytest.raises(UsageError, match=r"records_from: .* not a report folder \(expected experiment.json and "):
+        start_from_records(str(docs), str(tmp_path / "other"))
