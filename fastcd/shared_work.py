@@ -217,12 +217,12 @@ class SharedWork:
         return MatchInputs(teacher, self.student, self.circuit, t_clean, s_clean, t_corrupt, s_corrupt)
 
     def _matching(self, rule: str, teacher):
-        if rule == "identity":  # every circuit unit (head, role) of a re-initialised head, aligned to itself
-            units = {}
+        if rule == "identity":  # every circuit unit (head, role) of a re-initialised head, aligned to itself;
+            units = {}          # with ``positions``, at each of those roles instead
             for c in self.circuit.heads:
                 units.setdefault(c.head, []).append(c.position if c.position != "all" else "last")
-            return Matching([Pair(h, h, role, "reinit") for h in self.reinit
-                             for role in dict.fromkeys(units.get(h, ["last"]))], "identity")
+            return self._at_positions(Matching([Pair(h, h, role, "reinit") for h in self.reinit
+                                                for role in dict.fromkeys(units.get(h, ["last"]))], "identity"))
         if rule in self.cfg.matching_files:
             return self._at_positions(Matching.load(self.cfg.matching_files[rule]))
         d = self._shared(f"matching_{rule}.json")

@@ -549,3 +549,18 @@ def test_records_from_a_report_folder_start_a_new_out_that_runs_only_what_they_l
     os.remove(docs / "runs.jsonl")
     with pytest.raises(UsageError, match=r"records_from: .* not a report folder \(expected experiment.json and "):
         start_from_records(str(docs), str(tmp_path / "other"))
+
+
+def test_positions_apply_to_the_identity_matching_of_a_known_answer_control(tmp_path):
+    """``positions`` on a known-answer control: the damaged head is aligned to its intact self at each listed role,
+    not at its circuit roles (positions used to be ignored for the identity matching: a head the circuit holds at
+    one role gave one pair, which no permuted control can move)."""
+    cfg = _cfg(student=None, positive_control={"reinit": ["L0H2"], "seed": 0}, matching="identity", seeds=[0],
+               methods=["ce+perm-cka"], positions=["last", "query_label"], recovery_rules=[], steps=1)
+    report = run_experiment(cfg, str(tmp_path / "pc"), progress=False)
+    roles = {c["position"] for c in report["circuit"]["heads"] if c["head"] == "L0H2"}
+    assert roles == {"last", "box_label"}  # the toy circuit's roles of L0H2: not the ones asked for
+    rec = next(iter(read_runs(str(tmp_path / "pc" / "runs.jsonl")).values()))
+    assert rec["pairs"] == [["L0H2", "L0H2", "last"], ["L0H2", "L0H2", "query_label"]]
+    assert rec["teacher_units"] == [["L0H2", "query_label"], ["L0H2", "last"]]  # the two roles swapped
+    assert [p["position"] for p in report["diagnostics"]["identity"]["pairs"]] == ["last", "query_label"]
