@@ -36,7 +36,10 @@ def test_direct_effect_in_one_layer_model_equals_activation_patching(arch, tok):
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize("which, pos", [("q", "last"), ("v", "query_label")])
 def test_composition_through_a_blind_receiver_is_zero(arch, which, pos, tok):
-    """A receiver whose q (or v) ignores its input passes nothing on: every sender scores exactly 0."""
+    """A receiver whose q (or v) ignores its input passes nothing on: every sender's patched forward is the same,
+    so every sender scores the same, 0 up to float32 rounding (the clean reference may take kernels that sum in
+    another order: -5.7e-9 for all four senders on one Xeon). The senders' real effects in this tiny random model
+    are 1e-8 to 3e-5, so a tolerance alone could not tell them from rounding: their being equal can."""
     model = make_tiny(arch, n_layers=2, vocab_size=len(tok))
     clean, corrupt = _data(tok)
     receiver = Head(1, 1)
@@ -48,7 +51,7 @@ def test_composition_through_a_blind_receiver_is_zero(arch, which, pos, tok):
             mod.weight[sl] = 0
     _, cz = run_with_z(model, corrupt.input_ids)
     res = path_patch(model, clean, cz, sender_position=pos, receivers=[receiver], receiver_input=which)
-    assert torch.all(res.scores[0] == 0)
+    assert torch.all(res.scores[0] == res.scores[0][0]) and res.scores[0][0].abs() < 1e-6
     assert torch.isnan(res.scores[1]).all()  # same-layer senders have no path
 
 

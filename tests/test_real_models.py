@@ -144,7 +144,9 @@ def test_last_position_logits_equal_the_full_logits(smol_dir, tok):
     with torch.no_grad():
         full = m(input_ids=enc.input_ids).logits
         kept, out = logits_at(m, last, input_ids=enc.input_ids)
-    torch.testing.assert_close(kept, full[torch.arange(2), last], atol=1e-5, rtol=1e-5)
+    # the lm_head over 2 rows and over every row are GEMMs of other shapes: the CPU's kernels may sum in another
+    # order (1.8e-5 on logits of magnitude ~20 on one Xeon); a wrong position would differ by whole units
+    torch.testing.assert_close(kept, full[torch.arange(2), last], atol=1e-4, rtol=1e-5)
     assert out.logits.shape[1] == 2  # only the two distinct positions went through the lm_head
 
 
