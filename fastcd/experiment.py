@@ -116,8 +116,10 @@ class Experiment:
         s_train = self.work.s_pool.index(rows)
         diag, loop_state, held = {}, {}, {}
         sha = hashlib.sha256(s_train.input_ids.numpy().tobytes()).hexdigest()[:16]
+        pairs = None if matching is None else [[str(p.teacher), str(p.student), p.position] for p in matching.pairs]
+        targets = None if matching is None else {"pairs": pairs, "teacher_units": matching.meta.get("teacher_units")}
         part = self.partial_path(spec["key"])
-        saved = self.read_partial(part, spec["key"], sha)
+        saved = self.read_partial(part, spec["key"], sha, targets)
         before, trained = (saved["seconds"], saved["train_seconds"]) if saved else (0.0, 0.0)  # before a kill
 
         def prepare(cd, opt, sched):  # a resumed run's state, or the gradient ratio at the start (its own batch)
@@ -134,6 +136,7 @@ class Experiment:
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < dcfg.steps:
                 state = training_state(held["cd"], held["opt"], held["sched"], step=step, log=log, diag=diag,
                                        loop_state=dict(loop_state), key=spec["key"], train_prompts_sha=sha,
+                                       matching=targets,
                                        seconds=before + time.time() - t0, train_seconds=trained + time.time() - t0)
                 os.makedirs(os.path.dirname(part), exist_ok=True)
                 with atomic_target(part) as tmp:
@@ -154,7 +157,7 @@ class Experiment:
                "grad": diag, "trained_heads_fraction": run.trained_heads_fraction}
         if matching is not None:
             rec["trained_heads"] = len(matching.student_heads())
-            rec["pairs"] = [[str(p.teacher), str(p.student), p.position] for p in matching.pairs]
+            rec["pairs"] = pairs
             if "teacher_units" in matching.meta:  # the permuted control: where each teacher target was read
                 rec["teacher_units"] = matching.meta["teacher_units"]
             if run.circuit_accuracy is not None:  # ablated with the untrained student's means (fixed per experiment)
@@ -168,13 +171,16 @@ class Experiment:
     def partial_path(self, key: str) -> str:
         return os.path.join(self.out, "partial", f"{key}.pt")
 
-    def read_partial(self, path: str, key: str, sha: str) -> dict | None:
+    def read_partial(self, path: str, key: str, sha: str, targets: dict | None = None) -> dict | None:
         if not os.path.isfile(path):
             return None
         state = read_checkpoint(path)
         if state.get("key") != key or state.get("train_prompts_sha") != sha or state.get("batch_order") != BATCH_ORDER:
             raise UsageError(f"out: {path} is a checkpoint of another run (its key, training prompts or batch order "
                              "differ); delete it to start that run over")
+        if "matching" in state and state["matching"] != targets:  # a run key names the rule, not the pairs it made
+            raise UsageError(f"out: {path} is a checkpoint of this run with other matched pairs or teacher targets "
+                             f"({state['matching']} there, {targets} now); delete it to start that run over")
         experiment_status(f"run {key}: going on from its checkpoint at step {state['step']}")
         return state
 

@@ -357,6 +357,18 @@ def test_a_killed_run_goes_on_from_its_checkpoint_exactly(tmp_path, monkeypatch,
     assert strip == [{k: v for k, v in r.items() if k != "elapsed_s"} for r in b["log"]]
     assert sum("val_accuracy" in r for r in b["log"]) == 3
     assert not os.listdir(os.path.join(out, "partial"))
+    # a checkpoint made with other pairs (the rule's pairs changed under the same run key) is refused by name
+    monkeypatch.setattr(E, "atomic_target", dies_after_first_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(_cfg(**{**kw, "seeds": [1]}), out, progress=False)
+    monkeypatch.setattr(E, "atomic_target", real)
+    state = torch.load(saves[1], weights_only=False)
+    assert state["matching"]["pairs"] == a["pairs"] and state["matching"]["teacher_units"] is None
+    state["matching"]["pairs"] = state["matching"]["pairs"][:1]
+    torch.save(state, saves[1])
+    with pytest.raises(ValueError, match=r"checkpoint of this run with other matched pairs or teacher targets .*"
+                                         r"delete it to start that run over"):
+        run_experiment(_cfg(**{**kw, "seeds": [0, 1]}), out, progress=False)
     # --overwrite discards a run in flight with the old experiment's records: its checkpoint must not be resumed
     open(saves[0], "wb").close()
     E.Experiment(ExperimentConfig.from_dict(_cfg(**kw)), out, overwrite=True, progress=False)
