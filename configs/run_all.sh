@@ -8,7 +8,7 @@
 # follow-up ~1 h, the unbiased rerun ~50 min, the lambda-10 rerun ~25 min; then the designed-to-decide experiments with
 # the faithful circuit (each seed its own prompts, lr chosen on validation, 6 replications): paper regime ~4.5 h, out of
 # distribution ~3.6 h (train at 5 boxes), ~1 h (its permuted control at the others' lr), ~3 h (at 3), ~40 min
-# (its permuted control at the others' lr) and ~75 min (lambda 0.01 and 0.1), data-starved ~9 h, the known-answer control ~5.5 h, the paper regime's other five methods ~15-20 h; then Table 2 on
+# (its permuted control at the others' lr) and ~75 min (lambda 0.01 and 0.1), data-starved ~9 h, the known-answer control ~1.6 h, the paper regime's other five methods ~15-20 h; then Table 2 on
 # theory of mind, ~20 h (8,000 steps at about 8.7 s, a ToM ce+cka step measured with the shared prefix once).
 set -euo pipefail
 cd "$(dirname "$0")/.."
