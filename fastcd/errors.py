@@ -16,4 +16,9 @@ class UsageTypeError(UsageError, TypeError):
     """An argument of the wrong kind (e.g. a class where an object is expected)."""
 
 
-__all__ = ["InputFileError", "UsageError", "UsageTypeError"]
+class NotApplicable(ValueError):
+    """A run that cannot be made for this matching (e.g. a permuted control with a single teacher unit): an
+    experiment records it as not applicable and goes on. Not a usage error."""
+
+
+__all__ = ["InputFileError", "NotApplicable", "UsageError", "UsageTypeError"]

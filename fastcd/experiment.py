@@ -27,10 +27,9 @@ import torch
 from fastcd.artifacts import Circuit
 from fastcd.config import METHOD_SPECS
 from fastcd.distillation import make_batch
-from fastcd.errors import UsageError
+from fastcd.errors import NotApplicable, UsageError
 from fastcd.experiment_config import (
     ExperimentConfig,
-    NotApplicable,
     chosen_lrs,
     distill_config_for,
     lr_choices,
@@ -40,7 +39,7 @@ from fastcd.loading import load_model
 from fastcd.plan import calibrate, count_work, format_plan, predict
 from fastcd.report import append_record, read_runs, setting_label, write_report
 from fastcd.resume import read_checkpoint, restore_training_state, training_state
-from fastcd.shared_work import SharedWork
+from fastcd.shared_work import SHARED_RECORDS, SharedWork
 from fastcd.teacher_cache import MemoryCache
 from fastcd.trainable import (
     reinit_heads,  # noqa: F401  (re-exported)
@@ -69,17 +68,10 @@ class Experiment:
             with open(manifest) as f:
                 recorded = json.load(f)
             old = recorded["shared"]
-            diff = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k))
+            diff, where = shared_diff(old, key)
             if diff:
-                raise UsageError(f"out: {out!r} holds runs of an experiment that differs in {diff} "
-                                 f"(e.g. {diff[0]}: {old.get(diff[0])!r} there, {key.get(diff[0])!r} now); use "
-                                 "another directory, or --overwrite to discard those runs"
-                                 + ("; n_pool is the largest n_train, the pool every run draws its prompts from"
-                                    if "n_pool" in diff else "")
-                                 + ("; its runs shared one training pool across seeds, where each seed now trains "
-                                    "on its own prompts (a replication)" if "pool" in diff else "")
-                                 + ("; precision: set `precision: float32` in the config to go on in float32"
-                                    if "precision" in diff else ""))
+                raise UsageError(f"out: {out!r} holds runs of an experiment that differs in {where}; use "
+                                 "another directory, or --overwrite to discard those runs")
         elif overwrite:
             for name in ("runs.jsonl", "report.json", "summary.md"):
                 if os.path.exists(os.path.join(out, name)):
@@ -242,7 +234,8 @@ class Experiment:
         done = set(self.done())
         specs = [s for s in cfg.run_specs(chosen_lrs(cfg, self.done())) if s["key"] not in done]
         plan = {"work": count_work(cfg, done, need, self.work.n_pool, self.done()), "precision": self.precision,
-                "planned_runs": [s["key"] for s in specs], "made": time.strftime("%Y-%m-%d %H:%M:%S")}
+                "planned_runs": [s["key"] for s in specs], "done_before": sorted(done),
+                "made": time.strftime("%Y-%m-%d %H:%M:%S")}
         if specs or any(need.values()):
             teacher = load_model(self.work.t_path, dtype=self.work.teacher_dtype())
             student = load_model(self.work.s_path, dtype="float32")
@@ -263,8 +256,18 @@ class Experiment:
         return plan
 
 
-SHARED_RECORDS = ("circuit.json", "teacher_eval.json", "circuit_eval.json", "recovery.json", "cache.json",
-                  "base_eval.json", "diagnostics.json")  # and matching_<rule>.json: what SharedWork keeps in OUT/shared
+def shared_diff(old: dict, key: dict) -> tuple[list, str]:
+    """The shared fields (:meth:`ExperimentConfig.shared_key`) in which a recorded experiment differs from this one,
+    and the words naming them with the first one's two values."""
+    diff = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k))
+    if not diff:
+        return diff, ""
+    hints = {"n_pool": "n_pool is the largest n_train, the pool every run draws its prompts from",
+             "pool": "its runs shared one training pool across seeds, where each seed now trains on its own prompts "
+                     "(a replication)",
+             "precision": "precision: set `precision: float32` in the config to go on in float32"}
+    return diff, "".join([f"{diff} (e.g. {diff[0]}: {old.get(diff[0])!r} there, {key.get(diff[0])!r} now)"]
+                         + [f" ({hints[k]})" for k in diff if k in hints])
 
 
 def start_from_records(records: str, out: str, config: ExperimentConfig | None = None) -> list[str]:
@@ -281,10 +284,10 @@ def start_from_records(records: str, out: str, config: ExperimentConfig | None =
     if config is not None:
         old = read_json(os.path.join(records, "experiment.json"), "records_from").get("shared", {})
         key = config.shared_key()
-        diff = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k))
+        diff, where = shared_diff(old, key)
         if diff:
             raise UsageError(f"records_from: {records!r} holds runs of an experiment that differs from the config in "
-                             f"{diff} (e.g. {diff[0]}: {old.get(diff[0])!r} there, {key.get(diff[0])!r} now)")
+                             f"{where}")
     names = [n for n in sorted(os.listdir(records)) if n in SHARED_RECORDS
              or (n.startswith("matching_") and n.endswith(".json"))]
     top = [n for n in ("experiment.json", "runs.jsonl", "plan.json") if os.path.isfile(os.path.join(records, n))]

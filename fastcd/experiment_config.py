@@ -20,7 +20,7 @@ from fastcd.config import (  # noqa: F401  (TEST_SEED: re-exported)
     parse_lam,
     parse_number,
 )
-from fastcd.errors import InputFileError, UsageError
+from fastcd.errors import InputFileError, NotApplicable, UsageError  # noqa: F401  (NotApplicable: its old home)
 from fastcd.vocab import EXPERIMENT_DISCOVERY
 
 GRID = ("n_train", "lam", "steps", "lr", "batch_size", "matching", "cka_estimator")  # fields that may hold a list
@@ -367,10 +367,6 @@ def chosen_lrs(cfg: ExperimentConfig, records: dict) -> dict:
         return {}
     return {tuning_key(r["method"], r["setting"]): r["chosen"] for r in lr_choices(cfg, records)
             if r["chosen"] is not None}
-
-
-class NotApplicable(ValueError):
-    """A run that cannot be made for this matching (e.g. a permuted control with a single teacher unit)."""
 
 
 def _run_key(method: str, seed: int, setting: dict) -> str:

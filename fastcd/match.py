@@ -27,7 +27,7 @@ from fastcd.artifacts import Circuit, Matching, Pair
 from fastcd.cka import cka_matrix, cka_matrix_torch
 from fastcd.config import MATCH_METHODS
 from fastcd.discover import PatchSource, patch_heads_batched
-from fastcd.errors import UsageError
+from fastcd.errors import NotApplicable, UsageError
 from fastcd.hooks import ALL, capture_z, mean_z, role_positions
 from fastcd.models import Head, get_adapter, logits_at, shared_prefix
 from fastcd.tasks.base import EncodedBatch
@@ -340,3 +340,33 @@ def match(inp: MatchInputs, method: str = "ablation", **kwargs) -> Matching:
     m = fn(inp, **kwargs) if fn is not None else match_random(inp.circuit, inp.student, **kwargs)
     m.meta.setdefault("task", inp.circuit.task)  # what it was made for: a run of another task refuses it
     return m
+
+
+def random_student_matching(m: Matching, student_heads: list, seed: int, rule: str) -> Matching:
+    """The random-heads controls (rand-ce, ce+rand-cka): ``m``'s teacher units, each with a random student head
+    (seeded by the run's seed alone, so both controls train the same heads on the same batches)."""
+    pick = random.Random(seed).sample(student_heads, len(m.pairs))
+    return Matching([Pair(p.teacher, s, p.position, p.group) for p, s in zip(m.pairs, pick)], "random",
+                    {"seed": seed, "teacher_side": rule})
+
+
+def permuted_matching(m: Matching, seed: int, rule: str) -> Matching:
+    """The permuted-targets control (ce+perm-cka): the same student heads at their own positions; each pair's
+    teacher target is another pair's (teacher head, role) unit, with no fixed point. The targets come from the
+    teacher cache, so a target's role may differ from the student's position (``meta["teacher_units"]``).
+    :class:`fastcd.errors.NotApplicable` when no such permutation exists."""
+    units = [(p.teacher, p.position) for p in m.pairs]
+    n = len(units)
+    if len(set(units)) < 2:
+        raise NotApplicable(f"ce+perm-cka needs at least two distinct teacher units in matching {rule!r}, got {units}")
+    perm = list(range(n))
+    rng = random.Random(seed)
+    for _ in range(10000):
+        rng.shuffle(perm)
+        if all(units[perm[i]] != units[i] for i in range(n)):
+            break
+    else:
+        raise NotApplicable(f"ce+perm-cka: no permutation of {units} moves every target")
+    return Matching([Pair(units[perm[i]][0], p.student, p.position, p.group) for i, p in enumerate(m.pairs)],
+                    "permuted", {"seed": seed, "teacher_units": [[str(units[perm[i]][0]), units[perm[i]][1]]
+                                                                 for i in range(n)]})

@@ -79,10 +79,13 @@ def plan_vs_measured(out: str, recs: list[dict]) -> dict | None:
         plan = json.load(f)
     if "predicted" not in plan:
         return None
-    planned = set(plan.get("planned_runs", []))
-    secs = [r.get("seconds", 0.0) for r in recs if r["key"] in planned]
+    if "done_before" in plan:  # every run finished since the plan (with select_lr, the seeds' runs at the chosen lrs
+        before = set(plan["done_before"])  # too, whose keys the plan could not know)
+        secs = [r.get("seconds", 0.0) for r in recs if r["key"] not in before]
+    else:  # a plan made before done_before was recorded: the runs it listed
+        secs = [r.get("seconds", 0.0) for r in recs if r["key"] in set(plan.get("planned_runs", []))]
     pred = plan["predicted"]["seconds"]
     return {"made": plan.get("made"), "work": plan["work"], "predicted": plan["predicted"],
             "predicted_runs_seconds": round(sum(v for k, v in pred.items() if not k.startswith("teacher")), 1),
             "measured_runs_seconds": round(sum(secs), 1), "planned_runs_done": len(secs),
-            "planned_runs": plan["work"].get("runs", len(planned))}  # with select_lr: also the runs not chosen yet
+            "planned_runs": plan["work"].get("runs", len(plan.get("planned_runs", [])))}  # select_lr: seeds too

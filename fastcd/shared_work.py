@@ -12,17 +12,18 @@ import random
 import time
 
 import torch
+from safetensors.torch import load_file
 
 from fastcd.artifacts import Circuit, Matching, Pair
 from fastcd.cka import cka_matrix_torch
 from fastcd.config import METHOD_SPECS, TEST_SEED
 from fastcd.discover_policy import default_circuit
 from fastcd.errors import UsageError
-from fastcd.experiment_config import POOL_SEED, ExperimentConfig, NotApplicable
+from fastcd.experiment_config import POOL_SEED, ExperimentConfig
 from fastcd.hooks import Head, capture_z, mean_z
 from fastcd.io import correct_as_bits, experiment_status, write_json_atomic
 from fastcd.loading import load_model, load_tokenizer, resolve_model, spec_of
-from fastcd.match import MatchInputs, match
+from fastcd.match import MatchInputs, match, permuted_matching, random_student_matching
 from fastcd.metrics import accuracy_per_example, circuit_correct, faithfulness_record
 from fastcd.models import logits_at, shared_prefix
 from fastcd.plan import CIRCUIT_EVAL_PROMPTS
@@ -30,10 +31,8 @@ from fastcd.tasks import TASKS, DatasetTask, adapt_task
 from fastcd.teacher_cache import build_teacher_cache
 from fastcd.trainable import reinit_heads
 
-
-def live_units(matching: Matching) -> list:
-    """The (student head, position) units a matching trains: what a circuit-accuracy evaluation keeps live."""
-    return matching.circuit_units()
+SHARED_RECORDS = ("circuit.json", "teacher_eval.json", "circuit_eval.json", "recovery.json", "cache.json",
+                  "base_eval.json", "diagnostics.json")  # and matching_<rule>.json: what SharedWork keeps in OUT/shared
 
 
 class SharedWork:
@@ -79,7 +78,7 @@ class SharedWork:
         return {"circuit": self._shared("circuit.json") is None and not cfg.circuit,
                 "matchings": any(self._shared(f"matching_{r}.json") is None for r in cfg.values("matching")
                                  if r != "identity" and r not in cfg.matching_files),
-                "cache": not self._cache_ok(self.n_pool),
+                "cache": self._serving_rows(self.n_pool) is None,
                 "teacher_eval": self._shared("teacher_eval.json") is None,
                 "circuit_eval": self._shared("circuit_eval.json") is None,
                 "recovery": bool(cfg.positive_control) and self._shared("recovery.json") is None}
@@ -156,7 +155,7 @@ class SharedWork:
         del pre
         self.student.eval()
         if cfg.positive_control:
-            self.reinit = self._reinit_heads()
+            self.reinit = self._reinit_heads(self.circuit)
             reinit_heads(self.student, self.reinit, seed=cfg.positive_control.get("seed", 0))
         self.matchings = {r: self._matching(r, teacher) for r in rules}
         if need["recovery"]:
@@ -200,10 +199,10 @@ class SharedWork:
         self._put_shared("circuit.json", circuit.to_json())
         return circuit
 
-    def _reinit_heads(self) -> list:
+    def _reinit_heads(self, circuit) -> list:
         r = self.cfg.positive_control["reinit"]
         if isinstance(r, int):
-            heads = self.circuit.unique_heads()
+            heads = circuit.unique_heads()
             if r > len(heads):
                 raise UsageError(f"positive_control.reinit={r} but the circuit has only {len(heads)} heads")
             return heads[:r]
@@ -216,18 +215,25 @@ class SharedWork:
         s_corrupt = self.task.encode(self.d_corrupt, self.tok) if self.tok is not self.t_tok else t_corrupt
         return MatchInputs(teacher, self.student, self.circuit, t_clean, s_clean, t_corrupt, s_corrupt)
 
-    def _matching(self, rule: str, teacher):
+    def _recorded_matching(self, rule: str, circuit, reinit: list):
+        """A matching made without the teacher (identity, a file, a record), at the config's positions; else None."""
         if rule == "identity":  # every circuit unit (head, role) of a re-initialised head, aligned to itself;
             units = {}          # with ``positions``, at each of those roles instead
-            for c in self.circuit.heads:
+            for c in circuit.heads:
                 units.setdefault(c.head, []).append(c.position if c.position != "all" else "last")
-            return self._at_positions(Matching([Pair(h, h, role, "reinit") for h in self.reinit
-                                                for role in dict.fromkeys(units.get(h, ["last"]))], "identity"))
-        if rule in self.cfg.matching_files:
-            return self._at_positions(Matching.load(self.cfg.matching_files[rule]))
-        d = self._shared(f"matching_{rule}.json")
-        if d is not None:
-            return self._at_positions(Matching.from_json(d))
+            m = Matching([Pair(h, h, role, "reinit") for h in reinit for role in dict.fromkeys(units.get(h, ["last"]))],
+                         "identity")
+        elif rule in self.cfg.matching_files:
+            m = Matching.load(self.cfg.matching_files[rule])
+        else:
+            d = self._shared(f"matching_{rule}.json")
+            m = None if d is None else Matching.from_json(d)
+        return None if m is None else self._at_positions(m)
+
+    def _matching(self, rule: str, teacher):
+        m = self._recorded_matching(rule, self.circuit, getattr(self, "reinit", []))
+        if m is not None:
+            return m
         t0 = time.time()
         experiment_status(f"matching: rule {rule!r}")
         kw = {"progress": self.progress} if rule in ("ablation", "combined") else {}
@@ -262,12 +268,24 @@ class SharedWork:
                          "reinit_paired": len(re), "seconds": round(time.time() - t0, 1)}
         self._put_shared("recovery.json", out)
 
-    def _units(self) -> list[tuple[str, str]]:
+    @staticmethod
+    def _units(circuit, matchings: dict) -> list[tuple[str, str]]:
         """Every (teacher head, role) any run aligns to: the circuit's units and each matching's teacher side."""
-        units = [(str(c.head), c.position if c.position != "all" else "last") for c in self.circuit.heads]
-        for m in self.matchings.values():
+        units = [(str(c.head), c.position if c.position != "all" else "last") for c in circuit.heads]
+        for m in matchings.values():
             units += [(str(p.teacher), p.position) for p in m.pairs]
         return list(dict.fromkeys(units))
+
+    def _recorded_units(self):
+        """:meth:`_units` before the models are loaded, from the circuit and matchings on file; None when one of them
+        is still to be made (it needs the teacher)."""
+        cfg, d = self.cfg, self._shared("circuit.json")
+        circuit = Circuit.load(cfg.circuit) if cfg.circuit else None if d is None else Circuit.from_json(d)
+        if circuit is None:
+            return None
+        reinit = self._reinit_heads(circuit) if cfg.positive_control else []
+        ms = {r: self._recorded_matching(r, circuit, reinit) for r in cfg.values("matching")}
+        return None if None in ms.values() else self._units(circuit, ms)
 
     def _cache_rows(self, n_pool: int):
         """Which rows of the stored teacher cache make this pool: all of them when it was made for these seeds; in a
@@ -283,18 +301,21 @@ class SharedWork:
             return None
         return torch.cat([torch.arange(cached.index(s) * per, (cached.index(s) + 1) * per) for s in seeds])
 
-    def _cache_ok(self, n_pool: int) -> bool:
-        return self._cache_rows(n_pool) is not None
+    def _serving_rows(self, n_pool: int):
+        """The rows of the stored teacher cache that serve this experiment, or None (it must be rebuilt): made for
+        its prompts, holding exactly the units its runs align to and, with ``kd``, the teacher's logits."""
+        d, rows = self._shared("cache.json"), self._cache_rows(n_pool)
+        if rows is None or d["logits"] < ("kd" in self.cfg.methods):
+            return None
+        units = self._units(self.circuit, self.matchings) if hasattr(self, "matchings") else self._recorded_units()
+        return rows if [tuple(u) for u in d["units"]] == units else None
 
     def _teacher_cache(self, teacher, n_pool: int) -> None:
-        from safetensors.torch import load_file
-
-
-        units = self._units()
+        units = self._units(self.circuit, self.matchings)
         path = os.path.join(self.out, "shared", "cache")
         need_logits = "kd" in self.cfg.methods
-        d, rows = self._shared("cache.json"), self._cache_rows(n_pool)
-        if not (rows is not None and [tuple(u) for u in d["units"]] == units and d["logits"] >= need_logits):
+        rows = self._serving_rows(n_pool)
+        if rows is None:
             rows = slice(None)
             if teacher is None:
                 teacher = load_model(self.cfg.teacher, dtype=self.teacher_dtype())
@@ -325,7 +346,7 @@ class SharedWork:
             self.means = mean_z(self.student, self.s_ref.input_ids)
             for rule, m in self.matchings.items():
                 if f"circuit_{rule}" not in d:
-                    cc = circuit_correct(self.student, self.s_test, self.means, live_units(m))
+                    cc = circuit_correct(self.student, self.s_test, self.means, m.circuit_units())
                     d[f"circuit_{rule}"] = sum(cc) / len(cc)
                     changed = True
         if changed:
@@ -382,31 +403,9 @@ class SharedWork:
         if rule is None:
             return None
         m = self.matchings[rule]
-        if METHOD_SPECS[spec["method"]].random_students:  # random student heads over the same teacher units
-            # (seeded by the run's seed alone: rand-ce and ce+rand-cka train the same heads on the same batches)
-            pick = random.Random(spec["seed"]).sample(self.s_spec.all_heads(), len(m.pairs))
-            return Matching([Pair(p.teacher, s, p.position, p.group) for p, s in zip(m.pairs, pick)], "random",
-                            {"seed": spec["seed"], "teacher_side": rule})
-        if spec["method"] == "ce+perm-cka":
-            # the same student heads at their own positions; each pair's teacher target is another pair's
-            # (teacher head, role) unit, with no fixed point. The targets come from the teacher cache, so the
-            # teacher unit's role may differ from the student's position (meta["teacher_units"]).
-            units = [(p.teacher, p.position) for p in m.pairs]
-            n = len(units)
-            if len(set(units)) < 2:
-                raise NotApplicable(f"ce+perm-cka needs at least two distinct teacher units in matching {rule!r}, "
-                                 f"got {units}")
-            perm = list(range(n))
-            rng = random.Random(spec["seed"])
-            for _ in range(10000):
-                rng.shuffle(perm)
-                if all(units[perm[i]] != units[i] for i in range(n)):
-                    break
-            else:
-                raise NotApplicable(f"ce+perm-cka: no permutation of {units} moves every target")
-            return Matching([Pair(units[perm[i]][0], p.student, p.position, p.group) for i, p in enumerate(m.pairs)],
-                            "permuted", {"seed": spec["seed"],
-                                         "teacher_units": [[str(units[perm[i]][0]), units[perm[i]][1]]
-                                                           for i in range(n)]})
+        if METHOD_SPECS[spec["method"]].random_students:  # the same teacher units, random student heads
+            return random_student_matching(m, self.s_spec.all_heads(), spec["seed"], rule)
+        if spec["method"] == "ce+perm-cka":  # the same student heads, each with another pair's teacher target
+            return permuted_matching(m, spec["seed"], rule)
         return m
 

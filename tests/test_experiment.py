@@ -462,6 +462,34 @@ def test_a_copied_directory_reuses_the_teacher_cache_for_a_subset_of_its_seeds(s
     assert SharedWork(ExperimentConfig.from_dict(_cfg(seeds=[1, 9])), out, "fp32", False)._cache_rows(64) is None
 
 
+def test_the_teacher_cache_is_counted_as_work_exactly_when_it_cannot_serve(small_run, tmp_path):
+    """SharedWork.need (what loads the teacher and what the cost plan counts) says the cache must be rebuilt on the
+    same grounds as the rebuild itself: adding kd needs the teacher's logits the cache lacks; the same methods, or
+    fewer, do not; a matching still to be made leaves its units unknown (counted as work)."""
+    import shutil
+
+    from fastcd.plan import count_work
+    from fastcd.shared_work import SharedWork
+
+    out = str(tmp_path / "copy")
+    shutil.copytree(small_run[0], out)
+
+    def need(**kw):
+        w = SharedWork(ExperimentConfig.from_dict(_cfg(**kw)), out, "fp32", False)
+        w.prompts()
+        return w.need()
+
+    assert need(methods=["circuit-ce", "ce+cka", "ce+rand-cka", "ce+perm-cka"])["cache"] is False
+    assert need(methods=["ce+cka"])["cache"] is False
+    kd = need(methods=["circuit-ce", "ce+cka", "kd"])
+    assert kd["cache"] is True and not kd["matchings"]
+    cfg = ExperimentConfig.from_dict(_cfg(methods=["circuit-ce", "ce+cka", "kd"]))
+    assert count_work(cfg, set(), kd, n_pool=64)["teacher_forward_prompts"] == 64  # the pool's forwards, predicted
+    assert need(matching=["cka", "ablation"])["cache"] is True  # ablation's matching needs making: units unknown
+    os.remove(os.path.join(out, "shared", "matching_cka.json"))
+    assert need()["cache"] is True
+
+
 def test_accuracy_by_queried_box_rebuilds_the_test_set_in_its_recorded_order(small_run, tmp_path, capsys):
     """benchmarks/accuracy_by_box.py: the test set rebuilt from the config (its order checked: each prompt's answer
     is its queried box's object), per-box accuracies that add up to each method's recorded accuracy, the teacher and

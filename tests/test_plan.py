@@ -62,6 +62,18 @@ def test_plan_vs_measured_reads_the_last_plan(tmp_path):
     assert (got["measured_runs_seconds"], got["planned_runs_done"], got["planned_runs"]) == (10.5, 2, 3)
 
 
+def test_plan_vs_measured_counts_every_run_finished_since_the_plan(tmp_path):
+    """With select_lr the plan knows only the tuning runs' keys, yet counts the seeds' runs at the lrs still to be
+    chosen: the measured time is every run finished after the plan was made, whatever its key."""
+    pred = {"seconds": {"teacher forwards (...)": 5.0, "training steps": 40.0}, "total_seconds": 45.0, "peak_gib": 1.0}
+    (tmp_path / "plan.json").write_text(json.dumps({"made": "t", "work": {"runs": 4}, "predicted": pred,
+                                                    "planned_runs": ["tune-a", "tune-b"], "done_before": ["old"]}))
+    recs = [{"key": "old", "seconds": 100.0}, {"key": "tune-a", "seconds": 4.0}, {"key": "tune-b", "seconds": 6.0},
+            {"key": "seed0-at-chosen-lr", "seconds": 5.0}, {"key": "not-applicable"}]
+    got = plan_vs_measured(str(tmp_path), recs)
+    assert (got["measured_runs_seconds"], got["planned_runs_done"], got["planned_runs"]) == (15.0, 4, 4)
+
+
 @pytest.mark.slow
 def test_plan_counts_the_work_left_calibrates_and_the_report_sets_it_beside_the_measured(tmp_path):
     """`fastcd experiment CONFIG --plan`: counts that follow from the config, a calibration on this machine,
