@@ -119,7 +119,7 @@ def calibrate(teacher, student, t_batch, s_batch, batch_sizes, n_pairs: int, amp
     batch size (``n_pairs`` heads of the student matched to heads of the teacher at the last token, teacher z from
     its own forward); the student's weights are restored afterwards."""
 
-    n, t0 = CALIBRATION_PROMPTS, time.perf_counter()
+    n, t0, cpu0 = CALIBRATION_PROMPTS, time.perf_counter(), time.process_time()
     out = {"teacher_s_per_prompt": _per_prompt(teacher, t_batch.index(range(min(n, len(t_batch)))), amp),
            "student_s_per_prompt": _per_prompt(student, s_batch.index(range(min(n, len(s_batch)))), amp),
            "step_s": {}}
@@ -147,8 +147,11 @@ def calibrate(teacher, student, t_batch, s_batch, batch_sizes, n_pairs: int, amp
     for p in student.parameters():
         p.requires_grad_(False)
     out["seconds"] = round(time.perf_counter() - t0, 1)
+    # the CPU time this process got over what its threads could have had: well below 1 when other work shared the
+    # cores during the calibration (its unit times, hence the prediction, are then too high)
+    out["cpu_share"] = round((time.process_time() - cpu0) / max(1e-9, (time.perf_counter() - t0)
+                                                                * torch.get_num_threads()), 2)
     return out
-
 
 
 

@@ -20,6 +20,7 @@ from fastcd.cost import CALIBRATION_PROMPTS, calibrate, time_steps  # noqa: F401
 from fastcd.experiment_config import chosen_lrs
 
 CIRCUIT_EVAL_PROMPTS = 128  # the teacher circuit's faithfulness: the first 128 test prompts
+LOADED_CPU_SHARE = 0.6  # a calibration that got less CPU than this share of its threads' ran beside other work
 CIRCUIT_EVAL_PASSES = 12  # full model, the circuit, 10 random circuits (fastcd.metrics.faithfulness_record)
 
 
@@ -67,6 +68,10 @@ def format_plan(plan: dict) -> list[str]:
     if w["discovery_prompts"] or w["matching_prompts"]:
         lines.append(f"plan:   not timed: discovery on {w['discovery_prompts']} and matching on "
                      f"{w['matching_prompts']} prompt pairs")
+    share = (plan.get("calibration") or {}).get("cpu_share")
+    if share is not None and share < LOADED_CPU_SHARE:
+        lines.append(f"plan:   calibrated while other work shared the cores (this process got {share:.0%} of the CPU "
+                     "time its threads could use): every time above is too high; on idle cores it predicts better")
     return lines
 
 

@@ -48,6 +48,10 @@ def test_predict_is_count_times_unit_time_and_the_lines_say_it():
                         "(precision bf16); predicted 1.2 min, peak 2.5 GiB")
     assert lines[3] == "plan:   training steps: 0.4 min"
     assert lines[-1] == "plan:   not timed: discovery on 16 and matching on 0 prompt pairs"
+    # a calibration that ran beside other work (it got well under its threads' CPU time) says its times are high
+    idle = format_plan({"work": work, "predicted": p, "precision": "bf16", "calibration": {"cpu_share": 0.87}})
+    loaded = format_plan({"work": work, "predicted": p, "precision": "bf16", "calibration": {"cpu_share": 0.45}})
+    assert idle == lines and loaded[:-1] == lines and "got 45% of the CPU time" in loaded[-1]
 
 
 def test_plan_vs_measured_reads_the_last_plan(tmp_path):
@@ -103,6 +107,7 @@ def test_plan_counts_the_work_left_calibrates_and_the_report_sets_it_beside_the_
     assert w["teacher_forward_prompts"] == 2 * 32 + 16 + 12 * 16
     cal = plan["calibration"]
     assert cal["teacher_s_per_prompt"] > 0 and cal["student_s_per_prompt"] > 0 and set(cal["step_s"]) == {"8"}
+    assert 0 < cal["cpu_share"] <= 1.5  # process CPU time over wall time x threads (a little over 1: helper threads)
     assert plan["predicted"]["total_seconds"] == pytest.approx(sum(plan["predicted"]["seconds"].values()), abs=0.2)
     assert "runs to do" in p.stdout and not os.path.exists(out / "runs.jsonl")  # --plan runs nothing
     report = run_experiment(d, str(out), progress=False)
