@@ -9,8 +9,10 @@ For a prepared model (``fastcd models prepare NAME``, or a converted directory),
                    training prompts, the same three variants: time, labels equal to float32's, z relative error,
                    and each head's CKA between its bf16 z and its float32 z (1 = the same representation).
     ce+cka step    one optimizer step of ``CircuitDistiller`` (the model as its own student, --pairs matched
-                   heads, teacher signals from the float32 cache), mixed_precision "no" against "bf16" (autocast),
-                   and bf16 weights with float32 master slices: the fastest of --steps steps after a warm-up.
+                   heads, teacher signals from the float32 cache), mixed_precision "no" against "bf16" (autocast,
+                   the frozen weights held in bf16 for the steps, as training runs), the same re-casting them at
+                   every call (bf16-recast, the plain twin), and bf16 weights with float32 master slices: the
+                   fastest of --steps steps after a warm-up.
 
     prefix reuse   evaluation, the teacher cache, circuit evaluation (strict mean ablation) and a ce+cka training
                    step (--batch of them) of --n-tom
@@ -254,13 +256,14 @@ def main(argv=None) -> int:
         del m
 
     # ce+cka step: the model is its own student; teacher signals from the float32 cache
-    for prec in ("no", "bf16", "bf16-weights") if "step" in stages else ():
-        # bf16-weights: the student's frozen weights in bf16, its trained slices float32 masters (fastcd.trainable),
-        # no autocast: nothing is re-cast at each op
+    for prec in ("no", "bf16-recast", "bf16", "bf16-weights") if "step" in stages else ():
+        # bf16-autocast: what training runs (the frozen weights held in bf16 for the steps: trainable.FrozenCast);
+        # bf16-recast: autocast re-casting the float32 frozen weights at every call (frozen_cast=False; the same
+        # numbers); bf16-weights: the student's weights in bf16, its trained slices float32 masters, no autocast
         student = _variant(model, "bf16-weights")[0] if prec == "bf16-weights" else model
         sec, last, n_trainable = time_steps(student, matching, cache_batch.index(range(a.batch)),
-                                            MemoryCache(sig_ref), "no" if prec == "bf16-weights" else prec,
-                                            steps=a.steps, lr=1e-5)
+                                            MemoryCache(sig_ref), {"bf16-weights": "no", "bf16-recast": "bf16"}.get(
+                                                prec, prec), steps=a.steps, lr=1e-5, frozen_cast=prec != "bf16-recast")
         emit({"stage": "ce+cka step", "variant": {"no": "float32", "bf16": "bf16-autocast"}.get(prec, prec),
               "batch": a.batch, "pairs": a.pairs, "seconds_per_step": round(sec, 3), "trainable_params": n_trainable,
               "last_loss": {k: round(v, 4) for k, v in last.items() if k in ("ce", "cka_loss", "mean_cka", "loss")}})

@@ -91,10 +91,12 @@ def _per_prompt(model, batch, amp) -> float:
     return best / len(batch)
 
 
-def time_steps(student, matching, batch, cache, mixed_precision: str, steps: int, lr: float = 1e-6):
+def time_steps(student, matching, batch, cache, mixed_precision: str, steps: int, lr: float = 1e-6,
+               frozen_cast: bool = True):
     """Seconds of the fastest of ``steps`` ce+cka steps of ``fastcd.training.train_loop`` on ``batch`` (all of it
     one batch, teacher signals from ``cache``) after one warm-up step; also the last log row and the trainable
-    parameters. The slices are merged back into ``student`` (its weights change by the steps taken)."""
+    parameters. The slices are merged back into ``student`` (its weights change by the steps taken).
+    ``frozen_cast``: train_loop's (under autocast, the frozen weights held in its dtype)."""
 
     cfg = DistillConfig(method="ce+cka", batch_size=len(batch), n_train=len(batch), steps=steps + 1, lr=lr,
                         mixed_precision=mixed_precision, progress=False, log_every=1)
@@ -108,7 +110,7 @@ def time_steps(student, matching, batch, cache, mixed_precision: str, steps: int
         stamps.append(time.perf_counter())
 
     try:
-        log = train_loop(cd, opt, 0, cfg, batch, None, cache, on_step=stamp)
+        log = train_loop(cd, opt, 0, cfg, batch, None, cache, on_step=stamp, frozen_cast=frozen_cast)
     finally:
         merge(cd.slices)
     return min(b - a for a, b in zip(stamps, stamps[1:])), log[-1], cd.n_trainable  # the fastest: see _per_prompt

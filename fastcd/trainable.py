@@ -9,6 +9,7 @@ bit-identical. :func:`merge` writes the slices back and removes the parametrisat
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -151,6 +152,52 @@ def merge(slices: TrainableSlices) -> None:
     for h in slices.hooks:
         h.remove()
     slices.hooks.clear()
+
+
+class FrozenCast:
+    """The frozen linear weights of a slice-training model held in the autocast dtype while the training steps run.
+
+    Under ``torch.autocast`` a linear layer casts its float32 weight to the autocast dtype on every call, and a frozen
+    weight (``requires_grad=False``) is not in autocast's cast cache: a 0.5B student re-reads 2 GB and writes 1 GB
+    per step. Inside ``with FrozenCast(model, dtype):`` every frozen ``nn.Linear`` weight and bias (the frozen
+    original under a trainable splice too) holds ``.to(dtype)`` of itself, the very values autocast would cast, so
+    each step computes the same numbers (the splice casts the float32 slices to the weight's dtype, as autocast did);
+    on exit the float32 originals are back, untouched. Weights shared with an embedding (tied lm_heads) stay: the
+    embedding's output feeds the float32 residual stream. :meth:`originals` puts the float32 weights back for a
+    block that runs outside autocast (validation). The plain twin is autocast's own cast (``train_loop(...,
+    frozen_cast=False)``); tests/test_trainable.py compares the two."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype):
+        tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+        self.held = []  # (parameter, float32 data, low-precision data)
+        for mod in model.modules():
+            if not isinstance(mod, nn.Linear):
+                continue
+            for name in ("weight", "bias"):
+                p = (mod.parametrizations[name].original if parametrize.is_parametrized(mod, name)
+                     else getattr(mod, name))
+                if p is None or p.requires_grad or id(p) in tied or not p.is_floating_point() or p.dtype == dtype:
+                    continue
+                self.held.append((p, p.data, p.data.to(dtype)))
+
+    def _put(self, low: bool) -> None:
+        for p, full, lowp in self.held:
+            p.data = lowp if low else full
+
+    def __enter__(self):
+        self._put(True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._put(False)
+
+    @contextlib.contextmanager
+    def originals(self):
+        self._put(False)
+        try:
+            yield
+        finally:
+            self._put(True)
 
 
 def slice_state(slices: TrainableSlices) -> list[torch.Tensor]:

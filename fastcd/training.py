@@ -23,7 +23,7 @@ from fastcd.hooks import mean_z
 from fastcd.metrics import accuracy_and_ce, accuracy_per_example, circuit_correct
 from fastcd.models import get_adapter
 from fastcd.tasks.base import EncodedBatch
-from fastcd.trainable import merge
+from fastcd.trainable import FrozenCast, merge
 
 BATCH_ORDER = "epochs"  # recorded in checkpoints: how batches are drawn (older fastcd drew with replacement)
 
@@ -135,7 +135,8 @@ def gradient_checkpointing(model, on: bool):
 def train_loop(cd: CircuitDistiller, opt, seed: int, cfg: DistillConfig, s_train: EncodedBatch,
                t_train: EncodedBatch | None = None, cache=None, *, step: int = 0, log: list | None = None,
                world: int = 1, rank: int = 0, eval_batch: EncodedBatch | None = None, on_step=None,
-               desc: str | None = None, scheduler=None, state: dict | None = None) -> list[dict]:
+               desc: str | None = None, scheduler=None, state: dict | None = None,
+               frozen_cast: bool = True) -> list[dict]:
     """``cfg.steps`` optimizer steps on duplicate-free batches of ``s_train`` (:func:`batch_rows` with ``seed``)
     (teacher side from ``t_train`` and the live teacher, or from ``cache``: anything with
     ``get(idx) -> (z, labels, logits)``).
@@ -144,9 +145,11 @@ def train_loop(cd: CircuitDistiller, opt, seed: int, cfg: DistillConfig, s_train
     guard, clipping to ``cfg.max_grad_norm``, the optimizer and ``scheduler`` steps. A log row (loss parts, lr,
     elapsed) every ``cfg.log_every`` steps; ``val_accuracy`` and ``val_ce`` (mean answer CE) on ``eval_batch`` every
     ``cfg.eval_every`` steps, with early stopping after ``cfg.early_stopping_patience`` evaluations without
-    improvement. ``on_step(step, log)``
-    runs after every step (checkpointing). ``state`` (a dict) carries the early-stopping counters across a resume
-    and gets ``stopped_early`` set. Returns the log."""
+    improvement. Under autocast a slice-training run holds its frozen linear weights in the autocast dtype for the
+    steps (:class:`fastcd.trainable.FrozenCast`: the same numbers, without re-casting 0.5B weights every step; the
+    validation forward gets the float32 weights back; ``frozen_cast=False``: autocast casts them).
+    ``on_step(step, log)`` runs after every step (checkpointing). ``state`` (a dict) carries the early-stopping
+    counters across a resume and gets ``stopped_early`` set. Returns the log."""
     from tqdm import tqdm
 
     log = [] if log is None else log
@@ -175,7 +178,11 @@ def train_loop(cd: CircuitDistiller, opt, seed: int, cfg: DistillConfig, s_train
         log.append(r)
         return r
 
+    frozen = FrozenCast(student, amp_dtype) if frozen_cast and amp_dtype is not None and cd.slices is not None \
+        else None
     try:
+        if frozen is not None:
+            frozen.__enter__()
         while step < cfg.steps:
             idx = batch_rows(len(s_train), cfg.batch_size, step, seed)  # the global batch, same on all ranks
             idx = idx.view(world, -1)[rank]  # this rank's shard
@@ -223,7 +230,8 @@ def train_loop(cd: CircuitDistiller, opt, seed: int, cfg: DistillConfig, s_train
             if eval_batch is not None and cfg.eval_every and step % cfg.eval_every == 0:
                 student.eval()
                 r = r or row(parts)  # an eval step that is not a log step gets its own row
-                val_correct, r["val_ce"] = accuracy_and_ce(student, eval_batch)
+                with frozen.originals() if frozen is not None else contextlib.nullcontext():
+                    val_correct, r["val_ce"] = accuracy_and_ce(student, eval_batch)
                 r["val_accuracy"] = sum(val_correct) / len(val_correct)
                 student.train()
                 if r["val_accuracy"] > state.get("best_val", -1.0):
@@ -238,6 +246,8 @@ def train_loop(cd: CircuitDistiller, opt, seed: int, cfg: DistillConfig, s_train
                 state["stopped_early"] = step
                 break
     finally:
+        if frozen is not None:
+            frozen.__exit__(None, None, None)
         bar.close()
         sinks.close()
     return log

@@ -234,3 +234,71 @@ def test_cka_loss_is_float32_under_bf16_autocast(estimator):
     assert got.dtype == torch.float32
     torch.testing.assert_close(got_cka, ref_cka, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(gx2, gx, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_frozen_weights_held_in_bf16_train_bit_identically_to_autocasts_own_cast(tok, arch):
+    """FrozenCast (the frozen linear weights held in bf16 for the steps) against its plain twin, autocast casting the
+    float32 weights on every call: the same log (losses, gradient norms, validation every 2 steps), the same trained
+    slices, bit for bit; the float32 originals back afterwards, untouched; bf16 while the steps ran."""
+    from fastcd.trainable import FrozenCast, merge
+
+    teacher = make_tiny(arch, vocab_size=len(tok), seed=1)
+    train = TASK.encode(TASK.generate(32, seed=0, split="train"), tok)
+    val = TASK.encode(TASK.generate(8, seed=1, split="val"), tok)
+    got = {}
+    for fc in (False, True):
+        student = make_tiny(arch, vocab_size=len(tok), seed=2)
+        before = {k: v.clone() for k, v in student.state_dict().items()}
+        cfg = DistillConfig(method="ce+cka", steps=5, batch_size=8, n_train=32, lr=1e-2, mixed_precision="bf16",
+                            progress=False, log_every=1, eval_every=2, n_val=8)
+        cd = CircuitDistiller(student, _matching(), teacher=teacher, config=cfg)
+        assert len(FrozenCast(student, torch.bfloat16).held) > 0
+        opt, _ = make_optimizer(cd, cfg)
+        down = student.model.layers[1].mlp.down_proj.weight  # frozen: no head slice in an MLP
+        seen = []
+        log = train_loop(cd, opt, 0, cfg, train, train, None, eval_batch=val, frozen_cast=fc,
+                         on_step=lambda step, log, seen=seen, down=down: seen.append(down.dtype))
+        assert seen == [torch.bfloat16 if fc else torch.float32] * 5
+        slices = [p.detach().clone() for p in cd.slices.params]
+        merge(cd.slices)
+        after = student.state_dict()
+        assert all(v.dtype == before[k].dtype for k, v in after.items())
+        untouched = [k for k in before if "q_proj" not in k and "o_proj" not in k]
+        assert untouched and all(torch.equal(after[k], before[k]) for k in untouched)
+        got[fc] = ([{k: v for k, v in r.items() if k != "elapsed_s"} for r in log], slices, after)
+    assert got[True][0] == got[False][0] and any("val_ce" in r for r in got[True][0])
+    assert all(torch.equal(a, b) for a, b in zip(got[True][1], got[False][1]))
+    assert all(torch.equal(got[True][2][k], got[False][2][k]) for k in got[True][2])
+
+
+def test_frozen_cast_holds_only_frozen_untied_linear_weights_and_restores_them():
+    """What FrozenCast converts: frozen nn.Linear weights and biases, the frozen original under a trainable splice;
+    not the trainable slices, not an lm_head tied to the embedding, not norms or embeddings. On exit (and inside
+    originals()) every parameter holds its own float32 tensor again."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from fastcd.trainable import FrozenCast, make_trainable, merge
+
+    torch.manual_seed(0)
+    m = Qwen2ForCausalLM(Qwen2Config(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    assert m.lm_head.weight is m.model.embed_tokens.weight
+    slices = make_trainable(m, [Head(0, 1)])
+    q0 = m.model.layers[0].self_attn.q_proj
+    data = {id(p): (p.data_ptr(), p.dtype) for p in m.parameters()}
+    with FrozenCast(m, torch.bfloat16) as fc:
+        low = {id(p) for p, _, _ in fc.held}
+        assert m.model.layers[1].mlp.up_proj.weight.dtype == torch.bfloat16
+        assert m.model.layers[1].self_attn.q_proj.bias.dtype == torch.bfloat16
+        assert q0.parametrizations["weight"].original.dtype == torch.bfloat16  # the frozen rest of a spliced weight
+        assert all(p.dtype == torch.float32 for p in slices.params)  # float32 masters
+        assert q0.weight.dtype == torch.bfloat16  # the splice casts its slices to the weight's dtype
+        assert m.model.embed_tokens.weight.dtype == torch.float32  # tied to the lm_head: stays
+        assert m.model.norm.weight.dtype == torch.float32
+        with fc.originals():
+            assert m.model.layers[1].mlp.up_proj.weight.dtype == torch.float32
+        assert m.model.layers[1].mlp.up_proj.weight.dtype == torch.bfloat16
+    assert not any(id(p) in low for p in slices.params)
+    assert all((p.data_ptr(), p.dtype) == data[id(p)] for p in m.parameters())  # the very float32 tensors, back
+    merge(slices)
