@@ -162,27 +162,35 @@ class FrozenCast:
     per step. Inside ``with FrozenCast(model, dtype):`` every frozen ``nn.Linear`` weight and bias (the frozen
     original under a trainable splice too) holds ``.to(dtype)`` of itself, the very values autocast would cast, so
     each step computes the same numbers (the splice casts the float32 slices to the weight's dtype, as autocast did);
-    on exit the float32 originals are back, untouched. Weights shared with an embedding (tied lm_heads) stay: the
-    embedding's output feeds the float32 residual stream. :meth:`originals` puts the float32 weights back for a
+    on exit the float32 originals are back, untouched. A weight shared with an embedding (a tied lm_head) stays
+    float32 for the embedding, whose output feeds the float32 residual stream; the lm_head reads its own low-precision
+    copy for the steps and is tied again on exit. :meth:`originals` puts the float32 weights back for a
     block that runs outside autocast (validation). The plain twin is autocast's own cast (``train_loop(...,
     frozen_cast=False)``); tests/test_trainable.py compares the two."""
 
     def __init__(self, model: nn.Module, dtype: torch.dtype):
         tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
         self.held = []  # (parameter, float32 data, low-precision data)
+        self.untied = []  # (linear module, the weight it shares with an embedding, its own low-precision copy)
         for mod in model.modules():
             if not isinstance(mod, nn.Linear):
                 continue
             for name in ("weight", "bias"):
                 p = (mod.parametrizations[name].original if parametrize.is_parametrized(mod, name)
                      else getattr(mod, name))
-                if p is None or p.requires_grad or id(p) in tied or not p.is_floating_point() or p.dtype == dtype:
+                if p is None or p.requires_grad or not p.is_floating_point() or p.dtype == dtype:
                     continue
-                self.held.append((p, p.data, p.data.to(dtype)))
+                if id(p) in tied and name == "weight" and not parametrize.is_parametrized(mod, name):
+                    # an lm_head tied to the embedding: for the steps it gets its own frozen copy in ``dtype``
+                    self.untied.append((mod, p, nn.Parameter(p.detach().to(dtype), requires_grad=False)))
+                elif id(p) not in tied:
+                    self.held.append((p, p.data, p.data.to(dtype)))
 
     def _put(self, low: bool) -> None:
         for p, full, lowp in self.held:
             p.data = lowp if low else full
+        for mod, shared, own in self.untied:
+            mod._parameters["weight"] = own if low else shared
 
     def __enter__(self):
         self._put(True)

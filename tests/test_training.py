@@ -236,19 +236,25 @@ def test_cka_loss_is_float32_under_bf16_autocast(estimator):
     torch.testing.assert_close(gx2, gx, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "qwen2-tied"])
 def test_frozen_weights_held_in_bf16_train_bit_identically_to_autocasts_own_cast(tok, arch):
     """FrozenCast (the frozen linear weights held in bf16 for the steps) against its plain twin, autocast casting the
     float32 weights on every call: the same log (losses, gradient norms, validation every 2 steps), the same trained
     slices, bit for bit; the float32 originals back afterwards, untouched; bf16 while the steps ran."""
     from fastcd.trainable import FrozenCast, merge
 
-    teacher = make_tiny(arch, vocab_size=len(tok), seed=1)
+    def tiny(seed):
+        m = make_tiny(arch.removesuffix("-tied"), vocab_size=len(tok), seed=seed)
+        if arch.endswith("-tied"):  # Qwen2.5-0.5B ties its lm_head to the embedding
+            m.lm_head.weight = m.model.embed_tokens.weight
+        return m
+
+    teacher = tiny(1)
     train = TASK.encode(TASK.generate(32, seed=0, split="train"), tok)
     val = TASK.encode(TASK.generate(8, seed=1, split="val"), tok)
     got = {}
     for fc in (False, True):
-        student = make_tiny(arch, vocab_size=len(tok), seed=2)
+        student = tiny(2)
         before = {k: v.clone() for k, v in student.state_dict().items()}
         cfg = DistillConfig(method="ce+cka", steps=5, batch_size=8, n_train=32, lr=1e-2, mixed_precision="bf16",
                             progress=False, log_every=1, eval_every=2, n_val=8)
@@ -266,6 +272,7 @@ def test_frozen_weights_held_in_bf16_train_bit_identically_to_autocasts_own_cast
         assert all(v.dtype == before[k].dtype for k, v in after.items())
         untouched = [k for k in before if "q_proj" not in k and "o_proj" not in k]
         assert untouched and all(torch.equal(after[k], before[k]) for k in untouched)
+        assert (student.lm_head.weight is student.model.embed_tokens.weight) == arch.endswith("-tied")
         got[fc] = ([{k: v for k, v in r.items() if k != "elapsed_s"} for r in log], slices, after)
     assert got[True][0] == got[False][0] and any("val_ce" in r for r in got[True][0])
     assert all(torch.equal(a, b) for a, b in zip(got[True][1], got[False][1]))
@@ -273,9 +280,9 @@ def test_frozen_weights_held_in_bf16_train_bit_identically_to_autocasts_own_cast
 
 
 def test_frozen_cast_holds_only_frozen_untied_linear_weights_and_restores_them():
-    """What FrozenCast converts: frozen nn.Linear weights and biases, the frozen original under a trainable splice;
-    not the trainable slices, not an lm_head tied to the embedding, not norms or embeddings. On exit (and inside
-    originals()) every parameter holds its own float32 tensor again."""
+    """What FrozenCast converts: frozen nn.Linear weights and biases, the frozen original under a trainable splice,
+    a tied lm_head (its own copy: the embedding keeps float32); not the trainable slices, norms or embeddings. On
+    exit (and inside originals()) every parameter holds its own float32 tensor again, the lm_head tied again."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from fastcd.trainable import FrozenCast, make_trainable, merge
@@ -294,11 +301,13 @@ def test_frozen_cast_holds_only_frozen_untied_linear_weights_and_restores_them()
         assert q0.parametrizations["weight"].original.dtype == torch.bfloat16  # the frozen rest of a spliced weight
         assert all(p.dtype == torch.float32 for p in slices.params)  # float32 masters
         assert q0.weight.dtype == torch.bfloat16  # the splice casts its slices to the weight's dtype
-        assert m.model.embed_tokens.weight.dtype == torch.float32  # tied to the lm_head: stays
+        assert m.model.embed_tokens.weight.dtype == torch.float32  # feeds the float32 residual stream: stays
+        assert m.lm_head.weight.dtype == torch.bfloat16 and m.lm_head.weight is not m.model.embed_tokens.weight
         assert m.model.norm.weight.dtype == torch.float32
         with fc.originals():
             assert m.model.layers[1].mlp.up_proj.weight.dtype == torch.float32
         assert m.model.layers[1].mlp.up_proj.weight.dtype == torch.bfloat16
     assert not any(id(p) in low for p in slices.params)
     assert all((p.data_ptr(), p.dtype) == data[id(p)] for p in m.parameters())  # the very float32 tensors, back
+    assert m.lm_head.weight is m.model.embed_tokens.weight  # tied again
     merge(slices)
