@@ -164,9 +164,9 @@ class FrozenCast:
     each step computes the same numbers (the splice casts the float32 slices to the weight's dtype, as autocast did);
     on exit the float32 originals are back, untouched. A weight shared with an embedding (a tied lm_head) stays
     float32 for the embedding, whose output feeds the float32 residual stream; the lm_head reads its own low-precision
-    copy for the steps and is tied again on exit. The copies cost 2 bytes per frozen linear parameter (bf16/fp16). :meth:`originals` puts the float32 weights back for a
-    block that runs outside autocast (validation). The plain twin is autocast's own cast (``train_loop(...,
-    frozen_cast=False)``); tests/test_trainable.py compares the two."""
+    copy for the steps and is tied again on exit. The copies cost 2 bytes per frozen linear parameter (bf16/fp16).
+    :meth:`originals` puts the float32 weights back for a block that runs outside autocast (validation). The plain
+    twin is autocast's own cast (``train_loop(..., frozen_cast=False)``); tests/test_training.py compares the two."""
 
     def __init__(self, model: nn.Module, dtype: torch.dtype):
         tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
