@@ -20,7 +20,7 @@ from fastcd.cost import CALIBRATION_PROMPTS, calibrate, time_steps  # noqa: F401
 from fastcd.experiment_config import chosen_lrs
 
 CIRCUIT_EVAL_PROMPTS = 128  # the teacher circuit's faithfulness: the first 128 test prompts
-LOADED_CPU_SHARE = 0.6  # below it, a calibration ran beside other work (idle: 0.92-0.93; loaded: 0.45)
+LOADED_CPU_SHARE = 0.6  # below it, a calibration ran beside other work (idle: 0.92-0.93; loaded: 0.26-0.45)
 CIRCUIT_EVAL_PASSES = 12  # full model, the circuit, 10 random circuits (fastcd.metrics.faithfulness_record)
 
 
