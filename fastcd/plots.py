@@ -203,12 +203,18 @@ def lr_selection_plot(selection: list[dict], path: str | os.PathLike | None = No
     colors = method_colors()
     fig = _figure(5.2, 3.2)
     ax = fig.subplots()
+    # colour: the method; line style and marker: the setting (n_train, matching), so one method's settings differ
+    def shown(r):  # the part of a row's setting its label names
+        return ", ".join(f"{k} {v}" if k == "n_train" else str(v) for k, v in r["setting"].items()
+                         if k in ("matching", "n_train") and v is not None)
+
+    settings = list(dict.fromkeys(shown(r) for r in rows))
     for r in rows:
         pts = [(g["lr"], g["val_accuracy"]) for g in r["grid"] if g["val_accuracy"] is not None]
-        extra = ", ".join(f"{k} {v}" if k == "n_train" else str(v) for k, v in r["setting"].items()
-                          if k in ("matching", "n_train") and v is not None)
-        ax.plot(*zip(*pts), marker="o", ms=4, color=colors.get(r["method"], "C0"),
-                label=r["method"] + (f" ({extra})" if extra else ""))
+        extra = shown(r)
+        i = settings.index(extra)
+        ax.plot(*zip(*pts), marker="osD^v"[i % 5], ls=("-", "--", ":", "-.")[i % 4], ms=4,
+                color=colors.get(r["method"], "C0"), label=r["method"] + (f" ({extra})" if extra else ""))
         if r["chosen"] is not None:
             ax.scatter([r["chosen"]], [dict(pts)[r["chosen"]]], s=110, facecolors="none",
                        edgecolors=colors.get(r["method"], "C0"), lw=1.5)
