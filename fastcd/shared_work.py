@@ -177,13 +177,16 @@ class SharedWork:
         if cfg.diagnostics:
             self._diagnostics()
 
+    def _recorded_circuit(self):
+        """The circuit named in the config or recorded in OUT/shared; None when discovery must make it."""
+        d = None if self.cfg.circuit else self._shared("circuit.json")
+        return Circuit.load(self.cfg.circuit) if self.cfg.circuit else None if d is None else Circuit.from_json(d)
+
     def _circuit(self, teacher):
         cfg = self.cfg
-        if cfg.circuit:
-            return Circuit.load(cfg.circuit)
-        d = self._shared("circuit.json")
-        if d is not None:
-            return Circuit.from_json(d)
+        circuit = self._recorded_circuit()
+        if circuit is not None:
+            return circuit
 
         t0 = time.time()
         clean = self.task.encode(self.d_clean, self.t_tok)
@@ -279,8 +282,7 @@ class SharedWork:
     def _recorded_units(self):
         """:meth:`_units` before the models are loaded, from the circuit and matchings on file; None when one of them
         is still to be made (it needs the teacher)."""
-        cfg, d = self.cfg, self._shared("circuit.json")
-        circuit = Circuit.load(cfg.circuit) if cfg.circuit else None if d is None else Circuit.from_json(d)
+        cfg, circuit = self.cfg, self._recorded_circuit()
         if circuit is None:
             return None
         reinit = self._reinit_heads(circuit) if cfg.positive_control else []
